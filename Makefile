@@ -1,0 +1,87 @@
+# pycompress — everyday commands. Each target installs what it needs into $(VENV).
+#
+#   make test        build the extension and run the test suite
+#   make demo        build and run the end-to-end demo (`pycompress demo`)
+#   make bench       kernel microbenchmarks (table + bench/results/<device>.json)
+#   make ctest       C++ unit tests of the kernels (CMake + libtorch)
+#   make nvcc-check  compile every CUDA kernel file with plain nvcc (sm_80, sm_90a)
+#   make cuda-build  full CUDA build of the extension against a CUDA torch (no GPU needed)
+#   make gpu-check   on a CUDA machine: build for sm_90a, run CUDA tests and benches into $$OUT
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+CONSTRAINTS ?= requirements/constraints-cpu.txt
+MAX_JOBS ?= 2
+export MAX_JOBS
+PYTEST_ARGS ?=
+
+CUDA_HOME ?= /usr/local/cuda
+CUDA_TORCH ?= 2.14.1
+CUDA_VENV ?= $(HOME)/.cache/pycompress/venv-cuda-$(CUDA_TORCH)
+CUDA_ARCHS ?= 8.0;9.0a
+OUT ?= $(CURDIR)/gpu-out
+
+.PHONY: all venv deps build install test demo bench ctest nvcc-check cuda-build gpu-check clean
+
+all: test
+
+$(VPY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "pycompress needs Python >= 3.10")'
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+
+venv: $(VPY)
+
+$(VENV)/.deps-stamp: $(VPY) requirements/build.txt requirements/test.txt $(CONSTRAINTS)
+	$(VPY) -m pip install -q -c $(CONSTRAINTS) -r requirements/test.txt
+	@touch $@
+
+deps: $(VENV)/.deps-stamp
+
+# Incremental in-place build (ninja keeps object files in build/).
+build: deps
+	@command -v $${CXX:-c++} >/dev/null || { echo "error: no C++ compiler found: install g++ (apt-get install g++)"; exit 1; }
+	$(VPY) setup.py -q build_ext --inplace
+
+$(VENV)/.install-stamp: $(VENV)/.deps-stamp setup.py
+	PYCOMPRESS_SKIP_EXT=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	@touch $@
+
+install: build $(VENV)/.install-stamp
+
+test: install
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/pycompress demo
+
+bench: install
+	$(VPY) bench/run.py
+
+ctest: deps
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(VPY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+	  -DPython3_EXECUTABLE=$(abspath $(VPY)) >/dev/null
+	cmake --build build/cmake -j $(MAX_JOBS)
+	cd build/cmake && ctest --output-on-failure
+
+nvcc-check:
+	@bash .ci/nvcc_check.sh
+
+$(CUDA_VENV)/bin/python:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q torch==$(CUDA_TORCH) numpy ninja setuptools wheel
+
+cuda-build: $(CUDA_VENV)/bin/python
+	PYCOMPRESS_CUDA=1 CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" \
+	  CPATH="$$($(CUDA_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/nvidia/cu13/include:$$CPATH" \
+	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda/lib --build-temp build/cuda/temp
+	$(CUDA_VENV)/bin/python .ci/check_cuda_build.py build/cuda/lib
+
+# Runs on a machine with a CUDA GPU and a CUDA torch already installed (no package registry needed).
+gpu-check:
+	bash .ci/gpu_check.sh "$(OUT)"
+
+clean:
+	rm -rf build pycompress/*.so

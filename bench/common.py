@@ -1,0 +1,70 @@
+"""Timing helpers shared by the kernel benchmarks."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str = "cpu", *, warmup: int = 3, repeats: int = 10,
+            min_time_s: float = 0.0) -> dict:
+    """Times ``fn`` and returns ``{"ms": median, "ms_min": ..., "ms_p90": ..., "repeats": n}``.
+
+    CUDA timings use events around each call after a synchronize; CPU timings use
+    ``time.perf_counter``. Repeats continue until ``min_time_s`` has elapsed as well.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    gc.collect()
+    times = []
+    start_all = time.perf_counter()
+    cuda = str(device).startswith("cuda")
+    while len(times) < repeats or (time.perf_counter() - start_all) < min_time_s:
+        if cuda:
+            a = torch.cuda.Event(enable_timing=True)
+            b = torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * repeats:
+            break
+    times.sort()
+    return {
+        "ms": statistics.median(times),
+        "ms_min": times[0],
+        "ms_p90": times[min(len(times) - 1, int(0.9 * len(times)))],
+        "repeats": len(times),
+    }
+
+
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return name

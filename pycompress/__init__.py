@@ -1,0 +1,19 @@
+"""pycompress: compress trained PyTorch models — prune, quantize, distill — and prove it.
+
+The compiled kernels are registered as ``torch.ops.pycompress.*``; ``pycompress.ops`` holds
+their validated wrappers and ``pycompress.nn`` the drop-in modules.
+"""
+
+from pycompress._version import __version__
+from pycompress import _ext, nn, ops
+from pycompress._ext import active_cpu_isa, cpu_features, has_cuda_kernels, set_cpu_isa
+
+__all__ = [
+    "__version__",
+    "ops",
+    "nn",
+    "cpu_features",
+    "active_cpu_isa",
+    "set_cpu_isa",
+    "has_cuda_kernels",
+]

@@ -1,0 +1,12 @@
+"""``pycompress.ops``: validated Python wrappers over the ``torch.ops.pycompress`` kernels.
+
+Each family lives in its own module (``int8``, ``sparse``, ``kd``); everything public is
+re-exported here.
+"""
+
+from pycompress.ops import int8, kd, sparse
+from pycompress.ops.int8 import *  # noqa: F401,F403
+from pycompress.ops.kd import *  # noqa: F401,F403
+from pycompress.ops.sparse import *  # noqa: F401,F403
+
+__all__ = list(int8.__all__) + list(sparse.__all__) + list(kd.__all__)

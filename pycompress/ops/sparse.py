@@ -1,0 +1,7 @@
+"""Sparse masked-linear ops (validated wrappers over ``torch.ops.pycompress.*``)."""
+
+from __future__ import annotations
+
+from pycompress import _ext  # noqa: F401
+
+__all__: list[str] = []
