@@ -1,0 +1,213 @@
+"""Knowledge distillation: train a student on a frozen teacher's soft targets (fused KD loss)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+from pycompress import distributed as pdist
+from pycompress import training
+
+__all__ = ["distill", "precompute_teacher_logits", "TeacherLogitsDataset"]
+
+
+def _is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except Exception:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(module, FullyShardedDataParallel)
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _first_device(module: nn.Module) -> torch.device | None:
+    p = next(iter(module.parameters()), None)
+    return p.device if p is not None else None
+
+
+def distill(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    train_data: Dataset,
+    epochs: int = 3,
+    temperature: float = 4.0,
+    alpha: float = 0.9,
+    optimizer=None,
+    pruning_schedule=None,
+    batch_size: int = 32,
+    shuffle: bool = True,
+    seed: int = 0,
+    lr: float = 1e-3,
+    *,
+    weight_decay: float = 0.0,
+    ignore_index: int = -100,
+    direction: str = "forward",
+    device=None,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
+    """Distills ``teacher`` into ``student`` on ``train_data`` (a Dataset of ``(inputs, labels)``).
+
+    The loss is :class:`pycompress.nn.KDLoss` (the fused softmax-KL kernel):
+    ``alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * cross_entropy(student, labels)``
+    with ``T = temperature``; with ``alpha=1`` labels are not used (pure distillation, so
+    unlabelled samples can carry any label). Rows labelled ``ignore_index`` are left out.
+    The teacher runs in ``eval()`` under ``torch.no_grad()`` and is never wrapped by DDP; a
+    teacher in bf16/fp16 gets its inputs cast to its dtype and its logits cast back.
+    ``teacher=None`` reads teacher logits from the data set instead: it must yield
+    ``(inputs, labels, teacher_logits)``, e.g. a :class:`TeacherLogitsDataset` streaming logits
+    computed once by :func:`precompute_teacher_logits`.
+
+    ``optimizer``: ``None``/"adam", "adamw", "sgd", a factory ``params -> Optimizer`` or an
+    optimizer over the student's parameters. ``pruning_schedule``: a
+    :class:`pycompress.GradualPruning` built on the student, or a dict of its keywords
+    (``total_steps`` defaults to all optimizer steps of the run); masks are broadcast from rank 0
+    after every step under ``torchrun``. ``batch_size`` is the global batch (see
+    :mod:`pycompress.distributed`). A tqdm bar (loss, accuracy) shows on rank 0 when stderr is a
+    terminal. Deterministic for a given ``seed``. ``checkpoint_dir`` saves after every epoch
+    (model with :func:`pycompress.save`, optimizer/epoch/RNG in ``state.pt``); ``resume=True``
+    continues from the last complete epoch and ends with the weights of an uninterrupted run.
+
+    Returns ``(student, history)`` with one dict per epoch (``epoch``, ``loss``, ``accuracy`` on
+    labelled samples, ``samples``, ``seconds`` and ``sparsity`` when pruning). The student is
+    returned in ``eval()`` mode, never wrapped.
+
+    Example::
+
+        student, history = pycompress.distill(teacher, student, train_ds, epochs=10,
+                                              temperature=4.0, alpha=0.9, lr=1e-3)
+    """
+    from pycompress.nn import KDLoss
+
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch.nn.Module or None, got {type(teacher).__name__}")
+    if not isinstance(student, nn.Module):
+        raise TypeError(f"student must be a torch.nn.Module, got {type(student).__name__}")
+    if teacher is student:
+        raise ValueError("teacher and student must be different modules")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+
+    criterion = KDLoss(temperature=float(temperature), alpha=float(alpha), reduction="batchmean",
+                       ignore_index=ignore_index, direction=direction)
+    use_labels = alpha < 1.0
+    teacher_dtype = None
+    was_training = None
+
+    def prepare(model: nn.Module, ctx: pdist.DistContext) -> None:
+        nonlocal teacher_dtype, was_training
+        if teacher is None:
+            return
+        was_training = teacher.training
+        teacher.eval()
+        if not _is_fsdp(teacher) and _first_device(teacher) not in (None, ctx.device):
+            teacher.to(ctx.device)
+        teacher_dtype = _float_dtype(teacher)
+
+    def loss_fn(logits, labels, t_logits, inputs):
+        if t_logits is None:
+            with torch.no_grad():
+                t_in = inputs
+                if teacher_dtype is not None and teacher_dtype != logits.dtype:
+                    t_in = training.move_batch(inputs, logits.device, teacher_dtype)
+                t_logits = training.model_outputs(training.call_model(teacher, t_in))
+        t_logits = t_logits.detach().to(logits.dtype)
+        if t_logits.shape != logits.shape:
+            raise ValueError(f"teacher logits {tuple(t_logits.shape)} and student logits "
+                             f"{tuple(logits.shape)} differ in shape")
+        return criterion(logits, t_logits, labels if use_labels else None)
+
+    try:
+        student, history = training.fit(
+            student, train_data, loss_fn=loss_fn, epochs=epochs, batch_size=batch_size,
+            shuffle=shuffle, seed=seed, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+            device=device, pruning=pruning_schedule, checkpoint_dir=checkpoint_dir, resume=resume,
+            progress=progress, desc="distill", need_teacher_logits=teacher is None,
+            before_wrap=prepare, weight_by="labels" if use_labels else "samples",
+            ignore_index=ignore_index,
+        )
+    finally:
+        if teacher is not None and was_training is not None:
+            teacher.train(was_training)
+    student.eval()
+    return student, history
+
+
+class TeacherLogitsDataset(Dataset):
+    """``(inputs, labels, teacher_logits)`` samples: ``dataset`` joined with logits streamed from
+    a ``.npy`` file (memory-mapped: only the rows of a batch are read)."""
+
+    def __init__(self, dataset: Dataset, path: str | os.PathLike):
+        self.dataset = dataset
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"teacher logits file not found: {self.path}")
+        self._logits = np.load(self.path, mmap_mode="r")
+        if self._logits.shape[0] != len(dataset):
+            raise ValueError(f"{self.path} holds {self._logits.shape[0]} rows of logits for a "
+                             f"data set of {len(dataset)} samples")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        sample = self.dataset[i]
+        logits = torch.from_numpy(np.array(self._logits[i], dtype=np.float32))
+        return sample[0], sample[1], logits
+
+
+def precompute_teacher_logits(teacher: nn.Module, dataset: Dataset, path: str | os.PathLike,
+                              batch_size: int = 256, dtype: str = "float16",
+                              device=None) -> str:
+    """Runs ``teacher`` once over ``dataset`` and writes its logits to ``path`` (``.npy``).
+
+    Under ``torchrun`` rank 0 computes and writes, the other ranks wait. ``dtype`` is
+    ``"float16"`` (half the disk and read traffic) or ``"float32"``. The file is written to a
+    temporary name and renamed, so a crash never leaves a truncated file. Returns the path.
+
+    Example::
+
+        path = pycompress.precompute_teacher_logits(big_teacher, train_ds, "teacher.npy")
+        student, _ = pycompress.distill(None, student, TeacherLogitsDataset(train_ds, path))
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    path = os.fspath(path)
+    if pdist.is_main_process():
+        dev = torch.device(device) if device is not None else (_first_device(teacher)
+                                                              or torch.device("cpu"))
+        t_dtype = _float_dtype(teacher)
+        was_training = teacher.training
+        teacher.eval()
+        chunks = []
+        try:
+            with torch.no_grad():
+                for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+                    inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+                    inputs = training.move_batch(inputs, dev, t_dtype)
+                    out = training.model_outputs(training.call_model(teacher, inputs))
+                    chunks.append(out.float().cpu().numpy().astype(dtype))
+        finally:
+            teacher.train(was_training)
+        arr = np.concatenate(chunks, axis=0)
+        tmp = f"{path}.tmp-{os.getpid()}.npy"
+        with open(tmp, "wb") as f:
+            np.save(f, arr)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    pdist.barrier()
+    return path
