@@ -314,8 +314,7 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         pdist.broadcast_masks(model)
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  broadcast_buffers=True)
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     show = ctx.is_main and progress
     fork_devices = [device] if device.type == "cuda" else []

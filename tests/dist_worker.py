@@ -1,0 +1,135 @@
+"""Scenarios run under ``torchrun`` (or in one process) by tests/test_distributed.py.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_worker.py SCENARIO OUT
+
+Every rank writes ``OUT/<scenario>-rank<r>.pt`` (plain tensors and numbers, loaded with
+``weights_only=True``): the trained weights and what the scenario observed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import pycompress  # noqa: E402
+
+
+def data(n: int = 96, d: int = 12, classes: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    w = torch.randn(d, classes, generator=g)
+    y = (x @ w).argmax(1)
+    return TensorDataset(x, y)
+
+
+def mlp(d: int = 12, h: int = 32, classes: int = 4, seed: int = 0, dropout: float = 0.0):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(d, h), nn.ReLU()]
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(h, classes))
+    return nn.Sequential(*layers)
+
+
+def teacher():
+    return mlp(h=48, seed=123)
+
+
+def state(model: nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def scenario_equivalence(out: dict, ckpt: str) -> None:
+    ds = data(n=100)  # 100 = 3 full batches of 32 + a last batch of 4
+    student, hist = pycompress.distill(teacher(), mlp(), ds, epochs=2, batch_size=32,
+                                       shuffle=False, seed=0, lr=1e-2, progress=False)
+    out["distill"] = state(student)
+    out["distill_loss"] = torch.tensor([h["loss"] for h in hist], dtype=torch.float64)
+    # a last global batch of 3 samples: split 2/1 across two ranks
+    shuffled, _ = pycompress.distill(teacher(), mlp(), data(n=99), epochs=2, batch_size=16,
+                                     shuffle=True, seed=5, lr=1e-2, progress=False)
+    out["distill_shuffle"] = state(shuffled)
+    ft, fhist = pycompress.finetune(mlp(), ds, num_classes=4, freeze=None, epochs=2,
+                                    batch_size=20, shuffle=True, seed=1, lr=1e-2,
+                                    progress=False)
+    out["finetune"] = state(ft)
+    out["finetune_acc"] = torch.tensor([h["accuracy"] for h in fhist], dtype=torch.float64)
+    out["keys"] = sorted(student.state_dict().keys())
+    out["is_ddp"] = int(isinstance(student, nn.parallel.DistributedDataParallel))
+
+
+def scenario_errors(out: dict, ckpt: str) -> None:
+    errors = {}
+    for name, kwargs in {"odd_batch": dict(ds=data(n=40), batch_size=5),
+                         "tiny_data": dict(ds=data(n=1), batch_size=2)}.items():
+        try:
+            pycompress.distill(teacher(), mlp(), kwargs["ds"], epochs=1,
+                               batch_size=kwargs["batch_size"], progress=False)
+            errors[name] = "no error"
+        except ValueError as e:
+            errors[name] = str(e)
+    out["errors"] = errors
+
+
+def scenario_pruning(out: dict, ckpt: str) -> None:
+    student = mlp()
+    masks_seen = []
+
+    def record(module, args):
+        masks = [b.detach().flatten().cpu() for _, b in module.named_buffers()
+                 if b.dtype == torch.bool]
+        masks_seen.append(torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool))
+
+    student.register_forward_pre_hook(record)
+    student, hist = pycompress.distill(
+        teacher(), student, data(n=64), epochs=2, batch_size=16, shuffle=True, seed=3, lr=1e-2,
+        pruning_schedule={"final_sparsity": 0.75}, progress=False)
+    record(student, ())
+    out["pruned"] = state(student)
+    out["masks_seen"] = masks_seen
+    out["sparsity"] = torch.tensor([h["sparsity"] for h in hist], dtype=torch.float64)
+
+
+def scenario_resume(out: dict, ckpt: str) -> None:
+    ds = data(n=64)
+    kw = dict(epochs=3, batch_size=16, shuffle=True, seed=7, lr=1e-2, progress=False)
+    full, _ = pycompress.distill(teacher(), mlp(dropout=0.2), ds, **kw)
+    out["full"] = state(full)
+    first, _ = pycompress.distill(teacher(), mlp(dropout=0.2), ds,
+                                  **{**kw, "epochs": 1}, checkpoint_dir=ckpt)
+    resumed, hist = pycompress.distill(teacher(), mlp(dropout=0.2), ds, **kw,
+                                       checkpoint_dir=ckpt, resume=True)
+    out["resumed"] = state(resumed)
+    out["resumed_epochs"] = [h["epoch"] for h in hist]
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items()
+             if name.startswith("scenario_")}
+
+
+def main() -> int:
+    names, outdir = sys.argv[1].split(","), sys.argv[2]
+    rank = int(os.environ.get("RANK", "0"))
+    torch.set_num_threads(1)
+    for name in names:
+        out: dict = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
+        SCENARIOS[name](out, os.path.join(outdir, f"ckpt-{name}"))
+        torch.save(out, os.path.join(outdir, f"{name}-rank{rank}.pt"))
+    pycompress.distributed.shutdown()
+    import torch.distributed as dist
+
+    out_flag = int(dist.is_available() and dist.is_initialized())
+    with open(os.path.join(outdir, f"group-rank{rank}.txt"), "w") as f:
+        f.write(str(out_flag))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
