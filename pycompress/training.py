@@ -398,4 +398,5 @@ def fit(
                         ckpt.update(extra_state)
                     _save_checkpoint(checkpoint_dir, epoch + 1, model, ckpt)
                 pdist.barrier()
+    opt.zero_grad(set_to_none=True)  # no stale gradients (or their memory) on the result
     return model, history
