@@ -1,0 +1,432 @@
+"""The end-to-end demo: transfer a model to a new task, compress it several ways, measure it all.
+
+Data: scikit-learn's handwritten digits (1,797 8x8 images, shipped inside scikit-learn: no
+download). A teacher MLP learns the source domain (digits 0-4). It is transferred to the target
+domain (digits 5-9) from a few labelled samples per class by fine-tuning. The transferred model is
+then compressed: int8 (w8a8); pruned to 50% / 90% / 2:4 with fine-tuning (gradual pruning while
+distilling from the uncompressed model); a smaller student distilled from it on the unlabelled
+target pool, next to the same student trained on the labelled samples only; and the combination
+distilled + pruned + int8. Every model is evaluated on the held-out target test set against the
+uncompressed transferred model. Run it with ``pycompress demo`` (``--quick`` for a fast pass).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+import pycompress
+from pycompress import distributed as pdist
+
+__all__ = ["run_demo", "build_model", "digits_splits", "target_test_data", "measure",
+           "render_markdown", "render_table", "write_plot"]
+
+TEACHER_HIDDEN = (256, 256)
+STUDENT_HIDDEN = (8,)
+CLASSES = 5
+
+
+def build_model(hidden=TEACHER_HIDDEN, classes: int = CLASSES, in_features: int = 64,
+                seed: int | None = None) -> nn.Sequential:
+    """An MLP ``64 -> hidden... -> classes``; layers ``fc1, fc2, ...`` and ``head``."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+    width = in_features
+    for i, h in enumerate(hidden, 1):
+        layers[f"fc{i}"] = nn.Linear(width, int(h))
+        layers[f"act{i}"] = nn.ReLU()
+        width = int(h)
+    layers["head"] = nn.Linear(width, classes)
+    return nn.Sequential(layers)
+
+
+def digits_splits(seed: int = 0, shots: int = 10) -> dict[str, TensorDataset]:
+    """Source (digits 0-4) train/test and target (digits 5-9, relabelled 0-4) splits.
+
+    Target: half of every class is the held-out test set; the other half is the pool, of which
+    ``shots`` samples per class are labelled; the rest of the pool is unlabelled (label -100).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, list] = {k: [] for k in ("src_train", "src_test", "labelled", "pool", "test")}
+    for cls in range(10):
+        idx = torch.nonzero(y == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        half = len(idx) // 2
+        if cls < 5:
+            cut = int(len(idx) * 0.8)
+            out["src_train"].append((idx[:cut], cls))
+            out["src_test"].append((idx[cut:], cls))
+        else:
+            out["test"].append((idx[:half], cls - 5))
+            out["labelled"].append((idx[half:half + shots], cls - 5))
+            pool_labels = torch.full((len(idx) - half,), -100, dtype=torch.long)
+            pool_labels[:shots] = cls - 5
+            out["pool"].append((idx[half:], pool_labels))
+    result = {}
+    for name, parts in out.items():
+        xs = torch.cat([x[i] for i, _ in parts])
+        ys = torch.cat([torch.full((len(i),), lab, dtype=torch.long) if isinstance(lab, int)
+                        else lab for i, lab in parts])
+        perm = torch.randperm(len(xs), generator=g)
+        result[name] = TensorDataset(xs[perm], ys[perm])
+    return result
+
+
+def target_test_data(seed: int = 0) -> TensorDataset:
+    """The held-out target test set of the demo (digits 5-9 labelled 0-4)."""
+    return digits_splits(seed)["test"]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _dense_equivalent_counts(model: nn.Module) -> tuple[int, int]:
+    """(values, non-zero values) of the model's dense equivalent: pycompress layers count as the
+    nn.Linear they stand for (``to_float``/``to_dense``), masks and indices are not values."""
+    total = nonzero = 0
+
+    def visit(module: nn.Module) -> None:
+        nonlocal total, nonzero
+        convert = getattr(module, "to_dense", None) or getattr(module, "to_float", None)
+        if convert is not None and type(module).__module__.startswith("pycompress"):
+            dense = convert()
+            for p in dense.parameters():
+                total += p.numel()
+                nonzero += int(torch.count_nonzero(p.detach()))
+            return
+        for p in module.parameters(recurse=False):
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p.detach()))
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return total, nonzero
+
+
+def _bytes_on_disk(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    size = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            size += os.path.getsize(os.path.join(root, f))
+    return size
+
+
+def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    with torch.inference_mode():
+        for _ in range(max(3, repeats // 10)):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure(model: nn.Module, data: TensorDataset, save_dir: str | None = None,
+            repeats: int = 200) -> dict:
+    """Accuracy, values, non-zeros, bytes on disk (``pycompress.save``) and median latency at
+    batch 1 and at the whole test set, for ``model`` on ``data`` (inputs, labels)."""
+    import tempfile
+
+    model.eval()
+    x, y = data.tensors[0], data.tensors[1]
+    with torch.inference_mode():
+        pred = model(x).argmax(-1)
+    acc = float((pred == y).float().mean())
+    values, nonzero = _dense_equivalent_counts(model)
+    if save_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model")
+            pycompress.save(model, path)
+            size = _bytes_on_disk(path)
+    else:
+        path = os.path.join(save_dir, "model")
+        pycompress.save(model, path)
+        size = _bytes_on_disk(path)
+    return {
+        "accuracy": acc,
+        "parameters": values,
+        "nonzeros": nonzero,
+        "bytes": size,
+        "latency_ms_b1": _latency_ms(model, x[:1], repeats),
+        "latency_ms_batch": _latency_ms(model, x, max(10, repeats // 5)),
+        "batch": int(x.shape[0]),
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+COLUMNS = [("model", "model"), ("accuracy", "accuracy"), ("delta", "Δ acc (pts)"),
+           ("parameters", "params"), ("nonzeros", "non-zeros"), ("bytes", "bytes"),
+           ("latency_ms_b1", "ms (b=1)"), ("latency_ms_batch", "ms (b=test)"),
+           ("compression", "compression"), ("speedup_b1", "speed-up b=1"),
+           ("speedup_batch", "speed-up b=test")]
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key == "accuracy":
+        return f"{100 * value:.2f}%"
+    if key == "delta":
+        return f"{100 * value:+.2f}"
+    if key in ("compression", "speedup_b1", "speedup_batch"):
+        return f"{value:.2f}x"
+    if key.startswith("latency"):
+        return f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_table(rows: list[dict]) -> str:
+    """A fixed-width text table of the report rows."""
+    table = [[title for _, title in COLUMNS]]
+    table += [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    """report.md from a report dict (as written to report.json)."""
+    cfg = report["config"]
+    rows = report["rows"]
+    md = ["# pycompress demo: transfer, compress, evaluate", ""]
+    md.append(f"Data: scikit-learn digits. Source: digits 0-4 ({cfg['source_train']} training "
+              f"images). Target: digits 5-9 with {cfg['shots']} labelled images per class "
+              f"({cfg['labelled']} in all) and {cfg['pool']} unlabelled+labelled pool images for "
+              f"distillation; held-out target test set: {cfg['test']} images.")
+    md.append("")
+    md.append(f"Teacher on the source test set: {100 * report['source_accuracy']:.2f}%. "
+              f"Reference: the transferred fp32 model. Seed {cfg['seed']}, "
+              f"{cfg['world_size']} training process(es), {'quick' if cfg['quick'] else 'full'} "
+              f"run, {report['seconds']:.1f} s, torch {report['environment']['torch']} on "
+              f"{report['environment']['machine']}.")
+    md.append("")
+    md.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
+    md.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for r in rows:
+        md.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
+    md.append("")
+    md.append("Columns: accuracy on the held-out target test set; Δ in percentage points vs the "
+              "reference; params = values of the dense equivalent; non-zeros among them; bytes "
+              "= size written by `pycompress.save`; median latency at batch 1 and at the whole "
+              "test set; compression = reference bytes / bytes; speed-up = reference latency / "
+              "latency.")
+    md.append("")
+    for r in rows:
+        if r.get("note"):
+            md.append(f"- **{r['model']}**: {r['note']}")
+    md.append("")
+    md.append("![accuracy vs size and latency](report.png)")
+    return "\n".join(md) + "\n"
+
+
+def write_plot(rows: list[dict], path: str) -> None:
+    """Accuracy vs bytes on disk and vs batch-1 latency, one labelled point per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "bytes", "bytes on disk"),
+                           (axes[1], "latency_ms_b1", "latency at batch 1 (ms)")):
+        for r in rows:
+            ax.scatter(r[key], 100 * r["accuracy"])
+            ax.annotate(r["model"], (r[key], 100 * r["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("target test accuracy (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("pycompress demo: accuracy vs size and latency")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the scenario
+
+
+def run_demo(out: str = "pycompress-demo", seed: int = 0, quick: bool = False,
+             progress: bool = True, log: Callable[[str], None] = print,
+             threads: int | None = 1) -> dict:
+    """Runs the demo; on rank 0 prints the table and writes ``report.md``, ``report.json``,
+    ``report.png`` and the saved models into ``out``. Returns the report dict (on every rank;
+    only rank 0 has measured rows, the others get an empty ``rows`` list).
+
+    Example::
+
+        report = pycompress.demo.run_demo("demo-out", quick=True)
+        print(report["rows"][0]["accuracy"])
+
+    ``threads``: intra-op threads while the demo runs (default 1: these models are tiny, and
+    one thread per process avoids oversubscription under ``torchrun``); None keeps torch's.
+    """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _run(out, seed, quick, progress, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], None]) -> dict:
+    t_start = time.perf_counter()
+    ctx = pdist.setup("cpu")
+    main = ctx.is_main
+    say = log if main else (lambda _msg: None)
+    torch.manual_seed(seed)
+    shots = 10
+    data = digits_splits(seed, shots=shots)
+    e = (lambda full, fast: fast if quick else full)
+    common = dict(seed=seed, progress=progress)
+
+    say(f"[1/7] teacher on source digits 0-4 ({len(data['src_train'])} images)")
+    teacher = build_model(TEACHER_HIDDEN, seed=seed)
+    teacher, _ = pycompress.finetune(teacher, data["src_train"], freeze=None, epochs=e(20, 6),
+                                     lr=2e-3, batch_size=32, **common)
+    src_x, src_y = data["src_test"].tensors
+    with torch.no_grad():
+        source_acc = float((teacher(src_x).argmax(-1) == src_y).float().mean())
+
+    say(f"[2/7] transfer to digits 5-9 from {shots} labelled images per class")
+    transferred = copy.deepcopy(teacher)
+    transferred, _ = pycompress.finetune(transferred, data["labelled"], num_classes=CLASSES,
+                                         freeze=None, epochs=e(80, 25), lr=3e-3,
+                                         batch_size=10, **common)
+
+    models: "OrderedDict[str, tuple[nn.Module, str]]" = OrderedDict()
+    models["transferred fp32"] = (transferred, "uncompressed reference")
+
+    say("[3/7] int8 w8a8")
+    models["int8 w8a8"] = (pycompress.quantize(copy.deepcopy(transferred), mode="w8a8"),
+                           "all Linear layers to Int8Linear (per-channel weights, per-token "
+                           "activations), no retraining")
+
+    kd = dict(temperature=4.0, alpha=1.0, batch_size=32, **common)
+    for name, sched in (("pruned 50%", {"final_sparsity": 0.5}),
+                        ("pruned 90%", {"final_sparsity": 0.9})):
+        say(f"[4/7] {name} (gradual pruning while distilling from the reference)")
+        m = copy.deepcopy(transferred)
+        m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(30, 8), lr=1e-3,
+                                  pruning_schedule={**sched, "exclude": "head"}, **kd)
+        models[name] = (pycompress.deploy_pruned(m), "hidden layers pruned by magnitude "
+                        "(global), fine-tuned by distillation from the reference, deployed "
+                        "with deploy_pruned")
+    say("[4/7] pruned 2:4")
+    m = pycompress.prune(copy.deepcopy(transferred), 0.5, pattern="2:4", exclude="head")
+    m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(20, 6), lr=1e-3, **kd)
+    models["pruned 2:4"] = (pycompress.deploy_pruned(m), "2 of every 4 input weights kept in "
+                            "hidden layers, fine-tuned by distillation")
+
+    say(f"[5/7] student {STUDENT_HIDDEN} distilled from the transferred model")
+    student = build_model(STUDENT_HIDDEN, seed=seed + 1)
+    student, _ = pycompress.distill(transferred, student, data["pool"], epochs=e(60, 20),
+                                    lr=5e-3, **kd)
+    models["student distilled"] = (student, f"MLP {STUDENT_HIDDEN} trained on the teacher's "
+                                   "soft targets over the target pool")
+
+    say("[6/7] same student without the teacher (labelled images only)")
+    baseline = build_model(STUDENT_HIDDEN, seed=seed + 1)
+    baseline, _ = pycompress.finetune(baseline, data["labelled"], freeze=None, epochs=e(80, 25),
+                                      lr=5e-3, batch_size=10, **common)
+    models["student w/o teacher"] = (baseline, "baseline: the same student trained on the "
+                                     "labelled images only")
+
+    say("[7/7] distilled + pruned + int8")
+    combo = build_model(STUDENT_HIDDEN, seed=seed + 1)
+    combo.load_state_dict(student.state_dict())
+    combo, _ = pycompress.distill(transferred, combo, data["pool"], epochs=e(30, 8), lr=2e-3,
+                                  pruning_schedule={"final_sparsity": 0.5, "exclude": "head"},
+                                  **kd)
+    combo = pycompress.quantize(pycompress.deploy_pruned(combo), mode="w8a8")
+    models["distilled+pruned+int8"] = (combo, "the distilled student pruned to 50% while "
+                                       "distilling further, then int8 w8a8")
+
+    report: dict = {"rows": []}
+    if main:
+        os.makedirs(out, exist_ok=True)
+        repeats = 50 if quick else 200
+        rows = []
+        for name, (model, note) in models.items():
+            save_dir = os.path.join(out, "models", name.replace(" ", "_").replace("%", "pct")
+                                    .replace(":", "-").replace("+", "_").replace("/", "_"))
+            os.makedirs(save_dir, exist_ok=True)
+            row = {"model": name, **measure(model, data["test"], save_dir, repeats), "note": note}
+            _write_atomic(os.path.join(save_dir, "pycompress.json"), json.dumps({
+                "factory": "pycompress.demo:build_model",
+                "factory_kwargs": {"hidden": list(STUDENT_HIDDEN if "student" in name
+                                                  or "distilled" in name else TEACHER_HIDDEN),
+                                   "classes": CLASSES},
+                "data": "pycompress.demo:target_test_data",
+                "data_kwargs": {"seed": seed},
+            }, indent=2))
+            rows.append(row)
+        ref = rows[0]
+        for r in rows:
+            r["delta"] = r["accuracy"] - ref["accuracy"]
+            r["compression"] = ref["bytes"] / r["bytes"]
+            r["speedup_b1"] = ref["latency_ms_b1"] / r["latency_ms_b1"]
+            r["speedup_batch"] = ref["latency_ms_batch"] / r["latency_ms_batch"]
+        report = {
+            "rows": rows,
+            "source_accuracy": source_acc,
+            "seconds": time.perf_counter() - t_start,
+            "config": {"seed": seed, "quick": quick, "shots": shots,
+                       "world_size": ctx.world_size, "labelled": len(data["labelled"]),
+                       "pool": len(data["pool"]), "test": len(data["test"]),
+                       "source_train": len(data["src_train"]),
+                       "teacher_hidden": list(TEACHER_HIDDEN),
+                       "student_hidden": list(STUDENT_HIDDEN)},
+            "environment": {"torch": torch.__version__, "pycompress": pycompress.__version__,
+                            "machine": f"{platform.machine()} "
+                                       f"{pycompress.active_cpu_isa()}, "
+                                       f"{torch.get_num_threads()} thread(s)",
+                            "python": platform.python_version()},
+        }
+        _write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2))
+        _write_atomic(os.path.join(out, "report.md"), render_markdown(report))
+        write_plot(rows, os.path.join(out, "report.png"))
+        log("")
+        log(render_table(rows))
+        log("")
+        log(f"wrote {os.path.join(out, 'report.md')}, report.json and report.png "
+            f"({report['seconds']:.1f} s)")
+    pdist.barrier()
+    return report
