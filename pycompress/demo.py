@@ -201,10 +201,11 @@ def _fmt(key: str, value) -> str:
 
 
 def render_table(rows: list[dict]) -> str:
-    """A fixed-width text table of the report rows."""
-    table = [[title for _, title in COLUMNS]]
-    table += [[_fmt(k, r.get(k)) for k, _ in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    """A fixed-width text table of the report rows (columns no row has are left out)."""
+    cols = [(k, t) for k, t in COLUMNS if any(r.get(k) is not None for r in rows)]
+    table = [[title for _, title in cols]]
+    table += [[_fmt(k, r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
