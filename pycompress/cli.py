@@ -196,18 +196,13 @@ def cmd_compress(args) -> int:
         raise CLIError("--calib FILE is needed: calibration inputs for the recipe and the "
                        "validation of the result")
     reference = copy.deepcopy(model)
-    metric = None
+    metric, calibration = None, calib
     if args.max_drop is not None:
         if labels is None:
             raise CLIError("--max-drop needs labels in the --calib file to measure accuracy")
-
-        def metric(m, _x=calib, _y=labels):
-            import torch
-
-            with torch.no_grad():
-                return float((m(_x).argmax(-1) == _y).float().mean())
+        metric, calibration = "accuracy", [(calib, labels)]
     try:
-        model, creport = pycompress.compress(model, args.recipe, calib, metric=metric,
+        model, creport = pycompress.compress(model, args.recipe, calibration, metric=metric,
                                              max_drop=args.max_drop)
     except (ValueError, TypeError, KeyError) as e:
         raise CLIError(f"recipe {args.recipe}: {e}") from e
@@ -267,13 +262,13 @@ def cmd_evaluate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        row = {"model": os.path.basename(os.path.normpath(args.dir)),
-               **demo.measure(model, TensorDataset(x, y), repeats=args.repeats)}
+        report = demo.measure(model, TensorDataset(x, y), os.path.basename(
+            os.path.normpath(args.dir)), repeats=args.repeats)
     finally:
         torch.set_num_threads(previous)
-    print(demo.render_table([row]))
+    print(demo.render_table([demo.row_from_report(report)]))
     if args.json:
-        _write_json(args.json, row)
+        _write_json(args.json, report.to_dict())
     return 0
 
 
@@ -290,9 +285,9 @@ def cmd_report(args) -> int:
         raise CLIError(f"{path} is not a pycompress demo report (missing {e})") from e
     with open(os.path.join(args.dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(text)
-    demo.write_plot(report["rows"], os.path.join(args.dir, "report.png"))
+    demo.write_plot(report["rows"], args.dir)
     print(demo.render_table(report["rows"]))
-    print(f"\nre-rendered {os.path.join(args.dir, 'report.md')} and report.png")
+    print(f"\nre-rendered {os.path.join(args.dir, 'report.md')} and compare.png")
     return 0
 
 
@@ -337,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[common], help="transfer + compression demo on digits",
                        description="Transfer a digits model from 0-4 to 5-9, compress it (int8, "
-                       "pruning, distillation) and write report.md, report.json and report.png.")
+                       "pruning, distillation) and write report.md, report.json and compare.png.")
     d.add_argument("--out", default="pycompress-demo", help="output folder (default: "
                    "./pycompress-demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -372,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("report", parents=[common], help="re-render a demo report",
-                       description="Re-render report.md and report.png from DIR/report.json "
+                       description="Re-render report.md and compare.png from DIR/report.json "
                        "and print the table.")
     r.add_argument("dir", help="folder holding report.json")
     r.set_defaults(func=cmd_report)

@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import platform
-import statistics
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -30,7 +29,8 @@ import pycompress
 from pycompress import distributed as pdist
 
 __all__ = ["run_demo", "build_model", "digits_splits", "target_test_data", "measure",
-           "render_markdown", "render_table", "write_plot"]
+           "row_from_report", "report_from_dict", "render_markdown", "render_table",
+           "write_plot"]
 
 TEACHER_HIDDEN = (256, 256)
 STUDENT_HIDDEN = (8,)
@@ -97,91 +97,59 @@ def target_test_data(seed: int = 0) -> TensorDataset:
 # --------------------------------------------------------------------------- measuring
 
 
-def _dense_equivalent_counts(model: nn.Module) -> tuple[int, int]:
-    """(values, non-zero values) of the model's dense equivalent: pycompress layers count as the
-    nn.Linear they stand for (``to_float``/``to_dense``), masks and indices are not values."""
-    total = nonzero = 0
-
-    def visit(module: nn.Module) -> None:
-        nonlocal total, nonzero
-        convert = getattr(module, "to_dense", None) or getattr(module, "to_float", None)
-        if convert is not None and type(module).__module__.startswith("pycompress"):
-            dense = convert()
-            for p in dense.parameters():
-                total += p.numel()
-                nonzero += int(torch.count_nonzero(p.detach()))
-            return
-        for p in module.parameters(recurse=False):
-            total += p.numel()
-            nonzero += int(torch.count_nonzero(p.detach()))
-        for child in module.children():
-            visit(child)
-
-    visit(model)
-    return total, nonzero
+BATCH = 64  # the second timed batch size (besides 1)
 
 
-def _bytes_on_disk(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    size = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            size += os.path.getsize(os.path.join(root, f))
-    return size
-
-
-def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(max(3, repeats // 10)):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def measure(model: nn.Module, data: TensorDataset, save_dir: str | None = None,
-            repeats: int = 200) -> dict:
-    """Accuracy, values, non-zeros, bytes on disk (``pycompress.save``) and median latency at
-    batch 1 and at the whole test set, for ``model`` on ``data`` (inputs, labels)."""
-    import tempfile
-
-    model.eval()
-    x, y = data.tensors[0], data.tensors[1]
-    with torch.inference_mode():
-        pred = model(x).argmax(-1)
-    acc = float((pred == y).float().mean())
-    values, nonzero = _dense_equivalent_counts(model)
-    if save_dir is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model")
-            pycompress.save(model, path)
-            size = _bytes_on_disk(path)
-    else:
-        path = os.path.join(save_dir, "model")
-        pycompress.save(model, path)
-        size = _bytes_on_disk(path)
+def row_from_report(report, note: str = "") -> dict:
+    """A flat table row (the demo's columns) from a :class:`pycompress.EvaluationReport`."""
+    lat = {int(k): v for k, v in report.latency.items()}
+    speed = {int(k): v for k, v in (report.speedup or {}).items()}
     return {
-        "accuracy": acc,
-        "parameters": values,
-        "nonzeros": nonzero,
-        "bytes": size,
-        "latency_ms_b1": _latency_ms(model, x[:1], repeats),
-        "latency_ms_batch": _latency_ms(model, x, max(10, repeats // 5)),
-        "batch": int(x.shape[0]),
+        "model": report.name,
+        "accuracy": report.metric,
+        "delta": report.metric_delta,
+        "parameters": report.parameters,
+        "nonzeros": report.nonzeros,
+        "bytes": report.size_bytes,
+        "latency_ms_b1": lat.get(1, {}).get("p50_ms"),
+        "latency_ms_batch": lat.get(BATCH, {}).get("p50_ms"),
+        "compression": report.compression_ratio,
+        "speedup_b1": speed.get(1),
+        "speedup_batch": speed.get(BATCH),
+        "note": note,
     }
+
+
+def report_from_dict(d: dict):
+    """Rebuilds an :class:`pycompress.EvaluationReport` from its ``to_dict()``."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(pycompress.EvaluationReport)}
+    kw = {k: v for k, v in d.items() if k in fields}
+    kw["latency"] = {int(k): dict(v) for k, v in d.get("latency", {}).items()}
+    if d.get("speedup") is not None:
+        kw["speedup"] = {int(k): v for k, v in d["speedup"].items()}
+    return pycompress.EvaluationReport(**kw)
+
+
+def measure(model: nn.Module, data: TensorDataset, name: str = "model", reference=None,
+            repeats: int = 50):
+    """:func:`pycompress.evaluate` of ``model`` on ``data`` (accuracy, parameters, non-zeros,
+    bytes written by ``pycompress.save``, p50/p95 latency at batch 1 and 64), relative to the
+    ``reference`` report when given."""
+    x, y = data.tensors[0], data.tensors[1]
+    return pycompress.evaluate(model, [(x, y)], metric="accuracy", batch_sizes=(1, BATCH),
+                               warmup=max(3, repeats // 10), repeats=repeats,
+                               reference=reference, name=name, progress=False)
 
 
 # --------------------------------------------------------------------------- rendering
 
 COLUMNS = [("model", "model"), ("accuracy", "accuracy"), ("delta", "Δ acc (pts)"),
            ("parameters", "params"), ("nonzeros", "non-zeros"), ("bytes", "bytes"),
-           ("latency_ms_b1", "ms (b=1)"), ("latency_ms_batch", "ms (b=test)"),
+           ("latency_ms_b1", "ms b=1"), ("latency_ms_batch", f"ms b={BATCH}"),
            ("compression", "compression"), ("speedup_b1", "speed-up b=1"),
-           ("speedup_batch", "speed-up b=test")]
+           ("speedup_batch", f"speed-up b={BATCH}")]
 
 
 def _fmt(key: str, value) -> str:
@@ -233,44 +201,29 @@ def render_markdown(report: dict) -> str:
     for r in rows:
         md.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
     md.append("")
-    md.append("Columns: accuracy on the held-out target test set; Δ in percentage points vs the "
-              "reference; params = values of the dense equivalent; non-zeros among them; bytes "
-              "= size written by `pycompress.save`; median latency at batch 1 and at the whole "
-              "test set; compression = reference bytes / bytes; speed-up = reference latency / "
-              "latency.")
+    md.append("Columns (from `pycompress.evaluate`): accuracy on the held-out target test set; Δ "
+              "in percentage points vs the reference; params = values of the dense equivalent; "
+              "non-zeros among them; bytes = size written by `pycompress.save`; p50 latency in "
+              f"ms at batch 1 and {BATCH}; compression = reference bytes / bytes; speed-up = "
+              "reference latency / latency.")
     md.append("")
     for r in rows:
         if r.get("note"):
             md.append(f"- **{r['model']}**: {r['note']}")
     md.append("")
-    md.append("![accuracy vs size and latency](report.png)")
+    md.append("![accuracy vs size and latency](compare.png)")
     return "\n".join(md) + "\n"
 
 
-def write_plot(rows: list[dict], path: str) -> None:
-    """Accuracy vs bytes on disk and vs batch-1 latency, one labelled point per model."""
-    import matplotlib
+def write_plot(rows: list[dict], out: str) -> str:
+    """The accuracy vs size / latency plot of :func:`pycompress.compare` (``compare.png`` in
+    ``out``), from the rows' stored evaluation reports. Returns the file name."""
+    pycompress.compare([report_from_dict(r["evaluation"]) for r in rows], out_dir=out)
+    return "compare.png"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "bytes", "bytes on disk"),
-                           (axes[1], "latency_ms_b1", "latency at batch 1 (ms)")):
-        for r in rows:
-            ax.scatter(r[key], 100 * r["accuracy"])
-            ax.annotate(r["model"], (r[key], 100 * r["accuracy"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("target test accuracy (%)")
-        ax.grid(alpha=0.3)
-    fig.suptitle("pycompress demo: accuracy vs size and latency")
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.replace("%", "pct")).strip("_")
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -287,7 +240,7 @@ def run_demo(out: str = "pycompress-demo", seed: int = 0, quick: bool = False,
              progress: bool = True, log: Callable[[str], None] = print,
              threads: int | None = 1) -> dict:
     """Runs the demo; on rank 0 prints the table and writes ``report.md``, ``report.json``,
-    ``report.png`` and the saved models into ``out``. Returns the report dict (on every rank;
+    ``compare.png`` and the saved models into ``out``. Returns the report dict (on every rank;
     only rank 0 has measured rows, the others get an empty ``rows`` list).
 
     Example::
@@ -383,14 +336,15 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     report: dict = {"rows": []}
     if main:
         os.makedirs(out, exist_ok=True)
-        repeats = 50 if quick else 200
-        rows = []
+        repeats = 30 if quick else 100
+        rows, reference = [], None
         for name, (model, note) in models.items():
-            save_dir = os.path.join(out, "models", name.replace(" ", "_").replace("%", "pct")
-                                    .replace(":", "-").replace("+", "_").replace("/", "_"))
-            os.makedirs(save_dir, exist_ok=True)
-            row = {"model": name, **measure(model, data["test"], save_dir, repeats), "note": note}
-            _write_atomic(os.path.join(save_dir, "pycompress.json"), json.dumps({
+            ev = measure(model, data["test"], name, reference, repeats)
+            reference = reference or ev
+            rows.append({**row_from_report(ev, note), "evaluation": ev.to_dict()})
+            folder = os.path.join(out, "models", _slug(name))
+            pycompress.save(model, os.path.join(folder, "model"))
+            _write_atomic(os.path.join(folder, "pycompress.json"), json.dumps({
                 "factory": "pycompress.demo:build_model",
                 "factory_kwargs": {"hidden": list(STUDENT_HIDDEN if "student" in name
                                                   or "distilled" in name else TEACHER_HIDDEN),
@@ -398,13 +352,6 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
                 "data": "pycompress.demo:target_test_data",
                 "data_kwargs": {"seed": seed},
             }, indent=2))
-            rows.append(row)
-        ref = rows[0]
-        for r in rows:
-            r["delta"] = r["accuracy"] - ref["accuracy"]
-            r["compression"] = ref["bytes"] / r["bytes"]
-            r["speedup_b1"] = ref["latency_ms_b1"] / r["latency_ms_b1"]
-            r["speedup_batch"] = ref["latency_ms_batch"] / r["latency_ms_batch"]
         report = {
             "rows": rows,
             "source_accuracy": source_acc,
@@ -423,11 +370,11 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
         }
         _write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2))
         _write_atomic(os.path.join(out, "report.md"), render_markdown(report))
-        write_plot(rows, os.path.join(out, "report.png"))
+        write_plot(rows, out)
         log("")
         log(render_table(rows))
         log("")
-        log(f"wrote {os.path.join(out, 'report.md')}, report.json and report.png "
+        log(f"wrote {os.path.join(out, 'report.md')}, report.json and compare.png "
             f"({report['seconds']:.1f} s)")
     pdist.barrier()
     return report

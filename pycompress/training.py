@@ -280,34 +280,44 @@ def fit(
     steps_per_epoch = len(sampler)
     loader = DataLoader(train_data, batch_sampler=sampler, num_workers=num_workers)
 
-    # A pruning schedule may swap layers: build it before the optimizer and the DDP wrapper.
+    if pruning is not None and not isinstance(pruning, dict) and not hasattr(pruning, "step"):
+        raise TypeError("pruning_schedule must be None, a dict of GradualPruning keywords or a "
+                        "GradualPruning object")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(optimizer, params, lr, weight_decay)
+
+    # The schedule swaps nn.Linear layers for MaskedLinear layers that keep the same Parameter
+    # objects, so the optimizer stays valid; it is told the optimizer so that the moments of
+    # pruned weights are cleared. All of this happens before the DDP wrapper is built.
     schedule = pruning
     if isinstance(pruning, dict):
         import pycompress
 
         kwargs = dict(pruning)
         kwargs.setdefault("total_steps", max(1, epochs * steps_per_epoch))
+        kwargs.setdefault("optimizer", opt)
         schedule = pycompress.GradualPruning(model, **kwargs)
-    elif pruning is not None and not hasattr(pruning, "step"):
-        raise TypeError("pruning_schedule must be None, a dict of GradualPruning keywords or a "
-                        "GradualPruning object")
+    elif schedule is not None and getattr(schedule, "optimizer", False) is None:
+        schedule.optimizer = opt
 
-    start_epoch, history, state = 0, [], None
+    start_epoch, history = 0, []
     if resume:
         last = latest_checkpoint(checkpoint_dir) if os.path.isdir(checkpoint_dir) else None
         if last is not None:
             state = _load_checkpoint(last, model)
             model.to(device)
+            owned = {id(p) for p in model.parameters()}
+            if any(id(p) not in owned for g in opt.param_groups for p in g["params"]):
+                raise RuntimeError(
+                    f"the checkpoint {last} holds a model of another structure (e.g. pruned "
+                    "layers) than the one being trained: pass the same pruning_schedule as the "
+                    "interrupted run")
+            opt.load_state_dict(state["optimizer"])
             start_epoch = int(state["epoch"])
             history = list(state.get("history", []))
             if schedule is not None and "pruning" in state:
                 _restore_plain_state(schedule, state["pruning"])
             pdist.barrier()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(optimizer, params, lr, weight_decay)
-    if state is not None and "optimizer" in state:
-        opt.load_state_dict(state["optimizer"])
 
     net: nn.Module = model
     if ctx.enabled:
