@@ -16,11 +16,14 @@ __all__ = ["distill", "precompute_teacher_logits", "TeacherLogitsDataset"]
 
 
 def _is_fsdp(module: nn.Module) -> bool:
+    """True for a teacher sharded with FSDP (``FullyShardedDataParallel`` or ``fully_shard``)."""
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed import fsdp
     except Exception:  # pragma: no cover - torch without distributed
         return False
-    return isinstance(module, FullyShardedDataParallel)
+    kinds = tuple(k for k in (getattr(fsdp, "FullyShardedDataParallel", None),
+                              getattr(fsdp, "FSDPModule", None)) if isinstance(k, type))
+    return bool(kinds) and isinstance(module, kinds)
 
 
 def _float_dtype(module: nn.Module) -> torch.dtype | None:
@@ -64,7 +67,9 @@ def distill(
     with ``T = temperature``; with ``alpha=1`` labels are not used (pure distillation, so
     unlabelled samples can carry any label). Rows labelled ``ignore_index`` are left out.
     The teacher runs in ``eval()`` under ``torch.no_grad()`` and is never wrapped by DDP; a
-    teacher in bf16/fp16 gets its inputs cast to its dtype and its logits cast back.
+    teacher in bf16/fp16 gets its inputs cast to its dtype and its logits cast back. A teacher
+    the caller sharded with FSDP (``torch.distributed.fsdp.fully_shard``) is used as it is: every
+    rank runs its forward in every step, as the all-gathers of its shards require.
     ``teacher=None`` reads teacher logits from the data set instead: it must yield
     ``(inputs, labels, teacher_logits)``, e.g. a :class:`TeacherLogitsDataset` streaming logits
     computed once by :func:`precompute_teacher_logits`.
@@ -117,13 +122,22 @@ def distill(
             teacher.to(ctx.device)
         teacher_dtype = _float_dtype(teacher)
 
+    def teacher_logits(inputs, like: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            t_in = inputs
+            dtype = like.dtype if like is not None else torch.float32
+            if teacher_dtype is not None and teacher_dtype != dtype:
+                dev = like.device if like is not None else None
+                t_in = training.move_batch(inputs, dev or _first_device(teacher), teacher_dtype)
+            return training.model_outputs(training.call_model(teacher, t_in))
+
+    def skip(inputs) -> None:
+        if teacher is not None:
+            teacher_logits(inputs)
+
     def loss_fn(logits, labels, t_logits, inputs):
         if t_logits is None:
-            with torch.no_grad():
-                t_in = inputs
-                if teacher_dtype is not None and teacher_dtype != logits.dtype:
-                    t_in = training.move_batch(inputs, logits.device, teacher_dtype)
-                t_logits = training.model_outputs(training.call_model(teacher, t_in))
+            t_logits = teacher_logits(inputs, logits)
         t_logits = t_logits.detach().to(logits.dtype)
         if t_logits.shape != logits.shape:
             raise ValueError(f"teacher logits {tuple(t_logits.shape)} and student logits "
@@ -137,7 +151,7 @@ def distill(
             device=device, pruning=pruning_schedule, checkpoint_dir=checkpoint_dir, resume=resume,
             progress=progress, desc="distill", need_teacher_logits=teacher is None,
             before_wrap=prepare, weight_by="labels" if use_labels else "samples",
-            ignore_index=ignore_index,
+            ignore_index=ignore_index, on_skip=skip,
         )
     finally:
         if teacher is not None and was_training is not None:

@@ -243,9 +243,12 @@ def fit(
     extra_state: dict | None = None,
     weight_by: str = "samples",
     ignore_index: int = -100,
+    on_skip: Callable[[Any], None] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Trains ``model`` in place; returns it (never DDP-wrapped) and the per-epoch history.
 
+    ``on_skip(inputs)`` runs instead of ``loss_fn`` on a rank left with nothing to learn in a
+    step (so that, e.g., an FSDP-sharded teacher still takes part in its all-gathers).
     ``loss_fn(logits, labels, teacher_logits_or_None, inputs)`` returns the *mean* loss over the
     local batch: over its samples (``weight_by="samples"``) or over its labels that are not
     ``ignore_index`` (``weight_by="labels"``; the global count is all-reduced every step). ``pruning`` is ``None``, a :class:`pycompress.GradualPruning` built on ``model``
@@ -357,7 +360,10 @@ def fit(
                     logits = model_outputs(call_model(net, inputs))
                     if w_local == 0:
                         # nothing of this step's global batch to learn from on this rank: a zero
-                        # loss through the model keeps DDP's gradient reduction in step
+                        # loss through the model keeps DDP's gradient reduction in step, and
+                        # on_skip runs what other collectives expect (a sharded teacher)
+                        if on_skip is not None:
+                            on_skip(inputs)
                         loss = logits.sum() * 0.0
                         loss.backward()
                     else:

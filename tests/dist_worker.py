@@ -110,6 +110,35 @@ def scenario_resume(out: dict, ckpt: str) -> None:
     out["resumed_epochs"] = [h["epoch"] for h in hist]
 
 
+def scenario_fsdp(out: dict, ckpt: str) -> None:
+    """A teacher sharded with FSDP2 (fully_shard) gives the student of the unsharded teacher."""
+    import torch.distributed as dist
+
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        out["skipped"] = "torch.distributed.fsdp.fully_shard is not available"
+        return
+    kw = dict(epochs=2, batch_size=16, shuffle=True, seed=2, lr=1e-2, progress=False)
+    ds = data(n=66)  # a last global batch of 2 samples: one per rank
+    plain, _ = pycompress.distill(teacher(), mlp(), ds, **kw)
+    if not dist.is_initialized():
+        out["skipped"] = "FSDP needs a process group"
+        out["plain"] = state(plain)
+        return
+    sharded = teacher()
+    for m in sharded:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    fully_shard(sharded)
+    student, _ = pycompress.distill(sharded, mlp(), ds, **kw)
+    out["plain"] = state(plain)
+    out["fsdp"] = state(student)
+    tiny, _ = pycompress.distill(sharded, mlp(), data(n=17), epochs=1, batch_size=16,
+                                 shuffle=False, progress=False)  # last batch: rank 1 has none
+    out["tiny_ok"] = 1
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items()
              if name.startswith("scenario_")}
 

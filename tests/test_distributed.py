@@ -11,7 +11,7 @@ import dist_worker
 import torchrun_util
 from pycompress import distributed as pdist
 
-SCENARIOS = "equivalence,errors,pruning,resume"
+SCENARIOS = "equivalence,errors,pruning,resume,fsdp"
 
 
 def _load(outdir, name, rank):
@@ -99,6 +99,15 @@ def test_resume_equals_uninterrupted(two_ranks, one_rank):
             assert _max_rel(rec["resumed"], rec["full"]) == 0.0
             assert rec["resumed_epochs"] == [1, 2, 3]
     assert os.path.isfile(os.path.join(two_ranks, "ckpt-resume", "latest"))
+
+
+def test_fsdp_sharded_teacher(two_ranks):
+    for rank in (0, 1):
+        rec = _load(two_ranks, "fsdp", rank)
+        if "skipped" in rec:
+            pytest.skip(rec["skipped"])
+        assert _max_rel(rec["fsdp"], rec["plain"]) <= 1e-5
+        assert rec["tiny_ok"] == 1  # a rank without samples still joins the teacher's gathers
 
 
 def test_process_group_destroyed_at_the_end(two_ranks):
