@@ -158,8 +158,13 @@ def barrier() -> None:
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sums ``values`` over every rank (returns it unchanged in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        device = values.device
+        if str(dist.get_backend()) == "nccl" and device.type != "cuda":
+            work = values.to(torch.device("cuda", torch.cuda.current_device()))
+        else:
+            work = values.clone()
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        values = work.to(device)
     return values
 
 
