@@ -222,6 +222,16 @@ def write_plot(rows: list[dict], out: str) -> str:
     return "compare.png"
 
 
+def _layer_kinds(model: nn.Module) -> str:
+    """'2 SparseLinear + 1 Linear': the kinds of linear layers in ``model``."""
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        name = type(m).__name__
+        if name.endswith("Linear"):
+            counts[name] = counts.get(name, 0) + 1
+    return " + ".join(f"{n} {k}" for k, n in counts.items()) or "no linear layer"
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.replace("%", "pct")).strip("_")
 
@@ -294,20 +304,22 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
                            "activations), no retraining")
 
     kd = dict(temperature=4.0, alpha=1.0, batch_size=32, **common)
-    for name, sched in (("pruned 50%", {"final_sparsity": 0.5}),
-                        ("pruned 90%", {"final_sparsity": 0.9})):
+    for name, sched, mode in (("pruned 50%", {"final_sparsity": 0.5}, "auto"),
+                              ("pruned 90%", {"final_sparsity": 0.9}, "sparse")):
         say(f"[4/7] {name} (gradual pruning while distilling from the reference)")
         m = copy.deepcopy(transferred)
         m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(30, 8), lr=1e-3,
                                   pruning_schedule={**sched, "exclude": "head"}, **kd)
-        models[name] = (pycompress.deploy_pruned(m), "hidden layers pruned by magnitude "
-                        "(global), fine-tuned by distillation from the reference, deployed "
-                        "with deploy_pruned")
+        m = pycompress.deploy_pruned(m, mode=mode)
+        models[name] = (m, "hidden layers pruned by magnitude (global) while distilling from "
+                        f"the reference; deploy_pruned(mode={mode!r}) gave {_layer_kinds(m)}")
     say("[4/7] pruned 2:4")
     m = pycompress.prune(copy.deepcopy(transferred), 0.5, pattern="2:4", exclude="head")
     m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(20, 6), lr=1e-3, **kd)
-    models["pruned 2:4"] = (pycompress.deploy_pruned(m), "2 of every 4 input weights kept in "
-                            "hidden layers, fine-tuned by distillation")
+    m = pycompress.deploy_pruned(m, mode="auto")
+    models["pruned 2:4"] = (m, "2 of every 4 input weights kept in the hidden layers, "
+                            f"fine-tuned by distillation; deploy_pruned(mode='auto') gave "
+                            f"{_layer_kinds(m)}")
 
     say(f"[5/7] student {STUDENT_HIDDEN} distilled from the transferred model")
     student = build_model(STUDENT_HIDDEN, seed=seed + 1)
@@ -329,7 +341,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     combo, _ = pycompress.distill(transferred, combo, data["pool"], epochs=e(30, 8), lr=2e-3,
                                   pruning_schedule={"final_sparsity": 0.5, "exclude": "head"},
                                   **kd)
-    combo = pycompress.quantize(pycompress.deploy_pruned(combo), mode="w8a8")
+    combo = pycompress.quantize(pycompress.deploy_pruned(combo, mode="dense"), mode="w8a8")
     models["distilled+pruned+int8"] = (combo, "the distilled student pruned to 50% while "
                                        "distilling further, then int8 w8a8")
 
@@ -340,8 +352,11 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
         rows, reference = [], None
         for name, (model, note) in models.items():
             ev = measure(model, data["test"], name, reference, repeats)
-            reference = reference or ev
-            rows.append({**row_from_report(ev, note), "evaluation": ev.to_dict()})
+            row = row_from_report(ev, note)
+            if reference is None:  # the reference against itself
+                reference = ev
+                row.update(delta=0.0, compression=1.0, speedup_b1=1.0, speedup_batch=1.0)
+            rows.append({**row, "evaluation": ev.to_dict()})
             folder = os.path.join(out, "models", _slug(name))
             pycompress.save(model, os.path.join(folder, "model"))
             _write_atomic(os.path.join(folder, "pycompress.json"), json.dumps({
