@@ -139,6 +139,20 @@ def scenario_fsdp(out: dict, ckpt: str) -> None:
     out["tiny_ok"] = 1
 
 
+def scenario_usergroup(out: dict, ckpt: str) -> None:
+    """A default group the caller initialized is used as it is and left alone afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    student, hist = pycompress.distill(teacher(), mlp(), data(n=40), epochs=1, batch_size=8,
+                                       shuffle=False, progress=False)
+    pycompress.distributed.shutdown()  # must not destroy a group it did not create
+    out["still_initialized"] = int(dist.is_initialized())
+    out["world"] = dist.get_world_size()
+    out["student"] = state(student)
+    dist.destroy_process_group()
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items()
              if name.startswith("scenario_")}
 

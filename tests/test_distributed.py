@@ -116,6 +116,15 @@ def test_process_group_destroyed_at_the_end(two_ranks):
             assert f.read() == "0"
 
 
+def test_caller_initialized_group_is_used_and_kept(tmp_path):
+    res = torchrun_util.run([os.path.join(torchrun_util.REPO, "tests", "dist_worker.py"),
+                             "usergroup", str(tmp_path)], timeout=90)
+    assert res.returncode == 0, res.stdout[-4000:]
+    r0, r1 = _load(tmp_path, "usergroup", 0), _load(tmp_path, "usergroup", 1)
+    assert r0["still_initialized"] == 1 and r0["world"] == 2
+    assert _max_rel(r1["student"], r0["student"]) == 0.0
+
+
 def test_global_batch_sampler_covers_every_sample_once():
     ds = dist_worker.data(n=23)
     for world in (1, 2, 4):
