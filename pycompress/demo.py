@@ -283,7 +283,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
 
     say(f"[1/7] teacher on source digits 0-4 ({len(data['src_train'])} images)")
     teacher = build_model(TEACHER_HIDDEN, seed=seed)
-    teacher, _ = pycompress.finetune(teacher, data["src_train"], freeze=None, epochs=e(20, 6),
+    teacher, _ = pycompress.finetune(teacher, data["src_train"], freeze=None, epochs=e(20, 4),
                                      lr=2e-3, batch_size=32, **common)
     src_x, src_y = data["src_test"].tensors
     with torch.no_grad():
@@ -292,7 +292,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     say(f"[2/7] transfer to digits 5-9 from {shots} labelled images per class")
     transferred = copy.deepcopy(teacher)
     transferred, _ = pycompress.finetune(transferred, data["labelled"], num_classes=CLASSES,
-                                         freeze=None, epochs=e(80, 25), lr=3e-3,
+                                         freeze=None, epochs=e(80, 15), lr=3e-3,
                                          batch_size=10, **common)
 
     models: "OrderedDict[str, tuple[nn.Module, str]]" = OrderedDict()
@@ -308,14 +308,14 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
                               ("pruned 90%", {"final_sparsity": 0.9}, "sparse")):
         say(f"[4/7] {name} (gradual pruning while distilling from the reference)")
         m = copy.deepcopy(transferred)
-        m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(30, 8), lr=1e-3,
+        m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(30, 4), lr=1e-3,
                                   pruning_schedule={**sched, "exclude": "head"}, **kd)
         m = pycompress.deploy_pruned(m, mode=mode)
         models[name] = (m, "hidden layers pruned by magnitude (global) while distilling from "
                         f"the reference; deploy_pruned(mode={mode!r}) gave {_layer_kinds(m)}")
     say("[4/7] pruned 2:4")
     m = pycompress.prune(copy.deepcopy(transferred), 0.5, pattern="2:4", exclude="head")
-    m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(20, 6), lr=1e-3, **kd)
+    m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(20, 4), lr=1e-3, **kd)
     m = pycompress.deploy_pruned(m, mode="auto")
     models["pruned 2:4"] = (m, "2 of every 4 input weights kept in the hidden layers, "
                             f"fine-tuned by distillation; deploy_pruned(mode='auto') gave "
@@ -323,14 +323,14 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
 
     say(f"[5/7] student {STUDENT_HIDDEN} distilled from the transferred model")
     student = build_model(STUDENT_HIDDEN, seed=seed + 1)
-    student, _ = pycompress.distill(transferred, student, data["pool"], epochs=e(60, 20),
+    student, _ = pycompress.distill(transferred, student, data["pool"], epochs=e(60, 15),
                                     lr=5e-3, **kd)
     models["student distilled"] = (student, f"MLP {STUDENT_HIDDEN} trained on the teacher's "
                                    "soft targets over the target pool")
 
     say("[6/7] same student without the teacher (labelled images only)")
     baseline = build_model(STUDENT_HIDDEN, seed=seed + 1)
-    baseline, _ = pycompress.finetune(baseline, data["labelled"], freeze=None, epochs=e(80, 25),
+    baseline, _ = pycompress.finetune(baseline, data["labelled"], freeze=None, epochs=e(80, 15),
                                       lr=5e-3, batch_size=10, **common)
     models["student w/o teacher"] = (baseline, "baseline: the same student trained on the "
                                      "labelled images only")
@@ -338,7 +338,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     say("[7/7] distilled + pruned + int8")
     combo = build_model(STUDENT_HIDDEN, seed=seed + 1)
     combo.load_state_dict(student.state_dict())
-    combo, _ = pycompress.distill(transferred, combo, data["pool"], epochs=e(30, 8), lr=2e-3,
+    combo, _ = pycompress.distill(transferred, combo, data["pool"], epochs=e(30, 4), lr=2e-3,
                                   pruning_schedule={"final_sparsity": 0.5, "exclude": "head"},
                                   **kd)
     combo = pycompress.quantize(pycompress.deploy_pruned(combo, mode="dense"), mode="w8a8")

@@ -188,14 +188,16 @@ def test_bench_missing_runner(monkeypatch, capsys, tmp_path):
     assert_one_line_error(code, err, "bench/run.py not found")
 
 
-def test_bench_runs_the_source_tree_runner(tmp_path, capsys):
-    assert os.path.isfile(cli.bench_runner())
-    out = tmp_path / "b.json"
-    code, stdout, _ = run_cli(capsys, "bench", "--kernels", "quant", "--quick", "--json",
-                              str(out))
-    assert code == 0
-    data = json.loads(out.read_text())
-    assert data and "quant" in json.dumps(data)
+def test_bench_forwards_arguments_and_exit_status(monkeypatch, tmp_path, capfd):
+    assert os.path.isfile(cli.bench_runner())  # the source tree's runner is found
+    fake = tmp_path / "bench" / "run.py"
+    fake.parent.mkdir()
+    fake.write_text("import sys\nprint('ARGS', sys.argv[1:])\nsys.exit(3 if '--quick' in sys.argv "
+                    "else 0)\n")
+    monkeypatch.setattr(cli, "bench_runner", lambda: str(fake))
+    assert cli.main(["bench", "--kernels", "int8,kd", "--json", "r.json"]) == 0
+    assert "ARGS ['--kernels', 'int8,kd', '--json', 'r.json']" in capfd.readouterr().out
+    assert cli.main(["bench", "--quick"]) == 3
 
 
 def test_bench_unknown_kernel_fails(capsys):
