@@ -20,7 +20,6 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset

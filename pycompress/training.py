@@ -7,7 +7,6 @@ with masks kept identical on every rank, atomic per-epoch checkpoints and exact 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
