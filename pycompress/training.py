@@ -250,8 +250,9 @@ def fit(
     step (so that, e.g., an FSDP-sharded teacher still takes part in its all-gathers).
     ``loss_fn(logits, labels, teacher_logits_or_None, inputs)`` returns the *mean* loss over the
     local batch: over its samples (``weight_by="samples"``) or over its labels that are not
-    ``ignore_index`` (``weight_by="labels"``; the global count is all-reduced every step). ``pruning`` is ``None``, a :class:`pycompress.GradualPruning` built on ``model``
-    or a dict of its keywords (``total_steps`` defaults to every optimizer step of the run).
+    ``ignore_index`` (``weight_by="labels"``; the global count is all-reduced every step).
+    ``pruning`` is ``None``, a :class:`pycompress.GradualPruning` built on ``model`` or a dict
+    of its keywords (``total_steps`` defaults to every optimizer step of the run).
     """
     from tqdm.auto import tqdm
 
