@@ -199,6 +199,9 @@ def precompute_teacher_logits(teacher: nn.Module, dataset: Dataset, path: str | 
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+    if _is_fsdp(teacher) and pdist.get_context().enabled:
+        raise ValueError("precompute_teacher_logits runs the teacher on rank 0 only; a teacher "
+                         "sharded with FSDP needs every rank: pass it to distill() instead")
     path = os.fspath(path)
     if pdist.is_main_process():
         dev = torch.device(device) if device is not None else (_first_device(teacher)
