@@ -186,8 +186,9 @@ def render_markdown(report: dict) -> str:
     md = ["# pycompress demo: transfer, compress, evaluate", ""]
     md.append(f"Data: scikit-learn digits. Source: digits 0-4 ({cfg['source_train']} training "
               f"images). Target: digits 5-9 with {cfg['shots']} labelled images per class "
-              f"({cfg['labelled']} in all) and {cfg['pool']} unlabelled+labelled pool images for "
-              f"distillation; held-out target test set: {cfg['test']} images.")
+              f"({cfg['labelled']} in all) in a pool of {cfg['pool']} target images (the rest "
+              f"unlabelled) used for distillation; held-out target test set: {cfg['test']} "
+              "images.")
     md.append("")
     md.append(f"Teacher on the source test set: {100 * report['source_accuracy']:.2f}%. "
               f"Reference: the transferred fp32 model. Seed {cfg['seed']}, "
@@ -204,7 +205,9 @@ def render_markdown(report: dict) -> str:
               "in percentage points vs the reference; params = values of the dense equivalent; "
               "non-zeros among them; bytes = size written by `pycompress.save`; p50 latency in "
               f"ms at batch 1 and {BATCH}; compression = reference bytes / bytes; speed-up = "
-              "reference latency / latency.")
+              "reference latency / latency. The layers are small (at most 256 wide), so "
+              "latency here is mostly per-call overhead; `pycompress bench` measures the "
+              "kernels at realistic sizes.")
     md.append("")
     for r in rows:
         if r.get("note"):
