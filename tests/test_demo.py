@@ -78,6 +78,7 @@ def test_saved_models_reload(quick_run):
     assert acc == pytest.approx(report["rows"][1]["accuracy"])
 
 
+@pytest.mark.distributed
 def test_torchrun_two_processes(quick_run, tmp_path):
     _, single = quick_run
     out = tmp_path / "ddp"

@@ -11,6 +11,8 @@ import dist_worker
 import torchrun_util
 from pycompress import distributed as pdist
 
+pytestmark = pytest.mark.distributed
+
 SCENARIOS = "equivalence,errors,pruning,resume,fsdp"
 
 
