@@ -202,3 +202,22 @@ def test_bench_forwards_arguments_and_exit_status(monkeypatch, tmp_path, capfd):
 
 def test_bench_unknown_kernel_fails(capsys):
     assert cli.main(["bench", "--kernels", "no_such_kernel", "--quick"]) != 0
+
+
+def test_data_file_formats(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+
+    x, y = torch.randn(5, 3), torch.arange(5)
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy())
+    np.save(tmp_path / "d.npy", x.numpy())
+    save_file({"inputs": x, "labels": y}, str(tmp_path / "d.safetensors"))
+    torch.save((x, y), tmp_path / "t.pt")
+    for name, has_labels in (("d.npz", True), ("d.npy", False), ("d.safetensors", True),
+                             ("t.pt", True)):
+        gx, gy = cli.load_data_file(str(tmp_path / name))
+        assert torch.equal(torch.as_tensor(gx), x), name
+        assert (gy is not None) == has_labels and (gy is None or torch.equal(gy, y)), name
+    (tmp_path / "bad.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(cli.CLIError, match="cannot read data"):
+        cli.load_data_file(str(tmp_path / "bad.pt"))
