@@ -1,0 +1,470 @@
+// int8 GEMM on the CPU (see int8/gemm.h): packing, scalar / AVX2 / AVX-512 VNNI
+// micro-kernels, fused dequantization epilogue, and the weight-only (w8a16) path.
+//
+// AVX2 has no exact 8-bit multiply-add (vpmaddubsw saturates its int16 pair sums),
+// so the AVX2 kernel widens both operands to int16 and uses vpmaddwd, whose pair
+// sums (at most 2 * 128 * 128) are exact in int32. Each group of 4 k values of 8
+// columns is one 16-byte load sign-extended to 16 int16; one 64-bit broadcast of
+// the activation's 4 int16 values multiplies it; pairs of partial sums are folded
+// with vphaddd at the end.
+//
+// The VNNI kernel uses vpdpbusd (u8 x s8 -> 4 products summed into int32, no
+// saturation) with A + 128 as the unsigned operand and subtracts 128 * sum_k B[n, k].
+#include "int8/gemm.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/cpu_features.h"
+#include "common/simd.h"
+
+namespace pyc {
+namespace {
+
+constexpr int kMrScalar = 4;
+constexpr int kMrAvx2 = 6;
+constexpr int kMrVnni = 8;
+
+inline int64_t load_i64(const void* p) {
+  int64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// ---------------------------------------------------------------- epilogue
+
+// Kept out of line and compiled for the baseline ISA so the compiler never
+// contracts the multiply-add into an FMA (the vector path rounds each step too).
+__attribute__((noinline)) void epilogue_scalar(const Int8Epilogue& ep, const int32_t* tile,
+                                               int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
+                                               int64_t nc) {
+  for (int64_t r = 0; r < mr; ++r) {
+    const int32_t* t = tile + r * ldt;
+    const int64_t m = m0 + r;
+    if (ep.out == nullptr) {
+      std::memcpy(ep.c + m * ep.ldc + n0, t, static_cast<size_t>(nc) * sizeof(int32_t));
+      continue;
+    }
+    const float xs = ep.a_scale[m];
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t n = n0 + j;
+      float v = static_cast<float>(t[j]) * xs;
+      v = v * ep.w_scale[n];
+      if (ep.bias) v = v + ep.bias[n];
+      store_from_float(ep.out, m * ep.ldo + n, ep.out_dtype, v);
+    }
+  }
+}
+
+#if PYC_HAVE_X86_SIMD
+
+PYC_TARGET_AVX2 inline void store8_avx2(void* out, int64_t i, DType dt, __m256 v) {
+  switch (dt) {
+    case DType::F32:
+      _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+      break;
+    case DType::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case DType::BF16:
+    default: {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i hi = _mm256_srli_epi32(u, 16);
+      const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(
+          _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+      const __m256i absu = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+      const __m256i nan = _mm256_cmpgt_epi32(absu, _mm256_set1_epi32(0x7f800000));
+      r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                       _mm256_castsi256_si128(p));
+      break;
+    }
+  }
+}
+
+PYC_TARGET_AVX2 void epilogue_avx2(const Int8Epilogue& ep, const int32_t* tile, int64_t ldt,
+                                   int64_t m0, int64_t mr, int64_t n0, int64_t nc) {
+  if (ep.out == nullptr || nc % 8 != 0) return epilogue_scalar(ep, tile, ldt, m0, mr, n0, nc);
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t m = m0 + r;
+    const __m256 xs = _mm256_set1_ps(ep.a_scale[m]);
+    for (int64_t j = 0; j < nc; j += 8) {
+      const int64_t n = n0 + j;
+      __m256 v = _mm256_cvtepi32_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + r * ldt + j)));
+      v = _mm256_mul_ps(v, xs);
+      v = _mm256_mul_ps(v, _mm256_loadu_ps(ep.w_scale + n));
+      if (ep.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(ep.bias + n));
+      store8_avx2(ep.out, m * ep.ldo + n, ep.out_dtype, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 kernel
+
+// MR rows x 8 columns (one half of a 16-column panel). a: int16 rows (stride
+// lda elements); b: panel base + 32 * half, 64 bytes per k-group.
+template <int MR>
+PYC_TARGET_AVX2 void kernel_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t nq,
+                                 int32_t* t, int64_t ldt) {
+  // Explicit accumulators (an array makes GCC spill them at MR = 6).
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const int16_t* a0 = a;
+  const int16_t* a1 = a + (MR > 1 ? 1 : 0) * lda;
+  const int16_t* a2 = a + (MR > 2 ? 2 : 0) * lda;
+  const int16_t* a3 = a + (MR > 3 ? 3 : 0) * lda;
+  const int16_t* a4 = a + (MR > 4 ? 4 : 0) * lda;
+  const int16_t* a5 = a + (MR > 5 ? 5 : 0) * lda;
+#define PYC_ROW(R)                                                   \
+  if (MR > R) {                                                      \
+    const __m256i av = _mm256_set1_epi64x(load_i64(a##R + 4 * q));  \
+    c##R##0 = _mm256_add_epi32(c##R##0, _mm256_madd_epi16(av, b0));  \
+    c##R##1 = _mm256_add_epi32(c##R##1, _mm256_madd_epi16(av, b1));  \
+  }
+  if (MR == 6) {
+    // GCC hoists the six broadcasts and spills accumulators, so the full-height
+    // kernel is written out by hand: accumulators in ymm4..ymm15, B in ymm0/1.
+    const int8_t* bq = b;
+    const int16_t* pa = a0;
+    const int16_t* pb = a3;
+    int64_t cnt = nq;
+#define PYC_ASM_ROW(A, C0, C1)                   \
+  "vpbroadcastq " A ", %%ymm2\n\t"               \
+  "vpmaddwd %%ymm0, %%ymm2, %%ymm3\n\t"          \
+  "vpaddd %%ymm3, %%ymm" C0 ", %%ymm" C0 "\n\t"  \
+  "vpmaddwd %%ymm1, %%ymm2, %%ymm2\n\t"          \
+  "vpaddd %%ymm2, %%ymm" C1 ", %%ymm" C1 "\n\t"
+#define PYC_ASM_STORE(C0, C1, DST)                 \
+  "vphaddd %%ymm" C1 ", %%ymm" C0 ", %%ymm" C0 "\n\t" \
+  "vpermq $0xd8, %%ymm" C0 ", %%ymm" C0 "\n\t"      \
+  "vmovdqu %%ymm" C0 ", " DST "\n\t"
+    asm volatile(
+        "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"
+        "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"
+        "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"
+        "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"
+        "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"
+        "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
+        "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"
+        "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
+        "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"
+        "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"
+        "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"
+        "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"
+        "test %[n], %[n]\n\t"
+        "jle 2f\n\t"
+        ".p2align 5\n\t"
+        "1:\n\t"
+        "vpmovsxbw (%[b]), %%ymm0\n\t"
+        "vpmovsxbw 16(%[b]), %%ymm1\n\t"
+        PYC_ASM_ROW("(%[pa])", "4", "5")
+        PYC_ASM_ROW("(%[pa],%[ld],1)", "6", "7")
+        PYC_ASM_ROW("(%[pa],%[ld],2)", "8", "9")
+        PYC_ASM_ROW("(%[pb])", "10", "11")
+        PYC_ASM_ROW("(%[pb],%[ld],1)", "12", "13")
+        PYC_ASM_ROW("(%[pb],%[ld],2)", "14", "15")
+        "add $64, %[b]\n\t"
+        "add $8, %[pa]\n\t"
+        "add $8, %[pb]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        "2:\n\t"
+        PYC_ASM_STORE("4", "5", "(%[t])")
+        PYC_ASM_STORE("6", "7", "(%[t],%[ldt],1)")
+        PYC_ASM_STORE("8", "9", "(%[t],%[ldt],2)")
+        PYC_ASM_STORE("10", "11", "(%[t3])")
+        PYC_ASM_STORE("12", "13", "(%[t3],%[ldt],1)")
+        PYC_ASM_STORE("14", "15", "(%[t3],%[ldt],2)")
+        : [b] "+r"(bq), [pa] "+r"(pa), [pb] "+r"(pb), [n] "+r"(cnt)
+        : [ld] "r"(lda * 2), [t] "r"(t), [t3] "r"(t + 3 * ldt), [ldt] "r"(ldt * 4)
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
+          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
+#undef PYC_ASM_ROW
+#undef PYC_ASM_STORE
+    return;
+  } else {
+    for (int64_t q = 0; q < nq; ++q) {
+      const int8_t* bq = b + q * 64;
+      const __m256i b0 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq)));
+      const __m256i b1 =
+          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + 16)));
+      PYC_ROW(0) PYC_ROW(1) PYC_ROW(2) PYC_ROW(3) PYC_ROW(4) PYC_ROW(5)
+    }
+  }
+#undef PYC_ROW
+  // c?0 = [n0 n0 n1 n1 | n2 n2 n3 n3], c?1 = [n4 n4 n5 n5 | n6 n6 n7 n7] (pairs of partial sums);
+  // hadd -> [n0 n1 n4 n5 | n2 n3 n6 n7], then put the 64-bit quarters in order.
+#define PYC_STORE(R)                                                                       \
+  if (MR > R)                                                                              \
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + R * ldt),                           \
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##R##0, c##R##1), 0xD8));
+  PYC_STORE(0) PYC_STORE(1) PYC_STORE(2) PYC_STORE(3) PYC_STORE(4) PYC_STORE(5)
+#undef PYC_STORE
+}
+
+PYC_TARGET_AVX2 void tile_avx2(int mr, const int16_t* a, int64_t lda, const int8_t* bp,
+                               int64_t nq, int32_t* t, int64_t ldt) {
+  for (int half = 0; half < 2; ++half) {
+    const int8_t* b = bp + 32 * half;
+    int32_t* th = t + 8 * half;
+    switch (mr) {
+      case 1: kernel_avx2<1>(a, lda, b, nq, th, ldt); break;
+      case 2: kernel_avx2<2>(a, lda, b, nq, th, ldt); break;
+      case 3: kernel_avx2<3>(a, lda, b, nq, th, ldt); break;
+      case 4: kernel_avx2<4>(a, lda, b, nq, th, ldt); break;
+      case 5: kernel_avx2<5>(a, lda, b, nq, th, ldt); break;
+      default: kernel_avx2<6>(a, lda, b, nq, th, ldt); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512 VNNI kernel
+
+template <int MR>
+PYC_TARGET_AVX512VNNI void kernel_vnni(const uint8_t* a, int64_t lda, const int8_t* b,
+                                       const int32_t* colsum, int64_t nq, int32_t* t,
+                                       int64_t ldt) {
+  __m512i acc[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < nq; ++q) {
+    const __m512i bv = _mm512_loadu_si512(b + q * 64);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = _mm512_set1_epi32(load_i32(a + r * lda + 4 * q));
+      acc[r] = _mm512_dpbusd_epi32(acc[r], av, bv);
+    }
+  }
+  // (a + 128) * b summed = a * b summed + 128 * colsum (all modulo 2^32)
+  const __m512i comp = _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(t + r * ldt, _mm512_sub_epi32(acc[r], comp));
+}
+
+PYC_TARGET_AVX512VNNI void tile_vnni(int mr, const uint8_t* a, int64_t lda, const int8_t* bp,
+                                     const int32_t* colsum, int64_t nq, int32_t* t, int64_t ldt) {
+  switch (mr) {
+    case 1: return kernel_vnni<1>(a, lda, bp, colsum, nq, t, ldt);
+    case 2: return kernel_vnni<2>(a, lda, bp, colsum, nq, t, ldt);
+    case 3: return kernel_vnni<3>(a, lda, bp, colsum, nq, t, ldt);
+    case 4: return kernel_vnni<4>(a, lda, bp, colsum, nq, t, ldt);
+    case 5: return kernel_vnni<5>(a, lda, bp, colsum, nq, t, ldt);
+    case 6: return kernel_vnni<6>(a, lda, bp, colsum, nq, t, ldt);
+    case 7: return kernel_vnni<7>(a, lda, bp, colsum, nq, t, ldt);
+    default: return kernel_vnni<8>(a, lda, bp, colsum, nq, t, ldt);
+  }
+}
+
+#endif  // PYC_HAVE_X86_SIMD
+
+// ---------------------------------------------------------------- scalar kernel
+
+void tile_scalar(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_t nq, int32_t* t,
+                 int64_t ldt) {
+  for (int r = 0; r < mr; ++r) {
+    int32_t acc[kInt8PanelCols] = {};
+    const int16_t* ar = a + r * lda;
+    for (int64_t q = 0; q < nq; ++q) {
+      const int8_t* bq = bp + q * 64;
+      const int32_t a0 = ar[4 * q], a1 = ar[4 * q + 1], a2 = ar[4 * q + 2], a3 = ar[4 * q + 3];
+      for (int c = 0; c < kInt8PanelCols; ++c) {
+        const int8_t* w = bq + 4 * c;
+        acc[c] += a0 * w[0] + a1 * w[1] + a2 * w[2] + a3 * w[3];
+      }
+    }
+    std::memcpy(t + r * ldt, acc, sizeof acc);
+  }
+}
+
+int mr_of(int path) { return path == 2 ? kMrVnni : (path == 1 ? kMrAvx2 : kMrScalar); }
+
+}  // namespace
+
+void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* packed, int64_t p0,
+                 int64_t p1) {
+  const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
+  int32_t* colsum = reinterpret_cast<int32_t*>(packed + Np * Kp);
+  for (int64_t p = p0; p < p1; ++p) {
+    int8_t* dst = packed + p * Kp * kInt8PanelCols;
+    std::memset(dst, 0, static_cast<size_t>(Kp * kInt8PanelCols));
+    for (int c = 0; c < kInt8PanelCols; ++c) {
+      const int64_t n = p * kInt8PanelCols + c;
+      int32_t sum = 0;
+      if (n < N) {
+        const int8_t* src = b + n * ldb;
+        for (int64_t k = 0; k < K; ++k) {
+          dst[(k >> 2) * 64 + c * 4 + (k & 3)] = src[k];
+          sum += src[k];
+        }
+      }
+      std::memcpy(colsum + n, &sum, sizeof sum);
+    }
+  }
+}
+
+int int8_gemm_path(int isa) {
+#if PYC_HAVE_X86_SIMD
+  if (isa >= 2 && cpu_features().avx512vnni) return 2;
+  if (isa >= 1) return 1;
+#else
+  (void)isa;
+#endif
+  return 0;
+}
+
+int64_t int8_a_row_bytes(int path, int64_t K) {
+  const int64_t Kp = int8_round_k(K);
+  // rows padded to 64 bytes so every row starts on its own cache line
+  const int64_t bytes = path == 2 ? Kp : 2 * Kp;
+  return (bytes + 63) / 64 * 64;
+}
+
+void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap, int64_t m0,
+                    int64_t m1) {
+  const int64_t rb = int8_a_row_bytes(path, K);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* src = a + m * lda;
+    if (path == 2) {
+      uint8_t* dst = static_cast<uint8_t*>(ap) + m * rb;
+      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k] ^ 0x80);
+      std::memset(dst + K, 0x80, static_cast<size_t>(rb - K));
+    } else {
+      int16_t* dst = reinterpret_cast<int16_t*>(static_cast<uint8_t*>(ap) + m * rb);
+      for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
+      std::memset(dst + K, 0, static_cast<size_t>(rb - 2 * K));
+    }
+  }
+}
+
+void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
+                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep) {
+  const int64_t Kp = int8_round_k(K), Np = int8_round_n(N), nq = Kp / 4;
+  const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
+  const int64_t rb = int8_a_row_bytes(path, K);
+  const int mrmax = mr_of(path);
+  // Rows are processed in blocks whose prepared A (about 192 KiB) stays in L2
+  // while the panels stream through; within a block every panel is read once.
+  int64_t mc = (int64_t(192) << 10) / rb;
+  mc = std::max<int64_t>(24, mc / 24 * 24);
+  alignas(64) int32_t tile[kMrVnni * kInt8PanelCols];
+  const uint8_t* abase = static_cast<const uint8_t*>(ap);
+  for (int64_t mc0 = 0; mc0 < M; mc0 += mc) {
+    const int64_t mc1 = std::min(M, mc0 + mc);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* bp = packed + p * Kp * kInt8PanelCols;
+      const int64_t n0 = p * kInt8PanelCols;
+      const int64_t nc = std::min<int64_t>(kInt8PanelCols, N - n0);
+      for (int64_t m = mc0; m < mc1; m += mrmax) {
+        const int mr = static_cast<int>(std::min<int64_t>(mrmax, mc1 - m));
+        const uint8_t* am = abase + m * rb;
+#if PYC_HAVE_X86_SIMD
+        if (path == 2) {
+          tile_vnni(mr, am, rb, bp, colsum + n0, nq, tile, kInt8PanelCols);
+          epilogue_avx2(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+          continue;
+        }
+        if (path == 1) {
+          tile_avx2(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
+                    kInt8PanelCols);
+          epilogue_avx2(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+          continue;
+        }
+#endif
+        tile_scalar(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
+                    kInt8PanelCols);
+        epilogue_scalar(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+      }
+    }
+  }
+  (void)colsum;
+}
+
+// ---------------------------------------------------------------- w8a16
+
+namespace {
+
+void w8a16_scalar(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, const float* ws,
+                  const float* bias, void* out, DType dt, int64_t ldo, int64_t M, int64_t K,
+                  int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += xr[k] * static_cast<float>(wr[k]);
+      float v = s * ws[n];
+      if (bias) v = v + bias[n];
+      store_from_float(out, m * ldo + n, dt, v);
+    }
+  }
+}
+
+#if PYC_HAVE_X86_SIMD
+PYC_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Blocks of 4 weight rows x 2 activation rows; the 4 weight rows (4 * K bytes)
+// stay in L1 while all activation rows pass over them.
+PYC_TARGET_AVX2 void w8a16_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                                const float* ws, const float* bias, void* out, DType dt,
+                                int64_t ldo, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t Kv = K & ~int64_t(7);
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int8_t* wr[4];
+    for (int j = 0; j < 4; ++j) wr[j] = w + std::min(n + j, n1 - 1) * ldw;
+    for (int64_t m = 0; m < M; m += 2) {
+      const float* xr[2] = {x + m * ldx, x + std::min(m + 1, M - 1) * ldx};
+      __m256 acc[2][4];
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < Kv; k += 8) {
+        const __m256 x0 = _mm256_loadu_ps(xr[0] + k), x1 = _mm256_loadu_ps(xr[1] + k);
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[j] + k))));
+          acc[0][j] = _mm256_fmadd_ps(x0, wv, acc[0][j]);
+          acc[1][j] = _mm256_fmadd_ps(x1, wv, acc[1][j]);
+        }
+      }
+      for (int i = 0; i < 2 && m + i < M; ++i) {
+        for (int j = 0; j < 4 && n + j < n1; ++j) {
+          float s = hsum_avx2(acc[i][j]);
+          for (int64_t k = Kv; k < K; ++k) s += xr[i][k] * static_cast<float>(wr[j][k]);
+          float v = s * ws[n + j];
+          if (bias) v = v + bias[n + j];
+          store_from_float(out, (m + i) * ldo + n + j, dt, v);
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void int8_w8a16_cpu(int isa, const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                    const float* w_scale, const float* bias, void* out, DType out_dtype,
+                    int64_t ldo, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+  if (M <= 0 || n1 <= n0) return;
+#if PYC_HAVE_X86_SIMD
+  if (isa >= 1) return w8a16_avx2(x, ldx, w, ldw, w_scale, bias, out, out_dtype, ldo, M, K, n0, n1);
+#endif
+  w8a16_scalar(x, ldx, w, ldw, w_scale, bias, out, out_dtype, ldo, M, K, n0, n1);
+}
+
+}  // namespace pyc
