@@ -11,6 +11,7 @@ from reference import quantize_per_token_ref
 GEMM_SHAPES = [  # (M, K, N)
     (1, 1, 1), (1, 67, 129), (0, 5, 7), (5, 1, 3), (6, 4, 16), (7, 3, 17), (17, 67, 129),
     (13, 100, 33), (64, 300, 100), (1, 4096, 40), (130, 257, 48),
+    (70, 2001, 40),  # K split into blocks (partial sums through the workspace)
 ]
 
 
@@ -43,7 +44,7 @@ def test_gemm_exact(shape, device, cpu_isa):
 
 @pytest.mark.parametrize("K", [1, 67, 1000, 4099])
 def test_gemm_extremes_no_saturation(K, device, cpu_isa):
-    a = torch.full((7, K), -128, dtype=torch.int8, device=device)
+    a = torch.full((7 if K < 4000 else 70, K), -128, dtype=torch.int8, device=device)
     b = torch.full((19, K), -128, dtype=torch.int8, device=device)
     b[1] = 127
     b[2, ::2] = 127  # mixed signs inside a k group
@@ -71,7 +72,7 @@ def test_gemm_cpu_cuda_same_integers():
         torch.testing.assert_close(ops.int8_gemm(a.cuda(), b.cuda()).cpu(), ops.int8_gemm(a, b), rtol=0, atol=0)
 
 
-LINEAR_SHAPES = [(1, 1, 1), (1, 64, 48), (3, 67, 129), (16, 256, 100), (70, 130, 33)]
+LINEAR_SHAPES = [(1, 1, 1), (1, 64, 48), (3, 67, 129), (16, 256, 100), (70, 130, 33), (100, 1800, 20)]
 
 
 @pytest.mark.parametrize("shape", LINEAR_SHAPES)

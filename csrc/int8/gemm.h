@@ -66,10 +66,16 @@ struct Int8Epilogue {
   const float* bias = nullptr;  // may be null
 };
 
+// K block length the GEMM uses for this problem (== round_k(K): no K blocking).
+int64_t int8_gemm_kc(int path, int64_t M, int64_t K);
+
 // Computes rows [0, M) and panels [p0, p1) of the product of prepared A and
-// packed B, writing through the epilogue. Single thread.
+// packed B, writing through the epilogue. Single thread. `workspace` (int32
+// [M, round_n(N)], may be shared by threads working on disjoint panels) is needed
+// when int8_gemm_kc(path, M, K) < round_k(K); with nullptr K is not blocked.
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
-                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep);
+                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
+                      int32_t* workspace);
 
 // Weight-only linear (w8a16) on the CPU: x fp32 [M, K] (row stride ldx), w int8 [N, K] (row stride ldw)
 // out[m, n] = (sum_k x[m, k] * (float)w[n, k]) * w_scale[n] + bias[n], fp32 accumulation,

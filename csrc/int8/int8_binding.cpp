@@ -66,8 +66,12 @@ void run_gemm(int path, const void* ap, const int8_t* packed, int64_t M, int64_t
   const int64_t panels = int8_round_n(N) / kInt8PanelCols;
   const int64_t per_panel = std::max<int64_t>(1, M * int8_round_k(K) * kInt8PanelCols);
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / per_panel);
+  at::Tensor workspace;
+  if (int8_gemm_kc(path, M, K) < int8_round_k(K))
+    workspace = at::empty({M * int8_round_n(N)}, at::TensorOptions().dtype(at::kInt));
+  int32_t* ws = workspace.defined() ? workspace.data_ptr<int32_t>() : nullptr;
   at::parallel_for(0, panels, grain, [&](int64_t b, int64_t e) {
-    int8_gemm_packed(path, ap, packed, M, N, K, b, e, ep);
+    int8_gemm_packed(path, ap, packed, M, N, K, b, e, ep, ws);
   });
 }
 

@@ -6,6 +6,7 @@
 
 #include "common/torch_utils.h"
 #include "int8/cuda/gemm.cuh"
+#include "int8/gemm.h"
 #include "int8/cuda/quantize.cuh"
 
 namespace pyc {
@@ -46,6 +47,19 @@ at::Tensor kernel_operand(const at::Tensor& t) {
   if (Kp != K) return at::constant_pad_nd(c, {0, Kp - K}, 0);
   if ((reinterpret_cast<uintptr_t>(c.data_ptr()) & 15u) != 0) return c.clone();
   return c;
+}
+
+// The packed layout is the CPU kernels' (CUDA kernels read w directly); packing a CUDA
+// weight gives the same bytes on the weight's device so that modules can move freely.
+at::Tensor int8_pack_weight_cuda_impl(const at::Tensor& w_in) {
+  check_2d_int8(w_in, "int8_pack_weight", "w");
+  TORCH_CHECK(w_in.size(0) >= 1 && w_in.size(1) >= 1, "int8_pack_weight: w must be non-empty");
+  const at::Tensor w = w_in.to(at::kCPU).contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto packed = at::empty({int8_packed_bytes(N, K)}, w.options());
+  int8_pack_b(w.data_ptr<int8_t>(), K, N, K, packed.data_ptr<int8_t>(), 0,
+              int8_round_n(N) / kInt8PanelCols);
+  return packed.to(w_in.device());
 }
 
 void check_cuda(cudaError_t err, const char* op) {
@@ -162,6 +176,7 @@ at::Tensor int8_linear_w8a16_cuda_impl(const at::Tensor& x_in, const at::Tensor&
 TORCH_LIBRARY_IMPL(pycompress, CUDA, m) {
   m.impl("quantize_per_token", &pyc::quantize_per_token_cuda_impl);
   m.impl("int8_gemm", &pyc::int8_gemm_cuda_impl);
+  m.impl("int8_pack_weight", &pyc::int8_pack_weight_cuda_impl);
   m.impl("int8_linear", &pyc::int8_linear_cuda_impl);
   m.impl("int8_linear_w8a16", &pyc::int8_linear_w8a16_cuda_impl);
 }

@@ -245,8 +245,10 @@ PYC_TARGET_AVX512VNNI void kernel_vnni(const uint8_t* a, int64_t lda, const int8
       acc[r] = _mm512_dpbusd_epi32(acc[r], av, bv);
     }
   }
-  // (a + 128) * b summed = a * b summed + 128 * colsum (all modulo 2^32)
-  const __m512i comp = _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7);
+  // (a + 128) * b summed = a * b summed + 128 * colsum (all modulo 2^32); applied once,
+  // by the first K block (colsum == nullptr for the others)
+  const __m512i comp =
+      colsum ? _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7) : _mm512_setzero_si512();
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r) _mm512_storeu_si512(t + r * ldt, _mm512_sub_epi32(acc[r], comp));
 }
@@ -346,47 +348,76 @@ void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap,
   }
 }
 
+int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
+  const int64_t Kp = int8_round_k(K);
+  // Without K blocking every row block of prepared A must stay in L2 while the panels
+  // stream; when M * K is large, K is cut into blocks of 512 (A block <= 192 KiB in L2,
+  // each panel's 8 KiB slice in L1) and partial sums go through the int32 workspace.
+  if (M * int8_a_row_bytes(path, K) <= (int64_t(256) << 10) || Kp <= 768) return Kp;
+  return 512;
+}
+
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
-                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep) {
-  const int64_t Kp = int8_round_k(K), Np = int8_round_n(N), nq = Kp / 4;
+                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
+                      int32_t* workspace) {
+  const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
   const int64_t rb = int8_a_row_bytes(path, K);
+  const int64_t a_elem = path == 2 ? 1 : 2;  // bytes per prepared A element
   const int mrmax = mr_of(path);
-  // Rows are processed in blocks whose prepared A (about 192 KiB) stays in L2
-  // while the panels stream through; within a block every panel is read once.
-  int64_t mc = (int64_t(192) << 10) / rb;
-  mc = std::max<int64_t>(24, mc / 24 * 24);
+  const int64_t kc = workspace ? int8_gemm_kc(path, M, K) : Kp;
+  const bool blocked = kc < Kp;
+  const int64_t mc = blocked ? 192 : std::max<int64_t>(24, ((int64_t(192) << 10) / rb) / 24 * 24);
   alignas(64) int32_t tile[kMrVnni * kInt8PanelCols];
   const uint8_t* abase = static_cast<const uint8_t*>(ap);
   for (int64_t mc0 = 0; mc0 < M; mc0 += mc) {
     const int64_t mc1 = std::min(M, mc0 + mc);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int8_t* bp = packed + p * Kp * kInt8PanelCols;
-      const int64_t n0 = p * kInt8PanelCols;
-      const int64_t nc = std::min<int64_t>(kInt8PanelCols, N - n0);
-      for (int64_t m = mc0; m < mc1; m += mrmax) {
-        const int mr = static_cast<int>(std::min<int64_t>(mrmax, mc1 - m));
-        const uint8_t* am = abase + m * rb;
+    for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+      const int64_t nq = std::min(kc, Kp - k0) / 4;
+      const bool first = k0 == 0, last = k0 + kc >= Kp;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int8_t* bp = packed + p * Kp * kInt8PanelCols + k0 * kInt8PanelCols;
+        const int64_t n0 = p * kInt8PanelCols;
+        const int64_t nc = std::min<int64_t>(kInt8PanelCols, N - n0);
+        for (int64_t m = mc0; m < mc1; m += mrmax) {
+          const int mr = static_cast<int>(std::min<int64_t>(mrmax, mc1 - m));
+          const uint8_t* am = abase + m * rb + k0 * a_elem;
 #if PYC_HAVE_X86_SIMD
-        if (path == 2) {
-          tile_vnni(mr, am, rb, bp, colsum + n0, nq, tile, kInt8PanelCols);
-          epilogue_avx2(ep, tile, kInt8PanelCols, m, mr, n0, nc);
-          continue;
-        }
-        if (path == 1) {
-          tile_avx2(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
-                    kInt8PanelCols);
-          epilogue_avx2(ep, tile, kInt8PanelCols, m, mr, n0, nc);
-          continue;
-        }
+          if (path == 2)
+            tile_vnni(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols);
+          else if (path == 1)
+            tile_avx2(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
+                      kInt8PanelCols);
+          else
 #endif
-        tile_scalar(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
-                    kInt8PanelCols);
-        epilogue_scalar(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+            tile_scalar(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
+                        kInt8PanelCols);
+          if (blocked) {
+            // partial sums of the K blocks meet in the workspace ([M, Np] int32)
+            for (int r = 0; r < mr; ++r) {
+              int32_t* w = workspace + (m + r) * Np + n0;
+              int32_t* t = tile + r * kInt8PanelCols;
+              if (first) {
+                std::memcpy(w, t, sizeof(int32_t) * kInt8PanelCols);
+              } else if (!last) {
+                for (int j = 0; j < kInt8PanelCols; ++j) w[j] += t[j];
+              } else {
+                for (int j = 0; j < kInt8PanelCols; ++j) t[j] += w[j];
+              }
+            }
+            if (!last) continue;
+          }
+#if PYC_HAVE_X86_SIMD
+          if (path >= 1) {
+            epilogue_avx2(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+            continue;
+          }
+#endif
+          epilogue_scalar(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+        }
       }
     }
   }
-  (void)colsum;
 }
 
 // ---------------------------------------------------------------- w8a16
