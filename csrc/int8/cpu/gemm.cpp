@@ -212,8 +212,41 @@ PYC_TARGET_AVX2 void kernel_avx2(const int16_t* a, int64_t lda, const int8_t* b,
 #undef PYC_STORE
 }
 
+// Small-M variant: MR (<= 2) rows x all 16 columns of the panel in one pass, so each
+// 64-byte group of the packed weight is read exactly once (GEMV-like, bandwidth bound).
+template <int MR>
+PYC_TARGET_AVX2 void kernel_avx2_n16(const int16_t* a, int64_t lda, const int8_t* b, int64_t nq,
+                                     int32_t* t, int64_t ldt) {
+  __m256i c[MR][4];
+#pragma GCC unroll 2
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) c[r][j] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < nq; ++q) {
+    const int8_t* bq = b + q * 64;
+    __m256i bv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      bv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + 16 * j)));
+#pragma GCC unroll 2
+    for (int r = 0; r < MR; ++r) {
+      const __m256i av = _mm256_set1_epi64x(load_i64(a + r * lda + 4 * q));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) c[r][j] = _mm256_add_epi32(c[r][j], _mm256_madd_epi16(av, bv[j]));
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + r * ldt),
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[r][0], c[r][1]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + r * ldt + 8),
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[r][2], c[r][3]), 0xD8));
+  }
+}
+
 PYC_TARGET_AVX2 void tile_avx2(int mr, const int16_t* a, int64_t lda, const int8_t* bp,
                                int64_t nq, int32_t* t, int64_t ldt) {
+  if (mr == 1) return kernel_avx2_n16<1>(a, lda, bp, nq, t, ldt);
+  if (mr == 2) return kernel_avx2_n16<2>(a, lda, bp, nq, t, ldt);
   for (int half = 0; half < 2; ++half) {
     const int8_t* b = bp + 32 * half;
     int32_t* th = t + 8 * half;
