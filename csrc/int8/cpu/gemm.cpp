@@ -112,104 +112,79 @@ PYC_TARGET_AVX2 void epilogue_avx2(const Int8Epilogue& ep, const int32_t* tile, 
 
 // MR rows x 8 columns (one half of a 16-column panel). a: int16 rows (stride
 // lda elements); b: panel base + 32 * half, 64 bytes per k-group.
-template <int MR>
-PYC_TARGET_AVX2 void kernel_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t nq,
-                                 int32_t* t, int64_t ldt) {
-  // Explicit accumulators (an array makes GCC spill them at MR = 6).
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const int16_t* a0 = a;
-  const int16_t* a1 = a + (MR > 1 ? 1 : 0) * lda;
-  const int16_t* a2 = a + (MR > 2 ? 2 : 0) * lda;
-  const int16_t* a3 = a + (MR > 3 ? 3 : 0) * lda;
-  const int16_t* a4 = a + (MR > 4 ? 4 : 0) * lda;
-  const int16_t* a5 = a + (MR > 5 ? 5 : 0) * lda;
-#define PYC_ROW(R)                                                   \
-  if (MR > R) {                                                      \
-    const __m256i av = _mm256_set1_epi64x(load_i64(a##R + 4 * q));  \
-    c##R##0 = _mm256_add_epi32(c##R##0, _mm256_madd_epi16(av, b0));  \
-    c##R##1 = _mm256_add_epi32(c##R##1, _mm256_madd_epi16(av, b1));  \
-  }
-  if (MR == 6) {
-    // GCC hoists the six broadcasts and spills accumulators, so the full-height
-    // kernel is written out by hand: accumulators in ymm4..ymm15, B in ymm0/1.
-    const int8_t* bq = b;
-    const int16_t* pa = a0;
-    const int16_t* pb = a3;
-    int64_t cnt = nq;
+// MR (3..6) rows x 8 columns (one half of a 16-column panel). a: int16 rows (stride lda
+// elements); b: panel base + 32 * half, 64 bytes per k-group. Written in inline assembly:
+// with intrinsics GCC hoists the broadcasts and spills accumulators. Accumulators live in
+// ymm4..ymm15 (two per row), the sign-extended weights in ymm0/ymm1.
 #define PYC_ASM_ROW(A, C0, C1)                   \
   "vpbroadcastq " A ", %%ymm2\n\t"               \
   "vpmaddwd %%ymm0, %%ymm2, %%ymm3\n\t"          \
   "vpaddd %%ymm3, %%ymm" C0 ", %%ymm" C0 "\n\t"  \
   "vpmaddwd %%ymm1, %%ymm2, %%ymm2\n\t"          \
   "vpaddd %%ymm2, %%ymm" C1 ", %%ymm" C1 "\n\t"
-#define PYC_ASM_STORE(C0, C1, DST)                 \
+// c0 = [n0 n0 n1 n1 | n2 n2 n3 n3], c1 = [n4 n4 n5 n5 | n6 n6 n7 n7] (pairs of partial sums);
+// hadd -> [n0 n1 n4 n5 | n2 n3 n6 n7], then the 64-bit quarters are put in order.
+#define PYC_ASM_STORE(C0, C1, DST)                    \
   "vphaddd %%ymm" C1 ", %%ymm" C0 ", %%ymm" C0 "\n\t" \
-  "vpermq $0xd8, %%ymm" C0 ", %%ymm" C0 "\n\t"      \
+  "vpermq $0xd8, %%ymm" C0 ", %%ymm" C0 "\n\t"        \
   "vmovdqu %%ymm" C0 ", " DST "\n\t"
-    asm volatile(
-        "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"
-        "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"
-        "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"
-        "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"
-        "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"
-        "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"
-        "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"
-        "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"
-        "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"
-        "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"
-        "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"
-        "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"
-        "test %[n], %[n]\n\t"
-        "jle 2f\n\t"
-        ".p2align 5\n\t"
-        "1:\n\t"
-        "vpmovsxbw (%[b]), %%ymm0\n\t"
-        "vpmovsxbw 16(%[b]), %%ymm1\n\t"
-        PYC_ASM_ROW("(%[pa])", "4", "5")
-        PYC_ASM_ROW("(%[pa],%[ld],1)", "6", "7")
-        PYC_ASM_ROW("(%[pa],%[ld],2)", "8", "9")
-        PYC_ASM_ROW("(%[pb])", "10", "11")
-        PYC_ASM_ROW("(%[pb],%[ld],1)", "12", "13")
-        PYC_ASM_ROW("(%[pb],%[ld],2)", "14", "15")
-        "add $64, %[b]\n\t"
-        "add $8, %[pa]\n\t"
-        "add $8, %[pb]\n\t"
-        "dec %[n]\n\t"
-        "jnz 1b\n\t"
-        "2:\n\t"
-        PYC_ASM_STORE("4", "5", "(%[t])")
-        PYC_ASM_STORE("6", "7", "(%[t],%[ldt],1)")
-        PYC_ASM_STORE("8", "9", "(%[t],%[ldt],2)")
-        PYC_ASM_STORE("10", "11", "(%[t3])")
-        PYC_ASM_STORE("12", "13", "(%[t3],%[ldt],1)")
-        PYC_ASM_STORE("14", "15", "(%[t3],%[ldt],2)")
-        : [b] "+r"(bq), [pa] "+r"(pa), [pb] "+r"(pb), [n] "+r"(cnt)
-        : [ld] "r"(lda * 2), [t] "r"(t), [t3] "r"(t + 3 * ldt), [ldt] "r"(ldt * 4)
-        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",
-          "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory");
-#undef PYC_ASM_ROW
-#undef PYC_ASM_STORE
-    return;
-  } else {
-    for (int64_t q = 0; q < nq; ++q) {
-      const int8_t* bq = b + q * 64;
-      const __m256i b0 =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq)));
-      const __m256i b1 =
-          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + 16)));
-      PYC_ROW(0) PYC_ROW(1) PYC_ROW(2) PYC_ROW(3) PYC_ROW(4) PYC_ROW(5)
-    }
-  }
-#undef PYC_ROW
-  // c?0 = [n0 n0 n1 n1 | n2 n2 n3 n3], c?1 = [n4 n4 n5 n5 | n6 n6 n7 n7] (pairs of partial sums);
-  // hadd -> [n0 n1 n4 n5 | n2 n3 n6 n7], then put the 64-bit quarters in order.
-#define PYC_STORE(R)                                                                       \
-  if (MR > R)                                                                              \
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + R * ldt),                           \
-                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(c##R##0, c##R##1), 0xD8));
-  PYC_STORE(0) PYC_STORE(1) PYC_STORE(2) PYC_STORE(3) PYC_STORE(4) PYC_STORE(5)
-#undef PYC_STORE
+#define PYC_R0 PYC_ASM_ROW("(%[pa])", "4", "5")
+#define PYC_R1 PYC_ASM_ROW("(%[pa],%[ld],1)", "6", "7")
+#define PYC_R2 PYC_ASM_ROW("(%[pa],%[ld],2)", "8", "9")
+#define PYC_R3 PYC_ASM_ROW("(%[pb])", "10", "11")
+#define PYC_R4 PYC_ASM_ROW("(%[pb],%[ld],1)", "12", "13")
+#define PYC_R5 PYC_ASM_ROW("(%[pb],%[ld],2)", "14", "15")
+#define PYC_S0 PYC_ASM_STORE("4", "5", "(%[t])")
+#define PYC_S1 PYC_ASM_STORE("6", "7", "(%[t],%[ldt],1)")
+#define PYC_S2 PYC_ASM_STORE("8", "9", "(%[t],%[ldt],2)")
+#define PYC_S3 PYC_ASM_STORE("10", "11", "(%[t3])")
+#define PYC_S4 PYC_ASM_STORE("12", "13", "(%[t3],%[ldt],1)")
+#define PYC_S5 PYC_ASM_STORE("14", "15", "(%[t3],%[ldt],2)")
+#define PYC_AVX2_KERNEL_ASM(ROWS, STORES)                                                      \
+  asm volatile(                                                                                \
+      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"                                                       \
+      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                                                       \
+      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                       \
+      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                       \
+      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                       \
+      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                       \
+      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                    \
+      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                    \
+      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"                                                    \
+      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"                                                    \
+      "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"                                                    \
+      "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"                                                    \
+      "test %[n], %[n]\n\t"                                                                    \
+      "jle 2f\n\t"                                                                             \
+      ".p2align 5\n\t"                                                                         \
+      "1:\n\t"                                                                                 \
+      "vpmovsxbw (%[b]), %%ymm0\n\t"                                                           \
+      "vpmovsxbw 16(%[b]), %%ymm1\n\t" ROWS                                                    \
+      "add $64, %[b]\n\t"                                                                      \
+      "add $8, %[pa]\n\t"                                                                      \
+      "add $8, %[pb]\n\t"                                                                      \
+      "dec %[n]\n\t"                                                                           \
+      "jnz 1b\n\t"                                                                             \
+      "2:\n\t" STORES                                                                          \
+      : [b] "+r"(bq), [pa] "+r"(pa), [pb] "+r"(pb), [n] "+r"(cnt)                              \
+      : [ld] "r"(lda * 2), [t] "r"(t), [t3] "r"(t + 3 * ldt), [ldt] "r"(ldt * 4)               \
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",        \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory")
+
+template <int MR>
+PYC_TARGET_AVX2 void kernel_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t nq,
+                                 int32_t* t, int64_t ldt) {
+  static_assert(MR >= 3 && MR <= 6, "kernel_avx2 handles 3..6 rows");
+  const int8_t* bq = b;
+  const int16_t* pa = a;
+  const int16_t* pb = a + 3 * lda;  // only dereferenced for MR > 3
+  int64_t cnt = nq;
+  if (MR == 6) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2 PYC_R3 PYC_R4 PYC_R5,
+                                   PYC_S0 PYC_S1 PYC_S2 PYC_S3 PYC_S4 PYC_S5);
+  if (MR == 5) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2 PYC_R3 PYC_R4,
+                                   PYC_S0 PYC_S1 PYC_S2 PYC_S3 PYC_S4);
+  if (MR == 4) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2 PYC_R3, PYC_S0 PYC_S1 PYC_S2 PYC_S3);
+  if (MR == 3) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2, PYC_S0 PYC_S1 PYC_S2);
 }
 
 // Small-M variant: MR (<= 2) rows x all 16 columns of the panel in one pass, so each
@@ -251,8 +226,6 @@ PYC_TARGET_AVX2 void tile_avx2(int mr, const int16_t* a, int64_t lda, const int8
     const int8_t* b = bp + 32 * half;
     int32_t* th = t + 8 * half;
     switch (mr) {
-      case 1: kernel_avx2<1>(a, lda, b, nq, th, ldt); break;
-      case 2: kernel_avx2<2>(a, lda, b, nq, th, ldt); break;
       case 3: kernel_avx2<3>(a, lda, b, nq, th, ldt); break;
       case 4: kernel_avx2<4>(a, lda, b, nq, th, ldt); break;
       case 5: kernel_avx2<5>(a, lda, b, nq, th, ldt); break;
@@ -260,6 +233,22 @@ PYC_TARGET_AVX2 void tile_avx2(int mr, const int16_t* a, int64_t lda, const int8
     }
   }
 }
+
+#undef PYC_AVX2_KERNEL_ASM
+#undef PYC_ASM_ROW
+#undef PYC_ASM_STORE
+#undef PYC_R0
+#undef PYC_R1
+#undef PYC_R2
+#undef PYC_R3
+#undef PYC_R4
+#undef PYC_R5
+#undef PYC_S0
+#undef PYC_S1
+#undef PYC_S2
+#undef PYC_S3
+#undef PYC_S4
+#undef PYC_S5
 
 // ---------------------------------------------------------------- AVX-512 VNNI kernel
 
