@@ -53,6 +53,19 @@ def test_gemm_extremes_no_saturation(K, device, cpu_isa):
     assert c[0, 0].item() == 16384 * K
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 67, 129), (2, 100, 33), (1, 4096, 40), (2, 40001, 20)])
+def test_gemm_small_m_weights_without_min(shape, device, cpu_isa):
+    # weights in [-127, 127] (what Int8Linear stores), activations with -128
+    M, K, N = shape
+    a = rand_i8(M, K, device=device)
+    a[0, 0] = -128
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8).to(device)
+    torch.testing.assert_close(ops.int8_gemm(a, b).cpu(), gemm_ref(a, b), rtol=0, atol=0)
+    a.fill_(-128)
+    b.fill_(-127)
+    torch.testing.assert_close(ops.int8_gemm(a, b).cpu(), gemm_ref(a, b), rtol=0, atol=0)
+
+
 def test_gemm_noncontiguous(device, cpu_isa):
     a = rand_i8(40, 70, device=device)[:, 3:68]  # row stride 70 > K = 65
     b = rand_i8(65, 33, device=device).t()  # column-major [33, 65]

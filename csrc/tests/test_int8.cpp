@@ -13,11 +13,12 @@ namespace {
 
 int failures = 0;
 
-void check_gemm(int path, int64_t M, int64_t K, int64_t N, std::mt19937& rng, bool extremes) {
-  std::uniform_int_distribution<int> dist(-128, 127);
+void check_gemm(int path, int64_t M, int64_t K, int64_t N, std::mt19937& rng, bool extremes,
+                bool b_min = true) {
+  std::uniform_int_distribution<int> dist(-128, 127), dist_b(b_min ? -128 : -127, 127);
   std::vector<int8_t> a(M * K), b(N * K);
   for (auto& v : a) v = extremes ? int8_t(-128) : static_cast<int8_t>(dist(rng));
-  for (auto& v : b) v = extremes ? int8_t(-128) : static_cast<int8_t>(dist(rng));
+  for (auto& v : b) v = extremes ? int8_t(b_min ? -128 : -127) : static_cast<int8_t>(dist_b(rng));
   std::vector<int8_t> packed(pyc::int8_packed_bytes(N, K));
   pyc::int8_pack_b(b.data(), K, N, K, packed.data(), 0, pyc::int8_round_n(N) / 16);
   const int64_t rb = pyc::int8_a_row_bytes(path, K);
@@ -57,6 +58,11 @@ int main() {
     if (path == 2 && !pyc::cpu_features().avx512vnni) continue;
     for (const auto& s : shapes) check_gemm(path, s[0], s[1], s[2], rng, false);
     check_gemm(path, 9, 1000, 20, rng, true);
+    for (int64_t m : {1, 2, 3}) {  // weights without -128 (what Int8Linear stores)
+      check_gemm(path, m, 1000, 40, rng, false, false);
+      check_gemm(path, m, 1000, 40, rng, true, false);
+      check_gemm(path, m, 40001, 20, rng, false, false);  // K blocked
+    }
     std::printf("int8 gemm path %d: %s\n", path, failures ? "FAILED" : "ok");
   }
   return failures ? 1 : 0;
