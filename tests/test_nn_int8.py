@@ -146,3 +146,14 @@ def test_torch_compile_fullgraph(mode):
     x = torch.randn(2, 7, 256)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_export(mode):
+    model = nn.Sequential(Int8Linear.from_float(make_linear(), mode=mode))
+    x = torch.randn(3, 256)
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    op = "int8_linear_w8a16" if mode == "w8a16" else "int8_linear"
+    assert any(f"pycompress.{op}." in t for t in targets), targets
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
