@@ -470,35 +470,50 @@ PYC_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Blocks of 4 weight rows x 2 activation rows; the 4 weight rows (4 * K bytes)
+// Blocks of 4 weight rows x MB (1 or 2) activation rows; the 4 weight rows (4 * K bytes)
 // stay in L1 while all activation rows pass over them.
+template <int MB>
+PYC_TARGET_AVX2 void w8a16_block_avx2(const float* const* xr, const int8_t* const* wr, int64_t K,
+                                      float (*sums)[4]) {
+  const int64_t Kv = K & ~int64_t(7);
+  __m256 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < Kv; k += 8) {
+    __m256 xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(xr[i] + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[j] + k))));
+      for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) {
+      float v = hsum_avx2(acc[i][j]);
+      for (int64_t k = Kv; k < K; ++k) v += xr[i][k] * static_cast<float>(wr[j][k]);
+      sums[i][j] = v;
+    }
+}
+
 PYC_TARGET_AVX2 void w8a16_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
                                 const float* ws, const float* bias, void* out, DType dt,
                                 int64_t ldo, int64_t M, int64_t K, int64_t n0, int64_t n1) {
-  const int64_t Kv = K & ~int64_t(7);
   for (int64_t n = n0; n < n1; n += 4) {
     const int8_t* wr[4];
     for (int j = 0; j < 4; ++j) wr[j] = w + std::min(n + j, n1 - 1) * ldw;
     for (int64_t m = 0; m < M; m += 2) {
       const float* xr[2] = {x + m * ldx, x + std::min(m + 1, M - 1) * ldx};
-      __m256 acc[2][4];
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
-      for (int64_t k = 0; k < Kv; k += 8) {
-        const __m256 x0 = _mm256_loadu_ps(xr[0] + k), x1 = _mm256_loadu_ps(xr[1] + k);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m256 wv = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[j] + k))));
-          acc[0][j] = _mm256_fmadd_ps(x0, wv, acc[0][j]);
-          acc[1][j] = _mm256_fmadd_ps(x1, wv, acc[1][j]);
-        }
-      }
-      for (int i = 0; i < 2 && m + i < M; ++i) {
+      float sums[2][4];
+      const int mb = m + 1 < M ? 2 : 1;
+      if (mb == 2)
+        w8a16_block_avx2<2>(xr, wr, K, sums);
+      else
+        w8a16_block_avx2<1>(xr, wr, K, sums);
+      for (int i = 0; i < mb; ++i) {
         for (int j = 0; j < 4 && n + j < n1; ++j) {
-          float s = hsum_avx2(acc[i][j]);
-          for (int64_t k = Kv; k < K; ++k) s += xr[i][k] * static_cast<float>(wr[j][k]);
-          float v = s * ws[n + j];
+          float v = sums[i][j] * ws[n + j];
           if (bias) v = v + bias[n + j];
           store_from_float(out, (m + i) * ldo + n + j, dt, v);
         }
