@@ -11,6 +11,7 @@ other implementation there). CPU runs cap the batch size to keep the full set wi
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import torch
@@ -93,6 +94,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 impls.append(("pycompress w8a16", lambda: q16(x)))
                 if cuda:
                     impls.append(("pycompress w8a16 bf16", lambda: q16(xb)))
+            if not cuda and (K, N) == (4096, 4096) and M in (1, 16, 128):
+                rows += _per_core_rows(M, K, N, impls, rep)
             base = None
             with torch.no_grad():
                 for impl, fn in impls:
@@ -113,6 +116,34 @@ def run(device: str, quick: bool = False) -> list[dict]:
                     })
     if cuda:
         rows += _gemm_vs_int_mm(device, quick)
+    return rows
+
+
+PER_CORE = "[1 thread, CPU time]"
+
+
+def _per_core_rows(M, K, N, impls, rep) -> list[dict]:
+    """Best CPU time of one thread per call (process time): robust to other load on a shared
+    machine, where wall-clock medians of multi-threaded runs swing by 2x or more."""
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for impl, fn in impls:
+                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", "pycompress w8a8"):
+                    continue
+                fn()
+                best = float("inf")
+                for _ in range(max(3, rep)):
+                    t0 = time.process_time()
+                    fn()
+                    best = min(best, time.process_time() - t0)
+                rows.append({"kernel": KERNEL, "case": f"M={M} K={K} N={N}", "impl": f"{impl} {PER_CORE}",
+                             "M": M, "K": K, "N": N, "ms": best * 1e3,
+                             "TOPS": 2.0 * M * K * N / best / 1e12})
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
@@ -162,4 +193,10 @@ def summarize(rows: list[dict]) -> list[str]:
             w_med, w_min = ratio("fp32 nn.Linear", "pycompress w8a16")
             line += f"; w8a16 {med[(case, 'pycompress w8a16')]:.3f} ms = {w_med:.2f}x fp32 [{w_min:.2f}x]"
         out.append(line)
+        pc = {impl: med.get((case, f"{impl} {PER_CORE}")) for impl in
+              ("pycompress w8a8", "fp32 nn.Linear", "torch.ao dynamic int8")}
+        if all(v is not None for v in pc.values()):
+            ours = pc["pycompress w8a8"]
+            out.append(f"    per core {PER_CORE}: w8a8 {ours:.3f} ms = {pc['fp32 nn.Linear'] / ours:.2f}x fp32, "
+                       f"{pc['torch.ao dynamic int8'] / ours:.2f}x torch.ao dynamic int8")
     return out
