@@ -345,7 +345,12 @@ cudaError_t dispatch_gemm(const int8_t* a, const int8_t* b, int64_t M, int64_t N
   const int sms = sm_count_and_arch(&major);
   if (M <= 1) return launch_gemv<1, TOut>(a, b, M, N, K, ep, stream);
   if (M <= 4) return launch_gemv<4, TOut>(a, b, M, N, K, ep, stream);
-  if (M <= 16 || major < 8) return launch_gemv<8, TOut>(a, b, M, N, K, ep, stream);
+  if (M <= 8) return launch_gemv<8, TOut>(a, b, M, N, K, ep, stream);
+  // up to 16 rows in one pass over the weight; pre-Ampere GPUs (no int8 mma.sync) stay here
+  if (M <= 16 || major < 8) {
+    if ((M + 15) / 16 > 65535) return cudaErrorInvalidValue;  // gridDim.y limit
+    return launch_gemv<16, TOut>(a, b, M, N, K, ep, stream);
+  }
   // Tile config: 128-row tiles once they alone fill the GPU, 64-row tiles otherwise.
   const int64_t big_tiles = ((M + 127) / 128) * ((N + kBN - 1) / kBN);
   if (big_tiles >= sms) return launch_tc<128, TOut>(a, b, M, N, K, ep, stream);
@@ -360,9 +365,11 @@ cudaError_t launch_w8a16(const T* x, const int8_t* w, const float* ws, const flo
     w8a16_kernel<T, 1><<<dim3(gx, 1), kGemvWarps * 32, 0, stream>>>(x, w, ws, bias, out, M, N, K);
   } else if (M <= 4) {
     w8a16_kernel<T, 4><<<dim3(gx, 1), kGemvWarps * 32, 0, stream>>>(x, w, ws, bias, out, M, N, K);
+  } else if (M <= 8) {
+    w8a16_kernel<T, 8><<<dim3(gx, 1), kGemvWarps * 32, 0, stream>>>(x, w, ws, bias, out, M, N, K);
   } else {
-    w8a16_kernel<T, 8><<<dim3(gx, ceil_div_u(M, 8)), kGemvWarps * 32, 0, stream>>>(x, w, ws, bias,
-                                                                                    out, M, N, K);
+    w8a16_kernel<T, 16><<<dim3(gx, ceil_div_u(M, 16)), kGemvWarps * 32, 0, stream>>>(
+        x, w, ws, bias, out, M, N, K);
   }
   return cudaGetLastError();
 }
