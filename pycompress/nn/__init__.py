@@ -1,3 +1,5 @@
 """``pycompress.nn``: drop-in modules backed by the pycompress kernels."""
 
-__all__: list[str] = []
+from pycompress.nn.int8_linear import Int8Linear
+
+__all__: list[str] = ["Int8Linear"]
