@@ -2,6 +2,7 @@
 // See sparse/sparse.h for the format. The M >= 2 kernels vectorize along the dense (token)
 // dimension: each kept weight is broadcast once and multiplied into Mp activations that sit
 // contiguously in the transposed activation copy xT [K, Mp].
+#include <cmath>
 #include <cstring>
 
 #include "common/simd.h"
@@ -64,26 +65,27 @@ PYC_TARGET_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// M == 1. AVX2 gathers are slow on several cores (one 8-lane gather costs about as much as
+// eight scalar loads), so kept weights are processed with scalar loads and eight independent
+// FMA chains, plus gathers for half of each block of 16 to use both load paths.
 template <typename I>
 PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, const float* v,
                                const float* bias, float* y, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
+    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     int32_t p = rp[n];
     const int32_t e = rp[n + 1];
     for (; p + 16 <= e; p += 16) {
-      const __m256 g0 = _mm256_i32gather_ps(x, load8_idx(ci + p), 4);
-      const __m256 g1 = _mm256_i32gather_ps(x, load8_idx(ci + p + 8), 4);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), g0, a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p + 8), g1, a1);
+      const __m256 g = _mm256_i32gather_ps(x, load8_idx(ci + p), 4);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), g, acc);
+      for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + 8 + u], x[ci[p + 8 + u]], a[u]);
     }
-    if (p + 8 <= e) {
-      const __m256 g0 = _mm256_i32gather_ps(x, load8_idx(ci + p), 4);
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), g0, a0);
-      p += 8;
-    }
-    float s = hsum256(_mm256_add_ps(a0, a1));
-    for (; p < e; ++p) s += v[p] * x[ci[p]];
+    for (; p + 8 <= e; p += 8)
+      for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + u], x[ci[p + u]], a[u]);
+    for (int u = 0; p < e; ++p, ++u) a[u] = std::fma(v[p], x[ci[p]], a[u]);
+    float s = hsum256(acc);
+    s += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
     y[n] = (bias ? bias[n] : 0.f) + s;
   }
 }
@@ -94,7 +96,7 @@ template <int NV, typename I>
 PYC_TARGET_AVX2 inline void spmm_row_avx2(const float* xT, int64_t Mp, int64_t m0, int32_t p,
                                           int32_t e, const I* ci, const float* v, float b,
                                           float* yr) {
-  constexpr int U = NV >= 4 ? 1 : 4 / NV;
+  constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
   __m256 acc[U][NV];
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_setzero_ps();
@@ -169,7 +171,7 @@ template <int NV, typename I>
 PYC_TARGET_AVX512 inline void spmm_row_avx512(const float* xT, int64_t Mp, int64_t m0, int32_t p,
                                               int32_t e, const I* ci, const float* v, float b,
                                               float* yr) {
-  constexpr int U = NV >= 4 ? 1 : 4 / NV;
+  constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
   __m512 acc[U][NV];
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm512_setzero_ps();
