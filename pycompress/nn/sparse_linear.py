@@ -9,6 +9,7 @@ from pycompress.ops import sparse as sparse_ops
 
 __all__ = ["SparseLinear"]
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
 
 
@@ -97,7 +98,16 @@ class SparseLinear(nn.Module):
         return 1.0 - self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_features)
+        # the buffers are checked by the kernel itself; only the input is validated here (cheap
+        # path for decode-sized calls)
+        if (not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1
+                or x.shape[-1] != self.in_features or x.device != self.values.device):
+            return sparse_ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.bias,
+                                            self.in_features)
+        lead = x.shape[:-1]
+        y = torch.ops.pycompress.sparse_linear(x.reshape(-1, self.in_features), self.row_ptr, self.col_idx,
+                                               self.values, self.bias, self.in_features)
+        return y.reshape(*lead, self.out_features)
 
     def config(self) -> dict:
         return {"type": "SparseLinear", "format": "csr", "in_features": self.in_features,

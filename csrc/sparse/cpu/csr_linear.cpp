@@ -91,29 +91,34 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
 }
 
 // One output row, NV vectors of 8 along the dense dimension starting at column m0; U
-// independent accumulator sets over consecutive kept weights hide the FMA latency.
-template <int NV, typename I>
+// independent accumulator sets over consecutive kept weights hide the FMA latency. S is the
+// row stride of xT when known at compile time (0: use Mp), which turns the index multiply into
+// a shift.
+template <int NV, int S, typename I>
 PYC_TARGET_AVX2 inline void spmm_row_avx2(const float* xT, int64_t Mp, int64_t m0, int32_t p,
                                           int32_t e, const I* ci, const float* v, float b,
                                           float* yr) {
   constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
+  const int64_t ld = S ? S : Mp;
   __m256 acc[U][NV];
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_setzero_ps();
   const float* base = xT + m0;
   for (; p + U <= e; p += U) {
     for (int u = 0; u < U; ++u) {
-      const float* xr = base + static_cast<int64_t>(ci[p + u]) * Mp;
+      const float* xr = base + static_cast<int64_t>(ci[p + u]) * ld;
       const __m256 w = _mm256_broadcast_ss(v + p + u);
       for (int j = 0; j < NV; ++j)
         acc[u][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
     }
   }
-  for (; p < e; ++p) {
-    const float* xr = base + static_cast<int64_t>(ci[p]) * Mp;
-    const __m256 w = _mm256_broadcast_ss(v + p);
+  // tail: fewer than U kept weights left, each into its own accumulator set
+  for (int u = 0; u < U - 1; ++u) {
+    if (p + u >= e) break;
+    const float* xr = base + static_cast<int64_t>(ci[p + u]) * ld;
+    const __m256 w = _mm256_broadcast_ss(v + p + u);
     for (int j = 0; j < NV; ++j)
-      acc[0][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[0][j]);
+      acc[u][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
   }
   const __m256 bv = _mm256_set1_ps(b);
   for (int j = 0; j < NV; ++j) {
@@ -123,19 +128,32 @@ PYC_TARGET_AVX2 inline void spmm_row_avx2(const float* xT, int64_t Mp, int64_t m
   }
 }
 
-template <typename I>
-PYC_TARGET_AVX2 void spmm_t_avx2(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
-                                 const float* v, const float* bias, float* yT, int64_t n0,
-                                 int64_t n1) {
+template <int S, typename I>
+PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
+                                      const float* v, const float* bias, float* yT, int64_t n0,
+                                      int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     float* yr = yT + n * Mp;
     const float b = bias ? bias[n] : 0.f;
     const int32_t p = rp[n], e = rp[n + 1];
     int64_t m0 = 0;
-    for (; m0 + 64 <= Mp; m0 += 64) spmm_row_avx2<8>(xT, Mp, m0, p, e, ci, v, b, yr);
-    if (m0 + 32 <= Mp) { spmm_row_avx2<4>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
-    if (m0 + 16 <= Mp) { spmm_row_avx2<2>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
-    if (m0 + 8 <= Mp) { spmm_row_avx2<1>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
+    for (; m0 + 64 <= Mp; m0 += 64) spmm_row_avx2<8, S>(xT, Mp, m0, p, e, ci, v, b, yr);
+    if (m0 + 32 <= Mp) { spmm_row_avx2<4, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
+    if (m0 + 16 <= Mp) { spmm_row_avx2<2, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
+    if (m0 + 8 <= Mp) { spmm_row_avx2<1, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
+  }
+}
+
+template <typename I>
+PYC_TARGET_AVX2 void spmm_t_avx2(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
+                                 const float* v, const float* bias, float* yT, int64_t n0,
+                                 int64_t n1) {
+  switch (Mp) {
+    case 8: return spmm_t_avx2_rows<8>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
+    case 16: return spmm_t_avx2_rows<16>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
+    case 32: return spmm_t_avx2_rows<32>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
+    case 64: return spmm_t_avx2_rows<64>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
+    default: return spmm_t_avx2_rows<0>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
   }
 }
 
@@ -184,11 +202,12 @@ PYC_TARGET_AVX512 inline void spmm_row_avx512(const float* xT, int64_t Mp, int64
         acc[u][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * j), acc[u][j]);
     }
   }
-  for (; p < e; ++p) {
-    const float* xr = base + static_cast<int64_t>(ci[p]) * Mp;
-    const __m512 w = _mm512_set1_ps(v[p]);
+  for (int u = 0; u < U - 1; ++u) {
+    if (p + u >= e) break;
+    const float* xr = base + static_cast<int64_t>(ci[p + u]) * Mp;
+    const __m512 w = _mm512_set1_ps(v[p + u]);
     for (int j = 0; j < NV; ++j)
-      acc[0][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * j), acc[0][j]);
+      acc[u][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * j), acc[u][j]);
   }
   const __m512 bv = _mm512_set1_ps(b);
   for (int j = 0; j < NV; ++j) {
