@@ -86,7 +86,7 @@ PYC_TARGET_AVX2 void fwd_cols(const float* x, const float* w, const uint8_t* mas
                               const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                               int64_t n) {
   int64_t m = 0;
-  for (; m + 3 <= M; m += 3) fwd_tile<3, NR>(x, w, mask, bias, y, N, K, m, n);
+  for (; m + 2 <= M; m += 2) fwd_tile<2, NR>(x, w, mask, bias, y, N, K, m, n);
   for (; m < M; ++m) fwd_tile<1, NR>(x, w, mask, bias, y, N, K, m, n);
 }
 
@@ -124,7 +124,7 @@ PYC_TARGET_AVX2 void gin_avx2(const float* g, const float* w, const uint8_t* mas
   int64_t k = k0;
   for (; k + 16 <= k1; k += 16) {
     int64_t m = 0;
-    for (; m + 6 <= M; m += 6) gin_tile<6>(g, w, mask, gx, N, K, m, k);
+    for (; m + 4 <= M; m += 4) gin_tile<4>(g, w, mask, gx, N, K, m, k);
     for (; m < M; ++m) gin_tile<1>(g, w, mask, gx, N, K, m, k);
   }
   if (k < k1) gin_scalar(g, w, mask, gx, M, N, K, k, k1);
@@ -157,8 +157,8 @@ PYC_TARGET_AVX2 void gw_avx2(const float* g, const float* x, const uint8_t* mask
                              int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
   const int64_t kv = K / 16 * 16;
   int64_t n = n0;
-  for (; n + 6 <= n1; n += 6)
-    for (int64_t k = 0; k < kv; k += 16) gw_tile<6>(g, x, mask, gw, M, N, K, n, k);
+  for (; n + 4 <= n1; n += 4)
+    for (int64_t k = 0; k < kv; k += 16) gw_tile<4>(g, x, mask, gw, M, N, K, n, k);
   for (; n < n1; ++n)
     for (int64_t k = 0; k < kv; k += 16) gw_tile<1>(g, x, mask, gw, M, N, K, n, k);
   if (kv < K) gw_scalar(g, x, mask, gw, M, N, K, n0, n1, kv);
