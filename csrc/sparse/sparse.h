@@ -8,7 +8,7 @@
 //
 // Small M (M == 1) uses a gather kernel along the row's kept weights. M >= 2 works on a
 // transposed, zero-padded copy of the activations xT [K, Mp] (Mp a multiple of
-// csr_m_align(isa)) and writes yT [N, Mp]: every kept weight is one broadcast and Mp/8 (AVX2)
+// csr_m_align(isa)) and writes y [M, N] directly: every kept weight is one broadcast and Mp/8 (AVX2)
 // or Mp/16 (AVX-512) fused multiply-adds along the dense dimension.
 //
 // MaskedLinear kernels (fp32, row-major, unit column stride):
@@ -33,10 +33,14 @@ void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void
                   bool idx16, const float* values, const float* bias, float* y, int64_t n0,
                   int64_t n1);
 
-// M >= 2: yT[n, 0:Mp] for rows n in [n0, n1) from xT [K, Mp].
+// M >= 2: columns n in [n0, n1) of y [M, ldy] (row-major) from xT [K, Mp].
 void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_ptr,
                     const void* col_idx, bool idx16, const float* values, const float* bias,
-                    float* yT, int64_t n0, int64_t n1);
+                    float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1);
+
+// xT[k, m] = x[m, k] for k in [k0, k1), m < M; zero for M <= m < Mp. x has row stride ldx.
+void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT, int64_t k0,
+                       int64_t k1);
 
 // Masked linear forward for output columns n in [n0, n1) (all M rows).
 void masked_linear_fwd_cpu(CpuIsa isa, const float* x, const float* w, const uint8_t* mask,

@@ -105,20 +105,24 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   }
   const int64_t align = csr_m_align(isa);
   const int64_t Mp = (M + align - 1) / align * align;
-  at::Tensor xT = at::empty({K, Mp}, x_in.options().dtype(at::kFloat));
-  if (Mp > M) xT.narrow(1, M, Mp - M).zero_();
-  xT.narrow(1, 0, M).copy_(x_in.t());
-  auto yT = at::empty({N, Mp}, xT.options());
-  const float* xp = xT.data_ptr<float>();
-  float* yp = yT.data_ptr<float>();
+  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.stride(1) == 1
+                           ? x_in
+                           : x_in.to(at::kFloat).contiguous();
+  const int64_t ldx = x.stride(0);
+  at::Tensor xT = at::empty({K, Mp}, x.options());
+  const float* xs = x.data_ptr<float>();
+  float* xtp = xT.data_ptr<float>();
+  at::parallel_for(0, K, std::max<int64_t>(16, 65536 / Mp), [&](int64_t k0, int64_t k1) {
+    transpose_pad_cpu(xs, ldx, M, Mp, xtp, k0, k1);
+  });
+  auto y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / (avg * (Mp / 8)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     check_rows(rp, ci, idx16, n0, n1, K);
-    csr_spmm_t_cpu(isa, xp, Mp, rp, ci, idx16, v, b, yp, n0, n1);
+    csr_spmm_t_cpu(isa, xtp, Mp, rp, ci, idx16, v, b, yp, N, M, n0, n1);
   });
-  at::Tensor y = at::empty({M, N}, x_in.options());
-  y.copy_(yT.narrow(1, 0, M).t());
-  return y;
+  return y.to(x_in.scalar_type());
 }
 
 void check_masked(const char* op, const at::Tensor& w, const at::Tensor& mask) {

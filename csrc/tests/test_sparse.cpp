@@ -81,14 +81,14 @@ int main() {
         }
         const int align = csr_m_align(isa);
         const int Mp = (M + align - 1) / align * align;
-        std::vector<float> xT(K * Mp, 0.f), yT(N * Mp);
-        for (int m = 0; m < M; ++m)
-          for (int k = 0; k < K; ++k) xT[k * Mp + m] = x[m * K + k];
+        std::vector<float> xT(K * Mp, -1.f), ys(M * N);
+        transpose_pad_cpu(x.data(), K, M, Mp, xT.data(), 0, K);
+        for (int k = 0; k < K; ++k)
+          for (int m = 0; m < Mp; ++m)
+            if (xT[k * Mp + m] != (m < M ? x[m * K + k] : 0.f)) ++failures;
         csr_spmm_t_cpu(isa, xT.data(), Mp, rp.data(), ci.data(), true, vals.data(), bias.data(),
-                       yT.data(), 0, N);
-        for (int m = 0; m < M; ++m)
-          for (int n = 0; n < N; ++n)
-            expect_close("csr_spmm_t", yT[n * Mp + m], yref[m * N + n], isa_i, M, K, N);
+                       ys.data(), N, M, 0, N);
+        for (int i = 0; i < M * N; ++i) expect_close("csr_spmm_t", ys[i], yref[i], isa_i, M, K, N);
         // masked kernels
         std::vector<float> y(M * N), gx(M * K), gw(N * K);
         masked_linear_fwd_cpu(isa, x.data(), w.data(), mask.data(), bias.data(), y.data(), M, N,

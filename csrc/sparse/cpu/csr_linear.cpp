@@ -4,6 +4,7 @@
 // contiguously in the transposed activation copy xT [K, Mp].
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "common/simd.h"
 #include "sparse/sparse.h"
@@ -14,6 +15,18 @@ namespace {
 template <typename I>
 inline const I* idx_ptr(const void* p) {
   return static_cast<const I*>(p);
+}
+
+constexpr int64_t kRowBlock = 16;
+
+// y[m, nb + j] = tile[j, m] for j < ne - nb, m < M.
+inline void flush_tile(const float* tile, int64_t Mp, float* y, int64_t ldy, int64_t M, int64_t nb,
+                       int64_t ne) {
+  const int64_t cnt = ne - nb;
+  for (int64_t m = 0; m < M; ++m) {
+    float* yr = y + m * ldy + nb;
+    for (int64_t j = 0; j < cnt; ++j) yr[j] = tile[j * Mp + m];
+  }
 }
 
 // ---------------------------------------------------------------- scalar
@@ -35,17 +48,14 @@ void gemv_scalar(const float* x, const int32_t* rp, const I* ci, const float* v,
 
 template <typename I>
 void spmm_t_scalar(const float* xT, int64_t Mp, const int32_t* rp, const I* ci, const float* v,
-                   const float* bias, float* yT, int64_t n0, int64_t n1) {
+                   const float* bias, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    float* yr = yT + n * Mp;
     const float b = bias ? bias[n] : 0.f;
-    for (int64_t m = 0; m < Mp; ++m) yr[m] = 0.f;
-    for (int32_t p = rp[n]; p < rp[n + 1]; ++p) {
-      const float w = v[p];
-      const float* xr = xT + static_cast<int64_t>(ci[p]) * Mp;
-      for (int64_t m = 0; m < Mp; ++m) yr[m] += w * xr[m];
+    for (int64_t m = 0; m < M; ++m) {
+      float a = 0.f;
+      for (int32_t p = rp[n]; p < rp[n + 1]; ++p) a += v[p] * xT[static_cast<int64_t>(ci[p]) * Mp + m];
+      y[m * ldy + n] = a + b;
     }
-    for (int64_t m = 0; m < Mp; ++m) yr[m] += b;
   }
 }
 
@@ -95,9 +105,10 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
 // row stride of xT when known at compile time (0: use Mp), which turns the index multiply into
 // a shift.
 template <int NV, int S, typename I>
-PYC_TARGET_AVX2 inline void spmm_row_avx2(const float* xT, int64_t Mp, int64_t m0, int32_t p,
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
+    const float* xT, int64_t Mp, int64_t m0, int32_t p,
                                           int32_t e, const I* ci, const float* v, float b,
-                                          float* yr) {
+                                          float* yc) {
   constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
   const int64_t ld = S ? S : Mp;
   __m256 acc[U][NV];
@@ -124,36 +135,43 @@ PYC_TARGET_AVX2 inline void spmm_row_avx2(const float* xT, int64_t Mp, int64_t m
   for (int j = 0; j < NV; ++j) {
     __m256 s = acc[0][j];
     for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][j]);
-    _mm256_storeu_ps(yr + m0 + 8 * j, _mm256_add_ps(s, bv));
+    _mm256_storeu_ps(yc + m0 + 8 * j, _mm256_add_ps(s, bv));
   }
 }
 
 template <int S, typename I>
 PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
-                                      const float* v, const float* bias, float* yT, int64_t n0,
-                                      int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    float* yr = yT + n * Mp;
-    const float b = bias ? bias[n] : 0.f;
-    const int32_t p = rp[n], e = rp[n + 1];
-    int64_t m0 = 0;
-    for (; m0 + 64 <= Mp; m0 += 64) spmm_row_avx2<8, S>(xT, Mp, m0, p, e, ci, v, b, yr);
-    if (m0 + 32 <= Mp) { spmm_row_avx2<4, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
-    if (m0 + 16 <= Mp) { spmm_row_avx2<2, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
-    if (m0 + 8 <= Mp) { spmm_row_avx2<1, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
+                                      const float* v, const float* bias, float* y, int64_t ldy,
+                                      int64_t M, int64_t n0, int64_t n1) {
+  // rows are computed into a small tile [kRowBlock, Mp] and written to y [M, ldy] block-wise,
+  // so each token's outputs are stored contiguously
+  std::vector<float> tile(kRowBlock * Mp);
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    for (int64_t n = nb; n < ne; ++n) {
+      float* yr = tile.data() + (n - nb) * Mp;
+      const float b = bias ? bias[n] : 0.f;
+      const int32_t p = rp[n], e = rp[n + 1];
+      int64_t m0 = 0;
+      for (; m0 + 64 <= Mp; m0 += 64) spmm_row_avx2<8, S>(xT, Mp, m0, p, e, ci, v, b, yr);
+      if (m0 + 32 <= Mp) { spmm_row_avx2<4, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
+      if (m0 + 16 <= Mp) { spmm_row_avx2<2, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
+      if (m0 + 8 <= Mp) { spmm_row_avx2<1, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
+    }
+    flush_tile(tile.data(), Mp, y, ldy, M, nb, ne);
   }
 }
 
 template <typename I>
 PYC_TARGET_AVX2 void spmm_t_avx2(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
-                                 const float* v, const float* bias, float* yT, int64_t n0,
-                                 int64_t n1) {
+                                 const float* v, const float* bias, float* y, int64_t ldy,
+                                 int64_t M, int64_t n0, int64_t n1) {
   switch (Mp) {
-    case 8: return spmm_t_avx2_rows<8>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
-    case 16: return spmm_t_avx2_rows<16>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
-    case 32: return spmm_t_avx2_rows<32>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
-    case 64: return spmm_t_avx2_rows<64>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
-    default: return spmm_t_avx2_rows<0>(xT, Mp, rp, ci, v, bias, yT, n0, n1);
+    case 8: return spmm_t_avx2_rows<8>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    case 16: return spmm_t_avx2_rows<16>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    case 32: return spmm_t_avx2_rows<32>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    case 64: return spmm_t_avx2_rows<64>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    default: return spmm_t_avx2_rows<0>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
   }
 }
 
@@ -186,9 +204,10 @@ PYC_TARGET_AVX512 void gemv_avx512(const float* x, const int32_t* rp, const I* c
 }
 
 template <int NV, typename I>
-PYC_TARGET_AVX512 inline void spmm_row_avx512(const float* xT, int64_t Mp, int64_t m0, int32_t p,
+PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_row_avx512(
+    const float* xT, int64_t Mp, int64_t m0, int32_t p,
                                               int32_t e, const I* ci, const float* v, float b,
-                                              float* yr) {
+                                              float* yc) {
   constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
   __m512 acc[U][NV];
   for (int u = 0; u < U; ++u)
@@ -213,23 +232,28 @@ PYC_TARGET_AVX512 inline void spmm_row_avx512(const float* xT, int64_t Mp, int64
   for (int j = 0; j < NV; ++j) {
     __m512 s = acc[0][j];
     for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][j]);
-    _mm512_storeu_ps(yr + m0 + 16 * j, _mm512_add_ps(s, bv));
+    _mm512_storeu_ps(yc + m0 + 16 * j, _mm512_add_ps(s, bv));
   }
 }
 
 template <typename I>
 PYC_TARGET_AVX512 void spmm_t_avx512(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
-                                     const float* v, const float* bias, float* yT, int64_t n0,
-                                     int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    float* yr = yT + n * Mp;
-    const float b = bias ? bias[n] : 0.f;
-    const int32_t p = rp[n], e = rp[n + 1];
-    int64_t m0 = 0;
-    for (; m0 + 128 <= Mp; m0 += 128) spmm_row_avx512<8>(xT, Mp, m0, p, e, ci, v, b, yr);
-    if (m0 + 64 <= Mp) { spmm_row_avx512<4>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 64; }
-    if (m0 + 32 <= Mp) { spmm_row_avx512<2>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
-    if (m0 + 16 <= Mp) { spmm_row_avx512<1>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
+                                     const float* v, const float* bias, float* y, int64_t ldy,
+                                     int64_t M, int64_t n0, int64_t n1) {
+  std::vector<float> tile(kRowBlock * Mp);
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    for (int64_t n = nb; n < ne; ++n) {
+      float* yr = tile.data() + (n - nb) * Mp;
+      const float b = bias ? bias[n] : 0.f;
+      const int32_t p = rp[n], e = rp[n + 1];
+      int64_t m0 = 0;
+      for (; m0 + 128 <= Mp; m0 += 128) spmm_row_avx512<8>(xT, Mp, m0, p, e, ci, v, b, yr);
+      if (m0 + 64 <= Mp) { spmm_row_avx512<4>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 64; }
+      if (m0 + 32 <= Mp) { spmm_row_avx512<2>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
+      if (m0 + 16 <= Mp) { spmm_row_avx512<1>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
+    }
+    flush_tile(tile.data(), Mp, y, ldy, M, nb, ne);
   }
 }
 #endif  // PYC_HAVE_X86_SIMD
@@ -246,12 +270,13 @@ void gemv_dispatch(CpuIsa isa, const float* x, const int32_t* rp, const I* ci, c
 
 template <typename I>
 void spmm_dispatch(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
-                   const float* v, const float* bias, float* yT, int64_t n0, int64_t n1) {
+                   const float* v, const float* bias, float* y, int64_t ldy, int64_t M,
+                   int64_t n0, int64_t n1) {
 #if PYC_HAVE_X86_SIMD
-  if (isa >= CpuIsa::Avx512) return spmm_t_avx512(xT, Mp, rp, ci, v, bias, yT, n0, n1);
-  if (isa >= CpuIsa::Avx2) return spmm_t_avx2(xT, Mp, rp, ci, v, bias, yT, n0, n1);
+  if (isa >= CpuIsa::Avx512) return spmm_t_avx512(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+  if (isa >= CpuIsa::Avx2) return spmm_t_avx2(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
 #endif
-  spmm_t_scalar(xT, Mp, rp, ci, v, bias, yT, n0, n1);
+  spmm_t_scalar(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
 }
 
 }  // namespace
@@ -269,11 +294,27 @@ void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void
 
 void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_ptr,
                     const void* col_idx, bool idx16, const float* values, const float* bias,
-                    float* yT, int64_t n0, int64_t n1) {
+                    float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
   if (idx16)
-    spmm_dispatch(isa, xT, Mp, row_ptr, idx_ptr<int16_t>(col_idx), values, bias, yT, n0, n1);
+    spmm_dispatch(isa, xT, Mp, row_ptr, idx_ptr<int16_t>(col_idx), values, bias, y, ldy, M, n0,
+                  n1);
   else
-    spmm_dispatch(isa, xT, Mp, row_ptr, idx_ptr<int32_t>(col_idx), values, bias, yT, n0, n1);
+    spmm_dispatch(isa, xT, Mp, row_ptr, idx_ptr<int32_t>(col_idx), values, bias, y, ldy, M, n0,
+                  n1);
+}
+
+void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT, int64_t k0,
+                       int64_t k1) {
+  constexpr int64_t B = 16;
+  for (int64_t kb = k0; kb < k1; kb += B) {
+    const int64_t ke = kb + B < k1 ? kb + B : k1;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      for (int64_t k = kb; k < ke; ++k) xT[k * Mp + m] = xr[k];
+    }
+    for (int64_t k = kb; k < ke; ++k)
+      for (int64_t m = M; m < Mp; ++m) xT[k * Mp + m] = 0.f;
+  }
 }
 
 }  // namespace pyc
