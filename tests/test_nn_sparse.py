@@ -152,3 +152,23 @@ def test_sparse_linear_cuda(device):
     for M in (1, 6, 33):
         x = torch.randn(M, 96, device=device)
         torch.testing.assert_close(sl(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_export_and_compile():
+    lin, _ = _pruned_linear(48, 24, 0.8)
+    model = nn.Sequential(SparseLinear.from_dense(lin), nn.ReLU())
+    x = torch.randn(3, 48)
+    ref = model(x)
+    ep = torch.export.export(model, (x,))
+    torch.testing.assert_close(ep.module()(x), ref)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), ref)
+
+
+def test_masked_linear_compile_backward():
+    lin = nn.Linear(20, 12)
+    ml = MaskedLinear.from_dense(lin, torch.rand(12, 20) > 0.5)
+    x = torch.randn(4, 20)
+    out = torch.compile(ml, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    assert torch.all(ml.weight.grad[~ml.mask] == 0)
+    torch.testing.assert_close(out, nn.functional.linear(x, lin.weight * ml.mask, lin.bias), atol=1e-5, rtol=1e-5)
