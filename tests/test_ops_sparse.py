@@ -178,3 +178,13 @@ def test_torch_compile_fullgraph():
     x = torch.randn(4, 24)
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(out, 2 * (x @ w.t()), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_rejects_corrupt_buffers_on_every_device(device):
+    w, mask = _random_sparse(10, 20, 0.5, device=device)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(3, 20, device=device)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 20), x @ w.t(), atol=1e-4, rtol=1e-4)
+    ci[0] = 25  # in-place change after a successful call must be caught again
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sparse_linear(x, rp, ci, v, None, 20)
