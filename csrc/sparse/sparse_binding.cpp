@@ -92,9 +92,12 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   const int64_t avg = N > 0 ? (nnz + N - 1) / N + 1 : 1;
   if (M == 0 || N == 0) return at::zeros({M, N}, x_in.options());
   if (M == 1) {
-    const at::Tensor x = x_in.to(at::kFloat).contiguous();
-    auto y = at::empty({1, N}, x.options());
-    const float* xp = x.data_ptr<float>();
+    // x with one leading zero (x[-1] == 0, read by the kernel's tails)
+    at::Tensor xz = at::empty({K + 1}, x_in.options().dtype(at::kFloat));
+    xz.narrow(0, 0, 1).zero_();
+    xz.narrow(0, 1, K).copy_(x_in.reshape({K}));
+    auto y = at::empty({1, N}, xz.options());
+    const float* xp = xz.data_ptr<float>() + 1;
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, 16384 / avg);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -109,9 +112,11 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
                            ? x_in
                            : x_in.to(at::kFloat).contiguous();
   const int64_t ldx = x.stride(0);
-  at::Tensor xT = at::empty({K, Mp}, x.options());
+  // xT [K, Mp] after one zero row (xT[-1] == 0, read by the kernel's tails)
+  at::Tensor xTz = at::empty({K + 1, Mp}, x.options());
+  xTz.narrow(0, 0, 1).zero_();
   const float* xs = x.data_ptr<float>();
-  float* xtp = xT.data_ptr<float>();
+  float* xtp = xTz.data_ptr<float>() + Mp;
   at::parallel_for(0, K, std::max<int64_t>(16, 65536 / Mp), [&](int64_t k0, int64_t k1) {
     transpose_pad_cpu(xs, ldx, M, Mp, xtp, k0, k1);
   });

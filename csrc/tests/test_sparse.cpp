@@ -74,19 +74,22 @@ int main() {
           }
         // CSR kernels
         if (M == 1) {
-          std::vector<float> y(N);
-          csr_gemv_cpu(isa, x.data(), rp.data(), ci.data(), true, vals.data(), bias.data(),
+          std::vector<float> y(N), xz(K + 1, 0.f);
+          for (int k = 0; k < K; ++k) xz[k + 1] = x[k];
+          csr_gemv_cpu(isa, xz.data() + 1, rp.data(), ci.data(), true, vals.data(), bias.data(),
                        y.data(), 0, N);
           for (int n = 0; n < N; ++n) expect_close("csr_gemv", y[n], yref[n], isa_i, M, K, N);
         }
         const int align = csr_m_align(isa);
         const int Mp = (M + align - 1) / align * align;
-        std::vector<float> xT(K * Mp, -1.f), ys(M * N);
-        transpose_pad_cpu(x.data(), K, M, Mp, xT.data(), 0, K);
+        std::vector<float> xTz((K + 1) * Mp, -1.f), ys(M * N);
+        for (int m = 0; m < Mp; ++m) xTz[m] = 0.f;
+        float* xT = xTz.data() + Mp;
+        transpose_pad_cpu(x.data(), K, M, Mp, xT, 0, K);
         for (int k = 0; k < K; ++k)
           for (int m = 0; m < Mp; ++m)
             if (xT[k * Mp + m] != (m < M ? x[m * K + k] : 0.f)) ++failures;
-        csr_spmm_t_cpu(isa, xT.data(), Mp, rp.data(), ci.data(), true, vals.data(), bias.data(),
+        csr_spmm_t_cpu(isa, xT, Mp, rp.data(), ci.data(), true, vals.data(), bias.data(),
                        ys.data(), N, M, 0, N);
         for (int i = 0; i < M * N; ++i) expect_close("csr_spmm_t", ys[i], yref[i], isa_i, M, K, N);
         // masked kernels

@@ -91,9 +91,18 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
       acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), g, acc);
       for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + 8 + u], x[ci[p + 8 + u]], a[u]);
     }
-    for (; p + 8 <= e; p += 8)
+    if (p + 8 <= e) {
       for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + u], x[ci[p + u]], a[u]);
-    for (int u = 0; p < e; ++p, ++u) a[u] = std::fma(v[p], x[ci[p]], a[u]);
+      p += 8;
+    }
+    if (p < e) {  // branch-free tail over the zero element x[-1]
+      for (int u = 0; u < 7; ++u) {
+        const bool live = p + u < e;
+        const int32_t q = live ? p + u : p;
+        const int64_t col = live ? static_cast<int64_t>(ci[q]) : -1;
+        a[u] = std::fma(live ? v[q] : 0.f, x[col], a[u]);
+      }
+    }
     float s = hsum256(acc);
     s += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
     y[n] = (bias ? bias[n] : 0.f) + s;
