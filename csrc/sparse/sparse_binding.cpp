@@ -6,6 +6,7 @@
 
 #include "common/cpu_features.h"
 #include "common/torch_utils.h"
+#include "sparse/csr_cache.h"
 #include "sparse/sparse.h"
 
 namespace pyc {
@@ -80,7 +81,9 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->contiguous();
   const int64_t M = x_in.size(0), K = in_features, N = row_ptr.size(0) - 1;
-  check_csr_content(row_ptr, col_idx, K);
+  static CsrCheckCache checked;
+  const bool known = checked.known_good(row_ptr_in, col_idx_in, K);
+  if (!known) check_csr_content(row_ptr, col_idx, K);
   const CpuIsa isa = active_cpu_isa();
   const bool idx16 = col_idx.scalar_type() == at::kShort;
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
@@ -101,9 +104,10 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(1, 16384 / avg);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      check_rows(rp, ci, idx16, n0, n1, K);
+      if (!known) check_rows(rp, ci, idx16, n0, n1, K);
       csr_gemv_cpu(isa, xp, rp, ci, idx16, v, b, yp, n0, n1);
     });
+    if (!known) checked.mark_good(row_ptr_in, col_idx_in, K);
     return y.to(x_in.scalar_type());
   }
   const int64_t align = csr_m_align(isa);
@@ -124,9 +128,10 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   float* yp = y.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 16384 / (avg * (Mp / 8)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    check_rows(rp, ci, idx16, n0, n1, K);
+    if (!known) check_rows(rp, ci, idx16, n0, n1, K);
     csr_spmm_t_cpu(isa, xtp, Mp, rp, ci, idx16, v, b, yp, N, M, n0, n1);
   });
+  if (!known) checked.mark_good(row_ptr_in, col_idx_in, K);
   return y.to(x_in.scalar_type());
 }
 

@@ -4,11 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <mutex>
-#include <vector>
 
 #include "common/torch_utils.h"
+#include "sparse/csr_cache.h"
 #include "sparse/cuda/sparse.cuh"
 
 namespace pyc {
@@ -25,34 +23,11 @@ const uint8_t* u8(const at::Tensor& m) {
 }
 
 // The CSR structure is checked on the device (a host sync) the first time a pair of index
-// buffers is used, and again after any in-place change (tracked by the version counters), so
-// repeated calls with the same layer's buffers cost no sync.
-struct CheckedCsr {
-  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> rp, ci;
-  int64_t rp_version, ci_version, K;
-};
-
-bool csr_known_good(const at::Tensor& rp, const at::Tensor& ci, int64_t K,
-                    std::vector<CheckedCsr>& cache) {
-  for (auto& c : cache) {
-    auto a = c.rp.lock();
-    auto b = c.ci.lock();
-    if (a.get() == rp.unsafeGetTensorImpl() && b.get() == ci.unsafeGetTensorImpl() &&
-        c.rp_version == rp._version() && c.ci_version == ci._version() && c.K == K)
-      return true;
-  }
-  return false;
-}
-
+// buffers is used, and again after any in-place change, so repeated calls with the same layer's
+// buffers cost no sync.
 void check_csr_cuda(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
-  static std::mutex mu;
-  static std::vector<CheckedCsr> cache;
-  // inference tensors have no version counter: they are checked on every call
-  const bool cacheable = !rp.is_inference() && !ci.is_inference();
-  if (cacheable) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (csr_known_good(rp, ci, K, cache)) return;
-  }
+  static CsrCheckCache cache;
+  if (cache.known_good(rp, ci, K)) return;
   const int64_t N = rp.size(0) - 1, nnz = ci.size(0);
   const at::Tensor r = rp.to(at::kLong);
   TORCH_CHECK(r[0].item<int64_t>() == 0 && r[N].item<int64_t>() == nnz,
@@ -65,17 +40,7 @@ void check_csr_cuda(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
     TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < K,
                 "sparse_linear: col_idx out of range [0, ", K, ")");
   }
-  if (!cacheable) return;
-  std::lock_guard<std::mutex> lock(mu);
-  cache.erase(std::remove_if(cache.begin(), cache.end(),
-                             [](const CheckedCsr& c) { return c.rp.expired() || c.ci.expired(); }),
-              cache.end());
-  if (cache.size() >= 256) cache.erase(cache.begin());
-  cache.push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
-                       rp.getIntrusivePtr()),
-                   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
-                       ci.getIntrusivePtr()),
-                   rp._version(), ci._version(), K});
+  cache.mark_good(rp, ci, K);
 }
 
 at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_in,
