@@ -244,7 +244,7 @@ class GradualPruning:
         >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32))
         >>> sched = pycompress.GradualPruning(model, final_sparsity=0.8, total_steps=10)
         >>> for _ in range(10):
-        ...     sched.step()
+        ...     _ = sched.step()
         >>> round(sched.current_sparsity, 2)
         0.8
     """
