@@ -188,3 +188,14 @@ def test_sparse_linear_rejects_corrupt_buffers_on_every_device(device):
     ci[0] = 25  # in-place change after a successful call must be caught again
     with pytest.raises(RuntimeError, match="out of range"):
         ops.sparse_linear(x, rp, ci, v, None, 20)
+
+
+def test_sparse_linear_input_gradient():
+    w, mask = _random_sparse(12, 30, 0.8)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(5, 30, requires_grad=True)
+    g = torch.randn(5, 12)
+    ops.sparse_linear(x, rp, ci, v, None, 30).backward(g)
+    torch.testing.assert_close(x.grad, g @ w, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.pycompress.sparse_linear.default,
+                          (torch.randn(3, 30, requires_grad=True), rp, ci, v, None, 30))

@@ -70,6 +70,29 @@ torch.library.register_autograd(
 )
 
 
+def _sparse_setup_context(ctx, inputs, output):
+    x, row_ptr, col_idx, values, bias, in_features = inputs
+    ctx.save_for_backward(row_ptr, col_idx, values)
+    ctx.in_features = in_features
+    ctx.x_dtype = x.dtype
+
+
+def _sparse_backward(ctx, grad):
+    # SparseLinear is an inference layer: only the input gets a gradient (so that layers before
+    # it can still be trained); the weight is densified for this rare path.
+    row_ptr, col_idx, values = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        w = csr_to_dense(row_ptr, col_idx, values, ctx.in_features)
+        gx = (grad.float() @ w).to(ctx.x_dtype)
+    return gx, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "pycompress::sparse_linear", _sparse_backward, setup_context=_sparse_setup_context
+)
+
+
 # ----------------------------------------------------------------------------- wrappers
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
