@@ -1,3 +1,5 @@
 """``pycompress.nn``: drop-in modules backed by the pycompress kernels."""
 
-__all__: list[str] = []
+from pycompress.nn.kd_loss import KDLoss
+
+__all__: list[str] = ["KDLoss"]
