@@ -9,13 +9,15 @@ Memory: on CPU each (case, implementation) runs in a fresh subprocess. After one
 minus VmRSS just before it, i.e. every byte the step touched beyond the inputs — including the
 gradient tensor itself (``grad_MB``), which any implementation must produce. Where clear_refs
 is not writable the child reports peak RSS since start (noted in the ``mem_method`` column).
-On CUDA ``extra_MB`` is ``torch.cuda.max_memory_allocated`` growth over the inputs.
+``cpu_ms`` is the process CPU time (user + system, all threads) per step, reported next to the
+wall time because this machine's cores are shared. On CUDA ``extra_MB`` is ``torch.cuda.max_memory_allocated`` growth over the inputs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 
@@ -95,8 +97,22 @@ def _measure(impl, N, V, dtype_name, device, quick):
         res["extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         res["mem_method"] = "cuda allocator peak"
     slow = impl.startswith("torch") and N * V >= 2**27
-    t_ = time_fn(step, device, warmup=0, repeats=2 if (quick or slow) else 5)
+    cpu = {"s": 0.0, "n": 0}
+
+    def timed_step():
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        step()
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu["s"] += (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        cpu["n"] += 1
+
+    t_ = time_fn(timed_step if device == "cpu" else step, device, warmup=0,
+                 repeats=2 if (quick or slow) else 5)
     res.update(t_)
+    if device == "cpu":
+        # process CPU time (user + system, all threads) per step: less sensitive than wall time
+        # to other load on a shared machine
+        res["cpu_ms"] = 1e3 * cpu["s"] / max(cpu["n"], 1)
     return res
 
 
@@ -166,6 +182,9 @@ def summarize(rows: list[dict]) -> list[str]:
         ratio = ours.get("extra/grad")
         if ratio is not None:
             parts.append(f"extra peak memory {ratio:.2f}x the gradient" + (f" (target <= 1.25x: {'met' if ratio <= 1.25 else 'MISSED'})" if target else ""))
+        if eager and ours.get("cpu_ms") and eager.get("cpu_ms") and comp and comp.get("cpu_ms"):
+            parts.append(f"by CPU time {eager['cpu_ms'] / ours['cpu_ms']:.1f}x vs eager, "
+                         f"{comp['cpu_ms'] / ours['cpu_ms']:.2f}x vs torch.compile")
         if two and two.get("ms") == two.get("ms"):
             parts.append(f"fused vs two-pass {two['ms'] / ours['ms']:.2f}x")
         lines.append(f"kd {case}: pycompress {ours['ms']:.1f} ms; " + "; ".join(parts))

@@ -132,7 +132,7 @@ class _FusedKD(torch.autograd.Function):
             student, teacher, stats, coef = ctx.saved_tensors
             grad = torch.ops.pycompress.kd_kl_div_backward(
                 coef * grad_out, student, teacher, stats, ctx.temperature, ctx.reverse)
-        elif not (grad_out.device.type == "cpu" and grad_out.item() == 1.0):
+        elif grad_out.item() != 1.0:  # the usual loss.backward() passes exactly 1
             grad.mul_(grad_out.to(grad.dtype))
         return grad, None, None, None, None
 
@@ -170,6 +170,9 @@ def _check_args(student, teacher, temperature, reduction, direction, row_mask):
                              f"dimensions of the logits), got {tuple(row_mask.shape)}")
     device = check_same_device(student_logits=student, teacher_logits=teacher, row_mask=row_mask)
     check_device_supported(device, "kd_kl_div")
+    if device.type == "cuda" and student.dtype == torch.float64:
+        raise TypeError("float64 logits are supported on CPU only (the CUDA kernels take "
+                        "float32, float16 or bfloat16)")
 
 
 def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -74,6 +74,9 @@ template <DType DT>
 inline VF vload(const void* p, int64_t i) { return load_as_float(p, i, DT); }
 template <DType DT>
 inline void vstore(void* p, int64_t i, VF v) { store_from_float(p, i, DT, v); }
+template <DType DT>
+inline void vstream(void* p, int64_t i, VF v) { store_from_float(p, i, DT, v); }
+inline void vfence() {}
 #include "kd/cpu/kd_body.inc"
 #undef KD_TARGET
 }  // namespace kd_scalar
@@ -158,6 +161,18 @@ KD_TARGET inline void vstore(void* p, int64_t i, VF v) {
   }
   _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i), h);
 }
+template <DType DT>
+KD_TARGET inline void vstream(void* p, int64_t i, VF v) {
+  if (DT == DType::F32) {
+    _mm256_stream_ps(static_cast<float*>(p) + i, v);
+    return;
+  }
+  alignas(32) uint16_t tmp[8];
+  vstore<DT>(tmp, 0, v);
+  _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(p) + i),
+                   _mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+}
+KD_TARGET inline void vfence() { _mm_sfence(); }
 #include "kd/cpu/kd_body.inc"
 #undef KD_TARGET
 }  // namespace kd_avx2
@@ -237,6 +252,18 @@ KD_TARGET inline void vstore(void* p, int64_t i, VF v) {
   }
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i), h);
 }
+template <DType DT>
+KD_TARGET inline void vstream(void* p, int64_t i, VF v) {
+  if (DT == DType::F32) {
+    _mm512_stream_ps(static_cast<float*>(p) + i, v);
+    return;
+  }
+  alignas(64) uint16_t tmp[16];
+  vstore<DT>(tmp, 0, v);
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + i),
+                      _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp)));
+}
+KD_TARGET inline void vfence() { _mm_sfence(); }
 #include "kd/cpu/kd_body.inc"
 #undef KD_TARGET
 }  // namespace kd_avx512
