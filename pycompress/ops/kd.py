@@ -191,8 +191,9 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     The ``T²`` factor keeps the gradient size independent of ``T`` (Hinton et al. 2015).
 
     Args:
-        student_logits: ``[..., V]`` float32/float16/bfloat16 (or float64) logits; every
-            position of the leading dimensions is one row. Receives the gradient.
+        student_logits: ``[..., V]`` float32/float16/bfloat16 (or float64, CPU only) logits;
+            every position of the leading dimensions is one row. Receives the gradient. Rows
+            need a unit stride along V (otherwise they are copied first).
         teacher_logits: same shape; treated as a constant target (no gradient flows to it).
             Cast to the student's dtype when the dtypes differ. Entries of ``-inf`` mark
             vocabulary the teacher excludes: in the forward direction they contribute 0
@@ -208,9 +209,13 @@ def kd_kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             False are excluded: they contribute 0 (also to ``"none"``), receive a zero gradient
             without being read, and are not counted by ``"batchmean"``/``"mean"``. With no kept
             row, every reduction returns 0.
-        fused: compute the gradient in the forward pass (one read of the logits for forward and
-            backward) — default: when the student requires grad, reduction is not ``"none"``
-            and not under ``torch.compile`` (which traces the separate forward/backward ops).
+        fused: compute the gradient in the forward pass (the logits are read once for loss and
+            gradient; autograd then hands the stored gradient back, scaled only when the upstream
+            gradient is not exactly 1). Default: on when the student requires grad, reduction is
+            not ``"none"`` and not under ``torch.compile`` (which traces the separate forward and
+            backward ops); ignored when no gradient is needed or for ``"none"``. With
+            ``fused=False`` the forward saves only 5 floats per row and the backward re-reads the
+            logits. Both give the same result.
 
     Returns:
         A float32 tensor (float64 for float64 inputs): a scalar, or per-row values for ``"none"``.
