@@ -178,6 +178,10 @@ KD_TARGET inline void vfence() { _mm_sfence(); }
 }  // namespace kd_avx2
 
 // --------------------------------------------------------------------------------- AVX-512
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized on their own placeholders.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace kd_avx512 {
 #define KD_TARGET PYC_TARGET_AVX512
 using VF = __m512;
@@ -267,6 +271,7 @@ KD_TARGET inline void vfence() { _mm_sfence(); }
 #include "kd/cpu/kd_body.inc"
 #undef KD_TARGET
 }  // namespace kd_avx512
+#pragma GCC diagnostic pop
 #endif  // PYC_HAVE_X86_SIMD
 
 namespace {
