@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 #if defined(__linux__)
@@ -24,6 +25,37 @@
 
 namespace pyc {
 namespace {
+
+// Row-parallel loop. at::parallel_for is header-only and runs serially unless this file is
+// compiled with OpenMP (the extension is not), so the work is split over std::threads here,
+// as many as at::get_num_threads() allows; small problems stay on the calling thread.
+template <class F>
+void kd_parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  int64_t threads = at::get_num_threads();
+  if (grain < 1) grain = 1;
+  if (threads > (n + grain - 1) / grain) threads = (n + grain - 1) / grain;
+  if (threads <= 1 || at::in_parallel_region()) {
+    f(begin, end);
+    return;
+  }
+  const int64_t chunk = (n + threads - 1) / threads;
+  std::vector<std::thread> pool;
+  pool.reserve(threads - 1);
+  for (int64_t k = 1; k < threads; ++k) {
+    const int64_t b = begin + k * chunk, e = b + chunk < end ? b + chunk : end;
+    if (b < e) pool.emplace_back([&f, b, e] { f(b, e); });
+  }
+  f(begin, begin + chunk < end ? begin + chunk : end);
+  for (auto& th : pool) th.join();
+}
+
+// Rows per task: at least ~256k elements, so that starting a thread pays off.
+int64_t kd_grain(int64_t V) {
+  const int64_t g = V > 0 ? (int64_t(1) << 18) / V : 1;
+  return g < 1 ? 1 : g;
+}
 
 struct KdArgs {
   at::Tensor s, t;
@@ -92,7 +124,7 @@ void forward_rows(const KdArgs& a, double temperature, bool reverse, float* stat
   const size_t es = elem_size(a);
   const int64_t parts = column_parts(a.N, a.V);
   if (parts == 1) {
-    at::parallel_for(0, a.N, row_grain(a.V), [&](int64_t b, int64_t e) {
+    kd_parallel_for(0, a.N, kd_grain(a.V), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const KdPartial p = kd_partial_cpu(sp + i * a.lds * es, tp + i * a.ldt * es, a.dt, a.V,
                                            inv_t, reverse);
@@ -104,7 +136,7 @@ void forward_rows(const KdArgs& a, double temperature, bool reverse, float* stat
   }
   const int64_t step = (a.V + parts - 1) / parts;
   std::vector<KdPartial> partials(a.N * parts);
-  at::parallel_for(0, a.N * parts, 1, [&](int64_t b, int64_t e) {
+  kd_parallel_for(0, a.N * parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const int64_t i = k / parts, c0 = (k % parts) * step;
       const int64_t len = c0 >= a.V ? 0 : (a.V - c0 < step ? a.V - c0 : step);
@@ -134,7 +166,7 @@ void grad_rows(const KdArgs& a, double temperature, bool reverse, const float* s
   const size_t es = elem_size(a);
   const int64_t parts = column_parts(a.N, a.V);
   const int64_t step = (a.V + parts - 1) / parts;
-  at::parallel_for(0, a.N * parts, parts == 1 ? row_grain(a.V) : 1, [&](int64_t b, int64_t e) {
+  kd_parallel_for(0, a.N * parts, parts == 1 ? kd_grain(a.V) : 1, [&](int64_t b, int64_t e) {
     for (int64_t k = b; k < e; ++k) {
       const int64_t i = k / parts, c0 = (k % parts) * step;
       const int64_t len = c0 >= a.V ? 0 : (a.V - c0 < step ? a.V - c0 : step);
@@ -165,7 +197,7 @@ void fused_rows(const KdArgs& a, double temperature, bool reverse, const float* 
   const char* tp = static_cast<const char*>(a.t.data_ptr());
   char* gp = static_cast<char*>(g);
   const size_t es = elem_size(a);
-  at::parallel_for(0, a.N, row_grain(a.V), [&](int64_t b, int64_t e) {
+  kd_parallel_for(0, a.N, kd_grain(a.V), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const void* sr = sp + i * a.lds * es;
       const void* tr = tp + i * a.ldt * es;
@@ -186,7 +218,7 @@ void forward_rows_f64(const KdArgs& a, double temperature, bool reverse, double*
                       double* loss) {
   const double* sp = a.s.data_ptr<double>();
   const double* tp = a.t.data_ptr<double>();
-  at::parallel_for(0, a.N, row_grain(a.V), [&](int64_t b, int64_t e) {
+  kd_parallel_for(0, a.N, kd_grain(a.V), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       kd_row_stats_f64(sp + i * a.lds, tp + i * a.ldt, a.V, 1.0 / temperature, reverse,
                        stats + i * KD_STATS);
@@ -199,7 +231,7 @@ void grad_rows_f64(const KdArgs& a, double temperature, bool reverse, const doub
                    const double* coef, double* g) {
   const double* sp = a.s.data_ptr<double>();
   const double* tp = a.t.data_ptr<double>();
-  at::parallel_for(0, a.N, row_grain(a.V), [&](int64_t b, int64_t e) {
+  kd_parallel_for(0, a.N, kd_grain(a.V), [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       if (coef[i] == 0.0) {
         std::memset(g + i * a.V, 0, a.V * sizeof(double));
