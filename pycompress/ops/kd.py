@@ -126,6 +126,7 @@ class _FusedKD(torch.autograd.Function):
         return torch.where(coef != 0, loss_rows * coef, torch.zeros_like(loss_rows)).sum()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         grad, ctx.grad = ctx.grad, None
         if grad is None:  # backward run a second time (retain_graph=True): recompute
