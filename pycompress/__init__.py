@@ -7,6 +7,7 @@ their validated wrappers and ``pycompress.nn`` the drop-in modules.
 from pycompress._version import __version__
 from pycompress import _ext, nn, ops
 from pycompress._ext import active_cpu_isa, cpu_features, has_cuda_kernels, set_cpu_isa
+from pycompress.prune import GradualPruning, deploy_pruned, prune
 from pycompress import distributed
 from pycompress.finetune import finetune
 from pycompress.distill import distill, precompute_teacher_logits, TeacherLogitsDataset
@@ -19,6 +20,9 @@ __all__ = [
     "active_cpu_isa",
     "set_cpu_isa",
     "has_cuda_kernels",
+    "prune",
+    "GradualPruning",
+    "deploy_pruned",
     "distributed",
     "finetune",
     "distill",
