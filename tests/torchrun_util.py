@@ -21,8 +21,22 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+_PORT_RACE = ("address already in use", "eaddrinuse", "distnetworkerror",
+              "rendezvousconnectionerror")
+
+
 def run(args: list[str], timeout: float, nproc: int | None = 2, env: dict | None = None,
         cwd: str = REPO) -> subprocess.CompletedProcess:
+    """:func:`run_once`, tried a second time only when the launch lost a race for a free port
+    (another program took the port the launcher had picked)."""
+    res = run_once(args, timeout, nproc, env, cwd)
+    if res.returncode != 0 and any(k in res.stdout.lower() for k in _PORT_RACE):
+        res = run_once(args, timeout, nproc, env, cwd)
+    return res
+
+
+def run_once(args: list[str], timeout: float, nproc: int | None = 2, env: dict | None = None,
+             cwd: str = REPO) -> subprocess.CompletedProcess:
     """Runs ``torchrun --standalone --nproc_per_node=<nproc> <args>`` (a free port is picked by
     the standalone rendezvous), or ``python <args>`` when ``nproc`` is None. On a timeout or any
     error the whole process group of the launch is killed before returning/raising."""
