@@ -330,8 +330,9 @@ PYC_TARGET_AVX2 void kernel_avx2_u8(const uint8_t* a, int64_t lda, const int8_t*
                                  PYC_V0 PYC_V1 PYC_V2 PYC_V3 PYC_V4);
   if (MR == 4) PYC_U8_KERNEL_ASM(PYC_U0 PYC_U1 PYC_U2 PYC_U3, PYC_V0 PYC_V1 PYC_V2 PYC_V3);
   if (MR == 3) PYC_U8_KERNEL_ASM(PYC_U0 PYC_U1 PYC_U2, PYC_V0 PYC_V1 PYC_V2);
-  if (MR == 2) PYC_U8_KERNEL_ASM(PYC_U0 PYC_U1, PYC_V0 PYC_V1);
-  if (MR == 1) PYC_U8_KERNEL_ASM(PYC_U0, PYC_V0);
+  // 1-2 rows stream the weight once (bandwidth bound): prefetch 16 k-groups ahead
+  if (MR == 2) PYC_U8_KERNEL_ASM("prefetcht0 1024(%[b])\n\t" PYC_U0 PYC_U1, PYC_V0 PYC_V1);
+  if (MR == 1) PYC_U8_KERNEL_ASM("prefetcht0 1024(%[b])\n\t" PYC_U0, PYC_V0);
 }
 
 PYC_TARGET_AVX2 void tile_avx2_u8(int mr, const uint8_t* a, int64_t lda, const int8_t* bp,
