@@ -7,6 +7,11 @@ their validated wrappers and ``pycompress.nn`` the drop-in modules.
 from pycompress._version import __version__
 from pycompress import _ext, nn, ops
 from pycompress._ext import active_cpu_isa, cpu_features, has_cuda_kernels, set_cpu_isa
+from pycompress.quantize import quantize
+from pycompress.validate import ValidationReport, validate
+from pycompress.evaluate import EvaluationReport, compare, evaluate
+from pycompress.recipe import CompressionReport, compress
+from pycompress.serialization import load, save
 
 __all__ = [
     "__version__",
@@ -16,4 +21,14 @@ __all__ = [
     "active_cpu_isa",
     "set_cpu_isa",
     "has_cuda_kernels",
+    "quantize",
+    "validate",
+    "ValidationReport",
+    "evaluate",
+    "compare",
+    "EvaluationReport",
+    "compress",
+    "CompressionReport",
+    "save",
+    "load",
 ]
