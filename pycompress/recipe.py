@@ -93,18 +93,16 @@ def load_recipe(recipe: Any) -> list[tuple[str, dict]]:
             raise FileNotFoundError(f"recipe file {path} does not exist")
         text = path.read_text()
         suffix = path.suffix.lower()
+        if suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"recipe file {path}: unknown extension {suffix!r} (use .yaml, .yml or .json)")
         try:
             if suffix == ".json":
                 recipe = json.loads(text)
-            elif suffix in (".yaml", ".yml"):
+            else:
                 import yaml
 
-                recipe = yaml.safe_load(text)
-            else:
-                raise ValueError(f"recipe file {path}: unknown extension {suffix!r} (use .yaml, .yml or .json)")
-        except ValueError:
-            raise
-        except Exception as e:  # yaml.YAMLError and friends
+                recipe = yaml.safe_load(text)  # safe_load: plain data only, never objects
+        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
             raise ValueError(f"recipe file {path} could not be parsed: {e}") from None
     if isinstance(recipe, dict):
         unknown = set(recipe) - {"steps", "name", "description"}
