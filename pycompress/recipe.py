@@ -140,7 +140,12 @@ def load_recipe(recipe: Any) -> list[tuple[str, dict]]:
             raise ValueError(f"{where} ({name}): missing required argument(s) {', '.join(missing)}")
         for k in ("include", "exclude"):
             if k in kwargs:
-                _utils.parse_patterns(kwargs[k], f"{where} ({name}) {k}")
+                pats = _utils.parse_patterns(kwargs[k], f"{where} ({name}) {k}")
+                if name != "quantize" and any(p.text.startswith("re:") for p in pats or ()):
+                    raise ValueError(
+                        f"{where} ({name}) {k}: 're:' regular expressions are understood by quantize "
+                        "steps only; use globs"
+                    )
         out.append((name, dict(kwargs)))
     return out
 
@@ -332,6 +337,13 @@ def compress(
         val_inputs = calibration
     for b in val_inputs:
         _utils.check_batch(b, "calibration_inputs")
+
+    for i, (name, kwargs) in enumerate(steps):  # every pattern must match a module: checked up front
+        if "include" in kwargs or "exclude" in kwargs:
+            try:
+                _utils.select_modules(model, kwargs.get("include"), kwargs.get("exclude"))
+            except ValueError as e:
+                raise ValueError(f"recipe step {i} ({name}): {e}") from None
 
     original = copy.deepcopy(model)
     report = CompressionReport(max_drop=float(max_drop) if max_drop is not None else None)

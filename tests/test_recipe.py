@@ -50,6 +50,21 @@ def test_bad_recipes(int8_cls, recipe, match):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
 
 
+def test_pattern_matching_nothing_is_refused_before_any_step(int8_cls):
+    model = mlp()
+    recipe = [{"quantize": {"include": "0"}}, {"quantize": {"exclude": "classifier"}}]
+    with pytest.raises(ValueError, match=r"recipe step 1 \(quantize\): exclude pattern 'classifier' matches no module"):
+        pycompress.compress(model, recipe, torch.randn(4, 32))
+    assert type(model[0]) is nn.Linear  # step 0 did not run
+
+
+@pytest.mark.skipif(not hasattr(pycompress, "deploy_pruned"), reason="this build has no pycompress.deploy_pruned")
+def test_regex_patterns_only_in_quantize_steps():
+    with pytest.raises(ValueError, match="understood by quantize steps only"):
+        load_recipe([{"deploy": {"include": "re:.*"}}])
+    assert load_recipe([{"deploy": {"mode": "dense", "include": "*"}}]) == [("deploy", {"mode": "dense", "include": "*"})]
+
+
 def test_bad_recipe_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_recipe(tmp_path / "missing.yaml")
