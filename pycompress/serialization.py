@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from pycompress import _utils
+from pycompress._utils import register_layer
 
-__all__ = ["save", "load", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
+__all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
 
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "pycompress.json"

@@ -169,3 +169,38 @@ def test_compare_without_common_batch_sizes(tmp_path):
     assert "p50" not in md.splitlines()[0]
     assert (tmp_path / "compare.png").exists()
     shutil.rmtree(tmp_path)
+
+
+def test_progress_bars_only_when_asked_or_on_a_terminal(capsys, monkeypatch):
+    from pycompress import _utils
+
+    items = [1, 2, 3]
+    assert _utils.progress_bar(items, "x", progress=False) is items
+    assert _utils.progress_bar(items, "x", progress=None) is items  # pytest's stderr is no terminal
+    monkeypatch.setattr(_utils.sys.stderr, "isatty", lambda: True, raising=False)
+    assert _utils.progress_enabled(None)
+    monkeypatch.setenv("PYCOMPRESS_PROGRESS", "0")
+    assert not _utils.progress_enabled(None)
+    monkeypatch.undo()
+
+    model = mlp()
+    data = teacher_dataset(model, n_batches=2, batch=4)
+    capsys.readouterr()
+    pycompress.validate(model, mlp(seed=1), [x for x, _ in data], tolerance=-1.0)
+    assert capsys.readouterr().err == ""
+    pycompress.validate(model, mlp(seed=1), [x for x, _ in data], tolerance=-1.0, progress=True)
+    assert "validate" in capsys.readouterr().err
+    pycompress.evaluate(model, data, batch_sizes=(), progress=True)
+    assert "metric" in capsys.readouterr().err
+
+
+def test_batches_of_any_size_are_built_from_the_data():
+    from pycompress import _utils
+
+    a = {"x": torch.arange(6).reshape(3, 2), "flag": True}
+    b = {"x": torch.arange(6, 10).reshape(2, 2), "flag": True}
+    out = _utils.make_batch_of_size([a, b], 7)
+    assert out["flag"] is True
+    assert out["x"][:, 0].tolist() == [0, 2, 4, 6, 8, 0, 2]
+    t = _utils.make_batch_of_size([(torch.ones(2, 3), torch.zeros(2))], 1)
+    assert t[0].shape == (1, 3) and t[1].shape == (1,)

@@ -184,3 +184,14 @@ def test_masked_linear_is_quantized_with_its_mask(int8_cls):
     q = model[0]
     assert isinstance(q, int8_cls)
     assert torch.all(q.weight[~mask] == 0)  # pruned weights stay exactly zero
+
+
+@pytest.mark.skipif(not HAS_INT8, reason="the examples use the compiled Int8Linear")
+@pytest.mark.parametrize("module", ["quantize", "validate", "evaluate", "recipe", "serialization"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"pycompress.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result

@@ -212,3 +212,61 @@ def test_bad_arguments(tmp_path):
         pycompress.save(mlp(), 3)
     with pytest.raises(TypeError, match="model must be"):
         pycompress.load(tmp_path, None)
+
+
+class _HalfLinear(nn.Module):
+    """A custom layer: fp16 weights, registered so that save/load rebuild it."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float16))
+
+    def forward(self, x):
+        return x @ self.weight.float().t()
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(cfg["in_features"], cfg["out_features"])
+
+
+def test_registered_custom_layers_round_trip(tmp_path):
+    from pycompress.serialization import register_layer
+
+    assert register_layer(_HalfLinear) is _HalfLinear
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    half = _HalfLinear(8, 3)
+    half.weight.copy_(model[2].weight.detach().half())
+    model[2] = half
+    pycompress.save(model, tmp_path / "m")
+    fresh = pycompress.load(tmp_path / "m", nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)))
+    assert isinstance(fresh[2], _HalfLinear)
+    _assert_bit_identical(model, fresh, torch.randn(4, 8))
+
+    class _HalfLinear2(_HalfLinear):
+        pass
+
+    _HalfLinear2.__name__ = "_HalfLinear"
+    with pytest.raises(ValueError, match="already registered"):
+        register_layer(_HalfLinear2)
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        register_layer(int)
+    with pytest.raises(TypeError, match="no config"):
+        register_layer(nn.Linear)
+
+
+def test_unserializable_config_is_refused(tmp_path):
+    from pycompress.serialization import register_layer
+
+    class _BadConfig(_HalfLinear):
+        def config(self):
+            return {"in_features": self.in_features, "dtype": torch.float16}
+
+    register_layer(_BadConfig)
+    model = nn.Sequential(_BadConfig(4, 4))
+    with pytest.raises(ValueError, match="not JSON-serializable"):
+        pycompress.save(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
