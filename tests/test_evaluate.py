@@ -204,3 +204,21 @@ def test_batches_of_any_size_are_built_from_the_data():
     assert out["x"][:, 0].tolist() == [0, 2, 4, 6, 8, 0, 2]
     t = _utils.make_batch_of_size([(torch.ones(2, 3), torch.zeros(2))], 1)
     assert t[0].shape == (1, 3) and t[1].shape == (1,)
+
+
+@pytest.mark.skipif(not hasattr(pycompress, "prune"), reason="this build has no pycompress.prune")
+def test_pruned_model_counts_and_size():
+    model = mlp(d_in=128, hidden=256)
+    data = teacher_dataset(model, n_batches=1, batch=16, d_in=128)
+    base = pycompress.evaluate(model, data, batch_sizes=(), name="fp32")
+    pycompress.prune(model, 0.9, scope="layer")
+    masked = pycompress.evaluate(model, data, batch_sizes=(), reference=base, name="masked")
+    assert masked.parameters == base.parameters
+    weights = sum(m.weight.numel() for m in model.modules() if hasattr(m, "mask"))
+    assert masked.nonzeros <= base.nonzeros - int(0.9 * weights) + 3
+    assert masked.sparsity > 0.85
+    pycompress.deploy_pruned(model, mode="sparse")
+    sparse = pycompress.evaluate(model, data, batch_sizes=(), reference=base, name="sparse")
+    assert sparse.nonzeros == masked.nonzeros and sparse.parameters == base.parameters
+    assert sparse.compression_ratio > 2  # CSR stores only the kept weights
+    assert sparse.metric == masked.metric

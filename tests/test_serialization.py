@@ -270,3 +270,30 @@ def test_unserializable_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not JSON-serializable"):
         pycompress.save(model, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+needs_prune = pytest.mark.skipif(not hasattr(pycompress, "prune"), reason="this build has no pycompress.prune")
+
+
+@needs_prune
+@pytest.mark.parametrize("deploy", [None, "sparse", "dense"])
+def test_pruned_models_round_trip(tmp_path, deploy):
+    model = pycompress.prune(mlp(), 0.7, exclude="4")
+    if deploy is not None:
+        pycompress.deploy_pruned(model, mode=deploy)
+    kinds = {n: type(model.get_submodule(n)).__name__ for n in ("0", "2", "4")}
+    pycompress.save(model, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST_NAME).read_text())
+    assert {n: e["class"] for n, e in manifest["layers"].items()} == {
+        n: k for n, k in kinds.items() if k != "Linear"}
+    fresh = pycompress.load(tmp_path / "m", mlp(seed=9))
+    assert {n: type(fresh.get_submodule(n)).__name__ for n in ("0", "2", "4")} == kinds
+    _assert_bit_identical(model, fresh, torch.randn(5, 32))
+
+
+@needs_prune
+def test_pruned_then_quantized_round_trip(int8_cls, tmp_path):
+    model = pycompress.quantize(pycompress.prune(mlp(), 0.5, pattern="2:4"))
+    pycompress.save(model, tmp_path / "m")
+    fresh = pycompress.load(tmp_path / "m", mlp(seed=9))
+    _assert_bit_identical(model, fresh, torch.randn(5, 32))
