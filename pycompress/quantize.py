@@ -130,6 +130,10 @@ def quantize(
     layer_cls = _int8_linear_class()
     selected = _utils.select_modules(model, include, exclude)
     result = QuantizationResult(mode=mode)
+    aliases: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if n:
+            aliases.setdefault(id(m), []).append(n)
     for name, module in selected:
         reason = _skip_reason(model, name, module, layer_cls)
         if reason == "":
@@ -146,7 +150,8 @@ def quantize(
             result.skipped[name] = f"Int8Linear refused it: {e}"
             continue
         new.train(module.training)
-        _utils.set_module(model, name, new)
+        for alias in aliases.get(id(module), [name]):  # a module registered under several names
+            _utils.set_module(model, alias, new)
         result.converted.append(name)
     if isinstance(model, nn.Linear) and include is None:
         result.skipped[""] = "the root module itself cannot be replaced in place; wrap it in a container"

@@ -195,3 +195,15 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"pycompress.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0, result
+
+
+def test_a_layer_registered_twice_is_replaced_everywhere(int8_cls):
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    ref = copy.deepcopy(model)
+    _, result = pycompress.quantize(model, return_result=True)
+    assert result.converted == ["0"]
+    assert model[0] is model[2] and isinstance(model[2], int8_cls)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert _cos(model(x), ref(x)) > 0.999
