@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from pycompress import _utils
@@ -23,6 +24,7 @@ from pycompress import _utils
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
 
 QUANT_MODES = ("w8a8", "w8a16")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -73,15 +75,9 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module, layer_cls: type
         return "projection inside nn.MultiheadAttention (its weight is read directly, not called)"
     if type(module) is not nn.Linear:
         return f"{type(module).__name__} is a subclass of nn.Linear with its own behaviour"
-    if module.weight.dtype not in (_float_dtypes()):
+    if module.weight.dtype not in _FLOAT_DTYPES:
         return f"weight dtype {module.weight.dtype} is not a floating type supported by Int8Linear"
     return None
-
-
-def _float_dtypes():
-    import torch
-
-    return (torch.float32, torch.float16, torch.bfloat16)
 
 
 def quantize(
@@ -142,7 +138,7 @@ def quantize(
             result.skipped[name] = reason
             continue
         source = module
-        if not type(module) is nn.Linear:  # MaskedLinear: quantize its masked (dense) weight
+        if type(module) is not nn.Linear:  # MaskedLinear: quantize its masked (dense) weight
             source = _utils.dense_equivalent(module)
         try:
             new = layer_cls.from_float(source, mode=mode)
