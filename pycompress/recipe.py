@@ -261,7 +261,7 @@ def _changed_layers(reference: nn.Module, model: nn.Module) -> dict[str, str]:
     return out
 
 
-def _make_metric(metric: Any, calibration: list) -> tuple[Callable[[nn.Module], float], str, bool]:
+def _make_metric(metric: Any, calibration: list, progress: bool | None) -> tuple[Callable[[nn.Module], float], str, bool]:
     if callable(metric) and not isinstance(metric, str):
         try:
             n_params = len(inspect.signature(metric).parameters)
@@ -273,7 +273,7 @@ def _make_metric(metric: Any, calibration: list) -> tuple[Callable[[nn.Module], 
     from pycompress.evaluate import compute_metric, resolve_metric
 
     name, _, hib = resolve_metric(metric)
-    return (lambda m: compute_metric(m, calibration, metric, progress=False)), name, hib
+    return (lambda m: compute_metric(m, calibration, metric, progress=progress)), name, hib
 
 
 def compress(
@@ -349,7 +349,7 @@ def compress(
     report = CompressionReport(max_drop=float(max_drop) if max_drop is not None else None)
     measure = None
     if metric is not None:
-        measure, report.metric_name, report.higher_is_better = _make_metric(metric, calibration)
+        measure, report.metric_name, report.higher_is_better = _make_metric(metric, calibration, progress)
         report.baseline_metric = float(measure(original))
 
     for name, kwargs in steps:
