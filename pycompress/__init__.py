@@ -7,6 +7,7 @@ their validated wrappers and ``pycompress.nn`` the drop-in modules.
 from pycompress._version import __version__
 from pycompress import _ext, nn, ops
 from pycompress._ext import active_cpu_isa, cpu_features, has_cuda_kernels, set_cpu_isa
+from pycompress.prune import GradualPruning, deploy_pruned, prune
 from pycompress.quantize import quantize
 from pycompress.validate import ValidationReport, validate
 from pycompress.evaluate import EvaluationReport, compare, evaluate
@@ -21,6 +22,9 @@ __all__ = [
     "active_cpu_isa",
     "set_cpu_isa",
     "has_cuda_kernels",
+    "prune",
+    "GradualPruning",
+    "deploy_pruned",
     "quantize",
     "validate",
     "ValidationReport",

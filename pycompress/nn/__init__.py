@@ -1,3 +1,7 @@
 """``pycompress.nn``: drop-in modules backed by the pycompress kernels."""
 
-__all__: list[str] = []
+from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.masked_linear import MaskedLinear
+from pycompress.nn.sparse_linear import SparseLinear
+
+__all__: list[str] = ["Int8Linear", "MaskedLinear", "SparseLinear"]

@@ -1,7 +1,227 @@
-"""Sparse masked-linear ops (validated wrappers over ``torch.ops.pycompress.*``)."""
+"""Sparse ops: CSR sparse x dense linear (SparseLinear) and the fused masked linear
+(MaskedLinear), as validated wrappers over ``torch.ops.pycompress.*`` with fake kernels and
+autograd.
+
+CSR format of ``sparse_linear`` (output rows are the compressed dimension):
+
+* ``row_ptr``: int32 ``[N + 1]``; the kept weights of output row ``n`` are entries
+  ``row_ptr[n] .. row_ptr[n + 1]``
+* ``col_idx``: int16 (``in_features <= 32768``) or int32 ``[nnz]``: input column of each entry
+* ``values``: float32 ``[nnz]``
+"""
 
 from __future__ import annotations
 
-from pycompress import _ext  # noqa: F401
+import torch
 
-__all__: list[str] = []
+from pycompress import _ext  # noqa: F401  (loads the kernels)
+from pycompress.ops._validation import FLOAT_DTYPES, check_device_supported, check_same_device, check_tensor
+
+__all__ = ["sparse_linear", "masked_linear", "dense_to_csr", "csr_to_dense"]
+
+
+# ----------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("pycompress::sparse_linear")
+def _sparse_linear_fake(x, row_ptr, col_idx, values, bias, in_features):
+    torch._check(x.dim() == 2, lambda: "sparse_linear: x must be 2-D")
+    torch._check(x.shape[1] == in_features, lambda: "sparse_linear: x.shape[1] != in_features")
+    return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+
+@torch.library.register_fake("pycompress::masked_linear")
+def _masked_linear_fake(x, weight, mask, bias):
+    torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "masked_linear: 2-D inputs expected")
+    torch._check(x.shape[1] == weight.shape[1], lambda: "masked_linear: x.shape[1] != weight.shape[1]")
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("pycompress::masked_linear_grad_input")
+def _masked_linear_grad_input_fake(grad, weight, mask):
+    return grad.new_empty((grad.shape[0], weight.shape[1]))
+
+
+@torch.library.register_fake("pycompress::masked_linear_grad_weight")
+def _masked_linear_grad_weight_fake(grad, x, mask):
+    return x.new_empty((mask.shape[0], mask.shape[1]))
+
+
+# ----------------------------------------------------------------------------- autograd
+def _masked_setup_context(ctx, inputs, output):
+    x, weight, mask, bias = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _masked_backward(ctx, grad):
+    x, weight, mask = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.pycompress.masked_linear_grad_input(grad, weight, mask).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        gw = torch.ops.pycompress.masked_linear_grad_weight(grad, x, mask).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        gb = grad.sum(0).to(ctx.bias_dtype)
+    return gx, gw, None, gb
+
+
+torch.library.register_autograd(
+    "pycompress::masked_linear", _masked_backward, setup_context=_masked_setup_context
+)
+
+
+def _sparse_setup_context(ctx, inputs, output):
+    x, row_ptr, col_idx, values, bias, in_features = inputs
+    ctx.save_for_backward(row_ptr, col_idx, values)
+    ctx.in_features = in_features
+    ctx.x_dtype = x.dtype
+
+
+def _sparse_backward(ctx, grad):
+    # SparseLinear is an inference layer: only the input gets a gradient (so that layers before
+    # it can still be trained); the weight is densified for this rare path.
+    row_ptr, col_idx, values = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
+        w = csr_to_dense(row_ptr, col_idx, values, ctx.in_features)
+        gx = (grad.float() @ w).to(ctx.x_dtype)
+    return gx, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "pycompress::sparse_linear", _sparse_backward, setup_context=_sparse_setup_context
+)
+
+
+# ----------------------------------------------------------------------------- wrappers
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (weight * mask).T + bias`` with the mask applied inside the kernel.
+
+    No masked copy of the weight is made. The gradient of ``weight`` is exactly zero where
+    ``mask`` is False; the gradient of ``x`` uses the masked weight.
+
+    Args:
+        x: float tensor ``[..., K]``.
+        weight: float tensor ``[N, K]`` (same dtype as ``x``).
+        mask: bool tensor ``[N, K]``.
+        bias: optional float tensor ``[N]``.
+
+    Returns:
+        Tensor ``[..., N]`` of the dtype of ``x``.
+
+    Example:
+        >>> import torch, pycompress.ops as ops
+        >>> w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        >>> m = torch.tensor([[True, False], [False, True]])
+        >>> ops.masked_linear(torch.tensor([[1.0, 1.0]]), w, m).tolist()
+        [[1.0, 4.0]]
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    check_tensor("mask", mask, dtypes=(torch.bool,), ndim=2)
+    if mask.shape != weight.shape:
+        raise ValueError(f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must have {weight.shape[1]} features in its last dimension, got {x.shape[-1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have {weight.shape[0]} elements, got {bias.shape[0]}")
+    device = check_same_device(x=x, weight=weight, mask=mask, bias=bias)
+    check_device_supported(device, "masked_linear")
+    lead = x.shape[:-1]
+    y = torch.ops.pycompress.masked_linear(x.reshape(-1, x.shape[-1]), weight, mask, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                  bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+    """``x @ W.T + bias`` for a weight ``W [N, in_features]`` stored in CSR (see module doc).
+
+    Args:
+        x: float tensor ``[..., in_features]`` (fp16/bf16 are computed in fp32).
+        row_ptr, col_idx, values: the CSR arrays (e.g. from :func:`dense_to_csr`).
+        bias: optional float32 ``[N]``.
+        in_features: number of input columns ``K``.
+
+    Returns:
+        Tensor ``[..., N]`` of the dtype of ``x``.
+
+    Example:
+        >>> import torch, pycompress.ops as ops
+        >>> w = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
+        >>> rp, ci, v = ops.dense_to_csr(w)
+        >>> ops.sparse_linear(torch.ones(1, 3), rp, ci, v, None, 3).tolist()
+        [[2.0, 4.0]]
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("row_ptr", row_ptr, dtypes=(torch.int32,), ndim=1)
+    check_tensor("col_idx", col_idx, dtypes=(torch.int16, torch.int32), ndim=1)
+    check_tensor("values", values, dtypes=(torch.float32,), ndim=1)
+    if not isinstance(in_features, int) or in_features < 0:
+        raise TypeError(f"in_features must be a non-negative int, got {in_features!r}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x must have in_features={in_features} in its last dimension, got {x.shape[-1]}")
+    if row_ptr.numel() < 1:
+        raise ValueError("row_ptr must have N + 1 >= 1 entries")
+    if values.numel() != col_idx.numel():
+        raise ValueError(f"values ({values.numel()}) and col_idx ({col_idx.numel()}) must have the same length")
+    if col_idx.dtype == torch.int16 and in_features > 32768:
+        raise ValueError("int16 col_idx supports in_features <= 32768; use int32")
+    n_out = row_ptr.numel() - 1
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(torch.float32,), ndim=1)
+        if bias.shape[0] != n_out:
+            raise ValueError(f"bias must have {n_out} elements, got {bias.shape[0]}")
+    device = check_same_device(x=x, row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias)
+    check_device_supported(device, "sparse_linear")
+    lead = x.shape[:-1]
+    y = torch.ops.pycompress.sparse_linear(x.reshape(-1, in_features), row_ptr, col_idx, values, bias,
+                                           in_features)
+    return y.reshape(*lead, n_out)
+
+
+def dense_to_csr(weight: torch.Tensor, mask: torch.Tensor | None = None,
+                 index_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compresses ``weight [N, K]`` (kept where ``mask``, or where nonzero) into
+    ``(row_ptr int32, col_idx int16|int32, values float32)``.
+
+    ``index_dtype`` defaults to int16 when ``K <= 32768``, else int32.
+    """
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    N, K = weight.shape
+    if mask is None:
+        mask = weight != 0
+    else:
+        check_tensor("mask", mask, dtypes=(torch.bool,), ndim=2)
+        if mask.shape != weight.shape:
+            raise ValueError(f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
+    if index_dtype is None:
+        index_dtype = torch.int16 if K <= 32768 else torch.int32
+    if index_dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
+    if index_dtype == torch.int16 and K > 32768:
+        raise ValueError("int16 column indices need in_features <= 32768")
+    mask = mask.to(weight.device)
+    counts = mask.sum(1, dtype=torch.int64)
+    if int(counts.sum()) >= 2**31:
+        raise ValueError("too many kept weights for int32 row pointers")
+    row_ptr = torch.zeros(N + 1, dtype=torch.int32, device=weight.device)
+    row_ptr[1:] = counts.cumsum(0).to(torch.int32)
+    rows, cols = mask.nonzero(as_tuple=True)  # row-major order, columns ascending
+    values = weight[rows, cols].to(torch.float32).contiguous()
+    return row_ptr, cols.to(index_dtype).contiguous(), values
+
+
+def csr_to_dense(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                 in_features: int) -> torch.Tensor:
+    """Inverse of :func:`dense_to_csr`: the float32 weight ``[N, in_features]`` with zeros."""
+    n_out = row_ptr.numel() - 1
+    counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+    rows = torch.repeat_interleave(torch.arange(n_out, device=row_ptr.device), counts)
+    w = torch.zeros(n_out, in_features, dtype=torch.float32, device=values.device)
+    w[rows, col_idx.to(torch.int64)] = values
+    return w

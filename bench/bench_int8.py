@@ -1,0 +1,202 @@
+"""Benchmark: int8 linear layers — pycompress Int8Linear (w8a8, w8a16) against its peers.
+
+Peers measured in the same run: fp32 (and bf16 on CUDA) ``nn.Linear``, torch.ao
+``quantize_dynamic`` int8 (CPU, FBGEMM/oneDNN), ``torch._int_mm`` + separate dequantization
+(activations quantized per token first), and the raw ``int8_gemm`` against ``torch._int_mm``.
+
+On the CPU ``torch._int_mm`` only runs for M * K * N <= 3e8 (it is far slower than every
+other implementation there). CPU runs cap the batch size to keep the full set within minutes on small machines: M <= 512
+(M <= 128 for K = N = 8192); the table says which shapes ran.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import pycompress.ops as ops
+from common import time_fn
+from pycompress.nn import Int8Linear
+
+KERNEL = "int8"
+
+MS_FULL = [1, 16, 128, 512, 2048, 4096]
+KN_FULL = [(768, 3072), (4096, 4096), (4096, 11008), (8192, 8192)]
+CPU_MAX_M = {(8192, 8192): 128}
+CPU_MAX_M_DEFAULT = 512
+
+
+def _torch_ao_dynamic(lin: nn.Linear):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+
+
+def _int_mm_dequant(x, wq_t, w_scale, bias):
+    """torch._int_mm peer: per-token quantization, int8 x int8 -> int32, separate dequant."""
+    q, s = ops.quantize_per_token(x)
+    acc = torch._int_mm(q, wq_t)
+    return (acc.float() * s[:, None] * w_scale[None, :] + bias).to(x.dtype)
+
+
+def _repeats(flops: float, device: str, quick: bool) -> int:
+    if device != "cpu":
+        return 20
+    if flops > 4e10:
+        return 3
+    if flops > 5e9:
+        return 5
+    return 10 if quick else 20
+
+
+def run(device: str, quick: bool = False) -> list[dict]:
+    cuda = device.startswith("cuda")
+    if quick:
+        ms, kns = [1, 16, 128], [(4096, 4096)]
+    else:
+        ms, kns = MS_FULL, KN_FULL
+    rows = []
+    torch.manual_seed(0)
+    for K, N in kns:
+        lin = nn.Linear(K, N).to(device)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02)
+        q8 = Int8Linear.from_float(lin, mode="w8a8")
+        q16 = Int8Linear.from_float(lin, mode="w8a16")
+        ao = _torch_ao_dynamic(lin) if not cuda else None  # quantizes a copy of lin
+        wq_t = q8.weight.t()
+        lin_bf16 = nn.Linear(K, N).to(device).bfloat16() if cuda else None
+        for M in ms:
+            if not cuda and M > CPU_MAX_M.get((K, N), CPU_MAX_M_DEFAULT):
+                continue
+            x = torch.randn(M, K, device=device)
+            flops = 2.0 * M * K * N
+            rep = _repeats(flops, device, quick)
+            impls = [("fp32 nn.Linear", lambda: lin(x))]
+            if cuda:
+                xb = x.bfloat16()
+                impls.append(("bf16 nn.Linear", lambda: lin_bf16(xb)))
+            else:
+                impls.append(("torch.ao dynamic int8", lambda: ao(x)))
+            # torch._int_mm: CUDA refuses M <= 16 and K, N not multiples of 8; its CPU
+            # kernel is a slow reference loop here, so only small CPU problems run it
+            if (cuda and M > 16 and K % 8 == 0 and N % 8 == 0) or (not cuda and M * K * N <= 3e8):
+                impls.append(("torch._int_mm+dequant", lambda: _int_mm_dequant(x, wq_t, q8.weight_scale, lin.bias)))
+            impls.append(("pycompress w8a8", lambda: q8(x)))
+            if cuda:
+                impls.append(("pycompress w8a8 bf16", lambda: q8(xb)))
+            if M <= 16 or not cuda:
+                impls.append(("pycompress w8a16", lambda: q16(x)))
+                if cuda:
+                    impls.append(("pycompress w8a16 bf16", lambda: q16(xb)))
+            if not cuda and (K, N) == (4096, 4096) and M in (1, 16, 128):
+                rows += _per_core_rows(M, K, N, impls, rep)
+            base = None
+            with torch.no_grad():
+                for impl, fn in impls:
+                    try:
+                        t = time_fn(fn, device, warmup=1 if rep <= 5 else 2, repeats=rep)
+                    except RuntimeError as e:  # a peer refusing the shape
+                        rows.append({"kernel": KERNEL, "case": f"M={M} K={K} N={N}", "impl": impl,
+                                     "M": M, "K": K, "N": N, "ms": float("nan"),
+                                     "note": str(e).splitlines()[0][:60]})
+                        continue
+                    if impl == "fp32 nn.Linear":
+                        base = t["ms"]
+                    rows.append({
+                        "kernel": KERNEL, "case": f"M={M} K={K} N={N}", "impl": impl,
+                        "M": M, "K": K, "N": N, **t,
+                        "TOPS": flops / (t["ms"] * 1e-3) / 1e12,
+                        "x fp32": (base / t["ms"]) if base else float("nan"),
+                    })
+    if cuda:
+        rows += _gemm_vs_int_mm(device, quick)
+    return rows
+
+
+PER_CORE = "[1 thread, CPU time]"
+
+
+def _per_core_rows(M, K, N, impls, rep) -> list[dict]:
+    """Best CPU time of one thread per call (process time): robust to other load on a shared
+    machine, where wall-clock medians of multi-threaded runs swing by 2x or more."""
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for impl, fn in impls:
+                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", "pycompress w8a8"):
+                    continue
+                fn()
+                best = float("inf")
+                for _ in range(max(3, rep)):
+                    t0 = time.process_time()
+                    fn()
+                    best = min(best, time.process_time() - t0)
+                rows.append({"kernel": KERNEL, "case": f"M={M} K={K} N={N}", "impl": f"{impl} {PER_CORE}",
+                             "M": M, "K": K, "N": N, "ms": best * 1e3,
+                             "TOPS": 2.0 * M * K * N / best / 1e12})
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _gemm_vs_int_mm(device: str, quick: bool) -> list[dict]:
+    rows = []
+    shapes = [(2048, 4096, 4096)] if quick else [(M, K, N) for M in (512, 2048, 4096)
+                                                 for K, N in KN_FULL]
+    for M, K, N in shapes:
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8, device=device)
+        b = torch.randint(-128, 128, (N, K), dtype=torch.int8, device=device)
+        bt = b.t()
+        flops = 2.0 * M * K * N
+        for impl, fn in [("torch._int_mm", lambda: torch._int_mm(a, bt)),
+                         ("pycompress int8_gemm", lambda: ops.int8_gemm(a, b))]:
+            t = time_fn(fn, device, warmup=3, repeats=20)
+            rows.append({"kernel": KERNEL, "case": f"gemm M={M} K={K} N={N}", "impl": impl,
+                         "M": M, "K": K, "N": N, **t, "TOPS": flops / (t["ms"] * 1e-3) / 1e12})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Speedup lines for the CPU targets (M in {1, 16, 128}, K = N = 4096).
+
+    Ratios of medians, and in brackets of the fastest runs (less sensitive to other load on
+    a shared machine).
+    """
+    out = []
+    med = {(r["case"], r["impl"]): r["ms"] for r in rows}
+    best = {(r["case"], r["impl"]): r.get("ms_min", r["ms"]) for r in rows}
+    for M in (1, 16, 128):
+        case = f"M={M} K=4096 N=4096"
+        key = (case, "pycompress w8a8")
+        if key not in med or (case, "fp32 nn.Linear") not in med:
+            continue
+
+        def ratio(peer, impl="pycompress w8a8"):
+            return med[(case, peer)] / med[(case, impl)], best[(case, peer)] / best[(case, impl)]
+
+        f_med, f_min = ratio("fp32 nn.Linear")
+        line = (f"{case}: pycompress w8a8 {med[key]:.3f} ms = {f_med:.2f}x fp32 [{f_min:.2f}x] "
+                f"(target >= 3x: {'met' if f_med >= 3 else 'NOT met'})")
+        if (case, "torch.ao dynamic int8") in med:
+            a_med, a_min = ratio("torch.ao dynamic int8")
+            line += (f", {a_med:.2f}x torch.ao dynamic int8 [{a_min:.2f}x] "
+                     f"(target >= 1.2x: {'met' if a_med >= 1.2 else 'NOT met'})")
+        if (case, "pycompress w8a16") in med:
+            w_med, w_min = ratio("fp32 nn.Linear", "pycompress w8a16")
+            line += f"; w8a16 {med[(case, 'pycompress w8a16')]:.3f} ms = {w_med:.2f}x fp32 [{w_min:.2f}x]"
+        out.append(line)
+        pc = {impl: med.get((case, f"{impl} {PER_CORE}")) for impl in
+              ("pycompress w8a8", "fp32 nn.Linear", "torch.ao dynamic int8")}
+        if all(v is not None for v in pc.values()):
+            ours = pc["pycompress w8a8"]
+            out.append(f"    per core {PER_CORE}: w8a8 {ours:.3f} ms = {pc['fp32 nn.Linear'] / ours:.2f}x fp32, "
+                       f"{pc['torch.ao dynamic int8'] / ours:.2f}x torch.ao dynamic int8")
+    return out

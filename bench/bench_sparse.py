@@ -1,0 +1,75 @@
+"""Benchmark: sparse x dense linear (pycompress SparseLinear) vs dense fp32 nn.Linear and torch CSR.
+
+Weights are pruned unstructured by magnitude-free random masks at the given sparsity; every
+implementation computes ``x @ W.T`` for ``x [M, K]`` in the same run.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from common import time_fn
+from pycompress.nn import SparseLinear
+
+KERNEL = "sparse"
+
+SHAPES = [(4096, 4096), (768, 3072)]  # (K, N)
+
+
+def _case(K, N, s, M):
+    return f"K={K} N={N} s={int(round(s * 100))}% M={M}"
+
+
+def run(device: str, quick: bool = False) -> list[dict]:
+    sparsities = [0.9] if quick else [0.5, 0.75, 0.9, 0.95]
+    ms = [1, 8, 32] if quick else [1, 8, 32, 128]
+    repeats = 5 if quick else 15
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for K, N in SHAPES:
+        for s in sparsities:
+            w = torch.randn(N, K, generator=gen)
+            w = (w * (torch.rand(N, K, generator=gen) >= s)).to(device)
+            lin = torch.nn.Linear(K, N, bias=False, device=device)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            ours = SparseLinear.from_dense(lin)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                wcsr = w.to_sparse_csr()
+            for M in ms:
+                x = torch.randn(M, K, generator=gen).to(device)
+                impls = [
+                    ("dense fp32 nn.Linear", lambda: lin(x)),
+                    ("torch CSR sparse.mm", lambda: torch.sparse.mm(wcsr, x.t()).t()),
+                    ("pycompress SparseLinear", lambda: ours(x)),
+                ]
+                with torch.no_grad():
+                    for impl, fn in impls:
+                        t = time_fn(fn, device, warmup=2, repeats=repeats)
+                        rows.append({"kernel": KERNEL, "case": _case(K, N, s, M), "impl": impl, "K": K, "N": N,
+                                     "sparsity": s, "M": M, **t,
+                                     "GFLOP/s dense-equiv": 2 * M * K * N / (t["ms"] * 1e-3) / 1e9})
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Speed-ups of SparseLinear over dense and torch CSR; target lines at 90% sparsity, M <= 32."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["case"], {})[r["impl"]] = r
+    lines = []
+    for case, d in by.items():
+        if not {"dense fp32 nn.Linear", "torch CSR sparse.mm", "pycompress SparseLinear"} <= d.keys():
+            continue
+        ours = d["pycompress SparseLinear"]
+        vd = d["dense fp32 nn.Linear"]["ms"] / ours["ms"]
+        vc = d["torch CSR sparse.mm"]["ms"] / ours["ms"]
+        line = f"{case}: SparseLinear {ours['ms']:.3f} ms = {vd:.1f}x dense fp32, {vc:.1f}x torch CSR"
+        if abs(ours["sparsity"] - 0.9) < 1e-6 and ours["M"] in (1, 8, 32):
+            ok = vd >= 5 and vc >= 2
+            line += f"  [target >=5x dense and >=2x CSR: {'met' if ok else 'MISSED'}]"
+        lines.append(line)
+    return lines

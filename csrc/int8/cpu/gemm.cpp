@@ -1,0 +1,538 @@
+// int8 GEMM on the CPU (see int8/gemm.h): packing, scalar / AVX2 / AVX-512 VNNI
+// micro-kernels, fused dequantization epilogue, and the weight-only (w8a16) path.
+//
+// AVX2 has no exact 8-bit multiply-add (vpmaddubsw saturates its int16 pair sums),
+// so the AVX2 kernel widens both operands to int16 and uses vpmaddwd, whose pair
+// sums (at most 2 * 128 * 128) are exact in int32. Each group of 4 k values of 8
+// columns is one 16-byte load sign-extended to 16 int16; one 64-bit broadcast of
+// the activation's 4 int16 values multiplies it; pairs of partial sums are folded
+// with vphaddd at the end.
+//
+// The VNNI kernel uses vpdpbusd (u8 x s8 -> 4 products summed into int32, no
+// saturation) with A + 128 as the unsigned operand and subtracts 128 * sum_k B[n, k].
+#include "int8/gemm.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/cpu_features.h"
+#include "common/simd.h"
+
+namespace pyc {
+namespace {
+
+constexpr int kMrScalar = 4;
+constexpr int kMrAvx2 = 6;
+constexpr int kMrVnni = 8;
+
+inline int64_t load_i64(const void* p) {
+  int64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline int32_t load_i32(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// ---------------------------------------------------------------- epilogue
+
+// Kept out of line and compiled for the baseline ISA so the compiler never
+// contracts the multiply-add into an FMA (the vector path rounds each step too).
+__attribute__((noinline)) void epilogue_scalar(const Int8Epilogue& ep, const int32_t* tile,
+                                               int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
+                                               int64_t nc) {
+  for (int64_t r = 0; r < mr; ++r) {
+    const int32_t* t = tile + r * ldt;
+    const int64_t m = m0 + r;
+    if (ep.out == nullptr) {
+      std::memcpy(ep.c + m * ep.ldc + n0, t, static_cast<size_t>(nc) * sizeof(int32_t));
+      continue;
+    }
+    const float xs = ep.a_scale[m];
+    for (int64_t j = 0; j < nc; ++j) {
+      const int64_t n = n0 + j;
+      float v = static_cast<float>(t[j]) * xs;
+      v = v * ep.w_scale[n];
+      if (ep.bias) v = v + ep.bias[n];
+      store_from_float(ep.out, m * ep.ldo + n, ep.out_dtype, v);
+    }
+  }
+}
+
+#if PYC_HAVE_X86_SIMD
+
+PYC_TARGET_AVX2 inline void store8_avx2(void* out, int64_t i, DType dt, __m256 v) {
+  switch (dt) {
+    case DType::F32:
+      _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+      break;
+    case DType::F16:
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case DType::BF16:
+    default: {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i hi = _mm256_srli_epi32(u, 16);
+      const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(
+          _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+      const __m256i absu = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+      const __m256i nan = _mm256_cmpgt_epi32(absu, _mm256_set1_epi32(0x7f800000));
+      r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+      const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i),
+                       _mm256_castsi256_si128(p));
+      break;
+    }
+  }
+}
+
+PYC_TARGET_AVX2 void epilogue_avx2(const Int8Epilogue& ep, const int32_t* tile, int64_t ldt,
+                                   int64_t m0, int64_t mr, int64_t n0, int64_t nc) {
+  if (ep.out == nullptr || nc % 8 != 0) return epilogue_scalar(ep, tile, ldt, m0, mr, n0, nc);
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t m = m0 + r;
+    const __m256 xs = _mm256_set1_ps(ep.a_scale[m]);
+    for (int64_t j = 0; j < nc; j += 8) {
+      const int64_t n = n0 + j;
+      __m256 v = _mm256_cvtepi32_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + r * ldt + j)));
+      v = _mm256_mul_ps(v, xs);
+      v = _mm256_mul_ps(v, _mm256_loadu_ps(ep.w_scale + n));
+      if (ep.bias) v = _mm256_add_ps(v, _mm256_loadu_ps(ep.bias + n));
+      store8_avx2(ep.out, m * ep.ldo + n, ep.out_dtype, v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 kernel
+
+// MR rows x 8 columns (one half of a 16-column panel). a: int16 rows (stride
+// lda elements); b: panel base + 32 * half, 64 bytes per k-group.
+// MR (3..6) rows x 8 columns (one half of a 16-column panel). a: int16 rows (stride lda
+// elements); b: panel base + 32 * half, 64 bytes per k-group. Written in inline assembly:
+// with intrinsics GCC hoists the broadcasts and spills accumulators. Accumulators live in
+// ymm4..ymm15 (two per row), the sign-extended weights in ymm0/ymm1.
+#define PYC_ASM_ROW(A, C0, C1)                   \
+  "vpbroadcastq " A ", %%ymm2\n\t"               \
+  "vpmaddwd %%ymm0, %%ymm2, %%ymm3\n\t"          \
+  "vpaddd %%ymm3, %%ymm" C0 ", %%ymm" C0 "\n\t"  \
+  "vpmaddwd %%ymm1, %%ymm2, %%ymm2\n\t"          \
+  "vpaddd %%ymm2, %%ymm" C1 ", %%ymm" C1 "\n\t"
+// c0 = [n0 n0 n1 n1 | n2 n2 n3 n3], c1 = [n4 n4 n5 n5 | n6 n6 n7 n7] (pairs of partial sums);
+// hadd -> [n0 n1 n4 n5 | n2 n3 n6 n7], then the 64-bit quarters are put in order.
+#define PYC_ASM_STORE(C0, C1, DST)                    \
+  "vphaddd %%ymm" C1 ", %%ymm" C0 ", %%ymm" C0 "\n\t" \
+  "vpermq $0xd8, %%ymm" C0 ", %%ymm" C0 "\n\t"        \
+  "vmovdqu %%ymm" C0 ", " DST "\n\t"
+#define PYC_R0 PYC_ASM_ROW("(%[pa])", "4", "5")
+#define PYC_R1 PYC_ASM_ROW("(%[pa],%[ld],1)", "6", "7")
+#define PYC_R2 PYC_ASM_ROW("(%[pa],%[ld],2)", "8", "9")
+#define PYC_R3 PYC_ASM_ROW("(%[pb])", "10", "11")
+#define PYC_R4 PYC_ASM_ROW("(%[pb],%[ld],1)", "12", "13")
+#define PYC_R5 PYC_ASM_ROW("(%[pb],%[ld],2)", "14", "15")
+#define PYC_S0 PYC_ASM_STORE("4", "5", "(%[t])")
+#define PYC_S1 PYC_ASM_STORE("6", "7", "(%[t],%[ldt],1)")
+#define PYC_S2 PYC_ASM_STORE("8", "9", "(%[t],%[ldt],2)")
+#define PYC_S3 PYC_ASM_STORE("10", "11", "(%[t3])")
+#define PYC_S4 PYC_ASM_STORE("12", "13", "(%[t3],%[ldt],1)")
+#define PYC_S5 PYC_ASM_STORE("14", "15", "(%[t3],%[ldt],2)")
+#define PYC_AVX2_KERNEL_ASM(ROWS, STORES)                                                      \
+  asm volatile(                                                                                \
+      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"                                                       \
+      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                                                       \
+      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                       \
+      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                       \
+      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                       \
+      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                       \
+      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                    \
+      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                    \
+      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"                                                    \
+      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"                                                    \
+      "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"                                                    \
+      "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"                                                    \
+      "test %[n], %[n]\n\t"                                                                    \
+      "jle 2f\n\t"                                                                             \
+      ".p2align 5\n\t"                                                                         \
+      "1:\n\t"                                                                                 \
+      "vpmovsxbw (%[b]), %%ymm0\n\t"                                                           \
+      "vpmovsxbw 16(%[b]), %%ymm1\n\t" ROWS                                                    \
+      "add $64, %[b]\n\t"                                                                      \
+      "add $8, %[pa]\n\t"                                                                      \
+      "add $8, %[pb]\n\t"                                                                      \
+      "dec %[n]\n\t"                                                                           \
+      "jnz 1b\n\t"                                                                             \
+      "2:\n\t" STORES                                                                          \
+      : [b] "+r"(bq), [pa] "+r"(pa), [pb] "+r"(pb), [n] "+r"(cnt)                              \
+      : [ld] "r"(lda * 2), [t] "r"(t), [t3] "r"(t + 3 * ldt), [ldt] "r"(ldt * 4)               \
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",        \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory")
+
+template <int MR>
+PYC_TARGET_AVX2 void kernel_avx2(const int16_t* a, int64_t lda, const int8_t* b, int64_t nq,
+                                 int32_t* t, int64_t ldt) {
+  static_assert(MR >= 3 && MR <= 6, "kernel_avx2 handles 3..6 rows");
+  const int8_t* bq = b;
+  const int16_t* pa = a;
+  const int16_t* pb = a + 3 * lda;  // only dereferenced for MR > 3
+  int64_t cnt = nq;
+  if (MR == 6) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2 PYC_R3 PYC_R4 PYC_R5,
+                                   PYC_S0 PYC_S1 PYC_S2 PYC_S3 PYC_S4 PYC_S5);
+  if (MR == 5) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2 PYC_R3 PYC_R4,
+                                   PYC_S0 PYC_S1 PYC_S2 PYC_S3 PYC_S4);
+  if (MR == 4) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2 PYC_R3, PYC_S0 PYC_S1 PYC_S2 PYC_S3);
+  if (MR == 3) PYC_AVX2_KERNEL_ASM(PYC_R0 PYC_R1 PYC_R2, PYC_S0 PYC_S1 PYC_S2);
+}
+
+// Small-M variant: MR (<= 2) rows x all 16 columns of the panel in one pass, so each
+// 64-byte group of the packed weight is read exactly once (GEMV-like, bandwidth bound).
+template <int MR>
+PYC_TARGET_AVX2 void kernel_avx2_n16(const int16_t* a, int64_t lda, const int8_t* b, int64_t nq,
+                                     int32_t* t, int64_t ldt) {
+  __m256i c[MR][4];
+#pragma GCC unroll 2
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) c[r][j] = _mm256_setzero_si256();
+  for (int64_t q = 0; q < nq; ++q) {
+    const int8_t* bq = b + q * 64;
+    __m256i bv[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j)
+      bv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bq + 16 * j)));
+#pragma GCC unroll 2
+    for (int r = 0; r < MR; ++r) {
+      const __m256i av = _mm256_set1_epi64x(load_i64(a + r * lda + 4 * q));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) c[r][j] = _mm256_add_epi32(c[r][j], _mm256_madd_epi16(av, bv[j]));
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + r * ldt),
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[r][0], c[r][1]), 0xD8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(t + r * ldt + 8),
+                        _mm256_permute4x64_epi64(_mm256_hadd_epi32(c[r][2], c[r][3]), 0xD8));
+  }
+}
+
+PYC_TARGET_AVX2 void tile_avx2(int mr, const int16_t* a, int64_t lda, const int8_t* bp,
+                               int64_t nq, int32_t* t, int64_t ldt) {
+  if (mr == 1) return kernel_avx2_n16<1>(a, lda, bp, nq, t, ldt);
+  if (mr == 2) return kernel_avx2_n16<2>(a, lda, bp, nq, t, ldt);
+  for (int half = 0; half < 2; ++half) {
+    const int8_t* b = bp + 32 * half;
+    int32_t* th = t + 8 * half;
+    switch (mr) {
+      case 3: kernel_avx2<3>(a, lda, b, nq, th, ldt); break;
+      case 4: kernel_avx2<4>(a, lda, b, nq, th, ldt); break;
+      case 5: kernel_avx2<5>(a, lda, b, nq, th, ldt); break;
+      default: kernel_avx2<6>(a, lda, b, nq, th, ldt); break;
+    }
+  }
+}
+
+#undef PYC_AVX2_KERNEL_ASM
+#undef PYC_ASM_ROW
+#undef PYC_ASM_STORE
+#undef PYC_R0
+#undef PYC_R1
+#undef PYC_R2
+#undef PYC_R3
+#undef PYC_R4
+#undef PYC_R5
+#undef PYC_S0
+#undef PYC_S1
+#undef PYC_S2
+#undef PYC_S3
+#undef PYC_S4
+#undef PYC_S5
+
+// ---------------------------------------------------------------- AVX-512 VNNI kernel
+
+template <int MR>
+PYC_TARGET_AVX512VNNI void kernel_vnni(const uint8_t* a, int64_t lda, const int8_t* b,
+                                       const int32_t* colsum, int64_t nq, int32_t* t,
+                                       int64_t ldt) {
+  __m512i acc[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t q = 0; q < nq; ++q) {
+    const __m512i bv = _mm512_loadu_si512(b + q * 64);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512i av = _mm512_set1_epi32(load_i32(a + r * lda + 4 * q));
+      acc[r] = _mm512_dpbusd_epi32(acc[r], av, bv);
+    }
+  }
+  // (a + 128) * b summed = a * b summed + 128 * colsum (all modulo 2^32); applied once,
+  // by the first K block (colsum == nullptr for the others)
+  const __m512i comp =
+      colsum ? _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7) : _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(t + r * ldt, _mm512_sub_epi32(acc[r], comp));
+}
+
+PYC_TARGET_AVX512VNNI void tile_vnni(int mr, const uint8_t* a, int64_t lda, const int8_t* bp,
+                                     const int32_t* colsum, int64_t nq, int32_t* t, int64_t ldt) {
+  switch (mr) {
+    case 1: return kernel_vnni<1>(a, lda, bp, colsum, nq, t, ldt);
+    case 2: return kernel_vnni<2>(a, lda, bp, colsum, nq, t, ldt);
+    case 3: return kernel_vnni<3>(a, lda, bp, colsum, nq, t, ldt);
+    case 4: return kernel_vnni<4>(a, lda, bp, colsum, nq, t, ldt);
+    case 5: return kernel_vnni<5>(a, lda, bp, colsum, nq, t, ldt);
+    case 6: return kernel_vnni<6>(a, lda, bp, colsum, nq, t, ldt);
+    case 7: return kernel_vnni<7>(a, lda, bp, colsum, nq, t, ldt);
+    default: return kernel_vnni<8>(a, lda, bp, colsum, nq, t, ldt);
+  }
+}
+
+#endif  // PYC_HAVE_X86_SIMD
+
+// ---------------------------------------------------------------- scalar kernel
+
+void tile_scalar(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_t nq, int32_t* t,
+                 int64_t ldt) {
+  for (int r = 0; r < mr; ++r) {
+    int32_t acc[kInt8PanelCols] = {};
+    const int16_t* ar = a + r * lda;
+    for (int64_t q = 0; q < nq; ++q) {
+      const int8_t* bq = bp + q * 64;
+      const int32_t a0 = ar[4 * q], a1 = ar[4 * q + 1], a2 = ar[4 * q + 2], a3 = ar[4 * q + 3];
+      for (int c = 0; c < kInt8PanelCols; ++c) {
+        const int8_t* w = bq + 4 * c;
+        acc[c] += a0 * w[0] + a1 * w[1] + a2 * w[2] + a3 * w[3];
+      }
+    }
+    std::memcpy(t + r * ldt, acc, sizeof acc);
+  }
+}
+
+int mr_of(int path) { return path == 2 ? kMrVnni : (path == 1 ? kMrAvx2 : kMrScalar); }
+
+}  // namespace
+
+void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* packed, int64_t p0,
+                 int64_t p1) {
+  const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
+  int32_t* colsum = reinterpret_cast<int32_t*>(packed + Np * Kp);
+  for (int64_t p = p0; p < p1; ++p) {
+    int8_t* dst = packed + p * Kp * kInt8PanelCols;
+    std::memset(dst, 0, static_cast<size_t>(Kp * kInt8PanelCols));
+    for (int c = 0; c < kInt8PanelCols; ++c) {
+      const int64_t n = p * kInt8PanelCols + c;
+      int32_t sum = 0;
+      if (n < N) {
+        const int8_t* src = b + n * ldb;
+        for (int64_t k = 0; k < K; ++k) {
+          dst[(k >> 2) * 64 + c * 4 + (k & 3)] = src[k];
+          sum += src[k];
+        }
+      }
+      std::memcpy(colsum + n, &sum, sizeof sum);
+    }
+  }
+}
+
+int int8_gemm_path(int isa) {
+#if PYC_HAVE_X86_SIMD
+  if (isa >= 2 && cpu_features().avx512vnni) return 2;
+  if (isa >= 1) return 1;
+#else
+  (void)isa;
+#endif
+  return 0;
+}
+
+int64_t int8_a_row_bytes(int path, int64_t K) {
+  const int64_t Kp = int8_round_k(K);
+  // rows padded to 64 bytes so every row starts on its own cache line
+  const int64_t bytes = path == 2 ? Kp : 2 * Kp;
+  return (bytes + 63) / 64 * 64;
+}
+
+void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap, int64_t m0,
+                    int64_t m1) {
+  const int64_t rb = int8_a_row_bytes(path, K);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* src = a + m * lda;
+    if (path == 2) {
+      uint8_t* dst = static_cast<uint8_t*>(ap) + m * rb;
+      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k] ^ 0x80);
+      std::memset(dst + K, 0x80, static_cast<size_t>(rb - K));
+    } else {
+      int16_t* dst = reinterpret_cast<int16_t*>(static_cast<uint8_t*>(ap) + m * rb);
+      for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
+      std::memset(dst + K, 0, static_cast<size_t>(rb - 2 * K));
+    }
+  }
+}
+
+int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
+  const int64_t Kp = int8_round_k(K);
+  // Without K blocking every row block of prepared A must stay in L2 while the panels
+  // stream; when M * K is large, K is cut into blocks of 512 (A block <= 192 KiB in L2,
+  // each panel's 8 KiB slice in L1) and partial sums go through the int32 workspace.
+  if (M * int8_a_row_bytes(path, K) <= (int64_t(256) << 10) || Kp <= 768) return Kp;
+  return 512;
+}
+
+void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
+                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
+                      int32_t* workspace) {
+  const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
+  const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
+  const int64_t rb = int8_a_row_bytes(path, K);
+  const int64_t a_elem = path == 2 ? 1 : 2;  // bytes per prepared A element
+  const int mrmax = mr_of(path);
+  const int64_t kc = workspace ? int8_gemm_kc(path, M, K) : Kp;
+  const bool blocked = kc < Kp;
+  const int64_t mc = blocked ? 192 : std::max<int64_t>(24, ((int64_t(192) << 10) / rb) / 24 * 24);
+  alignas(64) int32_t tile[kMrVnni * kInt8PanelCols];
+  const uint8_t* abase = static_cast<const uint8_t*>(ap);
+  for (int64_t mc0 = 0; mc0 < M; mc0 += mc) {
+    const int64_t mc1 = std::min(M, mc0 + mc);
+    for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+      const int64_t nq = std::min(kc, Kp - k0) / 4;
+      const bool first = k0 == 0, last = k0 + kc >= Kp;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int8_t* bp = packed + p * Kp * kInt8PanelCols + k0 * kInt8PanelCols;
+        const int64_t n0 = p * kInt8PanelCols;
+        const int64_t nc = std::min<int64_t>(kInt8PanelCols, N - n0);
+        for (int64_t m = mc0; m < mc1; m += mrmax) {
+          const int mr = static_cast<int>(std::min<int64_t>(mrmax, mc1 - m));
+          const uint8_t* am = abase + m * rb + k0 * a_elem;
+#if PYC_HAVE_X86_SIMD
+          if (path == 2)
+            tile_vnni(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols);
+          else if (path == 1)
+            tile_avx2(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
+                      kInt8PanelCols);
+          else
+#endif
+            tile_scalar(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
+                        kInt8PanelCols);
+          if (blocked) {
+            // partial sums of the K blocks meet in the workspace ([M, Np] int32)
+            for (int r = 0; r < mr; ++r) {
+              int32_t* w = workspace + (m + r) * Np + n0;
+              int32_t* t = tile + r * kInt8PanelCols;
+              if (first) {
+                std::memcpy(w, t, sizeof(int32_t) * kInt8PanelCols);
+              } else if (!last) {
+                for (int j = 0; j < kInt8PanelCols; ++j) w[j] += t[j];
+              } else {
+                for (int j = 0; j < kInt8PanelCols; ++j) t[j] += w[j];
+              }
+            }
+            if (!last) continue;
+          }
+#if PYC_HAVE_X86_SIMD
+          if (path >= 1) {
+            epilogue_avx2(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+            continue;
+          }
+#endif
+          epilogue_scalar(ep, tile, kInt8PanelCols, m, mr, n0, nc);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- w8a16
+
+namespace {
+
+void w8a16_scalar(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, const float* ws,
+                  const float* bias, void* out, DType dt, int64_t ldo, int64_t M, int64_t K,
+                  int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wr = w + n * ldw;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      float s = 0.f;
+      for (int64_t k = 0; k < K; ++k) s += xr[k] * static_cast<float>(wr[k]);
+      float v = s * ws[n];
+      if (bias) v = v + bias[n];
+      store_from_float(out, m * ldo + n, dt, v);
+    }
+  }
+}
+
+#if PYC_HAVE_X86_SIMD
+PYC_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Blocks of 4 weight rows x MB (1 or 2) activation rows; the 4 weight rows (4 * K bytes)
+// stay in L1 while all activation rows pass over them.
+template <int MB>
+PYC_TARGET_AVX2 void w8a16_block_avx2(const float* const* xr, const int8_t* const* wr, int64_t K,
+                                      float (*sums)[4]) {
+  const int64_t Kv = K & ~int64_t(7);
+  __m256 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < Kv; k += 8) {
+    __m256 xv[MB];
+    for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(xr[i] + k);
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const __m256 wv = _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[j] + k))));
+      for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) {
+      float v = hsum_avx2(acc[i][j]);
+      for (int64_t k = Kv; k < K; ++k) v += xr[i][k] * static_cast<float>(wr[j][k]);
+      sums[i][j] = v;
+    }
+}
+
+PYC_TARGET_AVX2 void w8a16_avx2(const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                                const float* ws, const float* bias, void* out, DType dt,
+                                int64_t ldo, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int8_t* wr[4];
+    for (int j = 0; j < 4; ++j) wr[j] = w + std::min(n + j, n1 - 1) * ldw;
+    for (int64_t m = 0; m < M; m += 2) {
+      const float* xr[2] = {x + m * ldx, x + std::min(m + 1, M - 1) * ldx};
+      float sums[2][4];
+      const int mb = m + 1 < M ? 2 : 1;
+      if (mb == 2)
+        w8a16_block_avx2<2>(xr, wr, K, sums);
+      else
+        w8a16_block_avx2<1>(xr, wr, K, sums);
+      for (int i = 0; i < mb; ++i) {
+        for (int j = 0; j < 4 && n + j < n1; ++j) {
+          float v = sums[i][j] * ws[n + j];
+          if (bias) v = v + bias[n + j];
+          store_from_float(out, (m + i) * ldo + n + j, dt, v);
+        }
+      }
+    }
+  }
+}
+#endif
+
+}  // namespace
+
+void int8_w8a16_cpu(int isa, const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                    const float* w_scale, const float* bias, void* out, DType out_dtype,
+                    int64_t ldo, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+  if (M <= 0 || n1 <= n0) return;
+#if PYC_HAVE_X86_SIMD
+  if (isa >= 1) return w8a16_avx2(x, ldx, w, ldw, w_scale, bias, out, out_dtype, ldo, M, K, n0, n1);
+#endif
+  w8a16_scalar(x, ldx, w, ldw, w_scale, bias, out, out_dtype, ldo, M, K, n0, n1);
+}
+
+}  // namespace pyc

@@ -1,0 +1,87 @@
+// int8 GEMM on the CPU — torch-free kernel API.
+//
+//   C[m, n] = sum_k A[m, k] * B[n, k]        (A int8 [M, K], B int8 [N, K], C int32)
+//
+// Exact in int32 (products are summed without any intermediate saturation);
+// when |C| would exceed int32 (K > 131072 with extreme values) the result wraps
+// modulo 2^32.
+//
+// The weight operand B is first packed into a blocked layout shared by every
+// code path ("panels" of 16 output columns, K in groups of 4):
+//
+//   Kp = round_up(K, 4), Np = round_up(N, 16)
+//   bytes [p * Kp * 16, (p + 1) * Kp * 16): panel p, laid out [Kp / 4][16 cols][4 k]
+//   bytes [Np * Kp, Np * Kp + 4 * Np):       int32 column sums sum_k B[n, k]
+//                                            (the u8/s8 compensation of the VNNI path)
+//
+// Padding is zero. The activation operand A is prepared per row into the form the
+// chosen code path reads (int16 for scalar/AVX2, A + 128 as uint8 for AVX-512 VNNI).
+#pragma once
+
+#include <cstdint>
+
+#include "common/dtypes.h"
+
+namespace pyc {
+
+constexpr int64_t kInt8PanelCols = 16;
+
+inline int64_t int8_round_k(int64_t K) { return (K + 3) / 4 * 4; }
+inline int64_t int8_round_n(int64_t N) { return (N + 15) / 16 * 16; }
+
+// Size in bytes of the packed form of an [N, K] weight.
+inline int64_t int8_packed_bytes(int64_t N, int64_t K) {
+  return int8_round_n(N) * int8_round_k(K) + 4 * int8_round_n(N);
+}
+
+// Packs panels [p0, p1) of b (row stride ldb) into `packed` (whole-buffer base
+// pointer) including their column sums.
+void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* packed, int64_t p0,
+                 int64_t p1);
+
+// Code path used for the GEMM given a requested ISA level (0 scalar, 1 avx2,
+// 2+ avx512): returns 0 (scalar), 1 (avx2) or 2 (avx512-vnni; only when the CPU
+// has VNNI).
+int int8_gemm_path(int isa);
+
+// Bytes per prepared A row for a path.
+int64_t int8_a_row_bytes(int path, int64_t K);
+
+// Prepares rows [m0, m1) of a (row stride lda) into ap (row stride
+// int8_a_row_bytes(path, K)).
+void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap, int64_t m0,
+                    int64_t m1);
+
+// What is written for each finished tile.
+struct Int8Epilogue {
+  // int32 output (when out == nullptr): c[m * ldc + n]
+  int32_t* c = nullptr;
+  int64_t ldc = 0;
+  // float output: out[m * ldo + n] = ((float)acc * a_scale[m]) * w_scale[n] + bias[n]
+  void* out = nullptr;
+  DType out_dtype = DType::F32;
+  int64_t ldo = 0;
+  const float* a_scale = nullptr;
+  const float* w_scale = nullptr;
+  const float* bias = nullptr;  // may be null
+};
+
+// K block length the GEMM uses for this problem (== round_k(K): no K blocking).
+int64_t int8_gemm_kc(int path, int64_t M, int64_t K);
+
+// Computes rows [0, M) and panels [p0, p1) of the product of prepared A and
+// packed B, writing through the epilogue. Single thread. `workspace` (int32
+// [M, round_n(N)], may be shared by threads working on disjoint panels) is needed
+// when int8_gemm_kc(path, M, K) < round_k(K); with nullptr K is not blocked.
+void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
+                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
+                      int32_t* workspace);
+
+// Weight-only linear (w8a16) on the CPU: x fp32 [M, K] (row stride ldx), w int8 [N, K] (row stride ldw)
+// out[m, n] = (sum_k x[m, k] * (float)w[n, k]) * w_scale[n] + bias[n], fp32 accumulation,
+// rows n in [n0, n1). isa as for int8_gemm_path.
+void int8_w8a16_cpu(int isa, const float* x, int64_t ldx, const int8_t* w, int64_t ldw,
+                    const float* w_scale, const float* bias, void* out, DType out_dtype,
+                    int64_t ldo, int64_t M, int64_t K, int64_t n0, int64_t n1);
+
+}  // namespace pyc

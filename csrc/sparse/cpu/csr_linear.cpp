@@ -1,0 +1,329 @@
+// CSR sparse x dense kernels of SparseLinear: scalar, AVX2 and AVX-512, picked at run time.
+// See sparse/sparse.h for the format. The M >= 2 kernels vectorize along the dense (token)
+// dimension: each kept weight is broadcast once and multiplied into Mp activations that sit
+// contiguously in the transposed activation copy xT [K, Mp].
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/simd.h"
+#include "sparse/sparse.h"
+
+namespace pyc {
+namespace {
+
+template <typename I>
+inline const I* idx_ptr(const void* p) {
+  return static_cast<const I*>(p);
+}
+
+constexpr int64_t kRowBlock = 16;
+
+// y[m, nb + j] = tile[j, m] for j < ne - nb, m < M.
+inline void flush_tile(const float* tile, int64_t Mp, float* y, int64_t ldy, int64_t M, int64_t nb,
+                       int64_t ne) {
+  const int64_t cnt = ne - nb;
+  for (int64_t m = 0; m < M; ++m) {
+    float* yr = y + m * ldy + nb;
+    for (int64_t j = 0; j < cnt; ++j) yr[j] = tile[j * Mp + m];
+  }
+}
+
+// ---------------------------------------------------------------- scalar
+template <typename I>
+void gemv_scalar(const float* x, const int32_t* rp, const I* ci, const float* v, const float* bias,
+                 float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float a0 = 0.f, a1 = 0.f;
+    int32_t p = rp[n];
+    const int32_t e = rp[n + 1];
+    for (; p + 2 <= e; p += 2) {
+      a0 += v[p] * x[ci[p]];
+      a1 += v[p + 1] * x[ci[p + 1]];
+    }
+    if (p < e) a0 += v[p] * x[ci[p]];
+    y[n] = (bias ? bias[n] : 0.f) + (a0 + a1);
+  }
+}
+
+template <typename I>
+void spmm_t_scalar(const float* xT, int64_t Mp, const int32_t* rp, const I* ci, const float* v,
+                   const float* bias, float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float b = bias ? bias[n] : 0.f;
+    for (int64_t m = 0; m < M; ++m) {
+      float a = 0.f;
+      for (int32_t p = rp[n]; p < rp[n + 1]; ++p) a += v[p] * xT[static_cast<int64_t>(ci[p]) * Mp + m];
+      y[m * ldy + n] = a + b;
+    }
+  }
+}
+
+#if PYC_HAVE_X86_SIMD
+// ---------------------------------------------------------------- AVX2
+PYC_TARGET_AVX2 inline __m256i load8_idx(const int16_t* p) {
+  return _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+PYC_TARGET_AVX2 inline __m256i load8_idx(const int32_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+PYC_TARGET_AVX2 inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// M == 1. AVX2 gathers are slow on several cores (one 8-lane gather costs about as much as
+// eight scalar loads), so kept weights are processed with scalar loads and eight independent
+// FMA chains, plus gathers for half of each block of 16 to use both load paths.
+template <typename I>
+PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, const float* v,
+                               const float* bias, float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    __m256 acc = _mm256_setzero_ps();
+    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int32_t p = rp[n];
+    const int32_t e = rp[n + 1];
+    for (; p + 16 <= e; p += 16) {
+      const __m256 g = _mm256_i32gather_ps(x, load8_idx(ci + p), 4);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), g, acc);
+      for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + 8 + u], x[ci[p + 8 + u]], a[u]);
+    }
+    if (p + 8 <= e) {
+      for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + u], x[ci[p + u]], a[u]);
+      p += 8;
+    }
+    if (p < e) {  // branch-free tail over the zero element x[-1]
+      for (int u = 0; u < 7; ++u) {
+        const bool live = p + u < e;
+        const int32_t q = live ? p + u : p;
+        const int64_t col = live ? static_cast<int64_t>(ci[q]) : -1;
+        a[u] = std::fma(live ? v[q] : 0.f, x[col], a[u]);
+      }
+    }
+    float s = hsum256(acc);
+    s += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    y[n] = (bias ? bias[n] : 0.f) + s;
+  }
+}
+
+// One output row, NV vectors of 8 along the dense dimension starting at column m0; U
+// independent accumulator sets over consecutive kept weights hide the FMA latency. S is the
+// row stride of xT when known at compile time (0: use Mp), which turns the index multiply into
+// a shift.
+template <int NV, int S, typename I>
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
+    const float* xT, int64_t Mp, int64_t m0, int32_t p,
+                                          int32_t e, const I* ci, const float* v, float b,
+                                          float* yc) {
+  constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
+  const int64_t ld = S ? S : Mp;
+  __m256 acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_setzero_ps();
+  const float* base = xT + m0;
+  for (; p + U <= e; p += U) {
+    for (int u = 0; u < U; ++u) {
+      const float* xr = base + static_cast<int64_t>(ci[p + u]) * ld;
+      const __m256 w = _mm256_broadcast_ss(v + p + u);
+      for (int j = 0; j < NV; ++j)
+        acc[u][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
+    }
+  }
+  // tail: fewer than U kept weights left, each into its own accumulator set
+  for (int u = 0; u < U - 1; ++u) {
+    if (p + u >= e) break;
+    const float* xr = base + static_cast<int64_t>(ci[p + u]) * ld;
+    const __m256 w = _mm256_broadcast_ss(v + p + u);
+    for (int j = 0; j < NV; ++j)
+      acc[u][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
+  }
+  const __m256 bv = _mm256_set1_ps(b);
+  for (int j = 0; j < NV; ++j) {
+    __m256 s = acc[0][j];
+    for (int u = 1; u < U; ++u) s = _mm256_add_ps(s, acc[u][j]);
+    _mm256_storeu_ps(yc + m0 + 8 * j, _mm256_add_ps(s, bv));
+  }
+}
+
+template <int S, typename I>
+PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
+                                      const float* v, const float* bias, float* y, int64_t ldy,
+                                      int64_t M, int64_t n0, int64_t n1) {
+  // rows are computed into a small tile [kRowBlock, Mp] and written to y [M, ldy] block-wise,
+  // so each token's outputs are stored contiguously
+  std::vector<float> tile(kRowBlock * Mp);
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    for (int64_t n = nb; n < ne; ++n) {
+      float* yr = tile.data() + (n - nb) * Mp;
+      const float b = bias ? bias[n] : 0.f;
+      const int32_t p = rp[n], e = rp[n + 1];
+      int64_t m0 = 0;
+      for (; m0 + 64 <= Mp; m0 += 64) spmm_row_avx2<8, S>(xT, Mp, m0, p, e, ci, v, b, yr);
+      if (m0 + 32 <= Mp) { spmm_row_avx2<4, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
+      if (m0 + 16 <= Mp) { spmm_row_avx2<2, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
+      if (m0 + 8 <= Mp) { spmm_row_avx2<1, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
+    }
+    flush_tile(tile.data(), Mp, y, ldy, M, nb, ne);
+  }
+}
+
+template <typename I>
+PYC_TARGET_AVX2 void spmm_t_avx2(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
+                                 const float* v, const float* bias, float* y, int64_t ldy,
+                                 int64_t M, int64_t n0, int64_t n1) {
+  switch (Mp) {
+    case 8: return spmm_t_avx2_rows<8>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    case 16: return spmm_t_avx2_rows<16>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    case 32: return spmm_t_avx2_rows<32>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    case 64: return spmm_t_avx2_rows<64>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+    default: return spmm_t_avx2_rows<0>(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512
+PYC_TARGET_AVX512 inline __m512i load16_idx(const int16_t* p) {
+  return _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+PYC_TARGET_AVX512 inline __m512i load16_idx(const int32_t* p) {
+  return _mm512_loadu_si512(p);
+}
+
+template <typename I>
+PYC_TARGET_AVX512 void gemv_avx512(const float* x, const int32_t* rp, const I* ci,
+                                   const float* v, const float* bias, float* y, int64_t n0,
+                                   int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int32_t p = rp[n];
+    const int32_t e = rp[n + 1];
+    for (; p + 32 <= e; p += 32) {
+      const __m512 g0 = _mm512_i32gather_ps(load16_idx(ci + p), x, 4);
+      const __m512 g1 = _mm512_i32gather_ps(load16_idx(ci + p + 16), x, 4);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + p), g0, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + p + 16), g1, a1);
+    }
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    for (; p < e; ++p) s += v[p] * x[ci[p]];
+    y[n] = (bias ? bias[n] : 0.f) + s;
+  }
+}
+
+template <int NV, typename I>
+PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_row_avx512(
+    const float* xT, int64_t Mp, int64_t m0, int32_t p,
+                                              int32_t e, const I* ci, const float* v, float b,
+                                              float* yc) {
+  constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
+  __m512 acc[U][NV];
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < NV; ++j) acc[u][j] = _mm512_setzero_ps();
+  const float* base = xT + m0;
+  for (; p + U <= e; p += U) {
+    for (int u = 0; u < U; ++u) {
+      const float* xr = base + static_cast<int64_t>(ci[p + u]) * Mp;
+      const __m512 w = _mm512_set1_ps(v[p + u]);
+      for (int j = 0; j < NV; ++j)
+        acc[u][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * j), acc[u][j]);
+    }
+  }
+  for (int u = 0; u < U - 1; ++u) {
+    if (p + u >= e) break;
+    const float* xr = base + static_cast<int64_t>(ci[p + u]) * Mp;
+    const __m512 w = _mm512_set1_ps(v[p + u]);
+    for (int j = 0; j < NV; ++j)
+      acc[u][j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xr + 16 * j), acc[u][j]);
+  }
+  const __m512 bv = _mm512_set1_ps(b);
+  for (int j = 0; j < NV; ++j) {
+    __m512 s = acc[0][j];
+    for (int u = 1; u < U; ++u) s = _mm512_add_ps(s, acc[u][j]);
+    _mm512_storeu_ps(yc + m0 + 16 * j, _mm512_add_ps(s, bv));
+  }
+}
+
+template <typename I>
+PYC_TARGET_AVX512 void spmm_t_avx512(const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
+                                     const float* v, const float* bias, float* y, int64_t ldy,
+                                     int64_t M, int64_t n0, int64_t n1) {
+  std::vector<float> tile(kRowBlock * Mp);
+  for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
+    const int64_t ne = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    for (int64_t n = nb; n < ne; ++n) {
+      float* yr = tile.data() + (n - nb) * Mp;
+      const float b = bias ? bias[n] : 0.f;
+      const int32_t p = rp[n], e = rp[n + 1];
+      int64_t m0 = 0;
+      for (; m0 + 128 <= Mp; m0 += 128) spmm_row_avx512<8>(xT, Mp, m0, p, e, ci, v, b, yr);
+      if (m0 + 64 <= Mp) { spmm_row_avx512<4>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 64; }
+      if (m0 + 32 <= Mp) { spmm_row_avx512<2>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
+      if (m0 + 16 <= Mp) { spmm_row_avx512<1>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
+    }
+    flush_tile(tile.data(), Mp, y, ldy, M, nb, ne);
+  }
+}
+#endif  // PYC_HAVE_X86_SIMD
+
+template <typename I>
+void gemv_dispatch(CpuIsa isa, const float* x, const int32_t* rp, const I* ci, const float* v,
+                   const float* bias, float* y, int64_t n0, int64_t n1) {
+#if PYC_HAVE_X86_SIMD
+  if (isa >= CpuIsa::Avx512) return gemv_avx512(x, rp, ci, v, bias, y, n0, n1);
+  if (isa >= CpuIsa::Avx2) return gemv_avx2(x, rp, ci, v, bias, y, n0, n1);
+#endif
+  gemv_scalar(x, rp, ci, v, bias, y, n0, n1);
+}
+
+template <typename I>
+void spmm_dispatch(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* rp, const I* ci,
+                   const float* v, const float* bias, float* y, int64_t ldy, int64_t M,
+                   int64_t n0, int64_t n1) {
+#if PYC_HAVE_X86_SIMD
+  if (isa >= CpuIsa::Avx512) return spmm_t_avx512(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+  if (isa >= CpuIsa::Avx2) return spmm_t_avx2(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+#endif
+  spmm_t_scalar(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+}
+
+}  // namespace
+
+int csr_m_align(CpuIsa isa) { return isa >= CpuIsa::Avx512 ? 16 : 8; }
+
+void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void* col_idx,
+                  bool idx16, const float* values, const float* bias, float* y, int64_t n0,
+                  int64_t n1) {
+  if (idx16)
+    gemv_dispatch(isa, x, row_ptr, idx_ptr<int16_t>(col_idx), values, bias, y, n0, n1);
+  else
+    gemv_dispatch(isa, x, row_ptr, idx_ptr<int32_t>(col_idx), values, bias, y, n0, n1);
+}
+
+void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_ptr,
+                    const void* col_idx, bool idx16, const float* values, const float* bias,
+                    float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1) {
+  if (idx16)
+    spmm_dispatch(isa, xT, Mp, row_ptr, idx_ptr<int16_t>(col_idx), values, bias, y, ldy, M, n0,
+                  n1);
+  else
+    spmm_dispatch(isa, xT, Mp, row_ptr, idx_ptr<int32_t>(col_idx), values, bias, y, ldy, M, n0,
+                  n1);
+}
+
+void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT, int64_t k0,
+                       int64_t k1) {
+  constexpr int64_t B = 16;
+  for (int64_t kb = k0; kb < k1; kb += B) {
+    const int64_t ke = kb + B < k1 ? kb + B : k1;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * ldx;
+      for (int64_t k = kb; k < ke; ++k) xT[k * Mp + m] = xr[k];
+    }
+    for (int64_t k = kb; k < ke; ++k)
+      for (int64_t m = M; m < Mp; ++m) xT[k * Mp + m] = 0.f;
+  }
+}
+
+}  // namespace pyc

@@ -1,0 +1,63 @@
+// Sparse masked linear — torch-free CPU kernel API.
+//
+// Compressed format of SparseLinear (CSR over output rows):
+//   row_ptr [N + 1] int32    kept weights of output row n are entries row_ptr[n] .. row_ptr[n+1)
+//   col_idx [nnz]   int16 (K <= 32768) or int32 (larger K): input column of each entry
+//   values  [nnz]   fp32
+// y[m, n] = bias[n] + sum_{p in row n} values[p] * x[m, col_idx[p]]
+//
+// Small M (M == 1) uses a gather kernel along the row's kept weights. M >= 2 works on a
+// transposed, zero-padded copy of the activations xT [K, Mp] (Mp a multiple of
+// csr_m_align(isa)) and writes y [M, N] directly: every kept weight is one broadcast and Mp/8 (AVX2)
+// or Mp/16 (AVX-512) fused multiply-adds along the dense dimension.
+//
+// MaskedLinear kernels (fp32, row-major, unit column stride):
+//   forward      y[m, n]   = bias[n] + sum_k x[m, k] * (mask[n, k] ? w[n, k] : 0)
+//   grad_input   gx[m, k]  = sum_n g[m, n] * (mask[n, k] ? w[n, k] : 0)
+//   grad_weight  gw[n, k]  = mask[n, k] ? sum_m g[m, n] * x[m, k] : 0
+// The mask (one byte per weight, 0 or 1) is applied in registers; no masked copy of the
+// weight is written.
+#pragma once
+
+#include <cstdint>
+
+#include "common/cpu_features.h"
+
+namespace pyc {
+
+// Padding of the dense dimension (Mp) the M >= 2 kernel expects for `isa`.
+int csr_m_align(CpuIsa isa);
+
+// The M == 1 kernel requires one zero element before the activations (x[-1] == 0): its tail
+// reads it instead of branching. (The binding also puts a zero row before xT.)
+//
+// M == 1: y[n] for rows n in [n0, n1). idx16 selects int16 (true) or int32 column indices.
+void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void* col_idx,
+                  bool idx16, const float* values, const float* bias, float* y, int64_t n0,
+                  int64_t n1);
+
+// M >= 2: columns n in [n0, n1) of y [M, ldy] (row-major) from xT [K, Mp].
+void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_ptr,
+                    const void* col_idx, bool idx16, const float* values, const float* bias,
+                    float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1);
+
+// xT[k, m] = x[m, k] for k in [k0, k1), m < M; zero for M <= m < Mp. x has row stride ldx.
+void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT, int64_t k0,
+                       int64_t k1);
+
+// Masked linear forward for output columns n in [n0, n1) (all M rows).
+void masked_linear_fwd_cpu(CpuIsa isa, const float* x, const float* w, const uint8_t* mask,
+                           const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                           int64_t n0, int64_t n1);
+
+// grad_input for input columns k in [k0, k1) (all M rows).
+void masked_linear_grad_input_cpu(CpuIsa isa, const float* g, const float* w,
+                                  const uint8_t* mask, float* gx, int64_t M, int64_t N,
+                                  int64_t K, int64_t k0, int64_t k1);
+
+// grad_weight for output rows n in [n0, n1).
+void masked_linear_grad_weight_cpu(CpuIsa isa, const float* g, const float* x,
+                                   const uint8_t* mask, float* gw, int64_t M, int64_t N,
+                                   int64_t K, int64_t n0, int64_t n1);
+
+}  // namespace pyc

@@ -1,0 +1,118 @@
+// Unit test of the sparse CPU kernels (CSR linear, masked linear and its gradients) against
+// naive double-precision references, for every ISA level this CPU supports.
+// sources: csrc/sparse/cpu/csr_linear.cpp csrc/sparse/cpu/masked_linear.cpp csrc/common/cpu_features.cpp
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "common/cpu_features.h"
+#include "sparse/sparse.h"
+
+using namespace pyc;
+
+static int failures = 0;
+
+static void expect_close(const char* what, double got, double ref, int isa, int M, int K, int N) {
+  if (std::fabs(got - ref) > 1e-4 * (1.0 + std::fabs(ref))) {
+    if (failures < 10)
+      std::printf("FAIL %s isa=%d M=%d K=%d N=%d: got %g expected %g\n", what, isa, M, K, N, got,
+                  ref);
+    ++failures;
+  }
+}
+
+int main() {
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  const int shapes[][3] = {{1, 1, 1}, {1, 37, 19}, {2, 16, 8}, {9, 70, 33}, {33, 129, 40},
+                           {70, 64, 17}};
+  const CpuIsa top = max_cpu_isa();
+  for (int isa_i = 0; isa_i <= static_cast<int>(top) && isa_i <= 2; ++isa_i) {
+    const CpuIsa isa = static_cast<CpuIsa>(isa_i);
+    for (const auto& s : shapes) {
+      const int M = s[0], K = s[1], N = s[2];
+      for (double sparsity : {0.0, 0.7, 0.99}) {
+        std::vector<float> w(N * K), x(M * K), bias(N), g(M * N);
+        std::vector<uint8_t> mask(N * K);
+        for (auto& v : w) v = U(rng);
+        for (auto& v : x) v = U(rng);
+        for (auto& v : bias) v = U(rng);
+        for (auto& v : g) v = U(rng);
+        for (auto& m : mask) m = (U(rng) * 0.5f + 0.5f) >= sparsity;
+        // CSR of the masked weight
+        std::vector<int32_t> rp(N + 1, 0);
+        std::vector<int16_t> ci;
+        std::vector<float> vals;
+        for (int n = 0; n < N; ++n) {
+          for (int k = 0; k < K; ++k)
+            if (mask[n * K + k]) {
+              ci.push_back(static_cast<int16_t>(k));
+              vals.push_back(w[n * K + k]);
+            }
+          rp[n + 1] = static_cast<int32_t>(ci.size());
+        }
+        // references
+        std::vector<double> yref(M * N), gxref(M * K), gwref(N * K);
+        for (int m = 0; m < M; ++m)
+          for (int n = 0; n < N; ++n) {
+            double a = bias[n];
+            for (int k = 0; k < K; ++k) a += mask[n * K + k] ? double(w[n * K + k]) * x[m * K + k] : 0.0;
+            yref[m * N + n] = a;
+          }
+        for (int m = 0; m < M; ++m)
+          for (int k = 0; k < K; ++k) {
+            double a = 0;
+            for (int n = 0; n < N; ++n) a += mask[n * K + k] ? double(g[m * N + n]) * w[n * K + k] : 0.0;
+            gxref[m * K + k] = a;
+          }
+        for (int n = 0; n < N; ++n)
+          for (int k = 0; k < K; ++k) {
+            double a = 0;
+            for (int m = 0; m < M; ++m) a += double(g[m * N + n]) * x[m * K + k];
+            gwref[n * K + k] = mask[n * K + k] ? a : 0.0;
+          }
+        // CSR kernels
+        if (M == 1) {
+          std::vector<float> y(N), xz(K + 1, 0.f);
+          for (int k = 0; k < K; ++k) xz[k + 1] = x[k];
+          csr_gemv_cpu(isa, xz.data() + 1, rp.data(), ci.data(), true, vals.data(), bias.data(),
+                       y.data(), 0, N);
+          for (int n = 0; n < N; ++n) expect_close("csr_gemv", y[n], yref[n], isa_i, M, K, N);
+        }
+        const int align = csr_m_align(isa);
+        const int Mp = (M + align - 1) / align * align;
+        std::vector<float> xTz((K + 1) * Mp, -1.f), ys(M * N);
+        for (int m = 0; m < Mp; ++m) xTz[m] = 0.f;
+        float* xT = xTz.data() + Mp;
+        transpose_pad_cpu(x.data(), K, M, Mp, xT, 0, K);
+        for (int k = 0; k < K; ++k)
+          for (int m = 0; m < Mp; ++m)
+            if (xT[k * Mp + m] != (m < M ? x[m * K + k] : 0.f)) ++failures;
+        csr_spmm_t_cpu(isa, xT, Mp, rp.data(), ci.data(), true, vals.data(), bias.data(),
+                       ys.data(), N, M, 0, N);
+        for (int i = 0; i < M * N; ++i) expect_close("csr_spmm_t", ys[i], yref[i], isa_i, M, K, N);
+        // masked kernels
+        std::vector<float> y(M * N), gx(M * K), gw(N * K);
+        masked_linear_fwd_cpu(isa, x.data(), w.data(), mask.data(), bias.data(), y.data(), M, N,
+                              K, 0, N);
+        masked_linear_grad_input_cpu(isa, g.data(), w.data(), mask.data(), gx.data(), M, N, K, 0,
+                                     K);
+        masked_linear_grad_weight_cpu(isa, g.data(), x.data(), mask.data(), gw.data(), M, N, K,
+                                      0, N);
+        for (int i = 0; i < M * N; ++i) expect_close("masked_fwd", y[i], yref[i], isa_i, M, K, N);
+        for (int i = 0; i < M * K; ++i) expect_close("masked_gin", gx[i], gxref[i], isa_i, M, K, N);
+        for (int i = 0; i < N * K; ++i) {
+          expect_close("masked_gw", gw[i], gwref[i], isa_i, M, K, N);
+          if (!mask[i] && gw[i] != 0.f) ++failures;
+        }
+      }
+    }
+  }
+  if (failures) {
+    std::printf("test_sparse: %d failure(s)\n", failures);
+    return 1;
+  }
+  std::printf("test_sparse: ok (max isa %s)\n", cpu_isa_name(top));
+  return 0;
+}

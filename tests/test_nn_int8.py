@@ -1,0 +1,159 @@
+"""pycompress.nn.Int8Linear: accuracy, state_dict round trips, devices, dtypes, torch.compile."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import pycompress.ops as ops
+from pycompress.nn import Int8Linear
+
+MODES = ["w8a8", "w8a16"]
+
+
+def rel_err(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def make_linear(k=256, n=192, bias=True, device="cpu"):
+    lin = nn.Linear(k, n, bias=bias).to(device)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    return lin
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_accuracy_vs_fp32(mode, bias, device, cpu_isa):
+    lin = make_linear(bias=bias, device=device)
+    q = Int8Linear.from_float(lin, mode=mode)
+    x = torch.randn(37, 256, device=device)
+    with torch.no_grad():
+        ref = lin(x)
+    y = q(x)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert rel_err(y, ref) < 0.02
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_and_3d(mode, dtype, device):
+    lin = make_linear(device=device)
+    q = Int8Linear.from_float(lin, mode=mode)
+    x = torch.randn(2, 9, 256, device=device)
+    with torch.no_grad():
+        ref = lin(x)
+    y = q(x.to(dtype))
+    assert y.dtype == dtype and y.shape == (2, 9, 192)
+    assert rel_err(y, ref) < 0.02
+
+
+def test_buffers_and_quantization():
+    lin = make_linear(k=64, n=10)
+    q = Int8Linear.from_float(lin)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == (10, 64)
+    assert q.weight_scale.dtype == torch.float32 and q.weight_scale.shape == (10,)
+    assert q.bias.dtype == torch.float32
+    w = lin.weight.detach()
+    torch.testing.assert_close(q.weight_scale, w.abs().amax(1) / 127)
+    assert (q.weight.abs().amax(1) == 127).all()
+    assert q.in_features == 64 and q.out_features == 10 and q.mode == "w8a8"
+    assert set(q.state_dict()) == {"weight", "weight_scale", "bias"}
+    assert "in_features=64" in repr(q) and "mode=w8a8" in repr(q)
+    assert set(Int8Linear.from_float(make_linear(bias=False)).state_dict()) == {"weight", "weight_scale"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_round_trip(mode, bias, device):
+    q = Int8Linear.from_float(make_linear(bias=bias), mode=mode).to(device)
+    cfg = json.loads(json.dumps(q.config()))
+    fresh = Int8Linear.from_config(cfg).to(device)
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(5, 256, device=device)
+    torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)
+    assert fresh.config() == q.config()
+
+
+def test_load_state_dict_repacks_cpu_weight():
+    a = Int8Linear.from_float(make_linear())
+    b = Int8Linear(256, 192)
+    x = torch.randn(4, 256)
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    # editing the weight in place needs an explicit repack
+    with torch.no_grad():
+        b.weight.neg_()
+    b.repack()
+    torch.testing.assert_close(b(x), ops.int8_linear(x, b.weight, b.weight_scale, b.bias), rtol=0, atol=0)
+
+
+def test_to_float():
+    lin = make_linear()
+    q = Int8Linear.from_float(lin)
+    f = q.to_float()
+    assert isinstance(f, nn.Linear)
+    torch.testing.assert_close(f.weight, q.weight.float() * q.weight_scale[:, None])
+    assert rel_err(f.weight, lin.weight) < 0.01
+    x = torch.randn(3, 256)
+    assert rel_err(q(x), f(x)) < 0.02
+
+
+def test_dtype_cast_keeps_fp32_scales(device):
+    q = Int8Linear.from_float(make_linear()).to(device)
+    scale = q.weight_scale.clone()
+    q = q.half()
+    assert q.weight.dtype == torch.int8 and q.weight_scale.dtype == torch.float32
+    torch.testing.assert_close(q.weight_scale, scale, rtol=0, atol=0)
+    y = q(torch.randn(3, 256, device=device).half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_device_moves():
+    from conftest import CUDA_OK, CUDA_WHY
+
+    if not CUDA_OK:
+        pytest.skip(CUDA_WHY)
+    q = Int8Linear.from_float(make_linear())
+    x = torch.randn(6, 256)
+    y_cpu = q(x)
+    qc = q.to("cuda")
+    assert qc.weight.is_cuda and qc.weight_scale.is_cuda
+    torch.testing.assert_close(qc(x.cuda()).cpu(), y_cpu, rtol=0, atol=0)
+    back = qc.to("cpu")
+    torch.testing.assert_close(back(x), y_cpu, rtol=0, atol=0)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="mode"):
+        Int8Linear(4, 4, mode="w4a4")
+    with pytest.raises(TypeError, match="nn.Linear"):
+        Int8Linear.from_float(nn.Conv1d(2, 2, 1))
+    q = Int8Linear.from_float(make_linear())
+    with pytest.raises(ValueError, match="last dimension"):
+        q(torch.randn(3, 255))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_fullgraph(mode):
+    model = nn.Sequential(Int8Linear.from_float(make_linear(), mode=mode), nn.ReLU(),
+                          Int8Linear.from_float(make_linear(192, 64), mode=mode))
+    x = torch.randn(2, 7, 256)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_export(mode):
+    model = nn.Sequential(Int8Linear.from_float(make_linear(), mode=mode))
+    x = torch.randn(3, 256)
+    ep = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    op = "int8_linear_w8a16" if mode == "w8a16" else "int8_linear"
+    assert any(f"pycompress.{op}." in t for t in targets), targets
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)

@@ -1,0 +1,174 @@
+"""MaskedLinear / SparseLinear modules: exactness, masks held through training, state_dict."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from pycompress.nn import MaskedLinear, SparseLinear
+from pycompress.nn.masked_linear import keep_masks
+
+
+def _pruned_linear(K, N, sparsity, bias=True):
+    lin = nn.Linear(K, N, bias=bias)
+    mask = torch.rand(N, K) >= sparsity
+    with torch.no_grad():
+        lin.weight.mul_(mask)
+    return lin, mask
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_masked_weights_stay_zero_through_training(opt_name):
+    torch.manual_seed(1)
+    lin = nn.Linear(37, 19)
+    mask = torch.rand(19, 37) > 0.7
+    ml = MaskedLinear.from_dense(lin, mask)
+    model = nn.Sequential(ml, nn.ReLU(), nn.Linear(19, 3))
+    if opt_name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = ml.weight.detach().clone()
+    for _ in range(15):
+        x = torch.randn(8, 37)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert torch.all(ml.weight.grad[~mask] == 0)
+        opt.step()
+    assert torch.all(ml.weight[~mask] == 0)
+    assert not torch.equal(ml.weight[mask], before[mask])  # kept weights did train
+
+
+def test_keep_masks_after_mask_change_with_momentum():
+    ml = MaskedLinear.from_dense(nn.Linear(16, 8))
+    opt = torch.optim.SGD(ml.parameters(), lr=0.1, momentum=0.9)
+    handle = keep_masks(ml, opt)
+    for _ in range(3):
+        opt.zero_grad()
+        ml(torch.randn(4, 16)).sum().backward()
+        opt.step()
+    new_mask = torch.rand(8, 16) > 0.5
+    ml.set_mask(new_mask)  # momentum buffers still hold values for newly pruned weights
+    for _ in range(3):
+        opt.zero_grad()
+        ml(torch.randn(4, 16)).sum().backward()
+        opt.step()
+        assert torch.all(ml.weight[~new_mask] == 0)
+    assert torch.all(opt.state[ml.weight]["momentum_buffer"][~new_mask] == 0)
+    handle.remove()
+
+
+def test_masked_linear_module_matches_dense_and_round_trip():
+    lin, mask = _pruned_linear(50, 30, 0.6)
+    ml = MaskedLinear.from_dense(lin, mask)
+    x = torch.randn(7, 50)
+    torch.testing.assert_close(ml(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert "sparsity=" in repr(ml)
+    cfg = json.loads(json.dumps(ml.config()))
+    fresh = MaskedLinear.from_config(cfg)
+    fresh.load_state_dict(ml.state_dict())
+    torch.testing.assert_close(fresh(x), ml(x))
+    assert torch.equal(fresh.mask, mask)
+    dense = ml.to_dense()
+    assert type(dense) is nn.Linear
+    torch.testing.assert_close(dense(x), ml(x), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_linear_bad_mask():
+    lin = nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="shape"):
+        MaskedLinear.from_dense(lin, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        MaskedLinear.from_dense(lin, torch.ones(3, 4))
+    with pytest.raises(TypeError, match="Linear"):
+        MaskedLinear.from_dense(nn.ReLU(), None)
+
+
+@pytest.mark.parametrize("K,N", [(1, 1), (33, 17), (768, 64), (129, 300)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99])
+@pytest.mark.parametrize("M", [1, 3, 8, 40])
+def test_sparse_linear_equals_dense_with_zeros(K, N, sparsity, M):
+    lin, _ = _pruned_linear(K, N, sparsity)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(M, K)
+    torch.testing.assert_close(sl(x), lin(x), atol=1e-4, rtol=1e-4)
+    assert sl.nnz == int((lin.weight != 0).sum())
+
+
+def test_sparse_linear_explicit_mask_and_masked_source():
+    lin = nn.Linear(20, 10)
+    mask = torch.rand(10, 20) > 0.5
+    sl = SparseLinear.from_dense(lin, mask)
+    ref = nn.functional.linear(torch.ones(2, 20), lin.weight * mask, lin.bias)
+    torch.testing.assert_close(sl(torch.ones(2, 20)), ref, atol=1e-5, rtol=1e-5)
+    sl2 = SparseLinear.from_dense(MaskedLinear.from_dense(lin, mask))
+    torch.testing.assert_close(sl2(torch.ones(2, 20)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_linear_state_dict_round_trip_and_size():
+    torch.manual_seed(0)
+    lin, mask = _pruned_linear(512, 256, 0.9)
+    sl = SparseLinear.from_dense(lin)
+    cfg = json.loads(json.dumps(sl.config()))
+    assert cfg["nnz"] == sl.nnz
+    fresh = SparseLinear.from_config(cfg)
+    fresh.load_state_dict(sl.state_dict())
+    x = torch.randn(5, 512)
+    torch.testing.assert_close(fresh(x), sl(x))
+
+    def nbytes(module):
+        buf = io.BytesIO()
+        torch.save(module.state_dict(), buf)
+        return buf.tell()
+
+    assert nbytes(sl) <= 0.25 * nbytes(lin)
+    assert "sparsity=90" in repr(sl) or "sparsity=89" in repr(sl)
+    dense = sl.to_dense()
+    torch.testing.assert_close(dense(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_no_bias_and_bad_config():
+    lin, _ = _pruned_linear(16, 8, 0.5, bias=False)
+    sl = SparseLinear.from_dense(lin)
+    assert sl.bias is None
+    torch.testing.assert_close(sl(torch.ones(1, 16)), lin(torch.ones(1, 16)), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="nnz"):
+        SparseLinear(4, 4, 17)
+    with pytest.raises(ValueError, match="format"):
+        SparseLinear.from_config({"format": "coo", "in_features": 4, "out_features": 4, "nnz": 1})
+    with pytest.raises(ValueError, match="in_features"):
+        sl(torch.randn(2, 15))
+
+
+def test_sparse_linear_cuda(device):
+    lin, _ = _pruned_linear(96, 40, 0.9)
+    lin = lin.to(device)
+    sl = SparseLinear.from_dense(lin)
+    for M in (1, 6, 33):
+        x = torch.randn(M, 96, device=device)
+        torch.testing.assert_close(sl(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_export_and_compile():
+    lin, _ = _pruned_linear(48, 24, 0.8)
+    model = nn.Sequential(SparseLinear.from_dense(lin), nn.ReLU())
+    x = torch.randn(3, 48)
+    ref = model(x)
+    ep = torch.export.export(model, (x,))
+    torch.testing.assert_close(ep.module()(x), ref)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x), ref)
+
+
+def test_masked_linear_compile_backward():
+    lin = nn.Linear(20, 12)
+    ml = MaskedLinear.from_dense(lin, torch.rand(12, 20) > 0.5)
+    x = torch.randn(4, 20)
+    out = torch.compile(ml, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    assert torch.all(ml.weight.grad[~ml.mask] == 0)
+    torch.testing.assert_close(out, nn.functional.linear(x, lin.weight * ml.mask, lin.bias), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,215 @@
+"""int8 GEMM ops: bit-exact against int64 references on every device and CPU code path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pycompress.ops as ops
+from reference import quantize_per_token_ref
+
+GEMM_SHAPES = [  # (M, K, N)
+    (1, 1, 1), (1, 67, 129), (0, 5, 7), (5, 1, 3), (6, 4, 16), (7, 3, 17), (17, 67, 129),
+    (13, 100, 33), (64, 300, 100), (1, 4096, 40), (130, 257, 48),
+    (70, 2001, 40),  # K split into blocks (partial sums through the workspace)
+]
+
+
+def gemm_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a.cpu().long() @ b.cpu().long().t()).to(torch.int32)
+
+
+def linear_ref(x, w, w_scale, bias):
+    """W8A8 reference: same quantization and the same fp32 epilogue order as the kernels."""
+    q, s = quantize_per_token_ref(x.cpu())
+    acc = (q.long() @ w.cpu().long().t()).float()
+    y = (acc * s[:, None]) * w_scale.cpu()[None, :]
+    if bias is not None:
+        y = y + bias.cpu().float()[None, :]
+    return y.to(x.dtype)
+
+
+def rand_i8(*shape, device="cpu"):
+    return torch.randint(-128, 128, shape, dtype=torch.int8).to(device)
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+def test_gemm_exact(shape, device, cpu_isa):
+    M, K, N = shape
+    a, b = rand_i8(M, K, device=device), rand_i8(N, K, device=device)
+    c = ops.int8_gemm(a, b)
+    assert c.dtype == torch.int32 and c.shape == (M, N) and c.device == a.device
+    torch.testing.assert_close(c.cpu(), gemm_ref(a, b), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K", [1, 67, 1000, 4099])
+def test_gemm_extremes_no_saturation(K, device, cpu_isa):
+    a = torch.full((7 if K < 4000 else 70, K), -128, dtype=torch.int8, device=device)
+    b = torch.full((19, K), -128, dtype=torch.int8, device=device)
+    b[1] = 127
+    b[2, ::2] = 127  # mixed signs inside a k group
+    c = ops.int8_gemm(a, b).cpu()
+    torch.testing.assert_close(c, gemm_ref(a, b), rtol=0, atol=0)
+    assert c[0, 0].item() == 16384 * K
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 67, 129), (2, 100, 33), (1, 4096, 40), (2, 40001, 20)])
+def test_gemm_small_m_weights_without_min(shape, device, cpu_isa):
+    # weights in [-127, 127] (what Int8Linear stores), activations with -128
+    M, K, N = shape
+    a = rand_i8(M, K, device=device)
+    a[0, 0] = -128
+    b = torch.randint(-127, 128, (N, K), dtype=torch.int8).to(device)
+    torch.testing.assert_close(ops.int8_gemm(a, b).cpu(), gemm_ref(a, b), rtol=0, atol=0)
+    a.fill_(-128)
+    b.fill_(-127)
+    torch.testing.assert_close(ops.int8_gemm(a, b).cpu(), gemm_ref(a, b), rtol=0, atol=0)
+
+
+def test_gemm_noncontiguous(device, cpu_isa):
+    a = rand_i8(40, 70, device=device)[:, 3:68]  # row stride 70 > K = 65
+    b = rand_i8(65, 33, device=device).t()  # column-major [33, 65]
+    c = ops.int8_gemm(a, b)
+    torch.testing.assert_close(c.cpu(), gemm_ref(a, b), rtol=0, atol=0)
+    a2 = a[::2]  # every other row
+    torch.testing.assert_close(ops.int8_gemm(a2, b).cpu(), gemm_ref(a2, b), rtol=0, atol=0)
+
+
+def test_gemm_cpu_cuda_same_integers():
+    from conftest import CUDA_OK, CUDA_WHY
+
+    if not CUDA_OK:
+        pytest.skip(CUDA_WHY)
+    for M, K, N in [(1, 4096, 4096), (16, 4096, 1000), (33, 67, 129), (256, 512, 384), (2048, 1024, 256)]:
+        a, b = rand_i8(M, K), rand_i8(N, K)
+        torch.testing.assert_close(ops.int8_gemm(a.cuda(), b.cuda()).cpu(), ops.int8_gemm(a, b), rtol=0, atol=0)
+
+
+LINEAR_SHAPES = [(1, 1, 1), (1, 64, 48), (3, 67, 129), (16, 256, 100), (70, 130, 33), (100, 1800, 20)]
+
+
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_matches_reference(shape, dtype, with_bias, device, cpu_isa):
+    M, K, N = shape
+    x = (torch.randn(M, K) * 2).to(dtype).to(device)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8).to(device)
+    w_scale = (torch.rand(N) * 0.02 + 1e-3).to(device)
+    bias = torch.randn(N).to(dtype).to(device) if with_bias else None
+    y = ops.int8_linear(x, w, w_scale, bias)
+    assert y.dtype == dtype and y.shape == (M, N)
+    torch.testing.assert_close(y.cpu(), linear_ref(x, w, w_scale, bias), rtol=0, atol=0)
+
+
+def test_linear_packed_and_leading_dims(cpu_isa):
+    x = torch.randn(2, 3, 5, 200)
+    w = torch.randint(-127, 128, (72, 200), dtype=torch.int8)
+    ws, bias = torch.rand(72), torch.randn(72)
+    packed = ops.int8_pack_weight(w)
+    assert packed.numel() == ops.int8_packed_bytes(72, 200)
+    y = ops.int8_linear(x, w, ws, bias, w_packed=packed)
+    assert y.shape == (2, 3, 5, 72)
+    torch.testing.assert_close(y, ops.int8_linear(x, w, ws, bias), rtol=0, atol=0)
+    torch.testing.assert_close(y.reshape(-1, 72), linear_ref(x.reshape(-1, 200), w, ws, bias), rtol=0, atol=0)
+    y1 = ops.int8_linear(x[0, 0, 0], w, ws, bias)  # 1-D input
+    assert y1.shape == (72,)
+    torch.testing.assert_close(y1, y[0, 0, 0], rtol=0, atol=0)
+
+
+def test_linear_special_rows(device, cpu_isa):
+    x = torch.randn(4, 40)
+    x[1] = 0
+    x[2, 3] = float("nan")
+    w = torch.randint(-127, 128, (20, 40), dtype=torch.int8)
+    ws, bias = torch.rand(20), torch.randn(20)
+    y = ops.int8_linear(x.to(device), w.to(device), ws.to(device), bias.to(device)).cpu()
+    torch.testing.assert_close(y[1], bias, rtol=0, atol=0)  # zero row -> bias
+    assert torch.isnan(y[2]).all()  # non-finite row stays visible
+    torch.testing.assert_close(y, linear_ref(x, w, ws, bias), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 48), (3, 67, 129), (16, 256, 100), (33, 40, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_w8a16_matches_reference(shape, dtype, device, cpu_isa):
+    M, K, N = shape
+    x = torch.randn(M, K).to(dtype)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    ws, bias = torch.rand(N) * 0.01, torch.randn(N)
+    y = ops.int8_linear_w8a16(x.to(device), w.to(device), ws.to(device), bias.to(dtype).to(device))
+    ref = x.double() @ (w.double() * ws.double()[:, None]).t() + bias.to(dtype).double()
+    assert y.dtype == dtype and y.shape == (M, N)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_bad_inputs():
+    a, b = rand_i8(4, 8), rand_i8(5, 8)
+    with pytest.raises(TypeError, match="a must have dtype int8"):
+        ops.int8_gemm(a.float(), b)
+    with pytest.raises(TypeError, match="b must have dtype int8"):
+        ops.int8_gemm(a, b.to(torch.uint8))
+    with pytest.raises(ValueError, match="same K"):
+        ops.int8_gemm(a, rand_i8(5, 9))
+    with pytest.raises(ValueError, match="2-D"):
+        ops.int8_gemm(rand_i8(8), b)
+    with pytest.raises(ValueError, match="K >= 1"):
+        ops.int8_gemm(rand_i8(4, 0), rand_i8(5, 0))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.int8_gemm([[1]], b)
+    x, w, ws = torch.randn(3, 8), rand_i8(5, 8), torch.rand(5)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        ops.int8_linear(x.double(), w, ws)
+    with pytest.raises(TypeError, match="w must have dtype int8"):
+        ops.int8_linear(x, w.float(), ws)
+    with pytest.raises(TypeError, match="w_scale must have dtype float32"):
+        ops.int8_linear(x, w, ws.half())
+    with pytest.raises(ValueError, match="last dimension"):
+        ops.int8_linear(torch.randn(3, 9), w, ws)
+    with pytest.raises(ValueError, match="w_scale must have N = 5"):
+        ops.int8_linear(x, w, torch.rand(4))
+    with pytest.raises(ValueError, match="bias must have N = 5"):
+        ops.int8_linear(x, w, ws, torch.randn(6))
+    with pytest.raises(ValueError, match="w_packed"):
+        ops.int8_linear(x, w, ws, w_packed=torch.zeros(3, dtype=torch.int8))
+    with pytest.raises(ValueError, match="bias must have N = 5"):
+        ops.int8_linear_w8a16(x, w, ws, torch.randn(6))
+    with pytest.raises(ValueError, match="w must be 2-D"):
+        ops.int8_linear_w8a16(x, rand_i8(40), ws)
+    # the raw ops keep their own checks (RuntimeError, never a crash)
+    with pytest.raises(RuntimeError, match="same K"):
+        torch.ops.pycompress.int8_gemm(a, rand_i8(5, 9))
+    with pytest.raises((RuntimeError, TypeError), match="must be int8"):
+        torch.ops.pycompress.int8_gemm(a.float(), b)
+    with pytest.raises(RuntimeError, match="w_scale"):
+        torch.ops.pycompress.int8_linear(x, w, torch.rand(4), None, None)
+    with pytest.raises(RuntimeError, match="w_packed"):
+        torch.ops.pycompress.int8_linear(x, w, ws, None, torch.zeros(3, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.pycompress.int8_linear_w8a16(x, w, ws, torch.randn(2))
+
+
+def test_opcheck(device):
+    a, b = rand_i8(5, 67, device=device), rand_i8(33, 67, device=device)
+    torch.library.opcheck(torch.ops.pycompress.int8_gemm.default, (a, b))
+    x = torch.randn(5, 67, device=device)
+    ws = torch.rand(33, device=device)
+    bias = torch.randn(33, device=device)
+    for xx in [x, x.half(), x.bfloat16()]:
+        torch.library.opcheck(torch.ops.pycompress.int8_linear.default, (xx, b, ws, bias, None))
+        torch.library.opcheck(torch.ops.pycompress.int8_linear_w8a16.default, (xx, b, ws, None))
+    if device == "cpu":
+        packed = ops.int8_pack_weight(b)
+        torch.library.opcheck(torch.ops.pycompress.int8_pack_weight.default, (b,))
+        torch.library.opcheck(torch.ops.pycompress.int8_linear.default, (x, b, ws, bias, packed))
+
+
+def test_torch_compile_ops():
+    w = rand_i8(48, 64)
+    ws = torch.rand(48)
+
+    def f(x):
+        return ops.int8_linear(x, w, ws) + ops.int8_linear_w8a16(x, w, ws) + ops.int8_gemm(w, w).float().sum()
+
+    x = torch.randn(2, 3, 64)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))

@@ -1,0 +1,201 @@
+"""Sparse ops: CSR sparse_linear and the fused masked_linear (exactness, autograd, opcheck)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pycompress.ops as ops
+
+
+def _random_sparse(N, K, sparsity, device="cpu", dtype=torch.float32):
+    w = torch.randn(N, K, device=device, dtype=dtype)
+    mask = torch.rand(N, K, device=device) >= sparsity
+    return w * mask, mask
+
+
+SHAPES = [(1, 1, 1), (1, 7, 5), (3, 33, 17), (8, 64, 40), (13, 100, 9), (32, 257, 130), (70, 96, 33),
+          (129, 50, 64)]
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_matches_dense(cpu_isa, M, K, N, sparsity, bias):
+    w, mask = _random_sparse(N, K, sparsity)
+    b = torch.randn(N) if bias else None
+    x = torch.randn(M, K)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    assert ci.dtype == torch.int16 and rp.dtype == torch.int32
+    y = ops.sparse_linear(x, rp, ci, v, b, K)
+    ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).float()
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 200])
+def test_sparse_linear_int32_index_and_devices(device, M):
+    K, N = 300, 70
+    w, mask = _random_sparse(N, K, 0.8, device=device)
+    rp, ci, v = ops.dense_to_csr(w, mask, index_dtype=torch.int32)
+    x = torch.randn(M, K, device=device)
+    y = ops.sparse_linear(x, rp, ci, v, None, K)
+    torch.testing.assert_close(y, x @ w.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_all_zero_rows_and_empty():
+    K, N = 40, 12
+    w = torch.zeros(N, K)
+    w[3, 5] = 2.0
+    rp, ci, v = ops.dense_to_csr(w)
+    assert v.numel() == 1
+    x = torch.randn(9, K)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, K), x @ w.t())
+    rp0, ci0, v0 = ops.dense_to_csr(torch.zeros(N, K))
+    b = torch.randn(N)
+    torch.testing.assert_close(ops.sparse_linear(x, rp0, ci0, v0, b, K), b.expand(9, N))
+    assert ops.sparse_linear(torch.randn(0, K), rp, ci, v, None, K).shape == (0, N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse_linear_low_precision_inputs(dtype):
+    w, mask = _random_sparse(24, 48, 0.7)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(5, 3, 48).to(dtype)
+    y = ops.sparse_linear(x, rp, ci, v, None, 48)
+    assert y.dtype == dtype and y.shape == (5, 3, 24)
+    torch.testing.assert_close(y.float(), x.float() @ w.t(), atol=2e-2, rtol=2e-2)
+
+
+def test_csr_round_trip():
+    w, mask = _random_sparse(17, 29, 0.6)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    assert torch.equal(ops.csr_to_dense(rp, ci, v, 29), w)
+
+
+def test_sparse_linear_bad_inputs():
+    w, mask = _random_sparse(8, 16, 0.5)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="in_features"):
+        ops.sparse_linear(torch.randn(2, 15), rp, ci, v, None, 16)
+    with pytest.raises(TypeError, match="row_ptr"):
+        ops.sparse_linear(x, rp.long(), ci, v, None, 16)
+    with pytest.raises(TypeError, match="values"):
+        ops.sparse_linear(x, rp, ci, v.double(), None, 16)
+    with pytest.raises(TypeError, match="x"):
+        ops.sparse_linear(x.int(), rp, ci, v, None, 16)
+    with pytest.raises(ValueError, match="bias"):
+        ops.sparse_linear(x, rp, ci, v, torch.randn(7), 16)
+    with pytest.raises(ValueError, match="same length"):
+        ops.sparse_linear(x, rp, ci, v[:-1], None, 16)
+    bad = ci.clone()
+    bad[0] = 16
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sparse_linear(x, rp, bad, v, None, 16)
+    bad_rp = rp.clone()
+    bad_rp[-1] += 1
+    with pytest.raises(RuntimeError, match="row_ptr"):
+        ops.sparse_linear(x, bad_rp, ci, v, None, 16)
+
+
+# ----------------------------------------------------------------------------- masked_linear
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
+def test_masked_linear_forward_backward(cpu_isa, M, K, N, sparsity):
+    w = torch.randn(N, K, requires_grad=True)
+    mask = torch.rand(N, K) >= sparsity
+    b = torch.randn(N, requires_grad=True)
+    x = torch.randn(M, K, requires_grad=True)
+    y = ops.masked_linear(x, w, mask, b)
+    g = torch.randn_like(y)
+    y.backward(g)
+    wr = w.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    br = b.detach().clone().requires_grad_(True)
+    yr = torch.nn.functional.linear(xr, wr * mask, br)
+    yr.backward(g)
+    torch.testing.assert_close(y, yr, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(w.grad, wr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.grad, br.grad)
+    assert torch.all(w.grad[~mask] == 0)
+
+
+def test_masked_linear_devices_and_leading_dims(device):
+    w = torch.randn(20, 30, device=device, requires_grad=True)
+    mask = torch.rand(20, 30, device=device) > 0.5
+    x = torch.randn(2, 3, 30, device=device)
+    y = ops.masked_linear(x, w, mask)
+    assert y.shape == (2, 3, 20)
+    torch.testing.assert_close(y, x @ (w * mask).t(), atol=1e-4, rtol=1e-4)
+    y.sum().backward()
+    assert torch.all(w.grad[~mask] == 0)
+
+
+def test_masked_linear_bad_inputs():
+    w = torch.randn(4, 6)
+    m = torch.ones(4, 6, dtype=torch.bool)
+    x = torch.randn(2, 6)
+    with pytest.raises(TypeError, match="mask"):
+        ops.masked_linear(x, w, m.float())
+    with pytest.raises(ValueError, match="mask"):
+        ops.masked_linear(x, w, m[:, :5])
+    with pytest.raises(ValueError, match="features"):
+        ops.masked_linear(torch.randn(2, 5), w, m)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.masked_linear(x.double(), w, m)
+    with pytest.raises(ValueError, match="bias"):
+        ops.masked_linear(x, w, m, torch.randn(3))
+    with pytest.raises(TypeError, match="weight"):
+        ops.masked_linear(x, "w", m)
+
+
+def test_opcheck():
+    w, mask = _random_sparse(12, 20, 0.6)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    for M in (1, 9):
+        torch.library.opcheck(torch.ops.pycompress.sparse_linear.default,
+                              (torch.randn(M, 20), rp, ci, v, torch.randn(12), 20))
+    wt = torch.randn(12, 20, requires_grad=True)
+    for M in (1, 7):
+        torch.library.opcheck(torch.ops.pycompress.masked_linear.default,
+                              (torch.randn(M, 20, requires_grad=True), wt, mask, torch.randn(12, requires_grad=True)))
+        torch.library.opcheck(torch.ops.pycompress.masked_linear.default,
+                              (torch.randn(M, 20), wt, mask, None))
+    torch.library.opcheck(torch.ops.pycompress.masked_linear_grad_input.default,
+                          (torch.randn(5, 12), wt.detach(), mask))
+    torch.library.opcheck(torch.ops.pycompress.masked_linear_grad_weight.default,
+                          (torch.randn(5, 12), torch.randn(5, 20), mask))
+
+
+def test_torch_compile_fullgraph():
+    w, mask = _random_sparse(16, 24, 0.7)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+
+    def f(x):
+        return ops.sparse_linear(x, rp, ci, v, None, 24) + ops.masked_linear(x, w, mask)
+
+    x = torch.randn(4, 24)
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out, 2 * (x @ w.t()), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_rejects_corrupt_buffers_on_every_device(device):
+    w, mask = _random_sparse(10, 20, 0.5, device=device)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(3, 20, device=device)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 20), x @ w.t(), atol=1e-4, rtol=1e-4)
+    ci[0] = 25  # in-place change after a successful call must be caught again
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sparse_linear(x, rp, ci, v, None, 20)
+
+
+def test_sparse_linear_input_gradient():
+    w, mask = _random_sparse(12, 30, 0.8)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(5, 30, requires_grad=True)
+    g = torch.randn(5, 12)
+    ops.sparse_linear(x, rp, ci, v, None, 30).backward(g)
+    torch.testing.assert_close(x.grad, g @ w, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.pycompress.sparse_linear.default,
+                          (torch.randn(3, 30, requires_grad=True), rp, ci, v, None, 30))
