@@ -14,9 +14,9 @@ The whole recipe is checked before the model is touched: an unknown step or argu
 
 Accuracy-aware fallback (when ``max_drop`` is given): the metric of the original model is
 measured, the recipe applied, and while the metric dropped by more than ``max_drop`` the most
-sensitive compressed layer — largest relative output error of that layer alone on the
-calibration inputs, as measured by :func:`pycompress.validate` — is put back to its original
-form, one layer at a time, re-measuring after each.
+sensitive compressed layer is put back to its original
+form, one layer at a time, re-measuring after each. A layer's sensitivity is the relative error of
+the model's output when only that layer is compressed (measured on the calibration inputs).
 """
 
 from __future__ import annotations
@@ -160,8 +160,11 @@ class CompressionReport:
         baseline_metric / final_metric: metric of the original and of the returned model.
         max_drop: the budget; ``drop``: baseline − final (for lower-is-better metrics, the rise).
         reverted: layers put back to their original form, most sensitive first, with their
-            sensitivity (relative output error of the layer) and the metric after reverting.
+            sensitivity (relative error of the model output when only that layer is compressed)
+            and the metric after reverting.
         compressed_layers: layers that remain compressed, with their layer class.
+        sensitivity: when the fallback ran, every compressed layer's sensitivity (relative error
+            of the model output with only that layer compressed).
         validation: :class:`~pycompress.validate.ValidationReport` of the returned model against
             the original on the calibration inputs.
     """
@@ -175,6 +178,7 @@ class CompressionReport:
     max_drop: float | None = None
     reverted: list[dict] = field(default_factory=list)
     compressed_layers: dict[str, str] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
     validation: Any = None
 
     @property
@@ -203,6 +207,7 @@ class CompressionReport:
             "within_budget": self.within_budget,
             "reverted": copy.deepcopy(self.reverted),
             "compressed_layers": dict(self.compressed_layers),
+            "sensitivity": dict(self.sensitivity),
             "validation": self.validation.to_dict() if self.validation is not None else None,
         }
 
@@ -220,7 +225,7 @@ class CompressionReport:
                    if self.max_drop is not None else ""),
             ]
         if self.reverted:
-            lines += ["", "| reverted layer | was | sensitivity (rel. error) | metric after |", "|---|---|---|---|"]
+            lines += ["", "| reverted layer | was | sensitivity (output rel. error) | metric after |", "|---|---|---|---|"]
             for r in self.reverted:
                 lines.append(f"| {r['layer']} | {r['was']} | {_f(r['sensitivity'])} | {_f(r['metric_after'])} |")
         lines += ["", f"{len(self.compressed_layers)} layer(s) compressed."]
@@ -372,10 +377,8 @@ def compress(
 
     validation = validate(original, model, val_inputs, tolerance=None, progress=progress)
     if max_drop is not None and not report.within_budget:
-        sensitivity = {
-            n: (e.relative_error if not math.isnan(e.relative_error) else math.inf)
-            for n, e in validation.layers.items()
-        }
+        sensitivity = _sensitivity(original, model, list(report.compressed_layers), val_inputs, progress)
+        report.sensitivity = dict(sensitivity)
         order = sorted(report.compressed_layers, key=lambda n: -sensitivity.get(n, math.inf))
         for layer in order:
             was = report.compressed_layers.pop(layer)
@@ -393,6 +396,34 @@ def compress(
         validation = validate(original, model, val_inputs, tolerance=None, progress=progress)
     report.validation = validation
     return model, report
+
+
+def _sensitivity(original: nn.Module, model: nn.Module, layers: list[str], inputs: list,
+                 progress: bool | None) -> dict[str, float]:
+    """Per compressed layer: relative error of the *model output* when only that layer is
+    compressed (the original model with that one layer swapped in), on the calibration inputs."""
+    out: dict[str, float] = {}
+    training = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            expected = [_utils.output_tensor(_utils.call_model(original, b))[0].double() for b in inputs]
+            for name in _utils.progress_bar(layers, "sensitivity", progress):
+                keep = original.get_submodule(name)
+                _utils.set_module(original, name, model.get_submodule(name))
+                try:
+                    diff = ref = 0.0
+                    for b, e in zip(inputs, expected):
+                        got = _utils.output_tensor(_utils.call_model(original, b))[0].double().to(e.device)
+                        diff += float(((got - e) ** 2).sum())
+                        ref += float((e * e).sum())
+                finally:
+                    _utils.set_module(original, name, keep)
+                err = math.sqrt(diff / ref) if ref > 0 else math.sqrt(diff)
+                out[name] = err if math.isfinite(err) else math.inf
+    finally:
+        original.train(training)
+    return out
 
 
 def _takes_two(fn: Any) -> bool:
