@@ -187,6 +187,7 @@ class EvaluationReport:
     speedup: dict[int, float] | None = None
     metric_delta: float | None = None
     samples: int = 0
+    threads: int = 0
 
     @property
     def sparsity(self) -> float:
@@ -235,6 +236,7 @@ def evaluate(
     *,
     name: str | None = None,
     progress: bool | None = None,
+    num_threads: int | None = None,
 ) -> EvaluationReport:
     """Measures a model: metric, parameters, non-zeros, serialized size, latency and throughput.
 
@@ -253,6 +255,8 @@ def evaluate(
             and ``metric_delta``.
         name: label in tables and plots (default: the model's class name).
         progress: tqdm bar over the metric loop; ``None`` = only on a terminal.
+        num_threads: CPU threads for the timing (``torch.set_num_threads``, restored afterwards);
+            ``None`` keeps the current setting. Fixing it makes CPU latencies comparable.
 
     Returns:
         An :class:`EvaluationReport`.
@@ -277,6 +281,8 @@ def evaluate(
     for argname, v, lo in (("warmup", warmup, 0), ("repeats", repeats, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{argname} must be an integer >= {lo}, got {v!r}")
+    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be None or an integer >= 1, got {num_threads!r}")
     if reference is not None and not isinstance(reference, EvaluationReport):
         raise TypeError(f"reference must be an EvaluationReport, got {type(reference).__name__}")
     metric_name, fn, hib = resolve_metric(metric)
@@ -299,9 +305,17 @@ def evaluate(
         params, nonzeros = count_parameters(model)
         size = serialized_size(model)
         latency: dict[int, dict[str, float]] = {}
-        for bs in batch_sizes:
-            batch = _utils.make_batch_of_size(inputs, bs)
-            times = measure_latency(model, batch, warmup, repeats)
+        threads_before = torch.get_num_threads()
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        threads_used = torch.get_num_threads()
+        try:
+            timings = {}
+            for bs in batch_sizes:
+                timings[bs] = measure_latency(model, _utils.make_batch_of_size(inputs, bs), warmup, repeats)
+        finally:
+            torch.set_num_threads(threads_before)
+        for bs, times in timings.items():
             mean = statistics.fmean(times)
             latency[int(bs)] = {
                 "p50_ms": _percentile(times, 0.5) * 1e3,
@@ -323,6 +337,7 @@ def evaluate(
         latency=latency,
         device=str(_utils.model_device(model)),
         samples=samples,
+        threads=threads_used,
     )
     if reference is not None:
         report.compression_ratio = reference.size_bytes / size if size else None

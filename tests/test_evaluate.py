@@ -132,6 +132,7 @@ def test_training_flag_restored():
         ({"batch_sizes": "32"}, ValueError, "batch_sizes"),
         ({"repeats": 0}, ValueError, "repeats"),
         ({"warmup": -1}, ValueError, "warmup"),
+        ({"num_threads": 0}, ValueError, "num_threads"),
         ({"reference": {"size_bytes": 1}}, TypeError, "reference must be"),
     ],
 )
@@ -222,3 +223,11 @@ def test_pruned_model_counts_and_size():
     assert sparse.nonzeros == masked.nonzeros and sparse.parameters == base.parameters
     assert sparse.compression_ratio > 2  # CSR stores only the kept weights
     assert sparse.metric == masked.metric
+
+
+def test_num_threads_is_applied_and_restored():
+    model = mlp()
+    before = torch.get_num_threads()
+    rep = pycompress.evaluate(model, teacher_dataset(model, n_batches=1, batch=4), batch_sizes=(2,), repeats=1,
+                              num_threads=1)
+    assert rep.threads == 1 and torch.get_num_threads() == before
