@@ -130,6 +130,12 @@ def select_modules(
     return out
 
 
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile`` wrapper (which prefixes every name with ``_orig_mod``)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replaces the submodule at qualified ``name`` by ``new``."""
     if not name:
@@ -348,6 +354,19 @@ def register_layer(cls: type) -> type:
     """Registers a layer class (with ``config()`` / ``from_config()``) for save/load and reports.
 
     Usable as a decorator. Classes of ``pycompress.nn`` are known without registration.
+
+    Example:
+        >>> import torch
+        >>> from pycompress.serialization import register_layer
+        >>> @register_layer
+        ... class ScaledLinear(torch.nn.Linear):
+        ...     def config(self):
+        ...         return {"in_features": self.in_features, "out_features": self.out_features}
+        ...     @classmethod
+        ...     def from_config(cls, cfg):
+        ...         return cls(cfg["in_features"], cfg["out_features"])
+        >>> ScaledLinear.__name__
+        'ScaledLinear'
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError("register_layer expects an nn.Module subclass")

@@ -122,7 +122,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     atomically (temporary files + ``os.replace``).
 
     Args:
-        model: the model to save.
+        model: the model to save (a ``torch.compile`` wrapper is saved as the model it wraps).
         path: a directory (created when missing).
 
     Returns:
@@ -142,6 +142,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    model = _utils.unwrap_compiled(model)
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory; save() writes a directory")
@@ -319,6 +320,8 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    outer = model
+    model = _utils.unwrap_compiled(model)
     root = Path(path)
     manifest = _read_manifest(root)
     winfo = manifest["weights"]
@@ -395,4 +398,4 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
             + "; ".join(problems[:8]) + more
         )
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
-    return model
+    return outer

@@ -297,3 +297,13 @@ def test_pruned_then_quantized_round_trip(int8_cls, tmp_path):
     pycompress.save(model, tmp_path / "m")
     fresh = pycompress.load(tmp_path / "m", mlp(seed=9))
     _assert_bit_identical(model, fresh, torch.randn(5, 32))
+
+
+def test_compiled_wrappers_save_as_the_plain_model(int8_cls, tmp_path):
+    model = pycompress.quantize(mlp())
+    compiled = torch.compile(model)
+    pycompress.save(compiled, tmp_path / "m")
+    manifest = json.loads((tmp_path / "m" / MANIFEST_NAME).read_text())
+    assert set(manifest["layers"]) == {"0", "2", "4"}
+    fresh = pycompress.load(tmp_path / "m", mlp(seed=4))
+    _assert_bit_identical(model, fresh, torch.randn(3, 32))
