@@ -187,7 +187,7 @@ def test_masked_linear_is_quantized_with_its_mask(int8_cls):
 
 
 @pytest.mark.skipif(not HAS_INT8, reason="the examples use the compiled Int8Linear")
-@pytest.mark.parametrize("module", ["quantize", "validate", "evaluate", "recipe", "serialization"])
+@pytest.mark.parametrize("module", ["quantize", "validate", "evaluate", "recipe", "serialization", "_utils"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib
