@@ -363,7 +363,8 @@ def validate(
     probes: list[_LayerProbe] = []
     handles = []
     if layers:
-        for name, rmod, cmod in _replaced_layers(reference, candidate):
+        pairs = _replaced_layers(_utils.unwrap_compiled(reference), _utils.unwrap_compiled(candidate))
+        for name, rmod, cmod in pairs:
             probe = _LayerProbe(name, rmod, cmod)
             probes.append(probe)
             handles.append(rmod.register_forward_hook(probe, with_kwargs=True))

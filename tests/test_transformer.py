@@ -125,3 +125,12 @@ def test_compiled_int8_layer_is_used():
     model = pycompress.quantize(_bert(), mode="w8a8")
     layer = model.encoder.layer[0].attention.self.query
     assert type(layer).__module__.startswith("pycompress.")
+
+
+def test_validate_a_compiled_candidate(int8_cls):
+    ref = _bert()
+    compiled = torch.compile(pycompress.quantize(copy.deepcopy(ref), mode="w8a16"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = pycompress.validate(ref, compiled, _batches(1))
+    assert report.passed and len(report.layers) == LINEARS
