@@ -88,6 +88,13 @@ def extension_modules():
     ]
     cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wno-unused-function", "-Wno-maybe-uninitialized"]
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-fvisibility=hidden"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without OpenMP it runs serially inside the
+        # extension. libgomp resolves to the copy torch has already loaded.
+        cxx_flags.append("-fopenmp")
+        nvcc_flags.append("-Xcompiler=-fopenmp")
+        link_flags.append("-fopenmp")
     macros = []
     if with_cuda:
         sources = cpp + srcs("csrc/**/*_cuda.cpp") + srcs("csrc/**/*.cu")
@@ -104,6 +111,7 @@ def extension_modules():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=macros,
         extra_compile_args=extra,
+        extra_link_args=link_flags,
     )
     print(f"pycompress: building {'CPU+CUDA' if with_cuda else 'CPU'} extension "
           f"({len(sources)} sources, torch {torch.__version__})")

@@ -1,5 +1,8 @@
 """Benchmark: int8 linear layers — pycompress Int8Linear (w8a8, w8a16) against its peers.
 
+``pycompress w8a8 (7-bit act)`` is ``Int8Linear.from_float(..., act_bits=7)`` (per-token 7-bit
+activations; on AVX2 CPUs without VNNI it runs the vpmaddubsw kernel).
+
 Peers measured in the same run: fp32 (and bf16 on CUDA) ``nn.Linear``, torch.ao
 ``quantize_dynamic`` int8 (CPU, FBGEMM/oneDNN), ``torch._int_mm`` + separate dequantization
 (activations quantized per token first), and the raw ``int8_gemm`` against ``torch._int_mm``.
@@ -22,6 +25,7 @@ from common import time_fn
 from pycompress.nn import Int8Linear
 
 KERNEL = "int8"
+W8A8_7 = "pycompress w8a8 (7-bit act)"
 
 MS_FULL = [1, 16, 128, 512, 2048, 4096]
 KN_FULL = [(768, 3072), (4096, 4096), (4096, 11008), (8192, 8192)]
@@ -67,6 +71,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
         with torch.no_grad():
             lin.weight.normal_(0, 0.02)
         q8 = Int8Linear.from_float(lin, mode="w8a8")
+        q7 = Int8Linear.from_float(lin, mode="w8a8", act_bits=7)
         q16 = Int8Linear.from_float(lin, mode="w8a16")
         ao = _torch_ao_dynamic(lin) if not cuda else None  # quantizes a copy of lin
         wq_t = q8.weight.t()
@@ -88,6 +93,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
             if (cuda and M > 16 and K % 8 == 0 and N % 8 == 0) or (not cuda and M * K * N <= 3e8):
                 impls.append(("torch._int_mm+dequant", lambda: _int_mm_dequant(x, wq_t, q8.weight_scale, lin.bias)))
             impls.append(("pycompress w8a8", lambda: q8(x)))
+            impls.append((W8A8_7, lambda: q7(x)))
             if cuda:
                 impls.append(("pycompress w8a8 bf16", lambda: q8(xb)))
             if M <= 16 or not cuda:
@@ -131,7 +137,7 @@ def _per_core_rows(M, K, N, impls, rep) -> list[dict]:
     try:
         with torch.no_grad():
             for impl, fn in impls:
-                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", "pycompress w8a8"):
+                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", "pycompress w8a8", W8A8_7):
                     continue
                 fn()
                 best = float("inf")
@@ -165,38 +171,44 @@ def _gemm_vs_int_mm(device: str, quick: bool) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[str]:
-    """Speedup lines for the CPU targets (M in {1, 16, 128}, K = N = 4096).
+    """Speedup lines for the CPU targets (M in {1, 16, 128}, K = N = 4096), for the default
+    8-bit activations and for ``act_bits=7``.
 
     Ratios of medians, and in brackets of the fastest runs (less sensitive to other load on
-    a shared machine).
+    a shared machine); then the per-core CPU-time ratios (one thread, best run).
     """
     out = []
     med = {(r["case"], r["impl"]): r["ms"] for r in rows}
     best = {(r["case"], r["impl"]): r.get("ms_min", r["ms"]) for r in rows}
     for M in (1, 16, 128):
         case = f"M={M} K=4096 N=4096"
-        key = (case, "pycompress w8a8")
-        if key not in med or (case, "fp32 nn.Linear") not in med:
+        if (case, "fp32 nn.Linear") not in med:
             continue
+        for impl in ("pycompress w8a8", W8A8_7):
+            key = (case, impl)
+            if key not in med:
+                continue
 
-        def ratio(peer, impl="pycompress w8a8"):
-            return med[(case, peer)] / med[(case, impl)], best[(case, peer)] / best[(case, impl)]
+            def ratio(peer, impl=impl):
+                return med[(case, peer)] / med[(case, impl)], best[(case, peer)] / best[(case, impl)]
 
-        f_med, f_min = ratio("fp32 nn.Linear")
-        line = (f"{case}: pycompress w8a8 {med[key]:.3f} ms = {f_med:.2f}x fp32 [{f_min:.2f}x] "
-                f"(target >= 3x: {'met' if f_med >= 3 else 'NOT met'})")
-        if (case, "torch.ao dynamic int8") in med:
-            a_med, a_min = ratio("torch.ao dynamic int8")
-            line += (f", {a_med:.2f}x torch.ao dynamic int8 [{a_min:.2f}x] "
-                     f"(target >= 1.2x: {'met' if a_med >= 1.2 else 'NOT met'})")
-        if (case, "pycompress w8a16") in med:
-            w_med, w_min = ratio("fp32 nn.Linear", "pycompress w8a16")
-            line += f"; w8a16 {med[(case, 'pycompress w8a16')]:.3f} ms = {w_med:.2f}x fp32 [{w_min:.2f}x]"
-        out.append(line)
-        pc = {impl: med.get((case, f"{impl} {PER_CORE}")) for impl in
-              ("pycompress w8a8", "fp32 nn.Linear", "torch.ao dynamic int8")}
-        if all(v is not None for v in pc.values()):
-            ours = pc["pycompress w8a8"]
-            out.append(f"    per core {PER_CORE}: w8a8 {ours:.3f} ms = {pc['fp32 nn.Linear'] / ours:.2f}x fp32, "
-                       f"{pc['torch.ao dynamic int8'] / ours:.2f}x torch.ao dynamic int8")
+            f_med, f_min = ratio("fp32 nn.Linear")
+            line = (f"{case}: {impl} {med[key]:.3f} ms = {f_med:.2f}x fp32 [{f_min:.2f}x] "
+                    f"(target >= 3x: {'met' if f_med >= 3 else 'NOT met'})")
+            if (case, "torch.ao dynamic int8") in med:
+                a_med, a_min = ratio("torch.ao dynamic int8")
+                line += (f", {a_med:.2f}x torch.ao dynamic int8 [{a_min:.2f}x] "
+                         f"(target >= 1.2x: {'met' if a_med >= 1.2 else 'NOT met'})")
+            if impl == "pycompress w8a8" and (case, "pycompress w8a16") in med:
+                w_med, w_min = ratio("fp32 nn.Linear", "pycompress w8a16")
+                line += f"; w8a16 {med[(case, 'pycompress w8a16')]:.3f} ms = {w_med:.2f}x fp32 [{w_min:.2f}x]"
+            out.append(line)
+            pc = {name: med.get((case, f"{name} {PER_CORE}")) for name in
+                  (impl, "fp32 nn.Linear", "torch.ao dynamic int8")}
+            if all(v is not None for v in pc.values()):
+                ours = pc[impl]
+                f_pc, a_pc = pc["fp32 nn.Linear"] / ours, pc["torch.ao dynamic int8"] / ours
+                out.append(f"    per core {PER_CORE}: {impl} {ours:.3f} ms = {f_pc:.2f}x fp32 "
+                           f"(target >= 3x: {'met' if f_pc >= 3 else 'NOT met'}), {a_pc:.2f}x torch.ao "
+                           f"dynamic int8 (target >= 1.2x: {'met' if a_pc >= 1.2 else 'NOT met'})")
     return out

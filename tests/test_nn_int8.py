@@ -157,3 +157,85 @@ def test_torch_export(mode):
     op = "int8_linear_w8a16" if mode == "w8a16" else "int8_linear"
     assert any(f"pycompress.{op}." in t for t in targets), targets
     torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- 7-bit activations
+
+
+@pytest.mark.parametrize("rows", ["gaussian", "row-scaled"])
+def test_act7_accuracy_vs_fp32_and_torch_ao(rows, cpu_isa):
+    import warnings
+
+    lin = make_linear()
+    q7 = Int8Linear.from_float(lin, act_bits=7)
+    x = torch.randn(37, 256)
+    if rows == "row-scaled":  # tokens of very different magnitudes (per-tensor scales suffer)
+        x = x * torch.logspace(-1, 1, 37)[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        ao = quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        ref = lin(x)
+        e7, e8 = rel_err(q7(x), ref), rel_err(Int8Linear.from_float(lin)(x), ref)
+        e_ao = rel_err(ao(x), ref)
+    msg = f"relative error vs fp32: act_bits=7 {e7:.5f}, act_bits=8 {e8:.5f}, torch.ao dynamic int8 {e_ao:.5f}"
+    assert e7 < 0.02, msg
+    assert e7 < e_ao, msg
+    assert e8 <= e7, msg  # 8-bit activations stay the more accurate default
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_act7_half_inputs_exact(dtype, device):
+    lin = make_linear(device=device)
+    q7 = Int8Linear.from_float(lin, act_bits=7)
+    x = torch.randn(2, 9, 256, device=device).to(dtype)
+    y = q7(x)
+    assert y.dtype == dtype and y.shape == (2, 9, 192)
+    torch.testing.assert_close(
+        y, ops.int8_linear(x, q7.weight, q7.weight_scale, q7.bias, act_bits=7), rtol=0, atol=0)
+    with torch.no_grad():
+        assert rel_err(y, lin(x.float())) < 0.02
+
+
+def test_act7_config_round_trip(device):
+    q = Int8Linear.from_float(make_linear(), act_bits=7).to(device)
+    assert q.act_bits == 7 and "act_bits=7" in repr(q)
+    cfg = json.loads(json.dumps(q.config()))
+    assert cfg["act_bits"] == 7
+    fresh = Int8Linear.from_config(cfg).to(device)
+    assert fresh.act_bits == 7
+    fresh.load_state_dict(q.state_dict())
+    x = torch.randn(5, 256, device=device)
+    torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)
+    assert fresh.config() == q.config()
+    # configs written before the option existed rebuild 8-bit layers
+    old = {k: v for k, v in cfg.items() if k != "act_bits"}
+    assert Int8Linear.from_config(old).act_bits == 8
+    # 7 and 8 bits really differ
+    q8 = Int8Linear.from_config({**cfg, "act_bits": 8}).to(device)
+    q8.load_state_dict(q.state_dict())
+    assert not torch.equal(q8(x), q(x))
+
+
+def test_act7_bad_values():
+    lin = make_linear()
+    for bad in (6, 16, 0, True):
+        with pytest.raises(ValueError, match="act_bits"):
+            Int8Linear.from_float(lin, act_bits=bad)
+        with pytest.raises(ValueError, match="act_bits"):
+            Int8Linear(4, 4, act_bits=bad)
+    with pytest.raises(ValueError, match="act_bits"):
+        Int8Linear.from_float(lin, mode="w8a16", act_bits=7)
+    with pytest.raises(ValueError, match="act_bits"):
+        Int8Linear.from_config({"in_features": 4, "out_features": 4, "act_bits": 4})
+
+
+def test_act7_torch_compile_and_export():
+    model = nn.Sequential(Int8Linear.from_float(make_linear(), act_bits=7), nn.ReLU(),
+                          Int8Linear.from_float(make_linear(192, 64), act_bits=7))
+    x = torch.randn(2, 7, 256)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=0, atol=0)
+    ep = torch.export.export(model, (x,))
+    torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)

@@ -19,9 +19,9 @@ def gemm_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.cpu().long() @ b.cpu().long().t()).to(torch.int32)
 
 
-def linear_ref(x, w, w_scale, bias):
+def linear_ref(x, w, w_scale, bias, act_bits=8):
     """W8A8 reference: same quantization and the same fp32 epilogue order as the kernels."""
-    q, s = quantize_per_token_ref(x.cpu())
+    q, s = quantize_per_token_ref(x.cpu(), qmax=127 if act_bits == 8 else 63)
     acc = (q.long() @ w.cpu().long().t()).float()
     y = (acc * s[:, None]) * w_scale.cpu()[None, :]
     if bias is not None:
@@ -129,6 +129,78 @@ def test_linear_special_rows(device, cpu_isa):
     torch.testing.assert_close(y, linear_ref(x, w, ws, bias), rtol=0, atol=0, equal_nan=True)
 
 
+# 7-bit activations: every M remainder of the 6-row AVX2 tile, K tails, N tails, K blocks
+ACT7_SHAPES = LINEAR_SHAPES + [(2, 5, 16), (5, 300, 17), (6, 64, 32), (7, 130, 48), (13, 1000, 40),
+                               (200, 2100, 20), (64, 4099, 16)]
+
+
+@pytest.mark.parametrize("shape", ACT7_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_act7_matches_reference(shape, dtype, with_bias, device, cpu_isa):
+    M, K, N = shape
+    x = (torch.randn(M, K) * 2).to(dtype).to(device)
+    w = rand_i8(N, K, device=device)  # full int8 range, -128 included: still exact
+    w_scale = (torch.rand(N) * 0.02 + 1e-3).to(device)
+    bias = torch.randn(N).to(dtype).to(device) if with_bias else None
+    y = ops.int8_linear(x, w, w_scale, bias, act_bits=7)
+    assert y.dtype == dtype and y.shape == (M, N)
+    torch.testing.assert_close(y.cpu(), linear_ref(x, w, w_scale, bias, act_bits=7), rtol=0, atol=0)
+    # the 7-bit integer product itself, against int64
+    q, s = quantize_per_token_ref(x.cpu(), qmax=63)
+    assert q.abs().max().item() <= 63
+    acc = ops.int8_linear(x, w, torch.ones(N, device=device), act_bits=7).cpu().double() / s.double()[:, None]
+    ref = (q.long() @ w.cpu().long().t()).double()
+    if dtype == torch.float32:  # fp32 output holds acc * s exactly enough to round back
+        torch.testing.assert_close(acc.round(), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K", [1, 67, 1000, 4099])
+def test_linear_act7_extremes(K, device, cpu_isa):
+    # activations at +-63 everywhere, weights at -128 / 127: the largest vpmaddubsw pair sums
+    x = torch.ones(9, K)
+    x[1::2] = -1
+    x[4, ::2] = -1
+    w = torch.full((19, K), -128, dtype=torch.int8)
+    w[1] = 127
+    w[2, ::2] = 127
+    ones = torch.ones(19)
+    y = ops.int8_linear(x.to(device), w.to(device), ones.to(device), act_bits=7).cpu()
+    torch.testing.assert_close(y, linear_ref(x, w, ones, None, act_bits=7), rtol=0, atol=0)
+    assert y[0, 0].item() == pytest.approx(-128 * K, rel=1e-6)  # 63 * -128 * K * (1 / 63)
+
+
+def test_linear_act_bits_default_and_special_rows(device, cpu_isa):
+    x = torch.randn(5, 40)
+    x[1] = 0
+    x[2, 3] = float("inf")
+    w = torch.randint(-127, 128, (20, 40), dtype=torch.int8)
+    ws, bias = torch.rand(20), torch.randn(20)
+    args = (x.to(device), w.to(device), ws.to(device), bias.to(device))
+    torch.testing.assert_close(ops.int8_linear(*args), ops.int8_linear(*args, act_bits=8), rtol=0, atol=0,
+                               equal_nan=True)
+    torch.testing.assert_close(ops.int8_linear(*args).cpu(), linear_ref(x, w, ws, bias), rtol=0, atol=0,
+                               equal_nan=True)
+    y7 = ops.int8_linear(*args, act_bits=7).cpu()
+    torch.testing.assert_close(y7[1], bias, rtol=0, atol=0)
+    assert torch.isnan(y7[2]).all()
+    torch.testing.assert_close(y7, linear_ref(x, w, ws, bias, act_bits=7), rtol=0, atol=0, equal_nan=True)
+    # packed weight and leading dims
+    x3 = torch.randn(2, 3, 40)
+    packed = ops.int8_pack_weight(w)
+    torch.testing.assert_close(ops.int8_linear(x3, w, ws, bias, w_packed=packed, act_bits=7),
+                               ops.int8_linear(x3, w, ws, bias, act_bits=7), rtol=0, atol=0)
+
+
+def test_linear_bad_act_bits():
+    x, w, ws = torch.randn(3, 8), rand_i8(5, 8), torch.rand(5)
+    for bad in (6, 9, 0, True, "7"):
+        with pytest.raises(ValueError, match="act_bits must be 8 or 7"):
+            ops.int8_linear(x, w, ws, act_bits=bad)
+    with pytest.raises(RuntimeError, match="act_bits must be 8 or 7"):
+        torch.ops.pycompress.int8_linear(x, w, ws, None, None, 6)
+
+
 @pytest.mark.parametrize("shape", [(1, 64, 48), (3, 67, 129), (16, 256, 100), (33, 40, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_w8a16_matches_reference(shape, dtype, device, cpu_isa):
@@ -197,6 +269,7 @@ def test_opcheck(device):
     bias = torch.randn(33, device=device)
     for xx in [x, x.half(), x.bfloat16()]:
         torch.library.opcheck(torch.ops.pycompress.int8_linear.default, (xx, b, ws, bias, None))
+        torch.library.opcheck(torch.ops.pycompress.int8_linear.default, (xx, b, ws, bias, None, 7))
         torch.library.opcheck(torch.ops.pycompress.int8_linear_w8a16.default, (xx, b, ws, None))
     if device == "cpu":
         packed = ops.int8_pack_weight(b)
@@ -209,7 +282,8 @@ def test_torch_compile_ops():
     ws = torch.rand(48)
 
     def f(x):
-        return ops.int8_linear(x, w, ws) + ops.int8_linear_w8a16(x, w, ws) + ops.int8_gemm(w, w).float().sum()
+        return (ops.int8_linear(x, w, ws) + ops.int8_linear_w8a16(x, w, ws) + ops.int8_gemm(w, w).float().sum()
+                + ops.int8_linear(x, w, ws, act_bits=7))
 
     x = torch.randn(2, 3, 64)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))

@@ -15,7 +15,13 @@
 //                                            (the u8/s8 compensation of the VNNI path)
 //
 // Padding is zero. The activation operand A is prepared per row into the form the
-// chosen code path reads (int16 for scalar/AVX2, A + 128 as uint8 for AVX-512 VNNI).
+// chosen code path reads (int16 for scalar/AVX2, A + 128 as uint8 for AVX-512 VNNI,
+// A + 64 as uint8 for the AVX2 7-bit path).
+//
+// 7-bit activations (A in [-64, 63], what per-token quantization with qmax = 63 gives)
+// have an extra AVX2 path (3): A + 64 is in [0, 127], so vpmaddubsw's int16 pair sums
+// (u8 x s8, at most 2 * 127 * 128 in magnitude) never saturate; vpmaddwd with ones widens
+// them to int32 and 64 * sum_k B[n, k] is subtracted. Exact, like every other path.
 #pragma once
 
 #include <cstdint>
@@ -41,8 +47,9 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
 
 // Code path used for the GEMM given a requested ISA level (0 scalar, 1 avx2,
 // 2+ avx512): returns 0 (scalar), 1 (avx2) or 2 (avx512-vnni; only when the CPU
-// has VNNI).
-int int8_gemm_path(int isa);
+// has VNNI). With act7 (every A value in [-64, 63]) the AVX2 level returns 3
+// (vpmaddubsw); the other paths are exact for any int8 A and are kept.
+int int8_gemm_path(int isa, bool act7 = false);
 
 // Bytes per prepared A row for a path.
 int64_t int8_a_row_bytes(int path, int64_t K);

@@ -139,8 +139,12 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 at::Tensor int8_linear_cpu_impl(const at::Tensor& x_in, const at::Tensor& w_in,
                                 const at::Tensor& w_scale_in, const c10::optional<at::Tensor>& bias_in,
-                                const c10::optional<at::Tensor>& w_packed) {
+                                const c10::optional<at::Tensor>& w_packed, int64_t act_bits) {
   check_linear_args(x_in, w_in, w_scale_in, bias_in, "int8_linear");
+  TORCH_CHECK(act_bits == 8 || act_bits == 7, "int8_linear: act_bits must be 8 or 7, got ",
+              act_bits);
+  // 7-bit activations: scale absmax / 63, q in [-63, 63] (the vpmaddubsw path on AVX2)
+  const int qmax = act_bits == 7 ? 63 : 127;
   const DType dt = to_dtype(x_in, "int8_linear: x");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
   auto out = at::empty({M, N}, x_in.options());
@@ -149,7 +153,7 @@ at::Tensor int8_linear_cpu_impl(const at::Tensor& x_in, const at::Tensor& w_in,
   const at::Tensor w_scale = w_scale_in.contiguous();
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
-  const int path = int8_gemm_path(static_cast<int>(active_cpu_isa()));
+  const int path = int8_gemm_path(static_cast<int>(active_cpu_isa()), act_bits == 7);
   at::Tensor packed_holder;
   const int8_t* packed = packed_or_pack(w, w_packed, packed_holder, "int8_linear");
 
@@ -164,7 +168,7 @@ at::Tensor int8_linear_cpu_impl(const at::Tensor& x_in, const at::Tensor& w_in,
   float* sp = xs.data_ptr<float>();
   void* app = ap.data_ptr();
   at::parallel_for(0, M, row_grain(K), [&](int64_t b0, int64_t e0) {
-    quantize_per_token_cpu(xp, dt, ldx, qp, K, sp, b0, e0, K);
+    quantize_per_token_cpu(xp, dt, ldx, qp, K, sp, b0, e0, K, qmax);
     int8_prepare_a(path, qp, K, K, app, b0, e0);
   });
   Int8Epilogue ep;
@@ -212,7 +216,7 @@ TORCH_LIBRARY_FRAGMENT(pycompress, m) {
   m.def("quantize_per_token(Tensor x) -> (Tensor, Tensor)");
   m.def("int8_gemm(Tensor a, Tensor b) -> Tensor");
   m.def("int8_pack_weight(Tensor w) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None, Tensor? w_packed=None, int act_bits=8) -> Tensor");
   m.def("int8_linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias=None) -> Tensor");
 }
 

@@ -111,8 +111,11 @@ void check_linear_args(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor int8_linear_cuda_impl(const at::Tensor& x_in, const at::Tensor& w_in,
                                  const at::Tensor& w_scale_in,
                                  const c10::optional<at::Tensor>& bias_in,
-                                 const c10::optional<at::Tensor>& /*w_packed: CPU layout*/) {
+                                 const c10::optional<at::Tensor>& /*w_packed: CPU layout*/,
+                                 int64_t act_bits) {
   check_linear_args(x_in, w_in, w_scale_in, bias_in, "int8_linear");
+  TORCH_CHECK(act_bits == 8 || act_bits == 7, "int8_linear: act_bits must be 8 or 7, got ",
+              act_bits);
   const DType dt = to_dtype(x_in, "int8_linear: x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t M = x_in.size(0), K = x_in.size(1), N = w_in.size(0);
@@ -125,7 +128,8 @@ at::Tensor int8_linear_cuda_impl(const at::Tensor& x_in, const at::Tensor& w_in,
   auto q = at::empty({M, K}, x.options().dtype(at::kChar));
   auto xs = at::empty({M}, x.options().dtype(at::kFloat));
   check_cuda(cuda::quantize_per_token(x.data_ptr(), dt, ldx, q.data_ptr<int8_t>(),
-                                      xs.data_ptr<float>(), M, K, stream),
+                                      xs.data_ptr<float>(), M, K, stream,
+                                      act_bits == 7 ? 63 : 127),
              "int8_linear (quantize)");
   const at::Tensor a = kernel_operand(q), w = kernel_operand(w_in);
   const at::Tensor w_scale = w_scale_in.contiguous();

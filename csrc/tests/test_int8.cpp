@@ -15,9 +15,11 @@ int failures = 0;
 
 void check_gemm(int path, int64_t M, int64_t K, int64_t N, std::mt19937& rng, bool extremes,
                 bool b_min = true) {
-  std::uniform_int_distribution<int> dist(-128, 127), dist_b(b_min ? -128 : -127, 127);
+  // path 3 (AVX2 vpmaddubsw) takes 7-bit activations only: A in [-64, 63]
+  const int a_lo = path == 3 ? -64 : -128, a_hi = path == 3 ? 63 : 127;
+  std::uniform_int_distribution<int> dist(a_lo, a_hi), dist_b(b_min ? -128 : -127, 127);
   std::vector<int8_t> a(M * K), b(N * K);
-  for (auto& v : a) v = extremes ? int8_t(-128) : static_cast<int8_t>(dist(rng));
+  for (auto& v : a) v = extremes ? int8_t(a_lo) : static_cast<int8_t>(dist(rng));
   for (auto& v : b) v = extremes ? int8_t(b_min ? -128 : -127) : static_cast<int8_t>(dist_b(rng));
   std::vector<int8_t> packed(pyc::int8_packed_bytes(N, K));
   pyc::int8_pack_b(b.data(), K, N, K, packed.data(), 0, pyc::int8_round_n(N) / 16);
@@ -51,13 +53,15 @@ void check_gemm(int path, int64_t M, int64_t K, int64_t N, std::mt19937& rng, bo
 
 int main() {
   std::mt19937 rng(1234);
-  const int max_path = pyc::int8_gemm_path(static_cast<int>(pyc::max_cpu_isa()));
+  const int isa = static_cast<int>(pyc::max_cpu_isa());
   const int64_t shapes[][3] = {{1, 1, 1},   {1, 67, 129}, {6, 4, 16},   {7, 3, 17},
                                {13, 100, 33}, {70, 2001, 40}, {200, 1500, 35}};
-  for (int path = 0; path <= max_path; ++path) {
-    if (path == 2 && !pyc::cpu_features().avx512vnni) continue;
+  for (int path = 0; path <= 3; ++path) {  // 0 scalar, 1 avx2, 2 avx512-vnni, 3 avx2 7-bit
+    if ((path == 1 || path == 3) && pyc::int8_gemm_path(isa) < 1) continue;
+    if (path == 2 && pyc::int8_gemm_path(isa) != 2) continue;
     for (const auto& s : shapes) check_gemm(path, s[0], s[1], s[2], rng, false);
     check_gemm(path, 9, 1000, 20, rng, true);
+    check_gemm(path, 200, 4500, 20, rng, false);  // K blocks of 2048 on path 3
     for (int64_t m : {1, 2, 3}) {  // weights without -128 (what Int8Linear stores)
       check_gemm(path, m, 1000, 40, rng, false, false);
       check_gemm(path, m, 1000, 40, rng, true, false);

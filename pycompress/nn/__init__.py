@@ -1,7 +1,8 @@
 """``pycompress.nn``: drop-in modules backed by the pycompress kernels."""
 
 from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.kd_loss import KDLoss
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.sparse_linear import SparseLinear
 
-__all__: list[str] = ["Int8Linear", "MaskedLinear", "SparseLinear"]
+__all__: list[str] = ["Int8Linear", "MaskedLinear", "SparseLinear", "KDLoss"]

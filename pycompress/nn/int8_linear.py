@@ -19,6 +19,9 @@ class Int8Linear(nn.Module):
         ``"w8a8"``: activations are quantized per token on the fly (symmetric int8, scale
         ``absmax / 127``), multiplied in int32 and dequantized in the fused epilogue
         (:func:`pycompress.ops.int8_linear`). Fastest for medium and large batches.
+        With ``act_bits=7`` (w8a8 only) activations are quantized to 7 bits per token (scale
+        ``absmax / 63``), which lets AVX2 CPUs without VNNI use a faster exact ``vpmaddubsw``
+        kernel at a small accuracy cost (still per token, unlike torch.ao's per-tensor 7 bits).
         ``"w8a16"``: weight-only; activations stay in floating point and the weight is
         dequantized inside the kernel (:func:`pycompress.ops.int8_linear_w8a16`). Best for
         small batches on GPUs; on the CPU it runs an AVX2/FMA kernel converting the int8
@@ -47,15 +50,21 @@ class Int8Linear(nn.Module):
         bias: bool = True,
         mode: str = "w8a8",
         device=None,
+        act_bits: int = 8,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        if isinstance(act_bits, bool) or act_bits not in (7, 8):
+            raise ValueError(f"act_bits must be 8 or 7, got {act_bits!r}")
+        if mode == "w8a16" and act_bits != 8:
+            raise ValueError("act_bits=7 applies to mode='w8a8' only (w8a16 keeps float activations)")
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.mode = mode
+        self.act_bits = int(act_bits)
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -72,10 +81,15 @@ class Int8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, linear: nn.Linear, mode: str = "w8a8") -> "Int8Linear":
-        """Quantizes ``linear`` (per output channel: ``scale = absmax / 127``, round half to even)."""
+    def from_float(cls, linear: nn.Linear, mode: str = "w8a8", act_bits: int = 8) -> "Int8Linear":
+        """Quantizes ``linear`` (per output channel: ``scale = absmax / 127``, round half to even).
+
+        ``act_bits`` (w8a8): 8 (default) or 7 bits per-token activation quantization.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
+        if isinstance(act_bits, bool) or act_bits not in (7, 8):
+            raise ValueError(f"act_bits must be 8 or 7, got {act_bits!r}")
         w = linear.weight.detach().float()
         absmax = w.abs().amax(dim=1)
         if not torch.isfinite(absmax).all():
@@ -83,7 +97,7 @@ class Int8Linear(nn.Module):
         scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode,
-                device=w.device)
+                device=w.device, act_bits=act_bits)
         m.weight.copy_(q)
         m.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -98,13 +112,14 @@ class Int8Linear(nn.Module):
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "mode": self.mode,
+            "act_bits": self.act_bits,
         }
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Int8Linear":
         """Builds a layer with buffers of the right shapes (values to be loaded with ``load_state_dict``)."""
         return cls(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True),
-                   mode=cfg.get("mode", "w8a8"))
+                   mode=cfg.get("mode", "w8a8"), act_bits=cfg.get("act_bits", 8))
 
     @torch.no_grad()
     def to_float(self) -> nn.Linear:
@@ -158,10 +173,11 @@ class Int8Linear(nn.Module):
             and packed.numel() == ops.int8_packed_bytes(self.out_features, self.in_features)
         )
         return ops.int8_linear(x, self.weight, self.weight_scale, bias,
-                               w_packed=packed if use_packed else None)
+                               w_packed=packed if use_packed else None, act_bits=self.act_bits)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, mode={self.mode}"
+            + (f", act_bits={self.act_bits}" if self.mode == "w8a8" else "")
         )

@@ -10,6 +10,12 @@
 //
 // The VNNI kernel uses vpdpbusd (u8 x s8 -> 4 products summed into int32, no
 // saturation) with A + 128 as the unsigned operand and subtracts 128 * sum_k B[n, k].
+//
+// The AVX2 7-bit path (A in [-64, 63]) multiplies A + 64 (u8, <= 127) with B (s8) by
+// vpmaddubsw: pair sums are at most 2 * 127 * 128 in magnitude, so they never saturate;
+// vpmaddwd with ones adds the pairs into int32 and 64 * sum_k B[n, k] is subtracted.
+// One 32-byte load holds 8 columns x 4 k of the packed panel, so a whole 16-column panel
+// is two memory operands and no widening shuffles are needed.
 #include "int8/gemm.h"
 
 #include <algorithm>
@@ -24,6 +30,7 @@ namespace {
 constexpr int kMrScalar = 4;
 constexpr int kMrAvx2 = 6;
 constexpr int kMrVnni = 8;
+constexpr int kMrAvx2U8 = 6;
 
 inline int64_t load_i64(const void* p) {
   int64_t v;
@@ -250,6 +257,123 @@ PYC_TARGET_AVX2 void tile_avx2(int mr, const int16_t* a, int64_t lda, const int8
 #undef PYC_S4
 #undef PYC_S5
 
+// ---------------------------------------------------------------- AVX2 7-bit (u8 x s8) kernel
+
+// MR (1..6) rows x all 16 columns of a panel. a: A + 64 as uint8 (row stride lda bytes),
+// b: panel base (64 bytes per k-group: columns 0..7 then 8..15, 4 k each). Accumulators
+// ymm4..ymm15 (two per row: columns 0..7, 8..15), ones (int16) in ymm0.
+#define PYC_U8_ROW(A, C0, C1)                      \
+  "vpbroadcastd " A ", %%ymm1\n\t"                 \
+  "vpmaddubsw (%[b]), %%ymm1, %%ymm2\n\t"          \
+  "vpmaddubsw 32(%[b]), %%ymm1, %%ymm3\n\t"        \
+  "vpmaddwd %%ymm0, %%ymm2, %%ymm2\n\t"            \
+  "vpmaddwd %%ymm0, %%ymm3, %%ymm3\n\t"            \
+  "vpaddd %%ymm2, %%ymm" C0 ", %%ymm" C0 "\n\t"    \
+  "vpaddd %%ymm3, %%ymm" C1 ", %%ymm" C1 "\n\t"
+#define PYC_U8_STORE(C0, C1, DST0, DST1)  \
+  "vmovdqu %%ymm" C0 ", " DST0 "\n\t"     \
+  "vmovdqu %%ymm" C1 ", " DST1 "\n\t"
+#define PYC_U0 PYC_U8_ROW("(%[pa])", "4", "5")
+#define PYC_U1 PYC_U8_ROW("(%[pa],%[ld],1)", "6", "7")
+#define PYC_U2 PYC_U8_ROW("(%[pa],%[ld],2)", "8", "9")
+#define PYC_U3 PYC_U8_ROW("(%[pb])", "10", "11")
+#define PYC_U4 PYC_U8_ROW("(%[pb],%[ld],1)", "12", "13")
+#define PYC_U5 PYC_U8_ROW("(%[pb],%[ld],2)", "14", "15")
+#define PYC_V0 PYC_U8_STORE("4", "5", "(%[t])", "32(%[t])")
+#define PYC_V1 PYC_U8_STORE("6", "7", "(%[t],%[ldt],1)", "32(%[t],%[ldt],1)")
+#define PYC_V2 PYC_U8_STORE("8", "9", "(%[t],%[ldt],2)", "32(%[t],%[ldt],2)")
+#define PYC_V3 PYC_U8_STORE("10", "11", "(%[t3])", "32(%[t3])")
+#define PYC_V4 PYC_U8_STORE("12", "13", "(%[t3],%[ldt],1)", "32(%[t3],%[ldt],1)")
+#define PYC_V5 PYC_U8_STORE("14", "15", "(%[t3],%[ldt],2)", "32(%[t3],%[ldt],2)")
+#define PYC_U8_KERNEL_ASM(ROWS, STORES)                                                        \
+  asm volatile(                                                                                \
+      "vpcmpeqw %%ymm0, %%ymm0, %%ymm0\n\t"                                                    \
+      "vpsrlw $15, %%ymm0, %%ymm0\n\t"                                                         \
+      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"                                                       \
+      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                                                       \
+      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                       \
+      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                       \
+      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                       \
+      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                       \
+      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                    \
+      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                    \
+      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"                                                    \
+      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"                                                    \
+      "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"                                                    \
+      "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"                                                    \
+      "test %[n], %[n]\n\t"                                                                    \
+      "jle 2f\n\t"                                                                             \
+      ".p2align 5\n\t"                                                                         \
+      "1:\n\t" ROWS                                                                            \
+      "add $64, %[b]\n\t"                                                                      \
+      "add $4, %[pa]\n\t"                                                                      \
+      "add $4, %[pb]\n\t"                                                                      \
+      "dec %[n]\n\t"                                                                           \
+      "jnz 1b\n\t"                                                                             \
+      "2:\n\t" STORES                                                                          \
+      : [b] "+r"(bq), [pa] "+r"(pa), [pb] "+r"(pb), [n] "+r"(cnt)                              \
+      : [ld] "r"(lda), [t] "r"(t), [t3] "r"(t + 3 * ldt), [ldt] "r"(ldt * 4)                   \
+      : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",        \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "cc", "memory")
+
+template <int MR>
+PYC_TARGET_AVX2 void kernel_avx2_u8(const uint8_t* a, int64_t lda, const int8_t* b, int64_t nq,
+                                    int32_t* t, int64_t ldt) {
+  static_assert(MR >= 1 && MR <= 6, "kernel_avx2_u8 handles 1..6 rows");
+  const int8_t* bq = b;
+  const uint8_t* pa = a;
+  const uint8_t* pb = a + 3 * lda;  // only dereferenced for MR > 3
+  int64_t cnt = nq;
+  if (MR == 6) PYC_U8_KERNEL_ASM(PYC_U0 PYC_U1 PYC_U2 PYC_U3 PYC_U4 PYC_U5,
+                                 PYC_V0 PYC_V1 PYC_V2 PYC_V3 PYC_V4 PYC_V5);
+  if (MR == 5) PYC_U8_KERNEL_ASM(PYC_U0 PYC_U1 PYC_U2 PYC_U3 PYC_U4,
+                                 PYC_V0 PYC_V1 PYC_V2 PYC_V3 PYC_V4);
+  if (MR == 4) PYC_U8_KERNEL_ASM(PYC_U0 PYC_U1 PYC_U2 PYC_U3, PYC_V0 PYC_V1 PYC_V2 PYC_V3);
+  if (MR == 3) PYC_U8_KERNEL_ASM(PYC_U0 PYC_U1 PYC_U2, PYC_V0 PYC_V1 PYC_V2);
+  // 1-2 rows stream the weight once (bandwidth bound): prefetch 16 k-groups ahead
+  if (MR == 2) PYC_U8_KERNEL_ASM("prefetcht0 1024(%[b])\n\t" PYC_U0 PYC_U1, PYC_V0 PYC_V1);
+  if (MR == 1) PYC_U8_KERNEL_ASM("prefetcht0 1024(%[b])\n\t" PYC_U0, PYC_V0);
+}
+
+PYC_TARGET_AVX2 void tile_avx2_u8(int mr, const uint8_t* a, int64_t lda, const int8_t* bp,
+                                  const int32_t* colsum, int64_t nq, int32_t* t, int64_t ldt) {
+  switch (mr) {
+    case 1: kernel_avx2_u8<1>(a, lda, bp, nq, t, ldt); break;
+    case 2: kernel_avx2_u8<2>(a, lda, bp, nq, t, ldt); break;
+    case 3: kernel_avx2_u8<3>(a, lda, bp, nq, t, ldt); break;
+    case 4: kernel_avx2_u8<4>(a, lda, bp, nq, t, ldt); break;
+    case 5: kernel_avx2_u8<5>(a, lda, bp, nq, t, ldt); break;
+    default: kernel_avx2_u8<6>(a, lda, bp, nq, t, ldt); break;
+  }
+  // (a + 64) * b summed = a * b summed + 64 * colsum (modulo 2^32); applied once, by the
+  // first K block (colsum == nullptr for the others)
+  if (colsum == nullptr) return;
+  const __m256i c0 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum)), 6);
+  const __m256i c1 =
+      _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8)), 6);
+  for (int r = 0; r < mr; ++r) {
+    __m256i* tr = reinterpret_cast<__m256i*>(t + r * ldt);
+    _mm256_storeu_si256(tr, _mm256_sub_epi32(_mm256_loadu_si256(tr), c0));
+    _mm256_storeu_si256(tr + 1, _mm256_sub_epi32(_mm256_loadu_si256(tr + 1), c1));
+  }
+}
+
+#undef PYC_U8_KERNEL_ASM
+#undef PYC_U8_ROW
+#undef PYC_U8_STORE
+#undef PYC_U0
+#undef PYC_U1
+#undef PYC_U2
+#undef PYC_U3
+#undef PYC_U4
+#undef PYC_U5
+#undef PYC_V0
+#undef PYC_V1
+#undef PYC_V2
+#undef PYC_V3
+#undef PYC_V4
+#undef PYC_V5
+
 // ---------------------------------------------------------------- AVX-512 VNNI kernel
 
 template <int MR>
@@ -310,7 +434,9 @@ void tile_scalar(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_
   }
 }
 
-int mr_of(int path) { return path == 2 ? kMrVnni : (path == 1 ? kMrAvx2 : kMrScalar); }
+int mr_of(int path) {
+  return path == 3 ? kMrAvx2U8 : (path == 2 ? kMrVnni : (path == 1 ? kMrAvx2 : kMrScalar));
+}
 
 }  // namespace
 
@@ -336,12 +462,13 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
   }
 }
 
-int int8_gemm_path(int isa) {
+int int8_gemm_path(int isa, bool act7) {
 #if PYC_HAVE_X86_SIMD
   if (isa >= 2 && cpu_features().avx512vnni) return 2;
-  if (isa >= 1) return 1;
+  if (isa >= 1) return act7 ? 3 : 1;
 #else
   (void)isa;
+  (void)act7;
 #endif
   return 0;
 }
@@ -349,7 +476,7 @@ int int8_gemm_path(int isa) {
 int64_t int8_a_row_bytes(int path, int64_t K) {
   const int64_t Kp = int8_round_k(K);
   // rows padded to 64 bytes so every row starts on its own cache line
-  const int64_t bytes = path == 2 ? Kp : 2 * Kp;
+  const int64_t bytes = path >= 2 ? Kp : 2 * Kp;
   return (bytes + 63) / 64 * 64;
 }
 
@@ -362,6 +489,11 @@ void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap,
       uint8_t* dst = static_cast<uint8_t*>(ap) + m * rb;
       for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k] ^ 0x80);
       std::memset(dst + K, 0x80, static_cast<size_t>(rb - K));
+    } else if (path == 3) {
+      // A in [-64, 63] (7-bit activations) -> A + 64 in [0, 127]
+      uint8_t* dst = static_cast<uint8_t*>(ap) + m * rb;
+      for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k] + 64);
+      std::memset(dst + K, 64, static_cast<size_t>(rb - K));
     } else {
       int16_t* dst = reinterpret_cast<int16_t*>(static_cast<uint8_t*>(ap) + m * rb);
       for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
@@ -376,7 +508,9 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
   // stream; when M * K is large, K is cut into blocks of 512 (A block <= 192 KiB in L2,
   // each panel's 8 KiB slice in L1) and partial sums go through the int32 workspace.
   if (M * int8_a_row_bytes(path, K) <= (int64_t(256) << 10) || Kp <= 768) return Kp;
-  return 512;
+  // the 7-bit path's A rows are half as long: blocks of 2048 (32 KiB panel slices) halve
+  // the partial-sum traffic through the workspace and measure faster than 512 here
+  return path == 3 ? std::min<int64_t>(2048, Kp) : 512;
 }
 
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
@@ -385,11 +519,12 @@ void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M,
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
   const int64_t rb = int8_a_row_bytes(path, K);
-  const int64_t a_elem = path == 2 ? 1 : 2;  // bytes per prepared A element
+  const int64_t a_elem = path >= 2 ? 1 : 2;  // bytes per prepared A element
   const int mrmax = mr_of(path);
   const int64_t kc = workspace ? int8_gemm_kc(path, M, K) : Kp;
   const bool blocked = kc < Kp;
   const int64_t mc = blocked ? 192 : std::max<int64_t>(24, ((int64_t(192) << 10) / rb) / 24 * 24);
+  static_assert(kMrVnni >= kMrAvx2 && kMrVnni >= kMrAvx2U8, "tile holds the tallest micro-kernel");
   alignas(64) int32_t tile[kMrVnni * kInt8PanelCols];
   const uint8_t* abase = static_cast<const uint8_t*>(ap);
   for (int64_t mc0 = 0; mc0 < M; mc0 += mc) {
@@ -405,7 +540,9 @@ void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M,
           const int mr = static_cast<int>(std::min<int64_t>(mrmax, mc1 - m));
           const uint8_t* am = abase + m * rb + k0 * a_elem;
 #if PYC_HAVE_X86_SIMD
-          if (path == 2)
+          if (path == 3)
+            tile_avx2_u8(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols);
+          else if (path == 2)
             tile_vnni(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols);
           else if (path == 1)
             tile_avx2(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,

@@ -21,7 +21,7 @@ struct RowStats {
 
 // Finalises a row from its statistics; returns the multiplier (0 for rows
 // that quantize to all zeros) and writes the scale.
-inline float row_multiplier(RowStats s, float* scale) {
+inline float row_multiplier(RowStats s, float* scale, float qmax) {
   if (!s.finite) {
     *scale = std::numeric_limits<float>::quiet_NaN();
     return 0.f;
@@ -30,18 +30,19 @@ inline float row_multiplier(RowStats s, float* scale) {
     *scale = 1.f;
     return 0.f;
   }
-  *scale = s.absmax / 127.f;
-  return 127.f / s.absmax;
+  *scale = s.absmax / qmax;
+  return qmax / s.absmax;
 }
 
-inline int8_t quantize_one(float v, float inv) {
+inline int8_t quantize_one(float v, float inv, float qmax) {
   float r = std::nearbyint(v * inv);
-  r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
+  r = r > qmax ? qmax : (r < -qmax ? -qmax : r);
   return static_cast<int8_t>(r);
 }
 
 void rows_scalar(const void* x, DType dt, int64_t ldx, int8_t* q, int64_t ldq, float* scale,
-                 int64_t r0, int64_t r1, int64_t K) {
+                 int64_t r0, int64_t r1, int64_t K, int qm) {
+  const float qmax = static_cast<float>(qm);
   for (int64_t m = r0; m < r1; ++m) {
     const int64_t base = m * ldx;
     RowStats s{0.f, true};
@@ -50,13 +51,13 @@ void rows_scalar(const void* x, DType dt, int64_t ldx, int8_t* q, int64_t ldq, f
       if (!(a <= FLT_MAX)) s.finite = false;
       s.absmax = a > s.absmax ? a : s.absmax;
     }
-    const float inv = row_multiplier(s, scale + m);
+    const float inv = row_multiplier(s, scale + m, qmax);
     int8_t* qr = q + m * ldq;
     if (inv == 0.f) {
       for (int64_t k = 0; k < K; ++k) qr[k] = 0;
       continue;
     }
-    for (int64_t k = 0; k < K; ++k) qr[k] = quantize_one(load_as_float(x, base + k, dt), inv);
+    for (int64_t k = 0; k < K; ++k) qr[k] = quantize_one(load_as_float(x, base + k, dt), inv, qmax);
   }
 }
 
@@ -79,10 +80,11 @@ PYC_TARGET_AVX2 inline __m256 load8_avx2(const void* x, int64_t i, DType dt) {
 }
 
 PYC_TARGET_AVX2 void rows_avx2(const void* x, DType dt, int64_t ldx, int8_t* q, int64_t ldq,
-                               float* scale, int64_t r0, int64_t r1, int64_t K) {
+                               float* scale, int64_t r0, int64_t r1, int64_t K, int qm) {
+  const float qmax = static_cast<float>(qm);
   const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   const __m256 fmax = _mm256_set1_ps(FLT_MAX);
-  const __m256i lo127 = _mm256_set1_epi32(-127), hi127 = _mm256_set1_epi32(127);
+  const __m256i lo127 = _mm256_set1_epi32(-qm), hi127 = _mm256_set1_epi32(qm);
   const int64_t Kv = K & ~int64_t(7);
   for (int64_t m = r0; m < r1; ++m) {
     const int64_t base = m * ldx;
@@ -102,7 +104,7 @@ PYC_TARGET_AVX2 void rows_avx2(const void* x, DType dt, int64_t ldx, int8_t* q, 
       if (!(a <= FLT_MAX)) s.finite = false;
       s.absmax = a > s.absmax ? a : s.absmax;
     }
-    const float inv = row_multiplier(s, scale + m);
+    const float inv = row_multiplier(s, scale + m, qmax);
     int8_t* qr = q + m * ldq;
     if (inv == 0.f) {  // zero or non-finite row: all zeros (NaN * 0 must not leak)
       std::memset(qr, 0, static_cast<size_t>(K));
@@ -115,7 +117,7 @@ PYC_TARGET_AVX2 void rows_avx2(const void* x, DType dt, int64_t ldx, int8_t* q, 
       __m128i p16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(qr + k), _mm_packs_epi16(p16, p16));
     }
-    for (int64_t k = Kv; k < K; ++k) qr[k] = quantize_one(load_as_float(x, base + k, dt), inv);
+    for (int64_t k = Kv; k < K; ++k) qr[k] = quantize_one(load_as_float(x, base + k, dt), inv, qmax);
   }
 }
 
@@ -134,9 +136,10 @@ PYC_TARGET_AVX512 inline __m512 load16_avx512(const void* x, int64_t i, DType dt
 }
 
 PYC_TARGET_AVX512 void rows_avx512(const void* x, DType dt, int64_t ldx, int8_t* q, int64_t ldq,
-                                   float* scale, int64_t r0, int64_t r1, int64_t K) {
+                                   float* scale, int64_t r0, int64_t r1, int64_t K, int qm) {
+  const float qmax = static_cast<float>(qm);
   const __m512 fmax = _mm512_set1_ps(FLT_MAX);
-  const __m512i lo127 = _mm512_set1_epi32(-127), hi127 = _mm512_set1_epi32(127);
+  const __m512i lo127 = _mm512_set1_epi32(-qm), hi127 = _mm512_set1_epi32(qm);
   for (int64_t m = r0; m < r1; ++m) {
     const int64_t base = m * ldx;
     __m512 vmax = _mm512_setzero_ps();
@@ -149,7 +152,7 @@ PYC_TARGET_AVX512 void rows_avx512(const void* x, DType dt, int64_t ldx, int8_t*
       vmax = _mm512_max_ps(vmax, a);
     }
     RowStats s{_mm512_reduce_max_ps(vmax), bad == 0};
-    const float inv = row_multiplier(s, scale + m);
+    const float inv = row_multiplier(s, scale + m, qmax);
     int8_t* qr = q + m * ldq;
     if (inv == 0.f) {
       std::memset(qr, 0, static_cast<size_t>(K));
@@ -171,18 +174,19 @@ PYC_TARGET_AVX512 void rows_avx512(const void* x, DType dt, int64_t ldx, int8_t*
 }  // namespace
 
 void quantize_per_token_cpu_isa(int isa, const void* x, DType dt, int64_t ldx, int8_t* q,
-                                int64_t ldq, float* scale, int64_t r0, int64_t r1, int64_t K) {
+                                int64_t ldq, float* scale, int64_t r0, int64_t r1, int64_t K,
+                                int qmax) {
 #if PYC_HAVE_X86_SIMD
-  if (isa >= 2) return rows_avx512(x, dt, ldx, q, ldq, scale, r0, r1, K);
-  if (isa == 1) return rows_avx2(x, dt, ldx, q, ldq, scale, r0, r1, K);
+  if (isa >= 2) return rows_avx512(x, dt, ldx, q, ldq, scale, r0, r1, K, qmax);
+  if (isa == 1) return rows_avx2(x, dt, ldx, q, ldq, scale, r0, r1, K, qmax);
 #endif
-  rows_scalar(x, dt, ldx, q, ldq, scale, r0, r1, K);
+  rows_scalar(x, dt, ldx, q, ldq, scale, r0, r1, K, qmax);
 }
 
 void quantize_per_token_cpu(const void* x, DType dt, int64_t ldx, int8_t* q, int64_t ldq,
-                            float* scale, int64_t r0, int64_t r1, int64_t K) {
+                            float* scale, int64_t r0, int64_t r1, int64_t K, int qmax) {
   quantize_per_token_cpu_isa(static_cast<int>(active_cpu_isa()), x, dt, ldx, q, ldq, scale, r0,
-                             r1, K);
+                             r1, K, qmax);
 }
 
 }  // namespace pyc

@@ -28,7 +28,7 @@ constexpr int kThreads = 256;
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     quantize_rows_kernel(const T* __restrict__ x, int64_t ldx, int8_t* __restrict__ q,
-                         float* __restrict__ scale, int64_t M, int64_t K) {
+                         float* __restrict__ scale, int64_t M, int64_t K, float qmax) {
   const int64_t m = blockIdx.x;
   if (m >= M) return;
   const T* xr = x + m * ldx;
@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(kThreads)
       scale[m] = 1.f;
       inv = 0.f;
     } else {
-      scale[m] = __fdiv_rn(mx, 127.f);
-      inv = __fdiv_rn(127.f, mx);
+      scale[m] = __fdiv_rn(mx, qmax);
+      inv = __fdiv_rn(qmax, mx);
     }
     s_inv = inv;
   }
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
     int8_t v = 0;
     if (inv != 0.f) {  // zero or non-finite rows stay all zeros
       float r = rintf(__fmul_rn(to_f32(xr[k]), inv));
-      r = fminf(fmaxf(r, -127.f), 127.f);
+      r = fminf(fmaxf(r, -qmax), qmax);
       v = static_cast<int8_t>(static_cast<int>(r));
     }
     qr[k] = v;
@@ -90,23 +90,24 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 cudaError_t launch(const void* x, int64_t ldx, int8_t* q, float* scale, int64_t M, int64_t K,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, float qmax) {
   if (M == 0) return cudaSuccess;
   // gridDim.x allows 2^31-1 blocks
   quantize_rows_kernel<T><<<static_cast<unsigned int>(M), kThreads, 0, stream>>>(
-      static_cast<const T*>(x), ldx, q, scale, M, K);
+      static_cast<const T*>(x), ldx, q, scale, M, K, qmax);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t quantize_per_token(const void* x, DType dtype, int64_t ldx, int8_t* q, float* scale,
-                               int64_t M, int64_t K, cudaStream_t stream) {
-  if (M > 0x7fffffffLL) return cudaErrorInvalidValue;
+                               int64_t M, int64_t K, cudaStream_t stream, int qmax) {
+  if (M > 0x7fffffffLL || qmax < 1 || qmax > 127) return cudaErrorInvalidValue;
+  const float qm = static_cast<float>(qmax);
   switch (dtype) {
-    case DType::F32: return launch<float>(x, ldx, q, scale, M, K, stream);
-    case DType::F16: return launch<__half>(x, ldx, q, scale, M, K, stream);
-    case DType::BF16: return launch<__nv_bfloat16>(x, ldx, q, scale, M, K, stream);
+    case DType::F32: return launch<float>(x, ldx, q, scale, M, K, stream, qm);
+    case DType::F16: return launch<__half>(x, ldx, q, scale, M, K, stream, qm);
+    case DType::BF16: return launch<__nv_bfloat16>(x, ldx, q, scale, M, K, stream, qm);
   }
   return cudaErrorInvalidValue;
 }
