@@ -263,8 +263,8 @@ def evaluate(
 
     Example:
         >>> import torch, pycompress
-        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-        >>> data = [(torch.randn(32, 8), torch.randint(0, 3, (32,))) for _ in range(4)]
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 3))
+        >>> data = [(torch.randn(32, 64), torch.randint(0, 3, (32,))) for _ in range(4)]
         >>> base = pycompress.evaluate(model, data, batch_sizes=(1, 32), repeats=5, name="fp32")
         >>> q = pycompress.evaluate(pycompress.quantize(model), data, repeats=5, reference=base, name="int8")
         >>> q.compression_ratio > 1

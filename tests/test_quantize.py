@@ -207,3 +207,25 @@ def test_a_layer_registered_twice_is_replaced_everywhere(int8_cls):
     x = torch.randn(3, 8)
     with torch.no_grad():
         assert _cos(model(x), ref(x)) > 0.999
+
+
+@pytest.mark.skipif(not HAS_INT8, reason="act_bits is a feature of the compiled Int8Linear")
+def test_act_bits_7(tmp_path):
+    import inspect
+
+    if "act_bits" not in inspect.signature(pycompress.nn.Int8Linear.from_float).parameters:
+        pytest.skip("this Int8Linear has no act_bits option")
+    ref = mlp()
+    model = pycompress.quantize(copy.deepcopy(ref), act_bits=7)
+    assert all(model.get_submodule(n).act_bits == 7 for n in ("0", "2", "4"))
+    x = torch.randn(16, 32)
+    assert pycompress.validate(ref, model, x).passed
+    pycompress.save(model, tmp_path / "m")
+    fresh = pycompress.load(tmp_path / "m", mlp(seed=2))
+    assert fresh[0].act_bits == 7
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="act_bits must be 8 or 7"):
+        pycompress.quantize(mlp(), act_bits=4)
+    with pytest.raises(ValueError, match="w8a8.* only"):
+        pycompress.quantize(mlp(), mode="w8a16", act_bits=7)

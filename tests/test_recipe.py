@@ -30,7 +30,7 @@ def test_load_recipe_forms(tmp_path):
     "recipe, match",
     [
         ({"steps": [{"distill": {}}]}, "unknown step 'distill'; known steps: prune, quantize, deploy"),
-        ({"steps": [{"quantize": {"modee": "w8a8"}}]}, "unknown argument 'modee'; allowed: mode, include, exclude"),
+        ({"steps": [{"quantize": {"modee": "w8a8"}}]}, "unknown argument 'modee'; allowed: mode, include, exclude, act_bits"),
         ({"steps": [{"quantize": {}, "prune": {}}]}, "exactly one step name"),
         ({"steps": [{"quantize": {"exclude": "re:(x"}}]}, "invalid regular expression"),
         ({"steps": [{"quantize": ["w8a8"]}]}, "arguments must be a mapping"),
