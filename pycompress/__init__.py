@@ -8,6 +8,11 @@ from pycompress._version import __version__
 from pycompress import _ext, nn, ops
 from pycompress._ext import active_cpu_isa, cpu_features, has_cuda_kernels, set_cpu_isa
 from pycompress.prune import GradualPruning, deploy_pruned, prune
+from pycompress.quantize import quantize
+from pycompress.validate import ValidationReport, validate
+from pycompress.evaluate import EvaluationReport, compare, evaluate
+from pycompress.recipe import CompressionReport, compress
+from pycompress.serialization import load, save
 from pycompress import distributed
 from pycompress.finetune import finetune
 from pycompress.distill import distill, precompute_teacher_logits, TeacherLogitsDataset
@@ -23,6 +28,16 @@ __all__ = [
     "prune",
     "GradualPruning",
     "deploy_pruned",
+    "quantize",
+    "validate",
+    "ValidationReport",
+    "evaluate",
+    "compare",
+    "EvaluationReport",
+    "compress",
+    "CompressionReport",
+    "save",
+    "load",
     "distributed",
     "finetune",
     "distill",

@@ -1,0 +1,435 @@
+"""``pycompress.compress``: apply a recipe of compression steps, with an accuracy budget.
+
+A recipe is a list of steps, each a one-key mapping from the step name to its arguments::
+
+    steps:
+      - prune: {sparsity: 0.5, pattern: "2:4", exclude: "classifier"}
+      - quantize: {mode: w8a8, exclude: ["classifier", "*.attention.*"]}
+
+given as a dict (``{"steps": [...]}``), a bare list of steps, or a path to a ``.yaml`` / ``.yml``
+/ ``.json`` file holding either. Steps: ``prune`` (arguments of :func:`pycompress.prune`),
+``quantize`` (of :func:`pycompress.quantize`), ``deploy`` (of :func:`pycompress.deploy_pruned`).
+The whole recipe is checked before the model is touched: an unknown step or argument raises
+``ValueError`` naming it and listing what is allowed.
+
+Accuracy-aware fallback (when ``max_drop`` is given): the metric of the original model is
+measured, the recipe applied, and while the metric dropped by more than ``max_drop`` the most
+sensitive compressed layer is put back to its original
+form, one layer at a time, re-measuring after each. A layer's sensitivity is the relative error of
+the model's output when only that layer is compressed (measured on the calibration inputs).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from pycompress import _utils
+
+__all__ = ["compress", "load_recipe", "CompressionReport", "STEPS"]
+
+# step name -> (attribute of the pycompress package, summary)
+STEPS = {
+    "prune": ("prune", "pycompress.prune: MaskedLinear with a sparsity pattern"),
+    "quantize": ("quantize", "pycompress.quantize: Int8Linear"),
+    "deploy": ("deploy_pruned", "pycompress.deploy_pruned: MaskedLinear → SparseLinear / Linear"),
+}
+
+
+def _step_function(step: str) -> Callable:
+    import pycompress
+
+    attr = STEPS[step][0]
+    fn = getattr(pycompress, attr, None)
+    if fn is None:
+        raise RuntimeError(f"recipe step {step!r} needs pycompress.{attr}, which this build does not provide")
+    return fn
+
+
+def _step_arguments(fn: Callable) -> tuple[list[str], list[str]]:
+    """(allowed argument names, required ones) of a step function, model excluded."""
+    sig = inspect.signature(fn)
+    allowed, required = [], []
+    for i, (name, p) in enumerate(sig.parameters.items()):
+        if i == 0 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name in ("return_result", "warn"):
+            continue
+        allowed.append(name)
+        if p.default is p.empty:
+            required.append(name)
+    return allowed, required
+
+
+def load_recipe(recipe: Any) -> list[tuple[str, dict]]:
+    """Parses and checks a recipe; returns ``[(step, kwargs), ...]``.
+
+    Args:
+        recipe: ``{"steps": [...]}``, a list of steps, or a path to a YAML/JSON file.
+
+    Raises:
+        FileNotFoundError: the file does not exist. ValueError: unreadable file, unknown step,
+        unknown or missing argument. RuntimeError: a step whose function this build lacks.
+
+    Example:
+        >>> from pycompress.recipe import load_recipe
+        >>> load_recipe({"steps": [{"quantize": {"mode": "w8a16", "exclude": "head"}}]})
+        [('quantize', {'mode': 'w8a16', 'exclude': 'head'})]
+    """
+    source = "recipe"
+    if isinstance(recipe, (str, os.PathLike)):
+        path = Path(recipe)
+        source = str(path)
+        if not path.exists():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        text = path.read_text()
+        suffix = path.suffix.lower()
+        if suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"recipe file {path}: unknown extension {suffix!r} (use .yaml, .yml or .json)")
+        try:
+            if suffix == ".json":
+                recipe = json.loads(text)
+            else:
+                import yaml
+
+                recipe = yaml.safe_load(text)  # safe_load: plain data only, never objects
+        except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+            raise ValueError(f"recipe file {path} could not be parsed: {e}") from None
+    if isinstance(recipe, dict):
+        unknown = set(recipe) - {"steps", "name", "description"}
+        if unknown:
+            raise ValueError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected 'steps'")
+        if "steps" not in recipe:
+            raise ValueError(f"{source}: no 'steps' list")
+        steps = recipe["steps"]
+    else:
+        steps = recipe
+    if not isinstance(steps, list):
+        raise ValueError(f"{source}: steps must be a list, got {type(steps).__name__}")
+    if not steps:
+        raise ValueError(f"{source}: the recipe has no steps")
+    out = []
+    for i, step in enumerate(steps):
+        where = f"{source}: step {i}"
+        if isinstance(step, str):
+            step = {step: {}}
+        if not isinstance(step, dict) or len(step) != 1:
+            raise ValueError(f"{where} must be a mapping with exactly one step name, got {step!r}")
+        (name, kwargs), = step.items()
+        if name not in STEPS:
+            raise ValueError(f"{where}: unknown step {name!r}; known steps: {', '.join(STEPS)}")
+        if kwargs is None:
+            kwargs = {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"{where} ({name}): arguments must be a mapping, got {type(kwargs).__name__}")
+        allowed, required = _step_arguments(_step_function(name))
+        for k in kwargs:
+            if k not in allowed:
+                raise ValueError(f"{where} ({name}): unknown argument {k!r}; allowed: {', '.join(allowed)}")
+        missing = [r for r in required if r not in kwargs]
+        if missing:
+            raise ValueError(f"{where} ({name}): missing required argument(s) {', '.join(missing)}")
+        for k in ("include", "exclude"):
+            if k in kwargs:
+                pats = _utils.parse_patterns(kwargs[k], f"{where} ({name}) {k}")
+                if name != "quantize" and any(p.text.startswith("re:") for p in pats or ()):
+                    raise ValueError(
+                        f"{where} ({name}) {k}: 're:' regular expressions are understood by quantize "
+                        "steps only; use globs"
+                    )
+        out.append((name, dict(kwargs)))
+    return out
+
+
+@dataclass
+class CompressionReport:
+    """Result of :func:`compress`.
+
+    Attributes:
+        steps: per step, its name, arguments and the layers it changed (and, for ``quantize``,
+            the layers it left alone with the reason).
+        baseline_metric / final_metric: metric of the original and of the returned model.
+        max_drop: the budget; ``drop``: baseline − final (for lower-is-better metrics, the rise).
+        reverted: layers put back to their original form, most sensitive first, with their
+            sensitivity (relative error of the model output when only that layer is compressed)
+            and the metric after reverting.
+        compressed_layers: layers that remain compressed, with their layer class.
+        sensitivity: when the fallback ran, every compressed layer's sensitivity (relative error
+            of the model output with only that layer compressed).
+        validation: :class:`~pycompress.validate.ValidationReport` of the returned model against
+            the original on the calibration inputs.
+    """
+
+    steps: list[dict] = field(default_factory=list)
+    metric_name: str | None = None
+    higher_is_better: bool = True
+    baseline_metric: float | None = None
+    compressed_metric: float | None = None
+    final_metric: float | None = None
+    max_drop: float | None = None
+    reverted: list[dict] = field(default_factory=list)
+    compressed_layers: dict[str, str] = field(default_factory=dict)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    validation: Any = None
+
+    @property
+    def drop(self) -> float | None:
+        if self.baseline_metric is None or self.final_metric is None:
+            return None
+        d = self.baseline_metric - self.final_metric
+        return d if self.higher_is_better else -d
+
+    @property
+    def within_budget(self) -> bool | None:
+        if self.max_drop is None or self.drop is None:
+            return None
+        return self.drop <= self.max_drop + 1e-12
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": copy.deepcopy(self.steps),
+            "metric_name": self.metric_name,
+            "higher_is_better": self.higher_is_better,
+            "baseline_metric": self.baseline_metric,
+            "compressed_metric": self.compressed_metric,
+            "final_metric": self.final_metric,
+            "drop": self.drop,
+            "max_drop": self.max_drop,
+            "within_budget": self.within_budget,
+            "reverted": copy.deepcopy(self.reverted),
+            "compressed_layers": dict(self.compressed_layers),
+            "sensitivity": dict(self.sensitivity),
+            "validation": self.validation.to_dict() if self.validation is not None else None,
+        }
+
+    def to_markdown(self) -> str:
+        lines = ["**Compression report**", "", "| step | arguments | layers changed | left alone |", "|---|---|---|---|"]
+        for s in self.steps:
+            args = ", ".join(f"{k}={v!r}" for k, v in s["arguments"].items()) or "–"
+            lines.append(f"| {s['step']} | {args} | {len(s['changed'])} | {len(s.get('skipped', {}))} |")
+        if self.metric_name is not None:
+            lines += [
+                "",
+                f"{self.metric_name}: original {_f(self.baseline_metric)}, after the recipe "
+                f"{_f(self.compressed_metric)}, returned model {_f(self.final_metric)}"
+                + (f" (budget: drop <= {self.max_drop}, {'met' if self.within_budget else 'NOT met'})"
+                   if self.max_drop is not None else ""),
+            ]
+        if self.reverted:
+            lines += ["", "| reverted layer | was | sensitivity (output rel. error) | metric after |", "|---|---|---|---|"]
+            for r in self.reverted:
+                lines.append(f"| {r['layer']} | {r['was']} | {_f(r['sensitivity'])} | {_f(r['metric_after'])} |")
+        lines += ["", f"{len(self.compressed_layers)} layer(s) compressed."]
+        if self.validation is not None:
+            lines += ["", self.validation.to_markdown(max_layers=10)]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        parts = [f"steps={[s['step'] for s in self.steps]}", f"compressed_layers={len(self.compressed_layers)}"]
+        if self.metric_name is not None:
+            parts.append(f"{self.metric_name}: {_f(self.baseline_metric)} -> {_f(self.final_metric)}")
+        if self.max_drop is not None:
+            parts.append(f"max_drop={self.max_drop} ({'met' if self.within_budget else 'NOT met'})")
+        parts.append(f"reverted={[r['layer'] for r in self.reverted]}")
+        return "CompressionReport(" + ", ".join(parts) + ")"
+
+
+def _f(v: Any) -> str:
+    return "–" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def _changed_layers(reference: nn.Module, model: nn.Module) -> dict[str, str]:
+    """Layers of ``model`` that differ from ``reference`` (other class or other tensors)."""
+    ref = dict(reference.named_modules())
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if not name or name not in ref or any(name.startswith(o + ".") for o in out):
+            continue
+        r = ref[name]
+        if type(r) is not type(m):
+            out[name] = type(m).__name__
+        elif _utils.is_pycompress_layer(m):
+            rs, ms = r.state_dict(), m.state_dict()
+            if rs.keys() != ms.keys() or any(
+                rs[k].shape != ms[k].shape or not torch.equal(rs[k].to(ms[k].device), ms[k]) for k in rs
+            ):
+                out[name] = type(m).__name__
+    return out
+
+
+def _make_metric(metric: Any, calibration: list, progress: bool | None) -> tuple[Callable[[nn.Module], float], str, bool]:
+    if callable(metric) and not isinstance(metric, str):
+        try:
+            n_params = len(inspect.signature(metric).parameters)
+        except (TypeError, ValueError):
+            n_params = 1
+        if n_params == 1:
+            name = getattr(metric, "__name__", "metric")
+            return metric, name, bool(getattr(metric, "higher_is_better", True))
+    from pycompress.evaluate import compute_metric, resolve_metric
+
+    name, _, hib = resolve_metric(metric)
+    return (lambda m: compute_metric(m, calibration, metric, progress=progress)), name, hib
+
+
+def compress(
+    model: nn.Module,
+    recipe: Any,
+    calibration_inputs: Any,
+    metric: Any = None,
+    max_drop: float | None = None,
+    *,
+    progress: bool | None = None,
+) -> tuple[nn.Module, CompressionReport]:
+    """Applies a compression recipe to ``model`` in place, within an accuracy budget.
+
+    Args:
+        model: the trained model (modified in place).
+        recipe: ``{"steps": [...]}``, a list of steps, or a YAML/JSON file path (see
+            :func:`load_recipe`).
+        calibration_inputs: a batch or iterable of batches used to validate the result and rank
+            layer sensitivity. When ``metric`` is a name (``"accuracy"``...), it must be an
+            iterable of ``(inputs, targets)`` pairs and the metric is measured on it.
+        metric: ``None``; a callable ``fn(model) -> float`` (higher is better unless it has
+            ``higher_is_better = False``); or a metric name / ``fn(outputs, targets)`` as in
+            :func:`pycompress.evaluate`, measured on ``calibration_inputs``.
+        max_drop: largest allowed metric drop (absolute, in metric units; for lower-is-better
+            metrics, the largest allowed rise). Needs ``metric``.
+        progress: tqdm bars; ``None`` = only on a terminal.
+
+    Returns:
+        ``(model, CompressionReport)``; the report lists the steps, the metric before/after,
+        the layers that were reverted to their original form and a validation report.
+
+    Example:
+        >>> import torch, pycompress
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> calib = [torch.randn(8, 16) for _ in range(4)]
+        >>> recipe = {"steps": [{"quantize": {"mode": "w8a8", "exclude": "2"}}]}
+        >>> model, report = pycompress.compress(model, recipe, calib)
+        >>> sorted(report.compressed_layers.items())
+        [('0', 'Int8Linear')]
+    """
+    from pycompress.validate import validate
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    steps = load_recipe(recipe)
+    if max_drop is not None:
+        if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) or max_drop < 0:
+            raise ValueError(f"max_drop must be a finite number >= 0, got {max_drop!r}")
+        if metric is None:
+            raise ValueError("max_drop needs a metric (a name or a callable) to measure the drop")
+
+    named_metric = metric is not None and (isinstance(metric, str) or _takes_two(metric))
+    calibration = list(_utils.iter_batches(calibration_inputs, "calibration_inputs"))
+    if not calibration:
+        raise ValueError("calibration_inputs holds no batch")
+    if named_metric:
+        from pycompress.evaluate import _split_item
+
+        val_inputs = [_split_item(it, i)[0] for i, it in enumerate(calibration)]
+    else:
+        val_inputs = calibration
+    for b in val_inputs:
+        _utils.check_batch(b, "calibration_inputs")
+
+    for i, (name, kwargs) in enumerate(steps):  # every pattern must match a module: checked up front
+        if "include" in kwargs or "exclude" in kwargs:
+            try:
+                _utils.select_modules(model, kwargs.get("include"), kwargs.get("exclude"))
+            except ValueError as e:
+                raise ValueError(f"recipe step {i} ({name}): {e}") from None
+
+    original = copy.deepcopy(model)
+    report = CompressionReport(max_drop=float(max_drop) if max_drop is not None else None)
+    measure = None
+    if metric is not None:
+        measure, report.metric_name, report.higher_is_better = _make_metric(metric, calibration, progress)
+        report.baseline_metric = float(measure(original))
+
+    for name, kwargs in steps:
+        fn = _step_function(name)
+        before = copy.deepcopy(model) if len(steps) > 1 else original
+        if name == "quantize":
+            _, qres = fn(model, **kwargs, return_result=True, warn=False)
+            skipped = dict(qres.skipped)
+        else:
+            res = fn(model, **kwargs)
+            if isinstance(res, nn.Module) and res is not model:
+                raise RuntimeError(f"step {name} returned a different model object; steps must work in place")
+            skipped = {}
+        changed = _changed_layers(before, model)
+        report.steps.append({"step": name, "arguments": dict(kwargs), "changed": sorted(changed), "skipped": skipped})
+
+    report.compressed_layers = _changed_layers(original, model)
+    if measure is not None:
+        report.compressed_metric = report.final_metric = float(measure(model))
+
+    validation = validate(original, model, val_inputs, tolerance=None, progress=progress)
+    if max_drop is not None and not report.within_budget:
+        sensitivity = _sensitivity(original, model, list(report.compressed_layers), val_inputs, progress)
+        report.sensitivity = dict(sensitivity)
+        order = sorted(report.compressed_layers, key=lambda n: -sensitivity.get(n, math.inf))
+        for layer in order:
+            was = report.compressed_layers.pop(layer)
+            restored = copy.deepcopy(original.get_submodule(layer))
+            _utils.set_module(model, layer, restored)
+            report.final_metric = float(measure(model))
+            report.reverted.append({
+                "layer": layer,
+                "was": was,
+                "sensitivity": sensitivity.get(layer, math.inf),
+                "metric_after": report.final_metric,
+            })
+            if report.within_budget:
+                break
+        validation = validate(original, model, val_inputs, tolerance=None, progress=progress)
+    report.validation = validation
+    return model, report
+
+
+def _sensitivity(original: nn.Module, model: nn.Module, layers: list[str], inputs: list,
+                 progress: bool | None) -> dict[str, float]:
+    """Per compressed layer: relative error of the *model output* when only that layer is
+    compressed (the original model with that one layer swapped in), on the calibration inputs."""
+    out: dict[str, float] = {}
+    training = original.training
+    original.eval()
+    try:
+        with torch.no_grad():
+            expected = [_utils.output_tensor(_utils.call_model(original, b))[0].double() for b in inputs]
+            for name in _utils.progress_bar(layers, "sensitivity", progress):
+                keep = original.get_submodule(name)
+                _utils.set_module(original, name, model.get_submodule(name))
+                try:
+                    diff = ref = 0.0
+                    for b, e in zip(inputs, expected):
+                        got = _utils.output_tensor(_utils.call_model(original, b))[0].double().to(e.device)
+                        diff += float(((got - e) ** 2).sum())
+                        ref += float((e * e).sum())
+                finally:
+                    _utils.set_module(original, name, keep)
+                err = math.sqrt(diff / ref) if ref > 0 else math.sqrt(diff)
+                out[name] = err if math.isfinite(err) else math.inf
+    finally:
+        original.train(training)
+    return out
+
+
+def _takes_two(fn: Any) -> bool:
+    if not callable(fn):
+        return False
+    try:
+        return len(inspect.signature(fn).parameters) >= 2
+    except (TypeError, ValueError):
+        return False

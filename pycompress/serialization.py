@@ -1,0 +1,401 @@
+"""``pycompress.save`` / ``pycompress.load``: compressed models as safetensors + a JSON manifest.
+
+A saved model is a directory with two files:
+
+``model.safetensors``
+    every tensor of ``model.state_dict()`` (tensors that are the same view of the same storage,
+    e.g. tied embeddings, are stored once and listed as aliases in the manifest).
+``pycompress.json``
+    the manifest: format version, the root class name, every module path, and for each module
+    that is a pycompress layer its class name and ``config()``; the SHA-256 and size of the
+    weights file.
+
+Nothing is ever unpickled: tensors come from safetensors, everything else from JSON, and layer
+classes are looked up by name among the known pycompress layers only (never imported from a path
+written in the file). Both files are written to temporary files and moved into place with
+``os.replace``; the manifest is replaced last and carries the weights' checksum, so an
+interrupted save can never be loaded as a mix of old and new files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pycompress import _utils
+from pycompress._utils import register_layer
+
+__all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
+
+WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "pycompress.json"
+FORMAT_NAME = "pycompress-model"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- helpers
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tensors_for_saving(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Deduplicates identical views (aliases) and copies partially shared tensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for key, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict entry {key!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach()
+        if t.device.type == "meta":
+            raise ValueError(f"tensor {key!r} is on the meta device (no data to save)")
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() > 0 and view in seen:
+            aliases[key] = seen[view]
+            continue
+        sptr = t.untyped_storage().data_ptr()
+        if t.numel() > 0 and sptr in storages or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)
+        else:
+            storages.add(sptr)
+        if t.numel() > 0:
+            seen[view] = key
+        tensors[key] = t.to("cpu").contiguous()
+    # any remaining sharing (e.g. two clones above are fine; overlapping originals are not)
+    return tensors, aliases
+
+
+def _module_tree(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
+    """(pycompress layers: path → {class, config}, all module paths)."""
+    layers: dict[str, dict] = {}
+    paths: list[str] = []
+    skip_prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip_prefixes):
+            continue
+        paths.append(name)
+        if _utils.is_pycompress_layer(module):
+            cfg = module.config()
+            try:
+                json.dumps(cfg, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"config() of layer {name!r} ({type(module).__name__}) is not JSON-serializable: {e}"
+                ) from None
+            layers[name] = {"class": type(module).__name__, "config": cfg}
+            if name:
+                skip_prefixes.append(name)
+    return layers, paths
+
+
+# --------------------------------------------------------------------------- save
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Saves ``model`` (compressed or not) to the directory ``path``.
+
+    Writes ``model.safetensors`` (all tensors of the state dict) and ``pycompress.json`` (the
+    manifest: which module paths are which pycompress layer with which ``config()``, and the
+    weights' SHA-256). The directory is created if needed; an existing save in it is replaced
+    atomically (temporary files + ``os.replace``).
+
+    Args:
+        model: the model to save (a ``torch.compile`` wrapper is saved as the model it wraps).
+        path: a directory (created when missing).
+
+    Returns:
+        The directory as a ``Path``.
+
+    Example:
+        >>> import copy, tempfile, torch, pycompress
+        >>> model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> q = pycompress.quantize(copy.deepcopy(model))
+        >>> out = pycompress.save(q, tempfile.mkdtemp() + "/mlp-int8")
+        >>> sorted(p.name for p in out.iterdir())
+        ['model.safetensors', 'pycompress.json']
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    model = _utils.unwrap_compiled(model)
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory; save() writes a directory")
+
+    layers, paths = _module_tree(model)
+    state = model.state_dict()
+    tensors, aliases = _tensors_for_saving(state)
+
+    created = not out.exists()
+    target = out
+    if created:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        target = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp_weights = tmp_manifest = None
+    try:
+        fd, tmp_weights = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.tmp", dir=target)
+        os.close(fd)
+        save_file(tensors, tmp_weights, metadata={"format": FORMAT_NAME})
+        with open(tmp_weights, "rb+") as f:
+            os.fsync(f.fileno())
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "pycompress_version": _version(),
+            "torch_version": torch.__version__,
+            "model_class": type(model).__name__,
+            "modules": paths,
+            "layers": layers,
+            "aliases": aliases,
+            "weights": {
+                "file": WEIGHTS_NAME,
+                "sha256": _sha256(Path(tmp_weights)),
+                "bytes": os.path.getsize(tmp_weights),
+                "tensors": len(tensors),
+            },
+        }
+        fd, tmp_manifest = tempfile.mkstemp(prefix=".pycompress.", suffix=".json.tmp", dir=target)
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=False, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_weights, target / WEIGHTS_NAME)
+        tmp_weights = None
+        os.replace(tmp_manifest, target / MANIFEST_NAME)
+        tmp_manifest = None
+        _fsync_dir(target)
+        if created:
+            try:
+                os.replace(target, out)
+            except OSError:  # someone created it meanwhile: move the files instead
+                out.mkdir(parents=True, exist_ok=True)
+                os.replace(target / WEIGHTS_NAME, out / WEIGHTS_NAME)
+                os.replace(target / MANIFEST_NAME, out / MANIFEST_NAME)
+                os.rmdir(target)
+            _fsync_dir(out.parent)
+    finally:
+        for tmp in (tmp_weights, tmp_manifest):
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+        if created and target.exists() and target != out:
+            for p in target.iterdir():
+                p.unlink()
+            target.rmdir()
+    return out
+
+
+def _version() -> str:
+    from pycompress._version import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------- load
+def _read_manifest(root: Path) -> dict:
+    mpath = root / MANIFEST_NAME
+    if not root.exists():
+        raise FileNotFoundError(f"no saved model at {root} (directory does not exist)")
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory written by pycompress.save")
+    if not mpath.exists():
+        raise FileNotFoundError(f"{root}: manifest {MANIFEST_NAME} is missing (not a pycompress save?)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{mpath}: corrupt manifest (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{mpath}: not a pycompress manifest (format field missing or wrong)")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{mpath}: format version {version!r} is not supported by this pycompress "
+            f"(supports <= {FORMAT_VERSION}); upgrade pycompress"
+        )
+    for key, typ in (("modules", list), ("layers", dict), ("aliases", dict), ("weights", dict)):
+        if not isinstance(manifest.get(key), typ):
+            raise ValueError(f"{mpath}: corrupt manifest (field {key!r} missing or of the wrong type)")
+    return manifest
+
+
+def _check_architecture(manifest: dict, model: nn.Module, root: Path) -> None:
+    saved = set(manifest["modules"])
+    layers = manifest["layers"]
+    have: set[str] = set()
+    skip: list[str] = []
+    for name, _ in model.named_modules():
+        if any(name.startswith(p + ".") for p in skip):
+            continue
+        have.add(name)
+        if name in layers and name:
+            skip.append(name)  # the saved layer replaces this whole subtree
+    missing = sorted(saved - have)
+    extra = sorted(have - saved)
+    if missing or extra or manifest.get("model_class") != type(model).__name__:
+        def _list(xs):
+            return ", ".join(repr(x) for x in xs[:6]) + (f", ... ({len(xs)} in all)" if len(xs) > 6 else "")
+
+        parts = []
+        if manifest.get("model_class") != type(model).__name__:
+            parts.append(f"saved from a {manifest.get('model_class')}, loading into a {type(model).__name__}")
+        if missing:
+            parts.append(f"modules in the file but not in the model: {_list(missing)}")
+        if extra:
+            parts.append(f"modules in the model but not in the file: {_list(extra)}")
+        raise ValueError(
+            f"{root}: architecture mismatch — the model is not the architecture that was saved ("
+            + "; ".join(parts) + ")"
+        )
+
+
+def _feature_mismatch(name: str, cfg: dict, module: nn.Module) -> str | None:
+    for attr in ("in_features", "out_features"):
+        want = cfg.get(attr)
+        have = getattr(module, attr, None)
+        if want is not None and have is not None and want != have:
+            return (
+                f"layer {name!r}: saved with {attr}={want} but the model's "
+                f"{type(module).__name__} has {attr}={have}"
+            )
+    return None
+
+
+def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Loads a directory written by :func:`save` into ``model`` and returns it.
+
+    ``model`` must be a freshly constructed model of the original architecture (e.g.
+    ``BertModel(config)``); every module path that was saved as a pycompress layer is rebuilt
+    with ``from_config`` and all tensors are loaded, so that the outputs are bit-identical to
+    those of the saved model. Tensors are moved to the device of the module they belong to.
+
+    Args:
+        path: the directory given to :func:`save`.
+        model: an instance of the original architecture (modified in place).
+        strict: require the file and the model to hold exactly the same tensors.
+
+    Raises:
+        FileNotFoundError: missing directory, manifest or weights file.
+        ValueError: corrupt manifest or weights (bad JSON, checksum mismatch, truncated file),
+            a different architecture (module paths, class, shapes or dtypes differ), an unknown
+            layer class.
+
+    Example:
+        >>> import copy, tempfile, torch, pycompress
+        >>> make = lambda: torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        >>> q = pycompress.quantize(make())
+        >>> d = pycompress.save(q, tempfile.mkdtemp() + "/m")
+        >>> restored = pycompress.load(d, make())
+        >>> x = torch.randn(3, 16)
+        >>> torch.equal(restored(x), q(x))
+        True
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    outer = model
+    model = _utils.unwrap_compiled(model)
+    root = Path(path)
+    manifest = _read_manifest(root)
+    winfo = manifest["weights"]
+    wpath = root / WEIGHTS_NAME
+    if not wpath.exists():
+        raise FileNotFoundError(f"{root}: weights file {WEIGHTS_NAME} is missing")
+    size = os.path.getsize(wpath)
+    if winfo.get("bytes") is not None and size != winfo["bytes"]:
+        raise ValueError(
+            f"{wpath}: weights file is {size} bytes but the manifest says {winfo['bytes']} "
+            "(truncated, corrupted or from another save)"
+        )
+    if winfo.get("sha256") and _sha256(wpath) != winfo["sha256"]:
+        raise ValueError(f"{wpath}: checksum mismatch — the weights file is corrupted or from another save")
+
+    _check_architecture(manifest, model, root)
+
+    known = _utils.pycompress_layer_classes()
+    for name, entry in manifest["layers"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+            raise ValueError(f"{root}: corrupt manifest entry for layer {name!r}")
+        cls = known.get(entry["class"])
+        if cls is None:
+            raise ValueError(
+                f"{root}: layer {name!r} is a {entry['class']}, which this pycompress does not know "
+                f"(known layers: {', '.join(sorted(known)) or 'none'})"
+            )
+        cfg = entry.get("config")
+        if not name:
+            raise ValueError(f"{root}: the saved root module is a {entry['class']}; load it with "
+                             f"{entry['class']}.from_config(...) and load_state_dict instead")
+        current = model.get_submodule(name)
+        if type(current) is not cls:
+            problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current)
+            if problem:
+                raise ValueError(f"{root}: architecture mismatch — {problem}")
+            try:
+                new = cls.from_config(cfg)
+            except Exception as e:
+                raise ValueError(f"{root}: cannot rebuild layer {name!r} ({entry['class']}) from its config: {e}") from e
+            dev = _utils.model_device(current)
+            new = new.to(dev)
+            new.train(current.training)
+            _utils.set_module(model, name, new)
+
+    try:
+        tensors = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{wpath}: corrupt weights file ({e})") from None
+    for alias, canonical in manifest["aliases"].items():
+        if canonical not in tensors:
+            raise ValueError(f"{root}: corrupt manifest (alias {alias!r} → missing tensor {canonical!r})")
+        tensors[alias] = tensors[canonical]
+
+    expected = model.state_dict()
+    problems = []
+    for key, t in tensors.items():
+        want = expected.get(key)
+        if want is None:
+            continue
+        if tuple(want.shape) != tuple(t.shape):
+            problems.append(f"{key}: file has shape {tuple(t.shape)}, model expects {tuple(want.shape)}")
+        elif want.dtype != t.dtype:
+            problems.append(f"{key}: file has dtype {t.dtype}, model has {want.dtype}")
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if strict:
+        problems += [f"{k}: missing from the file" for k in missing[:10]]
+        problems += [f"{k}: in the file but not in the model" for k in unexpected[:10]]
+    if problems:
+        more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise ValueError(
+            f"{root}: the saved tensors do not fit this model (different architecture or configuration): "
+            + "; ".join(problems[:8]) + more
+        )
+    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
+    return outer
