@@ -48,7 +48,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | os.PathLike) -> None:
+    """Flushes a directory entry (after a rename into it); a no-op where unsupported."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

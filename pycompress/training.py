@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
 from pycompress import distributed as pdist
+from pycompress.serialization import _fsync_dir
 
 __all__ = ["fit", "build_optimizer", "model_outputs", "move_batch", "unpack_sample",
            "latest_checkpoint"]
@@ -115,19 +116,6 @@ def build_optimizer(optimizer, params: list[nn.Parameter], lr: float, weight_dec
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _plain_state(obj: Any) -> dict:

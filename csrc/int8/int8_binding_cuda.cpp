@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "common/torch_utils.h"
+#include "int8/int8_checks.h"
 #include "int8/cuda/gemm.cuh"
 #include "int8/gemm.h"
 #include "int8/cuda/quantize.cuh"
@@ -29,13 +30,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda_impl(const at::Tensor
   TORCH_CHECK(err == cudaSuccess, "quantize_per_token CUDA kernel failed: ",
               cudaGetErrorString(err));
   return {q, scale};
-}
-
-
-void check_2d_int8(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got ", t.dim(), "-D");
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kChar, op, ": ", name, " must be int8, got ",
-                   t.scalar_type());
 }
 
 // Contiguous, 16-byte aligned, K padded with zeros to a multiple of 16 (the kernels'
@@ -85,27 +79,6 @@ at::Tensor int8_gemm_cuda_impl(const at::Tensor& a_in, const at::Tensor& b_in) {
                              at::cuda::getCurrentCUDAStream()),
              "int8_gemm");
   return c;
-}
-
-void check_linear_args(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                       const c10::optional<at::Tensor>& bias, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got ", x.dim(), "-D");
-  to_dtype(x, op);
-  check_2d_int8(w, op, "w");
-  TORCH_CHECK(x.size(1) == w.size(1), op, ": x has K=", x.size(1), " but w is ", w.sizes());
-  TORCH_CHECK(w.size(0) >= 1 && w.size(1) >= 1, op, ": w must be non-empty");
-  TORCH_CHECK_TYPE(w_scale.scalar_type() == at::kFloat, op, ": w_scale must be float32");
-  TORCH_CHECK(w_scale.dim() == 1 && w_scale.size(0) == w.size(0), op,
-              ": w_scale must have shape [N] = [", w.size(0), "], got ", w_scale.sizes());
-  TORCH_CHECK(x.device() == w.device() && w.device() == w_scale.device(), op,
-              ": all tensors must be on the same device");
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), op,
-                ": bias must have shape [N] = [", w.size(0), "], got ", bias->sizes());
-    TORCH_CHECK_TYPE(is_supported_float(bias->scalar_type()), op,
-                     ": bias must be float32, float16 or bfloat16");
-    TORCH_CHECK(bias->device() == w.device(), op, ": bias must be on the device of w");
-  }
 }
 
 at::Tensor int8_linear_cuda_impl(const at::Tensor& x_in, const at::Tensor& w_in,

@@ -7,6 +7,7 @@
 #include "common/cpu_features.h"
 #include "common/torch_utils.h"
 #include "sparse/csr_cache.h"
+#include "sparse/masked_checks.h"
 #include "sparse/sparse.h"
 
 namespace pyc {
@@ -135,29 +136,12 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   return y.to(x_in.scalar_type());
 }
 
-void check_masked(const char* op, const at::Tensor& w, const at::Tensor& mask) {
-  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D [N, K]");
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": mask must be bool");
-  TORCH_CHECK(mask.sizes() == w.sizes(), op, ": mask shape ", mask.sizes(),
-              " differs from weight shape ", w.sizes());
-}
-
-at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-const uint8_t* mask_ptr(const at::Tensor& m) {
-  return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
-}
-
 at::Tensor masked_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& w_in,
                              const at::Tensor& mask_in, const c10::optional<at::Tensor>& bias_in) {
-  check_masked("masked_linear", w_in, mask_in);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == w_in.size(1),
-              "masked_linear: x must be [M, K] with K = weight.size(1)");
+  check_masked_linear_args(x_in, w_in, mask_in, bias_in);
   to_dtype(x_in, "masked_linear: x");
   to_dtype(w_in, "masked_linear: weight");
   const int64_t M = x_in.size(0), N = w_in.size(0), K = w_in.size(1);
-  if (bias_in.has_value())
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "masked_linear: bias must be [N]");
   const at::Tensor x = as_f32(x_in), w = as_f32(w_in), mask = mask_in.contiguous();
   at::Tensor bias;
   if (bias_in.has_value()) bias = as_f32(*bias_in);
@@ -166,7 +150,7 @@ at::Tensor masked_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& w_in,
     const CpuIsa isa = active_cpu_isa();
     const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
     const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-    const uint8_t* mp = mask_ptr(mask);
+    const uint8_t* mp = mask_bytes(mask);
     float* yp = y.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(4, 65536 / std::max<int64_t>(1, M * K));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -178,9 +162,7 @@ at::Tensor masked_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& w_in,
 
 at::Tensor masked_linear_grad_input_cpu_op(const at::Tensor& g_in, const at::Tensor& w_in,
                                         const at::Tensor& mask_in) {
-  check_masked("masked_linear_grad_input", w_in, mask_in);
-  TORCH_CHECK(g_in.dim() == 2 && g_in.size(1) == w_in.size(0),
-              "masked_linear_grad_input: grad must be [M, N]");
+  check_masked_grad_input_args(g_in, w_in, mask_in);
   const int64_t M = g_in.size(0), N = w_in.size(0), K = w_in.size(1);
   const at::Tensor g = as_f32(g_in), w = as_f32(w_in), mask = mask_in.contiguous();
   auto gx = at::empty({M, K}, g.options());
@@ -188,7 +170,7 @@ at::Tensor masked_linear_grad_input_cpu_op(const at::Tensor& g_in, const at::Ten
     if (N == 0) return gx.zero_().to(g_in.scalar_type());
     const CpuIsa isa = active_cpu_isa();
     const float *gp = g.data_ptr<float>(), *wp = w.data_ptr<float>();
-    const uint8_t* mp = mask_ptr(mask);
+    const uint8_t* mp = mask_bytes(mask);
     float* op = gx.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, M * N)) / 16 * 16;
     at::parallel_for(0, K, grain, [&](int64_t k0, int64_t k1) {
@@ -200,18 +182,14 @@ at::Tensor masked_linear_grad_input_cpu_op(const at::Tensor& g_in, const at::Ten
 
 at::Tensor masked_linear_grad_weight_cpu_op(const at::Tensor& g_in, const at::Tensor& x_in,
                                          const at::Tensor& mask_in) {
-  TORCH_CHECK(mask_in.dim() == 2 && mask_in.scalar_type() == at::kBool,
-              "masked_linear_grad_weight: mask must be bool [N, K]");
-  TORCH_CHECK(g_in.dim() == 2 && x_in.dim() == 2 && g_in.size(0) == x_in.size(0) &&
-                  g_in.size(1) == mask_in.size(0) && x_in.size(1) == mask_in.size(1),
-              "masked_linear_grad_weight: expected grad [M, N], x [M, K], mask [N, K]");
+  check_masked_grad_weight_args(g_in, x_in, mask_in);
   const int64_t M = g_in.size(0), N = mask_in.size(0), K = mask_in.size(1);
   const at::Tensor g = as_f32(g_in), x = as_f32(x_in), mask = mask_in.contiguous();
   auto gw = at::empty({N, K}, g.options());
   if (N > 0 && K > 0) {
     const CpuIsa isa = active_cpu_isa();
     const float *gp = g.data_ptr<float>(), *xp = x.data_ptr<float>();
-    const uint8_t* mp = mask_ptr(mask);
+    const uint8_t* mp = mask_bytes(mask);
     float* op = gw.data_ptr<float>();
     const int64_t grain = std::max<int64_t>(6, 65536 / std::max<int64_t>(1, M * K));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {

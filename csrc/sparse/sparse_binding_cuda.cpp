@@ -4,9 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-
 #include "common/torch_utils.h"
 #include "sparse/csr_cache.h"
+#include "sparse/masked_checks.h"
 #include "sparse/cuda/sparse.cuh"
 
 namespace pyc {
@@ -14,12 +14,6 @@ namespace {
 
 void check_err(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " CUDA kernel failed: ", cudaGetErrorString(err));
-}
-
-at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
-
-const uint8_t* u8(const at::Tensor& m) {
-  return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
 }
 
 // The CSR structure is checked on the device (a host sync) the first time a pair of index
@@ -63,13 +57,13 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
   at::Tensor bias;
   if (bias_in.has_value()) {
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "sparse_linear: bias must be [N]");
-    bias = f32(*bias_in);
+    bias = as_f32(*bias_in);
   }
   TORCH_CHECK(row_ptr_in.device() == x_in.device() && col_idx_in.device() == x_in.device() &&
                   values_in.device() == x_in.device(),
               "sparse_linear: all tensors must be on the same device");
   check_csr_cuda(row_ptr_in, col_idx_in, in_features);
-  const at::Tensor x = f32(x_in), rp = row_ptr_in.contiguous(), ci = col_idx_in.contiguous(),
+  const at::Tensor x = as_f32(x_in), rp = row_ptr_in.contiguous(), ci = col_idx_in.contiguous(),
                    v = values_in.contiguous();
   auto y = at::empty({M, N}, x.options());
   check_err(cuda::csr_linear(x.data_ptr<float>(), M, in_features, rp.data_ptr<int32_t>(),
@@ -80,29 +74,19 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
   return y.to(x_in.scalar_type());
 }
 
-void check_masked(const char* op, const at::Tensor& w, const at::Tensor& mask) {
-  TORCH_CHECK(w.dim() == 2, op, ": weight must be 2-D [N, K]");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == w.sizes(), op,
-              ": mask must be bool with the weight's shape");
-}
-
 at::Tensor masked_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
                               const at::Tensor& mask_in,
                               const c10::optional<at::Tensor>& bias_in) {
-  check_masked("masked_linear", w_in, mask_in);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == w_in.size(1),
-              "masked_linear: x must be [M, K] with K = weight.size(1)");
+  check_masked_linear_args(x_in, w_in, mask_in, bias_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t M = x_in.size(0), N = w_in.size(0), K = w_in.size(1);
-  const at::Tensor x = f32(x_in), w = f32(w_in), mask = mask_in.contiguous();
+  const at::Tensor x = as_f32(x_in), w = as_f32(w_in), mask = mask_in.contiguous();
   at::Tensor bias;
-  if (bias_in.has_value()) {
-    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == N, "masked_linear: bias must be [N]");
-    bias = f32(*bias_in);
-  }
+  if (bias_in.has_value()) bias = as_f32(*bias_in);
   auto y = at::empty({M, N}, x.options());
   check_err(cuda::masked_gemm(M, N, K, x.data_ptr<float>(), K, 1, w.data_ptr<float>(), K, 1,
-                              u8(mask), nullptr, bias.defined() ? bias.data_ptr<float>() : nullptr,
+                              mask_bytes(mask), nullptr,
+                              bias.defined() ? bias.data_ptr<float>() : nullptr,
                               y.data_ptr<float>(), at::cuda::getCurrentCUDAStream()),
             "masked_linear");
   return y.to(x_in.scalar_type());
@@ -110,15 +94,13 @@ at::Tensor masked_linear_cuda(const at::Tensor& x_in, const at::Tensor& w_in,
 
 at::Tensor masked_linear_grad_input_cuda(const at::Tensor& g_in, const at::Tensor& w_in,
                                          const at::Tensor& mask_in) {
-  check_masked("masked_linear_grad_input", w_in, mask_in);
-  TORCH_CHECK(g_in.dim() == 2 && g_in.size(1) == w_in.size(0),
-              "masked_linear_grad_input: grad must be [M, N]");
+  check_masked_grad_input_args(g_in, w_in, mask_in);
   const c10::cuda::CUDAGuard guard(g_in.device());
   const int64_t M = g_in.size(0), N = w_in.size(0), K = w_in.size(1);
-  const at::Tensor g = f32(g_in), w = f32(w_in), mask = mask_in.contiguous();
+  const at::Tensor g = as_f32(g_in), w = as_f32(w_in), mask = mask_in.contiguous();
   auto gx = at::empty({M, K}, g.options());
   check_err(cuda::masked_gemm(M, K, N, g.data_ptr<float>(), N, 1, w.data_ptr<float>(), 1, K,
-                              u8(mask), nullptr, nullptr, gx.data_ptr<float>(),
+                              mask_bytes(mask), nullptr, nullptr, gx.data_ptr<float>(),
                               at::cuda::getCurrentCUDAStream()),
             "masked_linear_grad_input");
   return gx.to(g_in.scalar_type());
@@ -126,17 +108,13 @@ at::Tensor masked_linear_grad_input_cuda(const at::Tensor& g_in, const at::Tenso
 
 at::Tensor masked_linear_grad_weight_cuda(const at::Tensor& g_in, const at::Tensor& x_in,
                                           const at::Tensor& mask_in) {
-  TORCH_CHECK(mask_in.dim() == 2 && mask_in.scalar_type() == at::kBool,
-              "masked_linear_grad_weight: mask must be bool [N, K]");
-  TORCH_CHECK(g_in.dim() == 2 && x_in.dim() == 2 && g_in.size(0) == x_in.size(0) &&
-                  g_in.size(1) == mask_in.size(0) && x_in.size(1) == mask_in.size(1),
-              "masked_linear_grad_weight: expected grad [M, N], x [M, K], mask [N, K]");
+  check_masked_grad_weight_args(g_in, x_in, mask_in);
   const c10::cuda::CUDAGuard guard(g_in.device());
   const int64_t M = g_in.size(0), N = mask_in.size(0), K = mask_in.size(1);
-  const at::Tensor g = f32(g_in), x = f32(x_in), mask = mask_in.contiguous();
+  const at::Tensor g = as_f32(g_in), x = as_f32(x_in), mask = mask_in.contiguous();
   auto gw = at::empty({N, K}, g.options());
   check_err(cuda::masked_gemm(N, K, M, g.data_ptr<float>(), 1, N, x.data_ptr<float>(), 1, K,
-                              nullptr, u8(mask), nullptr, gw.data_ptr<float>(),
+                              nullptr, mask_bytes(mask), nullptr, gw.data_ptr<float>(),
                               at::cuda::getCurrentCUDAStream()),
             "masked_linear_grad_weight");
   return gw.to(x_in.scalar_type());

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "common/cuda_check.cuh"
+#include "common/cuda_convert.cuh"
 #include "int8/cuda/gemm.cuh"
 
 namespace pyc {
@@ -21,9 +22,8 @@ namespace {
 
 // ------------------------------------------------------------------ helpers
 
-__device__ __forceinline__ void store_out(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store_out(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store_out(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+template <typename T>
+__device__ __forceinline__ void store_out(T* p, float v) { *p = from_f32<T>(v); }
 
 // Writes one accumulator element (row m, column n are in range).
 template <typename TOut>

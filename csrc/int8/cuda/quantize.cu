@@ -6,22 +6,12 @@
 #include <cfloat>
 
 #include "common/cuda_check.cuh"
+#include "common/cuda_convert.cuh"
 #include "int8/cuda/quantize.cuh"
 
 namespace pyc {
 namespace cuda {
 namespace {
-
-template <typename T>
-__device__ __forceinline__ float to_f32(T v);
-template <>
-__device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
 
 constexpr int kThreads = 256;
 
