@@ -101,6 +101,8 @@ def main(argv=None) -> int:
         mod = importlib.import_module(f"bench_{k}")
         rows = mod.run(args.device, args.quick)
         results["kernels"][k] = rows
+        results.setdefault("kernel_dates", {})[k] = _dt.datetime.now(_dt.timezone.utc).isoformat(
+            timespec="seconds")
         print(f"\n## {k}\n" + format_table(rows))
         if hasattr(mod, "summarize"):
             summary = mod.summarize(rows)
@@ -124,7 +126,12 @@ def main(argv=None) -> int:
     merged = prev.get("kernels", {}) if prev.get("meta", {}).get("device") == dev else {}
     merged.update(results["kernels"])
     results["kernels"] = merged
-    if "summary" in prev and prev.get("meta", {}).get("device") == dev:
+    # when each kernel's rows were measured (meta["date"] is this run's start)
+    same_device = prev.get("meta", {}).get("device") == dev
+    dates = dict(prev.get("kernel_dates", {})) if same_device else {}
+    dates.update(results.get("kernel_dates", {}))
+    results["kernel_dates"] = dates
+    if "summary" in prev and same_device:
         s = prev["summary"]
         s.update(results.get("summary", {}))
         results["summary"] = s
