@@ -28,9 +28,6 @@ namespace pyc {
 // Padding of the dense dimension (Mp) the M >= 2 kernel expects for `isa`.
 int csr_m_align(CpuIsa isa);
 
-// The M == 1 kernel requires one zero element before the activations (x[-1] == 0): its tail
-// reads it instead of branching. (The binding also puts a zero row before xT.)
-//
 // M == 1: y[n] for rows n in [n0, n1). idx16 selects int16 (true) or int32 column indices.
 void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void* col_idx,
                   bool idx16, const float* values, const float* bias, float* y, int64_t n0,

@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
+
 #include "common/cpu_features.h"
 #include "common/torch_utils.h"
 #include "sparse/csr_cache.h"
@@ -92,48 +94,44 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   const float* v = values.data_ptr<float>();
   const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const int64_t nnz = values.size(0);
-  // rows per task: aim at ~16k kept weights x max(M, 1) per task
-  const int64_t avg = N > 0 ? (nnz + N - 1) / N + 1 : 1;
   if (M == 0 || N == 0) return at::zeros({M, N}, x_in.options());
+  // fp32 copy of x only when needed (fp16/bf16 input, or a non-unit column stride)
+  const at::Tensor x = x_in.scalar_type() == at::kFloat && (x_in.stride(1) == 1 || K <= 1)
+                           ? x_in
+                           : x_in.to(at::kFloat).contiguous();
+  const float* xs = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  float* yp = y.data_ptr<float>();
+  // Tasks of at least ~32k multiply-adds (and rows of whole tasks) so that small products stay
+  // on one thread: waking the pool costs more than it saves below that.
+  const int64_t avg = (nnz + N - 1) / N + 1;
+  const bool finish_check = !known;
   if (M == 1) {
-    // x with one leading zero (x[-1] == 0, read by the kernel's tails)
-    at::Tensor xz = at::empty({K + 1}, x_in.options().dtype(at::kFloat));
-    xz.narrow(0, 0, 1).zero_();
-    xz.narrow(0, 1, K).copy_(x_in.reshape({K}));
-    auto y = at::empty({1, N}, xz.options());
-    const float* xp = xz.data_ptr<float>() + 1;
-    float* yp = y.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / avg);
+    const int64_t grain = std::max<int64_t>(1, 32768 / avg);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      if (!known) check_rows(rp, ci, idx16, n0, n1, K);
-      csr_gemv_cpu(isa, xp, rp, ci, idx16, v, b, yp, n0, n1);
+      if (finish_check) check_rows(rp, ci, idx16, n0, n1, K);
+      csr_gemv_cpu(isa, xs, rp, ci, idx16, v, b, yp, n0, n1);
     });
-    if (!known) checked.mark_good(row_ptr_in, col_idx_in, K);
-    return y.to(x_in.scalar_type());
+    if (finish_check) checked.mark_good(row_ptr_in, col_idx_in, K);
+    return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
   }
   const int64_t align = csr_m_align(isa);
   const int64_t Mp = (M + align - 1) / align * align;
-  const at::Tensor x = x_in.scalar_type() == at::kFloat && x_in.stride(1) == 1
-                           ? x_in
-                           : x_in.to(at::kFloat).contiguous();
-  const int64_t ldx = x.stride(0);
-  // xT [K, Mp] after one zero row (xT[-1] == 0, read by the kernel's tails)
+  // xT [K, Mp] after one zero row (xT[-1] == 0)
   at::Tensor xTz = at::empty({K + 1, Mp}, x.options());
-  xTz.narrow(0, 0, 1).zero_();
-  const float* xs = x.data_ptr<float>();
   float* xtp = xTz.data_ptr<float>() + Mp;
-  at::parallel_for(0, K, std::max<int64_t>(16, 65536 / Mp), [&](int64_t k0, int64_t k1) {
+  std::memset(xtp - Mp, 0, sizeof(float) * Mp);
+  at::parallel_for(0, K, std::max<int64_t>(64, 131072 / Mp), [&](int64_t k0, int64_t k1) {
     transpose_pad_cpu(xs, ldx, M, Mp, xtp, k0, k1);
   });
-  auto y = at::empty({M, N}, x.options());
-  float* yp = y.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / (avg * (Mp / 8)));
+  const int64_t grain = std::max<int64_t>(1, 32768 / (avg * (Mp / 8)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (!known) check_rows(rp, ci, idx16, n0, n1, K);
+    if (finish_check) check_rows(rp, ci, idx16, n0, n1, K);
     csr_spmm_t_cpu(isa, xtp, Mp, rp, ci, idx16, v, b, yp, N, M, n0, n1);
   });
-  if (!known) checked.mark_good(row_ptr_in, col_idx_in, K);
-  return y.to(x_in.scalar_type());
+  if (finish_check) checked.mark_good(row_ptr_in, col_idx_in, K);
+  return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
 at::Tensor masked_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& w_in,

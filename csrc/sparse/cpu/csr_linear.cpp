@@ -75,36 +75,38 @@ PYC_TARGET_AVX2 inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// M == 1. AVX2 gathers are slow on several cores (one 8-lane gather costs about as much as
-// eight scalar loads), so kept weights are processed with scalar loads and eight independent
-// FMA chains, plus gathers for half of each block of 16 to use both load paths.
+// M == 1. AVX2 gathers are slow on Zen (an 8-lane gather costs more than eight scalar loads),
+// so each group of 8 kept weights is assembled into a vector from scalar loads (a load and an
+// insert per weight) and multiplied by 8 contiguous values with one FMA; two accumulators over
+// blocks of 16. The last < 8 weights of a row use scalar FMAs.
+template <typename I>
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gather8_avx2(const float* x,
+                                                                          const I* c) {
+  return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
+}
+
 template <typename I>
 PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, const float* v,
                                const float* bias, float* y, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc = _mm256_setzero_ps();
-    float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int32_t p = rp[n];
     const int32_t e = rp[n + 1];
     for (; p + 16 <= e; p += 16) {
-      const __m256 g = _mm256_i32gather_ps(x, load8_idx(ci + p), 4);
-      acc = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), g, acc);
-      for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + 8 + u], x[ci[p + 8 + u]], a[u]);
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p + 8), gather8_avx2(x, ci + p + 8), acc1);
     }
     if (p + 8 <= e) {
-      for (int u = 0; u < 8; ++u) a[u] = std::fma(v[p + u], x[ci[p + u]], a[u]);
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
       p += 8;
     }
-    if (p < e) {  // branch-free tail over the zero element x[-1]
-      for (int u = 0; u < 7; ++u) {
-        const bool live = p + u < e;
-        const int32_t q = live ? p + u : p;
-        const int64_t col = live ? static_cast<int64_t>(ci[q]) : -1;
-        a[u] = std::fma(live ? v[q] : 0.f, x[col], a[u]);
-      }
+    float a0 = 0.f, a1 = 0.f;
+    for (; p + 2 <= e; p += 2) {
+      a0 = std::fma(v[p], x[ci[p]], a0);
+      a1 = std::fma(v[p + 1], x[ci[p + 1]], a1);
     }
-    float s = hsum256(acc);
-    s += ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+    if (p < e) a0 = std::fma(v[p], x[ci[p]], a0);
+    const float s = hsum256(_mm256_add_ps(acc0, acc1)) + (a0 + a1);
     y[n] = (bias ? bias[n] : 0.f) + s;
   }
 }
