@@ -41,6 +41,9 @@ void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_
 // xT[k, m] = x[m, k] for k in [k0, k1), m < M; zero for M <= m < Mp. x has row stride ldx.
 void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT, int64_t k0,
                        int64_t k1);
+// The same with SIMD 8x8 blocks where `isa` allows.
+void transpose_pad_cpu(CpuIsa isa, const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT,
+                       int64_t k0, int64_t k1);
 
 // Masked linear forward for output columns n in [n0, n1) (all M rows).
 void masked_linear_fwd_cpu(CpuIsa isa, const float* x, const float* w, const uint8_t* mask,

@@ -123,7 +123,7 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   float* xtp = xTz.data_ptr<float>() + Mp;
   std::memset(xtp - Mp, 0, sizeof(float) * Mp);
   at::parallel_for(0, K, std::max<int64_t>(64, 131072 / Mp), [&](int64_t k0, int64_t k1) {
-    transpose_pad_cpu(xs, ldx, M, Mp, xtp, k0, k1);
+    transpose_pad_cpu(isa, xs, ldx, M, Mp, xtp, k0, k1);
   });
   const int64_t grain = std::max<int64_t>(1, 32768 / (avg * (Mp / 8)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {

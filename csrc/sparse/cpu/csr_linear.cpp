@@ -267,6 +267,41 @@ PYC_TARGET_AVX512 void spmm_t_avx512(const float* xT, int64_t Mp, const int32_t*
     flush_tile(tile.data(), Mp, y, ldy, M, nb, ne);
   }
 }
+// xT[k, m] = x[m, k] for k in [k0, k1) (multiple-of-8 part), Mp a multiple of 8; rows m >= M
+// are zero. 8x8 blocks transposed in registers.
+PYC_TARGET_AVX2 void transpose_pad_avx2(const float* x, int64_t ldx, int64_t M, int64_t Mp,
+                                        float* xT, int64_t k0, int64_t k1) {
+  // chunks of 128 columns; within a chunk 8 rows of x at a time (rows of x are often a multiple
+  // of 4 KiB apart, and more than 8 of them at once would conflict in L1)
+  const int64_t kend = k0 + (k1 - k0) / 8 * 8;
+  for (int64_t kc = k0; kc < kend; kc += 128) {
+    const int64_t kce = kc + 128 < kend ? kc + 128 : kend;
+    for (int64_t m0 = 0; m0 < Mp; m0 += 8) {
+      for (int64_t k = kc; k < kce; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i)
+          r[i] = m0 + i < M ? _mm256_loadu_ps(x + (m0 + i) * ldx + k) : _mm256_setzero_ps();
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+        const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+        const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        float* o = xT + k * Mp + m0;
+        _mm256_storeu_ps(o + 0 * Mp, _mm256_permute2f128_ps(s0, s4, 0x20));
+        _mm256_storeu_ps(o + 1 * Mp, _mm256_permute2f128_ps(s1, s5, 0x20));
+        _mm256_storeu_ps(o + 2 * Mp, _mm256_permute2f128_ps(s2, s6, 0x20));
+        _mm256_storeu_ps(o + 3 * Mp, _mm256_permute2f128_ps(s3, s7, 0x20));
+        _mm256_storeu_ps(o + 4 * Mp, _mm256_permute2f128_ps(s0, s4, 0x31));
+        _mm256_storeu_ps(o + 5 * Mp, _mm256_permute2f128_ps(s1, s5, 0x31));
+        _mm256_storeu_ps(o + 6 * Mp, _mm256_permute2f128_ps(s2, s6, 0x31));
+        _mm256_storeu_ps(o + 7 * Mp, _mm256_permute2f128_ps(s3, s7, 0x31));
+      }
+    }
+  }
+}
 #endif  // PYC_HAVE_X86_SIMD
 
 template <typename I>
@@ -326,6 +361,17 @@ void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float
     for (int64_t k = kb; k < ke; ++k)
       for (int64_t m = M; m < Mp; ++m) xT[k * Mp + m] = 0.f;
   }
+}
+
+void transpose_pad_cpu(CpuIsa isa, const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT,
+                       int64_t k0, int64_t k1) {
+#if PYC_HAVE_X86_SIMD
+  if (isa >= CpuIsa::Avx2 && Mp % 8 == 0) {
+    transpose_pad_avx2(x, ldx, M, Mp, xT, k0, k1);
+    k0 += (k1 - k0) / 8 * 8;  // the rest (< 8 columns) below
+  }
+#endif
+  if (k0 < k1) transpose_pad_cpu(x, ldx, M, Mp, xT, k0, k1);
 }
 
 }  // namespace pyc
