@@ -100,6 +100,50 @@ def test_sparse_linear_equals_dense_with_zeros(K, N, sparsity, M):
     assert sl.nnz == int((lin.weight != 0).sum())
 
 
+def test_sparse_linear_forward_paths():
+    # the module calls the kernel directly when no gradient is needed and goes through autograd
+    # otherwise; both give the dense result, for every input layout
+    lin, _ = _pruned_linear(70, 30, 0.9)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(2, 5, 70)
+    ref = lin(x).detach()
+    torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sl(x[:, 1]), ref[:, 1], atol=1e-4, rtol=1e-4)  # strided rows
+        torch.testing.assert_close(sl(x[0, 2]), ref[0, 2], atol=1e-4, rtol=1e-4)  # 1-D input
+    with torch.inference_mode():
+        torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+    y16 = sl(x.half())
+    assert y16.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), ref, atol=5e-2, rtol=5e-2)
+    assert not sl(x).requires_grad
+    xg = x.clone().requires_grad_(True)
+    y = sl(xg)
+    assert y.requires_grad
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, lin.weight.detach().sum(0).expand(2, 5, 70), atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_module_rejects_bad_inputs_and_corrupt_buffers():
+    lin, _ = _pruned_linear(40, 16, 0.5)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        sl(x)  # buffers checked and remembered
+        with pytest.raises(TypeError, match="x"):
+            sl(x.int())
+        with pytest.raises(TypeError, match="x"):
+            sl([[1.0] * 40])
+        with pytest.raises(ValueError, match="in_features"):
+            sl(torch.randn(3, 41))
+        sl.col_idx[0] = 40  # in-place change: checked again on the next call
+        with pytest.raises(RuntimeError, match="out of range"):
+            sl(x)
+        with pytest.raises(RuntimeError, match="out of range"):
+            sl(x[:1])
+
+
 def test_sparse_linear_explicit_mask_and_masked_source():
     lin = nn.Linear(20, 10)
     mask = torch.rand(10, 20) > 0.5

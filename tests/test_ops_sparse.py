@@ -15,7 +15,7 @@ def _random_sparse(N, K, sparsity, device="cpu", dtype=torch.float32):
 
 
 SHAPES = [(1, 1, 1), (1, 7, 5), (3, 33, 17), (8, 64, 40), (13, 100, 9), (32, 257, 130), (70, 96, 33),
-          (129, 50, 64)]
+          (129, 50, 64), (1, 300, 70), (9, 136, 20), (17, 1030, 12)]
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
@@ -30,6 +30,21 @@ def test_sparse_linear_matches_dense(cpu_isa, M, K, N, sparsity, bias):
     y = ops.sparse_linear(x, rp, ci, v, b, K)
     ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).float()
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("M", [1, 2, 8, 9, 24, 33])
+def test_sparse_linear_strided_activations(cpu_isa, M):
+    # rows of x further apart than K (a slice of a wider tensor), and a transposed view
+    K, N = 75, 40
+    w, mask = _random_sparse(N, K, 0.8)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    wide = torch.randn(M, K + 13)
+    x = wide[:, 5:5 + K]
+    ref = x.double() @ w.double().t()
+    torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, K), ref.float(), atol=1e-4, rtol=1e-4)
+    xt = torch.randn(K, M).t()
+    torch.testing.assert_close(ops.sparse_linear(xt, rp, ci, v, None, K), (xt.double() @ w.double().t()).float(),
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("M", [1, 5, 16, 200])
