@@ -19,11 +19,11 @@ inline const I* idx_ptr(const void* p) {
 
 constexpr int64_t kRowBlock = 16;
 
-// y[m, nb + j] = tile[j, m] for j < ne - nb, m < M.
-inline void flush_tile(const float* tile, int64_t Mp, float* y, int64_t ldy, int64_t M, int64_t nb,
-                       int64_t ne) {
+// y[m, nb + j] = tile[j, m] for j < ne - nb, m0 <= m < M.
+inline void flush_tile(const float* tile, int64_t Mp, float* y, int64_t ldy, int64_t m0, int64_t M,
+                       int64_t nb, int64_t ne) {
   const int64_t cnt = ne - nb;
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = m0; m < M; ++m) {
     float* yr = y + m * ldy + nb;
     for (int64_t j = 0; j < cnt; ++j) yr[j] = tile[j * Mp + m];
   }
@@ -73,6 +73,45 @@ PYC_TARGET_AVX2 inline float hsum256(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// o[q][i] = r[i][q] for an 8x8 block of floats.
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void transpose8x8_avx2(const __m256* r,
+                                                                             __m256* o) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  o[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  o[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  o[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  o[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  o[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  o[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  o[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  o[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// flush_tile with 8x8 register transposes for whole blocks (a full tile of kRowBlock rows and
+// 8 tokens); the rest element-wise.
+PYC_TARGET_AVX2 void flush_tile_avx2(const float* tile, int64_t Mp, float* y, int64_t ldy,
+                                     int64_t M, int64_t nb, int64_t ne) {
+  int64_t m0 = 0;
+  if (ne - nb == kRowBlock) {
+    for (; m0 + 8 <= M; m0 += 8) {
+      for (int64_t j0 = 0; j0 < kRowBlock; j0 += 8) {
+        __m256 r[8], o[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(tile + (j0 + i) * Mp + m0);
+        transpose8x8_avx2(r, o);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(y + (m0 + q) * ldy + nb + j0, o[q]);
+      }
+    }
+  }
+  flush_tile(tile, Mp, y, ldy, m0, M, nb, ne);
 }
 
 // M == 1. AVX2 gathers are slow on Zen (an 8-lane gather costs more than eight scalar loads),
@@ -169,7 +208,7 @@ PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t
       if (m0 + 16 <= Mp) { spmm_row_avx2<2, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
       if (m0 + 8 <= Mp) { spmm_row_avx2<1, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
     }
-    flush_tile(tile.data(), Mp, y, ldy, M, nb, ne);
+    flush_tile_avx2(tile.data(), Mp, y, ldy, M, nb, ne);
   }
 }
 
@@ -264,7 +303,7 @@ PYC_TARGET_AVX512 void spmm_t_avx512(const float* xT, int64_t Mp, const int32_t*
       if (m0 + 32 <= Mp) { spmm_row_avx512<2>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
       if (m0 + 16 <= Mp) { spmm_row_avx512<1>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
     }
-    flush_tile(tile.data(), Mp, y, ldy, M, nb, ne);
+    flush_tile_avx2(tile.data(), Mp, y, ldy, M, nb, ne);
   }
 }
 // xT[k, m] = x[m, k] for k in [k0, k1) (multiple-of-8 part), Mp a multiple of 8; rows m >= M
@@ -281,23 +320,10 @@ PYC_TARGET_AVX2 void transpose_pad_avx2(const float* x, int64_t ldx, int64_t M, 
         __m256 r[8];
         for (int i = 0; i < 8; ++i)
           r[i] = m0 + i < M ? _mm256_loadu_ps(x + (m0 + i) * ldx + k) : _mm256_setzero_ps();
-        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-        const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-        const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-        const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        __m256 c[8];
+        transpose8x8_avx2(r, c);
         float* o = xT + k * Mp + m0;
-        _mm256_storeu_ps(o + 0 * Mp, _mm256_permute2f128_ps(s0, s4, 0x20));
-        _mm256_storeu_ps(o + 1 * Mp, _mm256_permute2f128_ps(s1, s5, 0x20));
-        _mm256_storeu_ps(o + 2 * Mp, _mm256_permute2f128_ps(s2, s6, 0x20));
-        _mm256_storeu_ps(o + 3 * Mp, _mm256_permute2f128_ps(s3, s7, 0x20));
-        _mm256_storeu_ps(o + 4 * Mp, _mm256_permute2f128_ps(s0, s4, 0x31));
-        _mm256_storeu_ps(o + 5 * Mp, _mm256_permute2f128_ps(s1, s5, 0x31));
-        _mm256_storeu_ps(o + 6 * Mp, _mm256_permute2f128_ps(s2, s6, 0x31));
-        _mm256_storeu_ps(o + 7 * Mp, _mm256_permute2f128_ps(s3, s7, 0x31));
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(o + q * Mp, c[q]);
       }
     }
   }
