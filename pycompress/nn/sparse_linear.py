@@ -110,13 +110,11 @@ class SparseLinear(nn.Module):
                 or x.shape[-1] != self.in_features or x.device != values.device):
             return sparse_ops.sparse_linear(x, buffers["row_ptr"], buffers["col_idx"], values, bias,
                                             self.in_features)
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad
-                                        or (bias is not None and bias.requires_grad)):
-            y = _sparse_linear_op(x2, buffers["row_ptr"], buffers["col_idx"], values, bias,
-                                  self.in_features)
-        elif torch.compiler.is_compiling():
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, self.in_features)
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
+        if needs_grad or torch.compiler.is_compiling():
             y = _sparse_linear_op(x2, buffers["row_ptr"], buffers["col_idx"], values, bias,
                                   self.in_features)
         else:
@@ -125,7 +123,7 @@ class SparseLinear(nn.Module):
             with _BelowAutograd():
                 y = _sparse_linear_op(x2, buffers["row_ptr"], buffers["col_idx"], values, bias,
                                       self.in_features)
-        return y.reshape(*lead, self.out_features)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
 
     def config(self) -> dict:
         return {"type": "SparseLinear", "format": "csr", "in_features": self.in_features,
