@@ -48,7 +48,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 ]
                 with torch.no_grad():
                     for impl, fn in impls:
-                        t = time_fn(fn, device, warmup=2, repeats=repeats)
+                        # sub-millisecond cases get more repeats (up to 10x) for a stable median
+                        t = time_fn(fn, device, warmup=3, repeats=repeats, min_time_s=0.05 if quick else 0.2)
                         rows.append({"kernel": KERNEL, "case": _case(K, N, s, M), "impl": impl, "K": K, "N": N,
                                      "sparsity": s, "M": M, **t,
                                      "GFLOP/s dense-equiv": 2 * M * K * N / (t["ms"] * 1e-3) / 1e9})

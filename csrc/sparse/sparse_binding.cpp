@@ -103,17 +103,16 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   const int64_t ldx = x.stride(0);
   at::Tensor y = at::empty({M, N}, x.options());
   float* yp = y.data_ptr<float>();
-  // Tasks of at least ~32k multiply-adds (and rows of whole tasks) so that small products stay
-  // on one thread: waking the pool costs more than it saves below that.
+  // tasks of at least ~32k multiply-adds: below that, waking the thread pool costs more than it
+  // saves, so small products stay on one thread
   const int64_t avg = (nnz + N - 1) / N + 1;
-  const bool finish_check = !known;
   if (M == 1) {
     const int64_t grain = std::max<int64_t>(1, 32768 / avg);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      if (finish_check) check_rows(rp, ci, idx16, n0, n1, K);
+      if (!known) check_rows(rp, ci, idx16, n0, n1, K);
       csr_gemv_cpu(isa, xs, rp, ci, idx16, v, b, yp, n0, n1);
     });
-    if (finish_check) checked.mark_good(row_ptr_in, col_idx_in, K);
+    if (!known) checked.mark_good(row_ptr_in, col_idx_in, K);
     return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
   }
   const int64_t align = csr_m_align(isa);
@@ -127,10 +126,10 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   });
   const int64_t grain = std::max<int64_t>(1, 32768 / (avg * (Mp / 8)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    if (finish_check) check_rows(rp, ci, idx16, n0, n1, K);
+    if (!known) check_rows(rp, ci, idx16, n0, n1, K);
     csr_spmm_t_cpu(isa, xtp, Mp, rp, ci, idx16, v, b, yp, N, M, n0, n1);
   });
-  if (finish_check) checked.mark_good(row_ptr_in, col_idx_in, K);
+  if (!known) checked.mark_good(row_ptr_in, col_idx_in, K);
   return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
 }
 
