@@ -154,32 +154,45 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
 // independent accumulator sets over consecutive kept weights hide the FMA latency. S is the
 // row stride of xT when known at compile time (0: use Mp), which turns the index multiply into
 // a shift.
+template <int NV>
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_entry_avx2(__m256* acc,
+                                                                           const float* xr,
+                                                                           float wv) {
+  const __m256 w = _mm256_set1_ps(wv);
+  for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[j]);
+}
+
 template <int NV, int S, typename I>
 PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
-    const float* xT, int64_t Mp, int64_t m0, int32_t p,
-                                          int32_t e, const I* ci, const float* v, float b,
-                                          float* yc) {
+    const float* xT, int64_t Mp, int64_t m0, int32_t p, int32_t e, const I* ci, const float* v,
+    float b, float* yc) {
   constexpr int U = NV >= 8 ? 1 : 8 / NV;  // NV * U >= 8 independent FMA chains
   const int64_t ld = S ? S : Mp;
   __m256 acc[U][NV];
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_setzero_ps();
   const float* base = xT + m0;
-  for (; p + U <= e; p += U) {
-    for (int u = 0; u < U; ++u) {
-      const float* xr = base + static_cast<int64_t>(ci[p + u]) * ld;
-      const __m256 w = _mm256_broadcast_ss(v + p + u);
-      for (int j = 0; j < NV; ++j)
-        acc[u][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
+  if (NV >= 4) {
+    // wide rows of xT (>= 128 bytes) do not stay in L1: fetch the rows of the kept weights
+    // kD entries ahead
+    constexpr int kD = 16;
+    for (; p + U + kD <= e; p += U) {
+      for (int u = 0; u < U; ++u) {
+        const char* pf = reinterpret_cast<const char*>(
+            base + static_cast<int64_t>(ci[p + u + kD]) * ld);
+        for (int j = 0; j < NV; j += 2) _mm_prefetch(pf + 32 * j, _MM_HINT_T0);
+        spmm_entry_avx2<NV>(acc[u], base + static_cast<int64_t>(ci[p + u]) * ld, v[p + u]);
+      }
     }
+  }
+  for (; p + U <= e; p += U) {
+    for (int u = 0; u < U; ++u)
+      spmm_entry_avx2<NV>(acc[u], base + static_cast<int64_t>(ci[p + u]) * ld, v[p + u]);
   }
   // tail: fewer than U kept weights left, each into its own accumulator set
   for (int u = 0; u < U - 1; ++u) {
     if (p + u >= e) break;
-    const float* xr = base + static_cast<int64_t>(ci[p + u]) * ld;
-    const __m256 w = _mm256_broadcast_ss(v + p + u);
-    for (int j = 0; j < NV; ++j)
-      acc[u][j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[u][j]);
+    spmm_entry_avx2<NV>(acc[u], base + static_cast<int64_t>(ci[p + u]) * ld, v[p + u]);
   }
   const __m256 bv = _mm256_set1_ps(b);
   for (int j = 0; j < NV; ++j) {
