@@ -179,9 +179,23 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
     device = check_same_device(x=x, row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias)
     check_device_supported(device, "sparse_linear")
     lead = x.shape[:-1]
-    y = torch.ops.pycompress.sparse_linear(x.reshape(-1, in_features), row_ptr, col_idx, values, bias,
-                                           in_features)
+    x2 = x.reshape(-1, in_features)
+    if _no_grad_needed(x, values, bias):
+        # skip the Python autograd wrapper of the op (its cost is comparable to a decode-sized product)
+        with torch._C._AutoDispatchBelowAutograd():
+            y = torch.ops.pycompress.sparse_linear(x2, row_ptr, col_idx, values, bias, in_features)
+    else:
+        y = torch.ops.pycompress.sparse_linear(x2, row_ptr, col_idx, values, bias, in_features)
     return y.reshape(*lead, n_out)
+
+
+def _no_grad_needed(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when calling below autograd gives the same result: plain tensors, nothing that needs a
+    gradient, and not under tracing (torch.compile / export see the op itself)."""
+    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def dense_to_csr(weight: torch.Tensor, mask: torch.Tensor | None = None,
