@@ -57,10 +57,19 @@ void semi24_decompress_cpu(const void* values, DType vdt, const int16_t* meta, i
 
 // y[m, n] = bias[n] + sum_k x[m, k] W[n, k] for n in [n0, n1), all M rows.
 // x: fp32 [M, Kp] (row stride ldx >= Kp, columns K .. Kp-1 zero); y fp32 with row stride ldy.
-// Gather kernel: each 16-bit metadata word gives 8 column indices, and the 8 kept weights are
-// multiplied with the gathered activations of up to 4 rows at once.
+// Gather-free expansion kernel: each 16-bit metadata word expands its 8 kept weights into the
+// 16 logical columns in registers (AVX2 vpermps), multiplied with up to 4 activation rows.
 void semi24_linear_cpu(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const void* values,
                        DType vdt, const int16_t* meta, const float* bias, float* y, int64_t ldy,
                        int64_t N, int64_t K, int64_t n0, int64_t n1);
+
+// Transposed kernel for larger M (AVX2): xT fp32 [Kp, Mp] (Mp a multiple of 8, 32-byte
+// aligned, zero past M and K) and yT [N, Mp]: every kept weight is one broadcast and Mp/8
+// FMAs along the activation rows. rows [n0, n1) of yT. Available when
+// semi24_linear_t_supported(isa).
+bool semi24_linear_t_supported(CpuIsa isa);
+void semi24_linear_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const void* values, DType vdt,
+                         const int16_t* meta, const float* bias, float* yT, int64_t K, int64_t n0,
+                         int64_t n1);
 
 }  // namespace pyc

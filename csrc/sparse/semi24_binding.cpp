@@ -66,6 +66,28 @@ at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values
   const int64_t M = x_in.size(0), K = in_features, N = values_in.size(0);
   const int64_t Kp = semi24_padded_k(K);
   if (M == 0 || N == 0) return at::zeros({M, N}, x_in.options());
+  const CpuIsa isa = active_cpu_isa();
+  const DType vdt = to_dtype(values_in, "values");
+  at::Tensor bias;
+  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  if (M >= 4 && semi24_linear_t_supported(isa)) {
+    // transposed activations xT [Kp, Mp] (zeros past K and M), result yT [N, Mp]
+    const int64_t Mp = (M + 7) / 8 * 8;
+    at::Tensor xT = at::zeros({Kp, Mp}, x_in.options().dtype(at::kFloat));
+    xT.narrow(0, 0, K).narrow(1, 0, M).copy_(x_in.t());
+    const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
+    at::Tensor yT = at::empty({N, Mp}, xT.options());
+    const float* xtp = xT.data_ptr<float>();
+    float* ytp = yT.data_ptr<float>();
+    const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, (Kp / 2) * Mp));
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      semi24_linear_t_cpu(isa, xtp, Mp, values.data_ptr(), vdt, meta.data_ptr<int16_t>(), bp, ytp, K,
+                          n0, n1);
+    });
+    return yT.narrow(1, 0, M).t().to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
+                                      at::MemoryFormat::Contiguous);
+  }
   // fp32 activations with Kp columns (zeros past K, read by the padded groups)
   at::Tensor x;
   if (K == Kp && x_in.scalar_type() == at::kFloat && x_in.stride(1) == 1 && (M == 1 || x_in.stride(0) >= Kp)) {
@@ -76,13 +98,8 @@ at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values
   }
   const int64_t ldx = M == 1 ? Kp : x.stride(0);
   const at::Tensor values = values_in.contiguous(), meta = meta_in.contiguous();
-  at::Tensor bias;
-  if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
   auto y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
-  const CpuIsa isa = active_cpu_isa();
-  const DType vdt = to_dtype(values, "values");
   const float* xp = x.data_ptr<float>();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   // rows per task: ~64k kept-weight x activation-row products
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (Kp / 2) * M));

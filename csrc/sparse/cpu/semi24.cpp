@@ -16,20 +16,6 @@ inline bool kept(const void* w, DType wdt, const uint8_t* mask, int64_t i) {
   return load_as_float(w, i, wdt) != 0.f;
 }
 
-// Column offsets (inside 8 logical columns) of the 4 kept weights of one metadata byte.
-struct ByteTable {
-  alignas(16) int32_t idx[256][4];
-  ByteTable() {
-    for (int b = 0; b < 256; ++b) {
-      idx[b][0] = b & 3;
-      idx[b][1] = (b >> 2) & 3;
-      idx[b][2] = 4 + ((b >> 4) & 3);
-      idx[b][3] = 4 + ((b >> 6) & 3);
-    }
-  }
-};
-const ByteTable kByteTable;
-
 void linear_scalar(const float* x, int64_t ldx, int64_t M, const void* values, DType vdt,
                    const int16_t* meta, const float* bias, float* y, int64_t ldy, int64_t N,
                    int64_t K, int64_t n0, int64_t n1) {
@@ -71,8 +57,34 @@ PYC_TARGET_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// MB rows of x (MB <= 4) against output row n. Two accumulators per row (even and odd
-// chunks) keep two independent FMA chains in flight.
+// Lane permutations that expand 4 kept values (lanes 0..3 of a register whose lanes 4..7 are
+// zero) into the 8 logical columns of one metadata byte; lane 4 (zero) fills the pruned
+// columns. The upper byte of a word uses the same table + 4 on a register with lanes 0..3 zero
+// (vpermps reads 3 index bits, so the zero lane 4 + 4 = 8 becomes lane 0).
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  ExpandTable() {
+    for (int b = 0; b < 256; ++b) {
+      for (int p = 0; p < 8; ++p) {
+        const int grp = p >> 2, q = p & 3, nib = (b >> (4 * grp)) & 15;
+        const int i0 = nib & 3, i1 = (nib >> 2) & 3;
+        idx[b][p] = q == i0 ? 2 * grp : (q == i1 ? 2 * grp + 1 : 4);
+      }
+    }
+  }
+};
+const ExpandTable kExpandTable;
+
+template <int VT>
+PYC_TARGET_AVX2 inline __m256 load_values8(const void* values, int64_t off) {
+  if (VT == 0) return load8(static_cast<const float*>(values) + off);
+  if (VT == 1) return load8_f16(static_cast<const uint16_t*>(values) + off);
+  return load8_bf16(static_cast<const uint16_t*>(values) + off);
+}
+
+// MB (<= 4) rows of x against output row n: each 16-bit metadata word expands its 8 kept
+// weights into two dense registers (16 logical columns) in registers, then plain FMAs with the
+// contiguous activations.
 template <int MB, int VT>
 PYC_TARGET_AVX2 void row_avx2(const float* x, int64_t ldx, const void* values,
                               const int16_t* meta, int64_t n, int64_t KT, float* out) {
@@ -82,25 +94,20 @@ PYC_TARGET_AVX2 void row_avx2(const float* x, int64_t ldx, const void* values,
   const int16_t* mrow = meta + ((((n >> 4) * KT) * 16 + (r & 7) * 2) << 1) + (r >> 3);
   __m256 acc[MB][2];
   for (int i = 0; i < MB; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  const __m256i half_off = _mm256_setr_epi32(0, 0, 0, 0, 8, 8, 8, 8);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256i four = _mm256_set1_epi32(4);
   for (int64_t c = 0; c < C; ++c) {
     const uint16_t word = static_cast<uint16_t>(mrow[(c >> 1) * 32 + (c & 1) * 2]);
-    const __m128i lo = _mm_load_si128(reinterpret_cast<const __m128i*>(kByteTable.idx[word & 255]));
-    const __m128i hi = _mm_load_si128(reinterpret_cast<const __m128i*>(kByteTable.idx[word >> 8]));
-    const __m256i idx = _mm256_add_epi32(_mm256_set_m128i(hi, lo),
-                                         _mm256_add_epi32(half_off, _mm256_set1_epi32(static_cast<int>(16 * c))));
-    __m256 v;
-    if (VT == 0) {
-      v = load8(static_cast<const float*>(values) + n * (Kp / 2) + 8 * c);
-    } else if (VT == 1) {
-      v = load8_f16(static_cast<const uint16_t*>(values) + n * (Kp / 2) + 8 * c);
-    } else {
-      v = load8_bf16(static_cast<const uint16_t*>(values) + n * (Kp / 2) + 8 * c);
-    }
-    const int p = static_cast<int>(c & 1);
+    const __m256i ilo = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTable.idx[word & 255]));
+    const __m256i ihi = _mm256_add_epi32(
+        _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpandTable.idx[word >> 8])), four);
+    const __m256 v = load_values8<VT>(values, n * (Kp / 2) + 8 * c);
+    const __m256 wlo = _mm256_permutevar8x32_ps(_mm256_blend_ps(v, zero, 0xF0), ilo);
+    const __m256 whi = _mm256_permutevar8x32_ps(_mm256_blend_ps(v, zero, 0x0F), ihi);
     for (int i = 0; i < MB; ++i) {
-      const __m256 xg = _mm256_i32gather_ps(x + i * ldx, idx, 4);
-      acc[i][p] = _mm256_fmadd_ps(xg, v, acc[i][p]);
+      const float* xr = x + i * ldx + 16 * c;
+      acc[i][0] = _mm256_fmadd_ps(wlo, _mm256_loadu_ps(xr), acc[i][0]);
+      acc[i][1] = _mm256_fmadd_ps(whi, _mm256_loadu_ps(xr + 8), acc[i][1]);
     }
   }
   for (int i = 0; i < MB; ++i) out[i] = hsum(_mm256_add_ps(acc[i][0], acc[i][1]));
@@ -124,6 +131,67 @@ PYC_TARGET_AVX2 void linear_avx2_t(const float* x, int64_t ldx, int64_t M, const
     if (rest == 2) row_avx2<2, VT>(x + m * ldx, ldx, values, meta, n, KT, out);
     if (rest == 1) row_avx2<1, VT>(x + m * ldx, ldx, values, meta, n, KT, out);
     for (int64_t i = 0; i < rest; ++i) y[(m + i) * ldy + n] = out[i] + b;
+  }
+}
+
+// Transposed kernel: yT[n, mb .. mb + 8 MV) += w * xT[k, mb .. mb + 8 MV) for every kept
+// weight w = W[n, k] (one broadcast and MV FMAs; the pruned half costs nothing).
+template <int MV, int VT>
+PYC_TARGET_AVX2 void rows_t_avx2(const float* xT, int64_t Mp, int64_t mb, const void* values,
+                                 const int16_t* meta, const float* bias, float* yT, int64_t KT,
+                                 int64_t c0, int64_t c1, int64_t n0, int64_t n1) {
+  const int64_t Kp = KT * kSemi24KTile;
+  alignas(32) float vbuf[8];
+  const float* xb = xT + mb;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t r = n & 15;
+    const int16_t* mrow = meta + ((((n >> 4) * KT) * 16 + (r & 7) * 2) << 1) + (r >> 3);
+    float* yr = yT + n * Mp + mb;
+    __m256 acc[MV];
+    if (c0 == 0) {
+      const __m256 b = _mm256_set1_ps(bias != nullptr ? bias[n] : 0.f);
+      for (int v = 0; v < MV; ++v) acc[v] = b;
+    } else {
+      for (int v = 0; v < MV; ++v) acc[v] = _mm256_load_ps(yr + 8 * v);
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const uint32_t word = static_cast<uint16_t>(mrow[(c >> 1) * 32 + (c & 1) * 2]);
+      _mm256_store_ps(vbuf, load_values8<VT>(values, n * (Kp / 2) + 8 * c));
+      const float* xc = xb + 16 * c * Mp;
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t nib = word >> (4 * q);
+        const float* x0 = xc + (4 * q + (nib & 3)) * Mp;
+        const float* x1 = xc + (4 * q + ((nib >> 2) & 3)) * Mp;
+        const __m256 w0 = _mm256_broadcast_ss(vbuf + 2 * q);
+        const __m256 w1 = _mm256_broadcast_ss(vbuf + 2 * q + 1);
+        for (int v = 0; v < MV; ++v) {
+          acc[v] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * v), acc[v]);
+          acc[v] = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 8 * v), acc[v]);
+        }
+      }
+    }
+    for (int v = 0; v < MV; ++v) _mm256_store_ps(yr + 8 * v, acc[v]);
+  }
+}
+
+// Blocks of 32 activation rows x 1024 logical columns keep the xT block (128 KiB) in L2.
+template <int VT>
+PYC_TARGET_AVX2 void linear_t_avx2(const float* xT, int64_t Mp, const void* values,
+                                   const int16_t* meta, const float* bias, float* yT, int64_t K,
+                                   int64_t n0, int64_t n1) {
+  const int64_t KT = semi24_padded_k(K) / kSemi24KTile, C = 2 * KT;
+  constexpr int64_t kChunks = 64;  // 16-column chunks per block
+  for (int64_t mb = 0; mb < Mp; mb += 32) {
+    const int mv = (Mp - mb) >= 32 ? 4 : static_cast<int>((Mp - mb) / 8);
+    for (int64_t c0 = 0; c0 < C; c0 += kChunks) {
+      const int64_t c1 = c0 + kChunks < C ? c0 + kChunks : C;
+      switch (mv) {
+        case 4: rows_t_avx2<4, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
+        case 3: rows_t_avx2<3, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
+        case 2: rows_t_avx2<2, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
+        default: rows_t_avx2<1, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
+      }
+    }
   }
 }
 #endif
@@ -200,6 +268,31 @@ void semi24_decompress_cpu(const void* values, DType vdt, const int16_t* meta, i
       }
     }
   }
+}
+
+bool semi24_linear_t_supported(CpuIsa isa) {
+#if PYC_HAVE_X86_SIMD
+  return isa >= CpuIsa::Avx2;
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+void semi24_linear_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const void* values, DType vdt,
+                         const int16_t* meta, const float* bias, float* yT, int64_t K, int64_t n0,
+                         int64_t n1) {
+#if PYC_HAVE_X86_SIMD
+  if (isa >= CpuIsa::Avx2) {
+    switch (vdt) {
+      case DType::F32: linear_t_avx2<0>(xT, Mp, values, meta, bias, yT, K, n0, n1); return;
+      case DType::F16: linear_t_avx2<1>(xT, Mp, values, meta, bias, yT, K, n0, n1); return;
+      case DType::BF16: linear_t_avx2<2>(xT, Mp, values, meta, bias, yT, K, n0, n1); return;
+    }
+  }
+#endif
+  (void)isa, (void)xT, (void)Mp, (void)values, (void)vdt, (void)meta, (void)bias, (void)yT, (void)K,
+      (void)n0, (void)n1;
 }
 
 void semi24_linear_cpu(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const void* values,
