@@ -85,8 +85,7 @@ at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values
       semi24_linear_t_cpu(isa, xtp, Mp, values.data_ptr(), vdt, meta.data_ptr<int16_t>(), bp, ytp, K,
                           n0, n1);
     });
-    return yT.narrow(1, 0, M).t().to(x_in.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
-                                      at::MemoryFormat::Contiguous);
+    return yT.narrow(1, 0, M).t().contiguous().to(x_in.scalar_type());
   }
   // fp32 activations with Kp columns (zeros past K, read by the padded groups)
   at::Tensor x;
