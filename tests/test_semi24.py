@@ -95,9 +95,12 @@ def test_compress_mask_drops_unmasked_weights():
     assert torch.equal(ops.semi24_decompress(values, meta, 8), w * mask)
 
 
-@pytest.mark.parametrize("config", ["small_m", "large_m"])
-@pytest.mark.parametrize("M,N,K,dt", [(20, 40, 100, torch.float16), (9, 17, 70, torch.bfloat16),
-                                      (3, 70, 40, torch.float16)])
+@pytest.mark.parametrize("config,M,N,K,dt", [
+    ("small_m", 20, 40, 100, torch.float16),   # K tail (100 -> 104 -> 128), N tail, 2 k-blocks
+    ("small_m", 3, 70, 40, torch.float16),     # 2 blocks along N, odd number of k-steps
+    ("small_m", 9, 17, 70, torch.bfloat16),
+    ("large_m", 9, 17, 70, torch.bfloat16),    # odd k-steps (Kp = 96), N tail, M tail
+])
 def test_cuda_kernel_layout_emulated(config, M, N, K, dt):
     """The CUDA kernel's loads + the PTX fragment/metadata semantics reproduce x @ W.T + b."""
     gen = torch.Generator().manual_seed(M + N + K)
