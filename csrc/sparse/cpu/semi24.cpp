@@ -147,49 +147,62 @@ PYC_TARGET_AVX2 void rows_t_avx2(const float* xT, int64_t Mp, int64_t mb, const 
     const int64_t r = n & 15;
     const int16_t* mrow = meta + ((((n >> 4) * KT) * 16 + (r & 7) * 2) << 1) + (r >> 3);
     float* yr = yT + n * Mp + mb;
-    __m256 acc[MV];
+    // S independent accumulator sets keep >= 8 FMA chains in flight (FMA latency 4, 2 per cycle)
+    constexpr int S = MV == 1 ? 8 : (MV == 2 ? 4 : 2);
+    __m256 acc[S][MV];
+    for (int u = 1; u < S; ++u)
+      for (int v = 0; v < MV; ++v) acc[u][v] = _mm256_setzero_ps();
     if (c0 == 0) {
       const __m256 b = _mm256_set1_ps(bias != nullptr ? bias[n] : 0.f);
-      for (int v = 0; v < MV; ++v) acc[v] = b;
+      for (int v = 0; v < MV; ++v) acc[0][v] = b;
     } else {
-      for (int v = 0; v < MV; ++v) acc[v] = _mm256_load_ps(yr + 8 * v);
+      for (int v = 0; v < MV; ++v) acc[0][v] = _mm256_load_ps(yr + 8 * v);
     }
     for (int64_t c = c0; c < c1; ++c) {
       const uint32_t word = static_cast<uint16_t>(mrow[(c >> 1) * 32 + (c & 1) * 2]);
       _mm256_store_ps(vbuf, load_values8<VT>(values, n * (Kp / 2) + 8 * c));
       const float* xc = xb + 16 * c * Mp;
+      #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
         const uint32_t nib = word >> (4 * q);
         const float* x0 = xc + (4 * q + (nib & 3)) * Mp;
         const float* x1 = xc + (4 * q + ((nib >> 2) & 3)) * Mp;
         const __m256 w0 = _mm256_broadcast_ss(vbuf + 2 * q);
         const __m256 w1 = _mm256_broadcast_ss(vbuf + 2 * q + 1);
+        const int a0 = (2 * q) % S, a1 = (2 * q + 1) % S;
         for (int v = 0; v < MV; ++v) {
-          acc[v] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * v), acc[v]);
-          acc[v] = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 8 * v), acc[v]);
+          acc[a0][v] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * v), acc[a0][v]);
+          acc[a1][v] = _mm256_fmadd_ps(w1, _mm256_load_ps(x1 + 8 * v), acc[a1][v]);
         }
       }
     }
-    for (int v = 0; v < MV; ++v) _mm256_store_ps(yr + 8 * v, acc[v]);
+    for (int u = 1; u < S; ++u)
+      for (int v = 0; v < MV; ++v) acc[0][v] = _mm256_add_ps(acc[0][v], acc[u][v]);
+    for (int v = 0; v < MV; ++v) _mm256_store_ps(yr + 8 * v, acc[0][v]);
   }
 }
 
-// Blocks of 32 activation rows x 1024 logical columns keep the xT block (128 KiB) in L2.
+// Blocking: 32 activation rows x 128 logical columns of xT (16 KiB) stay in L1 while a panel of
+// 64 output rows runs over them; the panel's yT rows (8 KiB) carry the partial sums.
 template <int VT>
 PYC_TARGET_AVX2 void linear_t_avx2(const float* xT, int64_t Mp, const void* values,
                                    const int16_t* meta, const float* bias, float* yT, int64_t K,
                                    int64_t n0, int64_t n1) {
   const int64_t KT = semi24_padded_k(K) / kSemi24KTile, C = 2 * KT;
-  constexpr int64_t kChunks = 64;  // 16-column chunks per block
+  constexpr int64_t kChunks = 8;  // 16-column chunks per block
+  constexpr int64_t kPanel = 64;  // output rows per panel
   for (int64_t mb = 0; mb < Mp; mb += 32) {
     const int mv = (Mp - mb) >= 32 ? 4 : static_cast<int>((Mp - mb) / 8);
-    for (int64_t c0 = 0; c0 < C; c0 += kChunks) {
-      const int64_t c1 = c0 + kChunks < C ? c0 + kChunks : C;
-      switch (mv) {
-        case 4: rows_t_avx2<4, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
-        case 3: rows_t_avx2<3, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
-        case 2: rows_t_avx2<2, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
-        default: rows_t_avx2<1, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, n0, n1); break;
+    for (int64_t p0 = n0; p0 < n1; p0 += kPanel) {
+      const int64_t p1 = p0 + kPanel < n1 ? p0 + kPanel : n1;
+      for (int64_t c0 = 0; c0 < C; c0 += kChunks) {
+        const int64_t c1 = c0 + kChunks < C ? c0 + kChunks : C;
+        switch (mv) {
+          case 4: rows_t_avx2<4, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, p0, p1); break;
+          case 3: rows_t_avx2<3, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, p0, p1); break;
+          case 2: rows_t_avx2<2, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, p0, p1); break;
+          default: rows_t_avx2<1, VT>(xT, Mp, mb, values, meta, bias, yT, KT, c0, c1, p0, p1); break;
+        }
       }
     }
   }
