@@ -133,7 +133,8 @@ def test_emulation_detects_layout_errors():
 
 # ----------------------------------------------------------------------------- CPU kernels
 SHAPES = [(0, 8, 3), (1, 1, 1), (1, 3, 5), (2, 31, 7), (3, 33, 17), (4, 64, 16), (5, 100, 33),
-          (9, 37, 21), (33, 70, 9), (40, 130, 18)]
+          (9, 37, 21), (33, 70, 9), (40, 130, 18),
+          (6, 300, 150), (70, 200, 130)]  # several K blocks, N panels and activation-row blocks
 
 
 @pytest.mark.parametrize("M,K,N", SHAPES)
