@@ -10,7 +10,6 @@
 #include "sparse/semi24_checks.h"
 
 namespace pyc {
-namespace {
 
 // Compression runs on the CPU (once, at conversion time); CUDA weights come back on their device.
 std::tuple<at::Tensor, at::Tensor> semi24_compress_op(const at::Tensor& w_in,
@@ -58,6 +57,8 @@ at::Tensor semi24_decompress_op(const at::Tensor& values_in, const at::Tensor& m
   });
   return out.to(values_in.device());
 }
+
+namespace {
 
 at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values_in,
                                 const at::Tensor& meta_in, const c10::optional<at::Tensor>& bias_in,

@@ -64,4 +64,7 @@ at::Tensor semi24_linear_cuda_op(const at::Tensor& x_in, const at::Tensor& value
 
 TORCH_LIBRARY_IMPL(pycompress, CUDA, m) {
   m.impl("semi24_linear", &pyc::semi24_linear_cuda_op);
+  // conversion-time ops: computed on the CPU, results returned on the input's device
+  m.impl("semi24_compress", &pyc::semi24_compress_op);
+  m.impl("semi24_decompress", &pyc::semi24_decompress_op);
 }

@@ -43,4 +43,12 @@ inline void check_semi24_linear(const at::Tensor& x, const at::Tensor& values,
   }
 }
 
+// Conversion-time ops (semi24_binding.cpp): they run on the CPU for tensors of any device and
+// return their results on the input's device (registered for CPU and CUDA).
+std::tuple<at::Tensor, at::Tensor> semi24_compress_op(const at::Tensor& w,
+                                                      const c10::optional<at::Tensor>& mask,
+                                                      c10::optional<at::ScalarType> dtype);
+at::Tensor semi24_decompress_op(const at::Tensor& values, const at::Tensor& meta,
+                                int64_t in_features);
+
 }  // namespace pyc
