@@ -81,7 +81,7 @@ at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values
     at::Tensor yT = at::empty({N, Mp}, xT.options());
     const float* xtp = xT.data_ptr<float>();
     float* ytp = yT.data_ptr<float>();
-    const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, (Kp / 2) * Mp));
+    const int64_t grain = std::max<int64_t>(1, (4 << 20) / std::max<int64_t>(1, (Kp / 2) * Mp));
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
       semi24_linear_t_cpu(isa, xtp, Mp, values.data_ptr(), vdt, meta.data_ptr<int16_t>(), bp, ytp, K,
                           n0, n1);
@@ -101,8 +101,9 @@ at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values
   auto y = at::empty({M, N}, x_in.options().dtype(at::kFloat));
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // rows per task: ~64k kept-weight x activation-row products
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (Kp / 2) * M));
+  // rows per task: ~4M kept-weight x activation-row products (~0.5 ms), so that small layers
+  // stay on one thread instead of waiting for a busy second one
+  const int64_t grain = std::max<int64_t>(1, (4 << 20) / std::max<int64_t>(1, (Kp / 2) * M));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     semi24_linear_cpu(isa, xp, ldx, M, values.data_ptr(), vdt, meta.data_ptr<int16_t>(), bp, yp, N,
                       N, K, n0, n1);
