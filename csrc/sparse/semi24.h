@@ -68,6 +68,8 @@ void semi24_linear_cpu(CpuIsa isa, const float* x, int64_t ldx, int64_t M, const
 // FMAs along the activation rows. rows [n0, n1) of yT. Available when
 // semi24_linear_t_supported(isa).
 bool semi24_linear_t_supported(CpuIsa isa);
+// Activation rows from which the binding uses the transposed kernel (fewer: semi24_linear_cpu).
+constexpr int64_t kSemi24TransposedMinRows = 12;
 void semi24_linear_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const void* values, DType vdt,
                          const int16_t* meta, const float* bias, float* yT, int64_t K, int64_t n0,
                          int64_t n1);

@@ -72,7 +72,7 @@ at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values
   at::Tensor bias;
   if (bias_in.has_value()) bias = bias_in->to(at::kFloat).contiguous();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  if (M >= 4 && semi24_linear_t_supported(isa)) {
+  if (M >= kSemi24TransposedMinRows && semi24_linear_t_supported(isa)) {
     // transposed activations xT [Kp, Mp] (zeros past K and M), result yT [N, Mp]
     const int64_t Mp = (M + 7) / 8 * 8;
     at::Tensor xT = at::zeros({Kp, Mp}, x_in.options().dtype(at::kFloat));

@@ -136,12 +136,14 @@ PYC_TARGET_AVX2 void linear_avx2_t(const float* x, int64_t ldx, int64_t M, const
 
 // Transposed kernel: yT[n, mb .. mb + 8 MV) += w * xT[k, mb .. mb + 8 MV) for every kept
 // weight w = W[n, k] (one broadcast and MV FMAs; the pruned half costs nothing).
+constexpr int64_t kBlockChunks = 8;  // 16-column chunks per block of the transposed kernel
+
 template <int MV, int VT>
 PYC_TARGET_AVX2 void rows_t_avx2(const float* xT, int64_t Mp, int64_t mb, const void* values,
                                  const int16_t* meta, const float* bias, float* yT, int64_t KT,
                                  int64_t c0, int64_t c1, int64_t n0, int64_t n1) {
   const int64_t Kp = KT * kSemi24KTile;
-  alignas(32) float vbuf[8];
+  alignas(32) float vbuf[kBlockChunks * 8];
   const float* xb = xT + mb;
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t r = n & 15;
@@ -158,17 +160,27 @@ PYC_TARGET_AVX2 void rows_t_avx2(const float* xT, int64_t Mp, int64_t mb, const 
     } else {
       for (int v = 0; v < MV; ++v) acc[0][v] = _mm256_load_ps(yr + 8 * v);
     }
+    // the block's kept weights as fp32, converted before use (broadcasts read them back from L1
+    // well after the stores); the next row's are prefetched
+    for (int64_t c = c0; c < c1; ++c)
+      _mm256_store_ps(vbuf + 8 * (c - c0), load_values8<VT>(values, n * (Kp / 2) + 8 * c));
+    if (n + 1 < n1) {
+      const char* nxt = static_cast<const char*>(values) +
+                        ((n + 1) * (Kp / 2) + 8 * c0) * (VT == 0 ? 4 : 2);
+      for (int64_t off = 0; off < (c1 - c0) * 8 * (VT == 0 ? 4 : 2); off += 64)
+        _mm_prefetch(nxt + off, _MM_HINT_T0);
+    }
     for (int64_t c = c0; c < c1; ++c) {
       const uint32_t word = static_cast<uint16_t>(mrow[(c >> 1) * 32 + (c & 1) * 2]);
-      _mm256_store_ps(vbuf, load_values8<VT>(values, n * (Kp / 2) + 8 * c));
+      const float* vb = vbuf + 8 * (c - c0);
       const float* xc = xb + 16 * c * Mp;
       #pragma GCC unroll 4
       for (int q = 0; q < 4; ++q) {
         const uint32_t nib = word >> (4 * q);
         const float* x0 = xc + (4 * q + (nib & 3)) * Mp;
         const float* x1 = xc + (4 * q + ((nib >> 2) & 3)) * Mp;
-        const __m256 w0 = _mm256_broadcast_ss(vbuf + 2 * q);
-        const __m256 w1 = _mm256_broadcast_ss(vbuf + 2 * q + 1);
+        const __m256 w0 = _mm256_broadcast_ss(vb + 2 * q);
+        const __m256 w1 = _mm256_broadcast_ss(vb + 2 * q + 1);
         const int a0 = (2 * q) % S, a1 = (2 * q + 1) % S;
         for (int v = 0; v < MV; ++v) {
           acc[a0][v] = _mm256_fmadd_ps(w0, _mm256_load_ps(x0 + 8 * v), acc[a0][v]);
@@ -189,7 +201,7 @@ PYC_TARGET_AVX2 void linear_t_avx2(const float* xT, int64_t Mp, const void* valu
                                    const int16_t* meta, const float* bias, float* yT, int64_t K,
                                    int64_t n0, int64_t n1) {
   const int64_t KT = semi24_padded_k(K) / kSemi24KTile, C = 2 * KT;
-  constexpr int64_t kChunks = 8;  // 16-column chunks per block
+  constexpr int64_t kChunks = kBlockChunks;
   constexpr int64_t kPanel = 64;  // output rows per panel
   for (int64_t mb = 0; mb < Mp; mb += 32) {
     const int mv = (Mp - mb) >= 32 ? 4 : static_cast<int>((Mp - mb) / 8);
