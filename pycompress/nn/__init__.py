@@ -3,6 +3,7 @@
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.nn.kd_loss import KDLoss
 from pycompress.nn.masked_linear import MaskedLinear
+from pycompress.nn.semi_sparse_linear import SemiSparseLinear
 from pycompress.nn.sparse_linear import SparseLinear
 
-__all__: list[str] = ["Int8Linear", "MaskedLinear", "SparseLinear", "KDLoss"]
+__all__: list[str] = ["Int8Linear", "MaskedLinear", "SparseLinear", "SemiSparseLinear", "KDLoss"]
