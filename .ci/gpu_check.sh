@@ -30,7 +30,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "== benchmarks"
 # one kernel family at a time, each with its own time limit, so that results of the
 # finished families survive a slow one (run.py merges them into one JSON file)
-for k in quant int8 sparse kd; do
+for k in quant int8 sparse semi24 kd; do
   PYTHONPATH=$PWD timeout "${BENCH_TIMEOUT:-150}" "$PY" bench/run.py --kernels $k --device cuda \
     --json "$OUT/bench-cuda.json" 2>&1 | tee -a "$OUT/bench.log"
 done
