@@ -1,24 +1,40 @@
 """``pycompress.export_onnx``: compressed models as ONNX files with standard int8 operators.
 
 What each layer becomes
-    * ``Int8Linear`` (``w8a8``): per-token symmetric activation quantization written out as
-      standard operators — ``Abs → ReduceMax → Max(tiny) → Div`` gives ``qmax / absmax`` per
-      token, ``Mul → Round → Add(zero point) → Cast(uint8)`` the quantized activations —, then
-      ``MatMulInteger`` with the int8 weight stored as an int8 initializer ``[in, out]``,
-      ``Cast → Mul(x_scale) → Mul(w_scale) → Add(bias)``. The activations are stored as uint8
-      with zero point 128 (64 for ``act_bits=7``), i.e. the very integers of the PyTorch kernel
-      shifted by the zero point, because ONNX Runtime's CPU kernels for u8 x s8 are several
-      times faster than its s8 x s8 ones on AVX2 machines (``int8_format="s8"`` writes int8
-      activations instead; ``int8_format="contrib"`` replaces ``MatMulInteger → Cast →
-      Mul(w_scale)`` by ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat``, runnable only by
-      ONNX Runtime).
-      Caveat of the u8 forms: on x86 CPUs without VNNI, ONNX Runtime's u8 x s8 kernel adds pairs of
-      products in saturating 16-bit lanes (``vpmaddubsw``); with 8-bit activations (values up
-      to 255 once shifted) large pairs can saturate, so results may differ slightly from the
-      exact int32 product. 7-bit activations (``act_bits=7``, shifted values <= 127) never
-      saturate. ``verify=True`` measures the agreement either way.
+    * ``Int8Linear`` (``w8a8``), standard operators only (opset >= 15)::
+
+          x2     = Reshape(x, [-1, K])                              # tokens as rows [M, K]
+          absmax = Max(ReduceMax(Abs(x2), axes=[-1]), 1e-30)        # [M]
+          xs     = absmax / qmax                                    # qmax = 127 (63: act_bits=7)
+          xq     = QuantizeLinear(x2, xs, zero_point, axis=0)       # per token, uint8
+          acc    = MatMulInteger(xq, W, zero_point, w_zero_point)   # int32 [M, N]
+          y      = DequantizeLinear(acc, xs, axis=0) * w_scale + bias
+          y      = Reshape(y, [..., N])
+
+      ``W`` is stored as an 8-bit initializer ``[in, out]``. The quantized activations are the
+      integers of the PyTorch kernel (round half to even of ``x / xs``) shifted by a zero point
+      (128, or 64 with ``act_bits=7``) because ONNX Runtime's x86 integer kernels for uint8
+      activations are several times faster than its int8 x int8 ones on CPUs without VNNI.
+      ``int8_format`` picks the integer types (``"auto"`` = exact products with the fast kernels):
+
+      - ``"u8u8"`` (auto for 8-bit activations): weights stored as uint8 = int8 + 128 with zero
+        point 128 — the same integers; ONNX Runtime multiplies u8 x u8 in 16 bits, exactly.
+      - ``"u8s8"`` (auto for ``act_bits=7``): int8 weights. ONNX Runtime's u8 x s8 AVX2 kernel
+        (``vpmaddubsw``) adds pairs of products in saturating 16-bit lanes: exact for 7-bit
+        activations (shifted values <= 127), but 8-bit activations (up to 255) can saturate on
+        CPUs without VNNI, and then results are wrong (a ReLU MLP drops to cosine 0.89).
+      - ``"s8s8"``: int8 activations and weights, exact everywhere, slow in ONNX Runtime on AVX2.
+      - ``"contrib"`` / ``"contrib-<types>"``: ``MatMulInteger → DequantizeLinear → Mul(w_scale)``
+        replaced by ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat`` (the per-token scale
+        stays a ``Mul``); runs only in ONNX Runtime.
+
+      ``QuantizeLinear`` divides by the scale where the PyTorch kernel multiplies by
+      ``qmax / absmax``: an activation can land on the other side of a rounding tie in rare
+      cases (one unit of one activation), otherwise the integers are identical.
     * ``Int8Linear`` (``w8a16``): ``DequantizeLinear`` (per output channel, int8 initializer)
-      ``→ MatMul → Add(bias)``.
+      ``→ MatMul → Add(bias)``. ONNX Runtime (>= 1.2x) fuses this pair into its ``MatMulNBits``
+      kernel, which by default quantizes the activations to int8 internally (session option
+      ``session.qdq_matmulnbits_accuracy_level``; set it to ``"1"`` for fp32 arithmetic).
     * ``MaskedLinear`` / ``SparseLinear``: a dense ``nn.Linear`` holding the weights with their
       zeros (``to_dense()``), exported as torch exports ``nn.Linear`` (``MatMul``/``Gemm``);
       ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
@@ -57,7 +73,7 @@ __all__ = ["export_onnx", "OnnxVerificationError", "INT8_FORMATS"]
 INT8_FORMATS = ("auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8", "contrib-u8s8", "contrib-s8s8")
 _FORMAT_CODE = {name: i for i, name in enumerate(INT8_FORMATS)}
 DEFAULT_OPSET = 18
-MIN_OPSET = 13
+MIN_OPSET = 15
 # verification thresholds (see export_onnx)
 VERIFY_MIN_COSINE = 0.999
 VERIFY_MAX_ABS_REL = 0.05
@@ -103,11 +119,11 @@ def _define_ops() -> None:
 
     @torch.library.custom_op("pycompress_onnx::int8_linear", mutates_args=())
     def int8_linear(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
-                    bias: Optional[torch.Tensor], act_bits: int, fmt: int) -> torch.Tensor:
+                    bias: Optional[torch.Tensor], act_bits: int, fmt: int, k: int) -> torch.Tensor:
         return pops.int8_linear(x, _signed(w_t).t().contiguous(), w_scale, bias, act_bits=act_bits)
 
     @int8_linear.register_fake
-    def _(x, w_t, w_scale, bias, act_bits, fmt):
+    def _(x, w_t, w_scale, bias, act_bits, fmt, k):
         return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
     @torch.library.custom_op("pycompress_onnx::w8a16_linear", mutates_args=())
@@ -148,7 +164,7 @@ class _ExportInt8Linear(nn.Module):
         if self.mode == "w8a16":
             return torch.ops.pycompress_onnx.w8a16_linear(x, self.weight_t, self.weight_scale, self.bias)
         return torch.ops.pycompress_onnx.int8_linear(x, self.weight_t, self.weight_scale, self.bias,
-                                                    self.act_bits, self.fmt)
+                                                    self.act_bits, self.fmt, self.weight_t.shape[0])
 
 
 # --------------------------------------------------------------------------- graph builders
@@ -165,10 +181,10 @@ class _Builder:
     def const(self, array: np.ndarray):
         raise NotImplementedError
 
-    def reduce_max_last(self, x):
+    def reduce_max_last(self, x, keepdims: int = 1):
         if self.opset >= 18:
-            return self.op("ReduceMax", x, self.const(np.array([-1], np.int64)), keepdims=1)
-        return self.op("ReduceMax", x, axes=[-1], keepdims=1)
+            return self.op("ReduceMax", x, self.const(np.array([-1], np.int64)), keepdims=keepdims)
+        return self.op("ReduceMax", x, axes=[-1], keepdims=keepdims)
 
 
 class _ScriptBuilder(_Builder):
@@ -252,7 +268,7 @@ def _resolve_format(fmt: str, act_bits: int) -> str:
     return fmt
 
 
-def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: int):
+def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: int, k: int):
     """Per-token symmetric quantization + integer matmul + dequantization (see module doc).
 
     ``w_t`` is the int8 weight ``[K, N]`` for the s8-weight forms and the uint8 weight + 128
@@ -262,40 +278,38 @@ def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: in
     contrib = name.startswith("contrib")
     kind = name.split("-")[1] if contrib else name
     qmax = 127.0 if act_bits == 8 else 63.0
-    absmax = b.op("Max", b.reduce_max_last(b.op("Abs", x)), b.const(np.array(_TINY, np.float32)))
-    inv = b.op("Div", b.const(np.array(qmax, np.float32)), absmax)
-    q = b.op("Round", b.op("Mul", x, inv))
-    # no Clip: |x| <= absmax gives |x * (qmax / absmax)| <= qmax * (1 + 2^-23), which rounds to qmax
+    # tokens as rows: [..., K] -> [M, K] (Reshape is copy-free in ONNX Runtime)
+    x2 = b.op("Reshape", x, b.const(np.array([-1, k], np.int64)))
+    absmax = b.op("Max", b.reduce_max_last(b.op("Abs", x2), keepdims=0),
+                  b.const(np.array(_TINY, np.float32)))                       # [M]
+    x_scale = b.op("Div", absmax, b.const(np.array(qmax, np.float32)))       # [M]
     if kind == "s8s8":
-        xq = b.op("Cast", q, to=_ONNX_INT8)
-        a_zp = None
+        zero = b.op("Expand", b.const(np.array([0], np.int8)), b.op("Shape", x_scale))
     else:
-        zero = 128 if act_bits == 8 else 64
-        xq = b.op("Cast", b.op("Add", q, b.const(np.array(float(zero), np.float32))), to=_ONNX_UINT8)
-        a_zp = b.const(np.array(zero, np.uint8))
-    b_zp = b.const(np.array(128, np.uint8)) if kind == "u8u8" else None
-    x_scale = b.op("Div", absmax, b.const(np.array(qmax, np.float32)))
+        zero = b.op("Expand", b.const(np.array([128 if act_bits == 8 else 64], np.uint8)),
+                    b.op("Shape", x_scale))
+    # per-token (axis 0) QuantizeLinear: round half to even of x / x_scale, + zero point, saturated
+    xq = b.op("QuantizeLinear", x2, x_scale, zero, axis=0)
+    ins = [xq, w_t]
+    if kind != "s8s8":
+        ins.append(b.const(np.array(128 if act_bits == 8 else 64, np.uint8)))
+    if kind == "u8u8":
+        ins.append(b.const(np.array(128, np.uint8)))
     if contrib:
-        # MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point, b_zero_point[, bias]):
-        # a per-token scale is not expressible as a_scale (per column of A), so it stays a Mul
-        ins = [xq, w_t, b.const(np.array(1.0, np.float32)), w_scale]
-        if a_zp is not None or b_zp is not None:
-            ins.append(a_zp if a_zp is not None else b.const(np.array(0, np.int8)))
-        if b_zp is not None:
-            ins.append(b_zp)
-        y = b.op("Mul", b.op("MatMulIntegerToFloat", *ins, domain="com.microsoft"), x_scale)
+        # MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point, b_zero_point): its a_scale is
+        # per column of A, so the per-token scale stays a separate Mul
+        y = b.op("MatMulIntegerToFloat", ins[0], ins[1], b.const(np.array(1.0, np.float32)), w_scale, *ins[2:],
+                 domain="com.microsoft")
+        y = b.op("Mul", y, b.op("Unsqueeze", x_scale, b.const(np.array([1], np.int64))))
     else:
-        ins = [xq, w_t]
-        if a_zp is not None or b_zp is not None:
-            ins.append(a_zp if a_zp is not None else b.const(np.array(0, np.int8)))
-        if b_zp is not None:
-            ins.append(b_zp)
-        acc = b.op("MatMulInteger", *ins)
-        # same order as the PyTorch epilogue: (acc * x_scale[m]) * w_scale[n] + bias[n]
-        y = b.op("Mul", b.op("Mul", b.op("Cast", acc, to=_ONNX_FLOAT), x_scale), w_scale)
+        acc = b.op("MatMulInteger", *ins)                                     # int32 [M, N]
+        # (acc * x_scale[m]) * w_scale[n]: the int32 -> float cast and the per-token scale in one op
+        y = b.op("Mul", b.op("DequantizeLinear", acc, x_scale, axis=0), w_scale)
     if bias is not None:
         y = b.op("Add", y, bias)
-    return y
+    lead = b.op("Slice", b.op("Shape", x), b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
+    out_shape = b.op("Concat", lead, b.const(np.array([-1], np.int64)), axis=0)
+    return b.op("Reshape", y, out_shape)
 
 
 def _emit_w8a16_linear(b: _Builder, x, w_t, w_scale, bias):
@@ -307,8 +321,8 @@ def _emit_w8a16_linear(b: _Builder, x, w_t, w_scale, bias):
 
 
 def _translation_table(opset: int) -> dict:
-    def int8_linear(x, w_t, w_scale, bias=None, act_bits: int = 8, fmt: int = 0):
-        return _emit_int8_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias, int(act_bits), int(fmt))
+    def int8_linear(x, w_t, w_scale, bias=None, act_bits: int = 8, fmt: int = 0, k: int = 0):
+        return _emit_int8_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias, int(act_bits), int(fmt), int(k))
 
     def w8a16_linear(x, w_t, w_scale, bias=None):
         return _emit_w8a16_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias)
@@ -334,9 +348,9 @@ def _register_symbolics() -> None:
     def _opset():
         return int(symbolic_helper.GLOBALS.export_onnx_opset_version)
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "i", "i")
-    def int8_linear(g, x, w_t, w_scale, bias, act_bits, fmt):
-        return _emit_int8_linear(_TorchScriptBuilder(g, _opset()), x, w_t, w_scale, _opt(bias), act_bits, fmt)
+    @symbolic_helper.parse_args("v", "v", "v", "v", "i", "i", "i")
+    def int8_linear(g, x, w_t, w_scale, bias, act_bits, fmt, k):
+        return _emit_int8_linear(_TorchScriptBuilder(g, _opset()), x, w_t, w_scale, _opt(bias), act_bits, fmt, k)
 
     @symbolic_helper.parse_args("v", "v", "v", "v")
     def w8a16_linear(g, x, w_t, w_scale, bias):
@@ -390,6 +404,20 @@ def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
     elif isinstance(obj, Mapping):
         for v in obj.values():
             out.extend(_flatten_tensors(v))
+    return out
+
+
+def _output_names(obj: Any, prefix: str = "output") -> list[str]:
+    """Names parallel to ``_flatten_tensors(obj)``: dict keys where there are some."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix]
+    out: list[str] = []
+    if isinstance(obj, (tuple, list)):
+        for i, o in enumerate(obj):
+            out.extend(_output_names(o, f"{prefix}_{i}"))
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.extend(_output_names(v, str(k) if prefix == "output" else f"{prefix}.{k}"))
     return out
 
 
@@ -577,14 +605,17 @@ def export_onnx(
         dynamic_axes: as in ``torch.onnx.export`` (``{name: {axis: "label"}}``). Default: dim 0
             of every input and output is a dynamic ``"batch"`` axis when the example batch has at
             least 2 rows (and all inputs share it); ``{}`` exports static shapes.
-        opset: ONNX opset (default 18; >= 13).
+        opset: ONNX opset (default 18; >= 15).
         verify: run the file in ONNX Runtime on ``example_inputs`` and compare with the PyTorch
             model: every output needs cosine >= 0.999 and max abs difference <= 0.05 x its
             largest magnitude, else :class:`OnnxVerificationError` (a ValueError) with both
             numbers. ``onnx.checker`` always runs.
-        int8_format: ``"u8"`` (default; uint8 activations with zero point, ONNX Runtime's fast
-            u8 x s8 kernels), ``"s8"`` (int8 activations, exact integer products on every CPU)
-            or ``"contrib"`` (``com.microsoft.MatMulIntegerToFloat``; ONNX Runtime only).
+        int8_format: integer types of the ``w8a8`` layers: ``"auto"`` (default: ``"u8u8"`` for
+            8-bit activations, ``"u8s8"`` for ``act_bits=7``; exact integer products with ONNX
+            Runtime's fast x86 kernels), ``"u8u8"``, ``"u8s8"`` (may saturate with 8-bit
+            activations on x86 CPUs without VNNI), ``"s8s8"`` (slow in ONNX Runtime on AVX2),
+            ``"contrib"`` or ``"contrib-u8u8"`` / ``"contrib-u8s8"`` / ``"contrib-s8s8"``
+            (``com.microsoft.MatMulIntegerToFloat``; ONNX Runtime only). See the module docstring.
         exporter: ``"auto"`` (torch.export-based exporter when this torch has
             ``custom_translation_table`` (2.6+) and onnxscript is installed, else TorchScript),
             ``"dynamo"`` or ``"torchscript"``.
@@ -646,7 +677,11 @@ def export_onnx(
     if not reference:
         raise ValueError(f"{type(model).__name__} returned no tensor")
     if output_names is None:
-        output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
+        output_names = _output_names(ref_out)
+        if len(set(output_names)) != len(output_names) or len(output_names) != len(reference):
+            output_names = [f"output_{i}" for i in range(len(reference))]
+        elif len(output_names) == 1:
+            output_names = ["output"]
     output_names = list(output_names)
     if len(output_names) != len(reference):
         raise ValueError(f"output_names has {len(output_names)} name(s) for {len(reference)} output tensor(s)")
@@ -686,8 +721,17 @@ def export_onnx(
                 export_kw["external_data"] = False
             if "verbose" in params:
                 export_kw["verbose"] = False
-            prog = torch.onnx.export(wrapper, tuple(tensors), None, **export_kw)
-            proto = prog.model_proto
+            proto = torch.onnx.export(wrapper, tuple(tensors), None, **export_kw).model_proto
+            try:
+                onnx.checker.check_model(proto)
+            except onnx.checker.ValidationError:
+                if not export_kw.get("optimize", True) or "optimize" not in params:
+                    raise
+                # the exporter's graph optimizer (onnxscript) has produced dangling references
+                # for some graphs (e.g. Flatten feeding a BERT layer with torch 2.13 /
+                # onnxscript 0.7.2): export again without it; ONNX Runtime optimizes at load
+                export_kw["optimize"] = False
+                proto = torch.onnx.export(wrapper, tuple(tensors), None, **export_kw).model_proto
             onnx.save_model(proto, path)
         else:
             _register_symbolics()
