@@ -143,7 +143,8 @@ def _case(name: str, cfg_kw: dict, quick: bool, tmp: str) -> list[dict]:
 
     big = name == "bert-base"
     rounds, per_round = ((3, 1) if quick else (5, 2)) if big else ((3, 2) if quick else (6, 3))
-    timings = _interleaved({k: v[0] for k, v in runs.items()}, rounds, per_round)
+    with torch.no_grad():
+        timings = _interleaved({k: v[0] for k, v in runs.items()}, rounds, per_round)
     ref_last, ref_pooled = runs["torch fp32"][1]
     rows = []
     for impl, (_, (last, pooled), path) in runs.items():

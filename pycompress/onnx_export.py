@@ -55,8 +55,10 @@ How
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import logging
 import os
 import warnings
 from collections.abc import Mapping
@@ -483,6 +485,36 @@ def _check_path(path: Any) -> str:
     return path
 
 
+def _warn_specialized(proto, dynamic_axes: dict) -> None:
+    """Warns when an axis asked to be dynamic came out with a fixed size (the exporter
+    specialized it, e.g. because the model branches on it)."""
+    fixed = []
+    for v in list(proto.graph.input) + list(proto.graph.output):
+        spec = dynamic_axes.get(v.name) or {}
+        axes = spec if isinstance(spec, (list, tuple)) else list(spec)
+        dims = v.type.tensor_type.shape.dim
+        for a in axes:
+            if int(a) < len(dims) and dims[int(a)].HasField("dim_value"):
+                fixed.append(f"{v.name}[{a}] = {dims[int(a)].dim_value}")
+    if fixed:
+        warnings.warn("export_onnx: axes requested as dynamic were exported with a fixed size: "
+                      + ", ".join(fixed) + " (the model's code depends on them)", stacklevel=3)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Exporter chatter (optional torchvision ops, constant-folding attempts) is not for users."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
 def _exporter_supports_dynamo() -> bool:
     try:
         params = inspect.signature(torch.onnx.export).parameters
@@ -707,16 +739,14 @@ def export_onnx(
             raise RuntimeError(f"torch {torch.__version__}: torch.onnx.export has no custom_translation_table "
                                "(torch >= 2.6 needed); use exporter='torchscript'")
         _require("onnxscript")
-    export_kw = dict(input_names=input_names, output_names=output_names, opset_version=opset)
-    if dynamic_axes and not use_dynamo:
-        export_kw["dynamic_axes"] = dynamic_axes
     params = inspect.signature(torch.onnx.export).parameters
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+
+    def export(dyn: dict) -> None:
+        export_kw = dict(input_names=input_names, output_names=output_names, opset_version=opset)
         if use_dynamo:
             export_kw.update(dynamo=True, custom_translation_table=_translation_table(opset))
-            if dynamic_axes:
-                export_kw["dynamic_shapes"] = _dynamic_shapes(dynamic_axes, input_names)
+            if dyn:
+                export_kw["dynamic_shapes"] = _dynamic_shapes(dyn, input_names)
             if "external_data" in params:
                 export_kw["external_data"] = False
             if "verbose" in params:
@@ -725,7 +755,7 @@ def export_onnx(
             try:
                 onnx.checker.check_model(proto)
             except onnx.checker.ValidationError:
-                if not export_kw.get("optimize", True) or "optimize" not in params:
+                if "optimize" not in params:
                     raise
                 # the exporter's graph optimizer (onnxscript) has produced dangling references
                 # for some graphs (e.g. Flatten feeding a BERT layer with torch 2.13 /
@@ -735,10 +765,17 @@ def export_onnx(
             onnx.save_model(proto, path)
         else:
             _register_symbolics()
+            if dyn:
+                export_kw["dynamic_axes"] = dyn
             if "dynamo" in params:
                 export_kw["dynamo"] = False
             torch.onnx.export(wrapper, tuple(tensors), path, do_constant_folding=True, **export_kw)
+
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("onnxscript", "torch.onnx"):
+        warnings.simplefilter("ignore")
+        export(dynamic_axes)
     onnx.checker.check_model(path)
+    _warn_specialized(onnx.load(path, load_external_data=False), dynamic_axes)
     if verify:
         _verify(path, tensors, reference)
     return path

@@ -298,3 +298,19 @@ def test_cli_export_errors(saved_model, capsys, args, needle):
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pycompress: error: ") and needle in lines[0], err
+
+
+class BranchOnBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x) * (2.0 if x.shape[0] == 3 else 1.0)
+
+
+@pytest.mark.skipif(not HAS_DYNAMO, reason="torch.export-based exporter not available")
+def test_warns_when_the_batch_axis_is_specialized(tmp_path):
+    q = pycompress.quantize(BranchOnBatch().eval())
+    with pytest.warns(UserWarning, match=r"exported with a fixed size: input\[0\] = 3"):
+        pycompress.export_onnx(q, torch.randn(3, 8), tmp_path / "m.onnx", exporter="dynamo")
