@@ -79,7 +79,7 @@ MIN_OPSET = 15
 # verification thresholds (see export_onnx)
 VERIFY_MIN_COSINE = 0.999
 VERIFY_MAX_ABS_REL = 0.05
-# absmax floor of the per-token quantization: keeps qmax / absmax finite for all-zero rows
+# absmax floor of the per-token quantization: keeps the scale non-zero for all-zero rows
 # (they quantize to 0, as in the PyTorch kernel)
 _TINY = 1e-30
 
@@ -250,11 +250,6 @@ class _TorchScriptBuilder(_Builder):
 
     def const(self, array):
         return self.g.op("Constant", value_t=torch.from_numpy(np.array(array)))
-
-
-_ONNX_FLOAT = 1
-_ONNX_UINT8 = 2
-_ONNX_INT8 = 3
 
 
 def _resolve_format(fmt: str, act_bits: int) -> str:
