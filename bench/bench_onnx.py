@@ -199,4 +199,8 @@ def summarize(rows: list[dict]) -> list[str]:
             f"(target <= 0.7x: {'met' if size <= 0.7 else 'NOT met'}); "
             f"vs ORT fp32 {fp['ms'] / ours['ms']:.2f}x faster, vs torch fp32 "
             f"{impls['torch fp32']['ms'] / ours['ms']:.2f}x faster")
+        alts = [(k, r) for k, r in impls.items() if k.startswith(OURS + " [")]
+        if alts:
+            out.append("    other forms vs " + ORT_PC + ": " + ", ".join(
+                f"{k[len(OURS) + 1:]} {r['ms'] / pc['ms']:.2f}x (cos {r['cos_last']:.5f})" for k, r in alts))
     return out
