@@ -21,7 +21,8 @@ other processes hits all of them alike):
 
 Columns: ``ms`` (median of the interleaved runs), ``cos_last`` / ``cos_pooled``: cosine
 similarity of the last hidden state / pooled output with ``torch fp32`` on the same inputs,
-``file_mb``: size of the ONNX file. ORT sessions use ``intra_op_num_threads`` = torch's threads.
+``file_mb``: size of the ONNX file. ORT sessions use ``intra_op_num_threads`` = torch's threads,
+without spinning thread pools (the sessions are timed one after the other).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def _ort_session(path: str, threads: int):
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # the sessions are timed interleaved: idle pool threads must not spin on the cores the next
+    # session is timed on
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
