@@ -16,6 +16,7 @@ from pycompress.serialization import load, save
 from pycompress import distributed
 from pycompress.finetune import finetune
 from pycompress.distill import distill, precompute_teacher_logits, TeacherLogitsDataset
+from pycompress.onnx_export import export_onnx  # onnx / onnxruntime are imported on first call
 
 __all__ = [
     "__version__",
@@ -43,4 +44,5 @@ __all__ = [
     "distill",
     "precompute_teacher_logits",
     "TeacherLogitsDataset",
+    "export_onnx",
 ]

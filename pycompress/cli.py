@@ -1,10 +1,12 @@
-"""``pycompress`` command line: demo, compress, evaluate, report, bench.
+"""``pycompress`` command line: demo, compress, evaluate, report, bench, export.
 
     pycompress demo [--out DIR] [--seed N] [--quick]
     pycompress compress --model MODULE:FACTORY [--weights FILE] --recipe FILE --out DIR [--calib FILE]
     pycompress evaluate DIR [--data FILE]
     pycompress report DIR
     pycompress bench [--kernels int8,sparse,kd] [--json FILE] [--quick]
+    pycompress export --model MODULE:FACTORY [--weights PATH] --onnx OUT.onnx
+                      (--input-shape 8,16[:dtype] [--input-shape ...] | --inputs FILE)
 
 Also runs as ``python -m pycompress ...`` and under ``torchrun ... -m pycompress demo``.
 Errors print one line (``pycompress: error: ...``) and exit with status 1; ``--debug`` shows the
@@ -318,6 +320,78 @@ def cmd_bench(args) -> int:
     return subprocess.call(cmd, env=env)
 
 
+_EXPORT_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+
+
+def _parse_input_shape(spec: str, int_high: int, seed: int):
+    """``"8,16"`` / ``"8,16:int64"`` -> a random example tensor of that shape and dtype."""
+    import torch
+
+    shape_s, _, dtype_s = spec.partition(":")
+    dtype_s = dtype_s or "float32"
+    try:
+        shape = [int(v) for v in shape_s.split(",")]
+    except ValueError:
+        shape = []
+    if not shape or any(v < 1 for v in shape):
+        raise CLIError(f"--input-shape must look like 8,16 or 8,16:int64 (positive sizes), got {spec!r}")
+    if dtype_s not in _EXPORT_DTYPES:
+        raise CLIError(f"--input-shape {spec!r}: dtype must be one of {', '.join(_EXPORT_DTYPES)}")
+    dtype = getattr(torch, dtype_s)
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.randint(0, int_high, shape, generator=g, dtype=dtype)
+
+
+def cmd_export(args) -> int:
+    import pycompress
+
+    if not args.onnx.endswith(".onnx"):
+        raise CLIError(f"--onnx must name a .onnx file, got {args.onnx}")
+    out_dir = os.path.dirname(os.path.abspath(args.onnx))
+    if not os.path.isdir(out_dir):
+        raise CLIError(f"--onnx: the folder {out_dir} does not exist")
+    if bool(args.input_shape) == bool(args.inputs):
+        raise CLIError("give the example inputs either with --input-shape (once per positional "
+                       "input) or with --inputs FILE")
+    if args.int_high < 1:
+        raise CLIError(f"--int-high must be >= 1, got {args.int_high}")
+    if args.opset is not None and args.opset < 15:
+        raise CLIError(f"--opset must be >= 15, got {args.opset}")
+    if args.input_shape:
+        example = tuple(_parse_input_shape(s, args.int_high, i) for i, s in enumerate(args.input_shape))
+    else:
+        example, _ = load_data_file(args.inputs)
+        if isinstance(example, list):
+            example = tuple(example)
+    names = None
+    if args.input_names:
+        names = [n.strip() for n in args.input_names.split(",")]
+        n_in = len(example) if isinstance(example, tuple) else 1
+        if len(names) != n_in or not all(names):
+            raise CLIError(f"--input-names has {len(names)} name(s) for {n_in} input(s)")
+    model = _build_model(args.model)
+    if args.weights:
+        _load_weights(model, args.weights)
+    model.eval()
+    try:
+        path = pycompress.export_onnx(model, example, args.onnx, input_names=names,
+                                      dynamic_axes={} if args.static else None, opset=args.opset,
+                                      verify=not args.no_verify, int8_format=args.int8_format,
+                                      exporter=args.exporter)
+    except ImportError as e:
+        raise CLIError(str(e)) from e
+    except (ValueError, TypeError, OSError) as e:
+        raise CLIError(f"export failed: {e}") from e
+    size = os.path.getsize(path) / 1e6
+    print(f"wrote {path} ({size:.2f} MB)" + ("" if args.no_verify else
+                                              ", verified in ONNX Runtime against PyTorch"))
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -379,6 +453,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     b.add_argument("--device", choices=["cpu", "cuda"], help="device (default: cpu)")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", parents=[common], help="export a model to ONNX",
+                       description="Build MODULE:FACTORY, load --weights (e.g. a folder written "
+                       "by `pycompress compress`, which restores the compressed layers) and write "
+                       "an ONNX file with standard int8 operators, verified in ONNX Runtime. "
+                       "Needs pip install pycompress[onnx].")
+    x.add_argument("--model", required=True, help="MODULE:FACTORY returning an nn.Module "
+                   "(MODULE may be a .py file)")
+    x.add_argument("--weights", help="pycompress.save folder, or a state_dict file "
+                   "(.safetensors, .pt)")
+    x.add_argument("--onnx", required=True, help="output .onnx file")
+    x.add_argument("--input-shape", action="append", metavar="SHAPE[:DTYPE]",
+                   help="shape of one positional example input, e.g. 8,16 or 8,16:int64 "
+                   "(repeat once per input; random values; integers in [0, --int-high))")
+    x.add_argument("--inputs", help="example inputs from a file instead (.pt, .safetensors, "
+                   ".npy, .npz)")
+    x.add_argument("--int-high", type=int, default=100, help="integer example inputs are drawn "
+                   "from [0, INT_HIGH) (default 100)")
+    x.add_argument("--input-names", help="comma-separated graph input names")
+    x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    x.add_argument("--int8-format", default="auto",
+                   choices=["auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8",
+                            "contrib-u8s8", "contrib-s8s8"],
+                   help="integer form of Int8Linear layers (default auto)")
+    x.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                   help="torch exporter (default auto: torch.export-based on torch >= 2.6)")
+    x.add_argument("--static", action="store_true", help="static shapes (default: dynamic batch)")
+    x.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    x.set_defaults(func=cmd_export)
     return p
 
 

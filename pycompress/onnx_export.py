@@ -1,0 +1,776 @@
+"""``pycompress.export_onnx``: compressed models as ONNX files with standard int8 operators.
+
+What each layer becomes
+    * ``Int8Linear`` (``w8a8``), standard operators only (opset >= 15)::
+
+          x2     = Reshape(x, [-1, K])                              # tokens as rows [M, K]
+          absmax = Max(ReduceMax(Abs(x2), axes=[-1]), 1e-30)        # [M]
+          xs     = absmax / qmax                                    # qmax = 127 (63: act_bits=7)
+          xq     = QuantizeLinear(x2, xs, zero_point, axis=0)       # per token, uint8
+          acc    = MatMulInteger(xq, W, zero_point, w_zero_point)   # int32 [M, N]
+          y      = DequantizeLinear(acc, xs, axis=0) * w_scale + bias
+          y      = Reshape(y, [..., N])
+
+      ``W`` is stored as an 8-bit initializer ``[in, out]``. The quantized activations are the
+      integers of the PyTorch kernel (round half to even of ``x / xs``) shifted by a zero point
+      (128, or 64 with ``act_bits=7``) because ONNX Runtime's x86 integer kernels for uint8
+      activations are several times faster than its int8 x int8 ones on CPUs without VNNI.
+      ``int8_format`` picks the integer types (``"auto"`` = exact products with the fast kernels):
+
+      - ``"u8u8"`` (auto for 8-bit activations): weights stored as uint8 = int8 + 128 with zero
+        point 128 — the same integers; ONNX Runtime multiplies u8 x u8 in 16 bits, exactly.
+      - ``"u8s8"`` (auto for ``act_bits=7``): int8 weights. ONNX Runtime's u8 x s8 AVX2 kernel
+        (``vpmaddubsw``) adds pairs of products in saturating 16-bit lanes: exact for 7-bit
+        activations (shifted values <= 127), but 8-bit activations (up to 255) can saturate on
+        CPUs without VNNI, and then results are wrong (a ReLU MLP drops to cosine 0.89).
+      - ``"s8s8"``: int8 activations and weights, exact everywhere, slow in ONNX Runtime on AVX2.
+      - ``"contrib"`` / ``"contrib-<types>"``: ``MatMulInteger → DequantizeLinear → Mul(w_scale)``
+        replaced by ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat`` (the per-token scale
+        stays a ``Mul``); runs only in ONNX Runtime.
+
+      ``QuantizeLinear`` divides by the scale where the PyTorch kernel multiplies by
+      ``qmax / absmax``: an activation can land on the other side of a rounding tie in rare
+      cases (one unit of one activation), otherwise the integers are identical.
+    * ``Int8Linear`` (``w8a16``): ``DequantizeLinear`` (per output channel, int8 initializer)
+      ``→ MatMul → Add(bias)``. ONNX Runtime (>= 1.2x) fuses this pair into its ``MatMulNBits``
+      kernel, which by default quantizes the activations to int8 internally (session option
+      ``session.qdq_matmulnbits_accuracy_level``; set it to ``"1"`` for fp32 arithmetic).
+    * ``MaskedLinear`` / ``SparseLinear``: a dense ``nn.Linear`` holding the weights with their
+      zeros (``to_dense()``), exported as torch exports ``nn.Linear`` (``MatMul``/``Gemm``);
+      ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
+    * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged.
+
+How
+    The model is deep-copied and every int8 layer is swapped for an export-only module that
+    calls a private custom op (``torch.ops.pycompress_onnx.*``) whose ONNX form is written by
+    this file: one builder per layer type emits the node list through a tiny adapter, used both
+    by the torch.export-based exporter (``custom_translation_table``, torch >= 2.6, needs
+    ``onnxscript``) and by the TorchScript exporter (``register_custom_op_symbolic``; the
+    fallback for torch 2.4 / 2.5). Swapping modules rather than translating the kernels'
+    own ops keeps packed CPU weights and ``act_bits`` plumbing out of the graph, lets the
+    weight be stored pre-transposed (no ``Transpose`` node), and makes both exporters produce
+    the same nodes. Inputs and outputs are flattened to tensors by a wrapper module, so dict
+    inputs and ``ModelOutput`` results export the same way through either exporter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from pycompress import _utils
+
+__all__ = ["export_onnx", "OnnxVerificationError", "INT8_FORMATS"]
+
+INT8_FORMATS = ("auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8", "contrib-u8s8", "contrib-s8s8")
+_FORMAT_CODE = {name: i for i, name in enumerate(INT8_FORMATS)}
+DEFAULT_OPSET = 18
+MIN_OPSET = 15
+# verification thresholds (see export_onnx)
+VERIFY_MIN_COSINE = 0.999
+VERIFY_MAX_ABS_REL = 0.05
+# absmax floor of the per-token quantization: keeps the scale non-zero for all-zero rows
+# (they quantize to 0, as in the PyTorch kernel)
+_TINY = 1e-30
+
+_INSTALL_HINT = "pip install pycompress[onnx]  (or: pip install onnx onnxruntime onnxscript)"
+
+
+class OnnxVerificationError(ValueError):
+    """The exported file's outputs in ONNX Runtime disagree with the PyTorch model's."""
+
+
+# --------------------------------------------------------------------------- optional imports
+
+
+def _require(name: str):
+    try:
+        return __import__(name)
+    except ImportError as e:
+        raise ImportError(
+            f"export_onnx needs the package {name!r}, which is not installed: {_INSTALL_HINT}"
+        ) from e
+
+
+# --------------------------------------------------------------------------- custom ops
+
+_OPS_DEFINED = False
+
+
+def _signed(w: torch.Tensor) -> torch.Tensor:
+    """int8 weight from its stored form (uint8 = int8 + 128 for the u8u8 forms)."""
+    return (w.to(torch.int16) - 128).to(torch.int8) if w.dtype == torch.uint8 else w
+
+
+def _define_ops() -> None:
+    """Defines ``torch.ops.pycompress_onnx.{int8_linear,w8a16_linear}`` once (export only)."""
+    global _OPS_DEFINED
+    if _OPS_DEFINED:
+        return
+    import pycompress.ops as pops
+
+    @torch.library.custom_op("pycompress_onnx::int8_linear", mutates_args=())
+    def int8_linear(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
+                    bias: Optional[torch.Tensor], act_bits: int, fmt: int, k: int) -> torch.Tensor:
+        return pops.int8_linear(x, _signed(w_t).t().contiguous(), w_scale, bias, act_bits=act_bits)
+
+    @int8_linear.register_fake
+    def _(x, w_t, w_scale, bias, act_bits, fmt, k):
+        return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+    @torch.library.custom_op("pycompress_onnx::w8a16_linear", mutates_args=())
+    def w8a16_linear(x: torch.Tensor, w_t: torch.Tensor, w_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return pops.int8_linear_w8a16(x, w_t.t().contiguous(), w_scale, bias)
+
+    @w8a16_linear.register_fake
+    def _(x, w_t, w_scale, bias):
+        return x.new_empty((*x.shape[:-1], w_t.shape[1]))
+
+    _OPS_DEFINED = True
+
+
+class _ExportInt8Linear(nn.Module):
+    """Export-only stand-in for ``Int8Linear``: buffers as stored in the ONNX file."""
+
+    def __init__(self, layer: nn.Module, fmt: str) -> None:
+        super().__init__()
+        self.mode = layer.mode
+        self.act_bits = int(getattr(layer, "act_bits", 8))
+        fmt = _resolve_format(fmt, self.act_bits)
+        self.fmt = _FORMAT_CODE[fmt]
+        # [in, out]: MatMulInteger / MatMul take B as [K, N]
+        w_t = layer.weight.detach().t().contiguous().cpu()
+        if self.mode == "w8a8" and fmt.endswith("u8u8"):
+            w_t = (w_t.to(torch.int16) + 128).to(torch.uint8)  # same integers, zero point 128
+        self.register_buffer("weight_t", w_t)
+        self.register_buffer("weight_scale", layer.weight_scale.detach().float().cpu().contiguous())
+        if layer.bias is not None:
+            self.register_buffer("bias", layer.bias.detach().float().cpu().contiguous())
+        else:
+            self.bias = None
+
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            x = x.float()
+        if self.mode == "w8a16":
+            return torch.ops.pycompress_onnx.w8a16_linear(x, self.weight_t, self.weight_scale, self.bias)
+        return torch.ops.pycompress_onnx.int8_linear(x, self.weight_t, self.weight_scale, self.bias,
+                                                    self.act_bits, self.fmt, self.weight_t.shape[0])
+
+
+# --------------------------------------------------------------------------- graph builders
+
+
+class _Builder:
+    """Emits ONNX nodes; subclasses adapt to onnxscript (torch.export path) or TorchScript."""
+
+    opset: int
+
+    def op(self, name: str, *inputs, domain: str = "", **attrs):
+        raise NotImplementedError
+
+    def const(self, array: np.ndarray):
+        raise NotImplementedError
+
+    def reduce_max_last(self, x, keepdims: int = 1):
+        if self.opset >= 18:
+            return self.op("ReduceMax", x, self.const(np.array([-1], np.int64)), keepdims=keepdims)
+        return self.op("ReduceMax", x, axes=[-1], keepdims=keepdims)
+
+
+class _ScriptBuilder(_Builder):
+    def __init__(self, opset: int):
+        from onnxscript import values
+
+        self.opset = opset
+        self._domains = {"": values.Opset("", opset), "com.microsoft": values.Opset("com.microsoft", 1)}
+
+    def op(self, name, *inputs, domain="", **attrs):
+        if domain:  # the onnx package has no schema for ONNX Runtime's contrib ops
+            from onnxscript import values
+
+            return values.Op(self._domains[domain], name, _contrib_schema(name))(*inputs, **attrs)
+        return getattr(self._domains[domain], name)(*inputs, **attrs)
+
+    def const(self, array):
+        import onnx.numpy_helper
+
+        return self._domains[""].Constant(value=onnx.numpy_helper.from_array(np.asarray(array)))
+
+
+def _contrib_schema(name: str):
+    """An ``onnx.defs.OpSchema`` for ``com.microsoft.MatMulIntegerToFloat`` (ONNX Runtime's op)."""
+    if name != "MatMulIntegerToFloat":
+        raise ValueError(f"no schema for com.microsoft.{name}")
+    from onnx.defs import OpSchema
+
+    opt = OpSchema.FormalParameterOption.Optional
+    P = OpSchema.FormalParameter
+    return OpSchema(
+        "MatMulIntegerToFloat", "com.microsoft", 1,
+        inputs=[P("A", "T1"), P("B", "T2"), P("a_scale", "T3"), P("b_scale", "T3"),
+                P("a_zero_point", "T1", param_option=opt), P("b_zero_point", "T2", param_option=opt),
+                P("bias", "T3", param_option=opt)],
+        outputs=[P("Y", "T3")],
+        type_constraints=[("T1", ["tensor(int8)", "tensor(uint8)"], ""),
+                          ("T2", ["tensor(int8)", "tensor(uint8)"], ""),
+                          ("T3", ["tensor(float)"], "")],
+    )
+
+
+class _TorchScriptBuilder(_Builder):
+    def __init__(self, g, opset: int):
+        self.g = g
+        self.opset = opset
+
+    def op(self, name, *inputs, domain="", **attrs):
+        kw = {}
+        for k, v in attrs.items():
+            if isinstance(v, bool) or isinstance(v, int):
+                kw[k + "_i"] = int(v)
+            elif isinstance(v, float):
+                kw[k + "_f"] = v
+            elif isinstance(v, (list, tuple)) and all(isinstance(i, int) for i in v):
+                kw[k + "_i"] = list(v)
+            else:
+                raise TypeError(f"unsupported attribute {k}={v!r}")
+        full = f"{domain}::{name}" if domain else name
+        return self.g.op(full, *inputs, **kw)
+
+    def const(self, array):
+        return self.g.op("Constant", value_t=torch.from_numpy(np.array(array)))
+
+
+def _resolve_format(fmt: str, act_bits: int) -> str:
+    """``auto`` / ``contrib`` -> the concrete integer types for this layer."""
+    # "auto": exact integer products on every CPU with ONNX Runtime's fast kernels: 7-bit
+    # activations shifted by 64 stay <= 127, so u8 x s8 pair sums cannot saturate; 8-bit
+    # activations take u8 x u8 (16-bit products, no saturating step)
+    auto = "u8s8" if act_bits == 7 else "u8u8"
+    if fmt == "auto":
+        return auto
+    if fmt == "contrib":
+        return "contrib-" + auto
+    return fmt
+
+
+def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: int, k: int):
+    """Per-token symmetric quantization + integer matmul + dequantization (see module doc).
+
+    ``w_t`` is the int8 weight ``[K, N]`` for the s8-weight forms and the uint8 weight + 128
+    for the u8-weight forms (``_ExportInt8Linear`` stores it that way).
+    """
+    name = INT8_FORMATS[fmt]
+    contrib = name.startswith("contrib")
+    kind = name.split("-")[1] if contrib else name
+    qmax = 127.0 if act_bits == 8 else 63.0
+    # tokens as rows: [..., K] -> [M, K] (Reshape is copy-free in ONNX Runtime)
+    x2 = b.op("Reshape", x, b.const(np.array([-1, k], np.int64)))
+    absmax = b.op("Max", b.reduce_max_last(b.op("Abs", x2), keepdims=0),
+                  b.const(np.array(_TINY, np.float32)))                       # [M]
+    x_scale = b.op("Div", absmax, b.const(np.array(qmax, np.float32)))       # [M]
+    if kind == "s8s8":
+        zero = b.op("Expand", b.const(np.array([0], np.int8)), b.op("Shape", x_scale))
+    else:
+        zero = b.op("Expand", b.const(np.array([128 if act_bits == 8 else 64], np.uint8)),
+                    b.op("Shape", x_scale))
+    # per-token (axis 0) QuantizeLinear: round half to even of x / x_scale, + zero point, saturated
+    xq = b.op("QuantizeLinear", x2, x_scale, zero, axis=0)
+    ins = [xq, w_t]
+    if kind != "s8s8":
+        ins.append(b.const(np.array(128 if act_bits == 8 else 64, np.uint8)))
+    if kind == "u8u8":
+        ins.append(b.const(np.array(128, np.uint8)))
+    if contrib:
+        # MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point, b_zero_point): its a_scale is
+        # per column of A, so the per-token scale stays a separate Mul
+        y = b.op("MatMulIntegerToFloat", ins[0], ins[1], b.const(np.array(1.0, np.float32)), w_scale, *ins[2:],
+                 domain="com.microsoft")
+        y = b.op("Mul", y, b.op("Unsqueeze", x_scale, b.const(np.array([1], np.int64))))
+    else:
+        acc = b.op("MatMulInteger", *ins)                                     # int32 [M, N]
+        # (acc * x_scale[m]) * w_scale[n]: the int32 -> float cast and the per-token scale in one op
+        y = b.op("Mul", b.op("DequantizeLinear", acc, x_scale, axis=0), w_scale)
+    if bias is not None:
+        y = b.op("Add", y, bias)
+    lead = b.op("Slice", b.op("Shape", x), b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
+    out_shape = b.op("Concat", lead, b.const(np.array([-1], np.int64)), axis=0)
+    return b.op("Reshape", y, out_shape)
+
+
+def _emit_w8a16_linear(b: _Builder, x, w_t, w_scale, bias):
+    w = b.op("DequantizeLinear", w_t, w_scale, axis=1)
+    y = b.op("MatMul", x, w)
+    if bias is not None:
+        y = b.op("Add", y, bias)
+    return y
+
+
+def _translation_table(opset: int) -> dict:
+    def int8_linear(x, w_t, w_scale, bias=None, act_bits: int = 8, fmt: int = 0, k: int = 0):
+        return _emit_int8_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias, int(act_bits), int(fmt), int(k))
+
+    def w8a16_linear(x, w_t, w_scale, bias=None):
+        return _emit_w8a16_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias)
+
+    return {
+        torch.ops.pycompress_onnx.int8_linear.default: int8_linear,
+        torch.ops.pycompress_onnx.w8a16_linear.default: w8a16_linear,
+    }
+
+
+_SYMBOLICS_REGISTERED = False
+
+
+def _register_symbolics() -> None:
+    global _SYMBOLICS_REGISTERED
+    if _SYMBOLICS_REGISTERED:
+        return
+    from torch.onnx import symbolic_helper
+
+    def _opt(v):
+        return None if symbolic_helper._is_none(v) else v
+
+    def _opset():
+        return int(symbolic_helper.GLOBALS.export_onnx_opset_version)
+
+    @symbolic_helper.parse_args("v", "v", "v", "v", "i", "i", "i")
+    def int8_linear(g, x, w_t, w_scale, bias, act_bits, fmt, k):
+        return _emit_int8_linear(_TorchScriptBuilder(g, _opset()), x, w_t, w_scale, _opt(bias), act_bits, fmt, k)
+
+    @symbolic_helper.parse_args("v", "v", "v", "v")
+    def w8a16_linear(g, x, w_t, w_scale, bias):
+        return _emit_w8a16_linear(_TorchScriptBuilder(g, _opset()), x, w_t, w_scale, _opt(bias))
+
+    torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_linear", int8_linear, MIN_OPSET)
+    torch.onnx.register_custom_op_symbolic("pycompress_onnx::w8a16_linear", w8a16_linear, MIN_OPSET)
+    _SYMBOLICS_REGISTERED = True
+
+
+# --------------------------------------------------------------------------- model preparation
+
+
+def _export_copy(model: nn.Module, fmt: str) -> tuple[nn.Module, dict[str, int]]:
+    """A CPU float copy of ``model`` with every pycompress layer swapped for its export form."""
+    from pycompress import nn as pnn
+
+    int8_cls = getattr(pnn, "Int8Linear", None)
+    dense_cls = tuple(c for c in (getattr(pnn, "MaskedLinear", None), getattr(pnn, "SparseLinear", None)) if c)
+    counts = {"int8_w8a8": 0, "int8_w8a16": 0, "dense_from_sparse": 0}
+
+    def convert(m: nn.Module) -> nn.Module | None:
+        if int8_cls is not None and isinstance(m, int8_cls):
+            counts["int8_" + m.mode] += 1
+            return _ExportInt8Linear(m, fmt)
+        if dense_cls and isinstance(m, dense_cls):
+            counts["dense_from_sparse"] += 1
+            return m.to_dense().float().cpu()
+        return None
+
+    root = convert(model)
+    if root is not None:
+        return root.eval(), counts
+    out = copy.deepcopy(model).cpu().eval()
+    for name, m in list(out.named_modules()):
+        if not name:
+            continue
+        new = convert(m)
+        if new is not None:
+            _utils.set_module(out, name, new)
+    return out, counts
+
+
+def _flatten_tensors(obj: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            out.extend(_flatten_tensors(o))
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            out.extend(_flatten_tensors(v))
+    return out
+
+
+def _output_names(obj: Any, prefix: str = "output") -> list[str]:
+    """Names parallel to ``_flatten_tensors(obj)``: dict keys where there are some."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix]
+    out: list[str] = []
+    if isinstance(obj, (tuple, list)):
+        for i, o in enumerate(obj):
+            out.extend(_output_names(o, f"{prefix}_{i}"))
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            out.extend(_output_names(v, str(k) if prefix == "output" else f"{prefix}.{k}"))
+    return out
+
+
+class _FlatIO(nn.Module):
+    """``forward(*tensors) -> tuple of tensors`` around a model taking the original batch layout."""
+
+    def __init__(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.model = model
+        # positions of tensors among args / kwargs; other values are baked in as constants
+        self._args = [("t", None) if isinstance(a, torch.Tensor) else ("c", a) for a in args]
+        self._kwargs = [(k, ("t", None) if isinstance(v, torch.Tensor) else ("c", v)) for k, v in kwargs.items()]
+
+    def forward(self, *tensors):
+        it = iter(tensors)
+        args = [next(it) if kind == "t" else v for kind, v in self._args]
+        kwargs = {k: (next(it) if kind == "t" else v) for k, (kind, v) in self._kwargs}
+        return tuple(_flatten_tensors(self.model(*args, **kwargs)))
+
+
+def _normalize_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, Mapping):
+        if not all(isinstance(k, str) for k in example_inputs):
+            raise TypeError("example_inputs: dict keys must be argument names (str)")
+        return (), dict(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tensor, a tuple of positional arguments or a dict of keyword "
+        f"arguments, got {type(example_inputs).__name__}"
+    )
+
+
+def _check_signature(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise ValueError(
+            f"example_inputs do not fit {type(model).__name__}.forward{sig}: {e} "
+            f"(got {len(args)} positional and {len(kwargs)} keyword argument(s))"
+        ) from None
+
+
+def _check_path(path: Any) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if not path or os.path.isdir(path):
+        raise ValueError(f"path must name a file, got {path!r}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"cannot write {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"cannot write {path}: no write permission")
+    return path
+
+
+def _warn_specialized(proto, dynamic_axes: dict) -> None:
+    """Warns when an axis asked to be dynamic came out with a fixed size (the exporter
+    specialized it, e.g. because the model branches on it)."""
+    fixed = []
+    for v in list(proto.graph.input) + list(proto.graph.output):
+        spec = dynamic_axes.get(v.name) or {}
+        axes = spec if isinstance(spec, (list, tuple)) else list(spec)
+        dims = v.type.tensor_type.shape.dim
+        for a in axes:
+            if int(a) < len(dims) and dims[int(a)].HasField("dim_value"):
+                fixed.append(f"{v.name}[{a}] = {dims[int(a)].dim_value}")
+    if fixed:
+        warnings.warn("export_onnx: axes requested as dynamic were exported with a fixed size: "
+                      + ", ".join(fixed) + " (the model's code depends on them)", stacklevel=3)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Exporter chatter (optional torchvision ops, constant-folding attempts) is not for users."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def _exporter_supports_dynamo() -> bool:
+    try:
+        params = inspect.signature(torch.onnx.export).parameters
+    except (TypeError, ValueError):
+        return False
+    return "dynamo" in params and "custom_translation_table" in params
+
+
+def _default_dynamic_axes(tensors: list[torch.Tensor], in_names: list[str], out_names: list[str]) -> dict:
+    if not tensors or any(t.dim() == 0 or t.shape[0] < 2 for t in tensors):
+        return {}
+    b = tensors[0].shape[0]
+    if any(t.shape[0] != b for t in tensors):
+        return {}
+    axes = {n: {0: "batch"} for n in in_names}
+    axes.update({n: {0: "batch"} for n in out_names})
+    return axes
+
+
+def _dynamic_shapes(dynamic_axes: dict, input_names: list[str]) -> tuple:
+    """``dynamic_axes`` (by input name) as torch.export ``dynamic_shapes`` of ``_FlatIO.forward``."""
+    dims: dict[str, Any] = {}
+    per_input = []
+    for name in input_names:
+        spec = dynamic_axes.get(name) or {}
+        if isinstance(spec, (list, tuple)):
+            spec = {int(a): f"{name}_dim{a}" for a in spec}
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"dynamic_axes[{name!r}] must be a dict {{axis: label}} or a list of axes")
+        d = {}
+        for axis, label in spec.items():
+            label = str(label)
+            if label not in dims:
+                dims[label] = torch.export.Dim(label if label.isidentifier() else f"d{len(dims)}")
+            d[int(axis)] = dims[label]
+        per_input.append(d or None)
+    return (tuple(per_input),)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _run_ort(path: str, tensors: list[torch.Tensor], threads: int | None = None) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    if len(names) != len(tensors):
+        raise ValueError(f"the exported file takes {len(names)} input(s), got {len(tensors)} tensor(s)")
+    feed = {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+    return sess.run(None, feed)
+
+
+def compare_outputs(reference: list[torch.Tensor], outputs: list[np.ndarray]) -> list[dict]:
+    """Cosine similarity and max-abs difference per output (reference = PyTorch)."""
+    if len(reference) != len(outputs):
+        raise OnnxVerificationError(
+            f"the exported model returns {len(outputs)} output(s), PyTorch returned {len(reference)}")
+    res = []
+    for i, (r, o) in enumerate(zip(reference, outputs)):
+        r64 = r.detach().cpu().double().numpy()
+        o64 = np.asarray(o, dtype=np.float64)
+        if r64.shape != o64.shape:
+            raise OnnxVerificationError(f"output {i}: shape {o64.shape} in ONNX Runtime, {r64.shape} in PyTorch")
+        a, b = r64.ravel(), o64.ravel()
+        denom = np.linalg.norm(a) * np.linalg.norm(b)
+        cos = float(a @ b / denom) if denom > 0 else (1.0 if np.array_equal(a, b) else 0.0)
+        res.append({"cosine": cos, "max_abs": float(np.abs(a - b).max()) if a.size else 0.0,
+                    "scale": float(np.abs(a).max()) if a.size else 0.0})
+    return res
+
+
+def _verify(path: str, tensors: list[torch.Tensor], reference: list[torch.Tensor]) -> list[dict]:
+    stats = compare_outputs(reference, _run_ort(path, tensors))
+    for i, s in enumerate(stats):
+        bound = VERIFY_MAX_ABS_REL * s["scale"] + 1e-6
+        if not (s["cosine"] >= VERIFY_MIN_COSINE and s["max_abs"] <= bound):
+            raise OnnxVerificationError(
+                f"{path}: output {i} in ONNX Runtime disagrees with the PyTorch model: cosine "
+                f"{s['cosine']:.6f} (needs >= {VERIFY_MIN_COSINE}), max abs difference "
+                f"{s['max_abs']:.4g} (needs <= {bound:.4g} = {VERIFY_MAX_ABS_REL} x max |output| "
+                f"{s['scale']:.4g})")
+    return stats
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def export_onnx(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_axes: dict | None = None,
+    opset: int | None = None,
+    verify: bool = True,
+    *,
+    int8_format: str = "auto",
+    exporter: str = "auto",
+) -> str:
+    """Exports ``model`` (with pycompress layers) to an ONNX file runnable by ONNX Runtime.
+
+    ``Int8Linear`` layers become standard int8 operators (``MatMulInteger`` on int8 weights),
+    ``w8a16`` layers ``DequantizeLinear + MatMul``, ``MaskedLinear`` / ``SparseLinear`` dense
+    ``MatMul`` / ``Gemm`` with their zeros (see the module docstring). ``model`` is not modified.
+
+    Args:
+        model: the model (CPU or CUDA; exported from a CPU float32 copy).
+        example_inputs: a batch: a tensor, a tuple of positional arguments or a dict of keyword
+            arguments (tensors become graph inputs; other values are baked in).
+        path: output ``.onnx`` file (its folder must exist).
+        input_names / output_names: graph input / output names (default: the dict keys, or
+            ``input_0, ...``; ``output_0, ...``). Outputs are the model's output tensors
+            flattened in order (a ``ModelOutput`` gives its fields in order).
+        dynamic_axes: as in ``torch.onnx.export`` (``{name: {axis: "label"}}``). Default: dim 0
+            of every input and output is a dynamic ``"batch"`` axis when the example batch has at
+            least 2 rows (and all inputs share it); ``{}`` exports static shapes.
+        opset: ONNX opset (default 18; >= 15).
+        verify: run the file in ONNX Runtime on ``example_inputs`` and compare with the PyTorch
+            model: every output needs cosine >= 0.999 and max abs difference <= 0.05 x its
+            largest magnitude, else :class:`OnnxVerificationError` (a ValueError) with both
+            numbers. ``onnx.checker`` always runs.
+        int8_format: integer types of the ``w8a8`` layers: ``"auto"`` (default: ``"u8u8"`` for
+            8-bit activations, ``"u8s8"`` for ``act_bits=7``; exact integer products with ONNX
+            Runtime's fast x86 kernels), ``"u8u8"``, ``"u8s8"`` (may saturate with 8-bit
+            activations on x86 CPUs without VNNI), ``"s8s8"`` (slow in ONNX Runtime on AVX2),
+            ``"contrib"`` or ``"contrib-u8u8"`` / ``"contrib-u8s8"`` / ``"contrib-s8s8"``
+            (``com.microsoft.MatMulIntegerToFloat``; ONNX Runtime only). See the module docstring.
+        exporter: ``"auto"`` (torch.export-based exporter when this torch has
+            ``custom_translation_table`` (2.6+) and onnxscript is installed, else TorchScript),
+            ``"dynamo"`` or ``"torchscript"``.
+
+    Returns:
+        ``path`` (str).
+
+    Raises:
+        ImportError: onnx / onnxruntime (or onnxscript for the torch.export path) missing.
+        TypeError / ValueError: bad arguments, inputs that do not fit ``model.forward``.
+        FileNotFoundError / PermissionError: the file cannot be written.
+
+    Example:
+        >>> import torch, pycompress, tempfile, os
+        >>> m = pycompress.quantize(torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+        ...                                             torch.nn.Linear(32, 4)))
+        >>> f = os.path.join(tempfile.mkdtemp(), "m.onnx")
+        >>> pycompress.export_onnx(m, torch.randn(8, 16), f) == f
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if int8_format not in INT8_FORMATS:
+        raise ValueError(f"int8_format must be one of {INT8_FORMATS}, got {int8_format!r}")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    if opset is None:
+        opset = DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
+    onnx = _require("onnx")
+    _require("onnxruntime")
+    path = _check_path(path)
+    args, kwargs = _normalize_inputs(example_inputs)
+    _check_signature(model, args, kwargs)
+
+    tensors = [a for a in args if isinstance(a, torch.Tensor)] + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        raise ValueError("example_inputs hold no tensor")
+    tensors = [t.detach().cpu() for t in tensors]
+    if input_names is None:
+        input_names = ([f"input_{i}" for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+                       + [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)])
+        if len(input_names) == 1 and not kwargs:
+            input_names = ["input"]
+    input_names = list(input_names)
+    if len(input_names) != len(tensors):
+        raise ValueError(f"input_names has {len(input_names)} name(s) for {len(tensors)} input tensor(s)")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            batch = kwargs if kwargs else tuple(args)
+            ref_out = _utils.call_model(model, batch if len(args) != 1 or kwargs else args[0], what="model")
+    finally:
+        model.train(was_training)
+    reference = [t.detach().float().cpu() for t in _flatten_tensors(ref_out)]
+    if not reference:
+        raise ValueError(f"{type(model).__name__} returned no tensor")
+    if output_names is None:
+        output_names = _output_names(ref_out)
+        if len(set(output_names)) != len(output_names) or len(output_names) != len(reference):
+            output_names = [f"output_{i}" for i in range(len(reference))]
+        elif len(output_names) == 1:
+            output_names = ["output"]
+    output_names = list(output_names)
+    if len(output_names) != len(reference):
+        raise ValueError(f"output_names has {len(output_names)} name(s) for {len(reference)} output tensor(s)")
+    if dynamic_axes is None:
+        dynamic_axes = _default_dynamic_axes(tensors, input_names, output_names)
+
+    _define_ops()
+    export_model, _ = _export_copy(model, int8_format)
+    cpu_args = tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    cpu_kwargs = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    wrapper = _FlatIO(export_model, cpu_args, cpu_kwargs).eval()
+
+    use_dynamo = exporter == "dynamo"
+    if exporter == "auto":
+        try:
+            import onnxscript  # noqa: F401
+
+            use_dynamo = _exporter_supports_dynamo()
+        except ImportError:
+            use_dynamo = False
+    if use_dynamo:
+        if not _exporter_supports_dynamo():
+            raise RuntimeError(f"torch {torch.__version__}: torch.onnx.export has no custom_translation_table "
+                               "(torch >= 2.6 needed); use exporter='torchscript'")
+        _require("onnxscript")
+    params = inspect.signature(torch.onnx.export).parameters
+
+    def export(dyn: dict) -> None:
+        export_kw = dict(input_names=input_names, output_names=output_names, opset_version=opset)
+        if use_dynamo:
+            export_kw.update(dynamo=True, custom_translation_table=_translation_table(opset))
+            if dyn:
+                export_kw["dynamic_shapes"] = _dynamic_shapes(dyn, input_names)
+            if "external_data" in params:
+                export_kw["external_data"] = False
+            if "verbose" in params:
+                export_kw["verbose"] = False
+            proto = torch.onnx.export(wrapper, tuple(tensors), None, **export_kw).model_proto
+            try:
+                onnx.checker.check_model(proto)
+            except onnx.checker.ValidationError:
+                if "optimize" not in params:
+                    raise
+                # the exporter's graph optimizer (onnxscript) has produced dangling references
+                # for some graphs (e.g. Flatten feeding a BERT layer with torch 2.13 /
+                # onnxscript 0.7.2): export again without it; ONNX Runtime optimizes at load
+                export_kw["optimize"] = False
+                proto = torch.onnx.export(wrapper, tuple(tensors), None, **export_kw).model_proto
+            onnx.save_model(proto, path)
+        else:
+            _register_symbolics()
+            if dyn:
+                export_kw["dynamic_axes"] = dyn
+            if "dynamo" in params:
+                export_kw["dynamo"] = False
+            torch.onnx.export(wrapper, tuple(tensors), path, do_constant_folding=True, **export_kw)
+
+    with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("onnxscript", "torch.onnx"):
+        warnings.simplefilter("ignore")
+        export(dynamic_axes)
+    onnx.checker.check_model(path)
+    _warn_specialized(onnx.load(path, load_external_data=False), dynamic_axes)
+    if verify:
+        _verify(path, tensors, reference)
+    return path
