@@ -580,6 +580,10 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
         if c["kind"] == "channels":
             c["after"] = list(modules[c["layer"]].weight.shape)
     report.parameters_after = _count(model)
+    if report.compacted:
+        from pycompress.serialization import COMPACTED_ATTR
+
+        setattr(model, COMPACTED_ATTR, True)  # lets save/load rebuild the narrower layers
     if reference is not None:
         after = _outputs(model, example_inputs)
         diff = max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(reference, after))

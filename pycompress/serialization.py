@@ -39,6 +39,9 @@ WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "pycompress.json"
 FORMAT_NAME = "pycompress-model"
 FORMAT_VERSION = 1
+# set to True on the root module by pycompress.compact: the saved layers may be narrower than those
+# of a fresh model of the architecture
+COMPACTED_ATTR = "_pycompress_compacted"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -195,6 +198,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             "modules": paths,
             "layers": layers,
             "aliases": aliases,
+            "compacted": bool(getattr(model, COMPACTED_ATTR, False)),
             "linear_shapes": linear_shapes,
             "attributes": head_attrs,
             "weights": {
@@ -297,13 +301,13 @@ def _check_architecture(manifest: dict, model: nn.Module, root: Path) -> None:
         )
 
 
-def _feature_mismatch(name: str, cfg: dict, module: nn.Module) -> str | None:
-    """Why the saved layer cannot replace ``module`` (None when it can). A saved layer may be
-    narrower than the fresh model's (made smaller by ``compact``), never wider."""
+def _feature_mismatch(name: str, cfg: dict, module: nn.Module, compacted: bool = False) -> str | None:
+    """Why the saved layer cannot replace ``module`` (None when it can). The layer of a model
+    saved after ``compact`` may be narrower than the fresh model's, never wider."""
     for attr in ("in_features", "out_features"):
         want = cfg.get(attr)
         have = getattr(module, attr, None)
-        if want is not None and have is not None and want > have:
+        if want is not None and have is not None and (want > have if compacted else want != have):
             return (
                 f"layer {name!r}: saved with {attr}={want} but the model's "
                 f"{type(module).__name__} has {attr}={have}"
@@ -317,6 +321,8 @@ def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
     shapes, attrs = manifest.get("linear_shapes", {}), manifest.get("attributes", {})
     if not isinstance(shapes, dict) or not isinstance(attrs, dict):
         raise ValueError(f"{root}: corrupt manifest (linear_shapes / attributes)")
+    if not manifest.get("compacted"):
+        return  # shapes must match exactly (checked with the tensors)
     for name, shp in shapes.items():
         try:
             current = model.get_submodule(name)
@@ -425,7 +431,8 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
         narrower = isinstance(cfg, dict) and any(
             cfg.get(a) is not None and cfg.get(a) != getattr(current, a, None) for a in ("in_features", "out_features"))
         if type(current) is not cls or narrower:
-            problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current)
+            problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current,
+                                        compacted=bool(manifest.get("compacted")))
             if problem:
                 raise ValueError(f"{root}: architecture mismatch — {problem}")
             try:
@@ -468,4 +475,6 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
             + "; ".join(problems[:8]) + more
         )
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
+    if manifest.get("compacted"):
+        setattr(model, COMPACTED_ATTR, True)
     return outer
