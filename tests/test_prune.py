@@ -202,3 +202,196 @@ def test_deploy_pruned(mode):
     torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="mode"):
         pycompress.deploy_pruned(model, mode="fast")
+
+
+# ----------------------------------------------------------------------------- importance methods
+def _two_layer(w0, w1=None):
+    w0 = torch.as_tensor(w0, dtype=torch.float32)
+    m = nn.Sequential(nn.Linear(w0.shape[1], w0.shape[0]), nn.ReLU())
+    with torch.no_grad():
+        m[0].weight.copy_(w0)
+        m[0].bias.zero_()
+    return m
+
+
+def _pruned_rows(layer):
+    return [i for i in range(layer.mask.shape[0]) if not bool(layer.mask[i].any())]
+
+
+def test_channel_magnitude_is_l1_norm():
+    # row 0: L1 3, L2 3; row 1: L1 4, L2 2; row 2: L1 1; row 3: L1 8
+    w = [[3.0, 0, 0, 0], [1.0, 1, 1, 1], [0.5, 0.5, 0, 0], [2.0, 2, 2, 2]]
+    m = _two_layer(w)
+    pycompress.prune(m, 0.5, pattern="channel", scope="layer")
+    assert _pruned_rows(m[0]) == [0, 2]  # L2 would have dropped row 1, not row 0
+
+
+def test_channel_magnitude_global_normalizes_by_in_features():
+    a, b = nn.Linear(2, 2), nn.Linear(8, 2)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[1.0, 1.0], [0.2, 0.2]]))      # mean |w|: 1.0, 0.2
+        b.weight.copy_(torch.tensor([[0.5] * 8, [0.1] * 8]))        # L1: 4.0, 0.8; mean |w|: 0.5, 0.1
+    model = nn.Sequential(a, b)
+    pycompress.prune(model, 0.5, pattern="channel")  # 10 of 20 weights: rows b1 (8) + a1 (2)
+    assert _pruned_rows(model[0]) == [1] and _pruned_rows(model[1]) == [1]
+
+
+def test_channel_activation_uses_mean_abs_output_and_the_data():
+    w = torch.eye(4)
+    x1 = torch.tensor([[5.0, -4.0, 0.1, 0.2], [-5.0, 4.0, 0.3, -0.2]])   # mean|y| = 5, 4, 0.2, 0.2
+    m = _two_layer(w)
+    pycompress.prune(m, 0.5, pattern="channel", method="activation", calibration_data=x1)
+    assert _pruned_rows(m[0]) == [2, 3]
+    m = _two_layer(w)
+    pycompress.prune(m, 0.5, pattern="channel", method="activation", calibration_data=[x1.flip(1), x1.flip(1)])
+    assert _pruned_rows(m[0]) == [0, 1]  # other data, other neurons
+    # the hooks see what the model computes: mean |y| over all tokens of all batches, bias included
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 8)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 2))
+    xs = [torch.randn(3, 5, 6), torch.randn(2, 5, 6)]
+    with torch.no_grad():
+        act = torch.cat([lin(x).reshape(-1, 8) for x in xs]).abs().mean(0)
+    pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation", calibration_data=xs,
+                     include="0")
+    assert _pruned_rows(model[0]) == sorted(act.argsort()[:4].tolist())
+
+
+def test_channel_mixed_combines_normalized_scores():
+    torch.manual_seed(1)
+    lin = nn.Linear(5, 10)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(10, 3))
+    x = torch.randn(16, 5) * torch.tensor([3.0, 0.1, 1.0, 0.5, 2.0])
+    with torch.no_grad():
+        act = lin(x).abs().mean(0)
+        mag = lin.weight.abs().sum(1)
+    for mix in (0.0, 0.3, 1.0):
+        m = copy.deepcopy(model)
+        pycompress.prune(m, 0.4, pattern="channel", scope="layer", method="mixed", mix=mix,
+                         calibration_data=x, include="0")
+        score = mix * act / act.mean() + (1 - mix) * mag / mag.mean()
+        assert _pruned_rows(m[0]) == sorted(score.argsort()[:4].tolist()), mix
+
+
+def test_unstructured_activation_is_wanda_and_nm():
+    torch.manual_seed(2)
+    lin = nn.Linear(8, 6)
+    model = nn.Sequential(lin)
+    x = torch.randn(20, 8) * torch.linspace(0.1, 3.0, 8)
+    score = lin.weight.detach().abs() * x.pow(2).sum(0).sqrt()
+    m = copy.deepcopy(model)
+    pycompress.prune(m, 0.5, scope="layer", method="activation", calibration_data=x)
+    expected = torch.ones(48, dtype=torch.bool)
+    expected[score.reshape(-1).argsort()[:24]] = False
+    assert torch.equal(m[0].mask.reshape(-1), expected)
+    m = copy.deepcopy(model)
+    pycompress.prune(m, None, pattern="2:4", method="activation", calibration_data=x)
+    top = score.reshape(6, 2, 4).argsort(-1, descending=True)[..., :2]
+    want = torch.zeros(6, 2, 4, dtype=torch.bool).scatter_(-1, top, True).reshape(6, 8)
+    assert torch.equal(m[0].mask, want)
+    m = copy.deepcopy(model)
+    pycompress.prune(m, 0.5, scope="layer", method="mixed", mix=0.25, calibration_data=x)
+    w = lin.weight.detach().abs()
+    mixed = 0.25 * score / score.mean() + 0.75 * w / w.mean()
+    expected = torch.ones(48, dtype=torch.bool)
+    expected[mixed.reshape(-1).argsort()[:24]] = False
+    assert torch.equal(m[0].mask.reshape(-1), expected)
+
+
+@pytest.mark.parametrize("method", ["activation", "mixed"])
+@pytest.mark.parametrize("pattern,scope", [("channel", "global"), ("channel", "layer"),
+                                           ("unstructured", "global"), ("unstructured", "layer")])
+def test_data_methods_reach_the_requested_sparsity(method, pattern, scope):
+    model = Net()
+    data = [torch.randn(8, 64) for _ in range(3)]
+    ref = copy.deepcopy(model)
+    pycompress.prune(model, 0.5, pattern=pattern, scope=scope, method=method, calibration_data=data)
+    assert abs(_sparsity(model) - 0.5) <= 0.01
+    assert model.training  # restored
+    for a, b in zip(model.parameters(), ref.parameters()):  # calibration never trains
+        assert a.shape == b.shape
+
+
+def test_data_method_dict_and_tuple_batches():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x, scale=1.0):
+            return self.b(torch.relu(self.a(x * scale)))
+
+    m = KW()
+    pycompress.prune(m, 0.5, pattern="channel", method="activation",
+                     calibration_data=[{"x": torch.randn(3, 4), "scale": 2.0}, (torch.randn(3, 4),)])
+    assert abs(_sparsity(m) - 0.5) <= 0.1
+
+
+def test_head_pattern_prunes_whole_heads():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    for method, scope in (("magnitude", "global"), ("activation", "layer"), ("mixed", "global")):
+        m = copy.deepcopy(model)
+        pycompress.prune(m, 0.5, pattern="head", scope=scope, method=method, calibration_data={"input_ids": ids})
+        removed = 0
+        for layer in m.encoder.layer:
+            att = layer.attention.self
+            rows = [(~getattr(att, p).mask.any(1)).reshape(4, 8) for p in ("query", "key", "value")]
+            heads = rows[0].all(1)
+            assert torch.equal(heads, rows[1].all(1)) and torch.equal(heads, rows[2].all(1))
+            assert not bool((rows[0].any(1) & ~heads).any())  # whole heads only
+            assert 1 <= int((~heads).sum())
+            removed += int(heads.sum())
+            if scope == "layer":
+                assert int(heads.sum()) == 2
+        assert removed == 4
+    # activation importance of heads: mean |attention output| of the head's slice
+    m = copy.deepcopy(model)
+    seen = []
+    h = m.encoder.layer[0].attention.self.register_forward_hook(lambda mod, a, out: seen.append(out[0]))
+    with torch.no_grad():
+        m(input_ids=ids)
+    h.remove()
+    act = seen[0].reshape(-1, 4, 8).abs().mean((0, 2))
+    pycompress.prune(m, 0.25, pattern="head", scope="layer", method="activation",
+                     calibration_data={"input_ids": ids}, include="encoder.layer.0")
+    q = m.encoder.layer[0].attention.self.query
+    assert (~q.mask.any(1)).reshape(4, 8).all(1).nonzero().flatten().tolist() == [int(act.argmin())]
+    assert type(m.encoder.layer[1].attention.self.query) is nn.Linear
+
+
+def test_data_methods_bad_input():
+    model = Net()
+    with pytest.raises(ValueError, match="calibration_data"):
+        pycompress.prune(model, 0.5, pattern="channel", method="activation")
+    with pytest.raises(ValueError, match="calibration_data"):
+        pycompress.prune(model, 0.5, method="mixed")
+    with pytest.raises(ValueError, match="mix"):
+        pycompress.prune(model, 0.5, method="mixed", mix=1.5, calibration_data=torch.randn(2, 64))
+    with pytest.raises(TypeError, match="mix"):
+        pycompress.prune(model, 0.5, method="mixed", mix="half", calibration_data=torch.randn(2, 64))
+    with pytest.raises(ValueError, match="no batch"):
+        pycompress.prune(model, 0.5, method="activation", calibration_data=[])
+    with pytest.raises(ValueError, match="failed"):
+        pycompress.prune(model, 0.5, method="activation", calibration_data=torch.randn(2, 7))
+    with pytest.raises(TypeError, match="calibration_data"):
+        pycompress.prune(model, 0.5, method="activation", calibration_data=5)
+    with pytest.raises(ValueError, match="matches no module"):
+        pycompress.prune(model, 0.5, include="encoder.*")
+    with pytest.raises(ValueError, match="no attention"):
+        pycompress.prune(model, 0.5, pattern="head")
+    with pytest.raises(ValueError, match="never ran"):
+        class Unused(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.spare = nn.Linear(4, 4), nn.Linear(4, 4)
+
+            def forward(self, x):
+                return self.a(x)
+
+        pycompress.prune(Unused(), 0.5, method="activation", calibration_data=torch.randn(2, 4))
+    assert all(type(m) is not MaskedLinear for m in model.modules())  # nothing half-done
