@@ -498,10 +498,15 @@ def _update_hf_config(attn: nn.Module, whole: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- public API
 def _outputs(model, example_inputs):
     outs = []
-    with torch.no_grad():
-        for i, b in enumerate(_utils.iter_batches(example_inputs, "example_inputs")):
-            out, _ = _utils.output_tensor(_utils.call_model(model, b, index=i))
-            outs.append(out.detach().float().clone())
+    was_training = model.training
+    model.eval()  # equivalence is defined in eval mode (dropout off)
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(_utils.iter_batches(example_inputs, "example_inputs")):
+                out, _ = _utils.output_tensor(_utils.call_model(model, b, index=i))
+                outs.append(out.detach().float().clone())
+    finally:
+        model.train(was_training)
     return outs
 
 

@@ -68,6 +68,11 @@ def test_mlp_equivalence_and_exact_parameter_drop(method):
 
 def test_folds_constant_of_removed_neurons_into_consumer_bias():
     # pruned neurons output act(bias) != 0: removing them must keep their contribution
+    model = _mlp().train()  # example_inputs are compared in eval mode (dropout off)
+    x = torch.randn(8, 16)
+    pycompress.prune(model, 0.5, pattern="channel", scope="layer")
+    _, report = pycompress.compact(model, x, return_report=True)
+    assert model.training and report.max_abs_diff < 1e-5
     model = _mlp()
     with torch.no_grad():
         model[0].bias.fill_(0.7)
@@ -90,6 +95,9 @@ def test_unstructured_mask_left_stays_masked_with_smaller_shape():
     assert type(model[0]) is nn.Linear and model[0].out_features == 24
     assert isinstance(model[2], MaskedLinear) and model[2].in_features == 24
     assert not bool(model[2].mask.all())
+    with torch.no_grad():
+        assert _close(model(x), ref)
+    pycompress.deploy_pruned(model, mode="sparse")
     with torch.no_grad():
         assert _close(model(x), ref)
 
