@@ -79,7 +79,8 @@ def _parse_pattern(pattern):
         if not (0 < n <= mm):
             raise ValueError(f"pattern {pattern!r}: need 0 < N <= M")
         return "nm", (n, mm)
-    raise ValueError(f"unknown pattern {pattern!r}; use 'unstructured', 'channel' or 'N:M' such as '2:4'")
+    raise ValueError(f"unknown pattern {pattern!r}; use 'unstructured', 'channel', 'head' (prune only) or 'N:M' "
+                     "such as '2:4'")
 
 
 def _check_sparsity(sparsity, name="sparsity"):
