@@ -233,6 +233,32 @@ class _Edit:
     bias_add: torch.Tensor | None = None   # float [out] to add to the bias (before row removal)
 
 
+def _follow(start: torch.fx.Node, calls: dict, modules: dict, shared=frozenset()):
+    """Follows the value of ``start`` through element-wise ops to the linear layers reading it.
+    Returns ``(consumers, why)``: ``consumers`` = [(name, chain of element-wise replays)], ``why``
+    = the reason it cannot be followed (None when every use was understood)."""
+    consumers: list[tuple[str, list]] = []
+    stack = [(start, [])]
+    while stack:
+        cur, chain = stack.pop()
+        for user in cur.users:
+            if user.op == "call_module" and _is_linear_like(modules.get(user.target)) \
+                    and user.args and user.args[0] is cur and len(user.args) == 1 and not user.kwargs:
+                if len(calls.get(user.target, [])) != 1:
+                    return consumers, f"its consumer {user.target!r} is called more than once"
+                if user.target in shared:
+                    return consumers, f"its consumer {user.target!r} shares its weight with another layer"
+                consumers.append((user.target, chain))
+                continue
+            step = _elementwise_step(user, cur, modules)
+            if step is None:
+                return consumers, (f"its output flows into {_describe(user)}, which compact cannot follow "
+                                   "(only element-wise ops between linear layers are understood: a residual "
+                                   "add, a normalization, a reshape or the model output keep the full width)")
+            stack.append((user, chain + [step]))
+    return consumers, None
+
+
 def _plan_fx(model, producers, modules, plan, report, shared):
     """Finds consumers of the pruned rows of ``producers`` in the torch.fx graph of ``model``."""
     try:
@@ -253,29 +279,7 @@ def _plan_fx(model, producers, modules, plan, report, shared):
             report.refused[name] = ("never called in the traced graph" if not nodes else
                                     f"called {len(nodes)} times in the forward pass (shared layer)")
             continue
-        consumers: list[tuple[str, list]] = []
-        why = None
-        stack = [(nodes[0], [])]
-        while stack and why is None:
-            cur, chain = stack.pop()
-            for user in cur.users:
-                if user.op == "call_module" and _is_linear_like(modules.get(user.target)) \
-                        and user.args and user.args[0] is cur and len(user.args) == 1 and not user.kwargs:
-                    if len(calls.get(user.target, [])) != 1:
-                        why = f"its consumer {user.target!r} is called more than once"
-                        break
-                    if user.target in shared:
-                        why = f"its consumer {user.target!r} shares its weight with another layer"
-                        break
-                    consumers.append((user.target, chain))
-                    continue
-                step = _elementwise_step(user, cur, modules)
-                if step is None:
-                    why = (f"its output flows into {_describe(user)}, which compact cannot follow "
-                           "(only element-wise ops between linear layers are understood: a residual add, "
-                           "a normalization, a reshape or the model output keep the full width)")
-                    break
-                stack.append((user, chain + [step]))
+        consumers, why = _follow(nodes[0], calls, modules, shared)
         if why is None and not consumers:
             why = "no linear layer consumes its output"
         if why is None:
@@ -311,8 +315,9 @@ def _add_producer(name, rows, consumers, modules, plan, report, kind, removed=No
 
 
 # --------------------------------------------------------------------------- known layouts
-def _hf_ffn(model, modules, producers, plan, report, shared):
-    """BERT-family feed-forward blocks: ``intermediate.dense -> act -> output.dense``."""
+def _ffn_blocks(modules: dict):
+    """Yields ``(producer, consumer, activation)`` of every BERT-family feed-forward block
+    (``intermediate.dense -> intermediate_act_fn -> output.dense``) in ``modules``."""
     for pname, parent in modules.items():
         inter, out = getattr(parent, "intermediate", None), getattr(parent, "output", None)
         if not (isinstance(inter, nn.Module) and isinstance(out, nn.Module)
@@ -320,11 +325,50 @@ def _hf_ffn(model, modules, producers, plan, report, shared):
                 and type(inter).__name__.endswith("Intermediate") and type(out).__name__.endswith("Output")):
             continue
         prefix = f"{pname}." if pname else ""
-        name, cname = f"{prefix}intermediate.dense", f"{prefix}output.dense"
+        yield f"{prefix}intermediate.dense", f"{prefix}output.dense", getattr(inter, "intermediate_act_fn", None)
+
+
+def _is_elementwise_act(act) -> bool:
+    return (isinstance(act, nn.Module) and _is_elementwise_module(act)) or act in _ELEMENTWISE_FUNCS
+
+
+def consumers_of(model: nn.Module, names) -> dict[str, list[str]]:
+    """The linear layers that read the output of each layer in ``names`` through element-wise ops
+    only, found the way :func:`compact` finds them (BERT feed-forward layout, else the torch.fx
+    graph). Layers whose uses cannot all be followed are absent from the result."""
+    modules = dict(model.named_modules())
+    wanted = set(names)
+    found: dict[str, list[str]] = {}
+    for name, cname, act in _ffn_blocks(modules):
+        if name in wanted and _is_elementwise_act(act) and _is_linear_like(modules.get(cname)):
+            found[name] = [cname]
+    rest = [n for n in names if n not in found]
+    if not rest:
+        return found
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - untraceable: no consumer is known
+        return found
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    for name in rest:
+        nodes = calls.get(name, [])
+        if len(nodes) != 1:
+            continue
+        consumers, why = _follow(nodes[0], calls, modules)
+        if why is None and consumers:
+            found[name] = list(dict.fromkeys(c for c, _ in consumers))
+    return found
+
+
+def _hf_ffn(model, modules, producers, plan, report, shared):
+    """BERT-family feed-forward blocks: ``intermediate.dense -> act -> output.dense``."""
+    for name, cname, act in _ffn_blocks(modules):
         if name not in producers:
             continue
-        act = getattr(inter, "intermediate_act_fn", None)
-        if not (isinstance(act, nn.Module) and _is_elementwise_module(act)) and act not in _ELEMENTWISE_FUNCS:
+        if not _is_elementwise_act(act):
             report.refused[name] = f"activation {act!r} of the feed-forward block is not a known element-wise op"
             producers.pop(name)
             continue

@@ -17,16 +17,27 @@ Methods (importance scores; the lowest are pruned):
 * ``"magnitude"``: unstructured / N:M ``|W_ij|``; channel: the L1 norm of the row
   ``sum_j |W_ij|``, divided by ``in_features`` (the row's mean ``|w|``) when ranking across layers;
   head: the mean ``|w|`` of the head's query, key and value rows.
-* ``"activation"``: channel: the mean ``|y_i|`` of the neuron's output over every calibration
-  token; head: the mean ``|y|`` of the head's slice of the attention output. Unstructured / N:M:
+* ``"activation"``: channel: how much the neuron's signal varies where it is used,
+  ``sum_c std(a_i) * ||W_c[:, i]||_2``, summed over the linear layers ``c`` that read the neuron
+  through element-wise ops only (found as :func:`pycompress.compact` finds them: the torch.fx
+  graph, or the BERT feed-forward layout ``intermediate.dense -> act -> output.dense``), with
+  ``a_i`` the consumer's input feature ``i`` (after the activation function: a neuron whose
+  pre-activation is negative before a ReLU scores zero), ``std`` its standard deviation over
+  every calibration token and ``W_c[:, i]`` the consumer's (masked / dequantized) input column.
+  A neuron whose output is nearly the same for every input carries no information, however large
+  that output. When no such consumer is known (the model output, a residual add or a
+  normalization reads the layer, or the model cannot be traced) the score falls back to the mean
+  ``|y_i|`` of the layer's own output.
+  Head: the mean ``|y|`` of the head's slice of the attention output. Unstructured / N:M:
   the Wanda score ``|W_ij| * ||x_j||_2`` (``||x_j||_2`` = L2 norm of input feature ``j`` over all
   calibration tokens). Across layers (``scope="global"``) each layer's scores are divided by
   their mean, so that layers of different activation scale are ranked on one scale.
 * ``"mixed"``: ``mix * A / mean(A) + (1 - mix) * M / mean(M)`` with ``A`` the activation score,
   ``M`` the magnitude score (per channel, head or weight; means taken over the layer).
 
-Activation statistics come from one pass over ``calibration_data`` with forward hooks under
-``torch.no_grad()`` (model in eval mode, restored afterwards).
+Activation statistics come from one pass over ``calibration_data`` with forward hooks (and
+forward pre-hooks on the consumers) under ``torch.no_grad()`` (model in eval mode, restored
+afterwards).
 
 Every ranking sorts with a stable sort on (score, position), so identical weights give identical
 masks on every data-parallel rank.
@@ -161,7 +172,7 @@ def _channel_scores(layers, method, mix, stats, scope):
         if method == "magnitude":
             out.append(mag / max(w.shape[1], 1) if scope == "global" else mag)
             continue
-        act = stats[name]["out_mean_abs"].to(w.device)
+        act = stats[name]["channel_act"].to(w.device)
         if method == "activation":
             out.append(_normalized(act) if scope == "global" else act)
         else:
@@ -223,15 +234,30 @@ def _compute_masks(layers, sparsity, kind, nm, scope, method="magnitude", mix=0.
 
 # ----------------------------------------------------------------------------- calibration
 @torch.no_grad()
-def _collect_stats(model, named, calibration_data, need_out=False, need_in=False, out_width=None):
+def _collect_stats(model, named, calibration_data, need_out=False, need_in=False, consumers=None):
     """One pass over ``calibration_data`` with forward hooks on the modules of ``named``.
 
     Per module: ``out_mean_abs`` (mean |output| per output feature over all tokens) and
-    ``in_norm`` (L2 norm of each input feature over all tokens). ``out_width`` optionally maps a
-    name to the last-dim width of its (first) output tensor.
+    ``in_norm`` (L2 norm of each input feature over all tokens). ``consumers`` optionally maps a
+    name of ``named`` to the names of the linear layers reading its output (element-wise ops in
+    between); their inputs are recorded in the same pass with forward pre-hooks, as
+    ``consumer_in_std`` = {consumer: standard deviation of each input feature over all tokens}.
     """
     stats = {name: {"tokens": 0, "out": None, "in": None} for name, _ in named}
+    cstats = {c: {"tokens": 0, "sum": 0.0, "sq": 0.0} for cs in (consumers or {}).values() for c in cs}
     handles = []
+
+    def pre_hook_for(cname):
+        def hook(module, args):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"layer {cname!r} was called without a tensor input")
+            x = x.detach().double().reshape(-1, x.shape[-1])  # float64 sums: var = E[x^2] - E[x]^2
+            st = cstats[cname]
+            st["sum"] = st["sum"] + x.sum(0)
+            st["sq"] = st["sq"] + x.pow(2).sum(0)
+            st["tokens"] += x.shape[0]
+        return hook
 
     def hook_for(name):
         def hook(module, args, output):
@@ -255,6 +281,8 @@ def _collect_stats(model, named, calibration_data, need_out=False, need_in=False
 
     for name, m in named:
         handles.append(m.register_forward_hook(hook_for(name)))
+    for cname in cstats:
+        handles.append(model.get_submodule(cname).register_forward_pre_hook(pre_hook_for(cname)))
     was_training = model.training
     model.eval()
     n = 0
@@ -278,7 +306,37 @@ def _collect_stats(model, named, calibration_data, need_out=False, need_in=False
             out[name]["out_mean_abs"] = st["out"] / st["tokens"]
         if need_in:
             out[name]["in_norm"] = st["in"].sqrt()
+        cs = (consumers or {}).get(name)
+        if cs:
+            seen = {}
+            for c in cs:
+                n = cstats[c]["tokens"]
+                if n:
+                    mean = cstats[c]["sum"] / n
+                    seen[c] = (cstats[c]["sq"] / n - mean.pow(2)).clamp_min(0).sqrt().float()
+            if len(seen) == len(cs):
+                out[name]["consumer_in_std"] = seen
     return out
+
+
+@torch.no_grad()
+def _channel_activations(model, layers, stats):
+    """Sets ``stats[name]["channel_act"]``, the activation importance of each output neuron ``i``:
+    ``sum_c std(a_i) * ||W_c[:, i]||_2`` over the consumers ``c`` (``a`` = the consumer's input,
+    i.e. after the element-wise ops in between), or ``mean|y_i|`` of the layer's own output when
+    no consumer is known (``channel_act_source`` says which)."""
+    from pycompress.compact import _effective_weight
+
+    for name, m in layers:
+        st = stats[name]
+        seen = st.get("consumer_in_std")
+        if not seen or any(v.numel() != m.weight.shape[0] for v in seen.values()):
+            st["channel_act"], st["channel_act_source"] = st["out_mean_abs"], "output"
+            continue
+        dev = m.weight.device
+        st["channel_act"] = sum(v.to(dev) * _effective_weight(model.get_submodule(c)).norm(dim=0).to(dev)
+                                for c, v in seen.items())
+        st["channel_act_source"] = "consumers"
 
 
 # ----------------------------------------------------------------------------- attention heads
@@ -434,8 +492,15 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
         return model
     stats = None
     if method != "magnitude":
+        consumers = None
+        if kind == "channel":
+            from pycompress.compact import consumers_of
+
+            consumers = consumers_of(model, [n for n, _ in layers])
         stats = _collect_stats(model, layers, calibration_data, need_out=kind == "channel",
-                               need_in=kind != "channel")
+                               need_in=kind != "channel", consumers=consumers)
+    if stats is not None and kind == "channel":
+        _channel_activations(model, layers, stats)
     masks = _compute_masks(layers, sparsity, kind, nm, scope, method, mix, stats)
     for (name, m), mask in zip(layers, masks):
         if isinstance(m, MaskedLinear):

@@ -236,34 +236,113 @@ def test_channel_magnitude_global_normalizes_by_in_features():
     assert _pruned_rows(model[0]) == [1] and _pruned_rows(model[1]) == [1]
 
 
-def test_channel_activation_uses_mean_abs_output_and_the_data():
+def _contribution(x, producer, act, consumer):
+    """Hand computation of the channel activation score: standard deviation of
+    act(producer(x)) over all tokens times the L2 norm of the consumer's input column."""
+    with torch.no_grad():
+        a = torch.cat([act(producer(b)).reshape(-1, producer.out_features) for b in x]).double()
+        return a.std(0, unbiased=False).float() * consumer.weight.norm(dim=0)
+
+
+def test_channel_activation_is_the_contribution_seen_by_the_consumer():
+    first, second = nn.Linear(5, 5), nn.Linear(5, 3)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(5))
+        first.bias.zero_()
+        second.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]] * 3))
+    model = nn.Sequential(first, nn.ReLU(), second)
+    # neuron 0: large but negative (ReLU -> 0); neuron 2: large and varying, but the consumer ignores
+    # it; neuron 4: large but the same for every input; neurons 1 and 3: small, varying, used
+    x = torch.tensor([[-9.0, 0.5, 8.0, 0.3, 7.0], [-7.0, 0.4, 2.0, 0.2, 7.0], [-8.0, 0.1, 5.0, 0.4, 7.0]])
+    pycompress.prune(model, 0.6, pattern="channel", scope="layer", method="activation", calibration_data=x,
+                     include="0")
+    assert _pruned_rows(model[0]) == [0, 2, 4]
+    # exact: sum over batches and tokens, any element-wise op in between, consumer column norms
+    torch.manual_seed(0)
+    lin, out = nn.Linear(6, 8), nn.Linear(8, 5)
+    base = nn.Sequential(lin, nn.GELU(), nn.Dropout(0.5), out)
+    xs = [torch.randn(3, 5, 6), torch.randn(2, 5, 6)]
+    other = [-3 * x for x in xs]  # other data, other score
+    score = _contribution(xs, lin, nn.functional.gelu, out)
+    score2 = _contribution(other, lin, nn.functional.gelu, out)
+    assert sorted(score2.argsort()[:4].tolist()) != sorted(score.argsort()[:4].tolist())
+    for data, s in ((xs, score), (other, score2)):
+        model = copy.deepcopy(base)
+        pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation", calibration_data=data,
+                         include="0")
+        assert _pruned_rows(model[0]) == sorted(s.argsort()[:4].tolist())
+
+
+def test_channel_activation_sums_over_consumers_and_uses_their_mask():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 10), nn.Linear(10, 3), nn.Linear(10, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x)) * 2.0
+            return self.b(h).sum(-1) + self.c(h).sum(-1)
+
+    torch.manual_seed(3)
+    model = Fork()
+    pycompress.prune(model, 0.5, include="c")  # the consumer c is masked: its masked columns count
+    x = torch.randn(32, 5)
+    with torch.no_grad():
+        a = (torch.relu(model.a(x)) * 2.0).std(0, unbiased=False)
+        score = a * model.b.weight.norm(dim=0) + a * (model.c.weight * model.c.mask).norm(dim=0)
+    pycompress.prune(model, 0.3, pattern="channel", scope="layer", method="activation", calibration_data=x,
+                     include="a")
+    assert _pruned_rows(model.a) == sorted(score.argsort()[:3].tolist())
+
+
+def test_channel_activation_falls_back_to_own_output_without_consumer():
     w = torch.eye(4)
     x1 = torch.tensor([[5.0, -4.0, 0.1, 0.2], [-5.0, 4.0, 0.3, -0.2]])   # mean|y| = 5, 4, 0.2, 0.2
-    m = _two_layer(w)
+    m = _two_layer(w)  # Linear -> ReLU -> model output: no consumer
     pycompress.prune(m, 0.5, pattern="channel", method="activation", calibration_data=x1)
-    assert _pruned_rows(m[0]) == [2, 3]
+    assert _pruned_rows(m[0]) == [2, 3]  # the layer's own output, before the ReLU
     m = _two_layer(w)
     pycompress.prune(m, 0.5, pattern="channel", method="activation", calibration_data=[x1.flip(1), x1.flip(1)])
-    assert _pruned_rows(m[0]) == [0, 1]  # other data, other neurons
-    # the hooks see what the model computes: mean |y| over all tokens of all batches, bias included
-    torch.manual_seed(0)
-    lin = nn.Linear(6, 8)
-    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(8, 2))
-    xs = [torch.randn(3, 5, 6), torch.randn(2, 5, 6)]
+    assert _pruned_rows(m[0]) == [0, 1]
+    # Net: enc.2 -> LayerNorm -> head, so enc.2 falls back; enc.0 -> ReLU -> enc.2 has a consumer
+    torch.manual_seed(4)
+    model = Net()
+    xs = [torch.randn(3, 64), torch.randn(5, 64)]
     with torch.no_grad():
-        act = torch.cat([lin(x).reshape(-1, 8) for x in xs]).abs().mean(0)
-    pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation", calibration_data=xs,
-                     include="0")
-    assert _pruned_rows(model[0]) == sorted(act.argsort()[:4].tolist())
+        own = torch.cat([model.enc(x) for x in xs]).abs().mean(0)
+    contrib = _contribution(xs, model.enc[0], torch.relu, model.enc[2])
+    pycompress.prune(model, 0.25, pattern="channel", scope="layer", method="activation", calibration_data=xs)
+    assert _pruned_rows(model.enc[2]) == sorted(own.argsort()[:20].tolist())
+    assert _pruned_rows(model.enc[0]) == sorted(contrib.argsort()[:24].tolist())
+    assert _pruned_rows(model.head) != []
+
+
+def test_channel_activation_bert_ffn_uses_the_output_projection():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    model = transformers.BertModel(cfg).eval()
+    layer = model.encoder.layer[0]
+    seen = []
+    h = layer.intermediate.register_forward_hook(lambda mod, a, y: seen.append(y.detach().reshape(-1, 24)))
+    batch = {"input_ids": torch.randint(0, 50, (2, 7))}
+    with torch.no_grad():
+        model(**batch)
+    h.remove()
+    score = torch.cat(seen).std(0, unbiased=False) * layer.output.dense.weight.norm(dim=0)
+    pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation", calibration_data=batch,
+                     include="*intermediate.dense")
+    assert _pruned_rows(layer.intermediate.dense) == sorted(score.argsort()[:12].tolist())
 
 
 def test_channel_mixed_combines_normalized_scores():
     torch.manual_seed(1)
-    lin = nn.Linear(5, 10)
-    model = nn.Sequential(lin, nn.Tanh(), nn.Linear(10, 3))
+    lin, out = nn.Linear(5, 10), nn.Linear(10, 3)
+    model = nn.Sequential(lin, nn.Tanh(), out)
     x = torch.randn(16, 5) * torch.tensor([3.0, 0.1, 1.0, 0.5, 2.0])
+    act = _contribution([x], lin, torch.tanh, out)
     with torch.no_grad():
-        act = lin(x).abs().mean(0)
         mag = lin.weight.abs().sum(1)
     for mix in (0.0, 0.3, 1.0):
         m = copy.deepcopy(model)
