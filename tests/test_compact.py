@@ -217,8 +217,9 @@ def test_quantize_validate_evaluate_after_compact():
     pycompress.prune(model, 0.5, pattern="channel", method="mixed", calibration_data=x, exclude="5")
     masked = copy.deepcopy(model)
     pycompress.compact(model)
-    rep = pycompress.validate(masked, model, x, layers=False)  # per-layer widths differ now
+    rep = pycompress.validate(masked, model, x)  # narrower layers are skipped, listed with the reason
     assert rep.passed, rep
+    assert rep.skipped and all("not compared" in why for why in rep.skipped.values())
     assert rep.max_abs_error < 1e-5
     ev = pycompress.evaluate(model, [(x, y)], batch_sizes=(1, 8), warmup=1, repeats=2)
     ev_masked = pycompress.evaluate(masked, [(x, y)], batch_sizes=(1, 8), warmup=1, repeats=2)
@@ -285,6 +286,7 @@ def test_bert_ffn_and_heads_compact_equivalence():
                      include="*intermediate.dense")
     pycompress.prune(model, 0.5, pattern="head", method="mixed", calibration_data=data)
     ref = _hidden(model, data)
+    masked = copy.deepcopy(model)
     before, p0 = _shapes(model), _params(model)
     _, report = pycompress.compact(model, data, return_report=True)
     for layer in model.encoder.layer:
@@ -301,6 +303,11 @@ def test_bert_ffn_and_heads_compact_equivalence():
     assert sorted(c["kind"] for c in report.compacted) == ["channels"] * 2 + ["heads"] * 2
     assert model.config.pruned_heads.keys() == {0, 1}
     assert all(len(v) == 2 for v in model.config.pruned_heads.values())
+    rep = pycompress.validate(masked, model, data)  # per-layer comparison skips the narrower layers
+    assert rep.passed, rep
+    assert {f"encoder.layer.{i}.{n}" for i in (0, 1) for n in ("attention.self", "attention.output.dense",
+                                                                "intermediate.dense", "output.dense")} \
+        == set(rep.skipped)
 
 
 def test_bert_partial_heads_and_residual_layers_refused():
