@@ -516,14 +516,19 @@ class GradualPruning:
     At step ``t`` (counted by :meth:`step`) between ``start_step`` and
     ``start_step + total_steps``, every ``frequency`` steps the target is
     ``s_t = s_f + (s_i - s_f) * (1 - (t - start_step) / total_steps) ** 3`` and the selected layers
-    are re-pruned by magnitude (pruned weights are exactly zero, so masks only grow, except for
-    live weights that are exactly zero).
+    are re-pruned (by magnitude unless ``method`` says otherwise; pruned weights are exactly zero,
+    so with magnitude masks only grow, except for live weights that are exactly zero).
 
     Args:
         model: model whose ``nn.Linear`` layers are swapped to MaskedLinear at construction.
         final_sparsity, total_steps, start_step, frequency, initial_sparsity: the schedule.
         pattern: ``"unstructured"`` or ``"channel"``.
         scope, include, exclude: as in :func:`prune`.
+        method, calibration_data, mix: as in :func:`prune`. With ``"activation"`` / ``"mixed"``
+            the statistics are collected again at every pruning step (one pass of the model over
+            ``calibration_data``, which is kept: a one-shot iterator is read into a list once), so
+            they follow the weights as they train. Every rank must pass the same data to get the
+            same masks.
         optimizer: optional; after each step that changes masks its state (momentum, Adam
             moments) of pruned weights is cleared, and a step hook re-applies the masks.
 
@@ -539,7 +544,8 @@ class GradualPruning:
 
     def __init__(self, model: nn.Module, final_sparsity: float, total_steps: int, start_step: int = 0,
                  frequency: int = 1, initial_sparsity: float = 0.0, pattern: str = "unstructured",
-                 scope: str = "global", include=None, exclude=None, optimizer=None) -> None:
+                 scope: str = "global", include=None, exclude=None, optimizer=None, method: str = "magnitude",
+                 calibration_data=None, mix: float = 0.5) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
@@ -551,17 +557,31 @@ class GradualPruning:
         if kind == "nm":
             raise ValueError("N:M patterns have a fixed sparsity; use prune(model, None, pattern='N:M') once")
         _check_scope(scope)
+        mix = _check_method(method, mix)
+        if method != "magnitude":
+            if calibration_data is None:
+                raise ValueError(f"method={method!r} ranks by activations and needs calibration_data "
+                                 "(a batch or an iterable of batches); use method='magnitude' without data")
+            if hasattr(calibration_data, "__next__") and not isinstance(calibration_data, torch.Tensor):
+                calibration_data = list(calibration_data)  # a one-shot iterator: read again at every step
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model, self.total_steps, self.start_step, self.frequency = model, total_steps, start_step, frequency
         self.pattern, self.scope, self.include, self.exclude = pattern, scope, include, exclude
         self.optimizer = optimizer
+        self.method, self.calibration_data, self.mix = method, calibration_data, mix
         self.step_count = 0
         self.current_sparsity = self.initial_sparsity
         self._hook = None
-        prune(model, self.initial_sparsity, pattern=pattern, scope=scope, include=include, exclude=exclude)
+        self._prune(self.initial_sparsity)
         if optimizer is not None:
             self._hook = optimizer.register_step_post_hook(lambda opt, a, k: _clear_pruned_state(model, opt))
+
+    def _prune(self, sparsity: float) -> None:
+        data = self.method != "magnitude"
+        prune(self.model, sparsity, pattern=self.pattern, scope=self.scope, include=self.include,
+              exclude=self.exclude, method=self.method, mix=self.mix,
+              calibration_data=self.calibration_data if data else None)
 
     def sparsity_at(self, t: int) -> float:
         """Target sparsity of the schedule at step ``t``."""
@@ -580,8 +600,7 @@ class GradualPruning:
         due = (t - self.start_step) % self.frequency == 0 or t == end
         if t <= end and due:
             target = self.sparsity_at(t)
-            prune(self.model, target, pattern=self.pattern, scope=self.scope, include=self.include,
-                  exclude=self.exclude)
+            self._prune(target)
             self.current_sparsity = target
             if self.optimizer is not None:
                 _clear_pruned_state(self.model, self.optimizer)

@@ -175,6 +175,40 @@ def test_gradual_pruning_deterministic_across_replicas():
             assert torch.equal(ma.mask, mb.mask)
 
 
+@pytest.mark.parametrize("method,pattern", [("activation", "channel"), ("mixed", "unstructured")])
+def test_gradual_pruning_with_a_data_method_recollects_statistics(method, pattern):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+    data = [torch.randn(8, 16) for _ in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = (x for x in data)  # a one-shot iterator is kept as a list
+    sched = pycompress.GradualPruning(model, 0.6, total_steps=6, frequency=2, pattern=pattern, method=method,
+                                      calibration_data=gen, exclude="4", optimizer=opt)
+    pruned_at = 0
+    for _ in range(6):
+        loss = model(torch.randn(16, 16)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        before = copy.deepcopy(model)
+        target = sched.sparsity_at(sched.step_count + 1)
+        sched.step()
+        if sched.current_sparsity == target and target > 0:
+            # the masks are those of a one-shot prune of the current weights with the same data
+            expect = pycompress.prune(before, target, pattern=pattern, method=method, calibration_data=data,
+                                      exclude="4")
+            for name in ("0", "2"):
+                assert torch.equal(model.get_submodule(name).mask, expect.get_submodule(name).mask), name
+            pruned_at += 1
+    assert pruned_at == 3 and abs(sched.current_sparsity - 0.6) < 1e-9
+    if pattern == "channel":  # rows, and compact can remove them
+        assert all(bool((~model[i].mask.any(1)).any()) for i in (0, 2))
+    with pytest.raises(ValueError, match="calibration_data"):
+        pycompress.GradualPruning(nn.Sequential(nn.Linear(4, 4)), 0.5, total_steps=2, method="activation")
+    with pytest.raises(ValueError, match="unknown method"):
+        pycompress.GradualPruning(nn.Sequential(nn.Linear(4, 4)), 0.5, total_steps=2, method="random")
+
+
 def test_gradual_pruning_bad_arguments():
     with pytest.raises(ValueError, match="final_sparsity"):
         pycompress.GradualPruning(Net(), 1.5, total_steps=10)
