@@ -17,23 +17,37 @@ Methods (importance scores; the lowest are pruned):
 * ``"magnitude"``: unstructured / N:M ``|W_ij|``; channel: the L1 norm of the row
   ``sum_j |W_ij|``, divided by ``in_features`` (the row's mean ``|w|``) when ranking across layers;
   head: the mean ``|w|`` of the head's query, key and value rows.
-* ``"activation"``: channel: how much the neuron's signal varies where it is used,
-  ``sum_c std(a_i) * ||W_c[:, i]||_2``, summed over the linear layers ``c`` that read the neuron
-  through element-wise ops only (found as :func:`pycompress.compact` finds them: the torch.fx
-  graph, or the BERT feed-forward layout ``intermediate.dense -> act -> output.dense``), with
-  ``a_i`` the consumer's input feature ``i`` (after the activation function: a neuron whose
-  pre-activation is negative before a ReLU scores zero), ``std`` its standard deviation over
-  every calibration token and ``W_c[:, i]`` the consumer's (masked / dequantized) input column.
-  A neuron whose output is nearly the same for every input carries no information, however large
-  that output. When no such consumer is known (the model output, a residual add or a
+* ``"activation"``: channel: a statistic of the neuron's activation ``a_i`` as it is used:
+  ``a_i`` is input feature ``i`` of the linear layers ``c`` that read the neuron through
+  element-wise ops only (its *consumers*, found as :func:`pycompress.compact` finds them: the
+  torch.fx graph, or the BERT feed-forward layout ``intermediate.dense -> act -> output.dense``),
+  i.e. after the activation function (a neuron whose pre-activation is always negative before a
+  ReLU scores zero). ``activation_score`` picks the statistic:
+
+  - ``"mean_abs"`` (default): ``mean |a_i|`` over every calibration token (pooled over all
+    consumers when there are several): the mean absolute activation.
+  - ``"std_weighted"``: how much the neuron's signal varies where it is used,
+    ``sum_c std(a_i) * ||W_c[:, i]||_2``, with ``std`` the standard deviation over every
+    calibration token and ``W_c[:, i]`` the consumer's (masked / dequantized) input column. A
+    neuron whose output is nearly the same for every input carries no information, however large
+    that output. On the digits MLP of ``pycompress demo`` it keeps markedly more accuracy
+    without fine-tuning than ``"mean_abs"`` (see the README).
+
+  With either statistic, when no consumer is known (the model output, a residual add or a
   normalization reads the layer, or the model cannot be traced) the score falls back to the mean
   ``|y_i|`` of the layer's own output.
   Head: the mean ``|y|`` of the head's slice of the attention output. Unstructured / N:M:
   the Wanda score ``|W_ij| * ||x_j||_2`` (``||x_j||_2`` = L2 norm of input feature ``j`` over all
   calibration tokens). Across layers (``scope="global"``) each layer's scores are divided by
   their mean, so that layers of different activation scale are ranked on one scale.
-* ``"mixed"``: ``mix * A / mean(A) + (1 - mix) * M / mean(M)`` with ``A`` the activation score,
-  ``M`` the magnitude score (per channel, head or weight; means taken over the layer).
+* ``"mixed"``: ``mix * A / mean(A) + (1 - mix) * M / mean(M)`` with ``A`` the activation score
+  (for channels the one ``activation_score`` selects), ``M`` the magnitude score (per channel,
+  head or weight; means taken over the layer).
+
+``activation_score`` only concerns the channel pattern with ``method="activation"`` or
+``"mixed"``: heads and unstructured / N:M keep the scores above, and ``method="magnitude"`` uses
+no activation. Its value is checked for every pattern and method (an unknown one raises
+``ValueError``) and otherwise ignored there.
 
 Activation statistics come from one pass over ``calibration_data`` with forward hooks (and
 forward pre-hooks on the consumers) under ``torch.no_grad()`` (model in eval mode, restored
@@ -241,10 +255,12 @@ def _collect_stats(model, named, calibration_data, need_out=False, need_in=False
     ``in_norm`` (L2 norm of each input feature over all tokens). ``consumers`` optionally maps a
     name of ``named`` to the names of the linear layers reading its output (element-wise ops in
     between); their inputs are recorded in the same pass with forward pre-hooks, as
-    ``consumer_in_std`` = {consumer: standard deviation of each input feature over all tokens}.
+    ``consumer_in_std`` = {consumer: standard deviation of each input feature over all tokens}
+    and ``consumer_in_abs`` = {consumer: (sum of |x| of each input feature, token count)}.
     """
     stats = {name: {"tokens": 0, "out": None, "in": None} for name, _ in named}
-    cstats = {c: {"tokens": 0, "sum": 0.0, "sq": 0.0} for cs in (consumers or {}).values() for c in cs}
+    cstats = {c: {"tokens": 0, "sum": 0.0, "sq": 0.0, "abs": 0.0}
+              for cs in (consumers or {}).values() for c in cs}
     handles = []
 
     def pre_hook_for(cname):
@@ -256,6 +272,7 @@ def _collect_stats(model, named, calibration_data, need_out=False, need_in=False
             st = cstats[cname]
             st["sum"] = st["sum"] + x.sum(0)
             st["sq"] = st["sq"] + x.pow(2).sum(0)
+            st["abs"] = st["abs"] + x.abs().sum(0)
             st["tokens"] += x.shape[0]
         return hook
 
@@ -308,23 +325,27 @@ def _collect_stats(model, named, calibration_data, need_out=False, need_in=False
             out[name]["in_norm"] = st["in"].sqrt()
         cs = (consumers or {}).get(name)
         if cs:
-            seen = {}
+            seen, absum = {}, {}
             for c in cs:
                 n = cstats[c]["tokens"]
                 if n:
                     mean = cstats[c]["sum"] / n
                     seen[c] = (cstats[c]["sq"] / n - mean.pow(2)).clamp_min(0).sqrt().float()
+                    absum[c] = (cstats[c]["abs"], n)
             if len(seen) == len(cs):
                 out[name]["consumer_in_std"] = seen
+                out[name]["consumer_in_abs"] = absum
     return out
 
 
 @torch.no_grad()
-def _channel_activations(model, layers, stats):
-    """Sets ``stats[name]["channel_act"]``, the activation importance of each output neuron ``i``:
-    ``sum_c std(a_i) * ||W_c[:, i]||_2`` over the consumers ``c`` (``a`` = the consumer's input,
-    i.e. after the element-wise ops in between), or ``mean|y_i|`` of the layer's own output when
-    no consumer is known (``channel_act_source`` says which)."""
+def _channel_activations(model, layers, stats, activation_score="mean_abs"):
+    """Sets ``stats[name]["channel_act"]``, the activation importance of each output neuron ``i``
+    (``a`` = the consumer's input, i.e. after the element-wise ops in between):
+    ``"mean_abs"``: ``mean |a_i|`` over all tokens of all consumers; ``"std_weighted"``:
+    ``sum_c std(a_i) * ||W_c[:, i]||_2`` over the consumers ``c``. Either falls back to
+    ``mean|y_i|`` of the layer's own output when no consumer is known (``channel_act_source``
+    says which)."""
     from pycompress.compact import _effective_weight
 
     for name, m in layers:
@@ -334,8 +355,13 @@ def _channel_activations(model, layers, stats):
             st["channel_act"], st["channel_act_source"] = st["out_mean_abs"], "output"
             continue
         dev = m.weight.device
-        st["channel_act"] = sum(v.to(dev) * _effective_weight(model.get_submodule(c)).norm(dim=0).to(dev)
-                                for c, v in seen.items())
+        if activation_score == "mean_abs":
+            pairs = st["consumer_in_abs"].values()
+            total = sum(s.to(dev) for s, _ in pairs)
+            st["channel_act"] = (total / sum(n for _, n in pairs)).float()
+        else:
+            st["channel_act"] = sum(v.to(dev) * _effective_weight(model.get_submodule(c)).norm(dim=0).to(dev)
+                                    for c, v in seen.items())
         st["channel_act_source"] = "consumers"
 
 
@@ -418,6 +444,14 @@ def _prune_heads(model, sparsity, scope, method, mix, calibration_data, include,
 
 # ----------------------------------------------------------------------------- public API
 _METHODS = ("magnitude", "activation", "mixed")
+ACTIVATION_SCORES = ("mean_abs", "std_weighted")
+
+
+def _check_activation_score(activation_score):
+    if not isinstance(activation_score, str) or activation_score not in ACTIVATION_SCORES:
+        raise ValueError(f"unknown activation_score {activation_score!r}; supported: "
+                         f"{', '.join(map(repr, ACTIVATION_SCORES))}")
+    return activation_score
 
 
 def _check_method(method, mix):
@@ -432,7 +466,7 @@ def _check_method(method, mix):
 
 def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured", scope: str = "global",
           method: str = "magnitude", include=None, exclude=None, calibration_data=None,
-          mix: float = 0.5) -> nn.Module:
+          mix: float = 0.5, activation_score: str = "mean_abs") -> nn.Module:
     """Prunes the selected ``nn.Linear`` layers of ``model`` in place, replacing them by
     :class:`~pycompress.nn.MaskedLinear` (already masked layers are re-pruned), and returns it.
     The new layers keep the original ``Parameter`` objects, so existing optimizers stay valid.
@@ -453,6 +487,12 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
             dict of keyword args), run once through the model under ``torch.no_grad()``.
         mix: weight of the activation score in ``method="mixed"`` (0 = magnitude only,
             1 = activation only).
+        activation_score: the channel activation statistic of ``method="activation"`` /
+            ``"mixed"``: ``"mean_abs"`` (default: mean ``|a_i|`` of the neuron's activation as
+            its consumers see it) or ``"std_weighted"`` (``sum_c std(a_i) * ||W_c[:, i]||_2``).
+            Both fall back to the mean ``|y_i|`` of the layer's own output without a known
+            consumer. Checked always, used only by ``pattern="channel"`` (heads and
+            unstructured / N:M keep their scores, see the module docstring).
 
     Example:
         >>> import torch, pycompress
@@ -471,6 +511,7 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
     kind, nm = ("head", None) if heads else _parse_pattern(pattern)
     _check_scope(scope)
     mix = _check_method(method, mix)
+    activation_score = _check_activation_score(activation_score)
     if method != "magnitude" and calibration_data is None:
         raise ValueError(f"method={method!r} ranks by activations and needs calibration_data "
                          "(a batch or an iterable of batches); use method='magnitude' without data")
@@ -500,7 +541,7 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
         stats = _collect_stats(model, layers, calibration_data, need_out=kind == "channel",
                                need_in=kind != "channel", consumers=consumers)
     if stats is not None and kind == "channel":
-        _channel_activations(model, layers, stats)
+        _channel_activations(model, layers, stats, activation_score)
     masks = _compute_masks(layers, sparsity, kind, nm, scope, method, mix, stats)
     for (name, m), mask in zip(layers, masks):
         if isinstance(m, MaskedLinear):
@@ -524,7 +565,7 @@ class GradualPruning:
         final_sparsity, total_steps, start_step, frequency, initial_sparsity: the schedule.
         pattern: ``"unstructured"`` or ``"channel"``.
         scope, include, exclude: as in :func:`prune`.
-        method, calibration_data, mix: as in :func:`prune`. With ``"activation"`` / ``"mixed"``
+        method, calibration_data, mix, activation_score: as in :func:`prune`. With ``"activation"`` / ``"mixed"``
             the statistics are collected again at every pruning step (one pass of the model over
             ``calibration_data``, which is kept: a one-shot iterator is read into a list once), so
             they follow the weights as they train. Every rank must pass the same data to get the
@@ -545,7 +586,7 @@ class GradualPruning:
     def __init__(self, model: nn.Module, final_sparsity: float, total_steps: int, start_step: int = 0,
                  frequency: int = 1, initial_sparsity: float = 0.0, pattern: str = "unstructured",
                  scope: str = "global", include=None, exclude=None, optimizer=None, method: str = "magnitude",
-                 calibration_data=None, mix: float = 0.5) -> None:
+                 calibration_data=None, mix: float = 0.5, activation_score: str = "mean_abs") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
@@ -558,6 +599,7 @@ class GradualPruning:
             raise ValueError("N:M patterns have a fixed sparsity; use prune(model, None, pattern='N:M') once")
         _check_scope(scope)
         mix = _check_method(method, mix)
+        activation_score = _check_activation_score(activation_score)
         if method != "magnitude":
             if calibration_data is None:
                 raise ValueError(f"method={method!r} ranks by activations and needs calibration_data "
@@ -570,6 +612,7 @@ class GradualPruning:
         self.pattern, self.scope, self.include, self.exclude = pattern, scope, include, exclude
         self.optimizer = optimizer
         self.method, self.calibration_data, self.mix = method, calibration_data, mix
+        self.activation_score = activation_score
         self.step_count = 0
         self.current_sparsity = self.initial_sparsity
         self._hook = None
@@ -581,7 +624,7 @@ class GradualPruning:
         data = self.method != "magnitude"
         prune(self.model, sparsity, pattern=self.pattern, scope=self.scope, include=self.include,
               exclude=self.exclude, method=self.method, mix=self.mix,
-              calibration_data=self.calibration_data if data else None)
+              activation_score=self.activation_score, calibration_data=self.calibration_data if data else None)
 
     def sparsity_at(self, t: int) -> float:
         """Target sparsity of the schedule at step ``t``."""

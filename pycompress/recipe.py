@@ -9,7 +9,8 @@ A recipe is a list of steps, each a one-key mapping from the step name to its ar
 given as a dict (``{"steps": [...]}``), a bare list of steps, or a path to a ``.yaml`` / ``.yml``
 / ``.json`` file holding either. Steps: ``prune`` (arguments of :func:`pycompress.prune`;
 ``method: activation`` or ``mixed`` ranks by activations on the calibration inputs, which are
-passed as ``calibration_data``), ``quantize`` (of :func:`pycompress.quantize`), ``deploy`` (of
+passed as ``calibration_data``; for ``pattern: channel`` ``activation_score: mean_abs`` (default)
+or ``std_weighted`` picks the statistic), ``quantize`` (of :func:`pycompress.quantize`), ``deploy`` (of
 :func:`pycompress.deploy_pruned`), ``compact`` (of :func:`pycompress.compact`: removes the
 neurons and heads that ``prune`` with ``pattern: channel`` / ``head`` cut; the first calibration
 batch is its ``example_inputs``, checking that the outputs did not change).

@@ -289,7 +289,7 @@ def test_channel_activation_is_the_contribution_seen_by_the_consumer():
     # it; neuron 4: large but the same for every input; neurons 1 and 3: small, varying, used
     x = torch.tensor([[-9.0, 0.5, 8.0, 0.3, 7.0], [-7.0, 0.4, 2.0, 0.2, 7.0], [-8.0, 0.1, 5.0, 0.4, 7.0]])
     pycompress.prune(model, 0.6, pattern="channel", scope="layer", method="activation", calibration_data=x,
-                     include="0")
+                     include="0", activation_score="std_weighted")
     assert _pruned_rows(model[0]) == [0, 2, 4]
     # exact: sum over batches and tokens, any element-wise op in between, consumer column norms
     torch.manual_seed(0)
@@ -303,7 +303,7 @@ def test_channel_activation_is_the_contribution_seen_by_the_consumer():
     for data, s in ((xs, score), (other, score2)):
         model = copy.deepcopy(base)
         pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation", calibration_data=data,
-                         include="0")
+                         include="0", activation_score="std_weighted")
         assert _pruned_rows(model[0]) == sorted(s.argsort()[:4].tolist())
 
 
@@ -325,7 +325,7 @@ def test_channel_activation_sums_over_consumers_and_uses_their_mask():
         a = (torch.relu(model.a(x)) * 2.0).std(0, unbiased=False)
         score = a * model.b.weight.norm(dim=0) + a * (model.c.weight * model.c.mask).norm(dim=0)
     pycompress.prune(model, 0.3, pattern="channel", scope="layer", method="activation", calibration_data=x,
-                     include="a")
+                     include="a", activation_score="std_weighted")
     assert _pruned_rows(model.a) == sorted(score.argsort()[:3].tolist())
 
 
@@ -333,10 +333,12 @@ def test_channel_activation_falls_back_to_own_output_without_consumer():
     w = torch.eye(4)
     x1 = torch.tensor([[5.0, -4.0, 0.1, 0.2], [-5.0, 4.0, 0.3, -0.2]])   # mean|y| = 5, 4, 0.2, 0.2
     m = _two_layer(w)  # Linear -> ReLU -> model output: no consumer
-    pycompress.prune(m, 0.5, pattern="channel", method="activation", calibration_data=x1)
+    pycompress.prune(m, 0.5, pattern="channel", method="activation", activation_score="std_weighted",
+                     calibration_data=x1)
     assert _pruned_rows(m[0]) == [2, 3]  # the layer's own output, before the ReLU
     m = _two_layer(w)
-    pycompress.prune(m, 0.5, pattern="channel", method="activation", calibration_data=[x1.flip(1), x1.flip(1)])
+    pycompress.prune(m, 0.5, pattern="channel", method="activation", activation_score="std_weighted",
+                     calibration_data=[x1.flip(1), x1.flip(1)])
     assert _pruned_rows(m[0]) == [0, 1]
     # Net: enc.2 -> LayerNorm -> head, so enc.2 falls back; enc.0 -> ReLU -> enc.2 has a consumer
     torch.manual_seed(4)
@@ -345,7 +347,8 @@ def test_channel_activation_falls_back_to_own_output_without_consumer():
     with torch.no_grad():
         own = torch.cat([model.enc(x) for x in xs]).abs().mean(0)
     contrib = _contribution(xs, model.enc[0], torch.relu, model.enc[2])
-    pycompress.prune(model, 0.25, pattern="channel", scope="layer", method="activation", calibration_data=xs)
+    pycompress.prune(model, 0.25, pattern="channel", scope="layer", method="activation", calibration_data=xs,
+                     activation_score="std_weighted")
     assert _pruned_rows(model.enc[2]) == sorted(own.argsort()[:20].tolist())
     assert _pruned_rows(model.enc[0]) == sorted(contrib.argsort()[:24].tolist())
     assert _pruned_rows(model.head) != []
@@ -366,7 +369,7 @@ def test_channel_activation_bert_ffn_uses_the_output_projection():
     h.remove()
     score = torch.cat(seen).std(0, unbiased=False) * layer.output.dense.weight.norm(dim=0)
     pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation", calibration_data=batch,
-                     include="*intermediate.dense")
+                     include="*intermediate.dense", activation_score="std_weighted")
     assert _pruned_rows(layer.intermediate.dense) == sorted(score.argsort()[:12].tolist())
 
 
@@ -381,9 +384,154 @@ def test_channel_mixed_combines_normalized_scores():
     for mix in (0.0, 0.3, 1.0):
         m = copy.deepcopy(model)
         pycompress.prune(m, 0.4, pattern="channel", scope="layer", method="mixed", mix=mix,
-                         calibration_data=x, include="0")
+                         calibration_data=x, include="0", activation_score="std_weighted")
         score = mix * act / act.mean() + (1 - mix) * mag / mag.mean()
         assert _pruned_rows(m[0]) == sorted(score.argsort()[:4].tolist()), mix
+
+
+def _mean_abs(x, producer, act):
+    """Hand computation of the default channel activation score: mean |act(producer(x))| over all
+    tokens of all batches (the neuron's activation as its consumer sees it)."""
+    with torch.no_grad():
+        a = torch.cat([act(producer(b)).reshape(-1, producer.out_features) for b in x]).double()
+        return a.abs().mean(0).float()
+
+
+def _channel_act(model, names, data, activation_score):
+    """The channel activation scores prune computes, read from its statistics."""
+    from pycompress.compact import consumers_of
+    from pycompress.prune import _channel_activations, _collect_stats
+
+    layers = [(n, model.get_submodule(n)) for n in names]
+    stats = _collect_stats(model, layers, data, need_out=True, consumers=consumers_of(model, names))
+    _channel_activations(model, layers, stats, activation_score)
+    return {n: (stats[n]["channel_act"], stats[n]["channel_act_source"]) for n in names}
+
+
+def test_channel_activation_mean_abs_is_the_default_and_uses_the_consumer_input():
+    first, second = nn.Linear(5, 5), nn.Linear(5, 3)
+    with torch.no_grad():
+        first.weight.copy_(torch.eye(5))
+        first.bias.zero_()
+        second.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]] * 3))
+    model = nn.Sequential(first, nn.ReLU(), second)
+    # after the ReLU: neuron 0 is dead (always 0), mean |a| = 0, 1/3, 5, 0.3, 7
+    x = torch.tensor([[-9.0, 0.5, 8.0, 0.3, 7.0], [-7.0, 0.4, 2.0, 0.2, 7.0], [-8.0, 0.1, 5.0, 0.4, 7.0]])
+    score, source = _channel_act(model, ["0"], x, "mean_abs")["0"]
+    assert source == "consumers"
+    torch.testing.assert_close(score, torch.tensor([0.0, 1.0 / 3, 5.0, 0.3, 7.0]))
+    assert float(score[0]) == 0.0  # dead ReLU neuron
+    m = copy.deepcopy(model)
+    pycompress.prune(m, 0.6, pattern="channel", scope="layer", method="activation", calibration_data=x, include="0")
+    assert _pruned_rows(m[0]) == [0, 1, 3]  # the constant neuron 4 and the ignored neuron 2 stay
+    m2 = copy.deepcopy(model)
+    pycompress.prune(m2, 0.6, pattern="channel", scope="layer", method="activation", calibration_data=x,
+                     include="0", activation_score="mean_abs")
+    assert torch.equal(m2[0].mask, m[0].mask)
+    m3 = copy.deepcopy(model)
+    pycompress.prune(m3, 0.6, pattern="channel", scope="layer", method="activation", calibration_data=x,
+                     include="0", activation_score="std_weighted")
+    assert _pruned_rows(m3[0]) == [0, 2, 4]
+    # exact: over all batches and tokens, after any element-wise ops (GELU, dropout in eval)
+    torch.manual_seed(0)
+    lin, out = nn.Linear(6, 8), nn.Linear(8, 5)
+    base = nn.Sequential(lin, nn.GELU(), nn.Dropout(0.5), out)
+    xs = [torch.randn(3, 5, 6), torch.randn(2, 5, 6)]
+    want = _mean_abs(xs, lin, nn.functional.gelu)
+    got, source = _channel_act(base, ["0"], xs, "mean_abs")["0"]
+    assert source == "consumers"
+    torch.testing.assert_close(got, want)
+    # the pre-activation would rank differently: the score really is taken after the GELU
+    with torch.no_grad():
+        pre = torch.cat([lin(b).reshape(-1, 8) for b in xs]).abs().mean(0)
+    assert not torch.allclose(pre, want)
+    model = copy.deepcopy(base)
+    pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation", calibration_data=xs,
+                     include="0")
+    assert _pruned_rows(model[0]) == sorted(want.argsort()[:4].tolist())
+
+
+def test_channel_activation_mean_abs_pools_consumers_and_falls_back_to_own_output():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(5, 10), nn.Linear(10, 3), nn.Linear(10, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.b(h * 2.0).sum(-1) + self.c(h).sum(-1)
+
+    torch.manual_seed(3)
+    model = Fork()
+    x = torch.randn(32, 5)
+    with torch.no_grad():
+        h = torch.relu(model.a(x))
+        want = torch.cat([h * 2.0, h]).abs().mean(0)  # both consumers' inputs, every token
+    got, source = _channel_act(model, ["a"], x, "mean_abs")["a"]
+    assert source == "consumers"
+    torch.testing.assert_close(got, want)
+    # no consumer (Linear -> ReLU -> model output): mean |y| of the layer's own output (before the ReLU)
+    w = torch.eye(4)
+    x1 = torch.tensor([[5.0, -4.0, 0.1, 0.2], [-5.0, 4.0, 0.3, -0.2]])   # mean|y| = 5, 4, 0.2, 0.2
+    m = _two_layer(w)
+    got, source = _channel_act(m, ["0"], x1, "mean_abs")["0"]
+    assert source == "output"
+    torch.testing.assert_close(got, torch.tensor([5.0, 4.0, 0.2, 0.2]))
+    pycompress.prune(m, 0.5, pattern="channel", method="activation", calibration_data=x1)
+    assert _pruned_rows(m[0]) == [2, 3]
+    # Net: enc.2 -> LayerNorm -> head falls back; enc.0 -> ReLU -> enc.2 has a consumer
+    torch.manual_seed(4)
+    model = Net()
+    xs = [torch.randn(3, 64), torch.randn(5, 64)]
+    with torch.no_grad():
+        own = torch.cat([model.enc(x) for x in xs]).abs().mean(0)
+    seen = _mean_abs(xs, model.enc[0], torch.relu)
+    pycompress.prune(model, 0.25, pattern="channel", scope="layer", method="activation", calibration_data=xs)
+    assert _pruned_rows(model.enc[2]) == sorted(own.argsort()[:20].tolist())
+    assert _pruned_rows(model.enc[0]) == sorted(seen.argsort()[:24].tolist())
+
+
+def test_channel_mixed_uses_the_selected_activation_score():
+    torch.manual_seed(1)
+    lin, out = nn.Linear(5, 10), nn.Linear(10, 3)
+    model = nn.Sequential(lin, nn.Tanh(), out)
+    x = torch.randn(16, 5) * torch.tensor([3.0, 0.1, 1.0, 0.5, 2.0])
+    with torch.no_grad():
+        mag = lin.weight.abs().sum(1)
+    for act_score, act in (("mean_abs", _mean_abs([x], lin, torch.tanh)),
+                           ("std_weighted", _contribution([x], lin, torch.tanh, out))):
+        score = 0.5 * act / act.mean() + 0.5 * mag / mag.mean()
+        m = copy.deepcopy(model)
+        pycompress.prune(m, 0.4, pattern="channel", scope="layer", method="mixed", calibration_data=x,
+                         include="0", activation_score=act_score)
+        assert _pruned_rows(m[0]) == sorted(score.argsort()[:4].tolist()), act_score
+
+
+def test_activation_score_in_gradual_pruning_and_bad_values():
+    torch.manual_seed(6)
+    base = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 4))
+    x = torch.randn(16, 8)
+    masks = {}
+    for act_score in ("mean_abs", "std_weighted"):
+        m = copy.deepcopy(base)
+        sched = pycompress.GradualPruning(m, 0.5, total_steps=1, pattern="channel", method="activation",
+                                          calibration_data=x, include="0", activation_score=act_score)
+        sched.step()
+        expect = pycompress.prune(copy.deepcopy(base), 0.5, pattern="channel", method="activation",
+                                  calibration_data=x, include="0", activation_score=act_score)
+        assert torch.equal(m[0].mask, expect[0].mask)
+        masks[act_score] = m[0].mask
+    assert not torch.equal(masks["mean_abs"], masks["std_weighted"])  # the keyword reached prune
+    for kwargs in ({"pattern": "channel", "method": "activation", "calibration_data": x},
+                   {"pattern": "unstructured"}, {"pattern": "2:4", "method": "mixed", "calibration_data": x}):
+        with pytest.raises(ValueError, match=r"unknown activation_score 'std'; supported: 'mean_abs', 'std_weighted'"):
+            pycompress.prune(copy.deepcopy(base), 0.5 if kwargs["pattern"] != "2:4" else None,
+                             activation_score="std", **kwargs)
+    with pytest.raises(ValueError, match="unknown activation_score"):
+        pycompress.prune(copy.deepcopy(base), 0.5, activation_score=None)
+    with pytest.raises(ValueError, match="unknown activation_score"):
+        pycompress.GradualPruning(base, 0.5, total_steps=2, activation_score="MEAN_ABS")
+    assert type(base[0]) is nn.Linear  # refused before the model was touched
 
 
 def test_unstructured_activation_is_wanda_and_nm():
