@@ -209,7 +209,8 @@ def test_prune_fallback_reverts_until_within_budget(int8_cls):
 def test_prune_step_with_a_data_method_uses_the_calibration_inputs():
     data = teacher_dataset(mlp(), n_batches=2, batch=32)
     inputs = [x for x, _ in data]
-    for method, extra in (("activation", {}), ("mixed", {"mix": 0.25})):
+    for method, extra in (("activation", {}), ("mixed", {"mix": 0.25}),
+                          ("activation", {"activation_score": "std_weighted"})):
         recipe = [{"prune": {"sparsity": 0.5, "pattern": "channel", "method": method, "exclude": "4", **extra}}]
         model, rep = pycompress.compress(mlp(), recipe, data, metric="accuracy")  # (inputs, labels) pairs
         direct = pycompress.prune(mlp(), 0.5, pattern="channel", method=method, exclude="4",
