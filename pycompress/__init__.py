@@ -8,6 +8,7 @@ from pycompress._version import __version__
 from pycompress import _ext, nn, ops
 from pycompress._ext import active_cpu_isa, cpu_features, has_cuda_kernels, set_cpu_isa
 from pycompress.prune import GradualPruning, deploy_pruned, prune
+from pycompress.compact import CompactionReport, compact
 from pycompress.quantize import quantize
 from pycompress.validate import ValidationReport, validate
 from pycompress.evaluate import EvaluationReport, compare, evaluate
@@ -29,6 +30,8 @@ __all__ = [
     "prune",
     "GradualPruning",
     "deploy_pruned",
+    "compact",
+    "CompactionReport",
     "quantize",
     "validate",
     "ValidationReport",

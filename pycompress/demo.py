@@ -5,8 +5,10 @@ download). A teacher MLP learns the source domain (digits 0-4). It is transferre
 domain (digits 5-9) from a few labelled samples per class by fine-tuning. The transferred model is
 then compressed: int8 (w8a8); pruned to 50% / 90% / 2:4 with fine-tuning (gradual pruning while
 distilling from the uncompressed model); a smaller student distilled from it on the unlabelled
-target pool, next to the same student trained on the labelled samples only; and the combination
-distilled + pruned + int8. Every model is evaluated on the held-out target test set against the
+target pool, next to the same student trained on the labelled samples only; the combination
+distilled + pruned + int8; and half of the hidden neurons removed (activation importance by mean
+absolute activation and by std times weight norm, magnitude, and mixed importance, then
+``compact`` to smaller dense layers), with and without a short distillation. Every model is evaluated on the held-out target test set against the
 uncompressed transferred model. Run it with ``pycompress demo`` (``--quick`` for a fast pass).
 """
 
@@ -283,7 +285,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     e = (lambda full, fast: fast if quick else full)
     common = dict(seed=seed, progress=progress)
 
-    say(f"[1/7] teacher on source digits 0-4 ({len(data['src_train'])} images)")
+    say(f"[1/8] teacher on source digits 0-4 ({len(data['src_train'])} images)")
     teacher = build_model(TEACHER_HIDDEN, seed=seed)
     teacher, _ = pycompress.finetune(teacher, data["src_train"], freeze=None, epochs=e(20, 4),
                                      lr=2e-3, batch_size=32, **common)
@@ -291,7 +293,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     with torch.no_grad():
         source_acc = float((teacher(src_x).argmax(-1) == src_y).float().mean())
 
-    say(f"[2/7] transfer to digits 5-9 from {shots} labelled images per class")
+    say(f"[2/8] transfer to digits 5-9 from {shots} labelled images per class")
     transferred = copy.deepcopy(teacher)
     transferred, _ = pycompress.finetune(transferred, data["labelled"], num_classes=CLASSES,
                                          freeze=None, epochs=e(80, 15), lr=3e-3,
@@ -300,7 +302,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     models: "OrderedDict[str, tuple[nn.Module, str]]" = OrderedDict()
     models["transferred fp32"] = (transferred, "uncompressed reference")
 
-    say("[3/7] int8 w8a8")
+    say("[3/8] int8 w8a8")
     models["int8 w8a8"] = (pycompress.quantize(copy.deepcopy(transferred), mode="w8a8"),
                            "all Linear layers to Int8Linear (per-channel weights, per-token "
                            "activations), no retraining")
@@ -308,14 +310,14 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     kd = dict(temperature=4.0, alpha=1.0, batch_size=32, **common)
     for name, sched, mode in (("pruned 50%", {"final_sparsity": 0.5}, "auto"),
                               ("pruned 90%", {"final_sparsity": 0.9}, "sparse")):
-        say(f"[4/7] {name} (gradual pruning while distilling from the reference)")
+        say(f"[4/8] {name} (gradual pruning while distilling from the reference)")
         m = copy.deepcopy(transferred)
         m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(30, 4), lr=1e-3,
                                   pruning_schedule={**sched, "exclude": "head"}, **kd)
         m = pycompress.deploy_pruned(m, mode=mode)
         models[name] = (m, "hidden layers pruned by magnitude (global) while distilling from "
                         f"the reference; deploy_pruned(mode={mode!r}) gave {_layer_kinds(m)}")
-    say("[4/7] pruned 2:4")
+    say("[4/8] pruned 2:4")
     m = pycompress.prune(copy.deepcopy(transferred), 0.5, pattern="2:4", exclude="head")
     m, _ = pycompress.distill(transferred, m, data["pool"], epochs=e(20, 4), lr=1e-3, **kd)
     m = pycompress.deploy_pruned(m, mode="auto")
@@ -323,21 +325,21 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
                             f"fine-tuned by distillation; deploy_pruned(mode='auto') gave "
                             f"{_layer_kinds(m)}")
 
-    say(f"[5/7] student {STUDENT_HIDDEN} distilled from the transferred model")
+    say(f"[5/8] student {STUDENT_HIDDEN} distilled from the transferred model")
     student = build_model(STUDENT_HIDDEN, seed=seed + 1)
     student, _ = pycompress.distill(transferred, student, data["pool"], epochs=e(60, 15),
                                     lr=5e-3, **kd)
     models["student distilled"] = (student, f"MLP {STUDENT_HIDDEN} trained on the teacher's "
                                    "soft targets over the target pool")
 
-    say("[6/7] same student without the teacher (labelled images only)")
+    say("[6/8] same student without the teacher (labelled images only)")
     baseline = build_model(STUDENT_HIDDEN, seed=seed + 1)
     baseline, _ = pycompress.finetune(baseline, data["labelled"], freeze=None, epochs=e(80, 15),
                                       lr=5e-3, batch_size=10, **common)
     models["student w/o teacher"] = (baseline, "baseline: the same student trained on the "
                                      "labelled images only")
 
-    say("[7/7] distilled + pruned + int8")
+    say("[7/8] distilled + pruned + int8")
     combo = build_model(STUDENT_HIDDEN, seed=seed + 1)
     combo.load_state_dict(student.state_dict())
     combo, _ = pycompress.distill(transferred, combo, data["pool"], epochs=e(30, 4), lr=2e-3,
@@ -346,6 +348,30 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     combo = pycompress.quantize(pycompress.deploy_pruned(combo, mode="dense"), mode="w8a8")
     models["distilled+pruned+int8"] = (combo, "the distilled student pruned to 50% while "
                                        "distilling further, then int8 w8a8")
+
+    say("[8/8] structured 50% (neurons) + compact, without and with a short fine-tune")
+    calib = data["pool"].tensors[0][:256]
+    criteria = (("activation mean_abs", "activation", "mean_abs",
+                 "activation importance, mean absolute activation of each neuron as the next layer "
+                 "sees it (activation_score='mean_abs', the default)"),
+                ("activation std_weighted", "activation", "std_weighted",
+                 "activation importance, standard deviation of each neuron's activation times the "
+                 "norm of the next layer's weight column (activation_score='std_weighted')"),
+                ("magnitude", "magnitude", "mean_abs", "magnitude importance (L1 norm of the row)"),
+                ("mixed", "mixed", "mean_abs", "mixed importance (half mean absolute activation, "
+                 "half magnitude)"))
+    for label, method, act_score, what in criteria:
+        m = pycompress.prune(copy.deepcopy(transferred), 0.5, pattern="channel", method=method,
+                             calibration_data=calib if method != "magnitude" else None, exclude="head",
+                             activation_score=act_score)
+        m = pycompress.compact(m)
+        widths = "-".join(str(getattr(m, f"fc{i}").out_features) for i in range(1, len(TEACHER_HIDDEN) + 1))
+        models[f"structured 50% {label}"] = (m, f"50% of the hidden neurons removed by {what}, "
+                                             f"ranked globally, no retraining; compact() to dense {widths}")
+        tuned = copy.deepcopy(m)
+        tuned, _ = pycompress.distill(transferred, tuned, data["pool"], epochs=e(6, 2), lr=2e-3, **kd)
+        models[f"structured 50% {label} +ft"] = (tuned, "the same compacted model distilled from the "
+                                                 "reference for a few epochs")
 
     report: dict = {"rows": []}
     if main:

@@ -77,7 +77,8 @@ def distill(
     ``optimizer``: ``None``/"adam", "adamw", "sgd", a factory ``params -> Optimizer`` or an
     optimizer over the student's parameters. ``pruning_schedule``: a
     :class:`pycompress.GradualPruning` built on the student, or a dict of its keywords
-    (``total_steps`` defaults to all optimizer steps of the run); masks are broadcast from rank 0
+    (``total_steps`` defaults to all optimizer steps of the run; e.g. ``method``,
+    ``calibration_data``, ``activation_score`` are passed through); masks are broadcast from rank 0
     after every step under ``torchrun``. ``batch_size`` is the global batch (see
     :mod:`pycompress.distributed`). A tqdm bar (loss, accuracy) shows on rank 0 when stderr is a
     terminal. Deterministic for a given ``seed``. ``checkpoint_dir`` saves after every epoch

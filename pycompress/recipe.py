@@ -7,8 +7,13 @@ A recipe is a list of steps, each a one-key mapping from the step name to its ar
       - quantize: {mode: w8a8, exclude: ["classifier", "*.attention.*"]}
 
 given as a dict (``{"steps": [...]}``), a bare list of steps, or a path to a ``.yaml`` / ``.yml``
-/ ``.json`` file holding either. Steps: ``prune`` (arguments of :func:`pycompress.prune`),
-``quantize`` (of :func:`pycompress.quantize`), ``deploy`` (of :func:`pycompress.deploy_pruned`).
+/ ``.json`` file holding either. Steps: ``prune`` (arguments of :func:`pycompress.prune`;
+``method: activation`` or ``mixed`` ranks by activations on the calibration inputs, which are
+passed as ``calibration_data``; for ``pattern: channel`` ``activation_score: mean_abs`` (default)
+or ``std_weighted`` picks the statistic), ``quantize`` (of :func:`pycompress.quantize`), ``deploy`` (of
+:func:`pycompress.deploy_pruned`), ``compact`` (of :func:`pycompress.compact`: removes the
+neurons and heads that ``prune`` with ``pattern: channel`` / ``head`` cut; the first calibration
+batch is its ``example_inputs``, checking that the outputs did not change).
 The whole recipe is checked before the model is touched: an unknown step or argument raises
 ``ValueError`` naming it and listing what is allowed.
 
@@ -42,7 +47,13 @@ STEPS = {
     "prune": ("prune", "pycompress.prune: MaskedLinear with a sparsity pattern"),
     "quantize": ("quantize", "pycompress.quantize: Int8Linear"),
     "deploy": ("deploy_pruned", "pycompress.deploy_pruned: MaskedLinear → SparseLinear / Linear"),
+    "compact": ("compact", "pycompress.compact: pruned neurons / heads removed, smaller dense layers"),
 }
+# arguments that compress() fills from its own inputs (never written in a recipe)
+_INJECTED = {"calibration_data": "the calibration inputs of compress()",
+             "example_inputs": "the first calibration batch",
+             "return_report": "compress()", "return_result": "compress()", "warn": "compress()"}
+_DATA_METHODS = ("activation", "mixed")
 
 
 def _step_function(step: str) -> Callable:
@@ -62,7 +73,7 @@ def _step_arguments(fn: Callable) -> tuple[list[str], list[str]]:
     for i, (name, p) in enumerate(sig.parameters.items()):
         if i == 0 or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
-        if name in ("return_result", "warn"):
+        if name in _INJECTED:
             continue
         allowed.append(name)
         if p.default is p.empty:
@@ -133,6 +144,9 @@ def load_recipe(recipe: Any) -> list[tuple[str, dict]]:
             raise ValueError(f"{where} ({name}): arguments must be a mapping, got {type(kwargs).__name__}")
         allowed, required = _step_arguments(_step_function(name))
         for k in kwargs:
+            if k in _INJECTED and k in inspect.signature(_step_function(name)).parameters:
+                raise ValueError(f"{where} ({name}): argument {k!r} cannot be given in a recipe; "
+                                 f"compress() passes {_INJECTED[k]}")
             if k not in allowed:
                 raise ValueError(f"{where} ({name}): unknown argument {k!r}; allowed: {', '.join(allowed)}")
         missing = [r for r in required if r not in kwargs]
@@ -180,6 +194,7 @@ class CompressionReport:
     compressed_layers: dict[str, str] = field(default_factory=dict)
     sensitivity: dict[str, float] = field(default_factory=dict)
     validation: Any = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def drop(self) -> float | None:
@@ -209,6 +224,7 @@ class CompressionReport:
             "compressed_layers": dict(self.compressed_layers),
             "sensitivity": dict(self.sensitivity),
             "validation": self.validation.to_dict() if self.validation is not None else None,
+            "notes": list(self.notes),
         }
 
     def to_markdown(self) -> str:
@@ -229,6 +245,7 @@ class CompressionReport:
             for r in self.reverted:
                 lines.append(f"| {r['layer']} | {r['was']} | {_f(r['sensitivity'])} | {_f(r['metric_after'])} |")
         lines += ["", f"{len(self.compressed_layers)} layer(s) compressed."]
+        lines += [f"- {n}" for n in self.notes]
         if self.validation is not None:
             lines += ["", self.validation.to_markdown(max_layers=10)]
         return "\n".join(lines)
@@ -255,7 +272,7 @@ def _changed_layers(reference: nn.Module, model: nn.Module) -> dict[str, str]:
         if not name or name not in ref or any(name.startswith(o + ".") for o in out):
             continue
         r = ref[name]
-        if type(r) is not type(m):
+        if type(r) is not type(m) or _reshaped(r, m):
             out[name] = type(m).__name__
         elif _utils.is_pycompress_layer(m):
             rs, ms = r.state_dict(), m.state_dict()
@@ -264,6 +281,16 @@ def _changed_layers(reference: nn.Module, model: nn.Module) -> dict[str, str]:
             ):
                 out[name] = type(m).__name__
     return out
+
+
+def _reshaped(r: nn.Module, m: nn.Module) -> bool:
+    """True when a layer's widths changed (``compact`` made it narrower): ``in_features``,
+    ``out_features``, ``num_attention_heads`` (whatever the layer class)."""
+    for k in ("in_features", "out_features", "num_attention_heads"):
+        a, b = getattr(r, k, None), getattr(m, k, None)
+        if isinstance(a, int) and isinstance(b, int) and a != b:
+            return True
+    return False
 
 
 def _make_metric(metric: Any, calibration: list, progress: bool | None) -> tuple[Callable[[nn.Module], float], str, bool]:
@@ -324,6 +351,13 @@ def compress(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     steps = load_recipe(recipe)
+    for i, (name, kwargs) in enumerate(steps):
+        method = kwargs.get("method", "magnitude")
+        if name == "prune" and method in _DATA_METHODS and (
+                calibration_inputs is None or (isinstance(calibration_inputs, (list, tuple)) and not calibration_inputs)):
+            raise ValueError(f"recipe step {i} (prune): method={method!r} ranks by activations and needs "
+                             "calibration_inputs (a batch or an iterable of batches); use method: magnitude "
+                             "without data")
     if max_drop is not None:
         if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) or max_drop < 0:
             raise ValueError(f"max_drop must be a finite number >= 0, got {max_drop!r}")
@@ -363,13 +397,19 @@ def compress(
         if name == "quantize":
             _, qres = fn(model, **kwargs, return_result=True, warn=False)
             skipped = dict(qres.skipped)
+        elif name == "compact":
+            _, creport = fn(model, val_inputs[0], **kwargs, return_report=True)
+            skipped = dict(creport.refused)
         else:
+            if name == "prune" and kwargs.get("method", "magnitude") in _DATA_METHODS:
+                kwargs = {**kwargs, "calibration_data": val_inputs}
             res = fn(model, **kwargs)
             if isinstance(res, nn.Module) and res is not model:
                 raise RuntimeError(f"step {name} returned a different model object; steps must work in place")
             skipped = {}
         changed = _changed_layers(before, model)
-        report.steps.append({"step": name, "arguments": dict(kwargs), "changed": sorted(changed), "skipped": skipped})
+        shown = {k: v for k, v in kwargs.items() if k not in _INJECTED}
+        report.steps.append({"step": name, "arguments": shown, "changed": sorted(changed), "skipped": skipped})
 
     report.compressed_layers = _changed_layers(original, model)
     if measure is not None:
@@ -377,9 +417,15 @@ def compress(
 
     validation = validate(original, model, val_inputs, tolerance=None, progress=progress)
     if max_drop is not None and not report.within_budget:
-        sensitivity = _sensitivity(original, model, list(report.compressed_layers), val_inputs, progress)
+        # a layer that compact made narrower cannot go back alone (its neighbours' widths changed too)
+        fixed = [n for n in report.compressed_layers if _width_changed(original, model, n)]
+        if fixed:
+            report.notes.append(f"layers whose width changed (compact) cannot be reverted one at a time and "
+                                f"stay compressed: {', '.join(fixed)}")
+        candidates = [n for n in report.compressed_layers if n not in fixed]
+        sensitivity = _sensitivity(original, model, candidates, val_inputs, progress)
         report.sensitivity = dict(sensitivity)
-        order = sorted(report.compressed_layers, key=lambda n: -sensitivity.get(n, math.inf))
+        order = sorted(candidates, key=lambda n: -sensitivity.get(n, math.inf))
         for layer in order:
             was = report.compressed_layers.pop(layer)
             restored = copy.deepcopy(original.get_submodule(layer))
@@ -396,6 +442,17 @@ def compress(
         validation = validate(original, model, val_inputs, tolerance=None, progress=progress)
     report.validation = validation
     return model, report
+
+
+def _width_changed(original: nn.Module, model: nn.Module, name: str) -> bool:
+    """Whether ``name`` or a module inside it has other tensor shapes than in ``original``."""
+    ref = dict(original.named_modules())
+    sub = model.get_submodule(name)
+    for rel, m in sub.named_modules():
+        full = f"{name}.{rel}" if rel else name
+        if full in ref and _reshaped(ref[full], m):
+            return True
+    return False
 
 
 def _sensitivity(original: nn.Module, model: nn.Module, layers: list[str], inputs: list,

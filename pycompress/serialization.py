@@ -7,8 +7,10 @@ A saved model is a directory with two files:
     e.g. tied embeddings, are stored once and listed as aliases in the manifest).
 ``pycompress.json``
     the manifest: format version, the root class name, every module path, and for each module
-    that is a pycompress layer its class name and ``config()``; the SHA-256 and size of the
-    weights file.
+    that is a pycompress layer its class name and ``config()``; the shape of every plain
+    ``nn.Linear`` and the head counts of attention modules (so that layers made smaller by
+    :func:`pycompress.compact` are rebuilt with their new shapes inside a fresh model of the
+    original architecture); the SHA-256 and size of the weights file.
 
 Nothing is ever unpickled: tensors come from safetensors, everything else from JSON, and layer
 classes are looked up by name among the known pycompress layers only (never imported from a path
@@ -37,6 +39,9 @@ WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "pycompress.json"
 FORMAT_NAME = "pycompress-model"
 FORMAT_VERSION = 1
+# set to True on the root module by pycompress.compact: the saved layers may be narrower than those
+# of a fresh model of the architecture
+COMPACTED_ATTR = "_pycompress_compacted"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -88,6 +93,25 @@ def _tensors_for_saving(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
         tensors[key] = t.to("cpu").contiguous()
     # any remaining sharing (e.g. two clones above are fine; overlapping originals are not)
     return tensors, aliases
+
+
+_HEAD_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
+
+
+def _structure(model: nn.Module, skip: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(shapes of the plain ``nn.Linear`` layers, head attributes of attention modules)."""
+    shapes: dict[str, dict] = {}
+    attrs: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in skip):
+            continue
+        if type(module) is nn.Linear:
+            shapes[name] = {"in_features": module.in_features, "out_features": module.out_features,
+                            "bias": module.bias is not None}
+        vals = {a: getattr(module, a, None) for a in _HEAD_ATTRS}
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values()):
+            attrs[name] = vals
+    return shapes, attrs
 
 
 def _module_tree(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
@@ -149,6 +173,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         raise ValueError(f"{out} exists and is not a directory; save() writes a directory")
 
     layers, paths = _module_tree(model)
+    linear_shapes, head_attrs = _structure(model, [p for p in layers if p])
     state = model.state_dict()
     tensors, aliases = _tensors_for_saving(state)
 
@@ -173,6 +198,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             "modules": paths,
             "layers": layers,
             "aliases": aliases,
+            "compacted": bool(getattr(model, COMPACTED_ATTR, False)),
+            "linear_shapes": linear_shapes,
+            "attributes": head_attrs,
             "weights": {
                 "file": WEIGHTS_NAME,
                 "sha256": _sha256(Path(tmp_weights)),
@@ -273,16 +301,60 @@ def _check_architecture(manifest: dict, model: nn.Module, root: Path) -> None:
         )
 
 
-def _feature_mismatch(name: str, cfg: dict, module: nn.Module) -> str | None:
+def _feature_mismatch(name: str, cfg: dict, module: nn.Module, compacted: bool = False) -> str | None:
+    """Why the saved layer cannot replace ``module`` (None when it can). The layer of a model
+    saved after ``compact`` may be narrower than the fresh model's, never wider."""
     for attr in ("in_features", "out_features"):
         want = cfg.get(attr)
         have = getattr(module, attr, None)
-        if want is not None and have is not None and want != have:
+        if want is not None and have is not None and (want > have if compacted else want != have):
             return (
                 f"layer {name!r}: saved with {attr}={want} but the model's "
                 f"{type(module).__name__} has {attr}={have}"
             )
     return None
+
+
+def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
+    """Rebuilds plain ``nn.Linear`` layers saved with a smaller shape and sets attention head
+    counts (both from :func:`pycompress.compact`)."""
+    shapes, attrs = manifest.get("linear_shapes", {}), manifest.get("attributes", {})
+    if not isinstance(shapes, dict) or not isinstance(attrs, dict):
+        raise ValueError(f"{root}: corrupt manifest (linear_shapes / attributes)")
+    if not manifest.get("compacted"):
+        return  # shapes must match exactly (checked with the tensors)
+    for name, shp in shapes.items():
+        try:
+            current = model.get_submodule(name)
+            want = (int(shp["in_features"]), int(shp["out_features"]), bool(shp["bias"]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ValueError(f"{root}: corrupt manifest entry for linear layer {name!r}") from None
+        if type(current) is not nn.Linear:
+            continue
+        have = (current.in_features, current.out_features, current.bias is not None)
+        if want == have:
+            continue
+        if want[0] > have[0] or want[1] > have[1] or min(want[:2]) < 1:
+            raise ValueError(f"{root}: architecture mismatch — layer {name!r} was saved as Linear"
+                             f"({want[0]}, {want[1]}) but the model's is Linear({have[0]}, {have[1]})")
+        new = nn.Linear(want[0], want[1], bias=want[2], device=current.weight.device, dtype=current.weight.dtype)
+        new.train(current.training)
+        _utils.set_module(model, name, new)
+    for name, vals in attrs.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{root}: corrupt manifest (attributes of unknown module {name!r})") from None
+        if not isinstance(vals, dict):
+            raise ValueError(f"{root}: corrupt manifest entry for attributes of {name!r}")
+        for attr, value in vals.items():
+            cur = getattr(module, attr, None)
+            if attr not in _HEAD_ATTRS or not isinstance(value, int) or not isinstance(cur, int):
+                raise ValueError(f"{root}: cannot set {attr}={value!r} on {name!r}")
+            if value != cur and (value > cur or attr == "attention_head_size" or value < 1):
+                raise ValueError(f"{root}: architecture mismatch — {name!r} was saved with {attr}={value} "
+                                 f"but the model has {attr}={cur}")
+            setattr(module, attr, value)
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> nn.Module:
@@ -339,6 +411,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
         raise ValueError(f"{wpath}: checksum mismatch — the weights file is corrupted or from another save")
 
     _check_architecture(manifest, model, root)
+    _apply_structure(manifest, model, root)
 
     known = _utils.pycompress_layer_classes()
     for name, entry in manifest["layers"].items():
@@ -355,8 +428,11 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
             raise ValueError(f"{root}: the saved root module is a {entry['class']}; load it with "
                              f"{entry['class']}.from_config(...) and load_state_dict instead")
         current = model.get_submodule(name)
-        if type(current) is not cls:
-            problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current)
+        narrower = isinstance(cfg, dict) and any(
+            cfg.get(a) is not None and cfg.get(a) != getattr(current, a, None) for a in ("in_features", "out_features"))
+        if type(current) is not cls or narrower:
+            problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current,
+                                        compacted=bool(manifest.get("compacted")))
             if problem:
                 raise ValueError(f"{root}: architecture mismatch — {problem}")
             try:
@@ -399,4 +475,6 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
             + "; ".join(problems[:8]) + more
         )
     model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
+    if manifest.get("compacted"):
+        setattr(model, COMPACTED_ATTR, True)
     return outer

@@ -5,7 +5,10 @@ tuple, or ``logits`` / ``last_hidden_state`` of a dict-like output), one row per
 the last dimension. Per-layer error is measured on the *same* inputs: while the reference model
 runs, a forward hook on every reference layer that the candidate replaced feeds that layer's
 input to the candidate's layer and compares both outputs, so a layer's error is its own and not
-the accumulated error of the layers before it.
+the accumulated error of the layers before it. A layer whose shape differs from its reference
+(``pycompress.compact`` removed neurons or heads) cannot be fed the reference's input or compared
+with the reference's output: it is skipped and listed in ``ValidationReport.skipped`` with the
+reason.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class ValidationReport:
         metrics: output agreement (``cosine``, ``min_cosine``, ``max_abs_error``,
             ``mean_abs_error``, ``relative_error``, ``kl_div``, ``top1_agreement``).
         layers: per-layer errors of every replaced layer, by qualified name.
+        skipped: layers that could not be compared (a different width, e.g. after
+            :func:`pycompress.compact`), by qualified name → reason.
         tolerance: the bounds checked; ``failures``: the bounds that were not met.
         batches / rows: how much data was compared.
     """
@@ -147,6 +152,7 @@ class ValidationReport:
     batches: int = 0
     rows: int = 0
     nonfinite: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -177,6 +183,7 @@ class ValidationReport:
             "rows": self.rows,
             "nonfinite": self.nonfinite,
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
+            "skipped": dict(self.skipped),
         }
 
     def to_markdown(self, max_layers: int | None = None) -> str:
@@ -209,6 +216,8 @@ class ValidationReport:
                     f"| {e.name} | {e.reference_type} → {e.candidate_type} | {_fmt(e.cosine)} | "
                     f"{_fmt(e.relative_error)} | {_fmt(e.max_abs_error)} |"
                 )
+        if self.skipped:
+            lines += ["", "Layers not compared:"] + [f"- {k}: {v}" for k, v in self.skipped.items()]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -219,6 +228,8 @@ class ValidationReport:
             parts.append(f"kl={_fmt(m['kl_div'])}")
         parts.append(f"max_abs_error={_fmt(m['max_abs_error'])}")
         parts.append(f"layers={len(self.layers)}")
+        if self.skipped:
+            parts.append(f"skipped={len(self.skipped)}")
         worst = self.worst_layers(1)
         if worst:
             parts.append(f"worst_layer={worst[0].name!r} (rel {_fmt(worst[0].relative_error)})")
@@ -245,6 +256,20 @@ def _parse_tolerance(tolerance: Any) -> dict:
     return out
 
 
+_WIDTHS = ("in_features", "out_features", "num_attention_heads", "all_head_size")
+
+
+def _widths(m: nn.Module) -> dict:
+    return {k: getattr(m, k) for k in _WIDTHS if isinstance(getattr(m, k, None), int)}
+
+
+def _width_change(rmod: nn.Module, cmod: nn.Module) -> str | None:
+    """``"in_features 512 -> 148, ..."`` when the layer's widths differ, else None."""
+    rw, cw = _widths(rmod), _widths(cmod)
+    diff = [f"{k} {rw[k]} -> {cw[k]}" for k in _WIDTHS if k in rw and k in cw and rw[k] != cw[k]]
+    return ", ".join(diff) or None
+
+
 def _replaced_layers(reference: nn.Module, candidate: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     ref_modules = dict(reference.named_modules())
     out = []
@@ -252,7 +277,8 @@ def _replaced_layers(reference: nn.Module, candidate: nn.Module) -> list[tuple[s
         if not name or name not in ref_modules:
             continue
         rmod = ref_modules[name]
-        if type(rmod) is not type(cmod) or (_utils.is_pycompress_layer(cmod) and rmod is not cmod):
+        if type(rmod) is not type(cmod) or (_utils.is_pycompress_layer(cmod) and rmod is not cmod) \
+                or _width_change(rmod, cmod) is not None:
             if any(name.startswith(o + ".") for o, _, _ in out):
                 continue  # inside an already replaced subtree
             out.append((name, rmod, cmod))
@@ -265,9 +291,15 @@ class _LayerProbe:
         self.cmod = cmod
         self.acc = _Acc()
         self.failure: str | None = None
+        change = _width_change(rmod, cmod)
+        # a narrower layer (compact) cannot take the reference's input: nothing to compare
+        self.skipped: str | None = None
+        if change is not None and "in_features" in change:
+            self.skipped = f"shape differs from the reference ({change}): not compared"
+        self.change = change
 
     def __call__(self, module, args, kwargs, output):
-        if self.failure is not None:
+        if self.failure is not None or self.skipped is not None:
             return
         ref_out = output
         try:
@@ -278,6 +310,10 @@ class _LayerProbe:
             r, _ = _utils.output_tensor(ref_out)
             c, _ = _utils.output_tensor(cand_out)
             if r.shape != c.shape:
+                if self.change is not None:  # a compacted layer: its output is narrower by design
+                    self.skipped = (f"output shape {tuple(c.shape)} differs from the reference's "
+                                    f"{tuple(r.shape)} ({self.change}): not compared")
+                    return
                 raise ValueError(f"output shape {tuple(c.shape)} != reference {tuple(r.shape)}")
             self.acc.add(r, c, logits=False)
             self.err.calls += 1
@@ -319,7 +355,9 @@ def validate(
     afterwards). Reports output agreement — mean and worst cosine similarity of output rows,
     max/mean absolute error, relative error, and for logits the top-1 agreement and the KL
     divergence of the softmax outputs — and the per-layer error of every layer the candidate
-    replaced, measured by forward hooks on the same inputs.
+    replaced, measured by forward hooks on the same inputs. Layers whose widths differ from the
+    reference's (after :func:`pycompress.compact`) are skipped and listed in ``.skipped`` with the
+    reason; the model outputs are still compared.
 
     Args:
         reference: the original model (keep a ``copy.deepcopy`` before compressing in place).
@@ -402,6 +440,8 @@ def validate(
         raise ValueError("inputs holds no batch")
 
     metrics = acc.result(is_logits)
+    skipped = {p.err.name: p.skipped for p in probes if p.skipped is not None}
+    probes = [p for p in probes if p.skipped is None]
     layer_errors = {p.err.name: p.finish() for p in probes}
     failures = [p.failure for p in probes if p.failure]
     failures += [f"layer {p.err.name}: never called on these inputs" for p in probes
@@ -433,4 +473,5 @@ def validate(
         batches=n_batches,
         rows=acc.rows,
         nonfinite=acc.nonfinite,
+        skipped=skipped,
     )

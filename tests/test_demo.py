@@ -12,7 +12,11 @@ import torchrun_util
 from pycompress import demo
 
 NAMES = ["transferred fp32", "int8 w8a8", "pruned 50%", "pruned 90%", "pruned 2:4",
-         "student distilled", "student w/o teacher", "distilled+pruned+int8"]
+         "student distilled", "student w/o teacher", "distilled+pruned+int8",
+         "structured 50% activation mean_abs", "structured 50% activation mean_abs +ft",
+         "structured 50% activation std_weighted", "structured 50% activation std_weighted +ft",
+         "structured 50% magnitude", "structured 50% magnitude +ft",
+         "structured 50% mixed", "structured 50% mixed +ft"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,28 @@ def test_rows_are_consistent_measurements(quick_run):
     assert rows["pruned 50%"]["nonzeros"] < 0.6 * ref["parameters"]
     assert rows["student distilled"]["parameters"] < 0.05 * ref["parameters"]
     assert rows["distilled+pruned+int8"]["bytes"] < rows["student distilled"]["bytes"]
+    for method in ("activation mean_abs", "activation std_weighted", "magnitude", "mixed"):
+        for suffix in ("", " +ft"):
+            r = rows[f"structured 50% {method}{suffix}"]
+            # compact really removed the neurons: fewer parameters, all of them non-zero dense weights
+            assert r["parameters"] < 0.6 * ref["parameters"]
+            assert r["nonzeros"] >= 0.95 * r["parameters"]
+
+
+def test_compacted_rows_reload_into_the_original_architecture(quick_run):
+    import pycompress
+
+    out, report = quick_run
+    row = next(r for r in report["rows"] if r["model"] == "structured 50% activation std_weighted +ft")
+    folder = os.path.join(out, "models", "structured_50pct_activation_std_weighted__ft")
+    meta = json.load(open(os.path.join(folder, "pycompress.json")))
+    model = demo.build_model(meta["factory_kwargs"]["hidden"], meta["factory_kwargs"]["classes"])
+    pycompress.load(os.path.join(folder, "model"), model)
+    assert model.fc1.out_features < demo.TEACHER_HIDDEN[0]
+    x, y = demo.target_test_data(0).tensors
+    with torch.no_grad():
+        acc = float((model(x).argmax(-1) == y).float().mean())
+    assert acc == pytest.approx(row["accuracy"])
 
 
 def test_acceptance_int8_close_and_distillation_beats_baseline(quick_run):

@@ -29,7 +29,7 @@ def test_load_recipe_forms(tmp_path):
 @pytest.mark.parametrize(
     "recipe, match",
     [
-        ({"steps": [{"distill": {}}]}, "unknown step 'distill'; known steps: prune, quantize, deploy"),
+        ({"steps": [{"distill": {}}]}, "unknown step 'distill'; known steps: prune, quantize, deploy, compact"),
         ({"steps": [{"quantize": {"modee": "w8a8"}}]}, "unknown argument 'modee'; allowed: mode, include, exclude, act_bits"),
         ({"steps": [{"quantize": {}, "prune": {}}]}, "exactly one step name"),
         ({"steps": [{"quantize": {"exclude": "re:(x"}}]}, "invalid regular expression"),
@@ -204,3 +204,64 @@ def test_prune_fallback_reverts_until_within_budget(int8_cls):
         assert isinstance(model.get_submodule(name), int8_cls)
     sens = [r["sensitivity"] for r in rep.reverted]
     assert sens == sorted(sens, reverse=True)  # most sensitive first
+
+
+def test_prune_step_with_a_data_method_uses_the_calibration_inputs():
+    data = teacher_dataset(mlp(), n_batches=2, batch=32)
+    inputs = [x for x, _ in data]
+    for method, extra in (("activation", {}), ("mixed", {"mix": 0.25}),
+                          ("activation", {"activation_score": "std_weighted"})):
+        recipe = [{"prune": {"sparsity": 0.5, "pattern": "channel", "method": method, "exclude": "4", **extra}}]
+        model, rep = pycompress.compress(mlp(), recipe, data, metric="accuracy")  # (inputs, labels) pairs
+        direct = pycompress.prune(mlp(), 0.5, pattern="channel", method=method, exclude="4",
+                                  calibration_data=inputs, **extra)
+        for name in ("0", "2"):
+            assert torch.equal(model.get_submodule(name).mask, direct.get_submodule(name).mask)
+        # magnitude would have chosen other neurons: the data was used
+        mag = pycompress.prune(mlp(), 0.5, pattern="channel", exclude="4")
+        assert not torch.equal(model[0].mask, mag[0].mask)
+        assert rep.steps[0]["arguments"] == recipe[0]["prune"]  # the data is not copied into the report
+        json.dumps(rep.to_dict(), allow_nan=False)
+
+
+def test_data_method_without_calibration_inputs_is_a_clear_error():
+    recipe = [{"prune": {"sparsity": 0.5, "pattern": "channel", "method": "activation"}}]
+    for calib in (None, []):
+        model = mlp()
+        with pytest.raises(ValueError, match=r"recipe step 0 \(prune\): method='activation' .*needs calibration_inputs"):
+            pycompress.compress(model, recipe, calib)
+        assert type(model[0]) is nn.Linear  # untouched
+    with pytest.raises(ValueError, match="'calibration_data' cannot be given in a recipe"):
+        load_recipe([{"prune": {"sparsity": 0.5, "method": "activation", "calibration_data": [1.0]}}])
+    with pytest.raises(ValueError, match="'example_inputs' cannot be given in a recipe"):
+        load_recipe([{"compact": {"example_inputs": [1.0]}}])
+
+
+def test_compact_step_after_channel_pruning(int8_cls):
+    data = teacher_dataset(mlp(), n_batches=2, batch=32)
+    inputs = [x for x, _ in data]
+    recipe = {"steps": [{"prune": {"sparsity": 0.5, "pattern": "channel", "method": "activation", "exclude": "4"}},
+                        "compact", {"quantize": {"mode": "w8a8", "include": "4"}}]}
+    masked = pycompress.prune(mlp(), 0.5, pattern="channel", method="activation", exclude="4",
+                              calibration_data=inputs)
+    model, rep = pycompress.compress(mlp(), recipe, data, metric="accuracy")
+    assert [s["step"] for s in rep.steps] == ["prune", "compact", "quantize"]
+    assert rep.steps[1]["changed"] == ["0", "2", "4"] and rep.steps[1]["skipped"] == {}
+    assert rep.steps[1]["arguments"] == {}
+    assert model[0].out_features == masked[0].out_features - int((~masked[0].mask.any(1)).sum())
+    assert model[2].in_features == model[0].out_features and model[4].in_features == model[2].out_features
+    assert type(model[0]) is nn.Linear and isinstance(model[4], int8_cls)
+    assert sorted(rep.compressed_layers) == ["0", "2", "4"]
+    assert rep.validation is not None and set(rep.validation.skipped) == {"0", "2", "4"}
+    # the compacted layers cannot be put back one at a time: the fallback says so
+    model, rep = pycompress.compress(mlp(), recipe, data, metric="accuracy", max_drop=0.0)
+    assert rep.compressed_metric < 1.0 and not rep.within_budget  # 50% of the neurons, no fine-tune
+    assert rep.reverted == [] and any("cannot be reverted" in n for n in rep.notes)
+    assert "cannot be reverted" in rep.to_markdown()
+    with torch.no_grad():
+        assert model(inputs[0]).shape == (32, 10)
+    # compact arguments (include / exclude, atol) are passed on; refusals are reported
+    recipe = [{"prune": {"sparsity": 0.5, "pattern": "channel", "scope": "layer"}}, {"compact": {"atol": 1e-4}}]
+    model, rep = pycompress.compress(mlp(), recipe, inputs)
+    assert "4" in rep.steps[1]["skipped"]  # the last layer feeds the model output
+    assert model[4].out_features == 10

@@ -170,3 +170,35 @@ def test_bad_arguments():
         pycompress.validate(ref, copy.deepcopy(ref), [3.0])
     with pytest.raises(TypeError, match="candidate must be"):
         pycompress.validate(ref, "model", torch.randn(2, 32))
+
+
+def test_compacted_layers_are_skipped_with_a_reason(int8_cls):
+    ref = mlp()
+    x = torch.randn(16, 32)
+    masked = pycompress.prune(copy.deepcopy(ref), 0.5, pattern="channel", scope="layer", exclude="4")
+    small = pycompress.compact(copy.deepcopy(masked))
+    assert small[0].out_features == 32 and small[2].in_features == 32 and small[4].in_features == 32
+    # against the masked model (same outputs): every layer changed width, none is compared
+    rep = pycompress.validate(masked, small, x)  # layers=True is the default
+    assert rep.passed, rep
+    assert rep.layers == {} and sorted(rep.skipped) == ["0", "2", "4"]
+    assert "out_features 64 -> 32" in rep.skipped["0"] and "in_features 64 -> 32" in rep.skipped["2"]
+    assert "in_features 64 -> 32" in rep.skipped["4"] and "out_features" not in rep.skipped["4"]
+    # against the dense original: same layer types, different widths, still skipped
+    rep = pycompress.validate(ref, small, x, tolerance=0.0)
+    assert sorted(rep.skipped) == ["0", "2", "4"] and rep.layers == {} and rep.passed
+    d = rep.to_dict()
+    json.dumps(d, allow_nan=False)
+    assert set(d["skipped"]) == {"0", "2", "4"}
+    assert "Layers not compared:" in rep.to_markdown() and "skipped=3" in repr(rep)
+    # layers of unchanged width are still compared: quantize the compacted model
+    q = pycompress.quantize(copy.deepcopy(small))
+    rep = pycompress.validate(small, q, x)
+    assert sorted(rep.layers) == ["0", "2", "4"] and rep.skipped == {}
+    # a layer tolerance never fails because of the skipped layers; the compared ones count
+    partly = copy.deepcopy(masked)
+    pycompress.compact(partly, include="0")  # 0 shrinks, 2 loses input columns; 4 stays
+    partly[4] = pycompress.quantize(nn.Sequential(partly[4]))[0]
+    rep = pycompress.validate(masked, partly, x, tolerance={"cosine": 0.99, "layer_cosine": 0.99})
+    assert rep.passed, rep
+    assert sorted(rep.skipped) == ["0", "2"] and sorted(rep.layers) == ["4"] and rep.layers["4"].calls == 1
