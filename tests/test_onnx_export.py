@@ -314,3 +314,31 @@ def test_warns_when_the_batch_axis_is_specialized(tmp_path):
     q = pycompress.quantize(BranchOnBatch().eval())
     with pytest.warns(UserWarning, match=r"exported with a fixed size: input\[0\] = 3"):
         pycompress.export_onnx(q, torch.randn(3, 8), tmp_path / "m.onnx", exporter="dynamo")
+
+
+def test_compacted_bert_exports(tmp_path):
+    """prune(channel/head) -> compact -> quantize -> export: narrower layers and fewer heads."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=16)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 64, (3, 8))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    pycompress.prune(model, 0.5, pattern="channel", include="*intermediate.dense", scope="layer",
+                     method="activation", calibration_data=[batch])
+    pycompress.prune(model, 0.5, pattern="head", scope="layer")
+    pycompress.compact(model, batch)
+    assert model.encoder.layer[0].intermediate.dense.out_features == 32
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 2
+    q = pycompress.quantize(model, exclude="pooler")
+    path = pycompress.export_onnx(q, batch, tmp_path / "compact.onnx")  # verify=True checks ORT vs torch
+    shapes = sorted(tuple(i.dims) for i in initializers(path).values() if len(i.dims) == 2)
+    assert (32, 32) in shapes and (16, 32) in shapes  # ffn weights [32, 32]; q/k/v [16, 32]
+    assert op_types(path).count("MatMulInteger") == 2 * 6
+    last, _ = run_ort(path, ids, mask)
+    with torch.no_grad():
+        ref = q(**batch).last_hidden_state
+    assert onnx_export.compare_outputs([ref], [last])[0]["cosine"] > 0.9999
