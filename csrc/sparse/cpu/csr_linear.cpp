@@ -116,37 +116,73 @@ PYC_TARGET_AVX2 void flush_tile_avx2(const float* tile, int64_t Mp, float* y, in
 
 // M == 1. AVX2 gathers are slow on Zen (an 8-lane gather costs more than eight scalar loads),
 // so each group of 8 kept weights is assembled into a vector from scalar loads (a load and an
-// insert per weight) and multiplied by 8 contiguous values with one FMA; two accumulators over
-// blocks of 16. The last < 8 weights of a row use scalar FMAs.
-template <typename I>
+// insert per weight) and multiplied by 8 contiguous values with one FMA. int16 indices are read
+// four at a time as one 64-bit word. Two rows are computed together (independent accumulators,
+// more work between the hard-to-predict row ends); the last < 8 weights of a row are one more
+// vector whose lanes past the row end are masked to zero (the indices and values read there
+// belong to the following rows of the same task, so they are in bounds), or scalar FMAs at the
+// very end of the task's range.
 PYC_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gather8_avx2(const float* x,
-                                                                          const I* c) {
+                                                                          const int32_t* c) {
   return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
+}
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gather8_avx2(const float* x,
+                                                                          const int16_t* c) {
+  uint64_t a, b;
+  std::memcpy(&a, c, 8);
+  std::memcpy(&b, c + 4, 8);
+  return _mm256_setr_ps(x[a & 0xffff], x[(a >> 16) & 0xffff], x[(a >> 32) & 0xffff], x[a >> 48],
+                        x[b & 0xffff], x[(b >> 16) & 0xffff], x[(b >> 32) & 0xffff], x[b >> 48]);
+}
+
+alignas(32) constexpr int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                0,  0,  0,  0,  0,  0,  0,  0};
+
+// Adds the kept weights [p, e) of one row to acc0/acc1 (8-wide); pend bounds the readable
+// range of ci/v for the masked tail.
+template <typename I>
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void gemv_row_avx2(
+    const float* x, const I* ci, const float* v, int32_t p, int32_t e, int32_t pend, __m256& acc0,
+    __m256& acc1) {
+  for (; p + 16 <= e; p += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p + 8), gather8_avx2(x, ci + p + 8), acc1);
+  }
+  if (p + 8 <= e) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
+    p += 8;
+  }
+  if (p < e) {
+    if (p + 8 <= pend) {
+      const __m256 m = _mm256_castsi256_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 8 - (e - p))));
+      acc1 = _mm256_fmadd_ps(_mm256_and_ps(_mm256_loadu_ps(v + p), m),
+                             _mm256_and_ps(gather8_avx2(x, ci + p), m), acc1);
+    } else {
+      float a = 0.f;
+      for (; p < e; ++p) a = std::fma(v[p], x[ci[p]], a);
+      acc1 = _mm256_add_ps(acc1, _mm256_setr_ps(a, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f));
+    }
+  }
 }
 
 template <typename I>
 PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, const float* v,
                                const float* bias, float* y, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int32_t p = rp[n];
-    const int32_t e = rp[n + 1];
-    for (; p + 16 <= e; p += 16) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p + 8), gather8_avx2(x, ci + p + 8), acc1);
-    }
-    if (p + 8 <= e) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
-      p += 8;
-    }
-    float a0 = 0.f, a1 = 0.f;
-    for (; p + 2 <= e; p += 2) {
-      a0 = std::fma(v[p], x[ci[p]], a0);
-      a1 = std::fma(v[p + 1], x[ci[p + 1]], a1);
-    }
-    if (p < e) a0 = std::fma(v[p], x[ci[p]], a0);
-    const float s = hsum256(_mm256_add_ps(acc0, acc1)) + (a0 + a1);
-    y[n] = (bias ? bias[n] : 0.f) + s;
+  const int32_t pend = rp[n1];
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    gemv_row_avx2(x, ci, v, rp[n], rp[n + 1], pend, a0, a1);
+    gemv_row_avx2(x, ci, v, rp[n + 1], rp[n + 2], pend, b0, b1);
+    y[n] = (bias ? bias[n] : 0.f) + hsum256(_mm256_add_ps(a0, a1));
+    y[n + 1] = (bias ? bias[n + 1] : 0.f) + hsum256(_mm256_add_ps(b0, b1));
+  }
+  if (n < n1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    gemv_row_avx2(x, ci, v, rp[n], rp[n + 1], pend, a0, a1);
+    y[n] = (bias ? bias[n] : 0.f) + hsum256(_mm256_add_ps(a0, a1));
   }
 }
 
