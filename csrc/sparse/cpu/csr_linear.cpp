@@ -198,6 +198,44 @@ PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_entry_avx2(__m25
   for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[j]);
 }
 
+// Column indices of 4 consecutive kept weights (int16: one 64-bit load; indices are >= 0).
+struct Idx4 {
+  int64_t k[4];
+};
+inline __attribute__((always_inline)) Idx4 load_idx4(const int16_t* c) {
+  uint64_t a;
+  std::memcpy(&a, c, 8);
+  return {{static_cast<int64_t>(a & 0xffff), static_cast<int64_t>((a >> 16) & 0xffff),
+           static_cast<int64_t>((a >> 32) & 0xffff), static_cast<int64_t>(a >> 48)}};
+}
+inline __attribute__((always_inline)) Idx4 load_idx4(const int32_t* c) {
+  return {{c[0], c[1], c[2], c[3]}};
+}
+
+// Four consecutive kept weights c[0..3], v[0..3]; entry j goes into accumulator set
+// (s0 + j) % U. The weights are loaded as one vector and broadcast lane by lane with in-lane
+// shuffles (fewer loads than four scalar broadcasts; loads are the bottleneck).
+template <int NV, int U, bool PF, int KD, typename I>
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_quad_avx2(
+    __m256 (*acc)[NV], int s0, const float* base, int64_t ld, const I* c, const float* v) {
+  const Idx4 ix = load_idx4(c);
+  const __m256 v4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(v));
+  const __m256 w[4] = {_mm256_permute_ps(v4, 0x00), _mm256_permute_ps(v4, 0x55),
+                       _mm256_permute_ps(v4, 0xAA), _mm256_permute_ps(v4, 0xFF)};
+  if (PF) {
+    const Idx4 nx = load_idx4(c + KD);
+    for (int q = 0; q < 4; ++q) {
+      const char* pf = reinterpret_cast<const char*>(base + nx.k[q] * ld);
+      for (int j = 0; j < NV; j += 2) _mm_prefetch(pf + 32 * j, _MM_HINT_T0);
+    }
+  }
+  for (int q = 0; q < 4; ++q) {
+    const float* xr = base + ix.k[q] * ld;
+    __m256* a = acc[(s0 + q) % U];
+    for (int j = 0; j < NV; ++j) a[j] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(xr + 8 * j), a[j]);
+  }
+}
+
 template <int NV, int S, typename I>
 PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
     const float* xT, int64_t Mp, int64_t m0, int32_t p, int32_t e, const I* ci, const float* v,
@@ -208,19 +246,19 @@ PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_setzero_ps();
   const float* base = xT + m0;
+  // groups of G >= 4 entries (a multiple of U), 4 at a time
+  constexpr int G = U > 4 ? U : 4;
   if (NV >= 4) {
     // wide rows of xT (>= 128 bytes) do not stay in L1: fetch the rows of the kept weights
     // kD entries ahead
     constexpr int kD = 16;
-    for (; p + U + kD <= e; p += U) {
-      for (int u = 0; u < U; ++u) {
-        const char* pf = reinterpret_cast<const char*>(
-            base + static_cast<int64_t>(ci[p + u + kD]) * ld);
-        for (int j = 0; j < NV; j += 2) _mm_prefetch(pf + 32 * j, _MM_HINT_T0);
-        spmm_entry_avx2<NV>(acc[u], base + static_cast<int64_t>(ci[p + u]) * ld, v[p + u]);
-      }
-    }
+    for (; p + G + kD <= e; p += G)
+      for (int g = 0; g < G; g += 4)
+        spmm_quad_avx2<NV, U, true, kD>(acc, g, base, ld, ci + p + g, v + p + g);
   }
+  for (; p + G <= e; p += G)
+    for (int g = 0; g < G; g += 4)
+      spmm_quad_avx2<NV, U, false, 0>(acc, g, base, ld, ci + p + g, v + p + g);
   for (; p + U <= e; p += U) {
     for (int u = 0; u < U; ++u)
       spmm_entry_avx2<NV>(acc[u], base + static_cast<int64_t>(ci[p + u]) * ld, v[p + u]);
