@@ -128,11 +128,10 @@ PYC_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gather8_avx2(const 
 }
 PYC_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gather8_avx2(const float* x,
                                                                           const int16_t* c) {
-  uint64_t a, b;
-  std::memcpy(&a, c, 8);
-  std::memcpy(&b, c + 4, 8);
-  return _mm256_setr_ps(x[a & 0xffff], x[(a >> 16) & 0xffff], x[(a >> 32) & 0xffff], x[a >> 48],
-                        x[b & 0xffff], x[(b >> 16) & 0xffff], x[(b >> 32) & 0xffff], x[b >> 48]);
+  uint32_t a[4];
+  std::memcpy(a, c, 16);
+  return _mm256_setr_ps(x[a[0] & 0xffff], x[a[0] >> 16], x[a[1] & 0xffff], x[a[1] >> 16],
+                        x[a[2] & 0xffff], x[a[2] >> 16], x[a[3] & 0xffff], x[a[3] >> 16]);
 }
 
 alignas(32) constexpr int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
