@@ -255,9 +255,18 @@ PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
       for (int g = 0; g < G; g += 4)
         spmm_quad_avx2<NV, U, true, kD>(acc, g, base, ld, ci + p + g, v + p + g);
   }
-  for (; p + G <= e; p += G)
-    for (int g = 0; g < G; g += 4)
-      spmm_quad_avx2<NV, U, false, 0>(acc, g, base, ld, ci + p + g, v + p + g);
+  if (p + G <= e) {
+    // pointer-stepped (fewer live integer registers in the hot loop)
+    const I* c = ci + p;
+    const float* vv = v + p;
+    int32_t cnt = (e - p) / G;
+    p += cnt * G;
+    do {
+      for (int g = 0; g < G; g += 4) spmm_quad_avx2<NV, U, false, 0>(acc, g, base, ld, c + g, vv + g);
+      c += G;
+      vv += G;
+    } while (--cnt);
+  }
   for (; p + U <= e; p += U) {
     for (int u = 0; u < U; ++u)
       spmm_entry_avx2<NV>(acc[u], base + static_cast<int64_t>(ci[p + u]) * ld, v[p + u]);
@@ -281,6 +290,7 @@ PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t
                                       int64_t M, int64_t n0, int64_t n1) {
   // rows are computed into a small tile [kRowBlock, Mp] and written to y [M, ldy] block-wise,
   // so each token's outputs are stored contiguously
+  if (S) Mp = S;
   std::vector<float> tile(kRowBlock * Mp);
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
