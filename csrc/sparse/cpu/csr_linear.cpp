@@ -251,9 +251,18 @@ PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
     // wide rows of xT (>= 128 bytes) do not stay in L1: fetch the rows of the kept weights
     // kD entries ahead
     constexpr int kD = 16;
-    for (; p + G + kD <= e; p += G)
-      for (int g = 0; g < G; g += 4)
-        spmm_quad_avx2<NV, U, true, kD>(acc, g, base, ld, ci + p + g, v + p + g);
+    if (p + G + kD <= e) {
+      const I* c = ci + p;
+      const float* vv = v + p;
+      int32_t cnt = (e - kD - p) / G;
+      p += cnt * G;
+      do {
+        for (int g = 0; g < G; g += 4)
+          spmm_quad_avx2<NV, U, true, kD>(acc, g, base, ld, c + g, vv + g);
+        c += G;
+        vv += G;
+      } while (--cnt);
+    }
   }
   if (p + G <= e) {
     // pointer-stepped (fewer live integer registers in the hot loop)
