@@ -143,9 +143,17 @@ template <typename I>
 PYC_TARGET_AVX2 inline __attribute__((always_inline)) void gemv_row_avx2(
     const float* x, const I* ci, const float* v, int32_t p, int32_t e, int32_t pend, __m256& acc0,
     __m256& acc1) {
-  for (; p + 16 <= e; p += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p + 8), gather8_avx2(x, ci + p + 8), acc1);
+  if (p + 16 <= e) {
+    const I* c = ci + p;
+    const float* vv = v + p;
+    int32_t cnt = (e - p) / 16;
+    p += cnt * 16;
+    do {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(vv), gather8_avx2(x, c), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(vv + 8), gather8_avx2(x, c + 8), acc1);
+      c += 16;
+      vv += 16;
+    } while (--cnt);
   }
   if (p + 8 <= e) {
     acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
