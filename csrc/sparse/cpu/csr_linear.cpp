@@ -366,6 +366,23 @@ PYC_TARGET_AVX512 void gemv_avx512(const float* x, const int32_t* rp, const I* c
   }
 }
 
+// Four consecutive kept weights; entry j goes into accumulator set (s0 + j) % U. See
+// spmm_quad_avx2.
+template <int NV, int U, typename I>
+PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_quad_avx512(
+    __m512 (*acc)[NV], int s0, const float* base, int64_t ld, const I* c, const float* v) {
+  const Idx4 ix = load_idx4(c);
+  const __m512 v4 = _mm512_broadcast_f32x4(_mm_loadu_ps(v));
+  const __m512 w[4] = {_mm512_permute_ps(v4, 0x00), _mm512_permute_ps(v4, 0x55),
+                       _mm512_permute_ps(v4, 0xAA), _mm512_permute_ps(v4, 0xFF)};
+  for (int q = 0; q < 4; ++q) {
+    const float* xr = base + ix.k[q] * ld;
+    __m512* a = acc[(s0 + q) % U];
+    for (int j = 0; j < NV; ++j)
+      a[j] = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(xr + 16 * j), a[j]);
+  }
+}
+
 template <int NV, typename I>
 PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_row_avx512(
     const float* xT, int64_t Mp, int64_t m0, int32_t p,
@@ -376,6 +393,19 @@ PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_row_avx512(
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm512_setzero_ps();
   const float* base = xT + m0;
+  // groups of G >= 4 entries (a multiple of U), 4 at a time, pointer-stepped (as in AVX2)
+  constexpr int G = U > 4 ? U : 4;
+  if (p + G <= e) {
+    const I* c = ci + p;
+    const float* vv = v + p;
+    int32_t cnt = (e - p) / G;
+    p += cnt * G;
+    do {
+      for (int g = 0; g < G; g += 4) spmm_quad_avx512<NV, U>(acc, g, base, Mp, c + g, vv + g);
+      c += G;
+      vv += G;
+    } while (--cnt);
+  }
   for (; p + U <= e; p += U) {
     for (int u = 0; u < U; ++u) {
       const float* xr = base + static_cast<int64_t>(ci[p + u]) * Mp;
