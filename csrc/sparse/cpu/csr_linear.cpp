@@ -308,11 +308,14 @@ PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t
   // rows are computed into a small tile [kRowBlock, Mp] and written to y [M, ldy] block-wise,
   // so each token's outputs are stored contiguously
   if (S) Mp = S;
-  std::vector<float> tile(kRowBlock * Mp);
+  // the tile lives on the stack when small (no heap allocation per task)
+  alignas(32) float small[S > 0 && S <= 64 ? kRowBlock * S : 1];
+  std::vector<float> heap(S > 0 && S <= 64 ? 0 : kRowBlock * Mp);
+  float* const tile = S > 0 && S <= 64 ? small : heap.data();
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
     for (int64_t n = nb; n < ne; ++n) {
-      float* yr = tile.data() + (n - nb) * Mp;
+      float* yr = tile + (n - nb) * Mp;
       const float b = bias ? bias[n] : 0.f;
       const int32_t p = rp[n], e = rp[n + 1];
       int64_t m0 = 0;
@@ -321,7 +324,7 @@ PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t
       if (m0 + 16 <= Mp) { spmm_row_avx2<2, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
       if (m0 + 8 <= Mp) { spmm_row_avx2<1, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
     }
-    flush_tile_avx2(tile.data(), Mp, y, ldy, M, nb, ne);
+    flush_tile_avx2(tile, Mp, y, ldy, M, nb, ne);
   }
 }
 
