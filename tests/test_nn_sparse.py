@@ -125,6 +125,39 @@ def test_sparse_linear_forward_paths():
     torch.testing.assert_close(xg.grad, lin.weight.detach().sum(0).expand(2, 5, 70), atol=1e-4, rtol=1e-4)
 
 
+def test_sparse_linear_inference_call_stays_visible():
+    # the plain-CPU inference shortcut must not hide the op from dispatch modes, the profiler,
+    # the tracer or functorch transforms
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    lin, _ = _pruned_linear(48, 20, 0.8)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(3, 48)
+    ref = lin(x).detach()
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        with Record():
+            torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+        assert any("sparse_linear" in f for f in seen)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            sl(x)
+        assert any("sparse_linear" in e.name for e in prof.events())
+        traced = torch.jit.trace(sl, x)
+        assert "sparse_linear" in str(traced.graph)
+        torch.testing.assert_close(traced(x), ref, atol=1e-4, rtol=1e-4)
+        ys = torch.func.vmap(sl)(x.unsqueeze(1))
+        torch.testing.assert_close(ys.squeeze(1), ref, atol=1e-4, rtol=1e-4)
+    sl.row_ptr = sl.row_ptr.to("meta")  # a buffer on another device: a clear error, no crash
+    with torch.no_grad(), pytest.raises((RuntimeError, NotImplementedError)):
+        sl(x)
+
+
 def test_sparse_linear_module_rejects_bad_inputs_and_corrupt_buffers():
     lin, _ = _pruned_linear(40, 16, 0.5)
     sl = SparseLinear.from_dense(lin)

@@ -36,6 +36,10 @@ void check_csr(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor&
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == at::kFloat,
                 "sparse_linear: bias must be float32 [N]");
   }
+  // the module may call this kernel by its dispatch key directly: all operands must be on the CPU
+  TORCH_CHECK(x.is_cpu() && row_ptr.is_cpu() && col_idx.is_cpu() && values.is_cpu() &&
+                  (!bias.has_value() || bias->is_cpu()),
+              "sparse_linear: all tensors must be on the same device (CPU)");
 }
 
 // Structural check of the CSR arrays (branch-free reductions the compiler vectorizes, so the

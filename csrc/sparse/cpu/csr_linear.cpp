@@ -116,37 +116,80 @@ PYC_TARGET_AVX2 void flush_tile_avx2(const float* tile, int64_t Mp, float* y, in
 
 // M == 1. AVX2 gathers are slow on Zen (an 8-lane gather costs more than eight scalar loads),
 // so each group of 8 kept weights is assembled into a vector from scalar loads (a load and an
-// insert per weight) and multiplied by 8 contiguous values with one FMA; two accumulators over
-// blocks of 16. The last < 8 weights of a row use scalar FMAs.
-template <typename I>
+// insert per weight) and multiplied by 8 contiguous values with one FMA. int16 indices are read
+// four at a time as one 64-bit word. Two rows are computed together (independent accumulators,
+// more work between the hard-to-predict row ends); the last < 8 weights of a row are one more
+// vector whose lanes past the row end are masked to zero (the indices and values read there
+// belong to the following rows of the same task, so they are in bounds), or scalar FMAs at the
+// very end of the task's range.
 PYC_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gather8_avx2(const float* x,
-                                                                          const I* c) {
+                                                                          const int32_t* c) {
   return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
+}
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) __m256 gather8_avx2(const float* x,
+                                                                          const int16_t* c) {
+  uint32_t a[4];
+  std::memcpy(a, c, 16);
+  return _mm256_setr_ps(x[a[0] & 0xffff], x[a[0] >> 16], x[a[1] & 0xffff], x[a[1] >> 16],
+                        x[a[2] & 0xffff], x[a[2] >> 16], x[a[3] & 0xffff], x[a[3] >> 16]);
+}
+
+alignas(32) constexpr int32_t kLaneMask[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
+                                                0,  0,  0,  0,  0,  0,  0,  0};
+
+// Adds the kept weights [p, e) of one row to acc0/acc1 (8-wide); pend bounds the readable
+// range of ci/v for the masked tail.
+template <typename I>
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void gemv_row_avx2(
+    const float* x, const I* ci, const float* v, int32_t p, int32_t e, int32_t pend, __m256& acc0,
+    __m256& acc1) {
+  if (p + 16 <= e) {
+    const I* c = ci + p;
+    const float* vv = v + p;
+    int32_t cnt = (e - p) / 16;
+    p += cnt * 16;
+    do {
+      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(vv), gather8_avx2(x, c), acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(vv + 8), gather8_avx2(x, c + 8), acc1);
+      c += 16;
+      vv += 16;
+    } while (--cnt);
+  }
+  if (p + 8 <= e) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
+    p += 8;
+  }
+  if (p < e) {
+    if (p + 8 <= pend) {
+      const __m256 m = _mm256_castsi256_ps(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLaneMask + 8 - (e - p))));
+      acc1 = _mm256_fmadd_ps(_mm256_and_ps(_mm256_loadu_ps(v + p), m),
+                             _mm256_and_ps(gather8_avx2(x, ci + p), m), acc1);
+    } else {
+      float a = 0.f;
+      for (; p < e; ++p) a = std::fma(v[p], x[ci[p]], a);
+      acc1 = _mm256_add_ps(acc1, _mm256_setr_ps(a, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f));
+    }
+  }
 }
 
 template <typename I>
 PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, const float* v,
                                const float* bias, float* y, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int32_t p = rp[n];
-    const int32_t e = rp[n + 1];
-    for (; p + 16 <= e; p += 16) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p + 8), gather8_avx2(x, ci + p + 8), acc1);
-    }
-    if (p + 8 <= e) {
-      acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(v + p), gather8_avx2(x, ci + p), acc0);
-      p += 8;
-    }
-    float a0 = 0.f, a1 = 0.f;
-    for (; p + 2 <= e; p += 2) {
-      a0 = std::fma(v[p], x[ci[p]], a0);
-      a1 = std::fma(v[p + 1], x[ci[p + 1]], a1);
-    }
-    if (p < e) a0 = std::fma(v[p], x[ci[p]], a0);
-    const float s = hsum256(_mm256_add_ps(acc0, acc1)) + (a0 + a1);
-    y[n] = (bias ? bias[n] : 0.f) + s;
+  const int32_t pend = rp[n1];
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 b0 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps();
+    gemv_row_avx2(x, ci, v, rp[n], rp[n + 1], pend, a0, a1);
+    gemv_row_avx2(x, ci, v, rp[n + 1], rp[n + 2], pend, b0, b1);
+    y[n] = (bias ? bias[n] : 0.f) + hsum256(_mm256_add_ps(a0, a1));
+    y[n + 1] = (bias ? bias[n + 1] : 0.f) + hsum256(_mm256_add_ps(b0, b1));
+  }
+  if (n < n1) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    gemv_row_avx2(x, ci, v, rp[n], rp[n + 1], pend, a0, a1);
+    y[n] = (bias ? bias[n] : 0.f) + hsum256(_mm256_add_ps(a0, a1));
   }
 }
 
@@ -162,6 +205,44 @@ PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_entry_avx2(__m25
   for (int j = 0; j < NV; ++j) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xr + 8 * j), acc[j]);
 }
 
+// Column indices of 4 consecutive kept weights (int16: one 64-bit load; indices are >= 0).
+struct Idx4 {
+  int64_t k[4];
+};
+inline __attribute__((always_inline)) Idx4 load_idx4(const int16_t* c) {
+  uint64_t a;
+  std::memcpy(&a, c, 8);
+  return {{static_cast<int64_t>(a & 0xffff), static_cast<int64_t>((a >> 16) & 0xffff),
+           static_cast<int64_t>((a >> 32) & 0xffff), static_cast<int64_t>(a >> 48)}};
+}
+inline __attribute__((always_inline)) Idx4 load_idx4(const int32_t* c) {
+  return {{c[0], c[1], c[2], c[3]}};
+}
+
+// Four consecutive kept weights c[0..3], v[0..3]; entry j goes into accumulator set
+// (s0 + j) % U. The weights are loaded as one vector and broadcast lane by lane with in-lane
+// shuffles (fewer loads than four scalar broadcasts; loads are the bottleneck).
+template <int NV, int U, bool PF, int KD, typename I>
+PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_quad_avx2(
+    __m256 (*acc)[NV], int s0, const float* base, int64_t ld, const I* c, const float* v) {
+  const Idx4 ix = load_idx4(c);
+  const __m256 v4 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(v));
+  const __m256 w[4] = {_mm256_permute_ps(v4, 0x00), _mm256_permute_ps(v4, 0x55),
+                       _mm256_permute_ps(v4, 0xAA), _mm256_permute_ps(v4, 0xFF)};
+  if (PF) {
+    const Idx4 nx = load_idx4(c + KD);
+    for (int q = 0; q < 4; ++q) {
+      const char* pf = reinterpret_cast<const char*>(base + nx.k[q] * ld);
+      for (int j = 0; j < NV; j += 2) _mm_prefetch(pf + 32 * j, _MM_HINT_T0);
+    }
+  }
+  for (int q = 0; q < 4; ++q) {
+    const float* xr = base + ix.k[q] * ld;
+    __m256* a = acc[(s0 + q) % U];
+    for (int j = 0; j < NV; ++j) a[j] = _mm256_fmadd_ps(w[q], _mm256_loadu_ps(xr + 8 * j), a[j]);
+  }
+}
+
 template <int NV, int S, typename I>
 PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
     const float* xT, int64_t Mp, int64_t m0, int32_t p, int32_t e, const I* ci, const float* v,
@@ -172,18 +253,36 @@ PYC_TARGET_AVX2 inline __attribute__((always_inline)) void spmm_row_avx2(
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm256_setzero_ps();
   const float* base = xT + m0;
+  // groups of G >= 4 entries (a multiple of U), 4 at a time
+  constexpr int G = U > 4 ? U : 4;
   if (NV >= 4) {
     // wide rows of xT (>= 128 bytes) do not stay in L1: fetch the rows of the kept weights
     // kD entries ahead
     constexpr int kD = 16;
-    for (; p + U + kD <= e; p += U) {
-      for (int u = 0; u < U; ++u) {
-        const char* pf = reinterpret_cast<const char*>(
-            base + static_cast<int64_t>(ci[p + u + kD]) * ld);
-        for (int j = 0; j < NV; j += 2) _mm_prefetch(pf + 32 * j, _MM_HINT_T0);
-        spmm_entry_avx2<NV>(acc[u], base + static_cast<int64_t>(ci[p + u]) * ld, v[p + u]);
-      }
+    if (p + G + kD <= e) {
+      const I* c = ci + p;
+      const float* vv = v + p;
+      int32_t cnt = (e - kD - p) / G;
+      p += cnt * G;
+      do {
+        for (int g = 0; g < G; g += 4)
+          spmm_quad_avx2<NV, U, true, kD>(acc, g, base, ld, c + g, vv + g);
+        c += G;
+        vv += G;
+      } while (--cnt);
     }
+  }
+  if (p + G <= e) {
+    // pointer-stepped (fewer live integer registers in the hot loop)
+    const I* c = ci + p;
+    const float* vv = v + p;
+    int32_t cnt = (e - p) / G;
+    p += cnt * G;
+    do {
+      for (int g = 0; g < G; g += 4) spmm_quad_avx2<NV, U, false, 0>(acc, g, base, ld, c + g, vv + g);
+      c += G;
+      vv += G;
+    } while (--cnt);
   }
   for (; p + U <= e; p += U) {
     for (int u = 0; u < U; ++u)
@@ -208,11 +307,15 @@ PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t
                                       int64_t M, int64_t n0, int64_t n1) {
   // rows are computed into a small tile [kRowBlock, Mp] and written to y [M, ldy] block-wise,
   // so each token's outputs are stored contiguously
-  std::vector<float> tile(kRowBlock * Mp);
+  if (S) Mp = S;
+  // the tile lives on the stack when small (no heap allocation per task)
+  alignas(32) float small[S > 0 && S <= 64 ? kRowBlock * S : 1];
+  std::vector<float> heap(S > 0 && S <= 64 ? 0 : kRowBlock * Mp);
+  float* const tile = S > 0 && S <= 64 ? small : heap.data();
   for (int64_t nb = n0; nb < n1; nb += kRowBlock) {
     const int64_t ne = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
     for (int64_t n = nb; n < ne; ++n) {
-      float* yr = tile.data() + (n - nb) * Mp;
+      float* yr = tile + (n - nb) * Mp;
       const float b = bias ? bias[n] : 0.f;
       const int32_t p = rp[n], e = rp[n + 1];
       int64_t m0 = 0;
@@ -221,7 +324,7 @@ PYC_TARGET_AVX2 void spmm_t_avx2_rows(const float* xT, int64_t Mp, const int32_t
       if (m0 + 16 <= Mp) { spmm_row_avx2<2, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
       if (m0 + 8 <= Mp) { spmm_row_avx2<1, S>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 8; }
     }
-    flush_tile_avx2(tile.data(), Mp, y, ldy, M, nb, ne);
+    flush_tile_avx2(tile, Mp, y, ldy, M, nb, ne);
   }
 }
 
@@ -266,6 +369,23 @@ PYC_TARGET_AVX512 void gemv_avx512(const float* x, const int32_t* rp, const I* c
   }
 }
 
+// Four consecutive kept weights; entry j goes into accumulator set (s0 + j) % U. See
+// spmm_quad_avx2.
+template <int NV, int U, typename I>
+PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_quad_avx512(
+    __m512 (*acc)[NV], int s0, const float* base, int64_t ld, const I* c, const float* v) {
+  const Idx4 ix = load_idx4(c);
+  const __m512 v4 = _mm512_broadcast_f32x4(_mm_loadu_ps(v));
+  const __m512 w[4] = {_mm512_permute_ps(v4, 0x00), _mm512_permute_ps(v4, 0x55),
+                       _mm512_permute_ps(v4, 0xAA), _mm512_permute_ps(v4, 0xFF)};
+  for (int q = 0; q < 4; ++q) {
+    const float* xr = base + ix.k[q] * ld;
+    __m512* a = acc[(s0 + q) % U];
+    for (int j = 0; j < NV; ++j)
+      a[j] = _mm512_fmadd_ps(w[q], _mm512_loadu_ps(xr + 16 * j), a[j]);
+  }
+}
+
 template <int NV, typename I>
 PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_row_avx512(
     const float* xT, int64_t Mp, int64_t m0, int32_t p,
@@ -276,6 +396,19 @@ PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_row_avx512(
   for (int u = 0; u < U; ++u)
     for (int j = 0; j < NV; ++j) acc[u][j] = _mm512_setzero_ps();
   const float* base = xT + m0;
+  // groups of G >= 4 entries (a multiple of U), 4 at a time, pointer-stepped (as in AVX2)
+  constexpr int G = U > 4 ? U : 4;
+  if (p + G <= e) {
+    const I* c = ci + p;
+    const float* vv = v + p;
+    int32_t cnt = (e - p) / G;
+    p += cnt * G;
+    do {
+      for (int g = 0; g < G; g += 4) spmm_quad_avx512<NV, U>(acc, g, base, Mp, c + g, vv + g);
+      c += G;
+      vv += G;
+    } while (--cnt);
+  }
   for (; p + U <= e; p += U) {
     for (int u = 0; u < U; ++u) {
       const float* xr = base + static_cast<int64_t>(ci[p + u]) * Mp;
