@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pycompress.nn._common import linear_from_weight
 from pycompress.ops import sparse as sparse_ops
 
 __all__ = ["MaskedLinear", "keep_masks"]
@@ -116,12 +117,7 @@ class MaskedLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` with weight ``weight * mask``."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        lin.weight.copy_(self.weight * self.mask)
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin
+        return linear_from_weight(self.weight * self.mask, self.bias)
 
     to_float = to_dense
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pycompress.nn._common import dense_weight_and_mask, linear_from_weight
 from pycompress.ops import semi24 as semi24_ops
 
 __all__ = ["SemiSparseLinear"]
@@ -67,18 +68,7 @@ class SemiSparseLinear(nn.Module):
         MaskedLinear's own mask, or the nonzero weights. ``dtype``: dtype of the stored values and
         bias (default: the weight's). Raises ValueError naming the first row/group that keeps
         more than 2 of 4."""
-        from pycompress.nn.masked_linear import MaskedLinear
-
-        if not isinstance(linear, (nn.Linear, MaskedLinear)):
-            raise TypeError(f"linear must be a torch.nn.Linear or MaskedLinear, got {type(linear).__name__}")
-        w = linear.weight.detach()
-        if mask is None and isinstance(linear, MaskedLinear):
-            mask = linear.mask
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError("mask must be a bool tensor")
-            if tuple(mask.shape) != tuple(w.shape):
-                raise ValueError(f"mask must have the weight's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
+        w, mask = dense_weight_and_mask(linear, mask)
         dtype = w.dtype if dtype is None else dtype
         values, meta = semi24_ops.semi24_compress(w, mask, dtype)
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=dtype,
@@ -123,12 +113,7 @@ class SemiSparseLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` (dtype of ``values``) holding the weights with their zeros."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device, dtype=self.values.dtype)
-        lin.weight.copy_(semi24_ops.semi24_decompress(self.values, self.meta, self.in_features))
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin
+        return linear_from_weight(semi24_ops.semi24_decompress(self.values, self.meta, self.in_features), self.bias)
 
     to_float = to_dense
 

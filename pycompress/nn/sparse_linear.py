@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pycompress.nn._common import dense_weight_and_mask, linear_from_weight
 from pycompress.ops import sparse as sparse_ops
 
 __all__ = ["SparseLinear"]
@@ -63,12 +64,7 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
         if nnz > in_features * out_features:
             raise ValueError(f"nnz={nnz} exceeds in_features * out_features = {in_features * out_features}")
-        if index_dtype is None:
-            index_dtype = torch.int16 if in_features <= 32768 else torch.int32
-        if index_dtype not in (torch.int16, torch.int32):
-            raise TypeError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
-        if index_dtype == torch.int16 and in_features > 32768:
-            raise ValueError("int16 column indices need in_features <= 32768")
+        index_dtype = sparse_ops.resolve_index_dtype(index_dtype, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int32, device=device))
@@ -84,18 +80,7 @@ class SparseLinear(nn.Module):
     def from_dense(cls, linear: nn.Module, mask: torch.Tensor | None = None) -> "SparseLinear":
         """Compresses ``linear`` (an ``nn.Linear`` or a ``MaskedLinear``). ``mask=None`` keeps the
         nonzero weights (a MaskedLinear's own mask is used when it has one)."""
-        from pycompress.nn.masked_linear import MaskedLinear
-
-        if not isinstance(linear, (nn.Linear, MaskedLinear)):
-            raise TypeError(f"linear must be a torch.nn.Linear or MaskedLinear, got {type(linear).__name__}")
-        w = linear.weight.detach()
-        if mask is None and isinstance(linear, MaskedLinear):
-            mask = linear.mask
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError("mask must be a bool tensor")
-            if tuple(mask.shape) != tuple(w.shape):
-                raise ValueError(f"mask must have the weight's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
+        w, mask = dense_weight_and_mask(linear, mask)
         row_ptr, col_idx, values = sparse_ops.dense_to_csr(w, mask)
         m = cls(linear.in_features, linear.out_features, int(values.numel()), bias=linear.bias is not None,
                 index_dtype=col_idx.dtype, device=w.device)
@@ -164,12 +149,8 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
         """A plain float32 ``nn.Linear`` holding the weights with their zeros."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.values.device)
-        lin.weight.copy_(sparse_ops.csr_to_dense(self.row_ptr, self.col_idx, self.values, self.in_features))
-        if self.bias is not None:
-            lin.bias.copy_(self.bias)
-        return lin
+        return linear_from_weight(sparse_ops.csr_to_dense(self.row_ptr, self.col_idx, self.values, self.in_features),
+                                  self.bias)
 
     to_float = to_dense
 

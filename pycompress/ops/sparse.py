@@ -198,6 +198,18 @@ def _no_grad_needed(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | 
         x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
 
 
+def resolve_index_dtype(index_dtype: torch.dtype | None, in_features: int) -> torch.dtype:
+    """The column-index dtype of a CSR weight with ``in_features`` columns: ``index_dtype`` checked,
+    or int16 when the columns fit (``in_features <= 32768``) and int32 otherwise."""
+    if index_dtype is None:
+        index_dtype = torch.int16 if in_features <= 32768 else torch.int32
+    if index_dtype not in (torch.int16, torch.int32):
+        raise TypeError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
+    if index_dtype == torch.int16 and in_features > 32768:
+        raise ValueError("int16 column indices need in_features <= 32768")
+    return index_dtype
+
+
 def dense_to_csr(weight: torch.Tensor, mask: torch.Tensor | None = None,
                  index_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compresses ``weight [N, K]`` (kept where ``mask``, or where nonzero) into
@@ -213,12 +225,7 @@ def dense_to_csr(weight: torch.Tensor, mask: torch.Tensor | None = None,
         check_tensor("mask", mask, dtypes=(torch.bool,), ndim=2)
         if mask.shape != weight.shape:
             raise ValueError(f"mask must have the shape of weight {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    if index_dtype is None:
-        index_dtype = torch.int16 if K <= 32768 else torch.int32
-    if index_dtype not in (torch.int16, torch.int32):
-        raise TypeError(f"index_dtype must be torch.int16 or torch.int32, got {index_dtype}")
-    if index_dtype == torch.int16 and K > 32768:
-        raise ValueError("int16 column indices need in_features <= 32768")
+    index_dtype = resolve_index_dtype(index_dtype, K)
     mask = mask.to(weight.device)
     counts = mask.sum(1, dtype=torch.int64)
     if int(counts.sum()) >= 2**31:
