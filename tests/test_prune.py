@@ -278,16 +278,23 @@ def _contribution(x, producer, act, consumer):
         return a.std(0, unbiased=False).float() * consumer.weight.norm(dim=0)
 
 
-def test_channel_activation_is_the_contribution_seen_by_the_consumer():
+def _relu_probe():
+    """Linear(5, 5) = identity -> ReLU -> Linear(5, 3) that ignores input 2, and three inputs:
+    neuron 0 negative (dead after the ReLU), 1 and 3 small and varying, 2 large and varying,
+    4 large and constant."""
     first, second = nn.Linear(5, 5), nn.Linear(5, 3)
     with torch.no_grad():
         first.weight.copy_(torch.eye(5))
         first.bias.zero_()
         second.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]] * 3))
-    model = nn.Sequential(first, nn.ReLU(), second)
+    x = torch.tensor([[-9.0, 0.5, 8.0, 0.3, 7.0], [-7.0, 0.4, 2.0, 0.2, 7.0], [-8.0, 0.1, 5.0, 0.4, 7.0]])
+    return nn.Sequential(first, nn.ReLU(), second), x
+
+
+def test_channel_activation_is_the_contribution_seen_by_the_consumer():
     # neuron 0: large but negative (ReLU -> 0); neuron 2: large and varying, but the consumer ignores
     # it; neuron 4: large but the same for every input; neurons 1 and 3: small, varying, used
-    x = torch.tensor([[-9.0, 0.5, 8.0, 0.3, 7.0], [-7.0, 0.4, 2.0, 0.2, 7.0], [-8.0, 0.1, 5.0, 0.4, 7.0]])
+    model, x = _relu_probe()
     pycompress.prune(model, 0.6, pattern="channel", scope="layer", method="activation", calibration_data=x,
                      include="0", activation_score="std_weighted")
     assert _pruned_rows(model[0]) == [0, 2, 4]
@@ -409,14 +416,8 @@ def _channel_act(model, names, data, activation_score):
 
 
 def test_channel_activation_mean_abs_is_the_default_and_uses_the_consumer_input():
-    first, second = nn.Linear(5, 5), nn.Linear(5, 3)
-    with torch.no_grad():
-        first.weight.copy_(torch.eye(5))
-        first.bias.zero_()
-        second.weight.copy_(torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]] * 3))
-    model = nn.Sequential(first, nn.ReLU(), second)
     # after the ReLU: neuron 0 is dead (always 0), mean |a| = 0, 1/3, 5, 0.3, 7
-    x = torch.tensor([[-9.0, 0.5, 8.0, 0.3, 7.0], [-7.0, 0.4, 2.0, 0.2, 7.0], [-8.0, 0.1, 5.0, 0.4, 7.0]])
+    model, x = _relu_probe()
     score, source = _channel_act(model, ["0"], x, "mean_abs")["0"]
     assert source == "consumers"
     torch.testing.assert_close(score, torch.tensor([0.0, 1.0 / 3, 5.0, 0.3, 7.0]))
