@@ -16,14 +16,21 @@ def sync(device: str) -> None:
 
 
 def time_fn(fn: Callable[[], object], device: str = "cpu", *, warmup: int = 3, repeats: int = 10,
-            min_time_s: float = 0.0) -> dict:
+            min_time_s: float = 0.0, warmup_s: float = 0.025) -> dict:
     """Times ``fn`` and returns ``{"ms": median, "ms_min": ..., "ms_p90": ..., "repeats": n}``.
 
+    Warm-up runs ``warmup`` calls and continues until ``warmup_s`` has elapsed (sub-millisecond
+    calls otherwise get timed while the thread pool's threads are still being placed on cores).
     CUDA timings use events around each call after a synchronize; CPU timings use
     ``time.perf_counter``. Repeats continue until ``min_time_s`` has elapsed as well.
     """
-    for _ in range(warmup):
+    start_warm = time.perf_counter()
+    n = 0
+    while n < warmup or (time.perf_counter() - start_warm) < warmup_s:
         fn()
+        n += 1
+        if n >= 100 * max(1, warmup):
+            break
     sync(device)
     gc.collect()
     times = []

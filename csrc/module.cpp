@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "common/cpu_features.h"
+#include "sparse/decode_layout.h"
 
 namespace {
 
@@ -42,6 +43,11 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "Limit the CPU kernels to an ISA level: auto, scalar, avx2, avx512 or amx");
+  m.def("sparse_decode_layout_enabled", &pyc::sparse_decode_layout_enabled);
+  m.def("set_sparse_decode_layout", &pyc::set_sparse_decode_layout);
+  m.def("sparse_decode_layout_count", &pyc::sparse_decode_layout_count);
+  m.def("sparse_decode_layout_bytes", &pyc::sparse_decode_layout_bytes);
+  m.def("clear_sparse_decode_layouts", &pyc::clear_sparse_decode_layouts);
 #ifdef PYCOMPRESS_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import pycompress
 import pycompress.ops as ops
+from pycompress._ext import cpu_isas as pycompress_isas
 
 
 def _random_sparse(N, K, sparsity, device="cpu", dtype=torch.float32):
@@ -30,6 +32,94 @@ def test_sparse_linear_matches_dense(cpu_isa, M, K, N, sparsity, bias):
     y = ops.sparse_linear(x, rp, ci, v, b, K)
     ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).float()
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (300, 70), (96, 600), (40000, 9)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99])
+def test_sparse_linear_decode_layout_matches_dense(cpu_isa, K, N, sparsity):
+    # repeated single-token calls: the first checks the buffers (CSR kernel), the second builds
+    # the row-sliced layout (AVX2), the rest use it; N = 600 spans several row windows, K = 40000
+    # needs int32 indices
+    w, mask = _random_sparse(N, K, sparsity)
+    b = torch.randn(N)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    tol = 1e-4 if K < 10000 else 5e-4  # fp32 sums of up to 40000 products
+    for i in range(4):
+        x = torch.randn(1, K)
+        ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=tol, rtol=tol)
+    # an in-place change of the values is seen on the next call (the layout is rebuilt)
+    with torch.no_grad():
+        v.mul_(-2.0)
+    x = torch.randn(1, K)
+    ref = torch.nn.functional.linear(x.double(), -2.0 * w.double(), b.double()).float()
+    for _ in range(2):
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=tol, rtol=tol)
+
+
+def test_sparse_linear_decode_layout_padding_never_reads_inputs(cpu_isa):
+    # an inf in column c reaches exactly the rows that keep c, on every call (CSR and sliced)
+    w, mask = _random_sparse(300, 64, 0.9)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    for c in (0, 63):
+        x = torch.randn(1, 64)
+        x[0, c] = float("inf")
+        for _ in range(3):
+            y = ops.sparse_linear(x, rp, ci, v, None, 64)
+            assert torch.equal(~torch.isfinite(y[0]), mask[:, c])
+
+
+def test_sparse_linear_decode_layout_controls():
+    if "avx2" not in pycompress_isas():
+        pytest.skip("the row-sliced layout is an AVX2 path")
+    import gc
+
+    previous = pycompress.active_cpu_isa()
+    pycompress.set_cpu_isa("avx2")
+    try:
+        assert ops.set_decode_layout(True) in (True, False)
+        ops.clear_decode_layouts()
+        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0}
+        w, mask = _random_sparse(520, 96, 0.8)
+        rp, ci, v = ops.dense_to_csr(w, mask)
+        x = torch.randn(1, 96)
+        ref = torch.nn.functional.linear(x.double(), w.double()).float()
+        for _ in range(3):
+            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 96), ref, atol=1e-4, rtol=1e-4)
+        info = ops.decode_layout_info()
+        assert info["layers"] == 1
+        # values + int16 indices of every kept weight at least, plus little padding
+        assert v.numel() * 6 <= info["bytes"] <= v.numel() * 6 * 1.5 + 8192
+        # off: nothing held, nothing built, same results
+        assert ops.set_decode_layout(False) is True
+        assert ops.decode_layout_info() == {"enabled": False, "layers": 0, "bytes": 0}
+        for _ in range(3):
+            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 96), ref, atol=1e-4, rtol=1e-4)
+        assert ops.decode_layout_info()["layers"] == 0
+        assert ops.set_decode_layout(True) is False
+        for _ in range(2):
+            ops.sparse_linear(x, rp, ci, v, None, 96)
+        assert ops.decode_layout_info()["layers"] == 1
+        # a layer whose buffers die releases its layout
+        del rp, ci, v
+        gc.collect()
+        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0}
+        with pytest.raises(TypeError, match="enabled must be a bool"):
+            ops.set_decode_layout(1)
+    finally:
+        ops.set_decode_layout(True)
+        pycompress.set_cpu_isa(previous)
+
+
+def test_sparse_linear_decode_layout_environment_switch():
+    import os
+    import subprocess
+    import sys
+
+    code = "import pycompress.ops as o; print(o.decode_layout_info()['enabled'])"
+    env = dict(os.environ, PYCOMPRESS_SPARSE_DECODE_LAYOUT="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("M", [1, 2, 8, 9, 24, 33])

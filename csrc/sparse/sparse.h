@@ -20,6 +20,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
+#include <vector>
 
 #include "common/cpu_features.h"
 
@@ -32,6 +35,57 @@ int csr_m_align(CpuIsa isa);
 void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void* col_idx,
                   bool idx16, const float* values, const float* bias, float* y, int64_t n0,
                   int64_t n1);
+
+// Row-sliced copy of a CSR weight for M == 1 (SELL-8). Within each window of kSellWindow
+// consecutive rows, rows are sorted by their number of kept weights (descending, stable) and cut
+// into slices of 8 (windows keep each task's outputs in one stretch of y: no cache line of y is
+// written by two threads when tasks are whole windows); slice s stores its steps column-major:
+// entry (j, l) at slice_off[s] + 8 * j + l is the j-th kept weight of lane l's row. Lanes shorter
+// than the slice's longest row are padded with value 0 and index K, which points at a zero the
+// caller appends to x (x_pad[K] == 0), so padding never multiplies an input value (an inf or
+// NaN in x reaches exactly the rows that keep its column, as with CSR). Each step is one 8-wide
+// fused multiply-add with no per-row tails or horizontal sums; with the rows sorted, padding is
+// a fraction of a percent.
+// Allocator of 64-byte aligned arrays (whole-vector loads never straddle cache lines).
+template <typename T>
+struct Aligned64 {
+  using value_type = T;
+  Aligned64() = default;
+  template <typename U>
+  Aligned64(const Aligned64<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const Aligned64<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const Aligned64<U>&) const { return false; }
+};
+
+constexpr int64_t kSellWindow = 256;  // rows; a multiple of 8
+
+struct SellLayout {
+  int64_t K = 0, N = 0, n_slices = 0;
+  bool idx16 = true;                // int16 indices when K < 32768, else int32
+  std::vector<int64_t> slice_off;   // [n_slices + 1] entry offsets (multiples of 8)
+  std::vector<int32_t> row_of;      // [8 * n_slices] output row of each lane, -1 past N
+  std::vector<int16_t, Aligned64<int16_t>> idx16v;  // [slice_off[n_slices]] when idx16
+  std::vector<int32_t, Aligned64<int32_t>> idx32v;  // [slice_off[n_slices]] otherwise
+  std::vector<float, Aligned64<float>> vals;        // [slice_off[n_slices]]
+  int64_t bytes() const;
+};
+
+// Builds `out` from CSR arrays already checked (row_ptr non-decreasing, indices in [0, K)).
+void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,
+                   int64_t N, int64_t K, SellLayout& out);
+
+// M == 1 on the sliced layout: y[row_of[8 s + l]] for slices s in [s0, s1). x_pad has K + 1
+// entries with x_pad[K] == 0.
+void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& layout, const float* bias,
+                   float* y, int64_t s0, int64_t s1);
 
 // M >= 2: columns n in [n0, n1) of y [M, ldy] (row-major) from xT [K, Mp].
 void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_ptr,

@@ -4,16 +4,35 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "common/cpu_features.h"
 #include "common/torch_utils.h"
 #include "sparse/csr_cache.h"
+#include "sparse/decode_layout.h"
 #include "sparse/masked_checks.h"
 #include "sparse/sparse.h"
 
 namespace pyc {
 namespace {
+
+SellCache& sell_cache() {
+  static SellCache cache;
+  return cache;
+}
+
+std::atomic<bool>& decode_layout_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("PYCOMPRESS_SPARSE_DECODE_LAYOUT");
+    return !(v && (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0 ||
+                   std::strcmp(v, "false") == 0));
+  }()};
+  return on;
+}
 
 void check_csr(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                const at::Tensor& values, const c10::optional<at::Tensor>& bias,
@@ -110,6 +129,30 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   // tasks of at least ~32k multiply-adds: below that, waking the thread pool costs more than it
   // saves, so small products stay on one thread
   const int64_t avg = (nnz + N - 1) / N + 1;
+  if (M == 1 && known && isa == CpuIsa::Avx2 && sparse_decode_layout_enabled()) {
+    // AVX2 CPUs: the sliced layout (no per-row tails or horizontal sums); AVX-512 keeps CSR,
+    // whose 16-lane hardware gathers need no such layout
+    if (auto layout = sell_cache().get(row_ptr_in, col_idx_in, values_in, K)) {
+      std::vector<float> xpad(static_cast<size_t>(K) + 1, 0.f);
+      std::memcpy(xpad.data(), xs, sizeof(float) * K);
+      // tasks are whole windows of slices (see SellLayout), taken from a shared counter, so a
+      // thread slowed down by anything else running on its core does less of the work instead
+      // of holding up the others
+      const int64_t* off = layout->slice_off.data();
+      const int64_t ns = layout->n_slices, total = off[ns];
+      constexpr int64_t spw = kSellWindow / 8;  // slices per window
+      const int64_t chunks = (ns + spw - 1) / spw;
+      const int64_t threads = std::max<int64_t>(
+          1, std::min<int64_t>({at::get_num_threads(), total / 32768, chunks}));
+      auto bound = [&](int64_t c) { return std::min(ns, c * spw); };
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+        for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+          sell_gemv_cpu(isa, xpad.data(), *layout, b, yp, bound(c), bound(c + 1));
+      });
+      return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
+    }
+  }
   if (M == 1) {
     const int64_t grain = std::max<int64_t>(1, 32768 / avg);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -201,6 +244,19 @@ at::Tensor masked_linear_grad_weight_cpu_op(const at::Tensor& g_in, const at::Te
 }
 
 }  // namespace
+
+bool sparse_decode_layout_enabled() { return decode_layout_flag().load(); }
+
+bool set_sparse_decode_layout(bool enabled) {
+  const bool before = decode_layout_flag().exchange(enabled);
+  if (!enabled) sell_cache().clear();
+  return before;
+}
+
+int64_t sparse_decode_layout_count() { return sell_cache().usage().first; }
+int64_t sparse_decode_layout_bytes() { return sell_cache().usage().second; }
+void clear_sparse_decode_layouts() { sell_cache().clear(); }
+
 }  // namespace pyc
 
 TORCH_LIBRARY_FRAGMENT(pycompress, m) {

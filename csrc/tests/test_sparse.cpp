@@ -78,6 +78,40 @@ int main() {
           csr_gemv_cpu(isa, x.data(), rp.data(), ci.data(), true, vals.data(), bias.data(),
                        y.data(), 0, N);
           for (int n = 0; n < N; ++n) expect_close("csr_gemv", y[n], yref[n], isa_i, M, K, N);
+          // the sliced (SELL-8) layout, over two slice ranges as the binding's tasks split it
+          SellLayout L;
+          sell_pack_cpu(rp.data(), ci.data(), true, vals.data(), N, K, L);
+          int64_t kept = 0;
+          for (int64_t s = 0; s < L.n_slices; ++s)
+            for (int l = 0; l < 8; ++l) kept += L.row_of[8 * s + l] >= 0;
+          if (kept != N || L.n_slices != (N + 7) / 8 || L.vals.size() < vals.size()) ++failures;
+          std::vector<float> xp(x.begin(), x.end());
+          xp.push_back(0.f);
+          std::vector<float> y2(N, -7.f);
+          const int64_t sh = L.n_slices / 2;
+          sell_gemv_cpu(isa, xp.data(), L, bias.data(), y2.data(), 0, sh);
+          sell_gemv_cpu(isa, xp.data(), L, bias.data(), y2.data(), sh, L.n_slices);
+          for (int n = 0; n < N; ++n) expect_close("sell_gemv", y2[n], yref[n], isa_i, M, K, N);
+          // padding never touches an input: an inf in column 0 reaches only the rows keeping it
+          xp[0] = INFINITY;
+          sell_gemv_cpu(isa, xp.data(), L, nullptr, y2.data(), 0, L.n_slices);
+          for (int n = 0; n < N; ++n) {
+            const bool keeps0 = rp[n + 1] > rp[n] && ci[rp[n]] == 0;
+            if (keeps0 != !std::isfinite(y2[n])) {
+              if (failures < 10) std::printf("FAIL sell padding isa=%d K=%d N=%d row %d\n", isa_i, K, N, n);
+              ++failures;
+            }
+          }
+          // int32 indices (K >= 32768 layouts) through the same pack
+          std::vector<int32_t> ci32(ci.begin(), ci.end());
+          SellLayout L32;
+          sell_pack_cpu(rp.data(), ci32.data(), false, vals.data(), N, K, L32);
+          L32.idx16 = false;
+          L32.idx32v.assign(L32.idx16v.begin(), L32.idx16v.end());
+          L32.idx16v.clear();
+          xp[0] = x[0];
+          sell_gemv_cpu(isa, xp.data(), L32, bias.data(), y2.data(), 0, L32.n_slices);
+          for (int n = 0; n < N; ++n) expect_close("sell_gemv32", y2[n], yref[n], isa_i, M, K, N);
         }
         const int align = csr_m_align(isa);
         const int Mp = (M + align - 1) / align * align;

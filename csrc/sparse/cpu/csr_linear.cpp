@@ -2,8 +2,10 @@
 // See sparse/sparse.h for the format. The M >= 2 kernels vectorize along the dense (token)
 // dimension: each kept weight is broadcast once and multiplied into Mp activations that sit
 // contiguously in the transposed activation copy xT [K, Mp].
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "common/simd.h"
@@ -55,6 +57,20 @@ void spmm_t_scalar(const float* xT, int64_t Mp, const int32_t* rp, const I* ci, 
       float a = 0.f;
       for (int32_t p = rp[n]; p < rp[n + 1]; ++p) a += v[p] * xT[static_cast<int64_t>(ci[p]) * Mp + m];
       y[m * ldy + n] = a + b;
+    }
+  }
+}
+
+template <typename I>
+void sell_scalar(const float* x, const SellLayout& L, const I* idx, const float* bias, float* y,
+                 int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s) {
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int64_t p = L.slice_off[s]; p < L.slice_off[s + 1]; p += 8)
+      for (int l = 0; l < 8; ++l) acc[l] = std::fma(L.vals[p + l], x[idx[p + l]], acc[l]);
+    for (int l = 0; l < 8; ++l) {
+      const int32_t n = L.row_of[8 * s + l];
+      if (n >= 0) y[n] = (bias ? bias[n] : 0.f) + acc[l];
     }
   }
 }
@@ -190,6 +206,33 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     gemv_row_avx2(x, ci, v, rp[n], rp[n + 1], pend, a0, a1);
     y[n] = (bias ? bias[n] : 0.f) + hsum256(_mm256_add_ps(a0, a1));
+  }
+}
+
+// M == 1 on the sliced layout: one step (8 rows x 1 kept weight) is one assembled vector of
+// inputs and one FMA; two steps per iteration on independent accumulators.
+template <typename I>
+PYC_TARGET_AVX2 void sell_avx2(const float* x, const SellLayout& L, const I* idx,
+                               const float* bias, float* y, int64_t s0, int64_t s1) {
+  for (int64_t s = s0; s < s1; ++s) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    const I* c = idx + L.slice_off[s];
+    const float* vv = L.vals.data() + L.slice_off[s];
+    int64_t steps = (L.slice_off[s + 1] - L.slice_off[s]) / 8;
+    for (; steps >= 2; steps -= 2) {
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vv), gather8_avx2(x, c), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(vv + 8), gather8_avx2(x, c + 8), a1);
+      c += 16;
+      vv += 16;
+    }
+    if (steps) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vv), gather8_avx2(x, c), a0);
+    alignas(32) float r[8];
+    _mm256_store_ps(r, _mm256_add_ps(a0, a1));
+    const int32_t* rows = L.row_of.data() + 8 * s;
+    for (int l = 0; l < 8; ++l) {
+      const int32_t n = rows[l];
+      if (n >= 0) y[n] = (bias ? bias[n] : 0.f) + r[l];
+    }
   }
 }
 
@@ -519,6 +562,75 @@ void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_
   else
     spmm_dispatch(isa, xT, Mp, row_ptr, idx_ptr<int32_t>(col_idx), values, bias, y, ldy, M, n0,
                   n1);
+}
+
+int64_t SellLayout::bytes() const {
+  return static_cast<int64_t>(slice_off.size() * sizeof(int64_t) + row_of.size() * sizeof(int32_t) +
+                              idx16v.size() * sizeof(int16_t) + idx32v.size() * sizeof(int32_t) +
+                              vals.size() * sizeof(float));
+}
+
+void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,
+                   int64_t N, int64_t K, SellLayout& out) {
+  out.K = K;
+  out.N = N;
+  out.n_slices = (N + 7) / 8;
+  out.idx16 = K < 32768;  // the padding index K must fit
+  std::vector<int32_t> order(static_cast<size_t>(N));
+  std::iota(order.begin(), order.end(), 0);
+  auto len = [&](int32_t n) { return row_ptr[n + 1] - row_ptr[n]; };
+  for (int64_t w0 = 0; w0 < N; w0 += kSellWindow)
+    std::stable_sort(order.begin() + w0, order.begin() + std::min(N, w0 + kSellWindow),
+                     [&](int32_t a, int32_t b) { return len(a) > len(b); });
+  out.row_of.assign(static_cast<size_t>(8 * out.n_slices), -1);
+  out.slice_off.assign(static_cast<size_t>(out.n_slices + 1), 0);
+  for (int64_t s = 0; s < out.n_slices; ++s) {
+    int64_t steps = 0;
+    for (int64_t l = 0; l < 8 && 8 * s + l < N; ++l) {
+      const int32_t n = order[8 * s + l];
+      out.row_of[8 * s + l] = n;
+      steps = std::max<int64_t>(steps, len(n));
+    }
+    out.slice_off[s + 1] = out.slice_off[s] + 8 * steps;
+  }
+  const int64_t total = out.slice_off[out.n_slices];
+  out.vals.assign(static_cast<size_t>(total), 0.f);
+  if (out.idx16) {
+    out.idx16v.assign(static_cast<size_t>(total), static_cast<int16_t>(K));
+    out.idx32v.clear();
+  } else {
+    out.idx32v.assign(static_cast<size_t>(total), static_cast<int32_t>(K));
+    out.idx16v.clear();
+  }
+  for (int64_t s = 0; s < out.n_slices; ++s) {
+    for (int64_t l = 0; l < 8; ++l) {
+      const int32_t n = out.row_of[8 * s + l];
+      if (n < 0) continue;
+      int64_t q = out.slice_off[s] + l;
+      for (int32_t p = row_ptr[n]; p < row_ptr[n + 1]; ++p, q += 8) {
+        const int64_t k = idx16 ? static_cast<const int16_t*>(col_idx)[p]
+                                : static_cast<const int32_t*>(col_idx)[p];
+        if (out.idx16)
+          out.idx16v[q] = static_cast<int16_t>(k);
+        else
+          out.idx32v[q] = static_cast<int32_t>(k);
+        out.vals[q] = values[p];
+      }
+    }
+  }
+}
+
+void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& L, const float* bias,
+                   float* y, int64_t s0, int64_t s1) {
+#if PYC_HAVE_X86_SIMD
+  if (isa >= CpuIsa::Avx2) {
+    if (L.idx16) return sell_avx2(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
+    return sell_avx2(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
+  }
+#endif
+  (void)isa;
+  if (L.idx16) return sell_scalar(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
+  sell_scalar(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
 }
 
 void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT, int64_t k0,

@@ -1,0 +1,19 @@
+// Switch and accounting of SparseLinear's M == 1 sliced layout (see SellLayout in sparse.h):
+// a copy of each layer's kept weights, built once per layer on AVX2 CPUs, about as large as the
+// layer's CSR arrays. On by default; the environment variable
+// PYCOMPRESS_SPARSE_DECODE_LAYOUT=0 sets the initial state to off.
+#pragma once
+
+#include <cstdint>
+
+namespace pyc {
+
+bool sparse_decode_layout_enabled();
+// Returns the previous state. Turning it off also drops the layouts held.
+bool set_sparse_decode_layout(bool enabled);
+// Number of layouts held for live layers, and their total bytes.
+int64_t sparse_decode_layout_count();
+int64_t sparse_decode_layout_bytes();
+void clear_sparse_decode_layouts();
+
+}  // namespace pyc
