@@ -54,7 +54,7 @@ at::Tensor int8_pack_weight_cpu_impl(const at::Tensor& w_in) {
   return pack_weight(rows_contiguous(w_in));
 }
 
-// Runs the packed GEMM over all panels with at::parallel_for.
+// Runs the packed GEMM over all panels, in pieces the threads take as they finish.
 void run_gemm(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N, int64_t K,
               const Int8Epilogue& ep) {
   const int64_t panels = int8_round_n(N) / kInt8PanelCols;
@@ -64,7 +64,7 @@ void run_gemm(int path, const void* ap, const int8_t* packed, int64_t M, int64_t
   if (int8_gemm_kc(path, M, K) < int8_round_k(K))
     workspace = at::empty({M * int8_round_n(N)}, at::TensorOptions().dtype(at::kInt));
   int32_t* ws = workspace.defined() ? workspace.data_ptr<int32_t>() : nullptr;
-  at::parallel_for(0, panels, grain, [&](int64_t b, int64_t e) {
+  parallel_for_dynamic(0, panels, grain, 8, [&](int64_t b, int64_t e) {
     int8_gemm_packed(path, ap, packed, M, N, K, b, e, ep, ws);
   });
 }

@@ -5,7 +5,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -135,20 +134,14 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
     if (auto layout = sell_cache().get(row_ptr_in, col_idx_in, values_in, K)) {
       std::vector<float> xpad(static_cast<size_t>(K) + 1, 0.f);
       std::memcpy(xpad.data(), xs, sizeof(float) * K);
-      // tasks are whole windows of slices (see SellLayout), taken from a shared counter, so a
-      // thread slowed down by anything else running on its core does less of the work instead
-      // of holding up the others
+      // tasks are whole windows of slices (see SellLayout) of at least ~32k multiply-adds
       const int64_t* off = layout->slice_off.data();
-      const int64_t ns = layout->n_slices, total = off[ns];
+      const int64_t ns = layout->n_slices;
       constexpr int64_t spw = kSellWindow / 8;  // slices per window
-      const int64_t chunks = (ns + spw - 1) / spw;
-      const int64_t threads = std::max<int64_t>(
-          1, std::min<int64_t>({at::get_num_threads(), total / 32768, chunks}));
-      auto bound = [&](int64_t c) { return std::min(ns, c * spw); };
-      std::atomic<int64_t> next{0};
-      at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-        for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
-          sell_gemv_cpu(isa, xpad.data(), *layout, b, yp, bound(c), bound(c + 1));
+      const int64_t windows = (ns + spw - 1) / spw;
+      const int64_t per_window = std::max<int64_t>(1, off[ns] / windows);
+      parallel_for_dynamic(0, windows, 32768 / per_window, 8, [&](int64_t w0, int64_t w1) {
+        sell_gemv_cpu(isa, xpad.data(), *layout, b, yp, w0 * spw, std::min(ns, w1 * spw));
       });
       return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
     }
