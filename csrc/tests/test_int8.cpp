@@ -13,13 +13,14 @@ namespace {
 
 int failures = 0;
 
+// extremes: every A = a_lo (a_high: a_hi) and every B = -128 (-127 without b_min)
 void check_gemm(int path, int64_t M, int64_t K, int64_t N, std::mt19937& rng, bool extremes,
-                bool b_min = true) {
+                bool b_min = true, bool a_high = false) {
   // path 3 (AVX2 vpmaddubsw) takes 7-bit activations only: A in [-64, 63]
   const int a_lo = path == 3 ? -64 : -128, a_hi = path == 3 ? 63 : 127;
   std::uniform_int_distribution<int> dist(a_lo, a_hi), dist_b(b_min ? -128 : -127, 127);
   std::vector<int8_t> a(M * K), b(N * K);
-  for (auto& v : a) v = extremes ? int8_t(a_lo) : static_cast<int8_t>(dist(rng));
+  for (auto& v : a) v = extremes ? int8_t(a_high ? a_hi : a_lo) : static_cast<int8_t>(dist(rng));
   for (auto& v : b) v = extremes ? int8_t(b_min ? -128 : -127) : static_cast<int8_t>(dist_b(rng));
   std::vector<int8_t> packed(pyc::int8_packed_bytes(N, K));
   pyc::int8_pack_b(b.data(), K, N, K, packed.data(), 0, pyc::int8_round_n(N) / 16);
@@ -61,6 +62,8 @@ int main() {
     if (path == 2 && pyc::int8_gemm_path(isa) != 2) continue;
     for (const auto& s : shapes) check_gemm(path, s[0], s[1], s[2], rng, false);
     check_gemm(path, 9, 1000, 20, rng, true);
+    // largest pair sums of path 3: (63 + 64) * -128 * 2 = -32512 in every int16 lane, every row
+    for (int64_t m : {3, 4, 5, 6, 7, 12}) check_gemm(path, m, 1000, 20, rng, true, true, true);
     check_gemm(path, 200, 4500, 20, rng, false);  // K blocks of 2048 on path 3
     for (int64_t m : {1, 2, 3}) {  // weights without -128 (what Int8Linear stores)
       check_gemm(path, m, 1000, 40, rng, false, false);
