@@ -674,7 +674,8 @@ def _sparse_is_faster(dense: nn.Linear, sparse: SparseLinear, batch_sizes, reps=
     dev = dense.weight.device
     for bs in batch_sizes:
         x = torch.randn(bs, dense.in_features, device=dev, dtype=dense.weight.dtype)
-        dense(x), sparse(x)  # warm up
+        for _ in range(2):  # warm up (the second single-row call builds SparseLinear's M == 1 layout)
+            dense(x), sparse(x)
         td = _median_ms(lambda: dense(x), reps)
         ts = _median_ms(lambda: sparse(x), reps)
         if ts >= td:
