@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import pycompress.ops as ops
-from common import time_fn
+from common import run_ratio_range, time_fn
 from pycompress.nn import Int8Linear
 
 KERNEL = "int8"
@@ -179,6 +179,7 @@ def summarize(rows: list[dict]) -> list[str]:
     """
     out = []
     med = {(r["case"], r["impl"]): r["ms"] for r in rows}
+    row_of = {(r["case"], r["impl"]): r for r in rows}
     best = {(r["case"], r["impl"]): r.get("ms_min", r["ms"]) for r in rows}
     for M in (1, 16, 128):
         case = f"M={M} K=4096 N=4096"
@@ -193,11 +194,13 @@ def summarize(rows: list[dict]) -> list[str]:
                 return med[(case, peer)] / med[(case, impl)], best[(case, peer)] / best[(case, impl)]
 
             f_med, f_min = ratio("fp32 nn.Linear")
-            line = (f"{case}: {impl} {med[key]:.3f} ms = {f_med:.2f}x fp32 [{f_min:.2f}x] "
+            line = (f"{case}: {impl} {med[key]:.3f} ms = {f_med:.2f}x fp32 [{f_min:.2f}x]"
+                    f"{run_ratio_range(row_of[(case, 'fp32 nn.Linear')], row_of[key], 2)} "
                     f"(target >= 3x: {'met' if f_med >= 3 else 'NOT met'})")
             if (case, "torch.ao dynamic int8") in med:
                 a_med, a_min = ratio("torch.ao dynamic int8")
-                line += (f", {a_med:.2f}x torch.ao dynamic int8 [{a_min:.2f}x] "
+                line += (f", {a_med:.2f}x torch.ao dynamic int8 [{a_min:.2f}x]"
+                         f"{run_ratio_range(row_of[(case, 'torch.ao dynamic int8')], row_of[key], 2)} "
                          f"(target >= 1.2x: {'met' if a_med >= 1.2 else 'NOT met'})")
             if impl == "pycompress w8a8" and (case, "pycompress w8a16") in med:
                 w_med, w_min = ratio("fp32 nn.Linear", "pycompress w8a16")

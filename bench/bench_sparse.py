@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from common import time_fn
+from common import run_ratio_range, time_fn
 from pycompress.nn import SparseLinear
 
 KERNEL = "sparse"
@@ -68,7 +68,9 @@ def summarize(rows: list[dict]) -> list[str]:
         ours = d["pycompress SparseLinear"]
         vd = d["dense fp32 nn.Linear"]["ms"] / ours["ms"]
         vc = d["torch CSR sparse.mm"]["ms"] / ours["ms"]
-        line = f"{case}: SparseLinear {ours['ms']:.3f} ms = {vd:.1f}x dense fp32, {vc:.1f}x torch CSR"
+        line = (f"{case}: SparseLinear {ours['ms']:.3f} ms = {vd:.1f}x dense fp32"
+                f"{run_ratio_range(d['dense fp32 nn.Linear'], ours)}, {vc:.1f}x torch CSR"
+                f"{run_ratio_range(d['torch CSR sparse.mm'], ours)}")
         if abs(ours["sparsity"] - 0.9) < 1e-6 and ours["M"] in (1, 8, 32):
             ok = vd >= 5 and vc >= 2
             line += f"  [target >=5x dense and >=2x CSR: {'met' if ok else 'MISSED'}]"

@@ -75,3 +75,13 @@ def device_name(device: str) -> str:
     except OSError:
         pass
     return name
+
+
+def run_ratio_range(base: dict, row: dict, digits: int = 1) -> str:
+    """``" (runs: lo-hi x)"``: the speed-up of ``row`` over ``base`` in each run, when both rows
+    carry per-run medians (``bench/run.py --runs N``), else ``""``."""
+    a, b = base.get("ms_runs"), row.get("ms_runs")
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return ""
+    r = [x / y for x, y in zip(a, b)]
+    return f" (runs: {min(r):.{digits}f}-{max(r):.{digits}f}x)"

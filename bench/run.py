@@ -1,10 +1,16 @@
 """Kernel microbenchmark runner: prints a table per kernel and writes JSON results.
 
     python bench/run.py [--kernels quant,int8,sparse,kd] [--device cpu|cuda] [--quick] [--json FILE]
+                        [--runs N]
 
 Every ``bench/bench_<name>.py`` module defines ``KERNEL`` and ``run(device, quick) -> rows``;
 rows are dicts with at least ``kernel``, ``case``, ``impl`` and ``ms``. The JSON file
 (default ``bench/results/<device>.json``) records the device name, torch version and date.
+
+``--runs N`` runs each kernel's benchmark N times, each in a fresh process (thread placement,
+memory layout and neighbours on a shared machine differ between processes), and records per
+(case, impl) the row of the median run, with every run's median in ``ms_runs``; the printed table
+and the summary use those median rows.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import json
 import os
 import platform
 import re
+import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -50,6 +58,8 @@ def format_table(rows: list[dict]) -> str:
     cols = ["case", "impl", "ms"] + extra
 
     def fmt(v):
+        if isinstance(v, list):
+            return "/".join(fmt(x) for x in v)
         if isinstance(v, float):
             return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
         return "" if v is None else str(v)
@@ -61,6 +71,45 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def combine_runs(runs: list[list[dict]]) -> list[dict]:
+    """One row per (case, impl): the row of the run whose median ``ms`` is the (lower) median over
+    the runs, with ``ms_runs`` (every run's median, in run order) and ``ms_min`` (over all runs)."""
+    order, groups = [], {}
+    for rows in runs:
+        for r in rows:
+            key = (r["case"], r["impl"])
+            if key not in groups:
+                order.append(key)
+                groups[key] = []
+            groups[key].append(r)
+    out = []
+    for key in order:
+        group = groups[key]
+        ranked = sorted(group, key=lambda r: r["ms"])
+        row = dict(ranked[(len(ranked) - 1) // 2])
+        row["ms_runs"] = [r["ms"] for r in group]
+        row["ms_min"] = min(r.get("ms_min", r["ms"]) for r in group)
+        out.append(row)
+    return out
+
+
+def _run_in_processes(kernel: str, args, runs: int) -> list[dict]:
+    """Runs one kernel's benchmark ``runs`` times, each in a fresh process, and combines them."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(runs):
+            out = os.path.join(tmp, f"run{i}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--kernels", kernel, "--device", args.device,
+                   "--json", out, "--runs", "1"] + (["--quick"] if args.quick else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"benchmark run {i + 1} of {kernel} failed:\n{proc.stdout}\n{proc.stderr}")
+            with open(out) as f:
+                results.append(json.load(f)["kernels"][kernel])
+            print(f"  {kernel}: run {i + 1}/{runs} done", flush=True)
+    return combine_runs(results)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default=",".join(available_kernels()),
@@ -68,7 +117,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     ap.add_argument("--json", default=None, help="output file (default bench/results/<device>.json)")
+    ap.add_argument("--runs", type=int, default=1,
+                    help="run each kernel's benchmark N times in fresh processes and keep the median run per row")
     args = ap.parse_args(argv)
+    if args.runs < 1:
+        print(f"error: --runs must be >= 1, got {args.runs}", file=sys.stderr)
+        return 2
 
     kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
     unknown = [k for k in kernels if k not in available_kernels()]
@@ -93,13 +147,14 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
         "quick": args.quick,
+        "runs": args.runs,
     }
     print(f"# pycompress benchmarks on {dev} ({args.device}), torch {torch.__version__}, "
           f"{meta['threads']} threads, CPU path {meta['cpu_isa']}")
     results = {"meta": meta, "kernels": {}}
     for k in kernels:
         mod = importlib.import_module(f"bench_{k}")
-        rows = mod.run(args.device, args.quick)
+        rows = mod.run(args.device, args.quick) if args.runs == 1 else _run_in_processes(k, args, args.runs)
         results["kernels"][k] = rows
         results.setdefault("kernel_dates", {})[k] = _dt.datetime.now(_dt.timezone.utc).isoformat(
             timespec="seconds")

@@ -1,0 +1,67 @@
+"""bench/run.py mechanics: combining repeated runs, and the --runs option end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import run as bench_run  # noqa: E402
+from common import run_ratio_range  # noqa: E402
+
+
+def _row(case, impl, ms, ms_min=None, **extra):
+    return {"kernel": "k", "case": case, "impl": impl, "ms": ms, "ms_min": ms if ms_min is None else ms_min,
+            **extra}
+
+
+def test_combine_runs_keeps_the_median_run_row():
+    runs = [[_row("a", "x", 3.0, tag=0), _row("a", "y", 10.0)],
+            [_row("a", "x", 1.0, 0.5, tag=1), _row("a", "y", 12.0)],
+            [_row("a", "x", 2.0, tag=2), _row("a", "y", 11.0), _row("b", "x", 7.0)]]
+    rows = bench_run.combine_runs(runs)
+    assert [(r["case"], r["impl"]) for r in rows] == [("a", "x"), ("a", "y"), ("b", "x")]
+    x, y, b = rows
+    assert x["ms"] == 2.0 and x["tag"] == 2 and x["ms_runs"] == [3.0, 1.0, 2.0] and x["ms_min"] == 0.5
+    assert y["ms"] == 11.0 and y["ms_runs"] == [10.0, 12.0, 11.0]
+    assert b["ms"] == 7.0 and b["ms_runs"] == [7.0]
+    # two runs: the lower median (the faster run's row)
+    two = bench_run.combine_runs(runs[:2])
+    assert two[0]["ms"] == 1.0 and two[0]["tag"] == 1
+
+
+def test_run_ratio_range():
+    base = {"ms": 2.0, "ms_runs": [2.0, 4.0, 3.0]}
+    ours = {"ms": 1.0, "ms_runs": [1.0, 1.0, 2.0]}
+    assert run_ratio_range(base, ours) == " (runs: 1.5-4.0x)"
+    assert run_ratio_range(base, {"ms": 1.0}) == ""
+    assert run_ratio_range({"ms": 1.0, "ms_runs": [1.0]}, {"ms": 1.0, "ms_runs": [1.0]}) == ""
+
+
+def test_runs_option_end_to_end(tmp_path):
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, os.path.join(BENCH, "run.py"), "--kernels", "sparse", "--quick", "--device", "cpu",
+           "--runs", "2", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert data["meta"]["runs"] == 2
+    rows = data["kernels"]["sparse"]
+    assert rows and all(len(r["ms_runs"]) == 2 and r["ms"] in r["ms_runs"] for r in rows)
+    assert "(runs: " in res.stdout
+
+
+def test_runs_option_rejects_zero():
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--runs", "0"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "--runs must be >= 1" in res.stderr
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__]))
