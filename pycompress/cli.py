@@ -314,6 +314,8 @@ def cmd_bench(args) -> int:
         cmd += ["--quick"]
     if args.device:
         cmd += ["--device", args.device]
+    if args.runs is not None:
+        cmd += ["--runs", str(args.runs)]
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(runner))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -452,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the results to this JSON file")
     b.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     b.add_argument("--device", choices=["cpu", "cuda"], help="device (default: cpu)")
+    b.add_argument("--runs", type=int, help="repeat each kernel's benchmark N times in fresh processes "
+                   "and keep the median run per row")
     b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser("export", parents=[common], help="export a model to ONNX",

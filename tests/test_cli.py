@@ -198,6 +198,8 @@ def test_bench_forwards_arguments_and_exit_status(monkeypatch, tmp_path, capfd):
     assert cli.main(["bench", "--kernels", "int8,kd", "--json", "r.json"]) == 0
     assert "ARGS ['--kernels', 'int8,kd', '--json', 'r.json']" in capfd.readouterr().out
     assert cli.main(["bench", "--quick"]) == 3
+    assert cli.main(["bench", "--kernels", "sparse", "--runs", "3"]) == 0
+    assert "ARGS ['--kernels', 'sparse', '--runs', '3']" in capfd.readouterr().out
 
 
 def test_bench_unknown_kernel_fails(capsys):
