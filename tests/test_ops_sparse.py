@@ -57,6 +57,24 @@ def test_sparse_linear_decode_layout_matches_dense(cpu_isa, K, N, sparsity):
         torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("N", [1024, 1000])
+def test_sparse_linear_decode_layout_threaded(cpu_isa, N):
+    # enough kept weights for several 256-row windows shared by 2 threads (N = 1000: a short last
+    # window and a short last slice)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w, mask = _random_sparse(N, 1024, 0.5)
+        b = torch.randn(N)
+        rp, ci, v = ops.dense_to_csr(w, mask)
+        for _ in range(3):
+            x = torch.randn(1, 1024)
+            ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
+            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, 1024), ref, atol=2e-4, rtol=1e-4)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_sparse_linear_decode_layout_padding_never_reads_inputs(cpu_isa):
     # an inf in column c reaches exactly the rows that keep c, on every call (CSR and sliced)
     w, mask = _random_sparse(300, 64, 0.9)
