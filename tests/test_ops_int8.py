@@ -11,7 +11,7 @@ from reference import quantize_per_token_ref
 GEMM_SHAPES = [  # (M, K, N)
     (1, 1, 1), (1, 67, 129), (0, 5, 7), (5, 1, 3), (6, 4, 16), (7, 3, 17), (17, 67, 129),
     (13, 100, 33), (64, 300, 100), (1, 4096, 40), (130, 257, 48),
-    (70, 2001, 40),  # K split into blocks (partial sums through the workspace)
+    (70, 4500, 40),  # K split into blocks of 2048 (partial sums through the workspace)
 ]
 
 
