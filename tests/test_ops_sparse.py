@@ -129,6 +129,42 @@ def test_sparse_linear_decode_layout_controls():
         pycompress.set_cpu_isa(previous)
 
 
+def test_sparse_linear_caches_many_layers_and_reused_memory():
+    if "avx2" not in pycompress_isas():
+        pytest.skip("the row-sliced layout is an AVX2 path")
+    import gc
+
+    previous = pycompress.active_cpu_isa()
+    pycompress.set_cpu_isa("avx2")
+    ops.clear_decode_layouts()
+    try:
+        # 300 layers (more than any fixed-size cache would hold): each keeps its own layout
+        layers = []
+        for i in range(300):
+            w, mask = _random_sparse(24, 16, 0.7)
+            layers.append((w, *ops.dense_to_csr(w, mask)))
+        x = torch.randn(1, 16)
+        for _ in range(3):
+            for w, rp, ci, v in layers:
+                ref = torch.nn.functional.linear(x.double(), w.double()).float()
+                torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 16), ref, atol=1e-4, rtol=1e-4)
+        assert ops.decode_layout_info()["layers"] == 300
+        del layers, w, rp, ci, v
+        gc.collect()
+        assert ops.decode_layout_info()["layers"] == 0
+        # freed buffers whose memory a new layer reuses: never served the old layer's entries
+        for i in range(30):
+            w, mask = _random_sparse(40, 32, 0.5)
+            rp, ci, v = ops.dense_to_csr(w, mask)
+            xx = torch.randn(1, 32)
+            ref = torch.nn.functional.linear(xx.double(), w.double()).float()
+            for _ in range(3):
+                torch.testing.assert_close(ops.sparse_linear(xx, rp, ci, v, None, 32), ref, atol=1e-4, rtol=1e-4)
+            del w, mask, rp, ci, v
+    finally:
+        pycompress.set_cpu_isa(previous)
+
+
 def test_sparse_linear_decode_layout_environment_switch():
     import os
     import subprocess

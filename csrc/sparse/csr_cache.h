@@ -1,16 +1,30 @@
-// Caches of the CSR binding, keyed by tensor identity and version counters.
+// Caches of the CSR binding, keyed by tensor identity and version counters. Binding files only
+// (uses ATen).
 //
-// CsrCheckCache remembers which CSR index buffers (row_ptr, col_idx) already passed the structural check, so
-// repeated calls with a layer's unchanged buffers skip it. Entries are keyed by the tensors'
-// identity (weak references) and their version counters, so any in-place change, or a new tensor
-// reusing the memory, is checked again. Binding files only (uses ATen).
+// Both caches hash the tensors' TensorImpl addresses, so a lookup costs the same with one layer
+// or with thousands; the entry found is only used when weak references to the same tensors are
+// still alive and every version counter is unchanged (a new tensor that reuses a dead one's
+// address, or any in-place change, is a miss). Entries of dead tensors are swept whenever the map
+// has doubled since the last sweep. Inference tensors have no version counter and are never
+// cached.
+//
+// CsrCheckCache remembers which CSR index buffers (row_ptr, col_idx) already passed the
+// structural check, so repeated calls with a layer's unchanged buffers skip it.
+//
+// SellCache holds the M == 1 sliced copy (SellLayout) of each layer's CSR weight, built on the
+// layer's second single-token call (the first one checks the buffers) and dropped when any of
+// row_ptr, col_idx or values dies or changes in place. It costs about as much memory again as
+// the CSR arrays; see sparse/decode_layout.h for the switch and the accounting.
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -18,125 +32,151 @@
 
 namespace pyc {
 
-class CsrCheckCache {
+// Map from NT tensors (+ an int64 tag) to a Payload, valid while the tensors live unchanged.
+template <size_t NT, typename Payload>
+class TensorKeyedCache {
  public:
-  // True when (row_ptr, col_idx, K) was marked good and neither tensor changed since.
-  bool known_good(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
-    if (!cacheable(rp, ci)) return false;
-    std::lock_guard<std::mutex> lock(mu_);
-    for (auto& e : entries_) {
-      auto a = e.rp.lock();
-      auto b = e.ci.lock();
-      if (a.get() == rp.unsafeGetTensorImpl() && b.get() == ci.unsafeGetTensorImpl() &&
-          e.rp_version == rp._version() && e.ci_version == ci._version() && e.K == K)
-        return true;
-    }
-    return false;
+  using Tensors = std::array<const at::Tensor*, NT>;
+
+  static bool cacheable(const Tensors& ts) {
+    for (const at::Tensor* t : ts)
+      if (t->is_inference()) return false;
+    return true;
   }
 
-  void mark_good(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
-    if (!cacheable(rp, ci)) return;
+  // The payload stored for these tensors and tag, when they are alive and unchanged.
+  bool find(const Tensors& ts, int64_t tag, Payload* out) {
+    if (!cacheable(ts)) return false;
     std::lock_guard<std::mutex> lock(mu_);
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [](const Entry& e) { return e.rp.expired() || e.ci.expired(); }),
-                   entries_.end());
-    if (entries_.size() >= 256) entries_.erase(entries_.begin());
-    entries_.push_back({Weak(rp.getIntrusivePtr()), Weak(ci.getIntrusivePtr()), rp._version(),
-                        ci._version(), K});
+    auto it = map_.find(key_of(ts, tag));
+    if (it == map_.end() || !valid(it->second, ts)) return false;
+    if (out) *out = it->second.payload;
+    return true;
+  }
+
+  void put(const Tensors& ts, int64_t tag, Payload payload) {
+    if (!cacheable(ts)) return;
+    Entry e;
+    e.refs.reserve(NT);
+    for (size_t i = 0; i < NT; ++i) {
+      e.refs.emplace_back(ts[i]->getIntrusivePtr());
+      e.versions[i] = ts[i]->_version();
+    }
+    e.payload = std::move(payload);
+    std::lock_guard<std::mutex> lock(mu_);
+    map_.insert_or_assign(key_of(ts, tag), std::move(e));
+    if (map_.size() >= 2 * swept_size_ + 64) sweep();
+  }
+
+  // Visits the payloads of entries whose tensors are all alive (dead ones are dropped first).
+  template <typename F>
+  void for_each_live(F&& f) {
+    std::lock_guard<std::mutex> lock(mu_);
+    sweep();
+    for (auto& kv : map_) f(kv.second.payload);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    map_.clear();
+    swept_size_ = 0;
   }
 
  private:
   using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-  struct Entry {
-    Weak rp, ci;
-    int64_t rp_version, ci_version, K;
+  struct Key {
+    std::array<const void*, NT> impl;
+    int64_t tag;
+    bool operator==(const Key& o) const { return impl == o.impl && tag == o.tag; }
   };
-  // inference tensors have no version counter: they are checked on every call
-  static bool cacheable(const at::Tensor& rp, const at::Tensor& ci) {
-    return !rp.is_inference() && !ci.is_inference();
+  struct KeyHash {
+    size_t operator()(const Key& k) const {
+      size_t h = std::hash<int64_t>()(k.tag);
+      for (const void* p : k.impl) h = h * 1000003u ^ std::hash<const void*>()(p);
+      return h;
+    }
+  };
+  struct Entry {
+    std::vector<Weak> refs;  // NT (weak_intrusive_ptr has no default constructor)
+    std::array<int64_t, NT> versions{};
+    Payload payload{};
+  };
+
+  static Key key_of(const Tensors& ts, int64_t tag) {
+    Key k;
+    for (size_t i = 0; i < NT; ++i) k.impl[i] = ts[i]->unsafeGetTensorImpl();
+    k.tag = tag;
+    return k;
   }
+  static bool valid(const Entry& e, const Tensors& ts) {
+    for (size_t i = 0; i < NT; ++i) {
+      auto alive = e.refs[i].lock();
+      if (alive.get() != ts[i]->unsafeGetTensorImpl() || e.versions[i] != ts[i]->_version())
+        return false;
+    }
+    return true;
+  }
+  void sweep() {
+    for (auto it = map_.begin(); it != map_.end();) {
+      bool dead = false;
+      for (const Weak& w : it->second.refs) dead = dead || w.expired();
+      it = dead ? map_.erase(it) : std::next(it);
+    }
+    swept_size_ = map_.size();
+  }
+
   std::mutex mu_;
-  std::vector<Entry> entries_;
+  std::unordered_map<Key, Entry, KeyHash> map_;
+  size_t swept_size_ = 0;
 };
 
-// The M == 1 sliced copy (SellLayout) of each layer's CSR weight, built on the layer's second
-// single-token call (the first one checks the buffers) and dropped when any of row_ptr, col_idx
-// or values dies or changes in place. It costs about as much memory again as the CSR arrays;
-// see sparse/decode_layout.h for the switch and the accounting.
+class CsrCheckCache {
+ public:
+  // True when (row_ptr, col_idx, K) was marked good and neither tensor changed since.
+  bool known_good(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
+    return cache_.find({&rp, &ci}, K, nullptr);
+  }
+  void mark_good(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
+    cache_.put({&rp, &ci}, K, true);
+  }
+
+ private:
+  TensorKeyedCache<2, bool> cache_;
+};
+
 class SellCache {
  public:
   // The layout of (row_ptr, col_idx, values, K), built now when missing or stale; nullptr for
   // inference tensors (no version counter to tell a change).
   std::shared_ptr<const SellLayout> get(const at::Tensor& rp, const at::Tensor& ci,
                                         const at::Tensor& v, int64_t K) {
-    if (rp.is_inference() || ci.is_inference() || v.is_inference()) return nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (auto& e : entries_)
-        if (matches(e, rp, ci, v, K)) return e.layout;
-    }
-    auto layout = std::make_shared<SellLayout>();
+    const typename Cache::Tensors ts{&rp, &ci, &v};
+    if (!Cache::cacheable(ts)) return nullptr;
+    std::shared_ptr<const SellLayout> layout;
+    if (cache_.find(ts, K, &layout)) return layout;
+    auto built = std::make_shared<SellLayout>();
     const at::Tensor rpc = rp.contiguous(), cic = ci.contiguous(), vc = v.contiguous();
     sell_pack_cpu(rpc.data_ptr<int32_t>(), cic.data_ptr(), cic.scalar_type() == at::kShort,
-                  vc.data_ptr<float>(), rp.size(0) - 1, K, *layout);
-    std::lock_guard<std::mutex> lock(mu_);
-    // drop entries whose tensors died, and the stale entry of these tensors
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [&](const Entry& e) {
-                                    auto a = e.rp.lock();
-                                    auto b = e.ci.lock();
-                                    auto c = e.v.lock();
-                                    return !a || !b || !c ||
-                                           (a.get() == rp.unsafeGetTensorImpl() &&
-                                            b.get() == ci.unsafeGetTensorImpl() &&
-                                            c.get() == v.unsafeGetTensorImpl());
-                                  }),
-                   entries_.end());
-    entries_.push_back({Weak(rp.getIntrusivePtr()), Weak(ci.getIntrusivePtr()),
-                        Weak(v.getIntrusivePtr()), rp._version(), ci._version(), v._version(), K,
-                        layout});
-    return layout;
+                  vc.data_ptr<float>(), rp.size(0) - 1, K, *built);
+    cache_.put(ts, K, built);
+    return built;
   }
 
-  // Layouts held for live layers (dead entries are dropped first) and their bytes.
+  // Layouts held for live layers and their total bytes.
   std::pair<int64_t, int64_t> usage() {
-    std::lock_guard<std::mutex> lock(mu_);
-    prune_dead();
-    int64_t bytes = 0;
-    for (auto& e : entries_) bytes += e.layout->bytes();
-    return {static_cast<int64_t>(entries_.size()), bytes};
+    int64_t n = 0, bytes = 0;
+    cache_.for_each_live([&](const std::shared_ptr<const SellLayout>& l) {
+      ++n;
+      bytes += l->bytes();
+    });
+    return {n, bytes};
   }
 
-  void clear() {
-    std::lock_guard<std::mutex> lock(mu_);
-    entries_.clear();
-  }
+  void clear() { cache_.clear(); }
 
  private:
-  using Weak = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-  struct Entry {
-    Weak rp, ci, v;
-    int64_t rp_version, ci_version, v_version, K;
-    std::shared_ptr<const SellLayout> layout;
-  };
-  void prune_dead() {
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [](const Entry& e) {
-                                    return e.rp.expired() || e.ci.expired() || e.v.expired();
-                                  }),
-                   entries_.end());
-  }
-  static bool matches(Entry& e, const at::Tensor& rp, const at::Tensor& ci, const at::Tensor& v,
-                      int64_t K) {
-    auto a = e.rp.lock();
-    auto b = e.ci.lock();
-    auto c = e.v.lock();
-    return a.get() == rp.unsafeGetTensorImpl() && b.get() == ci.unsafeGetTensorImpl() &&
-           c.get() == v.unsafeGetTensorImpl() && e.rp_version == rp._version() &&
-           e.ci_version == ci._version() && e.v_version == v._version() && e.K == K;
-  }
-  std::mutex mu_;
-  std::vector<Entry> entries_;
+  using Cache = TensorKeyedCache<3, std::shared_ptr<const SellLayout>>;
+  Cache cache_;
 };
 
 }  // namespace pyc
