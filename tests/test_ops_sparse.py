@@ -87,6 +87,18 @@ def test_sparse_linear_decode_layout_padding_never_reads_inputs(cpu_isa):
             assert torch.equal(~torch.isfinite(y[0]), mask[:, c])
 
 
+def _single_row_calls(N, K, sparsity, calls=3):
+    """A random CSR layer called ``calls`` times with one row, each result checked against the
+    dense product; returns [w, row_ptr, col_idx, values, x, reference]."""
+    w, mask = _random_sparse(N, K, sparsity)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(1, K)
+    ref = torch.nn.functional.linear(x.double(), w.double()).float()
+    for _ in range(calls):
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, K), ref, atol=1e-4, rtol=1e-4)
+    return [w, rp, ci, v, x, ref]
+
+
 def test_sparse_linear_decode_layout_controls():
     if "avx2" not in pycompress_isas():
         pytest.skip("the row-sliced layout is an AVX2 path")
@@ -98,12 +110,7 @@ def test_sparse_linear_decode_layout_controls():
         assert ops.set_decode_layout(True) in (True, False)
         ops.clear_decode_layouts()
         assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0}
-        w, mask = _random_sparse(520, 96, 0.8)
-        rp, ci, v = ops.dense_to_csr(w, mask)
-        x = torch.randn(1, 96)
-        ref = torch.nn.functional.linear(x.double(), w.double()).float()
-        for _ in range(3):
-            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 96), ref, atol=1e-4, rtol=1e-4)
+        w, rp, ci, v, x, ref = _single_row_calls(520, 96, 0.8)
         info = ops.decode_layout_info()
         assert info["layers"] == 1
         # values + int16 indices of every kept weight at least, plus little padding
@@ -154,13 +161,7 @@ def test_sparse_linear_caches_many_layers_and_reused_memory():
         assert ops.decode_layout_info()["layers"] == 0
         # freed buffers whose memory a new layer reuses: never served the old layer's entries
         for i in range(30):
-            w, mask = _random_sparse(40, 32, 0.5)
-            rp, ci, v = ops.dense_to_csr(w, mask)
-            xx = torch.randn(1, 32)
-            ref = torch.nn.functional.linear(xx.double(), w.double()).float()
-            for _ in range(3):
-                torch.testing.assert_close(ops.sparse_linear(xx, rp, ci, v, None, 32), ref, atol=1e-4, rtol=1e-4)
-            del w, mask, rp, ci, v
+            _single_row_calls(40, 32, 0.5)  # its tensors die right after, their memory is reused
     finally:
         pycompress.set_cpu_isa(previous)
 
