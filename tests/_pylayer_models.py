@@ -82,6 +82,37 @@ def int8_cls(monkeypatch):
     return RefInt8Linear
 
 
+def tiny_bert(seed: int = 0, vocab_size: int = 64, intermediate_size: int = 64) -> nn.Module:
+    """A 2-layer ``transformers.BertModel`` (hidden 32, 4 heads) in eval mode; skips the test
+    without transformers."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=intermediate_size,
+                                  max_position_embeddings=16)
+    torch.manual_seed(seed)
+    return transformers.BertModel(cfg).eval()
+
+
+USER_MODEL_PY = '''
+import torch.nn as nn
+
+def make():
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+not_a_model = 3
+'''
+
+
+def user_model_module(tmp_path, monkeypatch, name: str) -> nn.Module:
+    """Writes USER_MODEL_PY as ``<tmp_path>/<name>.py`` (factory ``<name>:make``), makes tmp_path
+    the working directory and importable, and returns a seeded model of that architecture."""
+    (tmp_path / f"{name}.py").write_text(USER_MODEL_PY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
 def mlp(d_in: int = 32, hidden: int = 64, d_out: int = 10, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(

@@ -9,19 +9,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
 import torchrun_util
+from _pylayer_models import user_model_module
 from pycompress import cli
-
-MODEL_PY = '''
-import torch.nn as nn
-
-def make():
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-
-not_a_model = 3
-'''
 
 
 def run_cli(capsys, *argv):
@@ -48,11 +39,7 @@ def demo_dir(tmp_path_factory):
 
 @pytest.fixture
 def user_model(tmp_path, monkeypatch):
-    (tmp_path / "usermodels.py").write_text(MODEL_PY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = user_model_module(tmp_path, monkeypatch, "usermodels")
     torch.save(model.state_dict(), tmp_path / "w.pt")
     x = torch.randn(64, 16)
     torch.save({"inputs": x, "labels": model(x).argmax(-1)}, tmp_path / "calib.pt")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import pycompress
+from _pylayer_models import tiny_bert
 from pycompress.nn import MaskedLinear
 
 transformers = pytest.importorskip("transformers")
@@ -254,15 +255,6 @@ def test_save_load_compacted_mlp_into_original_architecture(tmp_path):
 
 
 # --------------------------------------------------------------------------- BERT
-def _bert(seed=0):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=16)
-    return BertModel(cfg).eval()
-
-
 def _batches(seed=0, n=2):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -280,7 +272,7 @@ def _hidden(model, batches):
 
 
 def test_bert_ffn_and_heads_compact_equivalence():
-    model = _bert()
+    model = tiny_bert()
     data = _batches()
     pycompress.prune(model, 0.5, pattern="channel", method="activation", calibration_data=data,
                      include="*intermediate.dense")
@@ -311,7 +303,7 @@ def test_bert_ffn_and_heads_compact_equivalence():
 
 
 def test_bert_partial_heads_and_residual_layers_refused():
-    model = _bert()
+    model = tiny_bert()
     pycompress.prune(model, 0.5, pattern="channel", scope="layer", include=["*.query", "*attention.output.dense"])
     data = _batches()
     ref = _hidden(model, data)
@@ -324,19 +316,19 @@ def test_bert_partial_heads_and_residual_layers_refused():
 
 
 def test_bert_save_load_and_quantize_after_compact(tmp_path):
-    model = _bert()
+    model = tiny_bert()
     data = _batches()
     pycompress.prune(model, 0.5, pattern="channel", include="*intermediate.dense", scope="layer")
     pycompress.prune(model, 0.25, pattern="head", scope="layer")
     pycompress.compact(model)
     pycompress.save(model, tmp_path / "b")
-    fresh = pycompress.load(tmp_path / "b", _bert(seed=3))
+    fresh = pycompress.load(tmp_path / "b", tiny_bert(seed=3))
     assert fresh.encoder.layer[1].attention.self.num_attention_heads == 3
     for a, b in zip(_hidden(fresh, data), _hidden(model, data)):
         assert torch.equal(a, b)
     q = pycompress.quantize(copy.deepcopy(model), exclude="pooler")
     pycompress.save(q, tmp_path / "q")
-    fresh_q = pycompress.load(tmp_path / "q", _bert(seed=4))
+    fresh_q = pycompress.load(tmp_path / "q", tiny_bert(seed=4))
     for a, b, r in zip(_hidden(fresh_q, data), _hidden(q, data), _hidden(model, data)):
         assert torch.equal(a, b)
         assert float((a - r).norm() / r.norm()) < 0.1

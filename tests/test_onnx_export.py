@@ -15,6 +15,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import pycompress  # noqa: E402
+from _pylayer_models import tiny_bert, user_model_module  # noqa: E402
 from pycompress import cli, onnx_export  # noqa: E402
 from pycompress.nn import Int8Linear, MaskedLinear, SparseLinear  # noqa: E402
 
@@ -127,11 +128,7 @@ def test_small_cnn(tmp_path):
 
 
 def test_bert_encoder_dict_inputs(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16)
-    torch.manual_seed(0)
-    q = pycompress.quantize(transformers.BertModel(cfg).eval())
+    q = pycompress.quantize(tiny_bert())
     ids = torch.randint(0, 64, (2, 8))
     mask = torch.ones(2, 8, dtype=torch.long)
     path = pycompress.export_onnx(q, {"input_ids": ids, "attention_mask": mask}, tmp_path / "bert.onnx")
@@ -249,21 +246,9 @@ def test_import_pycompress_does_not_import_onnx():
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
-MODEL_PY = '''
-import torch.nn as nn
-
-def make():
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-'''
-
-
 @pytest.fixture
 def saved_model(tmp_path, monkeypatch):
-    (tmp_path / "onnxmodels.py").write_text(MODEL_PY)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    model = user_model_module(tmp_path, monkeypatch, "onnxmodels")
     pycompress.save(pycompress.quantize(model), str(tmp_path / "saved"))
     return tmp_path
 
@@ -318,11 +303,7 @@ def test_warns_when_the_batch_axis_is_specialized(tmp_path):
 
 def test_compacted_bert_exports(tmp_path):
     """prune(channel/head) -> compact -> quantize -> export: narrower layers and fewer heads."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=16)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert()
     ids = torch.randint(0, 64, (3, 8))
     mask = torch.ones(3, 8, dtype=torch.long)
     mask[0, 6:] = 0

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import pycompress
+from _pylayer_models import tiny_bert
 from pycompress.nn import MaskedLinear, SparseLinear
 
 
@@ -590,11 +591,7 @@ def test_data_method_dict_and_tuple_batches():
 
 
 def test_head_pattern_prunes_whole_heads():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=16)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg).eval()
+    model = tiny_bert(vocab_size=50, intermediate_size=48)
     ids = torch.randint(0, 50, (2, 10))
     for method, scope in (("magnitude", "global"), ("activation", "layer"), ("mixed", "global")):
         m = copy.deepcopy(model)
