@@ -397,6 +397,12 @@ def cmd_export(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """--model MODULE:FACTORY, shared by the commands that build the user's model."""
+    parser.add_argument("--model", required=True, help="MODULE:FACTORY returning an nn.Module "
+                        "(MODULE may be a .py file)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -419,8 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", parents=[common], help="apply a recipe to your model",
                        description="Build MODULE:FACTORY, load --weights, apply the recipe with "
                        "pycompress.compress, validate against the original and save to --out.")
-    c.add_argument("--model", required=True, help="MODULE:FACTORY returning an nn.Module "
-                   "(MODULE may be a .py file)")
+    _add_model_argument(c)
     c.add_argument("--weights", help="state_dict file (.safetensors, .pt) or a pycompress.save "
                    "folder")
     c.add_argument("--recipe", required=True, help="recipe file (.yaml or .json)")
@@ -463,8 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "by `pycompress compress`, which restores the compressed layers) and write "
                        "an ONNX file with standard int8 operators, verified in ONNX Runtime. "
                        "Needs pip install pycompress[onnx].")
-    x.add_argument("--model", required=True, help="MODULE:FACTORY returning an nn.Module "
-                   "(MODULE may be a .py file)")
+    _add_model_argument(x)
     x.add_argument("--weights", help="pycompress.save folder, or a state_dict file "
                    "(.safetensors, .pt)")
     x.add_argument("--onnx", required=True, help="output .onnx file")
