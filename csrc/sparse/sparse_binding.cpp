@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -132,8 +133,11 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
     // AVX2 CPUs: the sliced layout (no per-row tails or horizontal sums); AVX-512 keeps CSR,
     // whose 16-lane hardware gathers need no such layout
     if (auto layout = sell_cache().get(row_ptr_in, col_idx_in, values_in, K)) {
-      std::vector<float> xpad(static_cast<size_t>(K) + 1, 0.f);
-      std::memcpy(xpad.data(), xs, sizeof(float) * K);
+      // x and the zero activation the padding entries point at (x_pad[K])
+      std::vector<float> xpad;
+      xpad.reserve(static_cast<size_t>(K) + 1);
+      xpad.assign(xs, xs + K);
+      xpad.push_back(0.f);
       // tasks are whole windows of slices (see SellLayout) of at least ~32k multiply-adds
       const int64_t* off = layout->slice_off.data();
       const int64_t ns = layout->n_slices;
