@@ -45,8 +45,8 @@ PYBIND11_MODULE(_C, m) {
       "Limit the CPU kernels to an ISA level: auto, scalar, avx2, avx512 or amx");
   m.def("sparse_decode_layout_enabled", &pyc::sparse_decode_layout_enabled);
   m.def("set_sparse_decode_layout", &pyc::set_sparse_decode_layout);
-  m.def("sparse_decode_layout_count", &pyc::sparse_decode_layout_count);
-  m.def("sparse_decode_layout_bytes", &pyc::sparse_decode_layout_bytes);
+  m.def("sparse_decode_layout_usage", &pyc::sparse_decode_layout_usage,
+        "(layers, bytes) of the single-row sparse layouts held");
   m.def("clear_sparse_decode_layouts", &pyc::clear_sparse_decode_layouts);
 #ifdef PYCOMPRESS_WITH_CUDA
   m.attr("with_cuda") = true;

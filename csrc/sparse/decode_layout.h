@@ -5,15 +5,15 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 namespace pyc {
 
 bool sparse_decode_layout_enabled();
 // Returns the previous state. Turning it off also drops the layouts held.
 bool set_sparse_decode_layout(bool enabled);
-// Number of layouts held for live layers, and their total bytes.
-int64_t sparse_decode_layout_count();
-int64_t sparse_decode_layout_bytes();
+// Number of layouts held for live layers, and their total bytes (one pass over the cache).
+std::pair<int64_t, int64_t> sparse_decode_layout_usage();
 void clear_sparse_decode_layouts();
 
 }  // namespace pyc

@@ -250,8 +250,7 @@ bool set_sparse_decode_layout(bool enabled) {
   return before;
 }
 
-int64_t sparse_decode_layout_count() { return sell_cache().usage().first; }
-int64_t sparse_decode_layout_bytes() { return sell_cache().usage().second; }
+std::pair<int64_t, int64_t> sparse_decode_layout_usage() { return sell_cache().usage(); }
 void clear_sparse_decode_layouts() { sell_cache().clear(); }
 
 }  // namespace pyc

@@ -44,9 +44,8 @@ def decode_layout_info() -> dict:
     """``{"enabled": bool, "layers": int, "bytes": int}``: the state of the M == 1 layout, and
     how many live layers hold one and their total size in bytes."""
     c = _ext.extension()
-    return {"enabled": bool(c.sparse_decode_layout_enabled()),
-            "layers": int(c.sparse_decode_layout_count()),
-            "bytes": int(c.sparse_decode_layout_bytes())}
+    layers, nbytes = c.sparse_decode_layout_usage()
+    return {"enabled": bool(c.sparse_decode_layout_enabled()), "layers": int(layers), "bytes": int(nbytes)}
 
 
 def clear_decode_layouts() -> None:
