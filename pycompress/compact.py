@@ -483,7 +483,8 @@ def _rebuild(m: nn.Module, edit: _Edit, report: CompactionReport, name: str) -> 
     out_f, in_f = int(rows_keep.sum()), int(cols_keep.sum())
     i8 = _int8_cls()
     if i8 is not None and isinstance(m, i8):
-        new = i8(in_f, out_f, bias=bias is not None, mode=m.mode, device=dev, act_bits=m.act_bits)
+        new = i8(in_f, out_f, bias=bias is not None, mode=m.mode, device=dev, act_bits=m.act_bits,
+                  weight_bits=m.weight_bits)
         new.weight.copy_(m.weight[rows_keep][:, cols_keep])
         new.weight_scale.copy_(m.weight_scale[rows_keep])
         if bias is not None:

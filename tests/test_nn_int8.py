@@ -239,3 +239,65 @@ def test_act7_torch_compile_and_export():
     torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=0, atol=0)
     ep = torch.export.export(model, (x,))
     torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- 7-bit weights
+
+
+@pytest.mark.parametrize("rows", ["gaussian", "row-scaled"])
+def test_weight7_accuracy_vs_fp32_and_torch_ao(rows, cpu_isa):
+    import warnings
+
+    lin = make_linear()
+    q77 = Int8Linear.from_float(lin, act_bits=7, weight_bits=7)
+    assert q77.weight.abs().max().item() == 63
+    x = torch.randn(37, 256)
+    if rows == "row-scaled":
+        x = x * torch.logspace(-1, 1, 37)[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+
+        ao = quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        ref = lin(x)
+        e77, e7 = rel_err(q77(x), ref), rel_err(Int8Linear.from_float(lin, act_bits=7)(x), ref)
+        e_ao = rel_err(ao(x), ref)
+    msg = f"relative error vs fp32: 7-bit act + weights {e77:.5f}, 7-bit act {e7:.5f}, torch.ao {e_ao:.5f}"
+    assert e77 < 0.03, msg
+    assert e7 < e77, msg  # the weights' lost bit shows
+    if rows == "row-scaled":
+        assert e77 < e_ao, msg  # per-token scales still beat one scale per tensor
+
+
+def test_weight7_layer_matches_op_and_round_trips(device):
+    lin = make_linear(device=device)
+    q = Int8Linear.from_float(lin, act_bits=7, weight_bits=7)
+    assert "weight_bits=7" in repr(q) and "weight_bits" not in repr(Int8Linear.from_float(lin))
+    x = torch.randn(3, 5, 256, device=device)
+    torch.testing.assert_close(q(x), ops.int8_linear(x, q.weight, q.weight_scale, q.bias, act_bits=7),
+                               rtol=0, atol=0)
+    cfg = json.loads(json.dumps(q.config()))
+    assert cfg["weight_bits"] == 7
+    fresh = Int8Linear.from_config(cfg).to(device)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.weight_bits == 7 and fresh.config() == q.config()
+    torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)
+    assert Int8Linear.from_config({k: v for k, v in cfg.items() if k != "weight_bits"}).weight_bits == 8
+    # 7-bit weights with 8-bit activations: valid, runs the 8-bit kernels
+    q87 = Int8Linear.from_float(lin, weight_bits=7)
+    with torch.no_grad():
+        assert rel_err(q87(x), lin(x)) < 0.03
+
+
+def test_weight7_bad_values():
+    lin = make_linear()
+    for bad in (6, 16, 0, True):
+        with pytest.raises(ValueError, match="weight_bits must be 8 or 7"):
+            Int8Linear.from_float(lin, weight_bits=bad)
+        with pytest.raises(ValueError, match="weight_bits must be 8 or 7"):
+            Int8Linear(4, 4, weight_bits=bad)
+    with pytest.raises(ValueError, match="weight_bits=7 applies to mode='w8a8' only"):
+        Int8Linear.from_float(lin, mode="w8a16", weight_bits=7)
+    with pytest.raises(ValueError, match="weight_bits must be 8 or 7"):
+        Int8Linear.from_config({"in_features": 4, "out_features": 4, "weight_bits": 4})

@@ -170,6 +170,65 @@ def test_linear_act7_extremes(K, device, cpu_isa):
     assert y[0, 0].item() == pytest.approx(-128 * K, rel=1e-6)  # 63 * -128 * K * (1 / 63)
 
 
+# 7-bit weights ([-64, 64]) with 7-bit activations: on AVX2 such panels add the int16 pair sums
+# of two k-groups before widening. Every row count of the 5-row tile up to 2 tiles, an odd
+# number of k-groups (K = 4, 12, 300), K blocks with an odd last block (2100), and weights
+# mixing narrow panels with panels holding one value outside [-64, 64].
+NARROW_SHAPES = [(m, 12, 16) for m in range(1, 12)] + [
+    (1, 4, 16), (3, 300, 33), (16, 4096, 64), (5, 67, 129), (40, 2100, 48), (200, 2100, 20),
+    (64, 4099, 16)]
+
+
+@pytest.mark.parametrize("shape", NARROW_SHAPES)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_linear_act7_narrow_weights_exact(shape, mixed, device, cpu_isa):
+    M, K, N = shape
+    x = torch.randn(M, K) * 2
+    w = torch.randint(-64, 65, (N, K), dtype=torch.int8)
+    if mixed:  # the second panel of 16 columns (when there is one) is not narrow
+        w[min(16, N - 1), K // 2] = -128
+        w[N - 1, 0] = 65
+    q, s = quantize_per_token_ref(x, qmax=63)
+    acc = ops.int8_linear(x.to(device), w.to(device), torch.ones(N, device=device),
+                          act_bits=7).cpu().double() / s.double()[:, None]
+    torch.testing.assert_close(acc.round(), (q.long() @ w.long().t()).double(), rtol=0, atol=0)
+    ws, bias = torch.rand(N) * 0.02 + 1e-3, torch.randn(N)
+    torch.testing.assert_close(ops.int8_linear(x.to(device), w.to(device), ws.to(device), bias.to(device),
+                                               act_bits=7).cpu(),
+                               linear_ref(x, w, ws, bias, act_bits=7), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("K", [4, 12, 1000, 4099])
+@pytest.mark.parametrize("wmax", [64, 65])
+def test_linear_act7_narrow_extremes(K, wmax, device, cpu_isa):
+    # q = +63 (stored as 127) against weights +-64: four products sum to 32512, the most an
+    # int16 pair-sum may hold; a panel reaching 65 (33020) must take the widening kernel
+    x = torch.ones(7, K)
+    x[1::2] = -1
+    x[4, ::2] = -1
+    w = torch.full((33, K), wmax, dtype=torch.int8)
+    w[1] = -64
+    w[2, ::2] = -64
+    w[17:] = -64  # second and third panels narrow whatever wmax is
+    w[20, 1::3] = 64
+    ones = torch.ones(33)
+    y = ops.int8_linear(x.to(device), w.to(device), ones.to(device), act_bits=7).cpu()
+    torch.testing.assert_close(y, linear_ref(x, w, ones, None, act_bits=7), rtol=0, atol=0)
+    assert y[0, 0].item() == pytest.approx(wmax * K, rel=1e-6)
+
+
+def test_pack_weight_panel_max():
+    # the packed form ends with each 16-column panel's largest |w|, which picks the kernel
+    w = torch.randint(-64, 65, (40, 20), dtype=torch.int8)
+    w[3, 5] = -128
+    w[20, 7] = 70
+    w[32:] = torch.randint(-9, 10, (8, 20), dtype=torch.int8)
+    packed = ops.int8_pack_weight(w)
+    tail = packed[-(48 // 4):].view(torch.int32)
+    expect = [w[p * 16:(p + 1) * 16].to(torch.int32).abs().max().item() for p in range(3)]
+    assert tail.tolist() == expect == [128, 70, w[32:].abs().max().item()]
+
+
 def test_linear_act_bits_default_and_special_rows(device, cpu_isa):
     x = torch.randn(5, 40)
     x[1] = 0

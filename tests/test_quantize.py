@@ -229,3 +229,22 @@ def test_act_bits_7(tmp_path):
         pycompress.quantize(mlp(), act_bits=4)
     with pytest.raises(ValueError, match="w8a8.* only"):
         pycompress.quantize(mlp(), mode="w8a16", act_bits=7)
+
+
+@pytest.mark.skipif(not HAS_INT8, reason="weight_bits is a feature of the compiled Int8Linear")
+def test_weight_bits_7(tmp_path):
+    ref = mlp()
+    model = pycompress.quantize(copy.deepcopy(ref), act_bits=7, weight_bits=7)
+    assert all(model.get_submodule(n).weight_bits == 7 for n in ("0", "2", "4"))
+    assert all(model.get_submodule(n).weight.abs().max().item() <= 63 for n in ("0", "2", "4"))
+    x = torch.randn(16, 32)
+    assert pycompress.validate(ref, model, x).passed
+    pycompress.save(model, tmp_path / "m")
+    fresh = pycompress.load(tmp_path / "m", mlp(seed=2))
+    assert fresh[0].weight_bits == 7 and fresh[0].act_bits == 7
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match="weight_bits must be 8 or 7"):
+        pycompress.quantize(mlp(), weight_bits=4)
+    with pytest.raises(ValueError, match="w8a8.* only"):
+        pycompress.quantize(mlp(), mode="w8a16", weight_bits=7)

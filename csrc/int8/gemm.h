@@ -13,6 +13,7 @@
 //   bytes [p * Kp * 16, (p + 1) * Kp * 16): panel p, laid out [Kp / 4][16 cols][4 k]
 //   bytes [Np * Kp, Np * Kp + 4 * Np):       int32 column sums sum_k B[n, k]
 //                                            (the u8/s8 compensation of the VNNI path)
+//   next 4 * Np / 16 bytes:                  int32 max |B[n, k]| of each panel
 //
 // Padding is zero. The activation operand A is prepared per row into the form the
 // chosen code path reads (int16 for scalar/AVX2, A + 128 as uint8 for AVX-512 VNNI,
@@ -22,6 +23,9 @@
 // have an extra AVX2 path (3): A + 64 is in [0, 127], so vpmaddubsw's int16 pair sums
 // (u8 x s8, at most 2 * 127 * 128 in magnitude) never saturate; vpmaddwd with ones widens
 // them to int32 and 64 * sum_k B[n, k] is subtracted. Exact, like every other path.
+// Panels whose weights all lie in [-64, 64] (7-bit weights) take a variant that adds the
+// int16 pair sums of two k-groups before widening (4 * 127 * 64 = 32512 still fits int16):
+// three vector multiplies per 128 multiply-adds instead of four.
 #pragma once
 
 #include <cstdint>
@@ -37,7 +41,7 @@ inline int64_t int8_round_n(int64_t N) { return (N + 15) / 16 * 16; }
 
 // Size in bytes of the packed form of an [N, K] weight.
 inline int64_t int8_packed_bytes(int64_t N, int64_t K) {
-  return int8_round_n(N) * int8_round_k(K) + 4 * int8_round_n(N);
+  return int8_round_n(N) * int8_round_k(K) + 4 * int8_round_n(N) + int8_round_n(N) / 4;
 }
 
 // Packs panels [p0, p1) of b (row stride ldb) into `packed` (whole-buffer base

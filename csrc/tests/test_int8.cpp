@@ -13,15 +13,21 @@ namespace {
 
 int failures = 0;
 
-// extremes: every A = a_lo (a_high: a_hi) and every B = -128 (-127 without b_min)
+// extremes: every A = a_lo (a_high: a_hi) and every B = -128 (-127 without b_min).
+// b_narrow: B in [-64, 64] (extremes: +64 for even rows, -64 for odd ones), which path 3 runs
+// through its int16 pair-sum kernel.
 void check_gemm(int path, int64_t M, int64_t K, int64_t N, std::mt19937& rng, bool extremes,
-                bool b_min = true, bool a_high = false) {
+                bool b_min = true, bool a_high = false, bool b_narrow = false) {
   // path 3 (AVX2 vpmaddubsw) takes 7-bit activations only: A in [-64, 63]
   const int a_lo = path == 3 ? -64 : -128, a_hi = path == 3 ? 63 : 127;
-  std::uniform_int_distribution<int> dist(a_lo, a_hi), dist_b(b_min ? -128 : -127, 127);
+  std::uniform_int_distribution<int> dist(a_lo, a_hi),
+      dist_b(b_narrow ? -64 : (b_min ? -128 : -127), b_narrow ? 64 : 127);
   std::vector<int8_t> a(M * K), b(N * K);
   for (auto& v : a) v = extremes ? int8_t(a_high ? a_hi : a_lo) : static_cast<int8_t>(dist(rng));
-  for (auto& v : b) v = extremes ? int8_t(b_min ? -128 : -127) : static_cast<int8_t>(dist_b(rng));
+  for (int64_t i = 0; i < N * K; ++i) {
+    const int8_t extreme = b_narrow ? int8_t((i / K) % 2 ? -64 : 64) : int8_t(b_min ? -128 : -127);
+    b[i] = extremes ? extreme : static_cast<int8_t>(dist_b(rng));
+  }
   std::vector<int8_t> packed(pyc::int8_packed_bytes(N, K));
   pyc::int8_pack_b(b.data(), K, N, K, packed.data(), 0, pyc::int8_round_n(N) / 16);
   const int64_t rb = pyc::int8_a_row_bytes(path, K);
@@ -65,6 +71,14 @@ int main() {
     // largest pair sums of path 3: (63 + 64) * -128 * 2 = -32512 in every int16 lane, every row
     for (int64_t m : {3, 4, 5, 6, 7, 12}) check_gemm(path, m, 1000, 20, rng, true, true, true);
     check_gemm(path, 200, 4500, 20, rng, false);  // K blocks of 2048 on path 3
+    // weights in [-64, 64]: path 3's pair-sum kernel, every row count of its 5-row tile, an odd
+    // number of k-groups, K blocks; extremes (63 + 64) * 64 * 4 = 32512 per int16 lane
+    for (int64_t m : {1, 2, 3, 4, 5, 6, 11, 16}) {
+      check_gemm(path, m, 300, 40, rng, false, true, false, true);
+      check_gemm(path, m, 1000, 40, rng, true, true, true, true);
+    }
+    check_gemm(path, 200, 4500, 36, rng, false, true, false, true);
+    check_gemm(path, 7, 4104, 36, rng, true, true, true, true);
     for (int64_t m : {1, 2, 3}) {  // weights without -128 (what Int8Linear stores)
       check_gemm(path, m, 1000, 40, rng, false, false);
       check_gemm(path, m, 1000, 40, rng, true, false);

@@ -22,6 +22,10 @@ class Int8Linear(nn.Module):
         With ``act_bits=7`` (w8a8 only) activations are quantized to 7 bits per token (scale
         ``absmax / 63``), which lets AVX2 CPUs without VNNI use a faster exact ``vpmaddubsw``
         kernel at a small accuracy cost (still per token, unlike torch.ao's per-tensor 7 bits).
+        With ``weight_bits=7`` as well (w8a8 only) the weights are quantized per channel to
+        ``[-63, 63]`` (scale ``absmax / 63``); on AVX2 CPUs the 7-bit x 7-bit product then adds
+        int16 partial sums of 8 k values before widening (still exact): about 1.2x faster than
+        ``act_bits=7`` alone, at about the accuracy of torch.ao dynamic int8 on Gaussian data.
         ``"w8a16"``: weight-only; activations stay in floating point and the weight is
         dequantized inside the kernel (:func:`pycompress.ops.int8_linear_w8a16`). Best for
         small batches on GPUs; on the CPU it runs an AVX2/FMA kernel converting the int8
@@ -51,6 +55,7 @@ class Int8Linear(nn.Module):
         mode: str = "w8a8",
         device=None,
         act_bits: int = 8,
+        weight_bits: int = 8,
     ) -> None:
         super().__init__()
         if mode not in _MODES:
@@ -59,12 +64,14 @@ class Int8Linear(nn.Module):
             raise ValueError(f"act_bits must be 8 or 7, got {act_bits!r}")
         if mode == "w8a16" and act_bits != 8:
             raise ValueError("act_bits=7 applies to mode='w8a8' only (w8a16 keeps float activations)")
+        _check_weight_bits(weight_bits, mode)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"in_features and out_features must be >= 1, got {in_features}, {out_features}")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.mode = mode
         self.act_bits = int(act_bits)
+        self.weight_bits = int(weight_bits)
         self.register_buffer(
             "weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
@@ -81,23 +88,28 @@ class Int8Linear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, linear: nn.Linear, mode: str = "w8a8", act_bits: int = 8) -> "Int8Linear":
+    def from_float(cls, linear: nn.Linear, mode: str = "w8a8", act_bits: int = 8,
+                   weight_bits: int = 8) -> "Int8Linear":
         """Quantizes ``linear`` (per output channel: ``scale = absmax / 127``, round half to even).
 
         ``act_bits`` (w8a8): 8 (default) or 7 bits per-token activation quantization.
+        ``weight_bits`` (w8a8): 8 (default) or 7: per-channel weight scale ``absmax / 63`` and
+        values in ``[-63, 63]``.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_float expects an nn.Linear, got {type(linear).__name__}")
         if isinstance(act_bits, bool) or act_bits not in (7, 8):
             raise ValueError(f"act_bits must be 8 or 7, got {act_bits!r}")
+        _check_weight_bits(weight_bits, mode)
+        qmax = 63.0 if weight_bits == 7 else 127.0
         w = linear.weight.detach().float()
         absmax = w.abs().amax(dim=1)
         if not torch.isfinite(absmax).all():
             raise ValueError("from_float: the weight holds NaN or inf values")
-        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+        q = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, mode=mode,
-                device=w.device, act_bits=act_bits)
+                device=w.device, act_bits=act_bits, weight_bits=weight_bits)
         m.weight.copy_(q)
         m.weight_scale.copy_(scale)
         if linear.bias is not None:
@@ -113,13 +125,15 @@ class Int8Linear(nn.Module):
             "bias": self.bias is not None,
             "mode": self.mode,
             "act_bits": self.act_bits,
+            "weight_bits": self.weight_bits,
         }
 
     @classmethod
     def from_config(cls, cfg: dict) -> "Int8Linear":
         """Builds a layer with buffers of the right shapes (values to be loaded with ``load_state_dict``)."""
         return cls(cfg["in_features"], cfg["out_features"], bias=cfg.get("bias", True),
-                   mode=cfg.get("mode", "w8a8"), act_bits=cfg.get("act_bits", 8))
+                   mode=cfg.get("mode", "w8a8"), act_bits=cfg.get("act_bits", 8),
+                   weight_bits=cfg.get("weight_bits", 8))
 
     @torch.no_grad()
     def to_float(self) -> nn.Linear:
@@ -180,4 +194,12 @@ class Int8Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, mode={self.mode}"
             + (f", act_bits={self.act_bits}" if self.mode == "w8a8" else "")
+            + (f", weight_bits={self.weight_bits}" if self.weight_bits != 8 else "")
         )
+
+
+def _check_weight_bits(weight_bits, mode: str) -> None:
+    if isinstance(weight_bits, bool) or weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 8 or 7, got {weight_bits!r}")
+    if weight_bits != 8 and mode != "w8a8":
+        raise ValueError("weight_bits=7 applies to mode='w8a8' only (the faster 7-bit kernel is a w8a8 kernel)")

@@ -71,7 +71,7 @@ def int8_packed_bytes(n: int, k: int) -> int:
     """Size in bytes of the CPU packed form of an int8 ``[n, k]`` weight (see ``int8_pack_weight``)."""
     kp = (k + 3) // 4 * 4
     np_ = (n + 15) // 16 * 16
-    return np_ * kp + 4 * np_
+    return np_ * kp + 4 * np_ + np_ // 4
 
 
 @torch.library.register_fake("pycompress::int8_gemm")
@@ -85,9 +85,7 @@ def _int8_gemm_fake(a, b):
 def _int8_pack_weight_fake(w):
     torch._check(w.dim() == 2, lambda: "int8_pack_weight: w must be 2-D")
     n, k = w.shape
-    kp = (k + 3) // 4 * 4
-    np_ = (n + 15) // 16 * 16
-    return w.new_empty((np_ * kp + 4 * np_,), dtype=torch.int8)
+    return w.new_empty((int8_packed_bytes(n, k),), dtype=torch.int8)
 
 
 @torch.library.register_fake("pycompress::int8_linear")
@@ -142,8 +140,9 @@ def int8_pack_weight(w: torch.Tensor) -> torch.Tensor:
     """Packs an int8 ``[N, K]`` weight once into the blocked layout of the CPU GEMM kernels.
 
     The result (a flat int8 tensor of ``int8_packed_bytes(N, K)`` bytes: 16-column panels with
-    K in groups of 4, followed by int32 column sums) can be passed as ``w_packed`` to
-    :func:`int8_linear` so that the weight is not re-packed on every call. CPU tensors only.
+    K in groups of 4, followed by int32 column sums and each panel's largest ``|w|``) can be
+    passed as ``w_packed`` to :func:`int8_linear` so that the weight is not re-packed on every
+    call. CPU tensors only.
 
     Example:
         >>> import torch, pycompress.ops as ops
