@@ -175,4 +175,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every result is on disk and the process group is destroyed. Skip the interpreter's
+    # teardown: torch's gloo objects occasionally abort there ("terminate called without an
+    # active exception", about 1 run in 15 of the full scenario list on a 2-core machine, after
+    # every file was written), which would fail the launch for no fault of the code under test.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
