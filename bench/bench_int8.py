@@ -3,7 +3,9 @@
 ``pycompress w8a8 (7-bit act)`` is ``Int8Linear.from_float(..., act_bits=7)`` (per-token 7-bit
 activations; on AVX2 CPUs without VNNI it runs the vpmaddubsw kernel), and
 ``pycompress w8a8 (7-bit act+w)`` is ``from_float(..., act_bits=7, weight_bits=7)`` (weights in
-[-63, 63] as well: the int16 pair-sum kernel on AVX2).
+[-63, 63] as well: the int16 pair-sum kernel on AVX2); ``pycompress w8a8 (7-bit w)`` is
+``from_float(..., weight_bits=7)`` with 8-bit activations (on AVX2 without VNNI: ``vpmaddubsw``
+with A + 128, exact because every weight is in [-64, 64]).
 
 Every row has ``rel err``: ``||y - y_fp32|| / ||y_fp32||`` of that implementation's output on the
 timed input (weights N(0, 0.02), inputs N(0, 1)), so speed and accuracy are read side by side.
@@ -32,6 +34,7 @@ from pycompress.nn import Int8Linear
 KERNEL = "int8"
 W8A8_7 = "pycompress w8a8 (7-bit act)"
 W8A8_77 = "pycompress w8a8 (7-bit act+w)"
+W8A8_W7 = "pycompress w8a8 (7-bit w)"
 
 MS_FULL = [1, 16, 128, 512, 2048, 4096]
 KN_FULL = [(768, 3072), (4096, 4096), (4096, 11008), (8192, 8192)]
@@ -79,6 +82,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
         q8 = Int8Linear.from_float(lin, mode="w8a8")
         q7 = Int8Linear.from_float(lin, mode="w8a8", act_bits=7)
         q77 = Int8Linear.from_float(lin, mode="w8a8", act_bits=7, weight_bits=7)
+        qw7 = Int8Linear.from_float(lin, mode="w8a8", weight_bits=7)
         q16 = Int8Linear.from_float(lin, mode="w8a16")
         ao = _torch_ao_dynamic(lin) if not cuda else None  # quantizes a copy of lin
         wq_t = q8.weight.t()
@@ -102,6 +106,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
             impls.append(("pycompress w8a8", lambda: q8(x)))
             impls.append((W8A8_7, lambda: q7(x)))
             impls.append((W8A8_77, lambda: q77(x)))
+            impls.append((W8A8_W7, lambda: qw7(x)))
             if cuda:
                 impls.append(("pycompress w8a8 bf16", lambda: q8(xb)))
             if M <= 16 or not cuda:
@@ -148,7 +153,8 @@ def _per_core_rows(M, K, N, impls, rep) -> list[dict]:
     try:
         with torch.no_grad():
             for impl, fn in impls:
-                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", "pycompress w8a8", W8A8_7, W8A8_77):
+                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", "pycompress w8a8", W8A8_7, W8A8_77,
+                                W8A8_W7):
                     continue
                 fn()
                 best = float("inf")
@@ -183,7 +189,8 @@ def _gemm_vs_int_mm(device: str, quick: bool) -> list[dict]:
 
 def summarize(rows: list[dict]) -> list[str]:
     """Speedup lines for the CPU targets (M in {1, 16, 128}, K = N = 4096), for the default
-    8-bit activations, for ``act_bits=7`` and for ``act_bits=7, weight_bits=7``.
+    8-bit activations, for ``act_bits=7``, for ``act_bits=7, weight_bits=7`` and for
+    ``weight_bits=7``.
 
     Ratios of medians, and in brackets of the fastest runs (less sensitive to other load on
     a shared machine); then the per-core CPU-time ratios (one thread, best run).
@@ -196,7 +203,7 @@ def summarize(rows: list[dict]) -> list[str]:
         case = f"M={M} K=4096 N=4096"
         if (case, "fp32 nn.Linear") not in med:
             continue
-        for impl in ("pycompress w8a8", W8A8_7, W8A8_77):
+        for impl in ("pycompress w8a8", W8A8_7, W8A8_77, W8A8_W7):
             key = (case, impl)
             if key not in med:
                 continue

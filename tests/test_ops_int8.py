@@ -217,6 +217,31 @@ def test_linear_act7_narrow_extremes(K, wmax, device, cpu_isa):
     assert y[0, 0].item() == pytest.approx(wmax * K, rel=1e-6)
 
 
+@pytest.mark.parametrize("shape", NARROW_SHAPES)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_gemm_and_linear_8bit_narrow_weights_exact(shape, mixed, device, cpu_isa):
+    # weights in [-64, 64] with 8-bit activations: on AVX2 A + 128 goes through vpmaddubsw,
+    # whose pair sums reach 2 * 255 * 64 = 32640 at the extremes below. With one row at 65
+    # (2 * 255 * 65 saturates int16) the whole product must take the widening kernel.
+    M, K, N = shape
+    a = rand_i8(M, K)
+    a[0] = 127
+    a[-1, ::2] = -128
+    b = torch.randint(-64, 65, (N, K), dtype=torch.int8)
+    b[0] = 64
+    b[N // 2] = -64
+    if mixed:
+        b[N - 1] = 65
+    torch.testing.assert_close(ops.int8_gemm(a.to(device), b.to(device)).cpu(), gemm_ref(a, b),
+                               rtol=0, atol=0)
+    x = torch.randn(M, K) * 3
+    x[0] = x[0].abs()  # one row quantized near +127 everywhere
+    ws, bias = torch.rand(N) * 0.02 + 1e-3, torch.randn(N)
+    packed = ops.int8_pack_weight(b) if device == "cpu" else None
+    y = ops.int8_linear(x.to(device), b.to(device), ws.to(device), bias.to(device), w_packed=packed)
+    torch.testing.assert_close(y.cpu(), linear_ref(x, b, ws, bias), rtol=0, atol=0)
+
+
 def test_pack_weight_panel_max():
     # the packed form ends with each 16-column panel's largest |w|, which picks the kernel
     w = torch.randint(-64, 65, (40, 20), dtype=torch.int8)

@@ -52,8 +52,14 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
 // Code path used for the GEMM given a requested ISA level (0 scalar, 1 avx2,
 // 2+ avx512): returns 0 (scalar), 1 (avx2) or 2 (avx512-vnni; only when the CPU
 // has VNNI). With act7 (every A value in [-64, 63]) the AVX2 level returns 3
-// (vpmaddubsw); the other paths are exact for any int8 A and are kept.
-int int8_gemm_path(int isa, bool act7 = false);
+// (vpmaddubsw); the other paths are exact for any int8 A and are kept. Otherwise, with
+// narrow_b (every B value in [-64, 64], see int8_packed_narrow) it returns 4: A + 128 as
+// the unsigned vpmaddubsw operand, whose pair sums (at most 2 * 255 * 64 = 32640) cannot
+// saturate, and 128 * sum_k B[n, k] subtracted. Path 4 must only be used with such a B.
+int int8_gemm_path(int isa, bool act7 = false, bool narrow_b = false);
+
+// Whether every value of the packed weight lies in [-64, 64] (from the panels' recorded maxima).
+bool int8_packed_narrow(const int8_t* packed, int64_t N, int64_t K);
 
 // Bytes per prepared A row for a path.
 int64_t int8_a_row_bytes(int path, int64_t K);

@@ -94,9 +94,10 @@ at::Tensor int8_gemm_cpu_impl(const at::Tensor& a_in, const at::Tensor& b_in) {
   auto c = at::empty({M, N}, a_in.options().dtype(at::kInt));
   if (M == 0) return c;
   const at::Tensor a = rows_contiguous(a_in), b = rows_contiguous(b_in);
-  const int path = int8_gemm_path(static_cast<int>(active_cpu_isa()));
   at::Tensor packed_holder;
   const int8_t* packed = packed_or_pack(b, c10::nullopt, packed_holder, "int8_gemm");
+  const int path = int8_gemm_path(static_cast<int>(active_cpu_isa()), false,
+                                  int8_packed_narrow(packed, N, K));
   const int64_t rb = int8_a_row_bytes(path, K);
   auto ap = at::empty({M * rb}, a.options().dtype(at::kByte));
   const int8_t* a_ptr = a.data_ptr<int8_t>();
@@ -128,9 +129,12 @@ at::Tensor int8_linear_cpu_impl(const at::Tensor& x_in, const at::Tensor& w_in,
   const at::Tensor w_scale = w_scale_in.contiguous();
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) bias = bias_in->to(at::kFloat).contiguous();
-  const int path = int8_gemm_path(static_cast<int>(active_cpu_isa()), act_bits == 7);
   at::Tensor packed_holder;
   const int8_t* packed = packed_or_pack(w, w_packed, packed_holder, "int8_linear");
+  // 7-bit activations: vpmaddubsw with A + 64 (pair sums of two k-groups for narrow panels);
+  // 8-bit activations with every weight in [-64, 64]: vpmaddubsw with A + 128
+  const int path = int8_gemm_path(static_cast<int>(active_cpu_isa()), act_bits == 7,
+                                  act_bits == 8 && int8_packed_narrow(packed, N, K));
 
   // fused per-token quantization + operand preparation, row-parallel
   const int64_t rb = int8_a_row_bytes(path, K);

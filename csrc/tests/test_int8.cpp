@@ -63,9 +63,20 @@ int main() {
   const int isa = static_cast<int>(pyc::max_cpu_isa());
   const int64_t shapes[][3] = {{1, 1, 1},   {1, 67, 129}, {6, 4, 16},   {7, 3, 17},
                                {13, 100, 33}, {70, 2001, 40}, {200, 1500, 35}};
-  for (int path = 0; path <= 3; ++path) {  // 0 scalar, 1 avx2, 2 avx512-vnni, 3 avx2 7-bit
-    if ((path == 1 || path == 3) && pyc::int8_gemm_path(isa) < 1) continue;
+  // 0 scalar, 1 avx2, 2 avx512-vnni, 3 avx2 7-bit, 4 avx2 8-bit x weights in [-64, 64]
+  for (int path = 0; path <= 4; ++path) {
+    if ((path == 1 || path >= 3) && pyc::int8_gemm_path(isa) < 1) continue;
     if (path == 2 && pyc::int8_gemm_path(isa) != 2) continue;
+    if (path == 4) {  // only defined for narrow weights: A in [-128, 127] + 128 against |B| <= 64
+      for (const auto& s : shapes) check_gemm(path, s[0], s[1], s[2], rng, false, true, false, true);
+      for (int64_t m : {1, 2, 5, 6, 7, 13}) {
+        check_gemm(path, m, 1000, 40, rng, true, true, false, true);  // A = -128 (stored 0)
+        check_gemm(path, m, 1000, 40, rng, true, true, true, true);   // A = 127 (255) x +-64
+      }
+      check_gemm(path, 200, 4500, 36, rng, false, true, false, true);  // K blocks
+      std::printf("int8 gemm path %d: %s\n", path, failures ? "FAILED" : "ok");
+      continue;
+    }
     for (const auto& s : shapes) check_gemm(path, s[0], s[1], s[2], rng, false);
     check_gemm(path, 9, 1000, 20, rng, true);
     // largest pair sums of path 3: (63 + 64) * -128 * 2 = -32512 in every int16 lane, every row

@@ -345,10 +345,11 @@ template <int MR>
 PYC_TARGET_AVX2 void kernel_avx2_u8_pair(const uint8_t* a, int64_t lda, const int8_t* b,
                                          int64_t nq, int32_t* t, int64_t ldt);
 
-// narrow: every weight of the panel is in [-64, 64] (the int16 pair-sum kernel, at most 5 rows)
+// narrow: every weight of the panel is in [-64, 64] and A + 64 <= 127 (the int16 pair-sum
+// kernel, at most 5 rows). shift: log2 of the offset added to A (6: A + 64, 7: A + 128).
 PYC_TARGET_AVX2 void tile_avx2_u8(int mr, const uint8_t* a, int64_t lda, const int8_t* bp,
                                   const int32_t* colsum, int64_t nq, int32_t* t, int64_t ldt,
-                                  bool narrow) {
+                                  bool narrow, int shift) {
   if (narrow) {
     switch (mr) {
       case 1: kernel_avx2_u8_pair<1>(a, lda, bp, nq, t, ldt); break;
@@ -367,12 +368,13 @@ PYC_TARGET_AVX2 void tile_avx2_u8(int mr, const uint8_t* a, int64_t lda, const i
       default: kernel_avx2_u8<6>(a, lda, bp, nq, t, ldt); break;
     }
   }
-  // (a + 64) * b summed = a * b summed + 64 * colsum (modulo 2^32); applied once, by the
-  // first K block (colsum == nullptr for the others)
+  // (a + 2^shift) * b summed = a * b summed + 2^shift * colsum (modulo 2^32); applied once, by
+  // the first K block (colsum == nullptr for the others)
   if (colsum == nullptr) return;
-  const __m256i c0 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum)), 6);
+  const __m128i sh = _mm_cvtsi32_si128(shift);
+  const __m256i c0 = _mm256_sll_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum)), sh);
   const __m256i c1 =
-      _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8)), 6);
+      _mm256_sll_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(colsum + 8)), sh);
   for (int r = 0; r < mr; ++r) {
     __m256i* tr = reinterpret_cast<__m256i*>(t + r * ldt);
     _mm256_storeu_si256(tr, _mm256_sub_epi32(_mm256_loadu_si256(tr), c0));
@@ -581,7 +583,7 @@ void tile_scalar(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_
 }
 
 int mr_of(int path) {
-  return path == 3 ? kMrAvx2U8 : (path == 2 ? kMrVnni : (path == 1 ? kMrAvx2 : kMrScalar));
+  return path >= 3 ? kMrAvx2U8 : (path == 2 ? kMrVnni : (path == 1 ? kMrAvx2 : kMrScalar));
 }
 
 }  // namespace
@@ -612,15 +614,28 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
   }
 }
 
-int int8_gemm_path(int isa, bool act7) {
+int int8_gemm_path(int isa, bool act7, bool narrow_b) {
 #if PYC_HAVE_X86_SIMD
   if (isa >= 2 && cpu_features().avx512vnni) return 2;
-  if (isa >= 1) return act7 ? 3 : 1;
+  if (isa >= 1) return act7 ? 3 : (narrow_b ? 4 : 1);
 #else
   (void)isa;
   (void)act7;
+  (void)narrow_b;
 #endif
   return 0;
+}
+
+bool int8_packed_narrow(const int8_t* packed, int64_t N, int64_t K) {
+  const int64_t Np = int8_round_n(N);
+  const int32_t* panel_max = reinterpret_cast<const int32_t*>(packed + Np * int8_round_k(K)) + Np;
+  int32_t m = 0;
+  for (int64_t p = 0; p < Np / kInt8PanelCols; ++p) {
+    int32_t v;
+    std::memcpy(&v, panel_max + p, sizeof v);
+    m = std::max(m, v);
+  }
+  return m <= kNarrowWeightMax;
 }
 
 int64_t int8_a_row_bytes(int path, int64_t K) {
@@ -635,7 +650,7 @@ void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap,
   const int64_t rb = int8_a_row_bytes(path, K);
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* src = a + m * lda;
-    if (path == 2) {
+    if (path == 2 || path == 4) {
       uint8_t* dst = static_cast<uint8_t*>(ap) + m * rb;
       for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k] ^ 0x80);
       std::memset(dst + K, 0x80, static_cast<size_t>(rb - K));
@@ -701,9 +716,9 @@ void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M,
           m_next += mr;
           const uint8_t* am = abase + m * rb + k0 * a_elem;
 #if PYC_HAVE_X86_SIMD
-          if (path == 3)
+          if (path == 3 || path == 4)
             tile_avx2_u8(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols,
-                         narrow);
+                         narrow, path == 3 ? 6 : 7);
           else if (path == 2)
             tile_vnni(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols);
           else if (path == 1)
