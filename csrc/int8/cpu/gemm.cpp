@@ -120,8 +120,16 @@ PYC_TARGET_AVX2 void epilogue_avx2(const Int8Epilogue& ep, const int32_t* tile, 
 
 // ---------------------------------------------------------------- AVX2 kernel
 
-// MR rows x 8 columns (one half of a 16-column panel). a: int16 rows (stride
-// lda elements); b: panel base + 32 * half, 64 bytes per k-group.
+// Shared pieces of the inline-assembly kernels: int16 ones in ymm0, and zeroed accumulators.
+#define PYC_ASM_ONES_Y0 "vpcmpeqw %%ymm0, %%ymm0, %%ymm0\n\tvpsrlw $15, %%ymm0, %%ymm0\n\t"
+#define PYC_ASM_ZERO_4_5 "vpxor %%xmm4, %%xmm4, %%xmm4\n\tvpxor %%xmm5, %%xmm5, %%xmm5\n\t"
+#define PYC_ASM_ZERO_6_15                                                                   \
+  "vpxor %%xmm6, %%xmm6, %%xmm6\n\tvpxor %%xmm7, %%xmm7, %%xmm7\n\t"                    \
+  "vpxor %%xmm8, %%xmm8, %%xmm8\n\tvpxor %%xmm9, %%xmm9, %%xmm9\n\t"                    \
+  "vpxor %%xmm10, %%xmm10, %%xmm10\n\tvpxor %%xmm11, %%xmm11, %%xmm11\n\t"              \
+  "vpxor %%xmm12, %%xmm12, %%xmm12\n\tvpxor %%xmm13, %%xmm13, %%xmm13\n\t"              \
+  "vpxor %%xmm14, %%xmm14, %%xmm14\n\tvpxor %%xmm15, %%xmm15, %%xmm15\n\t"
+
 // MR (3..6) rows x 8 columns (one half of a 16-column panel). a: int16 rows (stride lda
 // elements); b: panel base + 32 * half, 64 bytes per k-group. Written in inline assembly:
 // with intrinsics GCC hoists the broadcasts and spills accumulators. Accumulators live in
@@ -155,18 +163,7 @@ PYC_TARGET_AVX2 void epilogue_avx2(const Int8Epilogue& ep, const int32_t* tile, 
 #define PYC_S5 PYC_ASM_STORE("14", "15", "(%[t3],%[ldt],2)")
 #define PYC_AVX2_KERNEL_ASM(ROWS, STORES)                                                      \
   asm volatile(                                                                                \
-      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"                                                       \
-      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                                                       \
-      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                       \
-      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                       \
-      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                       \
-      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                       \
-      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                    \
-      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                    \
-      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"                                                    \
-      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"                                                    \
-      "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"                                                    \
-      "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"                                                    \
+      PYC_ASM_ZERO_4_5 PYC_ASM_ZERO_6_15                                                 \
       "test %[n], %[n]\n\t"                                                                    \
       "jle 2f\n\t"                                                                             \
       ".p2align 6\n\t"                                                                         \
@@ -293,20 +290,8 @@ PYC_TARGET_AVX2 void tile_avx2(int mr, const int16_t* a, int64_t lda, const int8
 #define PYC_V5 PYC_U8_STORE("14", "15", "(%[t3],%[ldt],2)", "32(%[t3],%[ldt],2)")
 #define PYC_U8_KERNEL_ASM(ROWS, STORES)                                                        \
   asm volatile(                                                                                \
-      "vpcmpeqw %%ymm0, %%ymm0, %%ymm0\n\t"                                                    \
-      "vpsrlw $15, %%ymm0, %%ymm0\n\t"                                                         \
-      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"                                                       \
-      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                                                       \
-      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                       \
-      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                       \
-      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                       \
-      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                       \
-      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                    \
-      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                    \
-      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"                                                    \
-      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"                                                    \
-      "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"                                                    \
-      "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"                                                    \
+      PYC_ASM_ONES_Y0                                                                    \
+      PYC_ASM_ZERO_4_5 PYC_ASM_ZERO_6_15                                                 \
       "test %[n], %[n]\n\t"                                                                    \
       "jle 2f\n\t"                                                                             \
       ".p2align 6\n\t"                                                                         \
@@ -383,8 +368,6 @@ PYC_TARGET_AVX2 void tile_avx2_u8(int mr, const uint8_t* a, int64_t lda, const i
 }
 
 #undef PYC_U8_KERNEL_ASM
-#undef PYC_U8_ROW
-#undef PYC_U8_STORE
 #undef PYC_U0
 #undef PYC_U1
 #undef PYC_U2
@@ -407,7 +390,7 @@ PYC_TARGET_AVX2 void tile_avx2_u8(int mr, const uint8_t* a, int64_t lda, const i
 // multiply pipes bound the other kernel at 32 multiply-adds per cycle and this one at 42.7.
 // MR (1..5) rows x 16 columns; accumulators ymm6..ymm15, ones in ymm0, products in ymm2..ymm5.
 // One iteration takes two k-groups (128 bytes of the panel); an odd last group runs once
-// through the single-group body.
+// through the one-group row of the 7-bit kernel (PYC_U8_ROW).
 #define PYC_P_ROW(A0, A1, C0, C1)                  \
   "vpbroadcastd " A0 ", %%ymm1\n\t"                \
   "vpmaddubsw (%[b]), %%ymm1, %%ymm2\n\t"          \
@@ -421,46 +404,25 @@ PYC_TARGET_AVX2 void tile_avx2_u8(int mr, const uint8_t* a, int64_t lda, const i
   "vpmaddwd %%ymm0, %%ymm3, %%ymm3\n\t"            \
   "vpaddd %%ymm2, %%ymm" C0 ", %%ymm" C0 "\n\t"    \
   "vpaddd %%ymm3, %%ymm" C1 ", %%ymm" C1 "\n\t"
-#define PYC_P_ONE(A0, C0, C1)                      \
-  "vpbroadcastd " A0 ", %%ymm1\n\t"                \
-  "vpmaddubsw (%[b]), %%ymm1, %%ymm2\n\t"          \
-  "vpmaddubsw 32(%[b]), %%ymm1, %%ymm3\n\t"        \
-  "vpmaddwd %%ymm0, %%ymm2, %%ymm2\n\t"            \
-  "vpmaddwd %%ymm0, %%ymm3, %%ymm3\n\t"            \
-  "vpaddd %%ymm2, %%ymm" C0 ", %%ymm" C0 "\n\t"    \
-  "vpaddd %%ymm3, %%ymm" C1 ", %%ymm" C1 "\n\t"
-#define PYC_P_STORE(C0, C1, DST0, DST1)  \
-  "vmovdqu %%ymm" C0 ", " DST0 "\n\t"    \
-  "vmovdqu %%ymm" C1 ", " DST1 "\n\t"
 #define PYC_P0 PYC_P_ROW("(%[pa])", "4(%[pa])", "6", "7")
 #define PYC_P1 PYC_P_ROW("(%[pa],%[ld],1)", "4(%[pa],%[ld],1)", "8", "9")
 #define PYC_P2 PYC_P_ROW("(%[pa],%[ld],2)", "4(%[pa],%[ld],2)", "10", "11")
 #define PYC_P3 PYC_P_ROW("(%[pb])", "4(%[pb])", "12", "13")
 #define PYC_P4 PYC_P_ROW("(%[pb],%[ld],1)", "4(%[pb],%[ld],1)", "14", "15")
-#define PYC_O0 PYC_P_ONE("(%[pa])", "6", "7")
-#define PYC_O1 PYC_P_ONE("(%[pa],%[ld],1)", "8", "9")
-#define PYC_O2 PYC_P_ONE("(%[pa],%[ld],2)", "10", "11")
-#define PYC_O3 PYC_P_ONE("(%[pb])", "12", "13")
-#define PYC_O4 PYC_P_ONE("(%[pb],%[ld],1)", "14", "15")
-#define PYC_Q0 PYC_P_STORE("6", "7", "(%[t])", "32(%[t])")
-#define PYC_Q1 PYC_P_STORE("8", "9", "(%[t],%[ldt],1)", "32(%[t],%[ldt],1)")
-#define PYC_Q2 PYC_P_STORE("10", "11", "(%[t],%[ldt],2)", "32(%[t],%[ldt],2)")
-#define PYC_Q3 PYC_P_STORE("12", "13", "(%[t3])", "32(%[t3])")
-#define PYC_Q4 PYC_P_STORE("14", "15", "(%[t3],%[ldt],1)", "32(%[t3],%[ldt],1)")
+#define PYC_O0 PYC_U8_ROW("(%[pa])", "6", "7")
+#define PYC_O1 PYC_U8_ROW("(%[pa],%[ld],1)", "8", "9")
+#define PYC_O2 PYC_U8_ROW("(%[pa],%[ld],2)", "10", "11")
+#define PYC_O3 PYC_U8_ROW("(%[pb])", "12", "13")
+#define PYC_O4 PYC_U8_ROW("(%[pb],%[ld],1)", "14", "15")
+#define PYC_Q0 PYC_U8_STORE("6", "7", "(%[t])", "32(%[t])")
+#define PYC_Q1 PYC_U8_STORE("8", "9", "(%[t],%[ldt],1)", "32(%[t],%[ldt],1)")
+#define PYC_Q2 PYC_U8_STORE("10", "11", "(%[t],%[ldt],2)", "32(%[t],%[ldt],2)")
+#define PYC_Q3 PYC_U8_STORE("12", "13", "(%[t3])", "32(%[t3])")
+#define PYC_Q4 PYC_U8_STORE("14", "15", "(%[t3],%[ldt],1)", "32(%[t3],%[ldt],1)")
 #define PYC_P_KERNEL_ASM(ROWS, ONE, STORES)                                                    \
   asm volatile(                                                                                \
-      "vpcmpeqw %%ymm0, %%ymm0, %%ymm0\n\t"                                                    \
-      "vpsrlw $15, %%ymm0, %%ymm0\n\t"                                                         \
-      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                       \
-      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                       \
-      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                       \
-      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                       \
-      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                    \
-      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                    \
-      "vpxor %%xmm12, %%xmm12, %%xmm12\n\t"                                                    \
-      "vpxor %%xmm13, %%xmm13, %%xmm13\n\t"                                                    \
-      "vpxor %%xmm14, %%xmm14, %%xmm14\n\t"                                                    \
-      "vpxor %%xmm15, %%xmm15, %%xmm15\n\t"                                                    \
+      PYC_ASM_ONES_Y0                                                                    \
+      PYC_ASM_ZERO_6_15                                                                  \
       "test %[n], %[n]\n\t"                                                                    \
       "jle 2f\n\t"                                                                             \
       ".p2align 6\n\t"                                                                         \
@@ -504,8 +466,11 @@ PYC_TARGET_AVX2 void kernel_avx2_u8_pair(const uint8_t* a, int64_t lda, const in
 
 #undef PYC_P_KERNEL_ASM
 #undef PYC_P_ROW
-#undef PYC_P_ONE
-#undef PYC_P_STORE
+#undef PYC_U8_ROW
+#undef PYC_U8_STORE
+#undef PYC_ASM_ONES_Y0
+#undef PYC_ASM_ZERO_4_5
+#undef PYC_ASM_ZERO_6_15
 #undef PYC_P0
 #undef PYC_P1
 #undef PYC_P2
