@@ -147,7 +147,9 @@ class _ExportInt8Linear(nn.Module):
         super().__init__()
         self.mode = layer.mode
         self.act_bits = int(getattr(layer, "act_bits", 8))
-        fmt = _resolve_format(fmt, self.act_bits)
+        # weights within [-64, 64] (weight_bits=7): u8 x s8 pair sums stay below 2 * 255 * 64
+        narrow = self.mode == "w8a8" and int(layer.weight.detach().to(torch.int16).abs().max()) <= 64
+        fmt = _resolve_format(fmt, self.act_bits, narrow)
         self.fmt = _FORMAT_CODE[fmt]
         # [in, out]: MatMulInteger / MatMul take B as [K, N]
         w_t = layer.weight.detach().t().contiguous().cpu()
@@ -252,12 +254,14 @@ class _TorchScriptBuilder(_Builder):
         return self.g.op("Constant", value_t=torch.from_numpy(np.array(array)))
 
 
-def _resolve_format(fmt: str, act_bits: int) -> str:
-    """``auto`` / ``contrib`` -> the concrete integer types for this layer."""
+def _resolve_format(fmt: str, act_bits: int, narrow: bool = False) -> str:
+    """``auto`` / ``contrib`` -> the concrete integer types for this layer (``narrow``: every
+    weight in [-64, 64])."""
     # "auto": exact integer products on every CPU with ONNX Runtime's fast kernels: 7-bit
-    # activations shifted by 64 stay <= 127, so u8 x s8 pair sums cannot saturate; 8-bit
-    # activations take u8 x u8 (16-bit products, no saturating step)
-    auto = "u8s8" if act_bits == 7 else "u8u8"
+    # activations shifted by 64 stay <= 127, and weights within [-64, 64] keep even 8-bit
+    # activations' pairs <= 2 * 255 * 64, so u8 x s8 pair sums cannot saturate; other 8-bit
+    # layers take u8 x u8 (16-bit products, no saturating step)
+    auto = "u8s8" if act_bits == 7 or narrow else "u8u8"
     if fmt == "auto":
         return auto
     if fmt == "contrib":

@@ -82,15 +82,17 @@ def test_weights_stay_8_bit_in_the_file(tmp_path):
     assert ratio < 0.35, ratio  # 1 byte per weight instead of 4 (+ fp32 scales, biases, metadata)
 
 
-@pytest.mark.parametrize("fmt,act_bits,exporter", [
-    ("s8s8", 8, "torchscript"),
-    ("contrib", 8, "torchscript"),
-    ("auto", 7, "torchscript"),
-    ("contrib-u8s8", 7, EXPORTERS[0]),
+@pytest.mark.parametrize("fmt,act_bits,weight_bits,exporter", [
+    ("s8s8", 8, 8, "torchscript"),
+    ("contrib", 8, 8, "torchscript"),
+    ("auto", 7, 8, "torchscript"),
+    ("contrib-u8s8", 7, 8, EXPORTERS[0]),
+    ("auto", 8, 7, "torchscript"),  # weights in [-63, 63]: u8 x s8 cannot saturate either
+    ("contrib", 8, 7, EXPORTERS[0]),
 ])
-def test_int8_forms(tmp_path, fmt, act_bits, exporter):
-    q = pycompress.quantize(mlp(), act_bits=act_bits)
-    x = torch.randn(6, 16)
+def test_int8_forms(tmp_path, fmt, act_bits, weight_bits, exporter):
+    q = pycompress.quantize(mlp(), act_bits=act_bits, weight_bits=weight_bits)
+    x = torch.randn(6, 16) * 4  # activations reach the ends of the 8-bit range
     path = pycompress.export_onnx(q, x, tmp_path / "m.onnx", int8_format=fmt, exporter=exporter)
     graph = onnx.load(path).graph
     if fmt.startswith("contrib"):
@@ -98,7 +100,8 @@ def test_int8_forms(tmp_path, fmt, act_bits, exporter):
     else:
         assert op_types(path).count("MatMulInteger") == 2
     weights = [i for i in graph.initializer if len(i.dims) == 2]
-    want = onnx.TensorProto.INT8 if fmt in ("s8s8",) or act_bits == 7 else onnx.TensorProto.UINT8
+    want = (onnx.TensorProto.INT8 if fmt in ("s8s8",) or act_bits == 7 or weight_bits == 7
+            else onnx.TensorProto.UINT8)
     assert {i.data_type for i in weights} == {want}
     (y,) = run_ort(path, x)
     assert_matches(y, q(x))
