@@ -9,11 +9,13 @@ other processes hits all of them alike):
 
 * ``torch fp32``: the float model in eager PyTorch.
 * ``pycompress int8 eager`` / ``pycompress int8 compile``: ``pycompress.quantize(model, "w8a8")``
-  in eager PyTorch and under ``torch.compile``.
+  in eager PyTorch and under ``torch.compile``; without ``--quick`` also
+  ``pycompress int8 eager [act_bits=7, weight_bits=7]`` (7-bit activations and weights).
 * ``pycompress int8 -> ORT``: ``pycompress.export_onnx`` of that model (default form: per-token
   u8 activations x u8 weights with zero point 128, standard ``MatMulInteger``), run in ONNX
   Runtime; the alternative forms (``s8s8``, saturating ``u8s8``, ``contrib`` =
-  ``com.microsoft.MatMulIntegerToFloat``, and 7-bit activations ``act_bits=7``) follow as
+  ``com.microsoft.MatMulIntegerToFloat``, 7-bit activations ``act_bits=7``, and 7-bit activations
+  and weights) follow as
   ``pycompress int8 -> ORT [form]`` rows on the small encoder.
 * ``ORT fp32``: the float model exported by ``export_onnx`` (plain ``torch.onnx.export``).
 * ``ORT int8 per-tensor`` / ``ORT int8 per-channel``: ONNX Runtime's own
@@ -46,6 +48,7 @@ CASES = {
 }
 OURS = "pycompress int8 -> ORT"
 ORT_PC = "ORT int8 per-channel"
+EAGER_77 = "pycompress int8 eager [act_bits=7, weight_bits=7]"
 
 
 def _bert(cfg_kw: dict):
@@ -114,6 +117,9 @@ def _case(name: str, cfg_kw: dict, quick: bool, tmp: str) -> list[dict]:
             qc = torch.compile(q)
             qc(**inputs)
         runs["pycompress int8 compile"] = (lambda: qc(**inputs), last_pooled(qc(**inputs)), None)
+        if not quick:  # 7-bit activations and weights: torch.ao's accuracy, the fastest AVX2 kernel
+            q77 = pycompress.quantize(copy.deepcopy(model), "w8a8", act_bits=7, weight_bits=7, warn=False)
+            runs[EAGER_77] = (lambda: q77(**inputs), last_pooled(q77(**inputs)), None)
 
     def add_onnx(impl, path):
         sess = _ort_session(path, threads)
@@ -137,6 +143,9 @@ def _case(name: str, cfg_kw: dict, quick: bool, tmp: str) -> list[dict]:
         p = os.path.join(tmp, f"{name}-pycompress-int8-a7.onnx")
         pycompress.export_onnx(q7, inputs, p)
         add_onnx(f"{OURS} [act_bits=7]", p)
+        p = os.path.join(tmp, f"{name}-pycompress-int8-a7w7.onnx")
+        pycompress.export_onnx(q77, inputs, p)
+        add_onnx(f"{OURS} [act_bits=7, weight_bits=7]", p)
     add_onnx("ORT fp32", fp32_path)
     for per_channel, impl in ((False, "ORT int8 per-tensor"), (True, ORT_PC)):
         p = os.path.join(tmp, f"{name}-ort-int8-{'pc' if per_channel else 'pt'}.onnx")
