@@ -35,6 +35,7 @@ KERNEL = "int8"
 W8A8_7 = "pycompress w8a8 (7-bit act)"
 W8A8_77 = "pycompress w8a8 (7-bit act+w)"
 W8A8_W7 = "pycompress w8a8 (7-bit w)"
+OURS_W8A8 = ("pycompress w8a8", W8A8_7, W8A8_77, W8A8_W7)  # the rows with target lines
 
 MS_FULL = [1, 16, 128, 512, 2048, 4096]
 KN_FULL = [(768, 3072), (4096, 4096), (4096, 11008), (8192, 8192)]
@@ -153,8 +154,7 @@ def _per_core_rows(M, K, N, impls, rep) -> list[dict]:
     try:
         with torch.no_grad():
             for impl, fn in impls:
-                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", "pycompress w8a8", W8A8_7, W8A8_77,
-                                W8A8_W7):
+                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", *OURS_W8A8):
                     continue
                 fn()
                 best = float("inf")
@@ -203,7 +203,7 @@ def summarize(rows: list[dict]) -> list[str]:
         case = f"M={M} K=4096 N=4096"
         if (case, "fp32 nn.Linear") not in med:
             continue
-        for impl in ("pycompress w8a8", W8A8_7, W8A8_77, W8A8_W7):
+        for impl in OURS_W8A8:
             key = (case, impl)
             if key not in med:
                 continue

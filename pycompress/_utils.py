@@ -392,3 +392,15 @@ def dense_equivalent(module: nn.Module) -> nn.Module:
         if callable(fn):
             return fn()
     return module
+
+
+_INT8_BITS_WHY = {"act_bits": "w8a16 keeps float activations",
+                  "weight_bits": "the faster 7-bit kernel is a w8a8 kernel"}
+
+
+def check_int8_bits(name: str, value: Any, mode: str) -> None:
+    """Validates ``act_bits`` / ``weight_bits`` of an int8 layer: 8 or 7, and 7 only with w8a8."""
+    if isinstance(value, bool) or value not in (7, 8):
+        raise ValueError(f"{name} must be 8 or 7, got {value!r}")
+    if value != 8 and mode != "w8a8":
+        raise ValueError(f"{name}=7 applies to mode='w8a8' only ({_INT8_BITS_WHY[name]})")

@@ -129,14 +129,8 @@ def quantize(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if mode not in QUANT_MODES:
         raise ValueError(f"mode must be one of {QUANT_MODES}, got {mode!r}")
-    if isinstance(act_bits, bool) or act_bits not in (7, 8):
-        raise ValueError(f"act_bits must be 8 or 7, got {act_bits!r}")
-    if act_bits != 8 and mode != "w8a8":
-        raise ValueError("act_bits=7 applies to mode='w8a8' only (w8a16 keeps float activations)")
-    if isinstance(weight_bits, bool) or weight_bits not in (7, 8):
-        raise ValueError(f"weight_bits must be 8 or 7, got {weight_bits!r}")
-    if weight_bits != 8 and mode != "w8a8":
-        raise ValueError("weight_bits=7 applies to mode='w8a8' only")
+    _utils.check_int8_bits("act_bits", act_bits, mode)
+    _utils.check_int8_bits("weight_bits", weight_bits, mode)
     layer_cls = _int8_linear_class()
     extra = {"act_bits": act_bits} if act_bits != 8 else {}
     if weight_bits != 8:

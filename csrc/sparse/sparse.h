@@ -68,7 +68,7 @@ struct Aligned64 {
 constexpr int64_t kSellWindow = 256;  // rows; a multiple of 8
 
 struct SellLayout {
-  int64_t K = 0, N = 0, n_slices = 0;
+  int64_t n_slices = 0;
   bool idx16 = true;                // int16 indices when K < 32768, else int32
   std::vector<int64_t> slice_off;   // [n_slices + 1] entry offsets (multiples of 8)
   std::vector<int32_t> row_of;      // [8 * n_slices] output row of each lane, -1 past N

@@ -547,6 +547,12 @@ void tile_scalar(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_
   }
 }
 
+// Each panel's max |B| in the packed form (see int8/gemm.h): after the Np column sums.
+inline const int32_t* packed_panel_max(const int8_t* packed, int64_t N, int64_t K) {
+  const int64_t Np = int8_round_n(N);
+  return reinterpret_cast<const int32_t*>(packed + Np * int8_round_k(K)) + Np;
+}
+
 int mr_of(int path) {
   return path >= 3 ? kMrAvx2U8 : (path == 2 ? kMrVnni : (path == 1 ? kMrAvx2 : kMrScalar));
 }
@@ -575,7 +581,7 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
       }
       std::memcpy(colsum + n, &sum, sizeof sum);
     }
-    std::memcpy(panel_max + p, &pmax, sizeof pmax);
+    panel_max[p] = pmax;
   }
 }
 
@@ -592,15 +598,9 @@ int int8_gemm_path(int isa, bool act7, bool narrow_b) {
 }
 
 bool int8_packed_narrow(const int8_t* packed, int64_t N, int64_t K) {
-  const int64_t Np = int8_round_n(N);
-  const int32_t* panel_max = reinterpret_cast<const int32_t*>(packed + Np * int8_round_k(K)) + Np;
-  int32_t m = 0;
-  for (int64_t p = 0; p < Np / kInt8PanelCols; ++p) {
-    int32_t v;
-    std::memcpy(&v, panel_max + p, sizeof v);
-    m = std::max(m, v);
-  }
-  return m <= kNarrowWeightMax;
+  const int32_t* panel_max = packed_panel_max(packed, N, K);
+  return *std::max_element(panel_max, panel_max + int8_round_n(N) / kInt8PanelCols) <=
+         kNarrowWeightMax;
 }
 
 int64_t int8_a_row_bytes(int path, int64_t K) {
@@ -649,9 +649,9 @@ void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M,
                       int32_t* workspace) {
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
+  const int32_t* panel_max = packed_panel_max(packed, N, K);
   const int64_t rb = int8_a_row_bytes(path, K);
   const int64_t a_elem = path >= 2 ? 1 : 2;  // bytes per prepared A element
-  const int32_t* panel_max = colsum + Np;
   const int64_t kc = workspace ? int8_gemm_kc(path, M, K) : Kp;
   const bool blocked = kc < Kp;
   const int64_t mc = blocked ? 192 : std::max<int64_t>(24, ((int64_t(192) << 10) / rb) / 24 * 24);
@@ -668,9 +668,7 @@ void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M,
         const int8_t* bp = packed + p * Kp * kInt8PanelCols + k0 * kInt8PanelCols;
         const int64_t n0 = p * kInt8PanelCols;
         const int64_t nc = std::min<int64_t>(kInt8PanelCols, N - n0);
-        int32_t pmax;
-        std::memcpy(&pmax, panel_max + p, sizeof pmax);
-        const bool narrow = path == 3 && pmax <= kNarrowWeightMax;
+        const bool narrow = path == 3 && panel_max[p] <= kNarrowWeightMax;
         const int mrmax = narrow ? kMrAvx2U8Pair : mr_of(path);
         // the rows of the block are shared evenly between ceil(rows / mrmax) tiles
         // (16 rows with tiles of at most 5: 4 + 4 + 4 + 4, not 5 + 5 + 5 + 1)

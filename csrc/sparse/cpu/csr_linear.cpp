@@ -572,8 +572,6 @@ int64_t SellLayout::bytes() const {
 
 void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,
                    int64_t N, int64_t K, SellLayout& out) {
-  out.K = K;
-  out.N = N;
   out.n_slices = (N + 7) / 8;
   out.idx16 = K < 32768;  // the padding index K must fit
   std::vector<int32_t> order(static_cast<size_t>(N));
