@@ -209,42 +209,29 @@ def test_a_layer_registered_twice_is_replaced_everywhere(int8_cls):
         assert _cos(model(x), ref(x)) > 0.999
 
 
-@pytest.mark.skipif(not HAS_INT8, reason="act_bits is a feature of the compiled Int8Linear")
-def test_act_bits_7(tmp_path):
+@pytest.mark.skipif(not HAS_INT8, reason="act_bits/weight_bits are features of the compiled Int8Linear")
+@pytest.mark.parametrize("options", [{"act_bits": 7}, {"act_bits": 7, "weight_bits": 7}])
+def test_7_bit_options(tmp_path, options):
     import inspect
 
-    if "act_bits" not in inspect.signature(pycompress.nn.Int8Linear.from_float).parameters:
-        pytest.skip("this Int8Linear has no act_bits option")
+    params = inspect.signature(pycompress.nn.Int8Linear.from_float).parameters
+    if any(name not in params for name in options):
+        pytest.skip(f"this Int8Linear lacks one of {sorted(options)}")
     ref = mlp()
-    model = pycompress.quantize(copy.deepcopy(ref), act_bits=7)
-    assert all(model.get_submodule(n).act_bits == 7 for n in ("0", "2", "4"))
+    model = pycompress.quantize(copy.deepcopy(ref), **options)
+    layers = [model.get_submodule(n) for n in ("0", "2", "4")]
+    assert all(getattr(m, name) == 7 for m in layers for name in options)
+    if "weight_bits" in options:
+        assert all(m.weight.abs().max().item() <= 63 for m in layers)
     x = torch.randn(16, 32)
     assert pycompress.validate(ref, model, x).passed
     pycompress.save(model, tmp_path / "m")
     fresh = pycompress.load(tmp_path / "m", mlp(seed=2))
-    assert fresh[0].act_bits == 7
+    assert all(getattr(fresh[0], name) == 7 for name in options)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
-    with pytest.raises(ValueError, match="act_bits must be 8 or 7"):
-        pycompress.quantize(mlp(), act_bits=4)
-    with pytest.raises(ValueError, match="w8a8.* only"):
-        pycompress.quantize(mlp(), mode="w8a16", act_bits=7)
-
-
-@pytest.mark.skipif(not HAS_INT8, reason="weight_bits is a feature of the compiled Int8Linear")
-def test_weight_bits_7(tmp_path):
-    ref = mlp()
-    model = pycompress.quantize(copy.deepcopy(ref), act_bits=7, weight_bits=7)
-    assert all(model.get_submodule(n).weight_bits == 7 for n in ("0", "2", "4"))
-    assert all(model.get_submodule(n).weight.abs().max().item() <= 63 for n in ("0", "2", "4"))
-    x = torch.randn(16, 32)
-    assert pycompress.validate(ref, model, x).passed
-    pycompress.save(model, tmp_path / "m")
-    fresh = pycompress.load(tmp_path / "m", mlp(seed=2))
-    assert fresh[0].weight_bits == 7 and fresh[0].act_bits == 7
-    with torch.no_grad():
-        assert torch.equal(fresh(x), model(x))
-    with pytest.raises(ValueError, match="weight_bits must be 8 or 7"):
-        pycompress.quantize(mlp(), weight_bits=4)
-    with pytest.raises(ValueError, match="w8a8.* only"):
-        pycompress.quantize(mlp(), mode="w8a16", weight_bits=7)
+    for name in options:
+        with pytest.raises(ValueError, match=f"{name} must be 8 or 7"):
+            pycompress.quantize(mlp(), **{name: 4})
+        with pytest.raises(ValueError, match="w8a8.* only"):
+            pycompress.quantize(mlp(), mode="w8a16", **{name: 7})
