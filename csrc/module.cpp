@@ -28,6 +28,10 @@ pybind11::dict cpu_features_dict() {
 
 }  // namespace
 
+namespace pyc {
+void register_module_calls(pybind11::module_& m);  // module_calls.cpp
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pycompress compiled kernels";
   m.def("cpu_features", &cpu_features_dict, "CPU features detected at run time");
@@ -48,6 +52,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse_decode_layout_usage", &pyc::sparse_decode_layout_usage,
         "(layers, bytes) of the single-row sparse layouts held");
   m.def("clear_sparse_decode_layouts", &pyc::clear_sparse_decode_layouts);
+  pyc::register_module_calls(m);
 #ifdef PYCOMPRESS_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

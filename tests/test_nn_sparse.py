@@ -128,6 +128,7 @@ def test_sparse_linear_forward_paths():
 def test_sparse_linear_inference_call_stays_visible():
     # the plain-CPU inference shortcut must not hide the op from dispatch modes, the profiler,
     # the tracer or functorch transforms
+    from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     lin, _ = _pruned_linear(48, 20, 0.8)
@@ -145,6 +146,16 @@ def test_sparse_linear_inference_call_stays_visible():
         with Record():
             torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
         assert any("sparse_linear" in f for f in seen)
+        seen.clear()
+
+        class RecordFn(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                seen.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        with RecordFn():
+            torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+        assert any("sparse_linear" in f for f in seen)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             sl(x)
         assert any("sparse_linear" in e.name for e in prof.events())
@@ -154,8 +165,72 @@ def test_sparse_linear_inference_call_stays_visible():
         ys = torch.func.vmap(sl)(x.unsqueeze(1))
         torch.testing.assert_close(ys.squeeze(1), ref, atol=1e-4, rtol=1e-4)
     sl.row_ptr = sl.row_ptr.to("meta")  # a buffer on another device: a clear error, no crash
-    with torch.no_grad(), pytest.raises((RuntimeError, NotImplementedError)):
+    with torch.no_grad(), pytest.raises(ValueError, match="same device"):
         sl(x)
+
+
+def test_sparse_linear_plain_cpu_shortcut():
+    # SparseLinear.forward's direct CPU call: the dense result for every input layout and dtype,
+    # and None (the module then takes the dispatcher) whenever the call must be seen or the input
+    # is anything unusual
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pycompress import _C
+
+    direct = _C.sparse_linear_module_cpu
+    for bias in (True, False):
+        lin, _ = _pruned_linear(40, 12, 0.8, bias=bias)
+        sl = SparseLinear.from_dense(lin)
+        x = torch.randn(2, 3, 40)
+        ref = lin(x).detach()
+        buf = sl._buffers
+        torch.testing.assert_close(direct(x, buf, 40), ref, atol=1e-5, rtol=1e-5)  # grad mode on
+        with torch.no_grad():
+            torch.testing.assert_close(direct(x[1], buf, 40), ref[1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(direct(x[1, 2], buf, 40), ref[1, 2], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(direct(x[:, 1], buf, 40), ref[:, 1], atol=1e-5, rtol=1e-5)
+            assert direct(x[:, :0], buf, 40).shape == (2, 0, 12)
+            for dt in (torch.float16, torch.bfloat16):
+                y = direct(x.to(dt), buf, 40)
+                assert y.dtype == dt
+                torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+            class Sub(torch.Tensor):
+                pass
+
+            for other in (x.double(), x[..., :39], x.to("meta"), torch.tensor(1.0), x.as_subclass(Sub),
+                          x.tolist(), None):
+                assert direct(other, buf, 40) is None
+            assert direct(x, buf, 41) is None
+            assert direct(x, {k: v for k, v in buf.items() if k != "values"}, 40) is None
+            assert direct(x, {**buf, "col_idx": buf["col_idx"].to("meta")}, 40) is None
+
+            class Mode(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    return func(*args, **(kwargs or {}))
+
+            class FnMode(TorchFunctionMode):
+                def __torch_function__(self, func, types, args=(), kwargs=None):
+                    return func(*args, **(kwargs or {}))
+
+            for mode in (Mode, FnMode):
+                with mode():
+                    assert direct(x, buf, 40) is None
+            seen = []
+            torch.func.vmap(lambda r: seen.append(direct(r, buf, 40)) or r)(x)
+            assert seen == [None]
+        xg = x.clone().requires_grad_(True)
+        assert direct(xg, buf, 40) is None
+        with torch.no_grad():
+            assert direct(xg, buf, 40) is not None
+        sl.values.requires_grad_(True)
+        assert direct(x, buf, 40) is None
+    # the profiler still records the direct call
+    lin, _ = _pruned_linear(40, 12, 0.8)
+    sl = SparseLinear.from_dense(lin)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        assert direct(torch.randn(3, 40), sl._buffers, 40) is not None
+    assert any(e.name == "pycompress::sparse_linear" for e in prof.events())
 
 
 def test_sparse_linear_module_rejects_bad_inputs_and_corrupt_buffers():

@@ -6,11 +6,16 @@ import torch
 from torch import nn
 
 import pycompress.ops as ops
+from pycompress import _C
 from pycompress._utils import check_int8_bits
 
 __all__ = ["Int8Linear"]
 
 _MODES = ("w8a8", "w8a16")
+# w8a8 inference on the CPU calls the kernel directly (pycompress._C.int8_linear_module_cpu,
+# see SparseLinear): about 25 us less per call than the validated op wrapper. None means the call
+# takes the general path below.
+_module_cpu = getattr(_C, "int8_linear_module_cpu", None)
 
 
 class Int8Linear(nn.Module):
@@ -174,6 +179,10 @@ class Int8Linear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "w8a8" and _module_cpu is not None and not torch.compiler.is_compiling():
+            y = _module_cpu(x, self._buffers, self.in_features, self.act_bits)
+            if y is not None:
+                return y
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype and bias.dtype != torch.float32:
             bias = bias.float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pycompress import _C
 from pycompress.nn._common import dense_weight_and_mask, linear_from_weight
 from pycompress.ops import sparse as sparse_ops
 
@@ -14,22 +15,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
 _sparse_linear_op = torch.ops.pycompress.sparse_linear.default
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
-# Plain CPU inference calls the CPU kernel straight through the dispatcher (redispatch to the CPU
-# key): about a microsecond less than entering _BelowAutograd, which matters for a ~50 us product.
-# Only when nothing else needs to see the call (no dispatch modes, tracer, profiler or functorch
-# transforms); these checks cost ~0.3 us.
-_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-_direct_probes = (getattr(torch._C, "_len_torch_dispatch_stack", None),
-                  getattr(torch._C, "_get_tracing_state", None),
-                  getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None),
-                  getattr(torch._C, "_are_functorch_transforms_active", None))
-_CAN_REDISPATCH = hasattr(_sparse_linear_op, "redispatch") and all(_direct_probes)
-_dispatch_stack_len, _tracing_state, _profiler_enabled, _functorch_active = _direct_probes
-
-
-def _plain_cpu_call(x: torch.Tensor) -> bool:
-    return (_CAN_REDISPATCH and x.is_cpu and not _dispatch_stack_len() and not _tracing_state()
-            and not _profiler_enabled() and not _functorch_active())
+# Plain CPU inference calls the kernel directly (pycompress._C.sparse_linear_module_cpu): without
+# the dispatcher and the op's Python wrapper a call costs ~2.5 us less, a tenth of a single-token
+# product. It checks everything in C++ and returns None whenever the call must be seen by
+# something (grad, dispatch or torch-function modes, functorch transforms, the tracer) or the
+# input is unusual; the profiler still records it.
+_module_cpu = getattr(_C, "sparse_linear_module_cpu", None)
 
 
 class SparseLinear(nn.Module):
@@ -101,14 +92,21 @@ class SparseLinear(nn.Module):
         return 1.0 - self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buffers = self._buffers
+        if _module_cpu is not None and not torch.compiler.is_compiling():
+            y = _module_cpu(x, buffers, self.in_features)
+            if y is not None:
+                return y
         # The buffers are checked by the kernel itself (once per buffer version); only the input
         # is validated here. Anything unusual goes through the validated op wrapper, which raises
         # clear errors.
-        buffers = self._buffers
         values = buffers["values"]
         bias = buffers["bias"] if "bias" in buffers else None
+        device = values.device
         if (type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES or x.dim() < 1
-                or x.shape[-1] != self.in_features or x.device != values.device):
+                or x.shape[-1] != self.in_features or x.device != device
+                or buffers["row_ptr"].device != device or buffers["col_idx"].device != device
+                or (bias is not None and bias.device != device)):
             return sparse_ops.sparse_linear(x, buffers["row_ptr"], buffers["col_idx"], values, bias,
                                             self.in_features)
         flat = x.dim() == 2
@@ -118,9 +116,6 @@ class SparseLinear(nn.Module):
         if needs_grad or torch.compiler.is_compiling():
             y = _sparse_linear_op(x2, buffers["row_ptr"], buffers["col_idx"], values, bias,
                                   self.in_features)
-        elif _plain_cpu_call(x2):
-            y = _sparse_linear_op.redispatch(_CPU_KEYS, x2, buffers["row_ptr"], buffers["col_idx"],
-                                             values, bias, self.in_features)
         else:
             # no gradient needed: call the device kernel directly, skipping the Python autograd
             # wrapper of the op (tens of microseconds, as much as the whole product at M=1)
