@@ -1,7 +1,7 @@
-// Direct CPU inference calls of the nn modules (SparseLinear, Int8Linear): the registered CPU
-// kernel called from the module's forward without the dispatcher and the op's Python wrapper,
-// which together cost 2.5 us (SparseLinear) to 25 us (Int8Linear, whose wrapper validates every
-// argument in Python) per call: up to half of a single-token product.
+// Direct CPU inference calls of the nn modules (SparseLinear, SemiSparseLinear, Int8Linear): the
+// registered CPU kernel called from the module's forward without the dispatcher and the op's
+// Python wrapper, which together cost 2.5 us (SparseLinear) to 25 us (Int8Linear, whose wrapper
+// validates every argument in Python) per call: up to half of a single-token product.
 //
 // Each call checks in C++ what the Python path would, and returns None, so that the module
 // takes the general path, whenever anything is unusual: another device or dtype, a tensor
@@ -101,7 +101,21 @@ py::object sparse_linear_module_cpu(py::handle x_obj, const py::dict& buffers, i
     return py::none();
   const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt;
   return call_2d("pycompress::sparse_linear", *x, K, [&](const at::Tensor& x2) {
-    return sparse_linear_cpu(x2, *row_ptr, *col_idx, *values, b, K);
+    return sparse_linear_op_cpu(x2, *row_ptr, *col_idx, *values, b, K);
+  });
+}
+
+py::object semi24_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int64_t K) {
+  const at::Tensor* x = direct_input(x_obj, K);
+  if (!x) return py::none();
+  bool no_bias = false;
+  const at::Tensor* values = buffer(buffers, "values");
+  const at::Tensor* meta = buffer(buffers, "meta");
+  const at::Tensor* bias = buffer(buffers, "bias", &no_bias);
+  if (!values || !meta || (!bias && !no_bias) || needs_grad({x, values, bias})) return py::none();
+  const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt;
+  return call_2d("pycompress::semi24_linear", *x, K, [&](const at::Tensor& x2) {
+    return semi24_linear_op_cpu(x2, *values, *meta, b, K);
   });
 }
 
@@ -132,7 +146,7 @@ py::object int8_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int
   const c10::optional<at::Tensor> p =
       use_packed ? c10::optional<at::Tensor>(*packed) : c10::nullopt;
   return call_2d("pycompress::int8_linear", *x, K, [&](const at::Tensor& x2) {
-    return int8_linear_cpu(x2, *w, *w_scale, b, p, act_bits);
+    return int8_linear_op_cpu(x2, *w, *w_scale, b, p, act_bits);
   });
 }
 
@@ -142,6 +156,10 @@ void register_module_calls(py::module_& m) {
   m.def("sparse_linear_module_cpu", &sparse_linear_module_cpu, py::arg("x"), py::arg("buffers"),
         py::arg("in_features"),
         "SparseLinear's direct CPU inference call; None when the call must take the general path");
+  m.def("semi24_linear_module_cpu", &semi24_linear_module_cpu, py::arg("x"), py::arg("buffers"),
+        py::arg("in_features"),
+        "SemiSparseLinear's direct CPU inference call; None when the call must take the general "
+        "path");
   m.def("int8_linear_module_cpu", &int8_linear_module_cpu, py::arg("x"), py::arg("buffers"),
         py::arg("in_features"), py::arg("act_bits"),
         "Int8Linear's (w8a8) direct CPU inference call; None when the call must take the general "

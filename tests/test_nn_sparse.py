@@ -169,68 +169,18 @@ def test_sparse_linear_inference_call_stays_visible():
         sl(x)
 
 
-def test_sparse_linear_plain_cpu_shortcut():
-    # SparseLinear.forward's direct CPU call: the dense result for every input layout and dtype,
-    # and None (the module then takes the dispatcher) whenever the call must be seen or the input
-    # is anything unusual
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_linear_direct_cpu_call(bias):
+    # SparseLinear.forward's direct CPU call: the dense result, or None (the module then takes
+    # the general path) whenever the call must be seen or the input is unusual
+    from direct_calls import check_direct_call
 
     from pycompress import _C
 
-    direct = _C.sparse_linear_module_cpu
-    for bias in (True, False):
-        lin, _ = _pruned_linear(40, 12, 0.8, bias=bias)
-        sl = SparseLinear.from_dense(lin)
-        x = torch.randn(2, 3, 40)
-        ref = lin(x).detach()
-        buf = sl._buffers
-        torch.testing.assert_close(direct(x, buf, 40), ref, atol=1e-5, rtol=1e-5)  # grad mode on
-        with torch.no_grad():
-            torch.testing.assert_close(direct(x[1], buf, 40), ref[1], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(direct(x[1, 2], buf, 40), ref[1, 2], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(direct(x[:, 1], buf, 40), ref[:, 1], atol=1e-5, rtol=1e-5)
-            assert direct(x[:, :0], buf, 40).shape == (2, 0, 12)
-            for dt in (torch.float16, torch.bfloat16):
-                y = direct(x.to(dt), buf, 40)
-                assert y.dtype == dt
-                torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
-            class Sub(torch.Tensor):
-                pass
-
-            for other in (x.double(), x[..., :39], x.to("meta"), torch.tensor(1.0), x.as_subclass(Sub),
-                          x.tolist(), None):
-                assert direct(other, buf, 40) is None
-            assert direct(x, buf, 41) is None
-            assert direct(x, {k: v for k, v in buf.items() if k != "values"}, 40) is None
-            assert direct(x, {**buf, "col_idx": buf["col_idx"].to("meta")}, 40) is None
-
-            class Mode(TorchDispatchMode):
-                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                    return func(*args, **(kwargs or {}))
-
-            class FnMode(TorchFunctionMode):
-                def __torch_function__(self, func, types, args=(), kwargs=None):
-                    return func(*args, **(kwargs or {}))
-
-            for mode in (Mode, FnMode):
-                with mode():
-                    assert direct(x, buf, 40) is None
-            seen = []
-            torch.func.vmap(lambda r: seen.append(direct(r, buf, 40)) or r)(x)
-            assert seen == [None]
-        xg = x.clone().requires_grad_(True)
-        assert direct(xg, buf, 40) is None
-        with torch.no_grad():
-            assert direct(xg, buf, 40) is not None
-        sl.values.requires_grad_(True)
-        assert direct(x, buf, 40) is None
-    # the profiler still records the direct call
-    lin, _ = _pruned_linear(40, 12, 0.8)
+    lin, _ = _pruned_linear(40, 12, 0.8, bias=bias)
     sl = SparseLinear.from_dense(lin)
-    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        assert direct(torch.randn(3, 40), sl._buffers, 40) is not None
-    assert any(e.name == "pycompress::sparse_linear" for e in prof.events())
+    check_direct_call(_C.sparse_linear_module_cpu, sl._buffers, 40, lambda x: lin(x.float()).detach().to(x.dtype),
+                      "pycompress::sparse_linear", "values")
 
 
 def test_sparse_linear_module_rejects_bad_inputs_and_corrupt_buffers():

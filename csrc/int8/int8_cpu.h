@@ -7,8 +7,8 @@
 namespace pyc {
 
 // Same checks and result as the registered CPU kernel.
-at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
-                           const c10::optional<at::Tensor>& bias,
-                           const c10::optional<at::Tensor>& w_packed, int64_t act_bits);
+at::Tensor int8_linear_op_cpu(const at::Tensor& x, const at::Tensor& w,
+                              const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
+                              const c10::optional<at::Tensor>& w_packed, int64_t act_bits);
 
 }  // namespace pyc

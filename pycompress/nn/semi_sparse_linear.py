@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pycompress import _C
 from pycompress.nn._common import dense_weight_and_mask, linear_from_weight
 from pycompress.ops import semi24 as semi24_ops
 
@@ -12,6 +13,8 @@ __all__ = ["SemiSparseLinear"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# plain CPU inference calls the kernel directly (see SparseLinear); None: the general path below
+_module_cpu = getattr(_C, "semi24_linear_module_cpu", None)
 
 
 class SemiSparseLinear(nn.Module):
@@ -85,6 +88,10 @@ class SemiSparseLinear(nn.Module):
         return int(self.values.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _module_cpu is not None and not torch.compiler.is_compiling():
+            y = _module_cpu(x, self._buffers, self.in_features)
+            if y is not None:
+                return y
         if (not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1
                 or x.shape[-1] != self.in_features or x.device != self.values.device):
             return semi24_ops.semi24_linear(x, self.values, self.meta, self.bias, self.in_features)
