@@ -28,13 +28,14 @@ namespace py = pybind11;
 
 // True when an op called now would go straight to its CPU kernel: nothing has put a key into
 // the thread's included set beyond the two every eager call has (dispatch modes add Python,
-// functorch transforms their layer keys, the tracer Tracer), and no torch-function mode is
-// active. Grad mode is checked per call.
+// functorch transforms their layer keys, the tracer Tracer), and no torch-function mode is on
+// the stack (stack_len exists in every supported torch; a disabled mode still counts, which only
+// costs the direct call). Grad mode is checked per call.
 bool plain_eager_call() {
   const c10::DispatchKeySet plain{c10::DispatchKey::BackendSelect,
                                   c10::DispatchKey::ADInplaceOrView};
   return (c10::impl::tls_local_dispatch_key_set().included_ - plain).empty() &&
-         !at::impl::torch_function_mode_enabled();
+         at::impl::PythonTorchFunctionTLS::stack_len() == 0;
 }
 
 // An exact torch.Tensor (or nn.Parameter, which torch treats the same) on the CPU, or nullptr.
