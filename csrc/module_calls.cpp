@@ -45,12 +45,22 @@ const at::Tensor* cpu_tensor(PyObject* obj) {
   return t.is_cpu() ? &t : nullptr;
 }
 
-// Entry `name` of a module's _buffers dict. `*absent` tells a missing or None entry apart from
-// one that is not a CPU tensor (both return nullptr).
-const at::Tensor* buffer(const py::dict& buffers, const char* name, bool* absent = nullptr) {
-  PyObject* obj = PyDict_GetItemString(buffers.ptr(), name);  // borrowed
-  if (absent) *absent = !obj || obj == Py_None;
-  return cpu_tensor(obj);
+// Entry `name` of a module's _buffers dict when it is a CPU tensor, else nullptr.
+const at::Tensor* buffer(const py::dict& buffers, const char* name) {
+  return cpu_tensor(PyDict_GetItemString(buffers.ptr(), name));  // borrowed reference
+}
+
+// An entry that may also be missing or None (no tensor); *ok becomes false when it is anything
+// else but a CPU tensor.
+const at::Tensor* optional_buffer(const py::dict& buffers, const char* name, bool* ok) {
+  PyObject* obj = PyDict_GetItemString(buffers.ptr(), name);
+  const at::Tensor* t = cpu_tensor(obj);
+  if (!t && obj && obj != Py_None) *ok = false;
+  return t;
+}
+
+c10::optional<at::Tensor> optional(const at::Tensor* t) {
+  return t ? c10::optional<at::Tensor>(*t) : c10::nullopt;
 }
 
 bool float_dtype(at::ScalarType t) {
@@ -93,30 +103,27 @@ const at::Tensor* direct_input(py::handle x_obj, int64_t K) {
 py::object sparse_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int64_t K) {
   const at::Tensor* x = direct_input(x_obj, K);
   if (!x) return py::none();
-  bool no_bias = false;
+  bool ok = true;
   const at::Tensor* row_ptr = buffer(buffers, "row_ptr");
   const at::Tensor* col_idx = buffer(buffers, "col_idx");
   const at::Tensor* values = buffer(buffers, "values");
-  const at::Tensor* bias = buffer(buffers, "bias", &no_bias);
-  if (!row_ptr || !col_idx || !values || (!bias && !no_bias) || needs_grad({x, values, bias}))
-    return py::none();
-  const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt;
+  const at::Tensor* bias = optional_buffer(buffers, "bias", &ok);
+  if (!ok || !row_ptr || !col_idx || !values || needs_grad({x, values, bias})) return py::none();
   return call_2d("pycompress::sparse_linear", *x, K, [&](const at::Tensor& x2) {
-    return sparse_linear_op_cpu(x2, *row_ptr, *col_idx, *values, b, K);
+    return sparse_linear_op_cpu(x2, *row_ptr, *col_idx, *values, optional(bias), K);
   });
 }
 
 py::object semi24_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int64_t K) {
   const at::Tensor* x = direct_input(x_obj, K);
   if (!x) return py::none();
-  bool no_bias = false;
+  bool ok = true;
   const at::Tensor* values = buffer(buffers, "values");
   const at::Tensor* meta = buffer(buffers, "meta");
-  const at::Tensor* bias = buffer(buffers, "bias", &no_bias);
-  if (!values || !meta || (!bias && !no_bias) || needs_grad({x, values, bias})) return py::none();
-  const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt;
+  const at::Tensor* bias = optional_buffer(buffers, "bias", &ok);
+  if (!ok || !values || !meta || needs_grad({x, values, bias})) return py::none();
   return call_2d("pycompress::semi24_linear", *x, K, [&](const at::Tensor& x2) {
-    return semi24_linear_op_cpu(x2, *values, *meta, b, K);
+    return semi24_linear_op_cpu(x2, *values, *meta, optional(bias), K);
   });
 }
 
@@ -124,12 +131,12 @@ py::object int8_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int
                                   int64_t act_bits) {
   const at::Tensor* x = direct_input(x_obj, K);
   if (!x || (act_bits != 7 && act_bits != 8)) return py::none();
-  bool no_bias = false;
+  bool ok = true;
   const at::Tensor* w = buffer(buffers, "weight");
   const at::Tensor* w_scale = buffer(buffers, "weight_scale");
-  const at::Tensor* bias = buffer(buffers, "bias", &no_bias);
+  const at::Tensor* bias = optional_buffer(buffers, "bias", &ok);
   const at::Tensor* packed = buffer(buffers, "weight_packed");
-  if (!w || !w_scale || (!bias && !no_bias) || needs_grad({x, w_scale, bias})) return py::none();
+  if (!ok || !w || !w_scale || needs_grad({x, w_scale, bias})) return py::none();
   if (w->scalar_type() != at::kChar || w->dim() != 2 || w->size(0) < 1 || w->size(1) != K)
     return py::none();
   const int64_t N = w->size(0);
@@ -143,11 +150,9 @@ py::object int8_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int
   // module does: the op packs per call
   const bool use_packed = packed && packed->scalar_type() == at::kChar && packed->dim() == 1 &&
                           packed->is_contiguous() && packed->numel() == int8_packed_bytes(N, K);
-  const c10::optional<at::Tensor> b = bias ? c10::optional<at::Tensor>(*bias) : c10::nullopt;
-  const c10::optional<at::Tensor> p =
-      use_packed ? c10::optional<at::Tensor>(*packed) : c10::nullopt;
+  const at::Tensor* p = use_packed ? packed : nullptr;
   return call_2d("pycompress::int8_linear", *x, K, [&](const at::Tensor& x2) {
-    return int8_linear_op_cpu(x2, *w, *w_scale, b, p, act_bits);
+    return int8_linear_op_cpu(x2, *w, *w_scale, optional(bias), optional(p), act_bits);
   });
 }
 
