@@ -86,7 +86,7 @@ py::object call_2d(const char* name, const at::Tensor& x, int64_t K, F&& fn) {
     if (x.dim() != 2) {
       std::vector<int64_t> shape = x.sizes().vec();
       shape.back() = y.size(1);
-      y = y.view(shape);
+      y = y.reshape(shape);
     }
   }
   return py::cast(std::move(y));
