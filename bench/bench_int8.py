@@ -21,14 +21,13 @@ other implementation there). CPU runs cap the batch size to keep the full set wi
 
 from __future__ import annotations
 
-import time
 import warnings
 
 import torch
 from torch import nn
 
 import pycompress.ops as ops
-from common import run_ratio_range, time_fn
+from common import best_cpu_ms, run_ratio_range, time_fn
 from pycompress.nn import Int8Linear
 
 KERNEL = "int8"
@@ -156,15 +155,10 @@ def _per_core_rows(M, K, N, impls, rep) -> list[dict]:
             for impl, fn in impls:
                 if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", *OURS_W8A8):
                     continue
-                fn()
-                best = float("inf")
-                for _ in range(max(3, rep)):
-                    t0 = time.process_time()
-                    fn()
-                    best = min(best, time.process_time() - t0)
+                ms = best_cpu_ms(fn, rep)
                 rows.append({"kernel": KERNEL, "case": f"M={M} K={K} N={N}", "impl": f"{impl} {PER_CORE}",
-                             "M": M, "K": K, "N": N, "ms": best * 1e3,
-                             "TOPS": 2.0 * M * K * N / best / 1e12})
+                             "M": M, "K": K, "N": N, "ms": ms,
+                             "TOPS": 2.0 * M * K * N / (ms * 1e-3) / 1e12})
     finally:
         torch.set_num_threads(threads)
     return rows

@@ -10,10 +10,12 @@ import warnings
 
 import torch
 
-from common import run_ratio_range, time_fn
+from common import best_cpu_ms, run_ratio_range, time_fn
 from pycompress.nn import SparseLinear
 
 KERNEL = "sparse"
+PER_CORE = "[1 thread, CPU time]"
+IMPLS = ("dense fp32 nn.Linear", "torch CSR sparse.mm", "pycompress SparseLinear")
 
 SHAPES = [(4096, 4096), (768, 3072)]  # (K, N)
 
@@ -53,6 +55,28 @@ def run(device: str, quick: bool = False) -> list[dict]:
                         rows.append({"kernel": KERNEL, "case": _case(K, N, s, M), "impl": impl, "K": K, "N": N,
                                      "sparsity": s, "M": M, **t,
                                      "GFLOP/s dense-equiv": 2 * M * K * N / (t["ms"] * 1e-3) / 1e9})
+                    if device == "cpu" and _is_target(s, M):
+                        rows += _per_core_rows(K, N, s, M, impls, repeats)
+    return rows
+
+
+def _is_target(sparsity: float, M: int) -> bool:
+    return abs(sparsity - 0.9) < 1e-6 and M in (1, 8, 32)
+
+
+def _per_core_rows(K, N, s, M, impls, repeats) -> list[dict]:
+    """The target cases on one thread, best CPU time per call (see common.best_cpu_ms)."""
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for impl, fn in impls:
+            ms = best_cpu_ms(fn, 3 * repeats)
+            rows.append({"kernel": KERNEL, "case": _case(K, N, s, M), "impl": f"{impl} {PER_CORE}", "K": K,
+                         "N": N, "sparsity": s, "M": M, "ms": ms,
+                         "GFLOP/s dense-equiv": 2 * M * K * N / (ms * 1e-3) / 1e9})
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
@@ -63,7 +87,7 @@ def summarize(rows: list[dict]) -> list[str]:
         by.setdefault(r["case"], {})[r["impl"]] = r
     lines = []
     for case, d in by.items():
-        if not {"dense fp32 nn.Linear", "torch CSR sparse.mm", "pycompress SparseLinear"} <= d.keys():
+        if not set(IMPLS) <= d.keys():
             continue
         ours = d["pycompress SparseLinear"]
         vd = d["dense fp32 nn.Linear"]["ms"] / ours["ms"]
@@ -71,8 +95,12 @@ def summarize(rows: list[dict]) -> list[str]:
         line = (f"{case}: SparseLinear {ours['ms']:.3f} ms = {vd:.1f}x dense fp32"
                 f"{run_ratio_range(d['dense fp32 nn.Linear'], ours)}, {vc:.1f}x torch CSR"
                 f"{run_ratio_range(d['torch CSR sparse.mm'], ours)}")
-        if abs(ours["sparsity"] - 0.9) < 1e-6 and ours["M"] in (1, 8, 32):
+        if _is_target(ours["sparsity"], ours["M"]):
             ok = vd >= 5 and vc >= 2
             line += f"  [target >=5x dense and >=2x CSR: {'met' if ok else 'MISSED'}]"
         lines.append(line)
+        if all(f"{impl} {PER_CORE}" in d for impl in IMPLS):
+            pc = [d[f"{impl} {PER_CORE}"]["ms"] for impl in IMPLS]
+            lines.append(f"    per core {PER_CORE}: SparseLinear {pc[2]:.3f} ms = {pc[0] / pc[2]:.1f}x dense fp32, "
+                         f"{pc[1] / pc[2]:.1f}x torch CSR")
     return lines
