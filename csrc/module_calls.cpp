@@ -45,15 +45,23 @@ const at::Tensor* cpu_tensor(PyObject* obj) {
   return t.is_cpu() ? &t : nullptr;
 }
 
-// Entry `name` of a module's _buffers dict when it is a CPU tensor, else nullptr.
-const at::Tensor* buffer(const py::dict& buffers, const char* name) {
-  return cpu_tensor(PyDict_GetItemString(buffers.ptr(), name));  // borrowed reference
+// A buffer name as an interned Python string, made once per name and kept for the life of the
+// process (PyDict_GetItemString would build a new string on every call); obj is null only if
+// that allocation failed, and the call then takes the general path.
+struct BufferKey {
+  explicit BufferKey(const char* name) : obj(PyUnicode_InternFromString(name)) {}
+  PyObject* obj;
+};
+
+// Entry `key` of a module's _buffers dict when it is a CPU tensor, else nullptr.
+const at::Tensor* buffer(const py::dict& buffers, const BufferKey& key) {
+  return key.obj ? cpu_tensor(PyDict_GetItem(buffers.ptr(), key.obj)) : nullptr;  // borrowed
 }
 
 // An entry that may also be missing or None (no tensor); *ok becomes false when it is anything
 // else but a CPU tensor.
-const at::Tensor* optional_buffer(const py::dict& buffers, const char* name, bool* ok) {
-  PyObject* obj = PyDict_GetItemString(buffers.ptr(), name);
+const at::Tensor* optional_buffer(const py::dict& buffers, const BufferKey& key, bool* ok) {
+  PyObject* obj = key.obj ? PyDict_GetItem(buffers.ptr(), key.obj) : nullptr;
   const at::Tensor* t = cpu_tensor(obj);
   if (!t && obj && obj != Py_None) *ok = false;
   return t;
@@ -103,11 +111,13 @@ const at::Tensor* direct_input(py::handle x_obj, int64_t K) {
 py::object sparse_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int64_t K) {
   const at::Tensor* x = direct_input(x_obj, K);
   if (!x) return py::none();
+  static const BufferKey k_row_ptr("row_ptr"), k_col_idx("col_idx"), k_values("values"),
+      k_bias("bias");
   bool ok = true;
-  const at::Tensor* row_ptr = buffer(buffers, "row_ptr");
-  const at::Tensor* col_idx = buffer(buffers, "col_idx");
-  const at::Tensor* values = buffer(buffers, "values");
-  const at::Tensor* bias = optional_buffer(buffers, "bias", &ok);
+  const at::Tensor* row_ptr = buffer(buffers, k_row_ptr);
+  const at::Tensor* col_idx = buffer(buffers, k_col_idx);
+  const at::Tensor* values = buffer(buffers, k_values);
+  const at::Tensor* bias = optional_buffer(buffers, k_bias, &ok);
   if (!ok || !row_ptr || !col_idx || !values || needs_grad({x, values, bias})) return py::none();
   return call_2d("pycompress::sparse_linear", *x, K, [&](const at::Tensor& x2) {
     return sparse_linear_op_cpu(x2, *row_ptr, *col_idx, *values, optional(bias), K);
@@ -117,10 +127,11 @@ py::object sparse_linear_module_cpu(py::handle x_obj, const py::dict& buffers, i
 py::object semi24_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int64_t K) {
   const at::Tensor* x = direct_input(x_obj, K);
   if (!x) return py::none();
+  static const BufferKey k_values("values"), k_meta("meta"), k_bias("bias");
   bool ok = true;
-  const at::Tensor* values = buffer(buffers, "values");
-  const at::Tensor* meta = buffer(buffers, "meta");
-  const at::Tensor* bias = optional_buffer(buffers, "bias", &ok);
+  const at::Tensor* values = buffer(buffers, k_values);
+  const at::Tensor* meta = buffer(buffers, k_meta);
+  const at::Tensor* bias = optional_buffer(buffers, k_bias, &ok);
   if (!ok || !values || !meta || needs_grad({x, values, bias})) return py::none();
   return call_2d("pycompress::semi24_linear", *x, K, [&](const at::Tensor& x2) {
     return semi24_linear_op_cpu(x2, *values, *meta, optional(bias), K);
@@ -131,11 +142,13 @@ py::object int8_linear_module_cpu(py::handle x_obj, const py::dict& buffers, int
                                   int64_t act_bits) {
   const at::Tensor* x = direct_input(x_obj, K);
   if (!x || (act_bits != 7 && act_bits != 8)) return py::none();
+  static const BufferKey k_weight("weight"), k_scale("weight_scale"), k_bias("bias"),
+      k_packed("weight_packed");
   bool ok = true;
-  const at::Tensor* w = buffer(buffers, "weight");
-  const at::Tensor* w_scale = buffer(buffers, "weight_scale");
-  const at::Tensor* bias = optional_buffer(buffers, "bias", &ok);
-  const at::Tensor* packed = buffer(buffers, "weight_packed");
+  const at::Tensor* w = buffer(buffers, k_weight);
+  const at::Tensor* w_scale = buffer(buffers, k_scale);
+  const at::Tensor* bias = optional_buffer(buffers, k_bias, &ok);
+  const at::Tensor* packed = buffer(buffers, k_packed);
   if (!ok || !w || !w_scale || needs_grad({x, w_scale, bias})) return py::none();
   if (w->scalar_type() != at::kChar || w->dim() != 2 || w->size(0) < 1 || w->size(1) != K)
     return py::none();

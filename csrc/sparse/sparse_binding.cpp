@@ -252,13 +252,13 @@ bool set_sparse_decode_layout(bool enabled) {
 }
 
 std::pair<int64_t, int64_t> sparse_decode_layout_usage() { return sell_cache().usage(); }
+void clear_sparse_decode_layouts() { sell_cache().clear(); }
 
 at::Tensor sparse_linear_op_cpu(const at::Tensor& x, const at::Tensor& row_ptr,
                                 const at::Tensor& col_idx, const at::Tensor& values,
                                 const c10::optional<at::Tensor>& bias, int64_t in_features) {
   return sparse_linear_cpu_op(x, row_ptr, col_idx, values, bias, in_features);
 }
-void clear_sparse_decode_layouts() { sell_cache().clear(); }
 
 }  // namespace pyc
 
