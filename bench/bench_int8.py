@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import pycompress.ops as ops
-from common import best_cpu_ms, run_ratio_range, time_fn
+from common import PER_CORE, per_core_ms, run_ratio_range, time_fn
 from pycompress.nn import Int8Linear
 
 KERNEL = "int8"
@@ -141,27 +141,13 @@ def run(device: str, quick: bool = False) -> list[dict]:
     return rows
 
 
-PER_CORE = "[1 thread, CPU time]"
-
-
 def _per_core_rows(M, K, N, impls, rep) -> list[dict]:
-    """Best CPU time of one thread per call (process time): robust to other load on a shared
-    machine, where wall-clock medians of multi-threaded runs swing by 2x or more."""
-    rows = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for impl, fn in impls:
-                if impl not in ("fp32 nn.Linear", "torch.ao dynamic int8", *OURS_W8A8):
-                    continue
-                ms = best_cpu_ms(fn, rep)
-                rows.append({"kernel": KERNEL, "case": f"M={M} K={K} N={N}", "impl": f"{impl} {PER_CORE}",
-                             "M": M, "K": K, "N": N, "ms": ms,
-                             "TOPS": 2.0 * M * K * N / (ms * 1e-3) / 1e12})
-    finally:
-        torch.set_num_threads(threads)
-    return rows
+    """fp32, torch.ao and our w8a8 rows on one thread (see common.per_core_ms)."""
+    timed = per_core_ms([(impl, fn) for impl, fn in impls
+                         if impl in ("fp32 nn.Linear", "torch.ao dynamic int8", *OURS_W8A8)], rep)
+    return [{"kernel": KERNEL, "case": f"M={M} K={K} N={N}", "impl": f"{impl} {PER_CORE}",
+             "M": M, "K": K, "N": N, "ms": ms, "TOPS": 2.0 * M * K * N / (ms * 1e-3) / 1e12}
+            for impl, ms in timed.items()]
 
 
 def _gemm_vs_int_mm(device: str, quick: bool) -> list[dict]:

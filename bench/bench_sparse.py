@@ -10,11 +10,10 @@ import warnings
 
 import torch
 
-from common import best_cpu_ms, run_ratio_range, time_fn
+from common import PER_CORE, per_core_ms, run_ratio_range, time_fn
 from pycompress.nn import SparseLinear
 
 KERNEL = "sparse"
-PER_CORE = "[1 thread, CPU time]"
 IMPLS = ("dense fp32 nn.Linear", "torch CSR sparse.mm", "pycompress SparseLinear")
 
 SHAPES = [(4096, 4096), (768, 3072)]  # (K, N)
@@ -65,19 +64,10 @@ def _is_target(sparsity: float, M: int) -> bool:
 
 
 def _per_core_rows(K, N, s, M, impls, repeats) -> list[dict]:
-    """The target cases on one thread, best CPU time per call (see common.best_cpu_ms)."""
-    rows = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for impl, fn in impls:
-            ms = best_cpu_ms(fn, 3 * repeats)
-            rows.append({"kernel": KERNEL, "case": _case(K, N, s, M), "impl": f"{impl} {PER_CORE}", "K": K,
-                         "N": N, "sparsity": s, "M": M, "ms": ms,
-                         "GFLOP/s dense-equiv": 2 * M * K * N / (ms * 1e-3) / 1e9})
-    finally:
-        torch.set_num_threads(threads)
-    return rows
+    """The target cases on one thread (see common.per_core_ms)."""
+    return [{"kernel": KERNEL, "case": _case(K, N, s, M), "impl": f"{impl} {PER_CORE}", "K": K, "N": N,
+             "sparsity": s, "M": M, "ms": ms, "GFLOP/s dense-equiv": 2 * M * K * N / (ms * 1e-3) / 1e9}
+            for impl, ms in per_core_ms(impls, 3 * repeats).items()]
 
 
 def summarize(rows: list[dict]) -> list[str]:

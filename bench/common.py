@@ -60,17 +60,29 @@ def time_fn(fn: Callable[[], object], device: str = "cpu", *, warmup: int = 3, r
     }
 
 
-def best_cpu_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Best CPU time of the process per call of ``fn``, in ms (call it with one thread set):
-    robust to other load on a shared machine, where wall-clock medians of multi-threaded runs
-    swing by 2x or more."""
-    fn()
-    best = float("inf")
-    for _ in range(max(3, repeats)):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best * 1e3
+PER_CORE = "[1 thread, CPU time]"  # impl suffix of the rows timed by per_core_ms
+
+
+def per_core_ms(impls, repeats: int) -> dict[str, float]:
+    """Best CPU time of the process per call of each ``(name, fn)`` in ``impls`` on one thread,
+    in ms: robust to other load on a shared machine, where wall-clock medians of multi-threaded
+    runs swing by 2x or more. The thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        with torch.no_grad():
+            for name, fn in impls:
+                fn()
+                best = float("inf")
+                for _ in range(max(3, repeats)):
+                    t0 = time.process_time()
+                    fn()
+                    best = min(best, time.process_time() - t0)
+                out[name] = best * 1e3
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def device_name(device: str) -> str:
