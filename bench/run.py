@@ -1,7 +1,7 @@
 """Kernel microbenchmark runner: prints a table per kernel and writes JSON results.
 
     python bench/run.py [--kernels quant,int8,sparse,kd] [--device cpu|cuda] [--quick] [--json FILE]
-                        [--runs N]
+                        [--runs N] [--omp-wait-policy active|passive]
 
 Every ``bench/bench_<name>.py`` module defines ``KERNEL`` and ``run(device, quick) -> rows``;
 rows are dicts with at least ``kernel``, ``case``, ``impl`` and ``ms``. The JSON file
@@ -11,6 +11,14 @@ rows are dicts with at least ``kernel``, ``case``, ``impl`` and ``ms``. The JSON
 memory layout and neighbours on a shared machine differ between processes), and records per
 (case, impl) the row of the median run, with every run's median in ``ms_runs``; the printed table
 and the summary use those median rows.
+
+``--omp-wait-policy`` runs the benchmarks with ``OMP_WAIT_POLICY`` set: whether idle OpenMP
+threads keep spinning (``active``) or sleep (``passive``) between parallel regions. By default
+they spin for a while and then sleep; a sub-millisecond CPU op then sometimes pays for waking a
+thread, which on a virtual machine can cost as much as the op. The OpenMP runtime reads the
+variable once, when torch loads, so the runner starts itself again with it set. The threading
+variables in effect (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``,
+``OMP_NUM_THREADS``) are recorded per kernel in ``kernel_env``.
 """
 
 from __future__ import annotations
@@ -93,6 +101,14 @@ def combine_runs(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
+THREADING_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
+
+
+def threading_env() -> dict[str, str]:
+    """The OpenMP threading variables set in this process's environment."""
+    return {k: os.environ[k] for k in THREADING_ENV if k in os.environ}
+
+
 def _run_in_processes(kernel: str, args, runs: int) -> list[dict]:
     """Runs one kernel's benchmark ``runs`` times, each in a fresh process, and combines them."""
     results = []
@@ -119,7 +135,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="output file (default bench/results/<device>.json)")
     ap.add_argument("--runs", type=int, default=1,
                     help="run each kernel's benchmark N times in fresh processes and keep the median run per row")
+    ap.add_argument("--omp-wait-policy", choices=["active", "passive"], default=None,
+                    help="set OMP_WAIT_POLICY for the benchmarks (idle OpenMP threads spin or sleep)")
     args = ap.parse_args(argv)
+    if args.omp_wait_policy and os.environ.get("OMP_WAIT_POLICY", "").lower() != args.omp_wait_policy:
+        # read by the OpenMP runtime when torch loads: start again with it set
+        env = dict(os.environ, OMP_WAIT_POLICY=args.omp_wait_policy.upper())
+        cmd = [sys.executable, os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv)
+        return subprocess.call(cmd, env=env)
     if args.runs < 1:
         print(f"error: --runs must be >= 1, got {args.runs}", file=sys.stderr)
         return 2
@@ -148,9 +171,11 @@ def main(argv=None) -> int:
         "host": platform.node(),
         "quick": args.quick,
         "runs": args.runs,
+        "threading_env": threading_env(),
     }
+    env_note = ", ".join(f"{k}={v}" for k, v in meta["threading_env"].items()) or "default OpenMP settings"
     print(f"# pycompress benchmarks on {dev} ({args.device}), torch {torch.__version__}, "
-          f"{meta['threads']} threads, CPU path {meta['cpu_isa']}")
+          f"{meta['threads']} threads, CPU path {meta['cpu_isa']}, {env_note}")
     results = {"meta": meta, "kernels": {}}
     for k in kernels:
         mod = importlib.import_module(f"bench_{k}")
@@ -158,6 +183,7 @@ def main(argv=None) -> int:
         results["kernels"][k] = rows
         results.setdefault("kernel_dates", {})[k] = _dt.datetime.now(_dt.timezone.utc).isoformat(
             timespec="seconds")
+        results.setdefault("kernel_env", {})[k] = meta["threading_env"]
         print(f"\n## {k}\n" + format_table(rows))
         if hasattr(mod, "summarize"):
             summary = mod.summarize(rows)
@@ -186,6 +212,10 @@ def main(argv=None) -> int:
     dates = dict(prev.get("kernel_dates", {})) if same_device else {}
     dates.update(results.get("kernel_dates", {}))
     results["kernel_dates"] = dates
+    # the threading variables each kernel's rows were measured with
+    envs = dict(prev.get("kernel_env", {})) if same_device else {}
+    envs.update(results.get("kernel_env", {}))
+    results["kernel_env"] = envs
     if "summary" in prev and same_device:
         s = prev["summary"]
         s.update(results.get("summary", {}))

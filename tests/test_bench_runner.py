@@ -57,6 +57,36 @@ def test_runs_option_end_to_end(tmp_path):
     assert "(runs: " in res.stdout
 
 
+def test_omp_wait_policy_option_restarts_with_the_variable_set(tmp_path):
+    out = tmp_path / "r.json"
+    env = {k: v for k, v in os.environ.items() if k not in bench_run.THREADING_ENV}
+    env["OMP_NUM_THREADS"] = "2"
+    cmd = [sys.executable, os.path.join(BENCH, "run.py"), "--kernels", "quant", "--quick", "--device", "cpu",
+           "--omp-wait-policy", "active", "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    expected = {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "2"}
+    assert data["meta"]["threading_env"] == expected
+    assert data["kernel_env"]["quant"] == expected
+    assert "OMP_WAIT_POLICY=ACTIVE" in res.stdout.splitlines()[0]
+    # a second kernel measured with default settings keeps the first one's record
+    del env["OMP_NUM_THREADS"]
+    cmd = [sys.executable, os.path.join(BENCH, "run.py"), "--kernels", "semi24", "--quick", "--device", "cpu",
+           "--json", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert data["kernel_env"] == {"quant": expected, "semi24": {}}
+    assert "default OpenMP settings" in res.stdout.splitlines()[0]
+
+
+def test_omp_wait_policy_option_rejects_unknown_values():
+    res = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--omp-wait-policy", "spin"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "invalid choice" in res.stderr
+
+
 def test_runs_option_rejects_zero():
     res = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--runs", "0"], capture_output=True,
                          text=True, timeout=120)
