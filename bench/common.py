@@ -64,9 +64,11 @@ PER_CORE = "[1 thread, CPU time]"  # impl suffix of the rows timed by per_core_m
 
 
 def per_core_ms(impls, repeats: int) -> dict[str, float]:
-    """Best CPU time of the process per call of each ``(name, fn)`` in ``impls`` on one thread,
-    in ms: robust to other load on a shared machine, where wall-clock medians of multi-threaded
-    runs swing by 2x or more. The thread count is restored afterwards."""
+    """Best CPU time per call of each ``(name, fn)`` in ``impls`` on one thread, in ms: robust to
+    other load on a shared machine, where wall-clock medians of multi-threaded runs swing by 2x or
+    more. With one thread the work runs on the calling thread, and only that thread's CPU time is
+    counted (idle OpenMP workers that keep spinning, e.g. with ``OMP_WAIT_POLICY=active``, would
+    add to the process's). The thread count is restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -76,9 +78,9 @@ def per_core_ms(impls, repeats: int) -> dict[str, float]:
                 fn()
                 best = float("inf")
                 for _ in range(max(3, repeats)):
-                    t0 = time.process_time()
+                    t0 = time.thread_time()
                     fn()
-                    best = min(best, time.process_time() - t0)
+                    best = min(best, time.thread_time() - t0)
                 out[name] = best * 1e3
         return out
     finally:

@@ -13,7 +13,7 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, BENCH)
 
 import run as bench_run  # noqa: E402
-from common import run_ratio_range  # noqa: E402
+from common import per_core_ms, run_ratio_range  # noqa: E402
 
 
 def _row(case, impl, ms, ms_min=None, **extra):
@@ -42,6 +42,33 @@ def test_run_ratio_range():
     assert run_ratio_range(base, ours) == " (runs: 1.5-4.0x)"
     assert run_ratio_range(base, {"ms": 1.0}) == ""
     assert run_ratio_range({"ms": 1.0, "ms_runs": [1.0]}, {"ms": 1.0, "ms_runs": [1.0]}) == ""
+
+
+def test_per_core_ms_counts_the_calling_thread_only():
+    import threading
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    stop = threading.Event()
+    a = torch.randn(256, 256)
+
+    def burn():  # CPU time in another thread (torch releases the GIL inside mm)
+        while not stop.is_set():
+            torch.mm(a, a)
+
+    bg = threading.Thread(target=burn)
+    bg.start()
+    try:
+        out = per_core_ms([("sleep", lambda: time.sleep(0.02)), ("work", lambda: torch.mm(a, a))], 3)
+    finally:
+        stop.set()
+        bg.join()
+    assert set(out) == {"sleep", "work"}
+    assert out["sleep"] < 5.0  # 20 ms asleep: next to no CPU time of this thread
+    assert 0.0 < out["work"] < 1e3
+    assert torch.get_num_threads() == threads
 
 
 def test_runs_option_end_to_end(tmp_path):
