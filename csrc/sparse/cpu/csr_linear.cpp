@@ -211,7 +211,7 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
 
 // M == 1 on the sliced layout: one step (8 rows x 1 kept weight) is one assembled vector of
 // inputs and one FMA; two steps per iteration on independent accumulators.
-// Cost on Zen 3 (AVX2, 3.2 GHz): about 6.3 cycles per step, data in L1, L2 or L3 alike.
+// Cost on Zen 3 (AVX2, 3.2 GHz): about 6.3 cycles per step, no faster with the data in L1 or L2.
 // Assembling 8 inputs from scalar loads takes 4.0 cycles by itself (two loads into vector
 // registers per cycle, nine per step with the weights); the index loads add the rest. Measured
 // and not faster: insert chains, broadcast + blend, BEXTR / 32-bit words / one load per index,
