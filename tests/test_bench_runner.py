@@ -52,14 +52,15 @@ def test_per_core_ms_counts_the_calling_thread_only():
 
     threads = torch.get_num_threads()
     stop = threading.Event()
-    a = torch.randn(256, 256)
 
-    def burn():  # CPU time in another thread (torch releases the GIL inside mm)
+    def burn():  # CPU time in another thread while the timed call sleeps
+        n = 0
         while not stop.is_set():
-            torch.mm(a, a)
+            n += 1
 
     bg = threading.Thread(target=burn)
     bg.start()
+    a = torch.randn(64, 64)
     try:
         out = per_core_ms([("sleep", lambda: time.sleep(0.02)), ("work", lambda: torch.mm(a, a))], 3)
     finally:
