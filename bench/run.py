@@ -14,8 +14,8 @@ and the summary use those median rows.
 
 ``--omp-wait-policy`` runs the benchmarks with ``OMP_WAIT_POLICY`` set: whether idle OpenMP
 threads keep spinning (``active``) or sleep (``passive``) between parallel regions. By default
-they spin for a while and then sleep; a sub-millisecond CPU op then sometimes pays for waking a
-thread, which on a virtual machine can cost as much as the op. The OpenMP runtime reads the
+they spin for a while and then sleep; waking a sleeping thread can cost a virtual machine as much
+as a sub-millisecond CPU op. The OpenMP runtime reads the
 variable once, when torch loads, so the runner starts itself again with it set. The threading
 variables in effect (``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``,
 ``OMP_NUM_THREADS``) are recorded per kernel in ``kernel_env``.
@@ -207,15 +207,13 @@ def main(argv=None) -> int:
     merged = prev.get("kernels", {}) if prev.get("meta", {}).get("device") == dev else {}
     merged.update(results["kernels"])
     results["kernels"] = merged
-    # when each kernel's rows were measured (meta["date"] is this run's start)
+    # when each kernel's rows were measured (meta["date"] is this run's start) and with which
+    # threading variables
     same_device = prev.get("meta", {}).get("device") == dev
-    dates = dict(prev.get("kernel_dates", {})) if same_device else {}
-    dates.update(results.get("kernel_dates", {}))
-    results["kernel_dates"] = dates
-    # the threading variables each kernel's rows were measured with
-    envs = dict(prev.get("kernel_env", {})) if same_device else {}
-    envs.update(results.get("kernel_env", {}))
-    results["kernel_env"] = envs
+    for key in ("kernel_dates", "kernel_env"):
+        per_kernel = dict(prev.get(key, {})) if same_device else {}
+        per_kernel.update(results.get(key, {}))
+        results[key] = per_kernel
     if "summary" in prev and same_device:
         s = prev["summary"]
         s.update(results.get("summary", {}))
