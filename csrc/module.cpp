@@ -50,7 +50,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("sparse_decode_layout_enabled", &pyc::sparse_decode_layout_enabled);
   m.def("set_sparse_decode_layout", &pyc::set_sparse_decode_layout);
   m.def("sparse_decode_layout_usage", &pyc::sparse_decode_layout_usage,
-        "(layers, bytes) of the single-row sparse layouts held");
+        "(layers, bytes, chunked layers) of the single-row sparse layouts held");
   m.def("clear_sparse_decode_layouts", &pyc::clear_sparse_decode_layouts);
   pyc::register_module_calls(m);
 #ifdef PYCOMPRESS_WITH_CUDA

@@ -99,6 +99,50 @@ def _single_row_calls(N, K, sparsity, calls=3):
     return [w, rp, ci, v, x, ref]
 
 
+@pytest.mark.parametrize("pattern", ["random", "dense columns", "half", "wide"])
+def test_sparse_linear_chunked_layout(pattern):
+    # AVX-512: the second single-token call builds the column-chunked layout (a chunk's kept
+    # weights past its step count go to a sliced rest, which the dense columns fill)
+    if "avx512" not in pycompress_isas():
+        pytest.skip("the column-chunked layout is an AVX-512 path")
+    N, K, sparsity = {"random": (300, 200, 0.9), "dense columns": (64, 100, 0.9), "half": (40, 62, 0.5),
+                      "wide": (1000, 1300, 0.9)}[pattern]
+    previous, threads = pycompress.active_cpu_isa(), torch.get_num_threads()
+    pycompress.set_cpu_isa("avx512")
+    torch.set_num_threads(2)
+    ops.clear_decode_layouts()
+    try:
+        w, mask = _random_sparse(N, K, sparsity)
+        if pattern == "dense columns":
+            mask[:, 5:12] = True
+            w = torch.randn(N, K) * mask
+        b = torch.randn(N)
+        rp, ci, v = ops.dense_to_csr(w, mask)
+        for _ in range(4):
+            x = torch.randn(1, K)
+            ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
+            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=2e-4, rtol=1e-4)
+        info = ops.decode_layout_info()
+        assert info["layers"] == 1 and info["chunked"] == 1
+        # the slots hold each kept weight once (4 bytes + a 1-byte index), plus padding
+        assert info["bytes"] >= v.numel() * 5
+        # the same buffers under AVX2 get the sliced layout, kept apart from the chunked one
+        pycompress.set_cpu_isa("avx2")
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=2e-4, rtol=1e-4)
+        assert ops.decode_layout_info()["layers"] == 2 and ops.decode_layout_info()["chunked"] == 1
+        # inf in a column reaches exactly the rows that keep it (padding selects a zero input)
+        pycompress.set_cpu_isa("avx512")
+        for c in (0, K - 1):
+            x = torch.randn(1, K)
+            x[0, c] = float("inf")
+            y = ops.sparse_linear(x, rp, ci, v, None, K)
+            assert torch.equal(~torch.isfinite(y[0]), mask[:, c])
+    finally:
+        ops.clear_decode_layouts()
+        pycompress.set_cpu_isa(previous)
+        torch.set_num_threads(threads)
+
+
 def test_sparse_linear_decode_layout_controls():
     if "avx2" not in pycompress_isas():
         pytest.skip("the row-sliced layout is an AVX2 path")
@@ -109,7 +153,7 @@ def test_sparse_linear_decode_layout_controls():
     try:
         assert ops.set_decode_layout(True) in (True, False)
         ops.clear_decode_layouts()
-        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0}
+        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0, "chunked": 0}
         w, rp, ci, v, x, ref = _single_row_calls(520, 96, 0.8)
         info = ops.decode_layout_info()
         assert info["layers"] == 1
@@ -117,7 +161,7 @@ def test_sparse_linear_decode_layout_controls():
         assert v.numel() * 6 <= info["bytes"] <= v.numel() * 6 * 1.5 + 8192
         # off: nothing held, nothing built, same results
         assert ops.set_decode_layout(False) is True
-        assert ops.decode_layout_info() == {"enabled": False, "layers": 0, "bytes": 0}
+        assert ops.decode_layout_info() == {"enabled": False, "layers": 0, "bytes": 0, "chunked": 0}
         for _ in range(3):
             torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 96), ref, atol=1e-4, rtol=1e-4)
         assert ops.decode_layout_info()["layers"] == 0
@@ -128,7 +172,7 @@ def test_sparse_linear_decode_layout_controls():
         # a layer whose buffers die releases its layout
         del rp, ci, v
         gc.collect()
-        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0}
+        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0, "chunked": 0}
         with pytest.raises(TypeError, match="enabled must be a bool"):
             ops.set_decode_layout(1)
     finally:

@@ -11,7 +11,7 @@
 // CsrCheckCache remembers which CSR index buffers (row_ptr, col_idx) already passed the
 // structural check, so repeated calls with a layer's unchanged buffers skip it.
 //
-// SellCache holds the M == 1 sliced copy (SellLayout) of each layer's CSR weight, built on the
+// SellCache holds the M == 1 copy (DecodeLayout) of each layer's CSR weight, built on the
 // layer's second single-token call (the first one checks the buffers) and dropped when any of
 // row_ptr, col_idx or values dies or changes in place. It costs about as much memory again as
 // the CSR arrays; see sparse/decode_layout.h for the switch and the accounting.
@@ -24,6 +24,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -144,38 +145,53 @@ class CsrCheckCache {
   TensorKeyedCache<2, bool> cache_;
 };
 
+// What the M == 1 path keeps per layer: the chunked layout (AVX-512 CPUs, when its cost model
+// picks it) or the sliced layout of all kept weights.
+struct DecodeLayout {
+  ChunkedLayout chunked;  // chunked.steps == 0: not used
+  SellLayout sell;        // empty when chunked is used
+  int64_t bytes() const { return chunked.bytes() + sell.bytes(); }
+};
+
 class SellCache {
  public:
   // The layout of (row_ptr, col_idx, values, K), built now when missing or stale; nullptr for
-  // inference tensors (no version counter to tell a change).
-  std::shared_ptr<const SellLayout> get(const at::Tensor& rp, const at::Tensor& ci,
-                                        const at::Tensor& v, int64_t K) {
+  // inference tensors (no version counter to tell a change). `chunked`: try the chunked layout
+  // (AVX-512 kernels); the two kinds are cached apart.
+  std::shared_ptr<const DecodeLayout> get(const at::Tensor& rp, const at::Tensor& ci,
+                                          const at::Tensor& v, int64_t K, bool chunked) {
     const typename Cache::Tensors ts{&rp, &ci, &v};
     if (!Cache::cacheable(ts)) return nullptr;
-    std::shared_ptr<const SellLayout> layout;
-    if (cache_.find(ts, K, &layout)) return layout;
-    auto built = std::make_shared<SellLayout>();
+    const int64_t tag = 2 * K + (chunked ? 1 : 0);
+    std::shared_ptr<const DecodeLayout> layout;
+    if (cache_.find(ts, tag, &layout)) return layout;
+    auto built = std::make_shared<DecodeLayout>();
     const at::Tensor rpc = rp.contiguous(), cic = ci.contiguous(), vc = v.contiguous();
-    sell_pack_cpu(rpc.data_ptr<int32_t>(), cic.data_ptr(), cic.scalar_type() == at::kShort,
-                  vc.data_ptr<float>(), rp.size(0) - 1, K, *built);
-    cache_.put(ts, K, built);
+    const int32_t* rpp = rpc.data_ptr<int32_t>();
+    const bool idx16 = cic.scalar_type() == at::kShort;
+    const int64_t N = rp.size(0) - 1;
+    if (chunked) chunked_pack_cpu(rpp, cic.data_ptr(), idx16, vc.data_ptr<float>(), N, K, built->chunked);
+    if (built->chunked.steps == 0)
+      sell_pack_cpu(rpp, cic.data_ptr(), idx16, vc.data_ptr<float>(), N, K, built->sell);
+    cache_.put(ts, tag, built);
     return built;
   }
 
-  // Layouts held for live layers and their total bytes.
-  std::pair<int64_t, int64_t> usage() {
-    int64_t n = 0, bytes = 0;
-    cache_.for_each_live([&](const std::shared_ptr<const SellLayout>& l) {
+  // Layouts held for live layers, their total bytes, and how many of them are chunked.
+  std::tuple<int64_t, int64_t, int64_t> usage() {
+    int64_t n = 0, bytes = 0, chunked = 0;
+    cache_.for_each_live([&](const std::shared_ptr<const DecodeLayout>& l) {
       ++n;
       bytes += l->bytes();
+      chunked += l->chunked.steps > 0;
     });
-    return {n, bytes};
+    return {n, bytes, chunked};
   }
 
   void clear() { cache_.clear(); }
 
  private:
-  using Cache = TensorKeyedCache<3, std::shared_ptr<const SellLayout>>;
+  using Cache = TensorKeyedCache<3, std::shared_ptr<const DecodeLayout>>;
   Cache cache_;
 };
 

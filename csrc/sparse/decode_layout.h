@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <tuple>
 #include <utility>
 
 namespace pyc {
@@ -12,8 +13,9 @@ namespace pyc {
 bool sparse_decode_layout_enabled();
 // Returns the previous state. Turning it off also drops the layouts held.
 bool set_sparse_decode_layout(bool enabled);
-// Number of layouts held for live layers, and their total bytes (one pass over the cache).
-std::pair<int64_t, int64_t> sparse_decode_layout_usage();
+// Number of layouts held for live layers, their total bytes, and how many of them are chunked
+// (AVX-512) layouts (one pass over the cache).
+std::tuple<int64_t, int64_t, int64_t> sparse_decode_layout_usage();
 void clear_sparse_decode_layouts();
 
 }  // namespace pyc

@@ -7,9 +7,9 @@
 // y[m, n] = bias[n] + sum_{p in row n} values[p] * x[m, col_idx[p]]
 //
 // Small M (M == 1) uses a gather kernel along the row's kept weights. M >= 2 works on a
-// transposed, zero-padded copy of the activations xT [K, Mp] (Mp a multiple of
-// csr_m_align(isa)) and writes y [M, N] directly: every kept weight is one broadcast and Mp/8 (AVX2)
-// or Mp/16 (AVX-512) fused multiply-adds along the dense dimension.
+// transposed, zero-padded copy of the activations xT [K, Mp] (Mp = csr_padded_m(isa, M)) and
+// writes y [M, N] directly: every kept weight is one broadcast and Mp/8 (AVX2) or Mp/16
+// (AVX-512) fused multiply-adds along the dense dimension.
 //
 // MaskedLinear kernels (fp32, row-major, unit column stride):
 //   forward      y[m, n]   = bias[n] + sum_k x[m, k] * (mask[n, k] ? w[n, k] : 0)
@@ -28,8 +28,9 @@
 
 namespace pyc {
 
-// Padding of the dense dimension (Mp) the M >= 2 kernel expects for `isa`.
-int csr_m_align(CpuIsa isa);
+// Padded size Mp of the dense dimension the M >= 2 kernel expects for `isa` and M tokens (a
+// multiple of 8; of 16 where the AVX-512 kernel runs).
+int64_t csr_padded_m(CpuIsa isa, int64_t M);
 
 // M == 1: y[n] for rows n in [n0, n1). idx16 selects int16 (true) or int32 column indices.
 void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void* col_idx,
@@ -77,6 +78,44 @@ struct SellLayout {
   std::vector<float, Aligned64<float>> vals;        // [slice_off[n_slices]]
   int64_t bytes() const;
 };
+
+// Column-chunked copy of a CSR weight for M == 1 on AVX-512 CPUs. Rows are cut into slices of
+// 16 (row n = 16 s + l, lane l) and columns into chunks of kChunkCols = 31. Each (slice, chunk)
+// holds `steps` entries per lane, entry j of lane l being the j-th kept weight of row 16 s + l
+// among the chunk's columns: its value, and its column within the chunk as one byte (31 for
+// padding). A step is one 16-lane permute of the chunk's 31 inputs (held in two registers, lane
+// 31 zero, which padding selects) and one fused multiply-add: no loads of single inputs, which
+// bound SELL's speed. Kept weights past `steps` in their row and chunk go to `rest`, a SELL-8
+// layout over the chunk-padded input (see chunked_pad_x), added afterwards. `steps` minimizes a
+// cost model measured on Zen 4 (a step streams 80 bytes at about 32 bytes per cycle; SELL takes
+// about 0.75 cycles per kept weight); steps == 0 means the layout would not beat SELL alone.
+constexpr int64_t kChunkCols = 31;
+
+struct ChunkedLayout {
+  int64_t n_rows = 0;
+  int64_t n_slices = 0;  // 16-row slices
+  int64_t n_chunks = 0;  // 31-column chunks
+  int64_t steps = 0;     // entries per lane per (slice, chunk); 0: not built
+  std::vector<uint8_t, Aligned64<uint8_t>> idx;  // [n_slices][n_chunks][steps][16]
+  std::vector<float, Aligned64<float>> vals;     // same shape
+  SellLayout rest;  // the remaining kept weights, indices into the chunk-padded input
+  int64_t bytes() const;
+};
+
+// Builds `out` (or leaves out.steps == 0) from CSR arrays already checked.
+void chunked_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,
+                      int64_t N, int64_t K, ChunkedLayout& out);
+
+// Floats of the chunk-padded input: 32 per chunk and 16 zeros (the padding of `rest`).
+inline int64_t chunked_x_size(const ChunkedLayout& L) { return 32 * L.n_chunks + 16; }
+
+// xq[32 c + i] = x[31 c + i] for i < 31 and 31 c + i < K, zero elsewhere.
+void chunked_pad_x(const float* x, int64_t K, const ChunkedLayout& L, float* xq);
+
+// M == 1 on the chunked layout: rows of the 256-row windows [w0, w1) (as SellLayout's windows),
+// from xq (64-byte aligned, chunked_x_size floats).
+void chunked_gemv_cpu(CpuIsa isa, const float* xq, const ChunkedLayout& L, const float* bias,
+                      float* y, int64_t w0, int64_t w1);
 
 // Builds `out` from CSR arrays already checked (row_ptr non-decreasing, indices in [0, K)).
 void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,

@@ -130,24 +130,37 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
   // tasks of at least ~32k multiply-adds: below that, waking the thread pool costs more than it
   // saves, so small products stay on one thread
   const int64_t avg = (nnz + N - 1) / N + 1;
-  if (M == 1 && known && isa == CpuIsa::Avx2 && sparse_decode_layout_enabled()) {
-    // AVX2 CPUs: the sliced layout (no per-row tails or horizontal sums); AVX-512 keeps CSR,
-    // whose 16-lane hardware gathers need no such layout
-    if (auto layout = sell_cache().get(row_ptr_in, col_idx_in, values_in, K)) {
-      // x and the zero activation the padding entries point at (x_pad[K])
-      std::vector<float> xpad;
-      xpad.reserve(static_cast<size_t>(K) + 1);
-      xpad.assign(xs, xs + K);
-      xpad.push_back(0.f);
-      // tasks are whole windows of slices (see SellLayout) of at least ~32k multiply-adds
-      const int64_t* off = layout->slice_off.data();
-      const int64_t ns = layout->n_slices;
-      constexpr int64_t spw = kSellWindow / 8;  // slices per window
-      const int64_t windows = (ns + spw - 1) / spw;
-      const int64_t per_window = std::max<int64_t>(1, off[ns] / windows);
-      parallel_for_dynamic(0, windows, 32768 / per_window, 8, [&](int64_t w0, int64_t w1) {
-        sell_gemv_cpu(isa, xpad.data(), *layout, b, yp, w0 * spw, std::min(ns, w1 * spw));
-      });
+  if (M == 1 && known && isa >= CpuIsa::Avx2 && sparse_decode_layout_enabled()) {
+    // AVX-512: the chunked layout where it pays; else the sliced layout (no per-row tails or
+    // horizontal sums). Tasks are whole 256-row windows (see SellLayout) of at least ~32k
+    // multiply-adds.
+    const bool try_chunked = isa >= CpuIsa::Avx512;
+    if (auto layout = sell_cache().get(row_ptr_in, col_idx_in, values_in, K, try_chunked)) {
+      const int64_t windows = (N + kSellWindow - 1) / kSellWindow;
+      if (layout->chunked.steps > 0) {
+        const ChunkedLayout& L = layout->chunked;
+        std::vector<float, Aligned64<float>> xq(static_cast<size_t>(chunked_x_size(L)));
+        chunked_pad_x(xs, K, L, xq.data());
+        const int64_t work = static_cast<int64_t>(L.vals.size()) + L.rest.slice_off[L.rest.n_slices];
+        const int64_t per_window = std::max<int64_t>(1, work / windows);
+        parallel_for_dynamic(0, windows, 32768 / per_window, 8, [&](int64_t w0, int64_t w1) {
+          chunked_gemv_cpu(isa, xq.data(), L, b, yp, w0, w1);
+        });
+      } else {
+        const SellLayout& L = layout->sell;
+        // x and the zero activation the padding entries point at (x_pad[K])
+        std::vector<float> xpad;
+        xpad.reserve(static_cast<size_t>(K) + 1);
+        xpad.assign(xs, xs + K);
+        xpad.push_back(0.f);
+        const int64_t* off = L.slice_off.data();
+        const int64_t ns = L.n_slices;
+        constexpr int64_t spw = kSellWindow / 8;  // slices per window
+        const int64_t per_window = std::max<int64_t>(1, off[ns] / windows);
+        parallel_for_dynamic(0, windows, 32768 / per_window, 8, [&](int64_t w0, int64_t w1) {
+          sell_gemv_cpu(isa, xpad.data(), L, b, yp, w0 * spw, std::min(ns, w1 * spw));
+        });
+      }
       return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
     }
   }
@@ -160,8 +173,7 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
     if (!known) checked.mark_good(row_ptr_in, col_idx_in, K);
     return x_in.scalar_type() == at::kFloat ? y : y.to(x_in.scalar_type());
   }
-  const int64_t align = csr_m_align(isa);
-  const int64_t Mp = (M + align - 1) / align * align;
+  const int64_t Mp = csr_padded_m(isa, M);
   // xT [K, Mp] after one zero row (xT[-1] == 0)
   at::Tensor xTz = at::empty({K + 1, Mp}, x.options());
   float* xtp = xTz.data_ptr<float>() + Mp;
@@ -251,7 +263,7 @@ bool set_sparse_decode_layout(bool enabled) {
   return before;
 }
 
-std::pair<int64_t, int64_t> sparse_decode_layout_usage() { return sell_cache().usage(); }
+std::tuple<int64_t, int64_t, int64_t> sparse_decode_layout_usage() { return sell_cache().usage(); }
 void clear_sparse_decode_layouts() { sell_cache().clear(); }
 
 at::Tensor sparse_linear_op_cpu(const at::Tensor& x, const at::Tensor& row_ptr,

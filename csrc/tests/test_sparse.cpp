@@ -22,8 +22,99 @@ static void expect_close(const char* what, double got, double ref, int isa, int 
   }
 }
 
+// The column-chunked M == 1 layout (scalar kernel everywhere, AVX-512 where the CPU has it):
+// random masks and masks with a few dense columns (kept weights past `steps` go to the SELL
+// rest), rows over several 256-row windows computed as two task ranges, and padding that never
+// multiplies an input.
+static void test_chunked(std::mt19937& rng) {
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  const int shapes[][2] = {{31, 16}, {70, 33}, {300, 600}, {1000, 300}, {62, 1}};
+  for (int isa_i : {0, 2}) {
+    if (isa_i > static_cast<int>(max_cpu_isa())) continue;
+    const CpuIsa isa = static_cast<CpuIsa>(isa_i);
+    for (const auto& sh : shapes) {
+      const int K = sh[0], N = sh[1];
+      for (int pattern = 0; pattern < 4; ++pattern) {
+        const double sparsity = pattern == 0 ? 0.0 : pattern == 1 ? 0.5 : 0.9;
+        std::vector<float> w(N * K), x(K);
+        std::vector<float> bias(N);
+        for (auto& v : w) v = U(rng);
+        for (auto& v : x) v = U(rng);
+        for (auto& v : bias) v = U(rng);
+        std::vector<int32_t> rp(N + 1, 0);
+        std::vector<int16_t> ci;
+        std::vector<float> vals;
+        for (int n = 0; n < N; ++n) {
+          for (int k = 0; k < K; ++k) {
+            // pattern 3: 90% sparse with columns 3..9 kept in every row (overflow in chunk 0)
+            const bool keep = (pattern == 3 && k >= 3 && k < 10) || (U(rng) * 0.5f + 0.5f) >= sparsity;
+            if (keep) {
+              ci.push_back(static_cast<int16_t>(k));
+              vals.push_back(w[n * K + k]);
+            }
+          }
+          rp[n + 1] = static_cast<int32_t>(ci.size());
+        }
+        std::vector<double> yref(N);
+        for (int n = 0; n < N; ++n) {
+          double a = bias[n];
+          for (int p = rp[n]; p < rp[n + 1]; ++p) a += double(vals[p]) * x[ci[p]];
+          yref[n] = a;
+        }
+        ChunkedLayout L;
+        chunked_pack_cpu(rp.data(), ci.data(), true, vals.data(), N, K, L);
+        if (L.steps == 0) {
+          if (N >= 16) {  // the cost model takes the chunked layout at these densities
+            std::printf("FAIL chunked: no layout K=%d N=%d pattern=%d\n", K, N, pattern);
+            ++failures;
+          }
+          continue;
+        }
+        // every kept weight once: in a slot or in the rest
+        int64_t in_slots = 0;
+        for (float v : L.vals) in_slots += v != 0.f;
+        int64_t in_rest = 0;
+        for (float v : L.rest.vals) in_rest += v != 0.f;
+        if (in_slots + in_rest != static_cast<int64_t>(vals.size())) {
+          std::printf("FAIL chunked: %lld + %lld entries for %zu kept weights\n",
+                      static_cast<long long>(in_slots), static_cast<long long>(in_rest), vals.size());
+          ++failures;
+        }
+        if (pattern == 3 && in_rest == 0) {
+          std::printf("FAIL chunked: dense columns left nothing to the rest (K=%d N=%d)\n", K, N);
+          ++failures;
+        }
+        std::vector<float, Aligned64<float>> xq(chunked_x_size(L));
+        chunked_pad_x(x.data(), K, L, xq.data());
+        std::vector<float> y(N, -7.f);
+        const int64_t windows = (N + kSellWindow - 1) / kSellWindow, half = windows / 2;
+        chunked_gemv_cpu(isa, xq.data(), L, bias.data(), y.data(), 0, half);
+        chunked_gemv_cpu(isa, xq.data(), L, bias.data(), y.data(), half, windows);
+        for (int n = 0; n < N; ++n) expect_close("chunked_gemv", y[n], yref[n], isa_i, 1, K, N);
+        // an inf in column c reaches exactly the rows that keep c
+        for (int c : {0, K - 1}) {
+          std::vector<float> xi(x);
+          xi[c] = INFINITY;
+          chunked_pad_x(xi.data(), K, L, xq.data());
+          chunked_gemv_cpu(isa, xq.data(), L, nullptr, y.data(), 0, windows);
+          for (int n = 0; n < N; ++n) {
+            bool keeps = false;
+            for (int p = rp[n]; p < rp[n + 1]; ++p) keeps = keeps || ci[p] == c;
+            if (keeps == static_cast<bool>(std::isfinite(y[n]))) {
+              if (failures < 10)
+                std::printf("FAIL chunked padding isa=%d K=%d N=%d row %d col %d\n", isa_i, K, N, n, c);
+              ++failures;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(1);
+  test_chunked(rng);
   std::uniform_real_distribution<float> U(-1.f, 1.f);
   const int shapes[][3] = {{1, 1, 1}, {1, 37, 19}, {2, 16, 8}, {9, 70, 33}, {33, 129, 40},
                            {70, 64, 17}, {13, 300, 24}, {1, 200, 50}};
@@ -113,8 +204,7 @@ int main() {
           sell_gemv_cpu(isa, xp.data(), L32, bias.data(), y2.data(), 0, L32.n_slices);
           for (int n = 0; n < N; ++n) expect_close("sell_gemv32", y2[n], yref[n], isa_i, M, K, N);
         }
-        const int align = csr_m_align(isa);
-        const int Mp = (M + align - 1) / align * align;
+        const int Mp = static_cast<int>(csr_padded_m(isa, M));
         std::vector<float> xTz((K + 1) * Mp, -1.f), ys(M * N);
         for (int m = 0; m < Mp; ++m) xTz[m] = 0.f;
         float* xT = xTz.data() + Mp;

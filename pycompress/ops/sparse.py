@@ -41,11 +41,13 @@ def set_decode_layout(enabled: bool) -> bool:
 
 
 def decode_layout_info() -> dict:
-    """``{"enabled": bool, "layers": int, "bytes": int}``: the state of the M == 1 layout, and
-    how many live layers hold one and their total size in bytes."""
+    """``{"enabled": bool, "layers": int, "bytes": int, "chunked": int}``: the state of the
+    M == 1 layout, how many live layers hold one, their total size in bytes, and how many of
+    them hold the column-chunked (AVX-512) layout."""
     c = _ext.extension()
-    layers, nbytes = c.sparse_decode_layout_usage()
-    return {"enabled": bool(c.sparse_decode_layout_enabled()), "layers": int(layers), "bytes": int(nbytes)}
+    layers, nbytes, chunked = c.sparse_decode_layout_usage()
+    return {"enabled": bool(c.sparse_decode_layout_enabled()), "layers": int(layers), "bytes": int(nbytes),
+            "chunked": int(chunked)}
 
 
 def clear_decode_layouts() -> None:

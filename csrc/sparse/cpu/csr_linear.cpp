@@ -61,7 +61,8 @@ void spmm_t_scalar(const float* xT, int64_t Mp, const int32_t* rp, const I* ci, 
   }
 }
 
-template <typename I>
+// ACC: y[n] += sum (no bias) instead of y[n] = bias[n] + sum.
+template <bool ACC, typename I>
 void sell_scalar(const float* x, const SellLayout& L, const I* idx, const float* bias, float* y,
                  int64_t s0, int64_t s1) {
   for (int64_t s = s0; s < s1; ++s) {
@@ -70,7 +71,7 @@ void sell_scalar(const float* x, const SellLayout& L, const I* idx, const float*
       for (int l = 0; l < 8; ++l) acc[l] = std::fma(L.vals[p + l], x[idx[p + l]], acc[l]);
     for (int l = 0; l < 8; ++l) {
       const int32_t n = L.row_of[8 * s + l];
-      if (n >= 0) y[n] = (bias ? bias[n] : 0.f) + acc[l];
+      if (n >= 0) y[n] = ACC ? y[n] + acc[l] : (bias ? bias[n] : 0.f) + acc[l];
     }
   }
 }
@@ -218,7 +219,7 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
 // inputs moved in through integer loads, 8-bit column deltas, hardware gathers (11.7 cycles),
 // software prefetch, and column-chunk layouts assembled with vpermps (lanes 38-47% used; a
 // vpermps costs about 1.3 cycles on this core).
-template <typename I>
+template <bool ACC, typename I>
 PYC_TARGET_AVX2 void sell_avx2(const float* x, const SellLayout& L, const I* idx,
                                const float* bias, float* y, int64_t s0, int64_t s1) {
   for (int64_t s = s0; s < s1; ++s) {
@@ -238,7 +239,7 @@ PYC_TARGET_AVX2 void sell_avx2(const float* x, const SellLayout& L, const I* idx
     const int32_t* rows = L.row_of.data() + 8 * s;
     for (int l = 0; l < 8; ++l) {
       const int32_t n = rows[l];
-      if (n >= 0) y[n] = (bias ? bias[n] : 0.f) + r[l];
+      if (n >= 0) y[n] = ACC ? y[n] + r[l] : (bias ? bias[n] : 0.f) + r[l];
     }
   }
 }
@@ -392,42 +393,22 @@ PYC_TARGET_AVX2 void spmm_t_avx2(const float* xT, int64_t Mp, const int32_t* rp,
 }
 
 // ---------------------------------------------------------------- AVX-512
-PYC_TARGET_AVX512 inline __m512i load16_idx(const int16_t* p) {
-  return _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-PYC_TARGET_AVX512 inline __m512i load16_idx(const int32_t* p) {
-  return _mm512_loadu_si512(p);
-}
-
-template <typename I>
-PYC_TARGET_AVX512 void gemv_avx512(const float* x, const int32_t* rp, const I* ci,
-                                   const float* v, const float* bias, float* y, int64_t n0,
-                                   int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-    int32_t p = rp[n];
-    const int32_t e = rp[n + 1];
-    for (; p + 32 <= e; p += 32) {
-      const __m512 g0 = _mm512_i32gather_ps(load16_idx(ci + p), x, 4);
-      const __m512 g1 = _mm512_i32gather_ps(load16_idx(ci + p + 16), x, 4);
-      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(v + p), g0, a0);
-      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(v + p + 16), g1, a1);
-    }
-    float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    for (; p < e; ++p) s += v[p] * x[ci[p]];
-    y[n] = (bias ? bias[n] : 0.f) + s;
-  }
-}
-
 // Four consecutive kept weights; entry j goes into accumulator set (s0 + j) % U. See
-// spmm_quad_avx2.
-template <int NV, int U, typename I>
+// spmm_quad_avx2 (PF / KD: prefetch the rows of the weights KD entries ahead).
+template <int NV, int U, bool PF, int KD, typename I>
 PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_quad_avx512(
     __m512 (*acc)[NV], int s0, const float* base, int64_t ld, const I* c, const float* v) {
   const Idx4 ix = load_idx4(c);
   const __m512 v4 = _mm512_broadcast_f32x4(_mm_loadu_ps(v));
   const __m512 w[4] = {_mm512_permute_ps(v4, 0x00), _mm512_permute_ps(v4, 0x55),
                        _mm512_permute_ps(v4, 0xAA), _mm512_permute_ps(v4, 0xFF)};
+  if (PF) {
+    const Idx4 nx = load_idx4(c + KD);
+    for (int q = 0; q < 4; ++q) {
+      const char* pf = reinterpret_cast<const char*>(base + nx.k[q] * ld);
+      for (int j = 0; j < NV; ++j) _mm_prefetch(pf + 64 * j, _MM_HINT_T0);
+    }
+  }
   for (int q = 0; q < 4; ++q) {
     const float* xr = base + ix.k[q] * ld;
     __m512* a = acc[(s0 + q) % U];
@@ -448,13 +429,30 @@ PYC_TARGET_AVX512 inline __attribute__((always_inline)) void spmm_row_avx512(
   const float* base = xT + m0;
   // groups of G >= 4 entries (a multiple of U), 4 at a time, pointer-stepped (as in AVX2)
   constexpr int G = U > 4 ? U : 4;
+  if (NV >= 4) {
+    // rows of xT of >= 256 bytes do not stay in L1 (as in AVX2)
+    constexpr int kD = 16;
+    if (p + G + kD <= e) {
+      const I* c = ci + p;
+      const float* vv = v + p;
+      int32_t cnt = (e - kD - p) / G;
+      p += cnt * G;
+      do {
+        for (int g = 0; g < G; g += 4)
+          spmm_quad_avx512<NV, U, true, kD>(acc, g, base, Mp, c + g, vv + g);
+        c += G;
+        vv += G;
+      } while (--cnt);
+    }
+  }
   if (p + G <= e) {
     const I* c = ci + p;
     const float* vv = v + p;
     int32_t cnt = (e - p) / G;
     p += cnt * G;
     do {
-      for (int g = 0; g < G; g += 4) spmm_quad_avx512<NV, U>(acc, g, base, Mp, c + g, vv + g);
+      for (int g = 0; g < G; g += 4)
+        spmm_quad_avx512<NV, U, false, 0>(acc, g, base, Mp, c + g, vv + g);
       c += G;
       vv += G;
     } while (--cnt);
@@ -494,8 +492,7 @@ PYC_TARGET_AVX512 void spmm_t_avx512(const float* xT, int64_t Mp, const int32_t*
       const float b = bias ? bias[n] : 0.f;
       const int32_t p = rp[n], e = rp[n + 1];
       int64_t m0 = 0;
-      for (; m0 + 128 <= Mp; m0 += 128) spmm_row_avx512<8>(xT, Mp, m0, p, e, ci, v, b, yr);
-      if (m0 + 64 <= Mp) { spmm_row_avx512<4>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 64; }
+      for (; m0 + 64 <= Mp; m0 += 64) spmm_row_avx512<4>(xT, Mp, m0, p, e, ci, v, b, yr);
       if (m0 + 32 <= Mp) { spmm_row_avx512<2>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 32; }
       if (m0 + 16 <= Mp) { spmm_row_avx512<1>(xT, Mp, m0, p, e, ci, v, b, yr); m0 += 16; }
     }
@@ -530,7 +527,8 @@ template <typename I>
 void gemv_dispatch(CpuIsa isa, const float* x, const int32_t* rp, const I* ci, const float* v,
                    const float* bias, float* y, int64_t n0, int64_t n1) {
 #if PYC_HAVE_X86_SIMD
-  if (isa >= CpuIsa::Avx512) return gemv_avx512(x, rp, ci, v, bias, y, n0, n1);
+  // AVX-512 CPUs too: a 16-lane hardware gather (vgatherdps) measured 2.2x slower than the
+  // scalar-load assembly on Zen 4, as 8-lane gathers are on Zen 3
   if (isa >= CpuIsa::Avx2) return gemv_avx2(x, rp, ci, v, bias, y, n0, n1);
 #endif
   gemv_scalar(x, rp, ci, v, bias, y, n0, n1);
@@ -541,7 +539,8 @@ void spmm_dispatch(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* rp, c
                    const float* v, const float* bias, float* y, int64_t ldy, int64_t M,
                    int64_t n0, int64_t n1) {
 #if PYC_HAVE_X86_SIMD
-  if (isa >= CpuIsa::Avx512) return spmm_t_avx512(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
+  if (isa >= CpuIsa::Avx512 && Mp % 16 == 0)
+    return spmm_t_avx512(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
   if (isa >= CpuIsa::Avx2) return spmm_t_avx2(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
 #endif
   spmm_t_scalar(xT, Mp, rp, ci, v, bias, y, ldy, M, n0, n1);
@@ -549,7 +548,12 @@ void spmm_dispatch(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* rp, c
 
 }  // namespace
 
-int csr_m_align(CpuIsa isa) { return isa >= CpuIsa::Avx512 ? 16 : 8; }
+int64_t csr_padded_m(CpuIsa isa, int64_t M) {
+  // AVX-512 pads to 16 tokens, except M <= 8: one 8-wide AVX2 vector per kept weight there
+  // beats a half-empty 16-wide one (measured 1.5x on Zen 4 at M = 2..8)
+  const int64_t align = isa >= CpuIsa::Avx512 && M > 8 ? 16 : 8;
+  return (M + align - 1) / align * align;
+}
 
 void csr_gemv_cpu(CpuIsa isa, const float* x, const int32_t* row_ptr, const void* col_idx,
                   bool idx16, const float* values, const float* bias, float* y, int64_t n0,
@@ -625,17 +629,181 @@ void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, cons
   }
 }
 
-void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& L, const float* bias,
+template <bool ACC>
+void sell_dispatch(CpuIsa isa, const float* x_pad, const SellLayout& L, const float* bias,
                    float* y, int64_t s0, int64_t s1) {
 #if PYC_HAVE_X86_SIMD
   if (isa >= CpuIsa::Avx2) {
-    if (L.idx16) return sell_avx2(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
-    return sell_avx2(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
+    if (L.idx16) return sell_avx2<ACC>(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
+    return sell_avx2<ACC>(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
   }
 #endif
   (void)isa;
-  if (L.idx16) return sell_scalar(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
-  sell_scalar(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
+  if (L.idx16) return sell_scalar<ACC>(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
+  sell_scalar<ACC>(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
+}
+
+void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& L, const float* bias,
+                   float* y, int64_t s0, int64_t s1) {
+  sell_dispatch<false>(isa, x_pad, L, bias, y, s0, s1);
+}
+
+int64_t ChunkedLayout::bytes() const {
+  return static_cast<int64_t>(idx.size() * sizeof(uint8_t) + vals.size() * sizeof(float)) +
+         rest.bytes();
+}
+
+void chunked_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,
+                      int64_t N, int64_t K, ChunkedLayout& out) {
+  out = ChunkedLayout{};
+  out.n_rows = N;
+  out.n_slices = (N + 15) / 16;
+  out.n_chunks = (K + kChunkCols - 1) / kChunkCols;
+  const int64_t nch = out.n_chunks;
+  auto col = [&](int32_t p) -> int64_t {
+    return idx16 ? static_cast<const int16_t*>(col_idx)[p] : static_cast<const int32_t*>(col_idx)[p];
+  };
+  // how many (row, chunk) pairs keep c weights, c = 0 .. 31
+  std::vector<int64_t> hist(kChunkCols + 1, 0);
+  std::vector<int32_t> cnt(static_cast<size_t>(nch));
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(cnt.begin(), cnt.end(), 0);
+    for (int32_t p = row_ptr[n]; p < row_ptr[n + 1]; ++p) ++cnt[col(p) / kChunkCols];
+    for (int32_t c : cnt) ++hist[c];
+  }
+  // cost model in cycles (Zen 4, data in L2): a step streams 80 bytes at ~32 bytes/cycle, a
+  // (slice, chunk) costs ~1 more cycle, a kept weight left to SELL ~0.75 cycles
+  const double nnz = static_cast<double>(row_ptr[N]);
+  double best = 0.75 * nnz;
+  int64_t steps = 0;
+  for (int64_t S = 1; S <= kChunkCols; ++S) {
+    double rest = 0;
+    for (int64_t c = S + 1; c <= kChunkCols; ++c) rest += static_cast<double>(hist[c] * (c - S));
+    const double cost =
+        static_cast<double>(out.n_slices * nch) * (static_cast<double>(S) * 16 * 5 / 32 + 1) +
+        0.75 * rest;
+    if (cost < best) best = cost, steps = S;
+  }
+  if (steps == 0) return;
+  out.steps = steps;
+  const size_t slots = static_cast<size_t>(out.n_slices * nch * steps * 16);
+  out.idx.assign(slots, static_cast<uint8_t>(kChunkCols));
+  out.vals.assign(slots, 0.f);
+  // the rest as CSR over the chunk-padded input (column 31 c + i -> 32 c + i)
+  std::vector<int32_t> rrp(static_cast<size_t>(N + 1), 0), rci;
+  std::vector<float> rv;
+  for (int64_t n = 0; n < N; ++n) {
+    std::fill(cnt.begin(), cnt.end(), 0);
+    const int64_t s = n / 16, l = n % 16;
+    for (int32_t p = row_ptr[n]; p < row_ptr[n + 1]; ++p) {
+      const int64_t k = col(p), c = k / kChunkCols, j = cnt[c]++;
+      if (j < steps) {
+        const size_t o = static_cast<size_t>(((s * nch + c) * steps + j) * 16 + l);
+        out.idx[o] = static_cast<uint8_t>(k - c * kChunkCols);
+        out.vals[o] = values[p];
+      } else {
+        rci.push_back(static_cast<int32_t>(32 * c + k - c * kChunkCols));
+        rv.push_back(values[p]);
+      }
+    }
+    rrp[n + 1] = static_cast<int32_t>(rci.size());
+  }
+  sell_pack_cpu(rrp.data(), rci.data(), false, rv.data(), N, 32 * nch, out.rest);
+}
+
+void chunked_pad_x(const float* x, int64_t K, const ChunkedLayout& L, float* xq) {
+  std::memset(xq, 0, sizeof(float) * static_cast<size_t>(chunked_x_size(L)));
+  for (int64_t c = 0; c < L.n_chunks; ++c) {
+    const int64_t k0 = c * kChunkCols, w = std::min(kChunkCols, K - k0);
+    std::memcpy(xq + 32 * c, x + k0, sizeof(float) * static_cast<size_t>(w));
+  }
+}
+
+namespace {
+
+void chunked_scalar(const float* xq, const ChunkedLayout& L, const float* bias, float* y,
+                    int64_t s0, int64_t s1) {
+  const int64_t S = L.steps, nch = L.n_chunks;
+  for (int64_t s = s0; s < s1; ++s) {
+    float acc[16] = {};
+    const size_t base = static_cast<size_t>(s * nch * S * 16);
+    for (int64_t c = 0; c < nch; ++c)
+      for (int64_t j = 0; j < S; ++j)
+        for (int l = 0; l < 16; ++l) {
+          const size_t o = base + static_cast<size_t>((c * S + j) * 16 + l);
+          acc[l] = std::fma(L.vals[o], xq[32 * c + L.idx[o]], acc[l]);
+        }
+    for (int64_t l = 0; l < 16 && 16 * s + l < L.n_rows; ++l)
+      y[16 * s + l] = (bias ? bias[16 * s + l] : 0.f) + acc[l];
+  }
+}
+
+#if PYC_HAVE_X86_SIMD
+// One step: the 16 lanes' inputs picked from the chunk's table (t0: columns 0-15, t1: 16-31)
+// by their byte indices, times the 16 values.
+PYC_TARGET_AVX512 inline __attribute__((always_inline)) __m512 chunk_step(__m512 acc, __m512 t0,
+                                                                          __m512 t1,
+                                                                          const uint8_t* ip,
+                                                                          const float* vp) {
+  const __m512i id = _mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(ip)));
+  return _mm512_fmadd_ps(_mm512_load_ps(vp), _mm512_permutex2var_ps(t0, id, t1), acc);
+}
+
+// Cost on Zen 4 (3.7 GHz): about 2.5 cycles per step, the rate at which L2 delivers its 80
+// bytes; the same with the layout in L3 plus ~20%.
+PYC_TARGET_AVX512 void chunked_avx512(const float* xq, const ChunkedLayout& L, const float* bias,
+                                      float* y, int64_t s0, int64_t s1) {
+  const int64_t S = L.steps, nch = L.n_chunks;
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint8_t* ip = L.idx.data() + s * nch * S * 16;
+    const float* vp = L.vals.data() + s * nch * S * 16;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t c = 0; c < nch; ++c) {
+      const __m512 t0 = _mm512_load_ps(xq + 32 * c), t1 = _mm512_load_ps(xq + 32 * c + 16);
+      int64_t j = 0;
+      for (; j + 4 <= S; j += 4, ip += 64, vp += 64) {
+        a0 = chunk_step(a0, t0, t1, ip, vp);
+        a1 = chunk_step(a1, t0, t1, ip + 16, vp + 16);
+        a2 = chunk_step(a2, t0, t1, ip + 32, vp + 32);
+        a3 = chunk_step(a3, t0, t1, ip + 48, vp + 48);
+      }
+      // the same remainder in every chunk: predicted branches
+      if (j < S) {
+        a0 = chunk_step(a0, t0, t1, ip, vp);
+        ip += 16, vp += 16;
+        if (++j < S) {
+          a1 = chunk_step(a1, t0, t1, ip, vp);
+          ip += 16, vp += 16;
+          if (++j < S) {
+            a2 = chunk_step(a2, t0, t1, ip, vp);
+            ip += 16, vp += 16;
+          }
+        }
+      }
+    }
+    __m512 r = _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3));
+    const int64_t n0 = 16 * s, rows = std::min<int64_t>(16, L.n_rows - n0);
+    const __mmask16 m = rows == 16 ? static_cast<__mmask16>(0xffff)
+                                   : static_cast<__mmask16>((1u << rows) - 1);
+    if (bias) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(m, bias + n0));
+    _mm512_mask_storeu_ps(y + n0, m, r);
+  }
+}
+#endif
+
+}  // namespace
+
+void chunked_gemv_cpu(CpuIsa isa, const float* xq, const ChunkedLayout& L, const float* bias,
+                      float* y, int64_t w0, int64_t w1) {
+  const int64_t s0 = w0 * (kSellWindow / 16), s1 = std::min(L.n_slices, w1 * (kSellWindow / 16));
+#if PYC_HAVE_X86_SIMD
+  if (isa >= CpuIsa::Avx512)
+    chunked_avx512(xq, L, bias, y, s0, s1);
+  else
+#endif
+    chunked_scalar(xq, L, bias, y, s0, s1);
+  const int64_t r0 = w0 * (kSellWindow / 8), r1 = std::min(L.rest.n_slices, w1 * (kSellWindow / 8));
+  if (r0 < r1) sell_dispatch<true>(isa, xq, L.rest, nullptr, y, r0, r1);
 }
 
 void transpose_pad_cpu(const float* x, int64_t ldx, int64_t M, int64_t Mp, float* xT, int64_t k0,
