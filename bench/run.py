@@ -104,6 +104,24 @@ def combine_runs(runs: list[list[dict]]) -> list[dict]:
 THREADING_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
 
 
+def cpu_id() -> str:
+    """Vendor, family, model and stepping of the CPU (Linux), else the processor string."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    keys = ("vendor_id", "cpu family", "model", "stepping")
+    if all(k in fields for k in keys):
+        return "{} family {} model {} stepping {}".format(*(fields[k] for k in keys))
+    return platform.processor() or platform.machine()
+
+
 def threading_env() -> dict[str, str]:
     """The OpenMP threading variables set in this process's environment."""
     return {k: os.environ[k] for k in THREADING_ENV if k in os.environ}
@@ -172,14 +190,21 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "runs": args.runs,
         "threading_env": threading_env(),
+        "cpu_id": cpu_id() if args.device == "cpu" else dev,
     }
     env_note = ", ".join(f"{k}={v}" for k, v in meta["threading_env"].items()) or "default OpenMP settings"
     print(f"# pycompress benchmarks on {dev} ({args.device}), torch {torch.__version__}, "
           f"{meta['threads']} threads, CPU path {meta['cpu_isa']}, {env_note}")
     results = {"meta": meta, "kernels": {}}
+    failed = {}
     for k in kernels:
         mod = importlib.import_module(f"bench_{k}")
-        rows = mod.run(args.device, args.quick) if args.runs == 1 else _run_in_processes(k, args, args.runs)
+        try:
+            rows = mod.run(args.device, args.quick) if args.runs == 1 else _run_in_processes(k, args, args.runs)
+        except Exception as e:  # one failing benchmark must not discard the others' results
+            failed[k] = f"{type(e).__name__}: {e}"
+            print(f"\n## {k}\nFAILED: {failed[k]}", file=sys.stderr, flush=True)
+            continue
         results["kernels"][k] = rows
         results.setdefault("kernel_dates", {})[k] = _dt.datetime.now(_dt.timezone.utc).isoformat(
             timespec="seconds")
@@ -191,6 +216,9 @@ def main(argv=None) -> int:
             for line in summary:
                 print("  " + line)
 
+    if not results["kernels"]:
+        print(f"error: every benchmark failed ({', '.join(failed)}); nothing written", file=sys.stderr)
+        return 1
     out = args.json
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", dev).strip("-").lower() or args.device
@@ -203,13 +231,18 @@ def main(argv=None) -> int:
                 prev = json.load(f)
         except (OSError, ValueError):
             prev = {}
-    # keep other kernels' earlier results when only some were run
-    merged = prev.get("kernels", {}) if prev.get("meta", {}).get("device") == dev else {}
+    # keep other kernels' earlier results when only some were run on the same machine (CPUs
+    # that report the same name, e.g. "AMD EPYC" in a VM, are told apart by cpu_id)
+    pm = prev.get("meta", {})
+    same_device = pm.get("device") == dev and pm.get("cpu_id", meta["cpu_id"]) == meta["cpu_id"]
+    if prev and not same_device:
+        print(f"note: {out} held results of another machine ({pm.get('device')}, "
+              f"{pm.get('cpu_id', 'no cpu_id')}); they are replaced", file=sys.stderr)
+    merged = prev.get("kernels", {}) if same_device else {}
     merged.update(results["kernels"])
     results["kernels"] = merged
     # when each kernel's rows were measured (meta["date"] is this run's start) and with which
     # threading variables
-    same_device = prev.get("meta", {}).get("device") == dev
     for key in ("kernel_dates", "kernel_env"):
         per_kernel = dict(prev.get(key, {})) if same_device else {}
         per_kernel.update(results.get(key, {}))
@@ -223,6 +256,10 @@ def main(argv=None) -> int:
         json.dump(results, f, indent=1)
     os.replace(tmp, out)
     print(f"\nwrote {out}")
+    if failed:
+        print(f"error: benchmark(s) failed: {'; '.join(f'{k}: {m[:500]}' for k, m in failed.items())}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

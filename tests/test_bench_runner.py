@@ -109,6 +109,41 @@ def test_omp_wait_policy_option_restarts_with_the_variable_set(tmp_path):
     assert "default OpenMP settings" in res.stdout.splitlines()[0]
 
 
+def test_a_failing_benchmark_keeps_the_others_results(tmp_path, monkeypatch, capsys):
+    import types
+
+    ok = types.ModuleType("bench_fakeok")
+    ok.run = lambda device, quick: [{"kernel": "fakeok", "case": "c", "impl": "i", "ms": 1.5}]
+    boom = types.ModuleType("bench_fakeboom")
+
+    def explode(device, quick):
+        raise RuntimeError("the fake benchmark broke")
+
+    boom.run = explode
+    monkeypatch.setitem(sys.modules, "bench_fakeok", ok)
+    monkeypatch.setitem(sys.modules, "bench_fakeboom", boom)
+    monkeypatch.setattr(bench_run, "available_kernels", lambda: ["fakeboom", "fakeok"])
+    out = tmp_path / "r.json"
+    rc = bench_run.main(["--kernels", "fakeboom,fakeok", "--device", "cpu", "--json", str(out)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "fakeboom" in err and "the fake benchmark broke" in err
+    data = json.loads(out.read_text())
+    assert list(data["kernels"]) == ["fakeok"] and data["kernels"]["fakeok"][0]["ms"] == 1.5
+    assert data["meta"]["cpu_id"]
+    # only failures: nothing written, an error
+    out2 = tmp_path / "none.json"
+    assert bench_run.main(["--kernels", "fakeboom", "--device", "cpu", "--json", str(out2)]) == 1
+    assert not out2.exists()
+    # results of another CPU in the file are not merged with this one's
+    data["meta"]["cpu_id"] = "SomeVendor family 1 model 2 stepping 3"
+    data["kernels"]["other"] = [{"kernel": "other", "case": "c", "impl": "i", "ms": 9.0}]
+    out.write_text(json.dumps(data))
+    assert bench_run.main(["--kernels", "fakeok", "--device", "cpu", "--json", str(out)]) == 0
+    assert list(json.loads(out.read_text())["kernels"]) == ["fakeok"]
+    assert "another machine" in capsys.readouterr().err
+
+
 def test_omp_wait_policy_option_rejects_unknown_values():
     res = subprocess.run([sys.executable, os.path.join(BENCH, "run.py"), "--omp-wait-policy", "spin"],
                          capture_output=True, text=True, timeout=120)

@@ -143,6 +143,25 @@ def test_sparse_linear_chunked_layout(pattern):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("M", [1, 9, 32, 48, 64, 100])
+def test_sparse_linear_unsorted_rows(cpu_isa, M):
+    # column indices in any order within a row (valid CSR) give the same product on every path
+    # (the column-blocked M >= 2 kernels walk each row with a cursor)
+    w, mask = _random_sparse(150, 700, 0.8)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    g = torch.Generator().manual_seed(3)
+    perm = torch.arange(ci.numel())
+    for n in range(150):
+        a, b = int(rp[n]), int(rp[n + 1])
+        perm[a:b] = a + torch.randperm(b - a, generator=g)
+    ci, v = ci[perm].contiguous(), v[perm].contiguous()
+    bias = torch.randn(150)
+    for _ in range(3):  # M == 1: CSR kernel, then the decode layout
+        x = torch.randn(M, 700)
+        ref = torch.nn.functional.linear(x.double(), w.double(), bias.double()).float()
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, bias, 700), ref, atol=2e-4, rtol=1e-4)
+
+
 def test_sparse_linear_decode_layout_controls():
     if "avx2" not in pycompress_isas():
         pytest.skip("the row-sliced layout is an AVX2 path")

@@ -1,6 +1,6 @@
-// Switch and accounting of SparseLinear's M == 1 sliced layout (see SellLayout in sparse.h):
-// a copy of each layer's kept weights, built once per layer on AVX2 CPUs, about as large as the
-// layer's CSR arrays. On by default; the environment variable
+// Switch and accounting of SparseLinear's M == 1 layouts (SellLayout on AVX2, ChunkedLayout on
+// AVX-512 CPUs; see sparse.h): a copy of each layer's kept weights, built once per layer, about
+// as large as the layer's CSR arrays. On by default; the environment variable
 // PYCOMPRESS_SPARSE_DECODE_LAYOUT=0 sets the initial state to off.
 #pragma once
 

@@ -126,7 +126,8 @@ void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, cons
 void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& layout, const float* bias,
                    float* y, int64_t s0, int64_t s1);
 
-// M >= 2: columns n in [n0, n1) of y [M, ldy] (row-major) from xT [K, Mp].
+// M >= 2: columns n in [n0, n1) of y [M, ldy] (row-major) from xT [K, Mp]; the Mp floats
+// before xT (xT[-1]) must be zeros.
 void csr_spmm_t_cpu(CpuIsa isa, const float* xT, int64_t Mp, const int32_t* row_ptr,
                     const void* col_idx, bool idx16, const float* values, const float* bias,
                     float* y, int64_t ldy, int64_t M, int64_t n0, int64_t n1);

@@ -117,7 +117,8 @@ int main() {
   test_chunked(rng);
   std::uniform_real_distribution<float> U(-1.f, 1.f);
   const int shapes[][3] = {{1, 1, 1}, {1, 37, 19}, {2, 16, 8}, {9, 70, 33}, {33, 129, 40},
-                           {70, 64, 17}, {13, 300, 24}, {1, 200, 50}};
+                           {70, 64, 17}, {13, 300, 24}, {1, 200, 50},
+                           {32, 1000, 130}, {40, 300, 150}, {64, 600, 70}};
   const CpuIsa top = max_cpu_isa();
   for (int isa_i = 0; isa_i <= static_cast<int>(top) && isa_i <= 2; ++isa_i) {
     const CpuIsa isa = static_cast<CpuIsa>(isa_i);

@@ -9,13 +9,15 @@ CSR format of ``sparse_linear`` (output rows are the compressed dimension):
 * ``col_idx``: int16 (``in_features <= 32768``) or int32 ``[nnz]``: input column of each entry
 * ``values``: float32 ``[nnz]``
 
-Single-token calls (``M == 1``) on AVX2 CPUs use a second, row-sliced copy of each layer's kept
-weights (SELL-8: rows sorted by length in windows of 256, eight rows per SIMD vector), built on
-the layer's second such call and rebuilt whenever the buffers change in place. It makes decode
-steps about 1.2x faster and costs about as much memory again as the layer's CSR arrays (it is
-never saved). :func:`set_decode_layout` turns it off or on (the environment variable
-``PYCOMPRESS_SPARSE_DECODE_LAYOUT=0`` sets the initial state to off) and
-:func:`decode_layout_info` reports what it holds.
+Single-token calls (``M == 1``) on AVX2 and AVX-512 CPUs use a second copy of each layer's kept
+weights laid out for one token, built on the layer's second such call and rebuilt whenever the
+buffers change in place: row-sliced (SELL-8: rows sorted by length in windows of 256, eight rows
+per SIMD vector) on AVX2, column-chunked (16 rows per vector, inputs picked from 31-column chunks
+by register permutes) on AVX-512 where its cost model expects a gain. They make decode steps
+about 1.2x (sliced) to 2x (chunked) faster and cost about as much memory again as the layer's
+CSR arrays (never saved). :func:`set_decode_layout` turns them off or on (the environment
+variable ``PYCOMPRESS_SPARSE_DECODE_LAYOUT=0`` sets the initial state to off) and
+:func:`decode_layout_info` reports what they hold.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ __all__ = ["sparse_linear", "masked_linear", "dense_to_csr", "csr_to_dense", "se
 
 # ----------------------------------------------------------------------------- decode layout
 def set_decode_layout(enabled: bool) -> bool:
-    """Turns the row-sliced M == 1 layout of SparseLinear on or off; returns the previous state.
+    """Turns the M == 1 layouts of SparseLinear on or off; returns the previous state.
 
     Turning it off also frees the layouts held. See the module documentation.
     """
