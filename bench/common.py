@@ -87,21 +87,38 @@ def per_core_ms(impls, repeats: int) -> dict[str, float]:
         torch.set_num_threads(threads)
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The fields of the first processor in /proc/cpuinfo ({} where there is none)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
+
+
 def device_name(device: str) -> str:
     if str(device).startswith("cuda"):
         return torch.cuda.get_device_name()
     import platform
 
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return name
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_id() -> str:
+    """Vendor, family, model and stepping of the CPU (Linux), else the processor string."""
+    import platform
+
+    fields = _cpuinfo()
+    keys = ("vendor_id", "cpu family", "model", "stepping")
+    if all(k in fields for k in keys):
+        return "{} family {} model {} stepping {}".format(*(fields[k] for k in keys))
+    return platform.processor() or platform.machine()
 
 
 def run_ratio_range(base: dict, row: dict, digits: int = 1) -> str:

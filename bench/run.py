@@ -40,7 +40,7 @@ if HERE not in sys.path:
 
 import torch  # noqa: E402
 
-from common import device_name  # noqa: E402
+from common import cpu_id, device_name  # noqa: E402
 
 
 def available_kernels() -> list[str]:
@@ -102,24 +102,6 @@ def combine_runs(runs: list[list[dict]]) -> list[dict]:
 
 
 THREADING_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS")
-
-
-def cpu_id() -> str:
-    """Vendor, family, model and stepping of the CPU (Linux), else the processor string."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break
-                key, _, value = line.partition(":")
-                fields[key.strip()] = value.strip()
-    except OSError:
-        pass
-    keys = ("vendor_id", "cpu family", "model", "stepping")
-    if all(k in fields for k in keys):
-        return "{} family {} model {} stepping {}".format(*(fields[k] for k in keys))
-    return platform.processor() or platform.machine()
 
 
 def threading_env() -> dict[str, str]:
