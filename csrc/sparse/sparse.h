@@ -99,6 +99,7 @@ struct ChunkedLayout {
   std::vector<uint8_t, Aligned64<uint8_t>> idx;  // [n_slices][n_chunks][steps][16]
   std::vector<float, Aligned64<float>> vals;     // same shape
   SellLayout rest;  // the remaining kept weights, indices into the chunk-padded input
+                    // (n_slices == 0 when there are none)
   int64_t bytes() const;
 };
 

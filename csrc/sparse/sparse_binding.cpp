@@ -141,7 +141,8 @@ at::Tensor sparse_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& row_pt
         const ChunkedLayout& L = layout->chunked;
         std::vector<float, Aligned64<float>> xq(static_cast<size_t>(chunked_x_size(L)));
         chunked_pad_x(xs, K, L, xq.data());
-        const int64_t work = static_cast<int64_t>(L.vals.size()) + L.rest.slice_off[L.rest.n_slices];
+        const int64_t work = static_cast<int64_t>(L.vals.size()) +
+                             (L.rest.n_slices ? L.rest.slice_off[L.rest.n_slices] : 0);
         const int64_t per_window = std::max<int64_t>(1, work / windows);
         parallel_for_dynamic(0, windows, 32768 / per_window, 8, [&](int64_t w0, int64_t w1) {
           chunked_gemv_cpu(isa, xq.data(), L, b, yp, w0, w1);

@@ -686,7 +686,8 @@ void chunked_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, c
     }
     rrp[n + 1] = static_cast<int32_t>(rci.size());
   }
-  sell_pack_cpu(rrp.data(), rci.data(), false, rv.data(), N, 32 * nch, out.rest);
+  // no rest (every row keeps <= steps weights per chunk): no SELL pass over empty slices per call
+  if (!rci.empty()) sell_pack_cpu(rrp.data(), rci.data(), false, rv.data(), N, 32 * nch, out.rest);
 }
 
 void chunked_pad_x(const float* x, int64_t K, const ChunkedLayout& L, float* xq) {
