@@ -95,7 +95,7 @@ def _case(name: str, cfg_kw: dict, quick: bool, tmp: str) -> list[dict]:
     import pycompress
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from pycompress.onnx_export import OnnxVerificationError
+    from pycompress.export.onnx import OnnxVerificationError
 
     threads = torch.get_num_threads()
     model = _bert(cfg_kw)

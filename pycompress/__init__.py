@@ -7,17 +7,19 @@ their validated wrappers and ``pycompress.nn`` the drop-in modules.
 from pycompress._version import __version__
 from pycompress import _ext, nn, ops
 from pycompress._ext import active_cpu_isa, cpu_features, has_cuda_kernels, set_cpu_isa
-from pycompress.prune import GradualPruning, deploy_pruned, prune
-from pycompress.compact import CompactionReport, compact
-from pycompress.quantize import quantize
-from pycompress.validate import ValidationReport, validate
-from pycompress.evaluate import EvaluationReport, compare, evaluate
+from pycompress.pruning.prune import prune
+from pycompress.pruning.gradual import GradualPruning
+from pycompress.pruning.deploy import deploy_pruned
+from pycompress.pruning.compact import CompactionReport, compact
+from pycompress.quantization.quantize import quantize
+from pycompress.evaluation.validate import ValidationReport, validate
+from pycompress.evaluation.evaluate import EvaluationReport, compare, evaluate
 from pycompress.recipe import CompressionReport, compress
-from pycompress.serialization import load, save
-from pycompress import distributed
-from pycompress.finetune import finetune
-from pycompress.distill import distill, precompute_teacher_logits, TeacherLogitsDataset
-from pycompress.onnx_export import export_onnx  # onnx / onnxruntime are imported on first call
+from pycompress.export.serialization import load, save
+from pycompress.distillation import distributed
+from pycompress.distillation.finetune import finetune
+from pycompress.distillation.distill import distill, precompute_teacher_logits, TeacherLogitsDataset
+from pycompress.export.onnx import export_onnx  # onnx / onnxruntime are imported on first call
 
 __all__ = [
     "__version__",

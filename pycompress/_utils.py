@@ -328,72 +328,6 @@ def progress_bar(iterable: Iterable, desc: str, progress: bool | None = None, to
     return tqdm(iterable, desc=desc, total=total, leave=False, file=sys.stderr)
 
 
-# --------------------------------------------------------------------------- layers
-def pycompress_layer_classes() -> dict[str, type]:
-    """The pycompress layer classes known now: name → class (those with config/from_config)."""
-    from pycompress import nn as pnn
-
-    out: dict[str, type] = {}
-    for name in dir(pnn):
-        obj = getattr(pnn, name)
-        if (
-            isinstance(obj, type)
-            and issubclass(obj, nn.Module)
-            and callable(getattr(obj, "config", None))
-            and callable(getattr(obj, "from_config", None))
-        ):
-            out[obj.__name__] = obj
-    out.update(_EXTRA_LAYERS)
-    return out
-
-
-_EXTRA_LAYERS: dict[str, type] = {}
-
-
-def register_layer(cls: type) -> type:
-    """Registers a layer class (with ``config()`` / ``from_config()``) for save/load and reports.
-
-    Usable as a decorator. Classes of ``pycompress.nn`` are known without registration.
-
-    Example:
-        >>> import torch
-        >>> from pycompress.serialization import register_layer
-        >>> @register_layer
-        ... class ScaledLinear(torch.nn.Linear):
-        ...     def config(self):
-        ...         return {"in_features": self.in_features, "out_features": self.out_features}
-        ...     @classmethod
-        ...     def from_config(cls, cfg):
-        ...         return cls(cfg["in_features"], cfg["out_features"])
-        >>> ScaledLinear.__name__
-        'ScaledLinear'
-    """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise TypeError("register_layer expects an nn.Module subclass")
-    for attr in ("config", "from_config"):
-        if not callable(getattr(cls, attr, None)):
-            raise TypeError(f"{cls.__name__} has no {attr}() and cannot be registered")
-    known = pycompress_layer_classes()
-    if cls.__name__ in known and known[cls.__name__] is not cls:
-        raise ValueError(f"another layer class is already registered as {cls.__name__!r}")
-    _EXTRA_LAYERS[cls.__name__] = cls
-    return cls
-
-
-def is_pycompress_layer(module: nn.Module) -> bool:
-    cls = type(module)
-    return pycompress_layer_classes().get(cls.__name__) is cls
-
-
-def dense_equivalent(module: nn.Module) -> nn.Module:
-    """A plain float module equivalent to a pycompress layer (``to_float`` / ``to_dense``)."""
-    for attr in ("to_float", "to_dense"):
-        fn = getattr(module, attr, None)
-        if callable(fn):
-            return fn()
-    return module
-
-
 _INT8_BITS_WHY = {"act_bits": "w8a16 keeps float activations",
                   "weight_bits": "the faster 7-bit kernel is a w8a8 kernel"}
 
@@ -404,3 +338,18 @@ def check_int8_bits(name: str, value: Any, mode: str) -> None:
         raise ValueError(f"{name} must be 8 or 7, got {value!r}")
     if value != 8 and mode != "w8a8":
         raise ValueError(f"{name}=7 applies to mode='w8a8' only ({_INT8_BITS_WHY[name]})")
+
+
+# --------------------------------------------------------------------------- files
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flushes a directory entry (after a rename into it); a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pycompress: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 1
     finally:
-        from pycompress import distributed
+        from pycompress.distillation import distributed
 
         distributed.shutdown()
 

@@ -27,7 +27,8 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import pycompress
-from pycompress import distributed as pdist
+from pycompress import _optional
+from pycompress.distillation import distributed as pdist
 
 __all__ = ["run_demo", "build_model", "digits_splits", "target_test_data", "measure",
            "row_from_report", "report_from_dict", "render_markdown", "render_table",
@@ -59,9 +60,8 @@ def digits_splits(seed: int = 0, shots: int = 10) -> dict[str, TensorDataset]:
     Target: half of every class is the held-out test set; the other half is the pool, of which
     ``shots`` samples per class are labelled; the rest of the pool is unlabelled (label -100).
     """
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
+    datasets = _optional.require("sklearn.datasets", "the demo (its digits data set)", extra="demo")
+    digits = datasets.load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
@@ -265,6 +265,8 @@ def run_demo(out: str = "pycompress-demo", seed: int = 0, quick: bool = False,
     ``threads``: intra-op threads while the demo runs (default 1: these models are tiny, and
     one thread per process avoids oversubscription under ``torchrun``); None keeps torch's.
     """
+    for module in ("sklearn", "matplotlib"):  # before any work: the error names the extra at once
+        _optional.require(module, "pycompress demo", extra="demo")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

@@ -39,16 +39,25 @@ import torch
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn import registry
+from pycompress.evaluation.evaluate import _split_item, compute_metric, resolve_metric
+from pycompress.evaluation.validate import validate
+from pycompress.pruning.compact import compact
+from pycompress.pruning.deploy import deploy_pruned
+from pycompress.pruning.prune import prune
+from pycompress.quantization.quantize import quantize
 
 __all__ = ["compress", "load_recipe", "CompressionReport", "STEPS"]
 
-# step name -> (attribute of the pycompress package, summary)
+# step name -> (the public function it calls, summary)
 STEPS = {
     "prune": ("prune", "pycompress.prune: MaskedLinear with a sparsity pattern"),
     "quantize": ("quantize", "pycompress.quantize: Int8Linear"),
     "deploy": ("deploy_pruned", "pycompress.deploy_pruned: MaskedLinear → SparseLinear / Linear"),
     "compact": ("compact", "pycompress.compact: pruned neurons / heads removed, smaller dense layers"),
 }
+_STEP_FUNCTIONS: dict[str, Callable] = {"prune": prune, "quantize": quantize, "deploy_pruned": deploy_pruned,
+                                        "compact": compact}
 # arguments that compress() fills from its own inputs (never written in a recipe)
 _INJECTED = {"calibration_data": "the calibration inputs of compress()",
              "example_inputs": "the first calibration batch",
@@ -57,13 +66,7 @@ _DATA_METHODS = ("activation", "mixed")
 
 
 def _step_function(step: str) -> Callable:
-    import pycompress
-
-    attr = STEPS[step][0]
-    fn = getattr(pycompress, attr, None)
-    if fn is None:
-        raise RuntimeError(f"recipe step {step!r} needs pycompress.{attr}, which this build does not provide")
-    return fn
+    return _STEP_FUNCTIONS[STEPS[step][0]]
 
 
 def _step_arguments(fn: Callable) -> tuple[list[str], list[str]]:
@@ -274,7 +277,7 @@ def _changed_layers(reference: nn.Module, model: nn.Module) -> dict[str, str]:
         r = ref[name]
         if type(r) is not type(m) or _reshaped(r, m):
             out[name] = type(m).__name__
-        elif _utils.is_pycompress_layer(m):
+        elif registry.is_pycompress_layer(m):
             rs, ms = r.state_dict(), m.state_dict()
             if rs.keys() != ms.keys() or any(
                 rs[k].shape != ms[k].shape or not torch.equal(rs[k].to(ms[k].device), ms[k]) for k in rs
@@ -302,8 +305,6 @@ def _make_metric(metric: Any, calibration: list, progress: bool | None) -> tuple
         if n_params == 1:
             name = getattr(metric, "__name__", "metric")
             return metric, name, bool(getattr(metric, "higher_is_better", True))
-    from pycompress.evaluate import compute_metric, resolve_metric
-
     name, _, hib = resolve_metric(metric)
     return (lambda m: compute_metric(m, calibration, metric, progress=progress)), name, hib
 
@@ -346,8 +347,6 @@ def compress(
         >>> sorted(report.compressed_layers.items())
         [('0', 'Int8Linear')]
     """
-    from pycompress.validate import validate
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     steps = load_recipe(recipe)
@@ -369,8 +368,6 @@ def compress(
     if not calibration:
         raise ValueError("calibration_inputs holds no batch")
     if named_metric:
-        from pycompress.evaluate import _split_item
-
         val_inputs = [_split_item(it, i)[0] for i, it in enumerate(calibration)]
     else:
         val_inputs = calibration

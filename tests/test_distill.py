@@ -10,6 +10,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import pycompress
+from pycompress.export import serialization
 
 
 def _data(n=128, d=10, classes=4, seed=0):
@@ -139,7 +140,7 @@ def test_bf16_teacher_and_precomputed_logits(teacher, tmp_path):
 def test_checkpoint_crash_keeps_previous_and_resume_matches(teacher, tmp_path, monkeypatch):
     kw = dict(epochs=3, batch_size=32, seed=5, lr=1e-2, progress=False)
     full, _ = pycompress.distill(teacher, _mlp(16, seed=2, dropout=0.2), _data(), **kw)
-    real_save, calls = pycompress.save, []
+    real_save, calls = serialization.save, []
 
     def crashing_save(model, path):
         calls.append(path)
@@ -148,11 +149,11 @@ def test_checkpoint_crash_keeps_previous_and_resume_matches(teacher, tmp_path, m
             raise OSError("disk full")
         return real_save(model, path)
 
-    monkeypatch.setattr(pycompress, "save", crashing_save)
+    monkeypatch.setattr(serialization, "save", crashing_save)
     with pytest.raises(OSError, match="disk full"):
         pycompress.distill(teacher, _mlp(16, seed=2, dropout=0.2), _data(), **kw,
                            checkpoint_dir=str(tmp_path))
-    monkeypatch.setattr(pycompress, "save", real_save)
+    monkeypatch.undo()
     assert open(tmp_path / "latest").read().strip() == "epoch-0001"
     assert os.path.isfile(tmp_path / "epoch-0001" / "state.pt")
     resumed, hist = pycompress.distill(teacher, _mlp(16, seed=2, dropout=0.2), _data(), **kw,

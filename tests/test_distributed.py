@@ -9,7 +9,7 @@ import torch
 
 import dist_worker
 import torchrun_util
-from pycompress import distributed as pdist
+from pycompress.distillation import distributed as pdist
 
 pytestmark = pytest.mark.distributed
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pycompress
-from pycompress.evaluate import count_parameters
+from pycompress.evaluation.evaluate import count_parameters
 from _pylayer_models import int8_cls, mlp, teacher_dataset  # noqa: F401
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import pycompress
-from pycompress.finetune import find_head
+from pycompress.distillation.finetune import find_head
 
 
 def _data(n=96, d=10, classes=3, seed=0):

@@ -407,8 +407,8 @@ def _mean_abs(x, producer, act):
 
 def _channel_act(model, names, data, activation_score):
     """The channel activation scores prune computes, read from its statistics."""
-    from pycompress.compact import consumers_of
-    from pycompress.prune import _channel_activations, _collect_stats
+    from pycompress.pruning.graph import consumers_of
+    from pycompress.pruning.prune import _channel_activations, _collect_stats
 
     layers = [(n, model.get_submodule(n)) for n in names]
     stats = _collect_stats(model, layers, data, need_out=True, consumers=consumers_of(model, names))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pycompress
-from pycompress.quantize import QuantizationResult
+from pycompress.quantization.quantize import QuantizationResult
 from _pylayer_models import HAS_INT8, SmallCNN, int8_cls, mlp  # noqa: F401
 
 
@@ -187,7 +187,8 @@ def test_masked_linear_is_quantized_with_its_mask(int8_cls):
 
 
 @pytest.mark.skipif(not HAS_INT8, reason="the examples use the compiled Int8Linear")
-@pytest.mark.parametrize("module", ["quantize", "validate", "evaluate", "recipe", "serialization", "_utils"])
+@pytest.mark.parametrize("module", ["quantization.quantize", "evaluation.validate", "evaluation.evaluate", "recipe",
+                                    "export.serialization", "nn.registry", "pruning.gradual"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

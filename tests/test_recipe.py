@@ -79,14 +79,6 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(tmp_path / "r.json")
 
 
-def test_step_missing_from_the_build_is_a_clear_error(monkeypatch):
-    import pycompress as pc
-
-    monkeypatch.delattr(pc, "prune", raising=False)
-    with pytest.raises(RuntimeError, match="needs pycompress.prune"):
-        load_recipe([{"prune": {"sparsity": 0.5}}])
-
-
 def test_compress_quantize_step_reports(int8_cls, tmp_path):
     model = mlp()
     ref = copy.deepcopy(model)

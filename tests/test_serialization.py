@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import pycompress
-from pycompress.serialization import MANIFEST_NAME, WEIGHTS_NAME
+from pycompress.export.serialization import MANIFEST_NAME, WEIGHTS_NAME
 from _pylayer_models import SmallCNN, int8_cls, mlp  # noqa: F401
 
 
@@ -234,7 +234,7 @@ class _HalfLinear(nn.Module):
 
 
 def test_registered_custom_layers_round_trip(tmp_path):
-    from pycompress.serialization import register_layer
+    from pycompress.export.serialization import register_layer
 
     assert register_layer(_HalfLinear) is _HalfLinear
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -259,7 +259,7 @@ def test_registered_custom_layers_round_trip(tmp_path):
 
 
 def test_unserializable_config_is_refused(tmp_path):
-    from pycompress.serialization import register_layer
+    from pycompress.export.serialization import register_layer
 
     class _BadConfig(_HalfLinear):
         def config(self):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pycompress
-from pycompress.validate import ValidationReport
+from pycompress.evaluation.validate import ValidationReport
 from _pylayer_models import KwargsNet, int8_cls, mlp  # noqa: F401
 
 

@@ -127,6 +127,23 @@ class MaskedLinear(nn.Module):
 
 
 @torch.no_grad()
+def dense_weight_and_mask(linear: nn.Module, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight of ``linear`` (an ``nn.Linear`` or a ``MaskedLinear``) and the mask to compress it
+    with: ``mask`` if given (checked: bool, the weight's shape), else the MaskedLinear's own mask,
+    else ``None``."""
+    if not isinstance(linear, (nn.Linear, MaskedLinear)):
+        raise TypeError(f"linear must be a torch.nn.Linear or MaskedLinear, got {type(linear).__name__}")
+    w = linear.weight.detach()
+    if mask is None and isinstance(linear, MaskedLinear):
+        mask = linear.mask
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor")
+        if tuple(mask.shape) != tuple(w.shape):
+            raise ValueError(f"mask must have the weight's shape {tuple(w.shape)}, got {tuple(mask.shape)}")
+    return w, mask
+
+
 def _clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for m in model.modules():
         if isinstance(m, MaskedLinear):

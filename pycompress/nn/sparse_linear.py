@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from pycompress import _C
-from pycompress.nn._common import dense_weight_and_mask, linear_from_weight
+from pycompress.nn._common import linear_from_weight
+from pycompress.nn.masked_linear import dense_weight_and_mask
 from pycompress.ops import sparse as sparse_ops
 
 __all__ = ["SparseLinear"]

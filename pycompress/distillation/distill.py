@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from pycompress import distributed as pdist
-from pycompress import training
+from pycompress.distillation import distributed as pdist
+from pycompress.distillation import training
 
 __all__ = ["distill", "precompute_teacher_logits", "TeacherLogitsDataset"]
 

@@ -23,7 +23,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pycompress import _utils
+from pycompress import _optional, _utils
+from pycompress.export.serialization import save
+from pycompress.nn import registry
 
 __all__ = ["evaluate", "compare", "EvaluationReport", "METRICS"]
 
@@ -112,8 +114,8 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     stack = [model]
     while stack:
         m = stack.pop()
-        if _utils.is_pycompress_layer(m):
-            dense = _utils.dense_equivalent(m)
+        if registry.is_pycompress_layer(m):
+            dense = registry.dense_equivalent(m)
             tensors = list(dense.parameters())
         else:
             tensors = list(m.parameters(recurse=False))
@@ -126,8 +128,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def serialized_size(model: nn.Module) -> int:
     """Bytes written by :func:`pycompress.save` for ``model`` (weights + manifest)."""
-    from pycompress.serialization import save
-
     with tempfile.TemporaryDirectory(prefix="pycompress-size-") as d:
         out = save(model, Path(d) / "m")
         return sum(p.stat().st_size for p in out.iterdir())
@@ -409,8 +409,9 @@ def compare(reports: list[EvaluationReport], out_dir: str | os.PathLike | None =
 
 def _plot(reports: list[EvaluationReport], out_dir: Path, metric_name: str, bs: int | None) -> Path:
     # Figure + the Agg canvas directly: no pyplot, no global backend change, no display needed
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    Figure = _optional.require("matplotlib.figure", "compare(out_dir=...) (the plot)").Figure
+    FigureCanvasAgg = _optional.require("matplotlib.backends.backend_agg",
+                                        "compare(out_dir=...) (the plot)").FigureCanvasAgg
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fig = Figure(figsize=(10, 4), dpi=100)

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from pycompress import _utils
-from pycompress._utils import register_layer
+from pycompress.nn import registry
+from pycompress.nn.registry import COMPACTED_ATTR, register_layer
 
 __all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
 
@@ -41,7 +42,6 @@ FORMAT_NAME = "pycompress-model"
 FORMAT_VERSION = 1
 # set to True on the root module by pycompress.compact: the saved layers may be narrower than those
 # of a fresh model of the architecture
-COMPACTED_ATTR = "_pycompress_compacted"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -51,20 +51,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: str | os.PathLike) -> None:
-    """Flushes a directory entry (after a rename into it); a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _tensors_for_saving(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -123,7 +109,7 @@ def _module_tree(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
         if any(name.startswith(p + ".") for p in skip_prefixes):
             continue
         paths.append(name)
-        if _utils.is_pycompress_layer(module):
+        if registry.is_pycompress_layer(module):
             cfg = module.config()
             try:
                 json.dumps(cfg, allow_nan=False)
@@ -217,7 +203,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         tmp_weights = None
         os.replace(tmp_manifest, target / MANIFEST_NAME)
         tmp_manifest = None
-        _fsync_dir(target)
+        _utils.fsync_dir(target)
         if created:
             try:
                 os.replace(target, out)
@@ -226,7 +212,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                 os.replace(target / WEIGHTS_NAME, out / WEIGHTS_NAME)
                 os.replace(target / MANIFEST_NAME, out / MANIFEST_NAME)
                 os.rmdir(target)
-            _fsync_dir(out.parent)
+            _utils.fsync_dir(out.parent)
     finally:
         for tmp in (tmp_weights, tmp_manifest):
             if tmp is not None and os.path.exists(tmp):
@@ -413,7 +399,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
     _check_architecture(manifest, model, root)
     _apply_structure(manifest, model, root)
 
-    known = _utils.pycompress_layer_classes()
+    known = registry.pycompress_layer_classes()
     for name, entry in manifest["layers"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
             raise ValueError(f"{root}: corrupt manifest entry for layer {name!r}")

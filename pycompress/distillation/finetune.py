@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from pycompress import training
+from pycompress.distillation import training
 
 __all__ = ["finetune", "find_head"]
 

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pycompress import _utils
+from pycompress import _optional, _utils
 
 __all__ = ["export_onnx", "OnnxVerificationError", "INT8_FORMATS"]
 
@@ -83,7 +83,6 @@ VERIFY_MAX_ABS_REL = 0.05
 # (they quantize to 0, as in the PyTorch kernel)
 _TINY = 1e-30
 
-_INSTALL_HINT = "pip install pycompress[onnx]  (or: pip install onnx onnxruntime onnxscript)"
 
 
 class OnnxVerificationError(ValueError):
@@ -94,12 +93,7 @@ class OnnxVerificationError(ValueError):
 
 
 def _require(name: str):
-    try:
-        return __import__(name)
-    except ImportError as e:
-        raise ImportError(
-            f"export_onnx needs the package {name!r}, which is not installed: {_INSTALL_HINT}"
-        ) from e
+    return _optional.require(name, "export_onnx", extra="onnx")
 
 
 # --------------------------------------------------------------------------- custom ops

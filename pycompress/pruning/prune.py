@@ -1,5 +1,5 @@
-"""Pruning: one-shot (``prune``), gradual (``GradualPruning``) and deployment
-(``deploy_pruned``).
+"""One-shot pruning: ``prune`` (gradual schedules are in :mod:`pycompress.pruning.gradual`,
+deployment in :mod:`pycompress.pruning.deploy`).
 
 Patterns:
 
@@ -61,16 +61,15 @@ from __future__ import annotations
 
 import math
 import re
-import time
 
 import torch
 from torch import nn
 
 from pycompress import _utils
-from pycompress.nn.masked_linear import MaskedLinear, _clear_pruned_state
-from pycompress.nn.sparse_linear import SparseLinear
+from pycompress.nn.masked_linear import MaskedLinear
+from pycompress.pruning.graph import consumers_of, effective_weight, is_attention
 
-__all__ = ["prune", "GradualPruning", "deploy_pruned"]
+__all__ = ["prune"]
 
 _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -346,8 +345,6 @@ def _channel_activations(model, layers, stats, activation_score="mean_abs"):
     ``sum_c std(a_i) * ||W_c[:, i]||_2`` over the consumers ``c``. Either falls back to
     ``mean|y_i|`` of the layer's own output when no consumer is known (``channel_act_source``
     says which)."""
-    from pycompress.compact import _effective_weight
-
     for name, m in layers:
         st = stats[name]
         seen = st.get("consumer_in_std")
@@ -360,21 +357,12 @@ def _channel_activations(model, layers, stats, activation_score="mean_abs"):
             total = sum(s.to(dev) for s, _ in pairs)
             st["channel_act"] = (total / sum(n for _, n in pairs)).float()
         else:
-            st["channel_act"] = sum(v.to(dev) * _effective_weight(model.get_submodule(c)).norm(dim=0).to(dev)
+            st["channel_act"] = sum(v.to(dev) * effective_weight(model.get_submodule(c)).norm(dim=0).to(dev)
                                     for c, v in seen.items())
         st["channel_act_source"] = "consumers"
 
 
 # ----------------------------------------------------------------------------- attention heads
-def _is_attention(m: nn.Module) -> bool:
-    """A Hugging Face BERT-style self-attention: ``query``/``key``/``value`` linear layers and
-    ``num_attention_heads`` / ``attention_head_size`` attributes."""
-    lin = (nn.Linear, MaskedLinear)
-    return (all(isinstance(getattr(m, a, None), lin) for a in ("query", "key", "value"))
-            and isinstance(getattr(m, "num_attention_heads", None), int)
-            and isinstance(getattr(m, "attention_head_size", None), int))
-
-
 def _head_scores(attn, method, mix, stats, scope):
     out = []
     for name, a in attn:
@@ -397,7 +385,7 @@ def _head_scores(attn, method, mix, stats, scope):
 
 
 def _prune_heads(model, sparsity, scope, method, mix, calibration_data, include, exclude):
-    attn = _utils.select_modules(model, include, exclude, predicate=lambda n, m: _is_attention(m))
+    attn = _utils.select_modules(model, include, exclude, predicate=lambda n, m: is_attention(m))
     if not attn:
         raise ValueError("pattern='head' found no attention module (a module with query/key/value "
                          "linear layers and num_attention_heads / attention_head_size attributes)")
@@ -535,8 +523,6 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
     if method != "magnitude":
         consumers = None
         if kind == "channel":
-            from pycompress.compact import consumers_of
-
             consumers = consumers_of(model, [n for n, _ in layers])
         stats = _collect_stats(model, layers, calibration_data, need_out=kind == "channel",
                                need_in=kind != "channel", consumers=consumers)
@@ -551,208 +537,3 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
     return model
 
 
-class GradualPruning:
-    """Cubic gradual pruning schedule (Zhu & Gupta 2017), usable from any training loop.
-
-    At step ``t`` (counted by :meth:`step`) between ``start_step`` and
-    ``start_step + total_steps``, every ``frequency`` steps the target is
-    ``s_t = s_f + (s_i - s_f) * (1 - (t - start_step) / total_steps) ** 3`` and the selected layers
-    are re-pruned (by magnitude unless ``method`` says otherwise; pruned weights are exactly zero,
-    so with magnitude masks only grow, except for live weights that are exactly zero).
-
-    Args:
-        model: model whose ``nn.Linear`` layers are swapped to MaskedLinear at construction.
-        final_sparsity, total_steps, start_step, frequency, initial_sparsity: the schedule.
-        pattern: ``"unstructured"`` or ``"channel"``.
-        scope, include, exclude: as in :func:`prune`.
-        method, calibration_data, mix, activation_score: as in :func:`prune`. With ``"activation"`` / ``"mixed"``
-            the statistics are collected again at every pruning step (one pass of the model over
-            ``calibration_data``, which is kept: a one-shot iterator is read into a list once), so
-            they follow the weights as they train. Every rank must pass the same data to get the
-            same masks.
-        optimizer: optional; after each step that changes masks its state (momentum, Adam
-            moments) of pruned weights is cleared, and a step hook re-applies the masks.
-
-    Example:
-        >>> import torch, pycompress
-        >>> model = torch.nn.Sequential(torch.nn.Linear(32, 32))
-        >>> sched = pycompress.GradualPruning(model, final_sparsity=0.8, total_steps=10)
-        >>> for _ in range(10):
-        ...     _ = sched.step()
-        >>> round(sched.current_sparsity, 2)
-        0.8
-    """
-
-    def __init__(self, model: nn.Module, final_sparsity: float, total_steps: int, start_step: int = 0,
-                 frequency: int = 1, initial_sparsity: float = 0.0, pattern: str = "unstructured",
-                 scope: str = "global", include=None, exclude=None, optimizer=None, method: str = "magnitude",
-                 calibration_data=None, mix: float = 0.5, activation_score: str = "mean_abs") -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
-        self.initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
-        for name, v, lo in (("total_steps", total_steps, 1), ("start_step", start_step, 0), ("frequency", frequency, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        kind, _ = _parse_pattern(pattern)
-        if kind == "nm":
-            raise ValueError("N:M patterns have a fixed sparsity; use prune(model, None, pattern='N:M') once")
-        _check_scope(scope)
-        mix = _check_method(method, mix)
-        activation_score = _check_activation_score(activation_score)
-        if method != "magnitude":
-            if calibration_data is None:
-                raise ValueError(f"method={method!r} ranks by activations and needs calibration_data "
-                                 "(a batch or an iterable of batches); use method='magnitude' without data")
-            if hasattr(calibration_data, "__next__") and not isinstance(calibration_data, torch.Tensor):
-                calibration_data = list(calibration_data)  # a one-shot iterator: read again at every step
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.model, self.total_steps, self.start_step, self.frequency = model, total_steps, start_step, frequency
-        self.pattern, self.scope, self.include, self.exclude = pattern, scope, include, exclude
-        self.optimizer = optimizer
-        self.method, self.calibration_data, self.mix = method, calibration_data, mix
-        self.activation_score = activation_score
-        self.step_count = 0
-        self.current_sparsity = self.initial_sparsity
-        self._hook = None
-        self._prune(self.initial_sparsity)
-        if optimizer is not None:
-            self._hook = optimizer.register_step_post_hook(lambda opt, a, k: _clear_pruned_state(model, opt))
-
-    def _prune(self, sparsity: float) -> None:
-        data = self.method != "magnitude"
-        prune(self.model, sparsity, pattern=self.pattern, scope=self.scope, include=self.include,
-              exclude=self.exclude, method=self.method, mix=self.mix,
-              activation_score=self.activation_score, calibration_data=self.calibration_data if data else None)
-
-    def sparsity_at(self, t: int) -> float:
-        """Target sparsity of the schedule at step ``t``."""
-        if t <= self.start_step:
-            return self.initial_sparsity
-        frac = min(1.0, (t - self.start_step) / self.total_steps)
-        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - frac) ** 3
-
-    def step(self) -> float:
-        """Advances one step; re-prunes when the schedule says so. Returns the current target."""
-        self.step_count += 1
-        t = self.step_count
-        end = self.start_step + self.total_steps
-        if t < self.start_step:
-            return self.current_sparsity
-        due = (t - self.start_step) % self.frequency == 0 or t == end
-        if t <= end and due:
-            target = self.sparsity_at(t)
-            self._prune(target)
-            self.current_sparsity = target
-            if self.optimizer is not None:
-                _clear_pruned_state(self.model, self.optimizer)
-        return self.current_sparsity
-
-    def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "current_sparsity": self.current_sparsity}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self.current_sparsity = float(state["current_sparsity"])
-
-
-def _median_ms(fn, reps):
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e3
-
-
-@torch.no_grad()
-def _sparse_is_faster(dense: nn.Linear, sparse: SparseLinear, batch_sizes, reps=5) -> bool:
-    dev = dense.weight.device
-    for bs in batch_sizes:
-        x = torch.randn(bs, dense.in_features, device=dev, dtype=dense.weight.dtype)
-        for _ in range(2):  # warm up (the second single-row call builds SparseLinear's M == 1 layout)
-            dense(x), sparse(x)
-        td = _median_ms(lambda: dense(x), reps)
-        ts = _median_ms(lambda: sparse(x), reps)
-        if ts >= td:
-            return False
-    return True
-
-
-def deploy_pruned(model: nn.Module, mode: str = "auto", include=None, exclude=None,
-                  batch_sizes=(1, 32)) -> nn.Module:
-    """Turns the MaskedLinear layers of ``model`` into inference layers, in place.
-
-    ``mode="sparse"`` gives :class:`~pycompress.nn.SparseLinear`, ``"dense"`` a plain ``nn.Linear``
-    (``weight * mask``), and ``"auto"`` times both on the layer's device at ``batch_sizes`` rows and
-    keeps SparseLinear only where it is faster at every one of them (never slower than dense).
-    ``mode="semi24"`` gives :class:`~pycompress.nn.SemiSparseLinear` (masks must be 2:4, e.g. from
-    ``prune(..., pattern="2:4")``); in ``"auto"`` a 2:4-masked layer becomes SemiSparseLinear where
-    that is faster than the other choice at every batch size.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if mode not in ("auto", "sparse", "dense", "semi24"):
-        raise ValueError(f"mode must be 'auto', 'sparse', 'dense' or 'semi24', got {mode!r}")
-    if (not isinstance(batch_sizes, (list, tuple)) or not batch_sizes
-            or not all(isinstance(b, int) and b > 0 for b in batch_sizes)):
-        raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")
-    for name, m in _utils.select_modules(model, include, exclude,
-                                         predicate=lambda n, mod: isinstance(mod, MaskedLinear)):
-        dense = m.to_dense()
-        new = dense
-        if mode not in ("dense", "semi24"):
-            dev = m.weight.device
-            usable = dev.type == "cpu" or (dev.type == "cuda" and _cuda_sparse_available())
-            if usable:
-                sparse = SparseLinear.from_dense(m)
-                if mode == "sparse" or _sparse_is_faster(dense, sparse, batch_sizes):
-                    new = sparse
-            elif mode == "sparse":
-                raise RuntimeError(f"no sparse kernel for device {dev} (layer {name!r})")
-        if mode in ("semi24", "auto"):
-            new = _semi24_choice(m, new, name, mode, batch_sizes)
-        if name == "":
-            raise ValueError("the model itself is a MaskedLinear; wrap it in a container module")
-        _set_module(model, name, new)
-    return model
-
-
-def _semi24_choice(m: MaskedLinear, current: nn.Module, name: str, mode: str, batch_sizes) -> nn.Module:
-    """SemiSparseLinear for mode="semi24"; for "auto" it replaces ``current`` only when the mask
-    is 2:4 and it is faster at every batch size."""
-    from pycompress import _ext
-    from pycompress.nn.semi_sparse_linear import SemiSparseLinear
-
-    dev = m.weight.device
-    usable = dev.type == "cpu" or (dev.type == "cuda" and _ext.has_cuda_kernels()
-                                   and _ext.op_has_cuda_kernel("pycompress::semi24_linear"))
-    if mode == "semi24":
-        if not usable:
-            raise RuntimeError(f"no 2:4 sparse kernel for device {dev} (layer {name!r})")
-        try:
-            return SemiSparseLinear.from_dense(m)
-        except ValueError as e:
-            raise ValueError(f"layer {name!r}: {e}") from None
-    k4 = (m.in_features + 3) // 4 * 4
-    keep = torch.nn.functional.pad(m.mask.to(torch.int8), (0, k4 - m.in_features))
-    if not usable or not bool((keep.view(m.out_features, -1, 4).sum(-1) <= 2).all()):
-        return current
-    semi = SemiSparseLinear.from_dense(m)
-    with torch.no_grad():
-        for bs in batch_sizes:
-            x = torch.randn(bs, m.in_features, device=dev, dtype=m.weight.dtype)
-            current(x), semi(x)  # warm up
-            if _median_ms(lambda: semi(x), 5) >= _median_ms(lambda: current(x), 5):
-                return current
-    return semi
-
-
-def _cuda_sparse_available() -> bool:
-    from pycompress import _ext
-
-    return _ext.has_cuda_kernels() and _ext.op_has_cuda_kernel("pycompress::sparse_linear")

@@ -45,6 +45,11 @@ from torch import nn
 
 from pycompress import _utils
 from pycompress.nn.masked_linear import MaskedLinear
+from pycompress.nn.registry import COMPACTED_ATTR
+from pycompress.pruning.graph import (
+    Tracer, effective_weight, ffn_blocks, follow_uses, int8_linear_cls, is_attention, is_elementwise_act,
+    is_linear_like, is_number, sparse_linear_cls,
+)
 
 __all__ = ["compact", "CompactionReport"]
 
@@ -88,43 +93,14 @@ class CompactionReport:
         return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- layer access
-def _int8_cls():
-    from pycompress import nn as pnn
-
-    return getattr(pnn, "Int8Linear", None)
-
-
-def _sparse_cls():
-    from pycompress import nn as pnn
-
-    return getattr(pnn, "SparseLinear", None)
-
-
-def _is_linear_like(m: nn.Module) -> bool:
-    i8 = _int8_cls()
-    return type(m) is nn.Linear or isinstance(m, MaskedLinear) or (i8 is not None and isinstance(m, i8))
-
-
 def _pruned_rows(m: nn.Module) -> torch.Tensor | None:
     """Bool [out] of rows that are entirely pruned (None for layers that cannot be producers)."""
     if isinstance(m, MaskedLinear):
         return ~m.mask.any(1)
-    i8 = _int8_cls()
+    i8 = int8_linear_cls()
     if i8 is not None and isinstance(m, i8):
         return ~(m.weight != 0).any(1)  # an int8 row of zeros outputs its bias exactly
     return None
-
-
-@torch.no_grad()
-def _effective_weight(m: nn.Module) -> torch.Tensor:
-    """The float weight the layer multiplies by (masked / dequantized)."""
-    if isinstance(m, MaskedLinear):
-        return (m.weight * m.mask).float()
-    i8 = _int8_cls()
-    if i8 is not None and isinstance(m, i8):
-        return m.weight.float() * m.weight_scale.float()[:, None]
-    return m.weight.float()
 
 
 def _bias_values(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
@@ -136,93 +112,13 @@ def _bias_values(m: nn.Module, rows: torch.Tensor) -> torch.Tensor:
 
 def _count(model: nn.Module) -> int:
     n = sum(p.numel() for p in model.parameters())
-    i8 = _int8_cls()
+    i8 = int8_linear_cls()
     if i8 is not None:
         for m in model.modules():
             if isinstance(m, i8):
                 n += sum(b.numel() for k, b in m.named_buffers(recurse=False)
                          if b is not None and k in ("weight", "weight_scale", "bias"))
     return n
-
-
-# --------------------------------------------------------------------------- element-wise ops
-_ELEMENTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU,
-                        nn.CELU, nn.SELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus,
-                        nn.Identity, nn.Dropout, nn.AlphaDropout, nn.Tanhshrink, nn.Softsign)
-_DROPOUT = (nn.Dropout, nn.AlphaDropout)
-# Hugging Face activation modules (transformers.activations), parameter-free and element-wise
-_HF_ACTIVATIONS = {"GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
-                   "GELUTanh", "PytorchGELUTanh", "SiLUActivation", "MishActivation", "LinearActivation",
-                   "AccurateGELUActivation", "ReLUSquaredActivation", "LaplaceActivation",
-                   "ClippedGELUActivation"}
-_ELEMENTWISE_FUNCS = {torch.relu, F.relu, F.gelu, F.silu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid,
-                      F.leaky_relu, F.elu, F.hardswish, F.hardtanh, F.mish, F.softplus, F.relu6,
-                      torch.nn.functional.selu, torch.abs, torch.neg, torch.exp}
-_DROPOUT_FUNCS = {F.dropout, torch.dropout}
-_SCALAR_OPS = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div,
-               torch.add, torch.sub}
-_ELEMENTWISE_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "abs", "neg", "exp", "clone", "detach"}
-
-
-def _is_elementwise_module(m: nn.Module) -> bool:
-    if isinstance(m, _ELEMENTWISE_MODULES):
-        return True
-    return (type(m).__name__ in _HF_ACTIVATIONS and type(m).__module__.startswith("transformers")
-            and not any(True for _ in m.parameters()) and not any(True for _ in m.buffers()))
-
-
-class _Tracer(torch.fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if _utils.is_pycompress_layer(m) or _is_elementwise_module(m):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def _is_number(a: Any) -> bool:
-    return isinstance(a, (int, float)) and not isinstance(a, bool)
-
-
-def _elementwise_step(node: torch.fx.Node, src: torch.fx.Node, modules: dict[str, nn.Module]):
-    """If ``node`` applies an element-wise op to ``src`` only, returns ``f(value) -> value`` that
-    replays it on the constant channels; otherwise None."""
-    others = [a for a in list(node.args) + list(node.kwargs.values()) if a is not src]
-    if any(isinstance(a, torch.fx.Node) for a in others) or list(node.args).count(src) != 1:
-        return None
-    if node.op == "call_module":
-        m = modules.get(node.target)
-        if m is None or not _is_elementwise_module(m) or node.args[0] is not src or node.kwargs:
-            return None
-        if isinstance(m, _DROPOUT):
-            return lambda v: v
-        return lambda v, m=m: m(v)
-    if node.op == "call_function":
-        fn = node.target
-        if fn in _DROPOUT_FUNCS:
-            return lambda v: v
-        if fn in _ELEMENTWISE_FUNCS and node.args[0] is src:
-            return lambda v, fn=fn, a=node.args[1:], k=dict(node.kwargs): fn(v, *a, **k)
-        if fn in _SCALAR_OPS and len(node.args) == 2 and not node.kwargs:
-            a, b = node.args
-            if a is src and _is_number(b):
-                return lambda v, fn=fn, b=b: fn(v, b)
-            if b is src and _is_number(a) and fn in (operator.mul, operator.add, torch.mul, torch.add,
-                                                    operator.sub, torch.sub):
-                return lambda v, fn=fn, a=a: fn(a, v)
-        return None
-    if node.op == "call_method" and node.target in _ELEMENTWISE_METHODS and node.args[0] is src:
-        if len(node.args) > 1 or node.kwargs:
-            return None
-        return lambda v, name=node.target: getattr(v, name)()
-    return None
-
-
-def _describe(node: torch.fx.Node) -> str:
-    if node.op == "call_module":
-        return f"module {node.target!r}"
-    if node.op == "output":
-        return "the model output"
-    t = node.target
-    return f"{node.op} {getattr(t, '__name__', t)!s}"
 
 
 # --------------------------------------------------------------------------- plans
@@ -233,36 +129,10 @@ class _Edit:
     bias_add: torch.Tensor | None = None   # float [out] to add to the bias (before row removal)
 
 
-def _follow(start: torch.fx.Node, calls: dict, modules: dict, shared=frozenset()):
-    """Follows the value of ``start`` through element-wise ops to the linear layers reading it.
-    Returns ``(consumers, why)``: ``consumers`` = [(name, chain of element-wise replays)], ``why``
-    = the reason it cannot be followed (None when every use was understood)."""
-    consumers: list[tuple[str, list]] = []
-    stack = [(start, [])]
-    while stack:
-        cur, chain = stack.pop()
-        for user in cur.users:
-            if user.op == "call_module" and _is_linear_like(modules.get(user.target)) \
-                    and user.args and user.args[0] is cur and len(user.args) == 1 and not user.kwargs:
-                if len(calls.get(user.target, [])) != 1:
-                    return consumers, f"its consumer {user.target!r} is called more than once"
-                if user.target in shared:
-                    return consumers, f"its consumer {user.target!r} shares its weight with another layer"
-                consumers.append((user.target, chain))
-                continue
-            step = _elementwise_step(user, cur, modules)
-            if step is None:
-                return consumers, (f"its output flows into {_describe(user)}, which compact cannot follow "
-                                   "(only element-wise ops between linear layers are understood: a residual "
-                                   "add, a normalization, a reshape or the model output keep the full width)")
-            stack.append((user, chain + [step]))
-    return consumers, None
-
-
 def _plan_fx(model, producers, modules, plan, report, shared):
     """Finds consumers of the pruned rows of ``producers`` in the torch.fx graph of ``model``."""
     try:
-        graph = _Tracer().trace(model)
+        graph = Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: cannot prove it
         why = (f"the model cannot be traced with torch.fx ({type(e).__name__}: {str(e).splitlines()[0][:160]}) "
                "and the layer is not part of a known layout")
@@ -279,11 +149,11 @@ def _plan_fx(model, producers, modules, plan, report, shared):
             report.refused[name] = ("never called in the traced graph" if not nodes else
                                     f"called {len(nodes)} times in the forward pass (shared layer)")
             continue
-        consumers, why = _follow(nodes[0], calls, modules, shared)
+        consumers, why = follow_uses(nodes[0], calls, modules, shared)
         if why is None and not consumers:
             why = "no linear layer consumes its output"
         if why is None:
-            sparse = _sparse_cls()
+            sparse = sparse_linear_cls()
             for c, _ in consumers:
                 if sparse is not None and isinstance(modules[c], sparse):
                     why = f"its consumer {c!r} is a deployed SparseLinear (compact before deploy_pruned)"
@@ -305,7 +175,7 @@ def _add_producer(name, rows, consumers, modules, plan, report, kind, removed=No
         cons = modules[cname]
         e = plan.setdefault(cname, _Edit())
         e.cols = rows.clone() if e.cols is None else (e.cols | rows)
-        w = _effective_weight(cons)
+        w = effective_weight(cons)
         add = w[:, rows.to(w.device)] @ v.to(w.device).float()
         e.bias_add = add if e.bias_add is None else e.bias_add + add
     report.compacted.append({
@@ -314,65 +184,16 @@ def _add_producer(name, rows, consumers, modules, plan, report, kind, removed=No
         "before": list(prod.weight.shape), "after": [], **(shape_change or {})})
 
 
-# --------------------------------------------------------------------------- known layouts
-def _ffn_blocks(modules: dict):
-    """Yields ``(producer, consumer, activation)`` of every BERT-family feed-forward block
-    (``intermediate.dense -> intermediate_act_fn -> output.dense``) in ``modules``."""
-    for pname, parent in modules.items():
-        inter, out = getattr(parent, "intermediate", None), getattr(parent, "output", None)
-        if not (isinstance(inter, nn.Module) and isinstance(out, nn.Module)
-                and callable(getattr(parent, "feed_forward_chunk", None))
-                and type(inter).__name__.endswith("Intermediate") and type(out).__name__.endswith("Output")):
-            continue
-        prefix = f"{pname}." if pname else ""
-        yield f"{prefix}intermediate.dense", f"{prefix}output.dense", getattr(inter, "intermediate_act_fn", None)
-
-
-def _is_elementwise_act(act) -> bool:
-    return (isinstance(act, nn.Module) and _is_elementwise_module(act)) or act in _ELEMENTWISE_FUNCS
-
-
-def consumers_of(model: nn.Module, names) -> dict[str, list[str]]:
-    """The linear layers that read the output of each layer in ``names`` through element-wise ops
-    only, found the way :func:`compact` finds them (BERT feed-forward layout, else the torch.fx
-    graph). Layers whose uses cannot all be followed are absent from the result."""
-    modules = dict(model.named_modules())
-    wanted = set(names)
-    found: dict[str, list[str]] = {}
-    for name, cname, act in _ffn_blocks(modules):
-        if name in wanted and _is_elementwise_act(act) and _is_linear_like(modules.get(cname)):
-            found[name] = [cname]
-    rest = [n for n in names if n not in found]
-    if not rest:
-        return found
-    try:
-        graph = _Tracer().trace(model)
-    except Exception:  # noqa: BLE001 - untraceable: no consumer is known
-        return found
-    calls: dict[str, list[torch.fx.Node]] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls.setdefault(node.target, []).append(node)
-    for name in rest:
-        nodes = calls.get(name, [])
-        if len(nodes) != 1:
-            continue
-        consumers, why = _follow(nodes[0], calls, modules)
-        if why is None and consumers:
-            found[name] = list(dict.fromkeys(c for c, _ in consumers))
-    return found
-
-
 def _hf_ffn(model, modules, producers, plan, report, shared):
     """BERT-family feed-forward blocks: ``intermediate.dense -> act -> output.dense``."""
-    for name, cname, act in _ffn_blocks(modules):
+    for name, cname, act in ffn_blocks(modules):
         if name not in producers:
             continue
-        if not _is_elementwise_act(act):
+        if not is_elementwise_act(act):
             report.refused[name] = f"activation {act!r} of the feed-forward block is not a known element-wise op"
             producers.pop(name)
             continue
-        if not _is_linear_like(modules.get(cname)):
+        if not is_linear_like(modules.get(cname)):
             report.refused[name] = f"{cname} is not a linear layer compact can shrink"
             producers.pop(name)
             continue
@@ -384,16 +205,10 @@ def _hf_ffn(model, modules, producers, plan, report, shared):
         _add_producer(name, rows, [(cname, [lambda v, act=act: act(v)])], modules, plan, report, "channels")
 
 
-def _is_attention(m: nn.Module) -> bool:
-    from pycompress.prune import _is_attention as is_attn
-
-    return is_attn(m)
-
-
 def _hf_heads(model, modules, producers, plan, report, shared, head_updates):
     """Whole attention heads of BERT-family self-/cross-attention modules."""
     for aname, attn in modules.items():
-        if not aname or not _is_attention(attn):
+        if not aname or not is_attention(attn):
             continue
         ppath = aname.rpartition(".")[0]
         parent = modules.get(ppath) if aname else None
@@ -416,7 +231,7 @@ def _hf_heads(model, modules, producers, plan, report, shared, head_updates):
         if not (parent is not None and getattr(parent, "self", None) is attn
                 and (tname.endswith("SelfAttention") or tname.endswith("CrossAttention"))
                 and out is not None and type(out).__name__.endswith("SelfOutput")
-                and _is_linear_like(modules.get(oname))):
+                and is_linear_like(modules.get(oname))):
             refuse("attention module not in the BERT layout (parent.self = attention, "
                    "parent.output.dense = output projection)")
             continue
@@ -457,7 +272,7 @@ def _hf_heads(model, modules, producers, plan, report, shared, head_updates):
         const = _bias_values(v, rows.to(v.weight.device))
         e = plan.setdefault(oname, _Edit())
         e.cols = rows.clone() if e.cols is None else (e.cols | rows)
-        w = _effective_weight(modules[oname])
+        w = effective_weight(modules[oname])
         add = w[:, rows.to(w.device)] @ const.to(w.device)
         e.bias_add = add if e.bias_add is None else e.bias_add + add
         head_updates[aname] = (whole, h, d)
@@ -481,7 +296,7 @@ def _rebuild(m: nn.Module, edit: _Edit, report: CompactionReport, name: str) -> 
         else:
             bias = (bias.float() + add).to(bias.dtype)
     out_f, in_f = int(rows_keep.sum()), int(cols_keep.sum())
-    i8 = _int8_cls()
+    i8 = int8_linear_cls()
     if i8 is not None and isinstance(m, i8):
         new = i8(in_f, out_f, bias=bias is not None, mode=m.mode, device=dev, act_bits=m.act_bits,
                   weight_bits=m.weight_bits)
@@ -589,7 +404,7 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not _is_number(atol) or atol <= 0:
+    if not is_number(atol) or atol <= 0:
         raise ValueError(f"atol must be a positive number, got {atol!r}")
     report = CompactionReport(parameters_before=_count(model))
     reference = _outputs(model, example_inputs) if example_inputs is not None else None
@@ -631,15 +446,13 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
             c["after"] = list(modules[c["layer"]].weight.shape)
     report.parameters_after = _count(model)
     if report.compacted:
-        from pycompress.serialization import COMPACTED_ATTR
-
         setattr(model, COMPACTED_ATTR, True)  # lets save/load rebuild the narrower layers
     if reference is not None:
         after = _outputs(model, example_inputs)
         diff = max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(reference, after))
         scale = max(max(float(r.abs().max()) if r.numel() else 0.0 for r in reference), 1.0)
         report.max_abs_diff = diff
-        i8 = _int8_cls()
+        i8 = int8_linear_cls()
         quantized = i8 is not None and any(isinstance(modules[n], i8) for n in plan)
         if quantized:
             report.notes.append("int8 layers were shrunk: their per-token activation scales may differ, "

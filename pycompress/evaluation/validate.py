@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn import registry
 
 __all__ = ["validate", "ValidationReport", "LayerError", "DEFAULT_TOLERANCE", "TOLERANCE_KEYS"]
 
@@ -277,7 +278,7 @@ def _replaced_layers(reference: nn.Module, candidate: nn.Module) -> list[tuple[s
         if not name or name not in ref_modules:
             continue
         rmod = ref_modules[name]
-        if type(rmod) is not type(cmod) or (_utils.is_pycompress_layer(cmod) and rmod is not cmod) \
+        if type(rmod) is not type(cmod) or (registry.is_pycompress_layer(cmod) and rmod is not cmod) \
                 or _width_change(rmod, cmod) is not None:
             if any(name.startswith(o + ".") for o, _, _ in out):
                 continue  # inside an already replaced subtree

@@ -17,8 +17,10 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
-from pycompress import distributed as pdist
-from pycompress.serialization import _fsync_dir
+from pycompress.distillation import distributed as pdist
+from pycompress import _utils
+from pycompress.export import serialization
+from pycompress.pruning.gradual import GradualPruning
 
 __all__ = ["fit", "build_optimizer", "model_outputs", "move_batch", "unpack_sample",
            "latest_checkpoint"]
@@ -153,21 +155,19 @@ def _save_checkpoint(checkpoint_dir: str, epoch: int, model: nn.Module, state: d
     Everything goes to a temporary folder first; the rename and the pointer swap are atomic, so a
     crash at any point leaves the previous complete checkpoint in place.
     """
-    import pycompress
-
     os.makedirs(checkpoint_dir, exist_ok=True)
     name = f"epoch-{epoch:04d}"
     final = os.path.join(checkpoint_dir, name)
     tmp = os.path.join(checkpoint_dir, f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    pycompress.save(model, os.path.join(tmp, _MODEL_NAME))
+    serialization.save(model, os.path.join(tmp, _MODEL_NAME))
     state_path = os.path.join(tmp, _STATE_FILE)
     with open(state_path, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    _utils.fsync_dir(tmp)
     if os.path.exists(final):
         # Only reachable when re-running an epoch after a resume: the pointer names an older
         # folder, so removing this one never leaves the pointer dangling.
@@ -175,14 +175,14 @@ def _save_checkpoint(checkpoint_dir: str, epoch: int, model: nn.Module, state: d
             raise RuntimeError(f"refusing to overwrite the current checkpoint {final}")
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(checkpoint_dir)
+    _utils.fsync_dir(checkpoint_dir)
     pointer_tmp = os.path.join(checkpoint_dir, f".{_LATEST}.tmp-{os.getpid()}")
     with open(pointer_tmp, "w", encoding="utf-8") as f:
         f.write(name + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(pointer_tmp, os.path.join(checkpoint_dir, _LATEST))
-    _fsync_dir(checkpoint_dir)
+    _utils.fsync_dir(checkpoint_dir)
     for entry in os.listdir(checkpoint_dir):
         if entry.startswith("epoch-") and entry != name:
             shutil.rmtree(os.path.join(checkpoint_dir, entry), ignore_errors=True)
@@ -190,9 +190,7 @@ def _save_checkpoint(checkpoint_dir: str, epoch: int, model: nn.Module, state: d
 
 
 def _load_checkpoint(path: str, model: nn.Module) -> dict:
-    import pycompress
-
-    pycompress.load(os.path.join(path, _MODEL_NAME), model)
+    serialization.load(os.path.join(path, _MODEL_NAME), model)
     with open(os.path.join(path, _STATE_FILE), "rb") as f:
         return torch.load(f, map_location="cpu", weights_only=True)
 
@@ -282,12 +280,10 @@ def fit(
     # pruned weights are cleared. All of this happens before the DDP wrapper is built.
     schedule = pruning
     if isinstance(pruning, dict):
-        import pycompress
-
         kwargs = dict(pruning)
         kwargs.setdefault("total_steps", max(1, epochs * steps_per_epoch))
         kwargs.setdefault("optimizer", opt)
-        schedule = pycompress.GradualPruning(model, **kwargs)
+        schedule = GradualPruning(model, **kwargs)
     elif schedule is not None and getattr(schedule, "optimizer", False) is None:
         schedule.optimizer = opt
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn import registry
 
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
 
@@ -150,7 +151,7 @@ def quantize(
             continue
         source = module
         if type(module) is not nn.Linear:  # MaskedLinear: quantize its masked (dense) weight
-            source = _utils.dense_equivalent(module)
+            source = registry.dense_equivalent(module)
         try:
             new = layer_cls.from_float(source, mode=mode, **extra)
         except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:

@@ -1,0 +1,2 @@
+"""Evaluation: ``validate`` (agreement with the float reference, per layer), ``evaluate`` and
+``compare`` (accuracy, size, latency, compression ratio)."""

@@ -1,0 +1,1 @@
+"""Export: ``save`` / ``load`` (safetensors + manifest) and ``export_onnx`` (standard int8 ONNX)."""
