@@ -1,0 +1,198 @@
+"""bench/tables.py: the result tables of the README and docs/ are what bench/results/*.json give."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TABLES_PY = os.path.join(ROOT, "bench", "tables.py")
+
+_spec = importlib.util.spec_from_file_location("bench_tables", TABLES_PY)
+tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tables)
+
+
+def test_repository_tables_match_the_results_files():
+    """Fails when a table in README.md or docs/ was edited by hand or a results file changed
+    without `python bench/tables.py`."""
+    proc = subprocess.run([sys.executable, TABLES_PY, "--check"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_summary_and_every_results_file_are_used():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert "<!-- table:summary@" in readme
+    text = readme
+    for path in tables.default_files(ROOT)[1:]:
+        with open(path, encoding="utf-8") as f:
+            text += f.read()
+    for name in os.listdir(tables.RESULTS):
+        if name.endswith(".json"):
+            assert name[:-5] in text, f"bench/results/{name} feeds no table"
+
+
+# ---------------------------------------------------------------------------------------------
+# the generator on a small synthetic results file
+
+
+def _semi24_rows(dense_ms=(2.0, 8.0), fp32_ms=(1.0, 4.0), fp16_ms=(0.5, 5.0)):
+    rows = []
+    for i, m in enumerate((1, 8)):
+        for impl, v in (("dense fp32 nn.Linear", dense_ms[i]), ("pycompress SemiSparseLinear fp32", fp32_ms[i]),
+                        ("pycompress SemiSparseLinear fp16", fp16_ms[i])):
+            rows.append({"kernel": "semi24", "case": f"K=64 N=32 M={m}", "impl": impl, "K": 64, "N": 32, "M": m,
+                         "ms": v})
+    return rows
+
+
+def _sparse_rows():
+    rows = []
+    for impl, runs in (("dense fp32 nn.Linear", [4.0, 6.0, 5.0]), ("torch CSR sparse.mm", [2.0, 2.0, 2.0]),
+                       ("pycompress SparseLinear", [1.0, 1.0, 2.0])):
+        rows.append({"kernel": "sparse", "case": "K=64 N=32 s=90% M=1", "impl": impl, "K": 64, "N": 32,
+                     "sparsity": 0.9, "M": 1, "ms": sorted(runs)[1], "ms_runs": runs})
+    return rows
+
+
+def _write(results_dir, stem="testbox", semi24=None, sparse=None):
+    data = {
+        "meta": {"device": "Test CPU", "device_type": "cpu", "torch": "2.13.0+cpu", "cpu_isa": "avx2",
+                 "threads": 2, "date": "2026-12-01T10:00:00+00:00", "runs": 1, "threading_env": {},
+                 "cpu_id": "GenuineTest family 1 model 2 stepping 3"},
+        "kernels": {"semi24": semi24 or _semi24_rows(), "sparse": sparse or _sparse_rows()},
+        "kernel_dates": {"semi24": "2026-12-01T10:05:00+00:00", "sparse": "2026-12-01T11:30:00+00:00"},
+        "kernel_env": {"semi24": {}, "sparse": {"OMP_WAIT_POLICY": "ACTIVE"}},
+    }
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, stem + ".json"), "w") as f:
+        json.dump(data, f)
+
+
+PAGE = """# Page
+
+Text before.
+
+<!-- table:semi24@testbox begin -->
+stale
+<!-- table:semi24@testbox end -->
+
+Text after.
+"""
+
+
+def test_table_states_device_date_and_figures(tmp_path):
+    _write(tmp_path)
+    out = tables.render("semi24@testbox", str(tmp_path))
+    assert "Test CPU (GenuineTest family 1 model 2 stepping 3)" in out
+    assert "CPU path `avx2`" in out and "2 threads" in out and "torch 2.13.0+cpu" in out
+    assert "2026-12-01 10:05 UTC" in out and "`bench/results/testbox.json`" in out
+    assert "| 64 × 32 | 1 | 2.00 | 1.00 (2.00×) | 0.500 (4.00×) |" in out
+    assert "| 64 × 32 | 8 | 8.00 | 4.00 (2.00×) | 5.00 (1.60×) |" in out
+
+
+def test_run_ranges_and_threading_settings(tmp_path):
+    _write(tmp_path)
+    out = tables.render("sparse@testbox", str(tmp_path))
+    assert "median of 3 fresh-process runs" in out and "`OMP_WAIT_POLICY=ACTIVE`" in out
+    # dense / ours per run: 4, 6, 2.5; CSR / ours: 2, 2, 1
+    assert "| 64×32 | 1 | 5.00 | 2.00 | 1.00 | 5.00× (2.50–6.00) | 2.00× (1.00–2.00) |  |" in out
+
+
+def test_update_rewrites_between_markers_only(tmp_path):
+    _write(tmp_path)
+    new, changed = tables.update_text(PAGE, "page.md", str(tmp_path))
+    assert changed == ["semi24@testbox"]
+    assert "stale" not in new
+    assert new.startswith("# Page\n\nText before.\n\n<!-- table:semi24@testbox begin -->\n*Test CPU")
+    assert new.endswith("|\n<!-- table:semi24@testbox end -->\n\nText after.\n")
+    again, changed = tables.update_text(new, "page.md", str(tmp_path))
+    assert again == new and changed == []
+
+
+def test_a_changed_figure_changes_the_table(tmp_path):
+    _write(tmp_path)
+    before, _ = tables.update_text(PAGE, "page.md", str(tmp_path))
+    _write(tmp_path, semi24=_semi24_rows(fp16_ms=(0.25, 5.0)))
+    after, changed = tables.update_text(before, "page.md", str(tmp_path))
+    assert changed == ["semi24@testbox"]
+    assert "0.500 (4.00×)" in before and "0.500 (4.00×)" not in after
+    assert "0.250 (8.00×)" in after
+
+
+def test_check_mode_exit_codes(tmp_path, capsys):
+    results = tmp_path / "results"
+    _write(results)
+    page = tmp_path / "page.md"
+    page.write_text(PAGE, encoding="utf-8")
+    assert tables.main(["--check", "--results", str(results), str(page)]) == 1
+    assert "semi24@testbox" in capsys.readouterr().err
+    assert page.read_text(encoding="utf-8") == PAGE  # --check changes nothing
+    assert tables.main(["--results", str(results), str(page)]) == 0
+    assert tables.main(["--check", "--results", str(results), str(page)]) == 0
+    # a hand edit of a generated figure is drift
+    page.write_text(page.read_text(encoding="utf-8").replace("0.500 (4.00×)", "0.400 (5.00×)"), encoding="utf-8")
+    assert tables.main(["--check", "--results", str(results), str(page)]) == 1
+    # a new measurement in the JSON is drift too
+    tables.main(["--results", str(results), str(page)])
+    _write(results, semi24=_semi24_rows(dense_ms=(3.0, 8.0)))
+    assert tables.main(["--check", "--results", str(results), str(page)]) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<!-- table:semi24@testbox begin -->\n", "has no end marker"),
+    ("x\n<!-- table:semi24@testbox end -->\n", "without a begin marker"),
+    ("<!-- table:semi24@testbox begin -->\n<!-- table:sparse@testbox end -->\n", "closes table 'semi24@testbox'"),
+    ("<!-- table:semi24@testbox begin -->\n<!-- table:sparse@testbox begin -->\n", "begins inside table"),
+    ("<!-- table:nosuchkind@testbox begin -->\n<!-- table:nosuchkind@testbox end -->\n",
+     "unknown table kind 'nosuchkind'"),
+    ("<!-- table:semi24 begin -->\n<!-- table:semi24 end -->\n", "names no results file"),
+    ("<!-- table:semi24@nosuchfile begin -->\n<!-- table:semi24@nosuchfile end -->\n",
+     "no results file .*nosuchfile.json"),
+    ("<!-- table:kd@testbox begin -->\n<!-- table:kd@testbox end -->\n", "testbox.json has no 'kd' results"),
+])
+def test_bad_markers_and_names_give_clear_errors(tmp_path, text, message):
+    _write(tmp_path)
+    with pytest.raises(tables.TableError, match="page.md:[0-9]+: .*" + message):
+        tables.update_text(text, "page.md", str(tmp_path))
+
+
+def test_unknown_kind_lists_the_known_ones(tmp_path):
+    _write(tmp_path)
+    with pytest.raises(tables.TableError) as e:
+        tables.render("nosuchkind@testbox", str(tmp_path))
+    for kind in ("summary", "int8", "sparse", "kd", "onnx"):
+        assert kind in str(e.value)
+
+
+def test_error_exit_status_and_message(tmp_path, capsys):
+    page = tmp_path / "page.md"
+    page.write_text("<!-- table:semi24@testbox begin -->\n", encoding="utf-8")
+    assert tables.main(["--check", "--results", str(tmp_path), str(page)]) == 2
+    assert "has no end marker" in capsys.readouterr().err
+
+
+def test_markers_inside_code_fences_are_left_alone(tmp_path):
+    _write(tmp_path)
+    text = "```\n<!-- table:semi24@testbox begin -->\nexample\n<!-- table:semi24@testbox end -->\n```\n"
+    new, changed = tables.update_text(text, "page.md", str(tmp_path))
+    assert new == text and changed == []
+
+
+def test_missing_row_names_case_and_impl(tmp_path):
+    rows = [r for r in _semi24_rows() if not (r["M"] == 8 and r["impl"] == "dense fp32 nn.Linear")]
+    _write(tmp_path, semi24=rows)
+    with pytest.raises(tables.TableError, match="case 'K=64 N=32 M=8' and impl 'dense fp32 nn.Linear'"):
+        tables.render("semi24@testbox", str(tmp_path))
+
+
+def test_summary_links_are_relative_to_the_page(tmp_path):
+    _write(tmp_path)
+    assert "](docs/sparse.md)" in tables.render("summary@testbox", str(tmp_path), "")
+    assert "](sparse.md)" in tables.render("summary@testbox", str(tmp_path), "docs")
