@@ -31,7 +31,7 @@ Methods (importance scores; the lowest are pruned):
     calibration token and ``W_c[:, i]`` the consumer's (masked / dequantized) input column. A
     neuron whose output is nearly the same for every input carries no information, however large
     that output. On the digits MLP of ``pycompress demo`` it keeps markedly more accuracy
-    without fine-tuning than ``"mean_abs"`` (see the README).
+    without fine-tuning than ``"mean_abs"`` (see docs/pruning.md).
 
   With either statistic, when no consumer is known (the model output, a residual add or a
   normalization reads the layer, or the model cannot be traced) the score falls back to the mean
