@@ -530,8 +530,10 @@ class Check:
             arch, why = "9.0a", "no GPU visible: Hopper assumed"
             if not self.dry:
                 status = "no GPU"
-        if os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            arch, why = os.environ["TORCH_CUDA_ARCH_LIST"], "TORCH_CUDA_ARCH_LIST from the environment"
+        if self.args.arch:
+            arch, why = self.args.arch, "--arch"
+        elif os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            why += f"; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} in the environment is not used"
         self.env.update(arch=arch, arch_reason=why, nvidia_smi=smi, commit=commit)
         lines.append(f"build architecture: {arch} ({why})")
         lines += [""] + self.budget.plan_lines()
@@ -973,6 +975,7 @@ def parse_args(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="walk the steps without CUDA (see above)")
     ap.add_argument("--run-tests", action="store_true",
                     help="with --dry-run: run the selected tests instead of collecting them")
+    ap.add_argument("--arch", help="TORCH_CUDA_ARCH_LIST for the build (default: the GPU's, e.g. 9.0a)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile jobs (MAX_JOBS)")
     ap.add_argument("--budget", type=float, default=TOTAL, help="seconds in all")
     ap.add_argument("--margin", type=float, default=MARGIN)
