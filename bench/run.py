@@ -1,7 +1,7 @@
 """Kernel microbenchmark runner: prints a table per kernel and writes JSON results.
 
     python bench/run.py [--kernels quant,int8,sparse,kd] [--device cpu|cuda] [--quick] [--json FILE]
-                        [--runs N] [--omp-wait-policy active|passive]
+                        [--runs N] [--omp-wait-policy active|passive] [--check]
 
 Every ``bench/bench_<name>.py`` module defines ``KERNEL`` and ``run(device, quick) -> rows``;
 rows are dicts with at least ``kernel``, ``case``, ``impl`` and ``ms``. The JSON file
@@ -11,6 +11,9 @@ rows are dicts with at least ``kernel``, ``case``, ``impl`` and ``ms``. The JSON
 memory layout and neighbours on a shared machine differ between processes), and records per
 (case, impl) the row of the median run, with every run's median in ``ms_runs``; the printed table
 and the summary use those median rows.
+
+``--check`` imports the selected benchmark modules and checks their entry points (``KERNEL``,
+``run``) without running or writing anything (the GPU check's dry run uses it on the CPU).
 
 ``--omp-wait-policy`` runs the benchmarks with ``OMP_WAIT_POLICY`` set: whether idle OpenMP
 threads keep spinning (``active``) or sleep (``passive``) between parallel regions. By default
@@ -126,6 +129,28 @@ def _run_in_processes(kernel: str, args, runs: int) -> list[dict]:
     return combine_runs(results)
 
 
+def check_entry_points(kernels: list[str]) -> int:
+    """Imports ``bench_<name>`` for each kernel and checks ``KERNEL == name`` and a callable
+    ``run(device, quick)``; prints one line per kernel, returns 1 when any is broken."""
+    import inspect
+
+    bad = 0
+    for k in kernels:
+        try:
+            mod = importlib.import_module(f"bench_{k}")
+            run = getattr(mod, "run", None)
+            params = list(inspect.signature(run).parameters) if callable(run) else []
+            if getattr(mod, "KERNEL", None) != k:
+                raise AttributeError(f"KERNEL is {getattr(mod, 'KERNEL', None)!r}, expected {k!r}")
+            if params[:2] != ["device", "quick"]:
+                raise AttributeError(f"run must take (device, quick), got ({', '.join(params)})")
+            print(f"bench_{k}: ok (KERNEL={k!r}, run({', '.join(params)}))")
+        except Exception as e:  # noqa: BLE001 - reported per kernel
+            bad += 1
+            print(f"bench_{k}: BROKEN: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernels", default=",".join(available_kernels()),
@@ -137,6 +162,8 @@ def main(argv=None) -> int:
                     help="run each kernel's benchmark N times in fresh processes and keep the median run per row")
     ap.add_argument("--omp-wait-policy", choices=["active", "passive"], default=None,
                     help="set OMP_WAIT_POLICY for the benchmarks (idle OpenMP threads spin or sleep)")
+    ap.add_argument("--check", action="store_true",
+                    help="import the selected benchmarks and check their entry points; run nothing")
     args = ap.parse_args(argv)
     if args.omp_wait_policy and os.environ.get("OMP_WAIT_POLICY", "").lower() != args.omp_wait_policy:
         # read by the OpenMP runtime when torch loads: start again with it set
@@ -153,6 +180,8 @@ def main(argv=None) -> int:
         print(f"error: unknown kernel(s) {', '.join(unknown)}; available: "
               f"{', '.join(available_kernels())}", file=sys.stderr)
         return 2
+    if args.check:
+        return check_entry_points(kernels)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda requested but no CUDA GPU is available", file=sys.stderr)
         return 2

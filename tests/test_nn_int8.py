@@ -114,6 +114,7 @@ def test_dtype_cast_keeps_fp32_scales(device):
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
 
 
+@pytest.mark.cuda
 def test_device_moves():
     from conftest import CUDA_OK, CUDA_WHY
 

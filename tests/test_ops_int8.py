@@ -75,6 +75,7 @@ def test_gemm_noncontiguous(device, cpu_isa):
     torch.testing.assert_close(ops.int8_gemm(a2, b).cpu(), gemm_ref(a2, b), rtol=0, atol=0)
 
 
+@pytest.mark.cuda
 def test_gemm_cpu_cuda_same_integers():
     from conftest import CUDA_OK, CUDA_WHY
 
