@@ -44,8 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.registry import COMPACTED_ATTR
+from pycompress.pruning.channels import compact_channels, is_conv
 from pycompress.pruning.graph import (
     Tracer, effective_weight, ffn_blocks, follow_uses, int8_linear_cls, is_attention, is_elementwise_act,
     is_linear_like, is_number, sparse_linear_cls,
@@ -408,6 +410,13 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
         raise ValueError(f"atol must be a positive number, got {atol!r}")
     report = CompactionReport(parameters_before=_count(model))
     reference = _outputs(model, example_inputs) if example_inputs is not None else None
+    if any(is_conv(m) for m in model.modules()):
+        # CNNs: channels are removed by dependency groups (pycompress.pruning.channels)
+        if example_inputs is not None:
+            compact_channels(model, example_inputs, report, include, exclude)
+        elif any(isinstance(m, MaskedConv2d) and not bool(m.mask.all()) for m in model.modules()):
+            raise ValueError("compact needs example_inputs (a batch the model runs on) to trace the channel "
+                             "dependencies of a model with pruned convolutions")
     modules = dict(model.named_modules())
     selected = {n for n, _ in _utils.select_modules(model, include, exclude)}
     producers: dict[str, torch.Tensor] = {}
