@@ -22,6 +22,12 @@ Where the consumers come from
       query, key AND value rows are all pruned (``prune(..., pattern="head")`` prunes whole
       heads); a removed head's output is the constant ``value.bias`` of its rows (the softmax
       weights sum to one), folded into the output projection's bias.
+    * CNNs (a model with ``nn.Conv2d`` / MaskedConv2d layers, given ``example_inputs``): channels
+      are removed by dependency groups (:mod:`pycompress.pruning.channels`): a channel that no
+      layer reads any more (its input columns masked in every reader, as
+      ``prune(..., pattern="channel")`` leaves them) is removed from every conv, linear layer,
+      BatchNorm and depthwise conv of its group, residual branches and concatenations included;
+      no constant needs folding. Linear producers the groups leave are then handled as above.
 
 Layers that cannot be proven safe stay masked, and the report says why.
 
