@@ -95,24 +95,36 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """stem -> 2 basic blocks (the second strided, with a downsample) -> 2 bottlenecks (the
-    first strided, with a downsample; the second with an identity shortcut) -> pool -> fc."""
+    """``stages``: (block, planes, blocks, first stride) per ``layerN``. The default: stem -> a
+    basic block -> a strided basic block with a downsample -> a strided bottleneck with a
+    downsample and one with an identity shortcut -> pool -> fc. ``imagenet_stem``: the 7x7/2 conv
+    and 3x3/2 max pool of torchvision's ResNets (the module names are torchvision's too)."""
 
-    def __init__(self, num_classes=10, width=16):
+    SMALL = ((BasicBlock, 16, 1, 1), (BasicBlock, 32, 1, 2), (Bottleneck, 16, 2, 2))
+
+    def __init__(self, stages=SMALL, num_classes=10, stem_width=16, imagenet_stem=False):
         super().__init__()
-        w = width
-        self.conv1 = nn.Conv2d(3, w, 3, 1, 1, bias=False)
+        w = stem_width
+        self.conv1 = nn.Conv2d(3, w, 7, 2, 3, bias=False) if imagenet_stem else nn.Conv2d(3, w, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = nn.Sequential(BasicBlock(w, w))
-        self.layer2 = nn.Sequential(BasicBlock(w, 2 * w, stride=2))
-        self.layer3 = nn.Sequential(Bottleneck(2 * w, w, stride=2), Bottleneck(4 * w, w))
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet_stem else nn.Identity()
+        cin = w
+        self.stages = []
+        for i, (block, planes, n, stride) in enumerate(stages):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(cin, planes, stride if j == 0 else 1))
+                cin = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            self.stages.append(f"layer{i + 1}")
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(4 * w, num_classes)
+        self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for name in self.stages:
+            x = getattr(self, name)(x)
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
 
@@ -139,18 +151,20 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     # (expansion t, output channels c, repeats n, first stride s)
     SETTING = ((1, 8, 1, 1), (4, 12, 2, 2), (4, 16, 2, 2))
+    IMAGENET = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                (6, 320, 1, 1))
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes=10, setting=SETTING, stem=16, last=64):
         super().__init__()
-        cin = 16
+        cin = stem
         feats = [_conv_bn(3, cin, 3, 2, act=nn.ReLU6)]
-        for t, c, n, s in self.SETTING:
+        for t, c, n, s in setting:
             for i in range(n):
                 feats.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
                 cin = c
-        feats.append(_conv_bn(cin, 64, 1, act=nn.ReLU6))
+        feats.append(_conv_bn(cin, last, 1, act=nn.ReLU6))
         self.features = nn.Sequential(*feats)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, num_classes))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
 
     def forward(self, x):
         x = self.features(x)
@@ -165,22 +179,28 @@ class VGG(nn.Module):
     (each conv channel feeds 4 inputs of the first linear layer)."""
 
     CFG = (16, 16, "M", 32, 32, "M", 48, "M")
+    VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
-    def __init__(self, num_classes=10, hidden=64):
+    def __init__(self, num_classes=10, hidden=(64,), cfg=CFG, batch_norm=True, pool=None, spatial=2):
         super().__init__()
         layers, cin = [], 3
-        for v in self.CFG:
+        for v in cfg:
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                layers += [nn.Conv2d(cin, v, 3, padding=1)] + ([nn.BatchNorm2d(v)] if batch_norm else [])
+                layers.append(nn.ReLU(inplace=True))
                 cin = v
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Linear(cin * 2 * 2, hidden), nn.ReLU(True), nn.Dropout(),
-                                        nn.Linear(hidden, num_classes))
+        self.avgpool = nn.AdaptiveAvgPool2d(pool) if pool else nn.Identity()
+        head, width = [], cin * (pool[0] * pool[1] if pool else spatial * spatial)
+        for h in hidden:
+            head += [nn.Linear(width, h), nn.ReLU(True), nn.Dropout()]
+            width = h
+        self.classifier = nn.Sequential(*head, nn.Linear(width, num_classes))
 
     def forward(self, x):
-        x = self.features(x)
+        x = self.avgpool(self.features(x))
         x = x.view(x.size(0), -1)
         return self.classifier(x)
 
@@ -240,7 +260,8 @@ class SplitNet(nn.Module):
 def _build(cls, seed, *args, **kwargs):
     torch.manual_seed(seed)
     m = cls(*args, **kwargs)
-    randomize_batchnorm(m, seed)
+    if not any(p.is_meta for p in m.parameters()):
+        randomize_batchnorm(m, seed)
     return m.eval()
 
 
@@ -269,6 +290,31 @@ def split_net(seed=0):
 
 
 MODELS = {"resnet": resnet, "mobilenet_v2": mobilenet_v2, "vgg": vgg}
+
+
+# Full-size ImageNet architectures, layer for layer those of torchvision (same module names and
+# parameter counts; BatchNorm statistics drawn at random as above), for 3x224x224 inputs.
+def resnet18(seed=0, num_classes=1000):
+    stages = tuple((BasicBlock, p, 2, 1 if i == 0 else 2) for i, p in enumerate((64, 128, 256, 512)))
+    return _build(ResNet, seed, stages=stages, num_classes=num_classes, stem_width=64, imagenet_stem=True)
+
+
+def resnet50(seed=0, num_classes=1000):
+    stages = tuple((Bottleneck, p, n, 1 if i == 0 else 2) for i, (p, n) in enumerate(((64, 3), (128, 4), (256, 6),
+                                                                                       (512, 3))))
+    return _build(ResNet, seed, stages=stages, num_classes=num_classes, stem_width=64, imagenet_stem=True)
+
+
+def mobilenet_v2_imagenet(seed=0, num_classes=1000):
+    return _build(MobileNetV2, seed, num_classes=num_classes, setting=MobileNetV2.IMAGENET, stem=32, last=1280)
+
+
+def vgg16(seed=0, num_classes=1000):
+    return _build(VGG, seed, num_classes=num_classes, hidden=(4096, 4096), cfg=VGG.VGG16, batch_norm=False,
+                  pool=(7, 7))
+
+
+IMAGENET_MODELS = {"ResNet-18": resnet18, "MobileNetV2": mobilenet_v2_imagenet, "VGG-16": vgg16}
 
 
 def images(n=4, seed=1, shape=INPUT_SHAPE):

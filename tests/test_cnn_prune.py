@@ -619,3 +619,20 @@ def test_untraceable_model_still_prunes_unstructured():
     assert isinstance(model.conv[0], MaskedConv2d)
     with pytest.raises(ValueError, match="torch.fx"):
         channel_groups(model, cm.images(2))
+
+
+def test_full_size_architectures_have_torchvisions_parameter_counts():
+    # the published parameter counts of torchvision's resnet18, resnet50, mobilenet_v2 and vgg16
+    want = {cm.resnet18: 11_689_512, cm.resnet50: 25_557_032, cm.mobilenet_v2_imagenet: 3_504_872,
+            cm.vgg16: 138_357_544}
+    with torch.device("meta"):
+        for make, n in want.items():
+            assert _params(make()) == n, make.__name__
+
+
+def test_full_size_resnet18_groups():
+    gs = channel_groups(cm.resnet18(), torch.randn(1, 3, 64, 64))
+    stem = _group(gs, "conv1")
+    assert set(stem.modules("producer")) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
+    assert not stem.fixed
+    assert sum(1 for g in gs if not g.fixed) == 4 + 8  # one stream per stage + the inside of every block

@@ -273,7 +273,7 @@ def _trace(model: nn.Module, example_inputs):
         model.train(was_training)
     g, _ = _utils.output_tensor(got)
     w, _ = _utils.output_tensor(want)
-    if g.shape != w.shape or not torch.allclose(g.float(), w.float(), rtol=1e-4, atol=1e-5):
+    if g.shape != w.shape or not torch.allclose(g.float(), w.float(), rtol=1e-4, atol=1e-5, equal_nan=True):
         raise ChannelGraphError(f"the torch.fx trace of {type(model).__name__} does not reproduce its output on "
                                 "example_inputs (data-dependent control flow?), so its channel groups cannot be "
                                 "proven")
