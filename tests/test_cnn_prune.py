@@ -636,3 +636,19 @@ def test_full_size_resnet18_groups():
     assert set(stem.modules("producer")) == {"conv1", "layer1.0.conv2", "layer1.1.conv2"}
     assert not stem.fixed
     assert sum(1 for g in gs if not g.fixed) == 4 + 8  # one stream per stage + the inside of every block
+
+
+def test_linear_channel_pruning_in_a_cnn_head_still_compacts():
+    """Rows of a hidden classifier layer pruned alone (readers not masked): the channel groups
+    leave it, the linear path folds the constant outputs into the next layer's bias."""
+    model = cm.vgg()
+    x = cm.images(8)
+    pycompress.prune(model, 0.5, pattern="channel", include="classifier.0")
+    assert not isinstance(model.classifier[3], MaskedLinear)
+    with torch.no_grad():
+        ref = model(x)
+    model, report = pycompress.compact(model, x, return_report=True)
+    assert model.classifier[0].out_features == 32 and model.classifier[3].in_features == 32
+    assert "classifier.0" not in report.refused
+    with torch.no_grad():
+        assert _rel_err(model(x), ref) <= 1e-5

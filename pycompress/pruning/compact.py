@@ -457,6 +457,7 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
         attn.all_head_size = attn.num_attention_heads * d
         _update_hf_config(attn, whole)
     for c in report.compacted:
+        report.refused.pop(c["layer"], None)  # refused by the channel groups, compacted by the linear path
         if c["kind"] == "channels":
             c["after"] = list(modules[c["layer"]].weight.shape)
     report.parameters_after = _count(model)
