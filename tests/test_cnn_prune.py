@@ -652,3 +652,18 @@ def test_linear_channel_pruning_in_a_cnn_head_still_compacts():
     assert "classifier.0" not in report.refused
     with torch.no_grad():
         assert _rel_err(model(x), ref) <= 1e-5
+
+
+def test_recipe_prunes_compacts_and_quantizes_a_cnn():
+    model = cm.resnet()
+    data = [cm.images(8, seed=s) for s in (1, 2)]
+    recipe = {"steps": [{"prune": {"sparsity": 0.5, "pattern": "channel", "scope": "layer"}}, {"compact": {}},
+                        {"quantize": {}}]}
+    with torch.no_grad():
+        dense = model(data[0])
+    model, report = pycompress.compress(model, recipe, data)
+    assert model.conv1.out_channels == 8 and model.layer3[1].conv3.out_channels == 32
+    assert any(type(m).__name__ == "Int8Linear" for m in model.modules())
+    assert model(data[0]).shape == dense.shape
+    # narrower layers are reported as changed and cannot be reverted one at a time
+    assert "conv1" in report.compressed_layers and "bn1" in report.compressed_layers
