@@ -288,8 +288,9 @@ def _changed_layers(reference: nn.Module, model: nn.Module) -> dict[str, str]:
 
 def _reshaped(r: nn.Module, m: nn.Module) -> bool:
     """True when a layer's widths changed (``compact`` made it narrower): ``in_features``,
-    ``out_features``, ``num_attention_heads`` (whatever the layer class)."""
-    for k in ("in_features", "out_features", "num_attention_heads"):
+    ``out_features``, ``in_channels``, ``out_channels``, ``num_features``, ``num_attention_heads``
+    (whatever the layer class)."""
+    for k in ("in_features", "out_features", "in_channels", "out_channels", "num_features", "num_attention_heads"):
         a, b = getattr(r, k, None), getattr(m, k, None)
         if isinstance(a, int) and isinstance(b, int) and a != b:
             return True
@@ -400,6 +401,8 @@ def compress(
         else:
             if name == "prune" and kwargs.get("method", "magnitude") in _DATA_METHODS:
                 kwargs = {**kwargs, "calibration_data": val_inputs}
+            if name == "prune":  # traces the channel groups of a CNN (pattern: channel)
+                kwargs = {**kwargs, "example_inputs": val_inputs[0]}
             res = fn(model, **kwargs)
             if isinstance(res, nn.Module) and res is not model:
                 raise RuntimeError(f"step {name} returned a different model object; steps must work in place")

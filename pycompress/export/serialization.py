@@ -8,7 +8,7 @@ A saved model is a directory with two files:
 ``pycompress.json``
     the manifest: format version, the root class name, every module path, and for each module
     that is a pycompress layer its class name and ``config()``; the shape of every plain
-    ``nn.Linear`` and the head counts of attention modules (so that layers made smaller by
+    ``nn.Linear``, ``nn.Conv2d`` and BatchNorm and the head counts of attention modules (so that layers made smaller by
     :func:`pycompress.compact` are rebuilt with their new shapes inside a fresh model of the
     original architecture); the SHA-256 and size of the weights file.
 
@@ -82,6 +82,65 @@ def _tensors_for_saving(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 _HEAD_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
+
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def _channel_structure(model: nn.Module, skip: list[str]) -> dict[str, dict]:
+    """Widths of the plain ``nn.Conv2d`` and BatchNorm layers (``compact`` narrows them)."""
+    out: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if not name or any(name == p or name.startswith(p + ".") for p in skip):
+            continue
+        if type(module) is nn.Conv2d:
+            out[name] = {"type": "Conv2d", "in_channels": module.in_channels, "out_channels": module.out_channels,
+                         "groups": module.groups, "bias": module.bias is not None}
+        elif type(module) in _NORMS:
+            out[name] = {"type": type(module).__name__, "num_features": module.num_features}
+    return out
+
+
+def _apply_channel_structure(shapes: dict, model: nn.Module, root: Path) -> None:
+    """Rebuilds the ``nn.Conv2d`` / BatchNorm layers of a fresh model that were saved narrower
+    (kernel, stride, padding, eps, momentum... come from the fresh layer)."""
+    if not isinstance(shapes, dict):
+        raise ValueError(f"{root}: corrupt manifest (channel_shapes)")
+    for name, shp in shapes.items():
+        try:
+            current = model.get_submodule(name)
+            kind = shp["type"]
+            if kind == "Conv2d":
+                want = {k: int(shp[k]) for k in ("in_channels", "out_channels", "groups")}
+                bias = bool(shp["bias"])
+            else:
+                want = {"num_features": int(shp["num_features"])}
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise ValueError(f"{root}: corrupt manifest entry for layer {name!r}") from None
+        if type(current).__name__ != kind:
+            continue  # replaced by a saved pycompress layer, or checked with the tensors
+        have = {k: getattr(current, k) for k in want}
+        if have == want and (kind != "Conv2d" or bias == (current.bias is not None)):
+            continue
+        if any(want[k] > have[k] or want[k] < 1 for k in want if k != "groups"):
+            raise ValueError(f"{root}: architecture mismatch — layer {name!r} was saved as {kind}({want}) "
+                             f"but the model's is {kind}({have})")
+        if kind == "Conv2d":
+            if want["groups"] != have["groups"] and not (have["groups"] == have["in_channels"] == have["out_channels"]
+                                                         and want["groups"] == want["in_channels"] == want["out_channels"]):
+                raise ValueError(f"{root}: architecture mismatch — layer {name!r} was saved with groups="
+                                 f"{want['groups']} but the model's has groups={have['groups']}")
+            w = current.weight
+            new = nn.Conv2d(want["in_channels"], want["out_channels"], current.kernel_size, current.stride,
+                            current.padding, current.dilation, want["groups"], bias=bias,
+                            padding_mode=current.padding_mode, device=w.device, dtype=w.dtype)
+        else:
+            ref = current.weight if current.weight is not None else current.running_mean
+            new = type(current)(want["num_features"], eps=current.eps, momentum=current.momentum,
+                                affine=current.affine, track_running_stats=current.track_running_stats,
+                                device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
+        new.train(current.training)
+        _utils.set_module(model, name, new)
 
 
 def _structure(model: nn.Module, skip: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -186,6 +245,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             "aliases": aliases,
             "compacted": bool(getattr(model, COMPACTED_ATTR, False)),
             "linear_shapes": linear_shapes,
+            "channel_shapes": _channel_structure(model, [p for p in layers if p]),
             "attributes": head_attrs,
             "weights": {
                 "file": WEIGHTS_NAME,
@@ -290,7 +350,7 @@ def _check_architecture(manifest: dict, model: nn.Module, root: Path) -> None:
 def _feature_mismatch(name: str, cfg: dict, module: nn.Module, compacted: bool = False) -> str | None:
     """Why the saved layer cannot replace ``module`` (None when it can). The layer of a model
     saved after ``compact`` may be narrower than the fresh model's, never wider."""
-    for attr in ("in_features", "out_features"):
+    for attr in ("in_features", "out_features", "in_channels", "out_channels"):
         want = cfg.get(attr)
         have = getattr(module, attr, None)
         if want is not None and have is not None and (want > have if compacted else want != have):
@@ -309,6 +369,7 @@ def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
         raise ValueError(f"{root}: corrupt manifest (linear_shapes / attributes)")
     if not manifest.get("compacted"):
         return  # shapes must match exactly (checked with the tensors)
+    _apply_channel_structure(manifest.get("channel_shapes", {}), model, root)
     for name, shp in shapes.items():
         try:
             current = model.get_submodule(name)
@@ -415,7 +476,8 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
                              f"{entry['class']}.from_config(...) and load_state_dict instead")
         current = model.get_submodule(name)
         narrower = isinstance(cfg, dict) and any(
-            cfg.get(a) is not None and cfg.get(a) != getattr(current, a, None) for a in ("in_features", "out_features"))
+            cfg.get(a) is not None and cfg.get(a) != getattr(current, a, None)
+            for a in ("in_features", "out_features", "in_channels", "out_channels"))
         if type(current) is not cls or narrower:
             problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current,
                                         compacted=bool(manifest.get("compacted")))

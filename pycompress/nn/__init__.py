@@ -2,9 +2,10 @@
 
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.nn.kd_loss import KDLoss
+from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.semi_sparse_linear import SemiSparseLinear
 from pycompress.nn.sparse_linear import SparseLinear
 from pycompress.nn.registry import register_layer
 
-__all__: list[str] = ["Int8Linear", "MaskedLinear", "SparseLinear", "SemiSparseLinear", "KDLoss", "register_layer"]
+__all__: list[str] = ["Int8Linear", "MaskedLinear", "MaskedConv2d", "SparseLinear", "SemiSparseLinear", "KDLoss", "register_layer"]

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from pycompress.nn._common import linear_from_weight
+from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.ops import sparse as sparse_ops
 
 __all__ = ["MaskedLinear", "keep_masks"]
@@ -146,7 +147,7 @@ def dense_weight_and_mask(linear: nn.Module, mask: torch.Tensor | None) -> tuple
 
 def _clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     for m in model.modules():
-        if isinstance(m, MaskedLinear):
+        if isinstance(m, (MaskedLinear, MaskedConv2d)):
             m.apply_mask_()
             state = optimizer.state.get(m.weight)
             if state:
@@ -156,7 +157,7 @@ def _clear_pruned_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> N
 
 
 def keep_masks(model: nn.Module, optimizer: torch.optim.Optimizer):
-    """Registers an optimizer step hook that re-applies every MaskedLinear mask of ``model`` after
+    """Registers an optimizer step hook that re-applies every MaskedLinear / MaskedConv2d mask of ``model`` after
     each step and clears the optimizer state (momentum, Adam moments) of pruned weights.
 
     Returns the hook handle (``handle.remove()`` detaches it).

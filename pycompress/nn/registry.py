@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.semi_sparse_linear import SemiSparseLinear
 from pycompress.nn.sparse_linear import SparseLinear
@@ -18,7 +19,7 @@ COMPACTED_ATTR = "_pycompress_compacted"
 
 
 # The built-in layers with config() / from_config(), in the order reports list them.
-_BUILTIN_LAYERS: tuple[type, ...] = (Int8Linear, MaskedLinear, SparseLinear, SemiSparseLinear)
+_BUILTIN_LAYERS: tuple[type, ...] = (Int8Linear, MaskedLinear, MaskedConv2d, SparseLinear, SemiSparseLinear)
 
 
 def pycompress_layer_classes() -> dict[str, type]:

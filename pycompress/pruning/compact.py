@@ -22,6 +22,12 @@ Where the consumers come from
       query, key AND value rows are all pruned (``prune(..., pattern="head")`` prunes whole
       heads); a removed head's output is the constant ``value.bias`` of its rows (the softmax
       weights sum to one), folded into the output projection's bias.
+    * CNNs (a model with ``nn.Conv2d`` / MaskedConv2d layers, given ``example_inputs``): channels
+      are removed by dependency groups (:mod:`pycompress.pruning.channels`): a channel that no
+      layer reads any more (its input columns masked in every reader, as
+      ``prune(..., pattern="channel")`` leaves them) is removed from every conv, linear layer,
+      BatchNorm and depthwise conv of its group, residual branches and concatenations included;
+      no constant needs folding. Linear producers the groups leave are then handled as above.
 
 Layers that cannot be proven safe stay masked, and the report says why.
 
@@ -44,8 +50,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.registry import COMPACTED_ATTR
+from pycompress.pruning.channels import compact_channels, is_conv
 from pycompress.pruning.graph import (
     Tracer, effective_weight, ffn_blocks, follow_uses, int8_linear_cls, is_attention, is_elementwise_act,
     is_linear_like, is_number, sparse_linear_cls,
@@ -408,6 +416,13 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
         raise ValueError(f"atol must be a positive number, got {atol!r}")
     report = CompactionReport(parameters_before=_count(model))
     reference = _outputs(model, example_inputs) if example_inputs is not None else None
+    if any(is_conv(m) for m in model.modules()):
+        # CNNs: channels are removed by dependency groups (pycompress.pruning.channels)
+        if example_inputs is not None:
+            compact_channels(model, example_inputs, report, include, exclude)
+        elif any(isinstance(m, MaskedConv2d) and not bool(m.mask.all()) for m in model.modules()):
+            raise ValueError("compact needs example_inputs (a batch the model runs on) to trace the channel "
+                             "dependencies of a model with pruned convolutions")
     modules = dict(model.named_modules())
     selected = {n for n, _ in _utils.select_modules(model, include, exclude)}
     producers: dict[str, torch.Tensor] = {}
@@ -442,6 +457,7 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
         attn.all_head_size = attn.num_attention_heads * d
         _update_hf_config(attn, whole)
     for c in report.compacted:
+        report.refused.pop(c["layer"], None)  # refused by the channel groups, compacted by the linear path
         if c["kind"] == "channels":
             c["after"] = list(modules[c["layer"]].weight.shape)
     report.parameters_after = _count(model)

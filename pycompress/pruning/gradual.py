@@ -23,7 +23,8 @@ class GradualPruning:
     so with magnitude masks only grow, except for live weights that are exactly zero).
 
     Args:
-        model: model whose ``nn.Linear`` layers are swapped to MaskedLinear at construction.
+        model: model whose ``nn.Linear`` / ``nn.Conv2d`` layers are swapped to MaskedLinear /
+            MaskedConv2d at construction.
         final_sparsity, total_steps, start_step, frequency, initial_sparsity: the schedule.
         pattern: ``"unstructured"`` or ``"channel"``.
         scope, include, exclude: as in :func:`prune`.
@@ -32,6 +33,8 @@ class GradualPruning:
             ``calibration_data``, which is kept: a one-shot iterator is read into a list once), so
             they follow the weights as they train. Every rank must pass the same data to get the
             same masks.
+        example_inputs: a batch the model runs on; ``pattern="channel"`` on a CNN traces its
+            channel groups with it (default: the first batch of ``calibration_data``).
         optimizer: optional; after each step that changes masks its state (momentum, Adam
             moments) of pruned weights is cleared, and a step hook re-applies the masks.
 
@@ -48,7 +51,8 @@ class GradualPruning:
     def __init__(self, model: nn.Module, final_sparsity: float, total_steps: int, start_step: int = 0,
                  frequency: int = 1, initial_sparsity: float = 0.0, pattern: str = "unstructured",
                  scope: str = "global", include=None, exclude=None, optimizer=None, method: str = "magnitude",
-                 calibration_data=None, mix: float = 0.5, activation_score: str = "mean_abs") -> None:
+                 calibration_data=None, mix: float = 0.5, activation_score: str = "mean_abs",
+                 example_inputs=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
@@ -75,6 +79,7 @@ class GradualPruning:
         self.optimizer = optimizer
         self.method, self.calibration_data, self.mix = method, calibration_data, mix
         self.activation_score = activation_score
+        self.example_inputs = example_inputs
         self.step_count = 0
         self.current_sparsity = self.initial_sparsity
         self._hook = None
@@ -86,7 +91,8 @@ class GradualPruning:
         data = self.method != "magnitude"
         prune(self.model, sparsity, pattern=self.pattern, scope=self.scope, include=self.include,
               exclude=self.exclude, method=self.method, mix=self.mix,
-              activation_score=self.activation_score, calibration_data=self.calibration_data if data else None)
+              activation_score=self.activation_score, calibration_data=self.calibration_data if data else None,
+              example_inputs=self.example_inputs)
 
     def sparsity_at(self, t: int) -> float:
         """Target sparsity of the schedule at step ``t``."""

@@ -66,7 +66,9 @@ import torch
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
+from pycompress.pruning.channels import has_convs, prune_channels
 from pycompress.pruning.graph import consumers_of, effective_weight, is_attention
 
 __all__ = ["prune"]
@@ -75,13 +77,18 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 # ----------------------------------------------------------------------------- helpers
+def _is_prunable(m):
+    return type(m) is nn.Linear or isinstance(m, MaskedLinear) or type(m) is nn.Conv2d or isinstance(m, MaskedConv2d)
+
+
 def _selected(model, include, exclude):
-    """(name, layer) of the selected ``nn.Linear`` / MaskedLinear layers (include/exclude as in
-    :func:`pycompress._utils.select_modules`: globs or ``re:`` patterns, ancestors match too)."""
-    if type(model) is nn.Linear or isinstance(model, MaskedLinear):
-        raise ValueError("the model itself is a Linear layer; wrap it in a container module to prune it")
-    return _utils.select_modules(
-        model, include, exclude, predicate=lambda n, m: type(m) is nn.Linear or isinstance(m, MaskedLinear))
+    """(name, layer) of the selected ``nn.Linear`` / MaskedLinear / ``nn.Conv2d`` / MaskedConv2d
+    layers (include/exclude as in :func:`pycompress._utils.select_modules`: globs or ``re:``
+    patterns, ancestors match too)."""
+    if _is_prunable(model):
+        raise ValueError(f"the model itself is a {type(model).__name__} layer; wrap it in a container module "
+                         "to prune it")
+    return _utils.select_modules(model, include, exclude, predicate=lambda n, m: _is_prunable(m))
 
 
 def _set_module(model, name, new):
@@ -131,7 +138,12 @@ def _keep_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keeps the ``n`` highest scores of every group of ``m`` along the last dim."""
+    """Keeps the ``n`` highest scores of every group of ``m`` along the last dim (for a conv
+    weight ``[out, in, kh, kw]``: along the input channels, at every kernel position)."""
+    if scores.dim() == 4:
+        o, i, kh, kw = scores.shape
+        flat = scores.permute(0, 2, 3, 1).reshape(o * kh * kw, i)
+        return _nm_mask(flat, n, m).reshape(o, kh, kw, i).permute(0, 3, 1, 2).contiguous()
     N, K = scores.shape
     a = scores.detach().float()
     mask = torch.zeros(N, K, dtype=torch.bool, device=scores.device)
@@ -167,13 +179,24 @@ def _weight_scores(layers, kind, method, mix, stats, scope):
         if method == "magnitude":
             out.append(w)
             continue
-        wanda = w * stats[name]["in_norm"].to(w.device)[None, :]
+        wanda = w * _input_norm_per_weight(m, stats[name]["in_norm"].to(w.device))
         if method == "activation":
             # across layers the Wanda scores are put on a common scale (each layer's mean = 1)
             out.append(_normalized(wanda) if scope == "global" and kind == "unstructured" else wanda)
         else:
             out.append(mix * _normalized(wanda) + (1.0 - mix) * _normalized(w))
     return out
+
+
+def _input_norm_per_weight(m, in_norm):
+    """The input feature norms broadcast to the weight: ``[1, in]`` for a linear layer; for a conv
+    ``[out, in/groups, 1, 1]``, output channel ``o`` of group ``g`` reading input channels
+    ``g * in/groups ...``."""
+    if m.weight.dim() == 2:
+        return in_norm[None, :]
+    out_c, per_group = m.weight.shape[:2]
+    groups = in_norm.numel() // per_group
+    return in_norm.reshape(groups, per_group).repeat_interleave(out_c // groups, 0)[:, :, None, None]
 
 
 def _channel_scores(layers, method, mix, stats, scope):
@@ -282,6 +305,8 @@ def _collect_stats(model, named, calibration_data, need_out=False, need_in=False
                 x = args[0] if args else None
                 if not isinstance(x, torch.Tensor):
                     raise ValueError(f"layer {name!r} was called without a tensor input")
+                if x.dim() == 4 and isinstance(module, (nn.Conv2d, MaskedConv2d)):
+                    x = x.movedim(1, -1)  # conv input channels last
                 x = x.detach().float().reshape(-1, x.shape[-1])
                 sq = x.pow(2).sum(0)
                 st["in"] = sq if st["in"] is None else st["in"] + sq
@@ -454,7 +479,7 @@ def _check_method(method, mix):
 
 def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured", scope: str = "global",
           method: str = "magnitude", include=None, exclude=None, calibration_data=None,
-          mix: float = 0.5, activation_score: str = "mean_abs") -> nn.Module:
+          mix: float = 0.5, activation_score: str = "mean_abs", example_inputs=None) -> nn.Module:
     """Prunes the selected ``nn.Linear`` layers of ``model`` in place, replacing them by
     :class:`~pycompress.nn.MaskedLinear` (already masked layers are re-pruned), and returns it.
     The new layers keep the original ``Parameter`` objects, so existing optimizers stay valid.
@@ -481,6 +506,17 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
             Both fall back to the mean ``|y_i|`` of the layer's own output without a known
             consumer. Checked always, used only by ``pattern="channel"`` (heads and
             unstructured / N:M keep their scores, see the module docstring).
+        example_inputs: a batch the model runs on; needed by ``pattern="channel"`` when the
+            selection holds convolutions (default: the first batch of ``calibration_data``).
+
+    Convolutions (``nn.Conv2d``, becoming :class:`~pycompress.nn.MaskedConv2d`): the
+    unstructured and ``N:M`` patterns prune their weights like those of linear layers (``N:M``
+    groups run along the input channels at every kernel position). With ``pattern="channel"``
+    and a conv among the selected layers, whole channels are pruned by dependency groups
+    traced with torch.fx (residual adds, BatchNorm, depthwise convs, concatenation, flatten into
+    the classifier): see :func:`pycompress.pruning.channels.prune_channels`, which also returns
+    a report of the groups and why some channels were kept. ``method`` may then also be
+    ``"magnitude_l2"`` or ``"bn_scale"`` (``|gamma|`` of the BatchNorms).
 
     Example:
         >>> import torch, pycompress
@@ -495,6 +531,10 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if pattern == "channel" and has_convs(model, include, exclude):
+        return prune_channels(model, sparsity, scope=scope, method=method, include=include, exclude=exclude,
+                              calibration_data=calibration_data, mix=mix, activation_score=activation_score,
+                              example_inputs=example_inputs)
     heads = pattern == "head"
     kind, nm = ("head", None) if heads else _parse_pattern(pattern)
     _check_scope(scope)
@@ -530,8 +570,10 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
         _channel_activations(model, layers, stats, activation_score)
     masks = _compute_masks(layers, sparsity, kind, nm, scope, method, mix, stats)
     for (name, m), mask in zip(layers, masks):
-        if isinstance(m, MaskedLinear):
+        if isinstance(m, (MaskedLinear, MaskedConv2d)):
             m.set_mask(mask)
+        elif isinstance(m, nn.Conv2d):
+            _set_module(model, name, MaskedConv2d.from_float(m, mask, share_parameters=True))
         else:
             _set_module(model, name, MaskedLinear.from_dense(m, mask, share_parameters=True))
     return model
