@@ -26,6 +26,7 @@ MODULE_PATHS: dict[str, tuple[str, ...]] = {
     "nn.SparseLinear": ("SparseLinear",),
     "nn.SemiSparseLinear": ("SemiSparseLinear",),
     "nn.MaskedLinear": ("MaskedLinear",),
+    "nn.MaskedConv2d": ("MaskedConv2d",),
     "nn.KDLoss": ("KDLoss",),
     "ops.kd_kl_div": ("kd_kl_div",),
 }

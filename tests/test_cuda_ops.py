@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import pycompress.ops as ops
-from pycompress.nn import Int8Linear, KDLoss, MaskedLinear, SemiSparseLinear, SparseLinear
+from pycompress.nn import Int8Linear, KDLoss, MaskedConv2d, MaskedLinear, SemiSparseLinear, SparseLinear
 from reference import quantize_per_token_ref
 
 pytestmark = pytest.mark.cuda
@@ -429,6 +429,29 @@ def test_maskedlinear_module_training_step():
     opt.step()
     assert (dev_m.weight.detach().cpu()[~mask] == 0).all()  # pruned weights stay zero
 
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_maskedconv2d_module_training_step(groups, monkeypatch):
+    # MaskedConv2d runs torch's own convolution on the masked weight: the CUDA path must give the
+    # CPU's values and gradients, and keep pruned weights at zero through an optimizer step
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 math, as on the CPU
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1, groups=groups)
+    mask = torch.rand(conv.weight.shape) < 0.5
+    cpu_m = MaskedConv2d.from_float(conv, mask)
+    dev_m = MaskedConv2d.from_float(copy.deepcopy(conv).to(DEV), mask.to(DEV))
+    x = torch.randn(3, 8, 13, 11)
+    ys = []
+    for m, xx in ((cpu_m, x), (dev_m, x.to(DEV))):
+        y = m(xx)
+        y.square().sum().backward()
+        ys.append(y)
+    close(ys[1], ys[0], 2e-5)
+    close(dev_m.weight.grad, cpu_m.weight.grad, 2e-4)
+    assert (dev_m.weight.grad.cpu()[~mask] == 0).all()
+    torch.optim.SGD(dev_m.parameters(), lr=0.1).step()
+    assert (dev_m.weight.detach().cpu()[~mask] == 0).all()
 
 # ============================================================================ 2:4 semi-structured
 def weight24(N, K, g, dtype=torch.float32):
