@@ -654,3 +654,60 @@ def test_data_methods_bad_input():
 
         pycompress.prune(Unused(), 0.5, method="activation", calibration_data=torch.randn(2, 4))
     assert all(type(m) is not MaskedLinear for m in model.modules())  # nothing half-done
+
+
+# --------------------------------------------------------------------------- tied weights
+class _Tied(nn.Module):
+    """``b`` reuses ``a``'s weight (its own bias): one weight, two uses with different inputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) * 3.0 - 1.0)))
+
+
+def _tied_data():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(12, 16, generator=g) * torch.linspace(0.2, 4.0, 16) for _ in range(2)]
+
+
+@pytest.mark.parametrize("method", ["activation", "mixed", "magnitude"])
+@pytest.mark.parametrize("pattern", ["channel", "unstructured"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_tied_weights_get_one_mask_and_the_requested_sparsity(method, pattern, scope):
+    model = _Tied()
+    pycompress.prune(model, 0.5, pattern=pattern, scope=scope, method=method, calibration_data=_tied_data())
+    assert model.a.weight is model.b.weight
+    assert torch.equal(model.a.mask, model.b.mask)
+    shared_zeros = int((model.a.weight == 0).sum())
+    if scope == "layer":
+        assert shared_zeros == 128  # exactly half of the one shared [16, 16] weight
+        assert int((~model.c.mask).sum()) == 32
+    else:  # distinct weights: 256 shared + 64 of c, half of them pruned
+        assert shared_zeros + int((~model.c.mask).sum()) == 160
+
+
+def test_tied_weights_unstructured_activation_scores_every_use():
+    """Wanda on a shared weight: |W_ij| times the input norm over the tokens of both uses."""
+    model = _Tied()
+    data = _tied_data()
+    seen = {"a": [], "b": []}
+    hooks = [getattr(model, n).register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0]))
+             for n in ("a", "b")]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    norm = torch.cat(seen["a"] + seen["b"]).pow(2).sum(0).sqrt()
+    score = model.a.weight.detach().abs() * norm
+    expected = torch.ones(256, dtype=torch.bool)
+    expected[score.reshape(-1).argsort()[:128]] = False
+    pycompress.prune(model, 0.5, scope="layer", method="activation", calibration_data=data, include=["a", "b"])
+    assert torch.equal(model.a.mask.reshape(-1), expected)
