@@ -711,3 +711,45 @@ def test_tied_weights_unstructured_activation_scores_every_use():
     expected[score.reshape(-1).argsort()[:128]] = False
     pycompress.prune(model, 0.5, scope="layer", method="activation", calibration_data=data, include=["a", "b"])
     assert torch.equal(model.a.mask.reshape(-1), expected)
+
+
+def test_gradual_pruning_final_below_initial_is_refused():
+    model = Net()
+    with pytest.raises(ValueError, match=r"final_sparsity \(0.2\) must be >= initial_sparsity \(0.8\)"):
+        pycompress.GradualPruning(model, final_sparsity=0.2, total_steps=10, initial_sparsity=0.8)
+    assert type(model.enc[0]) is nn.Linear  # refused before the model was touched
+    pycompress.GradualPruning(Net(), final_sparsity=0.5, total_steps=10, initial_sparsity=0.5)  # constant is fine
+
+
+def test_gradual_pruning_load_state_dict_names_what_is_wrong():
+    sched = pycompress.GradualPruning(Net(), 0.5, total_steps=4)
+    sched.step()
+    saved = sched.state_dict()
+    with pytest.raises(ValueError, match=r"missing key\(s\) 'current_sparsity', 'step_count'"):
+        sched.load_state_dict({})
+    with pytest.raises(ValueError, match=r"missing key\(s\) 'current_sparsity'"):
+        sched.load_state_dict({"step_count": 1})
+    with pytest.raises(TypeError, match="state must be a dict"):
+        sched.load_state_dict([1, 0.5])
+    with pytest.raises(ValueError, match="step_count"):
+        sched.load_state_dict({"step_count": -1, "current_sparsity": 0.1})
+    with pytest.raises(ValueError, match="current_sparsity"):
+        sched.load_state_dict({"step_count": 1, "current_sparsity": 1.5})
+    assert sched.state_dict() == saved  # a refused state changes nothing
+    other = pycompress.GradualPruning(Net(), 0.5, total_steps=4)
+    other.load_state_dict(saved)
+    assert other.state_dict() == saved
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "channel", "2:4"])
+def test_prune_on_the_meta_device_is_refused_and_changes_nothing(pattern):
+    model = Net().to("meta")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"meta device"):
+        pycompress.prune(model, None if pattern == "2:4" else 0.5, pattern=pattern)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    repr(model)
+    bert = tiny_bert().to("meta")
+    with pytest.raises(ValueError, match=r"meta device"):
+        pycompress.prune(bert, 0.5, pattern="head")
+    assert not any(isinstance(m, MaskedLinear) for m in bert.modules())

@@ -367,6 +367,16 @@ def _channel_activations(model, layers, stats, activation_score="mean_abs"):
         st["channel_act_source"] = "consumers"
 
 
+def _check_not_meta(modules) -> None:
+    """Refuses layers whose weights are on the meta device (shapes only, no values to rank)."""
+    for name, m in modules:
+        for pname, p in m.named_parameters():
+            if p.device.type == "meta":
+                raise ValueError(f"layer {name or '<model>'!r}: parameter {pname!r} is on the meta device (shapes "
+                                 "without values, nothing to rank); materialize the model first, e.g. "
+                                 "model.to_empty(device='cpu') then load_state_dict(...)")
+
+
 def _tied_groups(layers) -> list[list[int]]:
     """Indices of ``layers`` grouped by weight: layers sharing one ``Parameter`` (tied weights)
     form one group, scored and masked once."""
@@ -419,6 +429,7 @@ def _prune_heads(model, sparsity, scope, method, mix, calibration_data, include,
     if not attn:
         raise ValueError("pattern='head' found no attention module (a module with query/key/value "
                          "linear layers and num_attention_heads / attention_head_size attributes)")
+    _check_not_meta(attn)
     stats = None
     if method != "magnitude":
         stats = _collect_stats(model, attn, calibration_data, need_out=True)
@@ -549,6 +560,7 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
     layers = _selected(model, include, exclude)
     if not layers:
         return model
+    _check_not_meta(layers)
     stats = None
     if method != "magnitude":
         consumers = None
