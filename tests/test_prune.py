@@ -225,15 +225,17 @@ def test_deploy_pruned(mode):
     pycompress.prune(model, 0.9)
     x = torch.randn(4, 64)
     ref = model(x).detach()
-    pycompress.deploy_pruned(model, mode=mode)
+    # auto: a timer under which only enc.0 (64 inputs) is faster sparse
+    timer = (lambda layer, x: 1.0 if isinstance(layer, SparseLinear) and layer.in_features == 64 else 2.0)
+    pycompress.deploy_pruned(model, mode=mode, timer=timer if mode == "auto" else None)
     assert not any(isinstance(m, MaskedLinear) for m in model.modules())
-    kinds = {type(m) for m in (model.enc[0], model.enc[2], model.head)}
+    kinds = [type(m) for m in (model.enc[0], model.enc[2], model.head)]
     if mode == "sparse":
-        assert kinds == {SparseLinear}
+        assert kinds == [SparseLinear] * 3
     elif mode == "dense":
-        assert kinds == {nn.Linear}
+        assert kinds == [nn.Linear] * 3
     else:
-        assert kinds <= {SparseLinear, nn.Linear}
+        assert kinds == [SparseLinear, nn.Linear, nn.Linear]
     torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="mode"):
         pycompress.deploy_pruned(model, mode="fast")
@@ -753,3 +755,64 @@ def test_prune_on_the_meta_device_is_refused_and_changes_nothing(pattern):
     with pytest.raises(ValueError, match=r"meta device"):
         pycompress.prune(bert, 0.5, pattern="head")
     assert not any(isinstance(m, MaskedLinear) for m in bert.modules())
+
+
+# --------------------------------------------------------------------------- deploy_pruned(mode="auto")
+def _fixed_timer(times: dict, calls: list):
+    """A timer giving each layer kind a fixed time per call (seconds), recording what it timed."""
+    def timer(layer, x):
+        calls.append((type(layer).__name__, x.shape[0]))
+        return times[type(layer).__name__]
+    return timer
+
+
+@pytest.mark.parametrize("faster, want", [("SparseLinear", SparseLinear), ("Linear", nn.Linear)])
+def test_deploy_auto_follows_the_timer(faster, want):
+    model = Net()
+    pycompress.prune(model, 0.9)
+    x = torch.randn(4, 64)
+    ref = model(x).detach()
+    calls = []
+    times = {"SparseLinear": 2.0, "Linear": 2.0, "SemiSparseLinear": 9.0}  # 90% unstructured may be 2:4
+    times[faster] = 1.0
+    pycompress.deploy_pruned(model, mode="auto", batch_sizes=(1, 8), timer=_fixed_timer(times, calls))
+    assert {type(m) for m in (model.enc[0], model.enc[2], model.head)} == {want}
+    # both kinds timed at every batch size, for every layer (dense wins: stops at the first size)
+    assert ("Linear", 1) in calls and ("SparseLinear", 1) in calls
+    assert len([c for c in calls if c[1] == 8 and c[0] != "SemiSparseLinear"]) == (6 if want is SparseLinear else 0)
+    torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_deploy_auto_needs_sparse_faster_at_every_batch_size():
+    model = Net()
+    pycompress.prune(model, 0.9)
+
+    def timer(layer, x):  # sparse faster at one row only
+        sparse = isinstance(layer, SparseLinear)
+        return (1.0 if sparse else 2.0) if x.shape[0] == 1 else (3.0 if sparse else 2.0)
+
+    pycompress.deploy_pruned(model, mode="auto", batch_sizes=(1, 32), timer=timer)
+    assert {type(m) for m in (model.enc[0], model.enc[2], model.head)} == {nn.Linear}
+
+
+def test_deploy_auto_semi24_follows_the_timer():
+    from pycompress.nn import SemiSparseLinear
+
+    for semi_time, want in ((0.5, SemiSparseLinear), (5.0, SparseLinear)):
+        model = Net()
+        pycompress.prune(model, None, pattern="2:4")
+        times = {"SparseLinear": 1.0, "Linear": 2.0, "SemiSparseLinear": semi_time}
+        pycompress.deploy_pruned(model, mode="auto", timer=_fixed_timer(times, []))
+        assert [type(m) for m in (model.enc[0], model.enc[2], model.head)] == [want] * 3
+
+
+def test_deploy_timer_bad_values():
+    model = Net()
+    pycompress.prune(model, 0.5)
+    with pytest.raises(TypeError, match="timer must be a callable"):
+        pycompress.deploy_pruned(model, timer=3.0)
+    with pytest.raises(ValueError, match=r"timer returned 'fast'.*layer 'enc.0'"):
+        pycompress.deploy_pruned(model, timer=lambda layer, x: "fast")
+    with pytest.raises(ValueError, match=r"timer returned nan"):
+        pycompress.deploy_pruned(model, timer=lambda layer, x: float("nan"))
+    assert all(isinstance(m, MaskedLinear) for m in (model.enc[0], model.enc[2], model.head))
