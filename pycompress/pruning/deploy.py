@@ -74,8 +74,9 @@ def deploy_pruned(model: nn.Module, mode: str = "auto", include=None, exclude=No
 
     ``timer(layer, x) -> float`` measures ``"auto"``'s candidates: the seconds one call of the
     candidate ``layer`` (``nn.Linear``, ``SparseLinear`` or ``SemiSparseLinear``) takes on the
-    random batch ``x`` (``batch_sizes`` rows). Default :func:`measure` (median of 5 calls after 2
-    warm-up calls); pass another to time differently or to make the choice reproducible.
+    random batch ``x`` (``batch_sizes`` rows). Default :func:`pycompress.pruning.deploy.measure`
+    (median of 5 calls after 2 warm-up calls); pass another to time differently or to make the
+    choice reproducible.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
