@@ -75,6 +75,16 @@ def scenario_errors(out: dict, ckpt: str) -> None:
             errors[name] = "no error"
         except ValueError as e:
             errors[name] = str(e)
+    # one bad label, at sample 1: on rank 1 of 2 (shuffle=False), so rank 0 sees only good ones
+    x, y = data(n=16).tensors
+    y = y.clone()
+    y[1] = 9
+    try:
+        pycompress.finetune(mlp(), TensorDataset(x, y), freeze=None, epochs=1, batch_size=8,
+                            shuffle=False, progress=False)
+        errors["bad_label"] = "no error"
+    except ValueError as e:
+        errors["bad_label"] = str(e)
     out["errors"] = errors
 
 

@@ -16,6 +16,10 @@ def quantize_per_token_ref(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tens
     ok = finite & (absmax > 0)
     safe = torch.where(ok, absmax, torch.ones_like(absmax))
     inv = torch.where(ok, torch.full_like(absmax, float(qmax)) / safe, torch.zeros_like(absmax))
+    # rows with absmax < qmax / FLT_MAX (qmax / absmax overflows): x and absmax scaled by 2^64
+    tiny = torch.isinf(inv)
+    inv = torch.where(tiny, float(qmax) / (safe * 2.0 ** 64), inv)
+    xf = torch.where(tiny.unsqueeze(-1), xf * 2.0 ** 64, xf)
     q = torch.round(xf * inv.unsqueeze(-1)).clamp(-qmax, qmax).to(torch.int8)
     q = torch.where(ok.unsqueeze(-1), q, torch.zeros_like(q))
     scale = torch.where(ok, absmax / float(qmax), torch.ones_like(absmax))

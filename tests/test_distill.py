@@ -186,3 +186,26 @@ def test_bad_arguments(teacher):
                            progress=False)
     with pytest.raises(ValueError, match="lr"):
         pycompress.distill(teacher, s, _data(), lr=-1, progress=False)
+
+
+@pytest.mark.parametrize("bad", [4, 11, -3])
+def test_labels_out_of_range_name_the_label_and_the_classes(teacher, bad):
+    x, y = _data().tensors
+    y = y.clone()
+    y[9] = bad
+    with pytest.raises(ValueError, match=rf"label {bad} is out of range.*4 classes"):
+        pycompress.distill(teacher, _mlp(16, seed=2), TensorDataset(x, y), epochs=1, alpha=0.5,
+                           batch_size=32, shuffle=False, progress=False)
+    # labels are not used with alpha=1: any value is accepted
+    pycompress.distill(teacher, _mlp(16, seed=2), TensorDataset(x, y), epochs=1, alpha=1.0,
+                       batch_size=32, progress=False)
+
+
+def test_a_plain_list_of_pairs_is_accepted(teacher):
+    x, y = _data().tensors
+    pairs = [(x[i], y[i]) for i in range(len(x))]
+    _, hist = pycompress.distill(teacher, _mlp(16, seed=2), pairs, epochs=2, lr=1e-2, batch_size=32,
+                                 progress=False)
+    _, ref = pycompress.distill(teacher, _mlp(16, seed=2), TensorDataset(x, y), epochs=2, lr=1e-2,
+                                batch_size=32, progress=False)
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref], rel=1e-5)

@@ -81,6 +81,10 @@ def test_bad_world_batch_combinations_rejected(two_ranks):
         errors = _load(two_ranks, "errors", rank)["errors"]
         assert "divisible by the number of processes (2)" in errors["odd_batch"]
         assert "fewer than the 2 processes" in errors["tiny_data"]
+        # every rank stops at the same step (no rank left waiting in a collective)
+        assert "out of range for a model with 4 classes (epoch 1, step 1)" in errors["bad_label"]
+    assert _load(two_ranks, "errors", 1)["errors"]["bad_label"].startswith("label 9 is out of range")
+    assert "on another rank" in _load(two_ranks, "errors", 0)["errors"]["bad_label"]
 
 
 def test_pruning_masks_identical_across_ranks(two_ranks, one_rank):

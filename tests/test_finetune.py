@@ -105,8 +105,8 @@ def test_find_head_and_errors():
         pycompress.finetune(nn.Sequential(nn.ReLU()), _data(), num_classes=3, progress=False)
     with pytest.raises(ValueError, match="num_classes"):
         pycompress.finetune(Net(), _data(), num_classes=0, progress=False)
-    with pytest.raises(TypeError, match="Dataset"):
-        pycompress.finetune(Net(classes=3), [(torch.zeros(10), 0)], progress=False)
+    with pytest.raises(TypeError, match="Dataset"):  # a generator has no length
+        pycompress.finetune(Net(classes=3), (p for p in [(torch.zeros(10), 0)]), progress=False)
     with pytest.raises(ValueError, match="divisible|positive"):
         pycompress.finetune(Net(classes=3), _data(), batch_size=0, progress=False)
     with pytest.raises(ValueError, match="optimizer"):
@@ -129,3 +129,29 @@ def test_checkpoint_and_resume(tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("bad", [3, 7, -2])
+def test_labels_out_of_range_name_the_label_and_the_classes(bad):
+    x, y = _data().tensors
+    y = y.clone()
+    y[5] = bad
+    with pytest.raises(ValueError, match=rf"label {bad} is out of range.*3 classes"):
+        pycompress.finetune(Net(classes=3), TensorDataset(x, y), freeze=None, epochs=1, batch_size=16,
+                            shuffle=False, progress=False)
+    y[5] = -100  # ignore_index is fine
+    pycompress.finetune(Net(classes=3), TensorDataset(x, y), freeze=None, epochs=1, batch_size=16, progress=False)
+
+
+def test_a_plain_list_of_pairs_is_accepted():
+    x, y = _data().tensors
+    pairs = [(x[i], int(y[i])) for i in range(len(x))]
+    torch.manual_seed(0)
+    net, hist = pycompress.finetune(Net(), pairs, num_classes=3, epochs=2, lr=5e-2, batch_size=16, progress=False)
+    torch.manual_seed(0)
+    ref, ref_hist = pycompress.finetune(Net(), TensorDataset(x, y), num_classes=3, epochs=2, lr=5e-2,
+                                        batch_size=16, progress=False)
+    assert hist[-1]["samples"] == len(pairs)
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref_hist], rel=1e-5)
+    with pytest.raises(TypeError, match="with a length"):
+        pycompress.finetune(Net(), iter(pairs), num_classes=3, epochs=1, progress=False)

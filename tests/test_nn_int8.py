@@ -330,3 +330,79 @@ def test_module_call_stays_visible_to_modes():
     with torch.no_grad(), Record():
         assert torch.equal(q(x), ref)
     assert any("int8_linear" in f for f in seen)
+
+
+# --------------------------------------------------------------------------- extreme magnitudes
+def _identity_int8(n=32, act_bits=8):
+    lin = nn.Linear(n, n, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(n))
+    return lin, Int8Linear.from_float(lin, act_bits=act_bits)
+
+
+@pytest.mark.parametrize("act_bits", [8, 7])
+@pytest.mark.parametrize("big", [1e30, 3e36, 3e37, 3e38])
+def test_huge_activations_stay_finite_where_float_is(big, act_bits, cpu_isa):
+    """|x| ~ 1e36: (acc * x_scale) overflowed fp32 before the weight scale brought it back."""
+    lin, q = _identity_int8(act_bits=act_bits)
+    x = torch.zeros(3, 32)
+    x[:, 0], x[:, 1], x[1, 5] = big, -big / 3, big / 7
+    x[2] = torch.randn(32)  # an ordinary row in the same batch
+    with torch.no_grad():
+        ref = lin(x)
+    y = q(x)
+    assert torch.isfinite(ref).all()
+    assert torch.isfinite(y).all(), y[:2, :6]
+    torch.testing.assert_close(y[:2], ref[:2], rtol=0.02, atol=big * 0.01)
+    # the ordinary row is untouched by its neighbours: the same bits as alone
+    assert torch.equal(y[2], q(x[2:3])[0])
+
+
+@pytest.mark.parametrize("act_bits", [8, 7])
+@pytest.mark.parametrize("tiny", [3e-37, 3e-39, 1e-42])
+def test_tiny_activations_quantize_like_any_other_row(tiny, act_bits, cpu_isa):
+    """absmax < 127 / FLT_MAX: 127 / absmax overflowed fp32, and zeros became NaN * inf."""
+    lin, q = _identity_int8(act_bits=act_bits)
+    x = torch.zeros(2, 32)
+    x[:, 0], x[:, 1] = tiny, -tiny / 2
+    y = q(x)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[:, 2:], torch.zeros(2, 30))  # exact zeros stay zero
+    qmax = 127 if act_bits == 8 else 63
+    # exact to a unit of the row's scale s, plus the rounding of s itself where it is denormal
+    # (half a unit of 1.4e-45, times 127 * 127 * w_scale = 127)
+    s = tiny / qmax
+    tol = 2 * s + 127 * 0.71e-45
+    assert abs(y[0, 0].item() - tiny) <= tol and y[0, 0].item() > 0
+    assert abs(y[0, 1].item() + tiny / 2) <= tol and y[0, 1].item() < 0
+
+
+
+@pytest.mark.parametrize("tiny", [3e-37, 3e-39, 1e-42])
+def test_quantize_per_token_tiny_rows_match_the_reference(tiny, cpu_isa):
+    import reference
+
+    x = torch.zeros(3, 40)
+    x[0, 0], x[0, 1], x[0, 7] = tiny, -tiny / 2, tiny / 3
+    x[1, 33] = -tiny
+    x[2] = torch.randn(40)
+    qx, scale = ops.quantize_per_token(x)
+    rq, rs = reference.quantize_per_token_ref(x)
+    assert torch.equal(qx, rq) and torch.equal(scale, rs)
+    assert int(qx[0, 0]) == 127 and int(qx[0, 1]) in (-63, -64) and int(qx[0, 2]) == 0
+    assert int(qx[1, 33]) == -127 and int(qx[1, 0]) == 0
+
+
+@pytest.mark.parametrize("mode", ["w8a8"])
+def test_ordinary_inputs_keep_the_exact_fp32_epilogue(mode, cpu_isa):
+    """The fix for extreme rows leaves ordinary rows bit-identical to the fp32 reference chain
+    ((acc * x_scale) * w_scale + bias)."""
+    import reference
+
+    lin = make_linear(k=96, n=40)
+    q = Int8Linear.from_float(lin, mode=mode)
+    x = torch.randn(13, 96) * torch.logspace(-20, 20, 13)[:, None]
+    qx, s = reference.quantize_per_token_ref(x)
+    acc = (qx.long() @ q.weight.long().t()).float()
+    want = (acc * s[:, None]) * q.weight_scale[None, :] + q.bias[None, :]
+    assert torch.equal(q(x), want)

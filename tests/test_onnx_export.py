@@ -327,3 +327,73 @@ def test_compacted_bert_exports(tmp_path):
     with torch.no_grad():
         ref = q(**batch).last_hidden_state
     assert onnx_export.compare_outputs([ref], [last])[0]["cosine"] > 0.9999
+
+
+# --------------------------------------------------------------------------- dynamic batch, atomic files
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("shape", [(1, 16), (1, 5, 16)])
+def test_one_row_example_still_gives_a_dynamic_batch(tmp_path, exporter, shape):
+    q = pycompress.quantize(mlp())
+    path = pycompress.export_onnx(q, torch.randn(*shape), tmp_path / "m.onnx", exporter=exporter)
+    graph = onnx.load(path).graph
+    dim0 = graph.input[0].type.tensor_type.shape.dim[0]
+    assert not dim0.HasField("dim_value"), f"batch fixed to {dim0.dim_value}"
+    x4 = torch.randn(4, *shape[1:])
+    (y,) = run_ort(path, x4)
+    assert y.shape == (4, *shape[1:-1], 4)
+    assert_matches(y, q(x4))
+    x1 = torch.randn(*shape)
+    assert_matches(run_ort(path, x1)[0], q(x1))
+
+
+def test_dynamic_axes_are_checked_against_the_inputs(tmp_path):
+    q = pycompress.quantize(mlp())
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"dynamic_axes names 'inputs'.*inputs and outputs are: 'input', 'output'"):
+        pycompress.export_onnx(q, x, tmp_path / "m.onnx", dynamic_axes={"inputs": {0: "batch"}})
+    with pytest.raises(ValueError, match=r"dynamic_axes\['input'\]: axis 2 is out of range.*rank 2"):
+        pycompress.export_onnx(q, x, tmp_path / "m.onnx", dynamic_axes={"input": {2: "batch"}})
+    with pytest.raises(ValueError, match=r"dynamic_axes\['output'\]: axis -1 is out of range.*rank 2"):
+        pycompress.export_onnx(q, x, tmp_path / "m.onnx", dynamic_axes={"output": [-1]})
+    with pytest.raises(TypeError, match=r"dynamic_axes\['input'\] must be"):
+        pycompress.export_onnx(q, x, tmp_path / "m.onnx", dynamic_axes={"input": "batch"})
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_zero_row_example_is_refused_and_leaves_no_file(tmp_path):
+    q = pycompress.quantize(mlp())
+    with pytest.raises(ValueError, match=r"example_inputs: input 'input' has 0 rows"):
+        pycompress.export_onnx(q, torch.randn(0, 16), tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+
+
+def _listing(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_failed_verification_keeps_the_previous_file(tmp_path, monkeypatch):
+    q = pycompress.quantize(mlp())
+    target = tmp_path / "m.onnx"
+    pycompress.export_onnx(q, torch.randn(4, 16), target)
+    before = target.read_bytes()
+    real = onnx_export._run_ort
+
+    def perturbed(path, tensors, threads=None):
+        return [o + 0.5 * abs(o).max() for o in real(path, tensors, threads)]
+
+    monkeypatch.setattr(onnx_export, "_run_ort", perturbed)
+    other = pycompress.quantize(mlp(hidden=24))
+    with pytest.raises(onnx_export.OnnxVerificationError, match=r"m.onnx: output 0.*previous file.*kept"):
+        pycompress.export_onnx(other, torch.randn(4, 16), target)
+    assert target.read_bytes() == before
+    assert _listing(tmp_path) == ["m.onnx"]
+    # a failure while writing leaves no partial file under the target name either
+    monkeypatch.undo()
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(onnx.checker, "check_model", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        pycompress.export_onnx(other, torch.randn(4, 16), tmp_path / "new.onnx")
+    assert _listing(tmp_path) == ["m.onnx"]
+    assert target.read_bytes() == before

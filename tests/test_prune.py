@@ -225,15 +225,17 @@ def test_deploy_pruned(mode):
     pycompress.prune(model, 0.9)
     x = torch.randn(4, 64)
     ref = model(x).detach()
-    pycompress.deploy_pruned(model, mode=mode)
+    # auto: a timer under which only enc.0 (64 inputs) is faster sparse
+    timer = (lambda layer, x: 1.0 if isinstance(layer, SparseLinear) and layer.in_features == 64 else 2.0)
+    pycompress.deploy_pruned(model, mode=mode, timer=timer if mode == "auto" else None)
     assert not any(isinstance(m, MaskedLinear) for m in model.modules())
-    kinds = {type(m) for m in (model.enc[0], model.enc[2], model.head)}
+    kinds = [type(m) for m in (model.enc[0], model.enc[2], model.head)]
     if mode == "sparse":
-        assert kinds == {SparseLinear}
+        assert kinds == [SparseLinear] * 3
     elif mode == "dense":
-        assert kinds == {nn.Linear}
+        assert kinds == [nn.Linear] * 3
     else:
-        assert kinds <= {SparseLinear, nn.Linear}
+        assert kinds == [SparseLinear, nn.Linear, nn.Linear]
     torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="mode"):
         pycompress.deploy_pruned(model, mode="fast")
@@ -654,3 +656,163 @@ def test_data_methods_bad_input():
 
         pycompress.prune(Unused(), 0.5, method="activation", calibration_data=torch.randn(2, 4))
     assert all(type(m) is not MaskedLinear for m in model.modules())  # nothing half-done
+
+
+# --------------------------------------------------------------------------- tied weights
+class _Tied(nn.Module):
+    """``b`` reuses ``a``'s weight (its own bias): one weight, two uses with different inputs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(7)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.b.weight = self.a.weight
+        self.c = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)) * 3.0 - 1.0)))
+
+
+def _tied_data():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randn(12, 16, generator=g) * torch.linspace(0.2, 4.0, 16) for _ in range(2)]
+
+
+@pytest.mark.parametrize("method", ["activation", "mixed", "magnitude"])
+@pytest.mark.parametrize("pattern", ["channel", "unstructured"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_tied_weights_get_one_mask_and_the_requested_sparsity(method, pattern, scope):
+    model = _Tied()
+    pycompress.prune(model, 0.5, pattern=pattern, scope=scope, method=method, calibration_data=_tied_data())
+    assert model.a.weight is model.b.weight
+    assert torch.equal(model.a.mask, model.b.mask)
+    shared_zeros = int((model.a.weight == 0).sum())
+    if scope == "layer":
+        assert shared_zeros == 128  # exactly half of the one shared [16, 16] weight
+        assert int((~model.c.mask).sum()) == 32
+    else:  # distinct weights: 256 shared + 64 of c, half of them pruned
+        assert shared_zeros + int((~model.c.mask).sum()) == 160
+
+
+def test_tied_weights_unstructured_activation_scores_every_use():
+    """Wanda on a shared weight: |W_ij| times the input norm over the tokens of both uses."""
+    model = _Tied()
+    data = _tied_data()
+    seen = {"a": [], "b": []}
+    hooks = [getattr(model, n).register_forward_pre_hook(lambda m, args, n=n: seen[n].append(args[0]))
+             for n in ("a", "b")]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    norm = torch.cat(seen["a"] + seen["b"]).pow(2).sum(0).sqrt()
+    score = model.a.weight.detach().abs() * norm
+    expected = torch.ones(256, dtype=torch.bool)
+    expected[score.reshape(-1).argsort()[:128]] = False
+    pycompress.prune(model, 0.5, scope="layer", method="activation", calibration_data=data, include=["a", "b"])
+    assert torch.equal(model.a.mask.reshape(-1), expected)
+
+
+def test_gradual_pruning_final_below_initial_is_refused():
+    model = Net()
+    with pytest.raises(ValueError, match=r"final_sparsity \(0.2\) must be >= initial_sparsity \(0.8\)"):
+        pycompress.GradualPruning(model, final_sparsity=0.2, total_steps=10, initial_sparsity=0.8)
+    assert type(model.enc[0]) is nn.Linear  # refused before the model was touched
+    pycompress.GradualPruning(Net(), final_sparsity=0.5, total_steps=10, initial_sparsity=0.5)  # constant is fine
+
+
+def test_gradual_pruning_load_state_dict_names_what_is_wrong():
+    sched = pycompress.GradualPruning(Net(), 0.5, total_steps=4)
+    sched.step()
+    saved = sched.state_dict()
+    with pytest.raises(ValueError, match=r"missing key\(s\) 'current_sparsity', 'step_count'"):
+        sched.load_state_dict({})
+    with pytest.raises(ValueError, match=r"missing key\(s\) 'current_sparsity'"):
+        sched.load_state_dict({"step_count": 1})
+    with pytest.raises(TypeError, match="state must be a dict"):
+        sched.load_state_dict([1, 0.5])
+    with pytest.raises(ValueError, match="step_count"):
+        sched.load_state_dict({"step_count": -1, "current_sparsity": 0.1})
+    with pytest.raises(ValueError, match="current_sparsity"):
+        sched.load_state_dict({"step_count": 1, "current_sparsity": 1.5})
+    assert sched.state_dict() == saved  # a refused state changes nothing
+    other = pycompress.GradualPruning(Net(), 0.5, total_steps=4)
+    other.load_state_dict(saved)
+    assert other.state_dict() == saved
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "channel", "2:4"])
+def test_prune_on_the_meta_device_is_refused_and_changes_nothing(pattern):
+    model = Net().to("meta")
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"meta device"):
+        pycompress.prune(model, None if pattern == "2:4" else 0.5, pattern=pattern)
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    repr(model)
+    bert = tiny_bert().to("meta")
+    with pytest.raises(ValueError, match=r"meta device"):
+        pycompress.prune(bert, 0.5, pattern="head")
+    assert not any(isinstance(m, MaskedLinear) for m in bert.modules())
+
+
+# --------------------------------------------------------------------------- deploy_pruned(mode="auto")
+def _fixed_timer(times: dict, calls: list):
+    """A timer giving each layer kind a fixed time per call (seconds), recording what it timed."""
+    def timer(layer, x):
+        calls.append((type(layer).__name__, x.shape[0]))
+        return times[type(layer).__name__]
+    return timer
+
+
+@pytest.mark.parametrize("faster, want", [("SparseLinear", SparseLinear), ("Linear", nn.Linear)])
+def test_deploy_auto_follows_the_timer(faster, want):
+    model = Net()
+    pycompress.prune(model, 0.9)
+    x = torch.randn(4, 64)
+    ref = model(x).detach()
+    calls = []
+    times = {"SparseLinear": 2.0, "Linear": 2.0, "SemiSparseLinear": 9.0}  # 90% unstructured may be 2:4
+    times[faster] = 1.0
+    pycompress.deploy_pruned(model, mode="auto", batch_sizes=(1, 8), timer=_fixed_timer(times, calls))
+    assert {type(m) for m in (model.enc[0], model.enc[2], model.head)} == {want}
+    # both kinds timed at every batch size, for every layer (dense wins: stops at the first size)
+    assert ("Linear", 1) in calls and ("SparseLinear", 1) in calls
+    assert len([c for c in calls if c[1] == 8 and c[0] != "SemiSparseLinear"]) == (6 if want is SparseLinear else 0)
+    torch.testing.assert_close(model(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_deploy_auto_needs_sparse_faster_at_every_batch_size():
+    model = Net()
+    pycompress.prune(model, 0.9)
+
+    def timer(layer, x):  # sparse faster at one row only
+        sparse = isinstance(layer, SparseLinear)
+        return (1.0 if sparse else 2.0) if x.shape[0] == 1 else (3.0 if sparse else 2.0)
+
+    pycompress.deploy_pruned(model, mode="auto", batch_sizes=(1, 32), timer=timer)
+    assert {type(m) for m in (model.enc[0], model.enc[2], model.head)} == {nn.Linear}
+
+
+def test_deploy_auto_semi24_follows_the_timer():
+    from pycompress.nn import SemiSparseLinear
+
+    for semi_time, want in ((0.5, SemiSparseLinear), (5.0, SparseLinear)):
+        model = Net()
+        pycompress.prune(model, None, pattern="2:4")
+        times = {"SparseLinear": 1.0, "Linear": 2.0, "SemiSparseLinear": semi_time}
+        pycompress.deploy_pruned(model, mode="auto", timer=_fixed_timer(times, []))
+        assert [type(m) for m in (model.enc[0], model.enc[2], model.head)] == [want] * 3
+
+
+def test_deploy_timer_bad_values():
+    model = Net()
+    pycompress.prune(model, 0.5)
+    with pytest.raises(TypeError, match="timer must be a callable"):
+        pycompress.deploy_pruned(model, timer=3.0)
+    with pytest.raises(ValueError, match=r"timer returned 'fast'.*layer 'enc.0'"):
+        pycompress.deploy_pruned(model, timer=lambda layer, x: "fast")
+    with pytest.raises(ValueError, match=r"timer returned nan"):
+        pycompress.deploy_pruned(model, timer=lambda layer, x: float("nan"))
+    assert all(isinstance(m, MaskedLinear) for m in (model.enc[0], model.enc[2], model.head))

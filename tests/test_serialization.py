@@ -11,6 +11,7 @@ from torch import nn
 
 import pycompress
 from pycompress.export.serialization import MANIFEST_NAME, WEIGHTS_NAME
+from pycompress.nn.registry import COMPACTED_ATTR
 from _pylayer_models import SmallCNN, int8_cls, mlp  # noqa: F401
 
 
@@ -307,3 +308,123 @@ def test_compiled_wrappers_save_as_the_plain_model(int8_cls, tmp_path):
     assert set(manifest["layers"]) == {"0", "2", "4"}
     fresh = pycompress.load(tmp_path / "m", mlp(seed=4))
     _assert_bit_identical(model, fresh, torch.randn(3, 32))
+
+
+# --------------------------------------------------------------------------- all or nothing
+def _snapshot(model: nn.Module):
+    return ({n: type(m) for n, m in model.named_modules()},
+            {k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: id(m) for n, m in model.named_modules()})
+
+
+def _assert_unchanged(model: nn.Module, snap) -> None:
+    types, state, ids = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: id(m) for n, m in model.named_modules()} == ids
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert now[k].dtype == v.dtype and torch.equal(now[k], v), k
+
+
+class _EmbMLP(nn.Module):
+    def __init__(self, vocab=20):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 32)
+        self.mlp = mlp()
+
+    def forward(self, ids):
+        return self.mlp(self.emb(ids).mean(1))
+
+
+def test_failed_load_leaves_the_model_as_it_was_embedding_of_another_size(int8_cls, tmp_path):
+    saved = _EmbMLP(vocab=20)
+    pycompress.quantize(saved.mlp)
+    pycompress.save(saved, tmp_path / "m")
+    target = _EmbMLP(vocab=30)
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match=r"emb.weight: file has shape \(20, 32\), model expects \(30, 32\)"):
+        pycompress.load(tmp_path / "m", target)
+    _assert_unchanged(target, snap)
+    assert all(type(target.mlp[i]) is nn.Linear for i in (0, 2, 4))
+
+
+def test_failed_load_leaves_the_model_as_it_was_missing_layer_path(int8_cls, tmp_path):
+    pycompress.save(pycompress.quantize(mlp()), tmp_path / "m")
+    mpath = tmp_path / "m" / MANIFEST_NAME
+    manifest = json.loads(mpath.read_text())
+    manifest["layers"]["9"] = dict(manifest["layers"]["2"])
+    mpath.write_text(json.dumps(manifest))
+    target = mlp(seed=5)
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match="layer '9'.*not in the model|'9'.*no such module"):
+        pycompress.load(tmp_path / "m", target)
+    _assert_unchanged(target, snap)
+
+
+@needs_prune
+def test_failed_load_leaves_the_model_as_it_was_bad_aliases(tmp_path):
+    pycompress.save(pycompress.prune(mlp(), 0.5, exclude="4"), tmp_path / "m")
+    mpath = tmp_path / "m" / MANIFEST_NAME
+    manifest = json.loads(mpath.read_text())
+    assert manifest["layers"]["0"]["class"] == "MaskedLinear"
+    manifest["aliases"]["0.mask"] = "no.such.tensor"
+    mpath.write_text(json.dumps(manifest))
+    target = mlp(seed=5)
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match=r"alias '0.mask'.*missing tensor 'no.such.tensor'"):
+        pycompress.load(tmp_path / "m", target)
+    _assert_unchanged(target, snap)
+
+
+def test_failed_load_leaves_a_compacted_shape_change_undone(tmp_path):
+    # a compacted save whose narrower Linear fits but whose other tensors do not
+    model = mlp()
+    model[0] = nn.Linear(32, 40)
+    model[2] = nn.Linear(40, 64)
+    setattr(model, COMPACTED_ATTR, True)
+    pycompress.save(model, tmp_path / "m")
+    target = mlp(seed=5).double()
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match="dtype"):
+        pycompress.load(tmp_path / "m", target)
+    _assert_unchanged(target, snap)
+
+
+@pytest.mark.parametrize("where", ["../other/model.safetensors", "/abs", "sub/../../x.safetensors"])
+def test_weights_file_outside_the_save_folder_is_refused(tmp_path, where):
+    pycompress.save(mlp(), tmp_path / "m")
+    (tmp_path / "other").mkdir()
+    os.replace(tmp_path / "m" / WEIGHTS_NAME, tmp_path / "other" / WEIGHTS_NAME)
+    mpath = tmp_path / "m" / MANIFEST_NAME
+    manifest = json.loads(mpath.read_text())
+    manifest["weights"]["file"] = str(tmp_path / "other" / WEIGHTS_NAME) if where == "/abs" else where
+    mpath.write_text(json.dumps(manifest))
+    target = mlp(seed=5)
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match="outside the save folder|not a plain file name"):
+        pycompress.load(tmp_path / "m", target)
+    _assert_unchanged(target, snap)
+
+
+def test_weights_file_symlinked_out_of_the_save_folder_is_refused(tmp_path):
+    pycompress.save(mlp(), tmp_path / "m")
+    (tmp_path / "other").mkdir()
+    os.replace(tmp_path / "m" / WEIGHTS_NAME, tmp_path / "other" / WEIGHTS_NAME)
+    os.symlink(tmp_path / "other" / WEIGHTS_NAME, tmp_path / "m" / WEIGHTS_NAME)
+    target = mlp(seed=5)
+    snap = _snapshot(target)
+    with pytest.raises(ValueError, match="outside the save folder"):
+        pycompress.load(tmp_path / "m", target)
+    _assert_unchanged(target, snap)
+
+
+def test_weights_file_under_another_name_inside_the_folder_is_followed(tmp_path):
+    model = mlp()
+    pycompress.save(model, tmp_path / "m")
+    os.replace(tmp_path / "m" / WEIGHTS_NAME, tmp_path / "m" / "w.safetensors")
+    mpath = tmp_path / "m" / MANIFEST_NAME
+    manifest = json.loads(mpath.read_text())
+    manifest["weights"]["file"] = "w.safetensors"
+    mpath.write_text(json.dumps(manifest))
+    _assert_bit_identical(model, pycompress.load(tmp_path / "m", mlp(seed=5)), torch.randn(3, 32))

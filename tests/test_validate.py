@@ -202,3 +202,56 @@ def test_compacted_layers_are_skipped_with_a_reason(int8_cls):
     rep = pycompress.validate(masked, partly, x, tolerance={"cosine": 0.99, "layer_cosine": 0.99})
     assert rep.passed, rep
     assert sorted(rep.skipped) == ["0", "2"] and sorted(rep.layers) == ["4"] and rep.layers["4"].calls == 1
+
+
+def test_nan_inputs_are_refused_with_the_nan_named(int8_cls):
+    ref = mlp()
+    cand = pycompress.quantize(copy.deepcopy(ref))
+    x = torch.randn(4, 32)
+    x[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"batch 1.*1 NaN value.*input"):
+        pycompress.validate(ref, cand, [torch.randn(4, 32), x])
+    with pytest.raises(ValueError, match=r"batch 0.*128 NaN values"):
+        pycompress.validate(ref, cand, {"x": torch.full((4, 32), float("nan"))})
+
+
+class _LogOf(nn.Module):
+    """Finite inputs, NaN outputs for some rows (log of a negative number)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return torch.log(self.fc(x))
+
+
+def test_non_finite_reference_outputs_are_never_a_perfect_agreement():
+    torch.manual_seed(0)
+    ref = _LogOf()
+    x = torch.randn(16, 8)
+    assert torch.isnan(ref(x)).any()
+    rep = pycompress.validate(ref, copy.deepcopy(ref), x, tolerance={"top1_agreement": 0.5})
+    assert not rep.passed
+    assert any("reference output holds" in f and "NaN" in f for f in rep.failures), rep.failures
+    for k in ("cosine", "min_cosine", "max_abs_error", "top1_agreement", "kl_div", "relative_error"):
+        assert math.isnan(rep.metrics[k]), (k, rep.metrics[k])
+    assert rep.reference_nonfinite > 0 and rep.to_dict()["reference_nonfinite"] == rep.reference_nonfinite
+
+
+def test_nan_candidate_rows_count_as_disagreement():
+    ref = mlp()
+    cand = copy.deepcopy(ref)
+    with torch.no_grad():
+        cand[4].weight[:, 0] = float("nan")
+    rep = pycompress.validate(ref, cand, torch.randn(6, 32), tolerance=-1.0)  # every row is NaN
+    assert rep.top1_agreement == 0.0 and math.isnan(rep.max_abs_error) and not rep.passed
+
+
+def test_zero_row_batch_says_there_is_nothing_to_compare(int8_cls):
+    ref = mlp()
+    cand = pycompress.quantize(copy.deepcopy(ref))
+    with pytest.raises(ValueError, match=r"batch 0 has 0 rows: nothing to compare"):
+        pycompress.validate(ref, cand, torch.randn(0, 32))
+    with pytest.raises(ValueError, match=r"batch 1 has 0 rows: nothing to compare"):
+        pycompress.validate(ref, cand, [torch.randn(2, 32), torch.randn(0, 32)])

@@ -75,6 +75,7 @@ struct Int8Epilogue {
   int32_t* c = nullptr;
   int64_t ldc = 0;
   // float output: out[m * ldo + n] = ((float)acc * a_scale[m]) * w_scale[n] + bias[n]
+  // (on the CPU, where (float)acc * a_scale[m] alone overflows, the expression in double)
   void* out = nullptr;
   DType out_dtype = DType::F32;
   int64_t ldo = 0;

@@ -4,6 +4,8 @@
 //   absmax   = max_k |x[m, k]|                       (computed in fp32)
 //   scale[m] = absmax / 127          (1 when absmax == 0; NaN when the row has a non-finite value)
 //   q[m, k]  = clamp(rint(x[m, k] * (127 / absmax)), -127, 127)   (0 for zero/non-finite rows)
+//   (rows with absmax < 127 / FLT_MAX, where 127 / absmax overflows: x and absmax scaled by 2^64,
+//    q[m, k] = clamp(rint((x[m, k] * 2^64) * (127 / (absmax * 2^64))), -127, 127); CPU)
 // with IEEE fp32 arithmetic and round-half-to-even, so every implementation
 // (scalar, AVX2, AVX-512, CUDA) produces identical bits.
 //

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ def _first_device(module: nn.Module) -> torch.device | None:
 def distill(
     teacher: nn.Module | None,
     student: nn.Module,
-    train_data: Dataset,
+    train_data: Dataset | Sequence,
     epochs: int = 3,
     temperature: float = 4.0,
     alpha: float = 0.9,
@@ -60,12 +61,14 @@ def distill(
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, list[dict]]:
-    """Distills ``teacher`` into ``student`` on ``train_data`` (a Dataset of ``(inputs, labels)``).
+    """Distills ``teacher`` into ``student`` on ``train_data`` (a Dataset of ``(inputs, labels)``
+    or a list of such pairs).
 
     The loss is :class:`pycompress.nn.KDLoss` (the fused softmax-KL kernel):
     ``alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * cross_entropy(student, labels)``
     with ``T = temperature``; with ``alpha=1`` labels are not used (pure distillation, so
-    unlabelled samples can carry any label). Rows labelled ``ignore_index`` are left out.
+    unlabelled samples can carry any label). Rows labelled ``ignore_index`` are left out; with
+    ``alpha < 1`` any other label outside ``0 .. C-1`` raises ValueError naming it.
     The teacher runs in ``eval()`` under ``torch.no_grad()`` and is never wrapped by DDP; a
     teacher in bf16/fp16 gets its inputs cast to its dtype and its logits cast back. A teacher
     the caller sharded with FSDP (``torch.distributed.fsdp.fully_shard``) is used as it is: every
@@ -152,7 +155,7 @@ def distill(
             device=device, pruning=pruning_schedule, checkpoint_dir=checkpoint_dir, resume=resume,
             progress=progress, desc="distill", need_teacher_logits=teacher is None,
             before_wrap=prepare, weight_by="labels" if use_labels else "samples",
-            ignore_index=ignore_index, on_skip=skip,
+            ignore_index=ignore_index, on_skip=skip, class_labels=use_labels,
         )
     finally:
         if teacher is not None and was_training is not None:

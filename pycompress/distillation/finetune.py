@@ -64,7 +64,7 @@ def _freeze_names(model: nn.Module, head: str, freeze) -> set[str]:
 
 def finetune(
     model: nn.Module,
-    train_data: Dataset,
+    train_data: Dataset | Sequence,
     num_classes: int | None = None,
     head: nn.Module | None = None,
     freeze="backbone",
@@ -85,7 +85,9 @@ def finetune(
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[nn.Module, list[dict]]:
-    """Fine-tunes ``model`` on ``train_data`` (a Dataset of ``(inputs, labels)``), in place.
+    """Fine-tunes ``model`` on ``train_data`` (a Dataset of ``(inputs, labels)`` or a list of
+    such pairs), in place. Labels are class indices; one outside ``0 .. C-1`` (other than
+    ``ignore_index``) raises ValueError naming it before the step that would use it.
 
     * ``head``: a module that replaces the model's head (found by :func:`find_head` or
       ``head_name``); or ``num_classes``: a new ``nn.Linear`` head with that many outputs (drawn
@@ -147,6 +149,7 @@ def finetune(
             shuffle=shuffle, seed=seed, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
             device=device, pruning=pruning_schedule, checkpoint_dir=checkpoint_dir, resume=resume,
             progress=progress, desc="finetune", weight_by="labels", ignore_index=ignore_index,
+            class_labels=True,
         )
     finally:
         for n, p in model.named_parameters():

@@ -85,6 +85,33 @@ def unpack_sample(batch: Any, need_teacher_logits: bool = False):
     return batch[0], batch[1], None
 
 
+def is_indexable_dataset(data: Any) -> bool:
+    """A ``Dataset`` with a length, or any sequence of samples (e.g. a list of ``(x, y)`` pairs)."""
+    if isinstance(data, (str, bytes, torch.Tensor, dict)):
+        return False
+    return hasattr(data, "__len__") and hasattr(data, "__getitem__")
+
+
+def out_of_range_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
+    """The integer labels that are neither ``ignore_index`` nor a class in ``0 .. num_classes-1``."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        return labels.new_empty(0)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    return labels[bad]
+
+
+def _label_error(bad: torch.Tensor, num_classes: int, ignore_index: int, epoch: int, step: int) -> str:
+    where = f"(epoch {epoch + 1}, step {step + 1})"
+    if bad.numel() == 0:
+        return (f"a label on another rank is out of range for a model with {num_classes} classes {where}; "
+                f"labels must be in 0..{num_classes - 1} or ignore_index={ignore_index}")
+    values = sorted({int(v) for v in bad.reshape(-1).tolist()})
+    more = f" (and {len(values) - 1} other bad value(s): {values[1:6]})" if len(values) > 1 else ""
+    return (f"label {values[0]} is out of range for a model with {num_classes} classes {where}{more}; "
+            f"labels must be in 0..{num_classes - 1}, or ignore_index={ignore_index} for a sample "
+            "to skip")
+
+
 # --------------------------------------------------------------------------- optimizer
 
 
@@ -229,6 +256,7 @@ def fit(
     weight_by: str = "samples",
     ignore_index: int = -100,
     on_skip: Callable[[Any], None] | None = None,
+    class_labels: bool = False,
 ) -> tuple[nn.Module, list[dict]]:
     """Trains ``model`` in place; returns it (never DDP-wrapped) and the per-epoch history.
 
@@ -239,14 +267,17 @@ def fit(
     ``ignore_index`` (``weight_by="labels"``; the global count is all-reduced every step).
     ``pruning`` is ``None``, a :class:`pycompress.GradualPruning` built on ``model`` or a dict
     of its keywords (``total_steps`` defaults to every optimizer step of the run).
+    ``class_labels``: integer labels are class indices of the logits' last dimension; a label
+    outside ``0 .. C-1`` (other than ``ignore_index``) raises ValueError before the step that
+    would use it (on every rank at once under data parallelism).
     """
     from tqdm.auto import tqdm
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(train_data, Dataset) or not hasattr(train_data, "__len__"):
-        raise TypeError("train_data must be a torch.utils.data.Dataset with a length, "
-                        "yielding (inputs, labels)")
+    if not is_indexable_dataset(train_data):
+        raise TypeError("train_data must be a torch.utils.data.Dataset with a length or a list of "
+                        f"(inputs, labels) pairs, got {type(train_data).__name__}")
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     if resume and not checkpoint_dir:
@@ -334,14 +365,24 @@ def fit(
                     if t_logits is not None:
                         t_logits = t_logits.to(device)
                     valid = labels != ignore_index
-                    if weight_by == "labels":
-                        w_local = int(valid.sum()) if n_local else 0
-                        w_global = (int(pdist.all_reduce_sum(torch.tensor([w_local]))[0])
-                                    if ctx.enabled else w_local)
-                    else:
-                        w_local, w_global = n_local, n_global
                     opt.zero_grad(set_to_none=True)
                     logits = model_outputs(call_model(net, inputs))
+                    bad = (out_of_range_labels(labels, logits.shape[-1], ignore_index)
+                           if class_labels and n_local else labels.new_empty(0))
+                    n_bad = int(bad.numel())
+                    if weight_by == "labels":
+                        w_local = int(valid.sum()) if n_local else 0
+                        if ctx.enabled:  # one all-reduce for the label count and the check
+                            red = pdist.all_reduce_sum(torch.tensor([w_local, n_bad]))
+                            w_global, n_bad = int(red[0]), int(red[1])
+                        else:
+                            w_global = w_local
+                    else:
+                        w_local, w_global = n_local, n_global
+                        if class_labels and ctx.enabled:
+                            n_bad = int(pdist.all_reduce_sum(torch.tensor([n_bad]))[0])
+                    if n_bad:
+                        raise ValueError(_label_error(bad, logits.shape[-1], ignore_index, epoch, step))
                     if w_local == 0:
                         # nothing of this step's global batch to learn from on this rank: a zero
                         # loss through the model keeps DDP's gradient reduction in step, and

@@ -57,8 +57,18 @@ class LayerError:
         return dict(self.__dict__)
 
 
+def _nanmax(a: float, b: float) -> float:
+    """``max`` that keeps NaN (Python's ``max(0.0, nan)`` is 0.0)."""
+    return a if math.isnan(a) else b if math.isnan(b) else max(a, b)
+
+
+def _nanmin(a: float, b: float) -> float:
+    return a if math.isnan(a) else b if math.isnan(b) else min(a, b)
+
+
 class _Acc:
-    """Streaming accumulator of output-agreement statistics (float64)."""
+    """Streaming accumulator of output-agreement statistics (float64). NaN anywhere propagates
+    to the statistics it touches; a row holding NaN/inf never counts as a top-1 agreement."""
 
     def __init__(self):
         self.rows = 0
@@ -72,11 +82,14 @@ class _Acc:
         self.kl_sum = 0.0
         self.top1 = 0
         self.nonfinite = 0
+        self.ref_nonfinite = 0
 
     def add(self, ref: torch.Tensor, cand: torch.Tensor, logits: bool) -> None:
         r = ref.detach().to(torch.float64).reshape(-1, ref.shape[-1] if ref.dim() else 1).cpu()
         c = cand.detach().to(torch.float64).reshape(r.shape).cpu()
-        self.nonfinite += int((~torch.isfinite(c) & torch.isfinite(r)).sum())
+        r_fin, c_fin = torch.isfinite(r), torch.isfinite(c)
+        self.ref_nonfinite += int((~r_fin).sum())
+        self.nonfinite += int((~c_fin & r_fin).sum())
         d = (c - r).abs()
         self.rows += r.shape[0]
         self.elems += r.numel()
@@ -85,9 +98,9 @@ class _Acc:
         both_zero = (r.abs().sum(-1) == 0) & (c.abs().sum(-1) == 0)
         cos = torch.where(both_zero, torch.ones_like(cos), cos)
         self.cos_sum += float(cos.sum())
-        self.cos_min = min(self.cos_min, float(cos.min())) if cos.numel() else self.cos_min
+        self.cos_min = _nanmin(self.cos_min, float(cos.min())) if cos.numel() else self.cos_min
         self.abs_sum += float(d.sum())
-        self.abs_max = max(self.abs_max, float(d.max())) if d.numel() else self.abs_max
+        self.abs_max = _nanmax(self.abs_max, float(d.max())) if d.numel() else self.abs_max
         self.diff_sq += float((d * d).sum())
         self.ref_sq += float((r * r).sum())
         if logits and r.shape[-1] > 1:
@@ -95,7 +108,8 @@ class _Acc:
             lp_c = torch.log_softmax(c, -1)
             kl = (lp_r.exp() * (lp_r - lp_c)).sum(-1)
             self.kl_sum += float(kl.sum())
-            self.top1 += int((r.argmax(-1) == c.argmax(-1)).sum())
+            finite_rows = r_fin.all(-1) & c_fin.all(-1)
+            self.top1 += int(((r.argmax(-1) == c.argmax(-1)) & finite_rows).sum())
 
     def result(self, logits: bool) -> dict:
         rows = max(self.rows, 1)
@@ -112,6 +126,10 @@ class _Acc:
         if self.nonfinite:
             for k in ("cosine", "min_cosine", "max_abs_error", "mean_abs_error", "relative_error"):
                 if not math.isfinite(out[k]):
+                    out[k] = float("nan")
+        if self.ref_nonfinite:  # a non-finite reference gives no meaningful number at all
+            for k, v in out.items():
+                if v is not None:
                     out[k] = float("nan")
         return out
 
@@ -142,6 +160,9 @@ class ValidationReport:
             :func:`pycompress.compact`), by qualified name → reason.
         tolerance: the bounds checked; ``failures``: the bounds that were not met.
         batches / rows: how much data was compared.
+        nonfinite / reference_nonfinite: NaN/inf values in the candidate's output where the
+            reference's is finite / in the reference's output (then every metric is NaN and the
+            report fails).
     """
 
     output: str
@@ -154,6 +175,7 @@ class ValidationReport:
     rows: int = 0
     nonfinite: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
+    reference_nonfinite: int = 0
 
     @property
     def passed(self) -> bool:
@@ -183,6 +205,7 @@ class ValidationReport:
             "batches": self.batches,
             "rows": self.rows,
             "nonfinite": self.nonfinite,
+            "reference_nonfinite": self.reference_nonfinite,
             "layers": {k: v.to_dict() for k, v in self.layers.items()},
             "skipped": dict(self.skipped),
         }
@@ -378,7 +401,9 @@ def validate(
 
     Raises:
         ValueError: outputs of different shapes, a model that fails on the inputs (the message
-            names the input shapes), no batches, unknown tolerance keys.
+            names the input shapes), no batches, a batch with 0 rows (nothing to compare), NaN in
+            the inputs, unknown tolerance keys. A reference output holding NaN/inf is not an
+            error but a failed report (every metric NaN, named in ``failures``).
 
     Example:
         >>> import copy, torch, pycompress
@@ -418,6 +443,7 @@ def validate(
     try:
         with torch.no_grad():
             for i, batch in enumerate(_utils.progress_bar(batches, "validate", progress)):
+                _check_inputs(batch, i)
                 ref_out = _utils.call_model(reference, batch, "reference model", i)
                 cand_out = _utils.call_model(candidate, batch, "candidate model", i)
                 r, w = _utils.output_tensor(ref_out)
@@ -427,6 +453,9 @@ def validate(
                         f"batch {i}: candidate output `{w}` has shape {tuple(c.shape)} but the "
                         f"reference's has {tuple(r.shape)}"
                     )
+                if r.numel() == 0:
+                    raise ValueError(f"batch {i} has 0 rows: nothing to compare (the reference output `{w}` "
+                                     f"has shape {tuple(r.shape)})")
                 if where is None:
                     where = w
                     is_logits = _is_logits(w, r, logits)
@@ -447,6 +476,9 @@ def validate(
     failures = [p.failure for p in probes if p.failure]
     failures += [f"layer {p.err.name}: never called on these inputs" for p in probes
                  if p.failure is None and p.err.calls == 0 and tol.keys() & {"layer_cosine", "layer_relative_error"}]
+    if acc.ref_nonfinite:
+        failures.append(f"reference output holds {acc.ref_nonfinite} NaN/inf values: nothing meaningful to "
+                        "compare (every metric is NaN)")
     if acc.nonfinite:
         failures.append(f"candidate output holds {acc.nonfinite} NaN/inf values")
     values = dict(metrics)
@@ -475,4 +507,20 @@ def validate(
         rows=acc.rows,
         nonfinite=acc.nonfinite,
         skipped=skipped,
+        reference_nonfinite=acc.ref_nonfinite,
     )
+
+
+def _check_inputs(batch: Any, index: int) -> None:
+    """Refuses NaN inputs (no output computed from them means anything) and empty batches.
+    Infinite values are allowed: additive attention masks hold ``-inf``."""
+    _utils.check_batch(batch)
+    tensors = list(_utils._tensors(batch))
+    for j, t in enumerate(tensors):
+        if t.dim() >= 1 and t.shape[0] == 0:
+            raise ValueError(f"batch {index} has 0 rows: nothing to compare (input {j} has shape {tuple(t.shape)})")
+        if t.is_floating_point() or t.is_complex():
+            n = int(torch.isnan(t).sum())
+            if n:
+                raise ValueError(f"inputs: batch {index} holds {n} NaN value{'s' if n > 1 else ''} in input {j} "
+                                 f"(shape {tuple(t.shape)}); validate needs finite inputs")

@@ -60,6 +60,7 @@ import copy
 import inspect
 import logging
 import os
+import secrets
 import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -516,15 +517,58 @@ def _exporter_supports_dynamo() -> bool:
     return "dynamo" in params and "custom_translation_table" in params
 
 
-def _default_dynamic_axes(tensors: list[torch.Tensor], in_names: list[str], out_names: list[str]) -> dict:
-    if not tensors or any(t.dim() == 0 or t.shape[0] < 2 for t in tensors):
+def _default_dynamic_axes(tensors: list[torch.Tensor], in_names: list[str], out_names: list[str],
+                          outputs: list[torch.Tensor]) -> dict:
+    """Dim 0 of every input (and of every output of the same leading size) is ``"batch"`` when
+    all inputs share their leading size; whatever that size is (even one row)."""
+    if not tensors or any(t.dim() == 0 for t in tensors):
         return {}
     b = tensors[0].shape[0]
     if any(t.shape[0] != b for t in tensors):
         return {}
     axes = {n: {0: "batch"} for n in in_names}
-    axes.update({n: {0: "batch"} for n in out_names})
+    axes.update({n: {0: "batch"} for n, o in zip(out_names, outputs) if o.dim() >= 1 and o.shape[0] == b})
     return axes
+
+
+def _check_dynamic_axes(dynamic_axes: Any, in_names: list[str], inputs: list[torch.Tensor],
+                        out_names: list[str], outputs: list[torch.Tensor]) -> dict:
+    """``dynamic_axes`` checked against the graph's inputs and outputs, as ``{name: {axis: label}}``."""
+    if not isinstance(dynamic_axes, Mapping):
+        raise TypeError(f"dynamic_axes must be a dict {{name: {{axis: label}}}}, got {type(dynamic_axes).__name__}")
+    ranks = {n: t.dim() for n, t in zip(in_names, inputs)}
+    ranks.update({n: t.dim() for n, t in zip(out_names, outputs) if n not in ranks})
+    out: dict[str, dict[int, str]] = {}
+    for name, spec in dynamic_axes.items():
+        if name not in ranks:
+            known = ", ".join(repr(n) for n in [*in_names, *out_names])
+            raise ValueError(f"dynamic_axes names {name!r}, which is neither an input nor an output of the "
+                             f"exported graph (its inputs and outputs are: {known})")
+        if isinstance(spec, (list, tuple)):
+            spec = {a: f"{name}_dim{a}" for a in spec}
+        if not isinstance(spec, Mapping):
+            raise TypeError(f"dynamic_axes[{name!r}] must be a dict {{axis: label}} or a list of axes, "
+                            f"got {type(spec).__name__}")
+        axes: dict[int, str] = {}
+        for axis, label in spec.items():
+            if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < ranks[name]:
+                raise ValueError(f"dynamic_axes[{name!r}]: axis {axis!r} is out of range for a tensor of rank "
+                                 f"{ranks[name]} (axes are 0 .. {ranks[name] - 1})")
+            axes[axis] = str(label)
+        out[name] = axes
+    return out
+
+
+def _tracing_example(tensors: list[torch.Tensor], in_names: list[str], dynamic_axes: dict) -> list[torch.Tensor]:
+    """The example with every dynamic axis of size 1 repeated to size 2: exporters specialize
+    sizes 0 and 1 to constants, so tracing at size 1 would fix a dynamic axis."""
+    out = []
+    for name, t in zip(in_names, tensors):
+        for axis in (dynamic_axes.get(name) or {}):
+            if t.shape[axis] == 1:
+                t = torch.cat([t, t], dim=axis)
+        out.append(t)
+    return out
 
 
 def _dynamic_shapes(dynamic_axes: dict, input_names: list[str]) -> tuple:
@@ -584,17 +628,44 @@ def compare_outputs(reference: list[torch.Tensor], outputs: list[np.ndarray]) ->
     return res
 
 
-def _verify(path: str, tensors: list[torch.Tensor], reference: list[torch.Tensor]) -> list[dict]:
+def _verify(path: str, tensors: list[torch.Tensor], reference: list[torch.Tensor], name: str | None = None) -> list[dict]:
+    """Runs the file at ``path`` in ONNX Runtime on ``tensors`` and compares with ``reference``
+    (``name``: the file name to report)."""
+    name = path if name is None else name
     stats = compare_outputs(reference, _run_ort(path, tensors))
     for i, s in enumerate(stats):
         bound = VERIFY_MAX_ABS_REL * s["scale"] + 1e-6
         if not (s["cosine"] >= VERIFY_MIN_COSINE and s["max_abs"] <= bound):
             raise OnnxVerificationError(
-                f"{path}: output {i} in ONNX Runtime disagrees with the PyTorch model: cosine "
+                f"{name}: output {i} in ONNX Runtime disagrees with the PyTorch model: cosine "
                 f"{s['cosine']:.6f} (needs >= {VERIFY_MIN_COSINE}), max abs difference "
                 f"{s['max_abs']:.4g} (needs <= {bound:.4g} = {VERIFY_MAX_ABS_REL} x max |output| "
                 f"{s['scale']:.4g})")
     return stats
+
+
+def _temp_path(path: str) -> str:
+    """A new empty file next to ``path`` (same folder, so ``os.replace`` is atomic), created
+    with the permissions a plain ``open(path, "w")`` would give."""
+    folder, base = os.path.split(os.path.abspath(path))
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{base}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file next to {path}")
+
+
+def _rebuild_batch(args: tuple, kwargs: dict, tensors: list[torch.Tensor]):
+    """The example batch (as ``_utils.call_model`` takes it) with its tensors replaced."""
+    it = iter(tensors)
+    new_args = tuple(next(it) if isinstance(a, torch.Tensor) else a for a in args)
+    new_kwargs = {k: (next(it) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    if new_kwargs:  # _normalize_inputs gives either positional or keyword arguments
+        return new_kwargs
+    return new_args[0] if len(new_args) == 1 else new_args
 
 
 # --------------------------------------------------------------------------- public API
@@ -627,14 +698,22 @@ def export_onnx(
         input_names / output_names: graph input / output names (default: the dict keys, or
             ``input_0, ...``; ``output_0, ...``). Outputs are the model's output tensors
             flattened in order (a ``ModelOutput`` gives its fields in order).
-        dynamic_axes: as in ``torch.onnx.export`` (``{name: {axis: "label"}}``). Default: dim 0
-            of every input and output is a dynamic ``"batch"`` axis when the example batch has at
-            least 2 rows (and all inputs share it); ``{}`` exports static shapes.
+        dynamic_axes: as in ``torch.onnx.export`` (``{name: {axis: "label"}}`` or
+            ``{name: [axes]}``); every name must be an input or output of the graph and every
+            axis within its tensor's rank, else ValueError. Default: dim 0 of every input (and of
+            every output with the same leading size) is a dynamic ``"batch"`` axis whenever all
+            inputs share their leading size, whatever it is (a one-row example included: the
+            model is then traced on the example repeated to 2 rows, since exporters fix sizes 0
+            and 1); ``{}`` exports static shapes.
         opset: ONNX opset (default 18; >= 15).
-        verify: run the file in ONNX Runtime on ``example_inputs`` and compare with the PyTorch
-            model: every output needs cosine >= 0.999 and max abs difference <= 0.05 x its
-            largest magnitude, else :class:`OnnxVerificationError` (a ValueError) with both
-            numbers. ``onnx.checker`` always runs.
+        verify: run the file in ONNX Runtime on ``example_inputs`` (and on the 2-row tracing
+            example when the example had one row) and compare with the PyTorch model: every
+            output needs cosine >= 0.999 and max abs difference <= 0.05 x its largest magnitude,
+            else :class:`OnnxVerificationError` (a ValueError) with both numbers, and ``path``
+            is not written (a previous file there is kept). ``onnx.checker`` always runs.
+
+    The file is written atomically: exported to a temporary file in the same folder, checked
+    (and verified), then renamed to ``path``; on any error ``path`` is left as it was.
         int8_format: integer types of the ``w8a8`` layers: ``"auto"`` (default: ``"u8u8"`` for
             8-bit activations, ``"u8s8"`` for ``act_bits=7``; exact integer products with ONNX
             Runtime's fast x86 kernels), ``"u8u8"``, ``"u8s8"`` (may saturate with 8-bit
@@ -650,7 +729,9 @@ def export_onnx(
 
     Raises:
         ImportError: onnx / onnxruntime (or onnxscript for the torch.export path) missing.
-        TypeError / ValueError: bad arguments, inputs that do not fit ``model.forward``.
+        TypeError / ValueError: bad arguments, inputs that do not fit ``model.forward``, an
+            example with 0 rows, ``dynamic_axes`` naming no input/output or an axis out of range.
+        OnnxVerificationError: ONNX Runtime disagrees with PyTorch (``verify=True``).
         FileNotFoundError / PermissionError: the file cannot be written.
 
     Example:
@@ -690,14 +771,21 @@ def export_onnx(
     if len(input_names) != len(tensors):
         raise ValueError(f"input_names has {len(input_names)} name(s) for {len(tensors)} input tensor(s)")
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            batch = kwargs if kwargs else tuple(args)
-            ref_out = _utils.call_model(model, batch if len(args) != 1 or kwargs else args[0], what="model")
-    finally:
-        model.train(was_training)
+    for name, t in zip(input_names, tensors):
+        if t.dim() >= 1 and t.shape[0] == 0:
+            raise ValueError(f"example_inputs: input {name!r} has 0 rows (shape {tuple(t.shape)}); the export "
+                             "runs the model on the example, which needs at least one row")
+
+    def run_model(batch_tensors: list[torch.Tensor]) -> Any:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return _utils.call_model(model, _rebuild_batch(args, kwargs, batch_tensors), what="model")
+        finally:
+            model.train(was_training)
+
+    ref_out = run_model(tensors)
     reference = [t.detach().float().cpu() for t in _flatten_tensors(ref_out)]
     if not reference:
         raise ValueError(f"{type(model).__name__} returned no tensor")
@@ -711,7 +799,21 @@ def export_onnx(
     if len(output_names) != len(reference):
         raise ValueError(f"output_names has {len(output_names)} name(s) for {len(reference)} output tensor(s)")
     if dynamic_axes is None:
-        dynamic_axes = _default_dynamic_axes(tensors, input_names, output_names)
+        dynamic_axes = _default_dynamic_axes(tensors, input_names, output_names, reference)
+    else:
+        dynamic_axes = _check_dynamic_axes(dynamic_axes, input_names, tensors, output_names, reference)
+    # traced at size >= 2 along every dynamic axis (see _tracing_example)
+    trace = _tracing_example(tensors, input_names, dynamic_axes)
+    enlarged = any(t is not u for t, u in zip(trace, tensors))
+    trace_reference = None
+    if enlarged:
+        try:
+            trace_out = run_model(trace)
+        except ValueError as e:
+            raise ValueError(f"{e} — the export traces the model on the example repeated to 2 along its "
+                             "dynamic axes of size 1; pass a larger example, or dynamic_axes={} for a "
+                             "static export") from e
+        trace_reference = [t.detach().float().cpu() for t in _flatten_tensors(trace_out)]
 
     _define_ops()
     export_model, _ = _export_copy(model, int8_format)
@@ -734,7 +836,7 @@ def export_onnx(
         _require("onnxscript")
     params = inspect.signature(torch.onnx.export).parameters
 
-    def export(dyn: dict) -> None:
+    def export(dyn: dict, target: str) -> None:
         export_kw = dict(input_names=input_names, output_names=output_names, opset_version=opset)
         if use_dynamo:
             export_kw.update(dynamo=True, custom_translation_table=_translation_table(opset))
@@ -744,7 +846,7 @@ def export_onnx(
                 export_kw["external_data"] = False
             if "verbose" in params:
                 export_kw["verbose"] = False
-            proto = torch.onnx.export(wrapper, tuple(tensors), None, **export_kw).model_proto
+            proto = torch.onnx.export(wrapper, tuple(trace), None, **export_kw).model_proto
             try:
                 onnx.checker.check_model(proto)
             except onnx.checker.ValidationError:
@@ -754,21 +856,40 @@ def export_onnx(
                 # for some graphs (e.g. Flatten feeding a BERT layer with torch 2.13 /
                 # onnxscript 0.7.2): export again without it; ONNX Runtime optimizes at load
                 export_kw["optimize"] = False
-                proto = torch.onnx.export(wrapper, tuple(tensors), None, **export_kw).model_proto
-            onnx.save_model(proto, path)
+                proto = torch.onnx.export(wrapper, tuple(trace), None, **export_kw).model_proto
+            onnx.save_model(proto, target)
         else:
             _register_symbolics()
             if dyn:
                 export_kw["dynamic_axes"] = dyn
             if "dynamo" in params:
                 export_kw["dynamo"] = False
-            torch.onnx.export(wrapper, tuple(tensors), path, do_constant_folding=True, **export_kw)
+            torch.onnx.export(wrapper, tuple(trace), target, do_constant_folding=True, **export_kw)
 
-    with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("onnxscript", "torch.onnx"):
-        warnings.simplefilter("ignore")
-        export(dynamic_axes)
-    onnx.checker.check_model(path)
-    _warn_specialized(onnx.load(path, load_external_data=False), dynamic_axes)
-    if verify:
-        _verify(path, tensors, reference)
+    # written to a temporary file next to ``path``, checked and verified there, then moved into
+    # place with os.replace: ``path`` is either the previous file or the new, verified one
+    tmp = _temp_path(path)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("onnxscript", "torch.onnx"):
+            warnings.simplefilter("ignore")
+            export(dynamic_axes, tmp)
+        onnx.checker.check_model(tmp)
+        _warn_specialized(onnx.load(tmp, load_external_data=False), dynamic_axes)
+        if verify:
+            try:
+                _verify(tmp, tensors, reference, name=path)
+                if trace_reference is not None:
+                    _verify(tmp, trace, trace_reference, name=path)
+            except OnnxVerificationError as e:
+                raise OnnxVerificationError(
+                    f"{e}; {path} was not written (a previous file there is kept); export with "
+                    "verify=False to inspect the file") from None
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _utils.fsync_dir(os.path.dirname(os.path.abspath(path)))
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return path

@@ -101,9 +101,9 @@ def _channel_structure(model: nn.Module, skip: list[str]) -> dict[str, dict]:
     return out
 
 
-def _apply_channel_structure(shapes: dict, model: nn.Module, root: Path) -> None:
-    """Rebuilds the ``nn.Conv2d`` / BatchNorm layers of a fresh model that were saved narrower
-    (kernel, stride, padding, eps, momentum... come from the fresh layer)."""
+def _plan_channel_structure(shapes: dict, model: nn.Module, root: Path, plan: dict[str, nn.Module]) -> None:
+    """Plans (without touching ``model``) the ``nn.Conv2d`` / BatchNorm layers of a fresh model to
+    rebuild narrower, as saved (kernel, stride, padding, eps, momentum... come from the fresh layer)."""
     if not isinstance(shapes, dict):
         raise ValueError(f"{root}: corrupt manifest (channel_shapes)")
     for name, shp in shapes.items():
@@ -140,7 +140,7 @@ def _apply_channel_structure(shapes: dict, model: nn.Module, root: Path) -> None
                                 affine=current.affine, track_running_stats=current.track_running_stats,
                                 device=None if ref is None else ref.device, dtype=None if ref is None else ref.dtype)
         new.train(current.training)
-        _utils.set_module(model, name, new)
+        plan[name] = new
 
 
 def _structure(model: nn.Module, skip: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -361,15 +361,16 @@ def _feature_mismatch(name: str, cfg: dict, module: nn.Module, compacted: bool =
     return None
 
 
-def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
-    """Rebuilds plain ``nn.Linear`` layers saved with a smaller shape and sets attention head
-    counts (both from :func:`pycompress.compact`)."""
+def _plan_structure(manifest: dict, model: nn.Module, root: Path, plan: dict[str, nn.Module],
+                    attr_plan: list[tuple[nn.Module, str, int]]) -> None:
+    """Plans (without touching ``model``) the plain ``nn.Linear`` layers to rebuild with a
+    smaller shape and the attention head counts to set (both from :func:`pycompress.compact`)."""
     shapes, attrs = manifest.get("linear_shapes", {}), manifest.get("attributes", {})
     if not isinstance(shapes, dict) or not isinstance(attrs, dict):
         raise ValueError(f"{root}: corrupt manifest (linear_shapes / attributes)")
     if not manifest.get("compacted"):
         return  # shapes must match exactly (checked with the tensors)
-    _apply_channel_structure(manifest.get("channel_shapes", {}), model, root)
+    _plan_channel_structure(manifest.get("channel_shapes", {}), model, root, plan)
     for name, shp in shapes.items():
         try:
             current = model.get_submodule(name)
@@ -381,12 +382,12 @@ def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
         have = (current.in_features, current.out_features, current.bias is not None)
         if want == have:
             continue
-        if want[0] > have[0] or want[1] > have[1] or min(want[:2]) < 1:
+        if not name or want[0] > have[0] or want[1] > have[1] or min(want[:2]) < 1:
             raise ValueError(f"{root}: architecture mismatch — layer {name!r} was saved as Linear"
                              f"({want[0]}, {want[1]}) but the model's is Linear({have[0]}, {have[1]})")
         new = nn.Linear(want[0], want[1], bias=want[2], device=current.weight.device, dtype=current.weight.dtype)
         new.train(current.training)
-        _utils.set_module(model, name, new)
+        plan[name] = new
     for name, vals in attrs.items():
         try:
             module = model.get_submodule(name)
@@ -396,12 +397,87 @@ def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
             raise ValueError(f"{root}: corrupt manifest entry for attributes of {name!r}")
         for attr, value in vals.items():
             cur = getattr(module, attr, None)
-            if attr not in _HEAD_ATTRS or not isinstance(value, int) or not isinstance(cur, int):
+            if (attr not in _HEAD_ATTRS or not isinstance(value, int) or isinstance(value, bool)
+                    or not isinstance(cur, int)):
                 raise ValueError(f"{root}: cannot set {attr}={value!r} on {name!r}")
             if value != cur and (value > cur or attr == "attention_head_size" or value < 1):
                 raise ValueError(f"{root}: architecture mismatch — {name!r} was saved with {attr}={value} "
                                  f"but the model has {attr}={cur}")
-            setattr(module, attr, value)
+            attr_plan.append((module, attr, value))
+
+
+def _plan_layers(manifest: dict, model: nn.Module, root: Path, plan: dict[str, nn.Module]) -> None:
+    """Builds, aside, the pycompress layers that replace modules of ``model``."""
+    known = registry.pycompress_layer_classes()
+    for name, entry in manifest["layers"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
+            raise ValueError(f"{root}: corrupt manifest entry for layer {name!r}")
+        cls = known.get(entry["class"])
+        if cls is None:
+            raise ValueError(
+                f"{root}: layer {name!r} is a {entry['class']}, which this pycompress does not know "
+                f"(known layers: {', '.join(sorted(known)) or 'none'})"
+            )
+        cfg = entry.get("config")
+        if not name:
+            raise ValueError(f"{root}: the saved root module is a {entry['class']}; load it with "
+                             f"{entry['class']}.from_config(...) and load_state_dict instead")
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{root}: architecture mismatch — the manifest names layer {name!r}, which is "
+                             "not in the model (no such module)") from None
+        narrower = isinstance(cfg, dict) and any(
+            cfg.get(a) is not None and cfg.get(a) != getattr(current, a, None)
+            for a in ("in_features", "out_features", "in_channels", "out_channels"))
+        if type(current) is not cls or narrower:
+            problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current,
+                                        compacted=bool(manifest.get("compacted")))
+            if problem:
+                raise ValueError(f"{root}: architecture mismatch — {problem}")
+            try:
+                new = cls.from_config(cfg)
+            except Exception as e:
+                raise ValueError(f"{root}: cannot rebuild layer {name!r} ({entry['class']}) from its config: {e}") from e
+            if not isinstance(new, nn.Module):
+                raise ValueError(f"{root}: {entry['class']}.from_config returned a {type(new).__name__}, "
+                                 "not an nn.Module")
+            new = new.to(_utils.model_device(current))
+            new.train(current.training)
+            plan[name] = new
+
+
+def _weights_path(manifest: dict, root: Path) -> Path:
+    """The weights file named by the manifest; never a path that leaves the save folder."""
+    name = manifest["weights"].get("file", WEIGHTS_NAME)
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        raise ValueError(f"{root}: corrupt manifest (weights file {name!r} is not a plain file name)")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{root}: the manifest's weights file {name!r} is outside the save folder; "
+                         "refusing to read it")
+    wpath = root / rel
+    if not wpath.exists():
+        raise FileNotFoundError(f"{root}: weights file {name} is missing")
+    real, base = wpath.resolve(), root.resolve()
+    if real == base or base not in real.parents:
+        raise ValueError(f"{root}: the weights file {name!r} resolves to {real}, outside the save folder "
+                         "(a link out of the folder); refusing to read it")
+    if not real.is_file():
+        raise ValueError(f"{root}: the weights file {name!r} is not a regular file")
+    return wpath
+
+
+def _planned_state(model: nn.Module, plan: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The state dict ``model`` would have with the planned modules swapped in."""
+    state = model.state_dict()
+    for name in plan:
+        prefix = name + "."
+        for key in [k for k in state if k.startswith(prefix)]:
+            del state[key]
+    for name, new in plan.items():
+        state.update(new.state_dict(prefix=name + "."))
+    return state
 
 
 def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> nn.Module:
@@ -412,6 +488,12 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
     with ``from_config`` and all tensors are loaded, so that the outputs are bit-identical to
     those of the saved model. Tensors are moved to the device of the module they belong to.
 
+    Loading is all or nothing: the manifest, the weights file (size, checksum, tensor names,
+    shapes and dtypes) and every layer are checked and the new layers are built and filled
+    aside before any module of ``model`` is replaced; when anything is wrong, ``load`` raises
+    and ``model`` is exactly as it was (same modules, same tensors). The weights file must lie
+    inside the save folder (no absolute path, no ``..``, no link out of it).
+
     Args:
         path: the directory given to :func:`save`.
         model: an instance of the original architecture (modified in place).
@@ -419,9 +501,9 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
 
     Raises:
         FileNotFoundError: missing directory, manifest or weights file.
-        ValueError: corrupt manifest or weights (bad JSON, checksum mismatch, truncated file),
-            a different architecture (module paths, class, shapes or dtypes differ), an unknown
-            layer class.
+        ValueError: corrupt manifest or weights (bad JSON, checksum mismatch, truncated file, a
+            weights file outside the save folder), a different architecture (module paths,
+            class, shapes or dtypes differ), an unknown layer class.
 
     Example:
         >>> import copy, tempfile, torch, pycompress
@@ -445,9 +527,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
     root = Path(path)
     manifest = _read_manifest(root)
     winfo = manifest["weights"]
-    wpath = root / WEIGHTS_NAME
-    if not wpath.exists():
-        raise FileNotFoundError(f"{root}: weights file {WEIGHTS_NAME} is missing")
+    wpath = _weights_path(manifest, root)
     size = os.path.getsize(wpath)
     if winfo.get("bytes") is not None and size != winfo["bytes"]:
         raise ValueError(
@@ -457,51 +537,23 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
     if winfo.get("sha256") and _sha256(wpath) != winfo["sha256"]:
         raise ValueError(f"{wpath}: checksum mismatch — the weights file is corrupted or from another save")
 
+    # 1. check and plan; nothing below touches ``model`` until step 3
     _check_architecture(manifest, model, root)
-    _apply_structure(manifest, model, root)
-
-    known = registry.pycompress_layer_classes()
-    for name, entry in manifest["layers"].items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("class"), str):
-            raise ValueError(f"{root}: corrupt manifest entry for layer {name!r}")
-        cls = known.get(entry["class"])
-        if cls is None:
-            raise ValueError(
-                f"{root}: layer {name!r} is a {entry['class']}, which this pycompress does not know "
-                f"(known layers: {', '.join(sorted(known)) or 'none'})"
-            )
-        cfg = entry.get("config")
-        if not name:
-            raise ValueError(f"{root}: the saved root module is a {entry['class']}; load it with "
-                             f"{entry['class']}.from_config(...) and load_state_dict instead")
-        current = model.get_submodule(name)
-        narrower = isinstance(cfg, dict) and any(
-            cfg.get(a) is not None and cfg.get(a) != getattr(current, a, None)
-            for a in ("in_features", "out_features", "in_channels", "out_channels"))
-        if type(current) is not cls or narrower:
-            problem = _feature_mismatch(name, cfg if isinstance(cfg, dict) else {}, current,
-                                        compacted=bool(manifest.get("compacted")))
-            if problem:
-                raise ValueError(f"{root}: architecture mismatch — {problem}")
-            try:
-                new = cls.from_config(cfg)
-            except Exception as e:
-                raise ValueError(f"{root}: cannot rebuild layer {name!r} ({entry['class']}) from its config: {e}") from e
-            dev = _utils.model_device(current)
-            new = new.to(dev)
-            new.train(current.training)
-            _utils.set_module(model, name, new)
+    plan: dict[str, nn.Module] = {}
+    attr_plan: list[tuple[nn.Module, str, int]] = []
+    _plan_structure(manifest, model, root, plan, attr_plan)
+    _plan_layers(manifest, model, root, plan)
 
     try:
         tensors = load_file(str(wpath), device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{wpath}: corrupt weights file ({e})") from None
     for alias, canonical in manifest["aliases"].items():
-        if canonical not in tensors:
+        if not isinstance(alias, str) or not isinstance(canonical, str) or canonical not in tensors:
             raise ValueError(f"{root}: corrupt manifest (alias {alias!r} → missing tensor {canonical!r})")
         tensors[alias] = tensors[canonical]
 
-    expected = model.state_dict()
+    expected = _planned_state(model, plan)
     problems = []
     for key, t in tensors.items():
         want = expected.get(key)
@@ -522,7 +574,33 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
             f"{root}: the saved tensors do not fit this model (different architecture or configuration): "
             + "; ".join(problems[:8]) + more
         )
-    model.load_state_dict({k: v for k, v in tensors.items() if k in expected}, strict=strict)
+
+    # 2. fill the new layers aside (their own load checks run here)
+    for name, new in plan.items():
+        prefix = name + "."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            new.load_state_dict(sub, strict=strict)
+        except Exception as e:
+            raise ValueError(f"{root}: cannot load the saved tensors of layer {name!r}: {e}") from e
+
+    # 3. swap everything at once; the rest of the tensors are copied into the kept modules
+    replaced = {name: model.get_submodule(name) for name in plan}
+    old_attrs = [(module, attr, getattr(module, attr)) for module, attr, _ in attr_plan]
+    kept = {k: v for k, v in tensors.items()
+            if k in expected and not any(k.startswith(name + ".") for name in plan)}
+    try:
+        for name in sorted(plan, key=lambda n: n.count(".")):
+            _utils.set_module(model, name, plan[name])
+        for module, attr, value in attr_plan:
+            setattr(module, attr, value)
+        model.load_state_dict(kept, strict=False)
+    except BaseException:
+        for module, attr, value in reversed(old_attrs):
+            setattr(module, attr, value)
+        for name in sorted(replaced, key=lambda n: -n.count(".")):
+            _utils.set_module(model, name, replaced[name])
+        raise
     if manifest.get("compacted"):
         setattr(model, COMPACTED_ATTR, True)
     return outer

@@ -3,6 +3,7 @@ dense ``nn.Linear``), choosing by measured speed in ``mode="auto"``."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -14,7 +15,7 @@ from pycompress.nn.semi_sparse_linear import SemiSparseLinear
 from pycompress.nn.sparse_linear import SparseLinear
 from pycompress.pruning.prune import _set_module
 
-__all__ = ["deploy_pruned"]
+__all__ = ["deploy_pruned", "measure"]
 
 
 def _median_ms(fn, reps):
@@ -30,21 +31,38 @@ def _median_ms(fn, reps):
 
 
 @torch.no_grad()
-def _sparse_is_faster(dense: nn.Linear, sparse: SparseLinear, batch_sizes, reps=5) -> bool:
-    dev = dense.weight.device
+def measure(layer: nn.Module, x: torch.Tensor, reps: int = 5) -> float:
+    """The default timer of :func:`deploy_pruned`: median seconds of ``layer(x)`` over ``reps``
+    calls, after two warm-up calls (the second single-row call builds SparseLinear's M == 1
+    layout)."""
+    for _ in range(2):
+        layer(x)
+    return _median_ms(lambda: layer(x), reps) / 1e3
+
+
+def _timed(timer, layer: nn.Module, x: torch.Tensor, name: str) -> float:
+    t = timer(layer, x)
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"deploy_pruned: timer returned {t!r} for the {type(layer).__name__} of layer {name!r} "
+                         f"at {x.shape[0]} row(s); it must return the seconds per call (a number >= 0)")
+    return float(t)
+
+
+@torch.no_grad()
+def _sparse_is_faster(dense: nn.Module, sparse: nn.Module, batch_sizes, timer, name: str) -> bool:
+    dev = next(dense.parameters()).device
+    dtype = next(dense.parameters()).dtype
     for bs in batch_sizes:
-        x = torch.randn(bs, dense.in_features, device=dev, dtype=dense.weight.dtype)
-        for _ in range(2):  # warm up (the second single-row call builds SparseLinear's M == 1 layout)
-            dense(x), sparse(x)
-        td = _median_ms(lambda: dense(x), reps)
-        ts = _median_ms(lambda: sparse(x), reps)
+        x = torch.randn(bs, dense.in_features, device=dev, dtype=dtype)
+        td = _timed(timer, dense, x, name)
+        ts = _timed(timer, sparse, x, name)
         if ts >= td:
             return False
     return True
 
 
 def deploy_pruned(model: nn.Module, mode: str = "auto", include=None, exclude=None,
-                  batch_sizes=(1, 32)) -> nn.Module:
+                  batch_sizes=(1, 32), timer=None) -> nn.Module:
     """Turns the MaskedLinear layers of ``model`` into inference layers, in place.
 
     ``mode="sparse"`` gives :class:`~pycompress.nn.SparseLinear`, ``"dense"`` a plain ``nn.Linear``
@@ -53,6 +71,12 @@ def deploy_pruned(model: nn.Module, mode: str = "auto", include=None, exclude=No
     ``mode="semi24"`` gives :class:`~pycompress.nn.SemiSparseLinear` (masks must be 2:4, e.g. from
     ``prune(..., pattern="2:4")``); in ``"auto"`` a 2:4-masked layer becomes SemiSparseLinear where
     that is faster than the other choice at every batch size.
+
+    ``timer(layer, x) -> float`` measures ``"auto"``'s candidates: the seconds one call of the
+    candidate ``layer`` (``nn.Linear``, ``SparseLinear`` or ``SemiSparseLinear``) takes on the
+    random batch ``x`` (``batch_sizes`` rows). Default :func:`pycompress.pruning.deploy.measure`
+    (median of 5 calls after 2 warm-up calls); pass another to time differently or to make the
+    choice reproducible.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -61,6 +85,13 @@ def deploy_pruned(model: nn.Module, mode: str = "auto", include=None, exclude=No
     if (not isinstance(batch_sizes, (list, tuple)) or not batch_sizes
             or not all(isinstance(b, int) and b > 0 for b in batch_sizes)):
         raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")
+    if timer is None:
+        timer = measure
+    elif not callable(timer):
+        raise TypeError(f"timer must be a callable (layer, x) -> seconds, got {type(timer).__name__}")
+    # every layer's replacement is decided (and timed) first, then all are swapped: a failure
+    # leaves the model as it was
+    plan = []
     for name, m in _utils.select_modules(model, include, exclude,
                                          predicate=lambda n, mod: isinstance(mod, MaskedLinear)):
         dense = m.to_dense()
@@ -70,19 +101,22 @@ def deploy_pruned(model: nn.Module, mode: str = "auto", include=None, exclude=No
             usable = dev.type == "cpu" or (dev.type == "cuda" and _cuda_sparse_available())
             if usable:
                 sparse = SparseLinear.from_dense(m)
-                if mode == "sparse" or _sparse_is_faster(dense, sparse, batch_sizes):
+                if mode == "sparse" or _sparse_is_faster(dense, sparse, batch_sizes, timer, name):
                     new = sparse
             elif mode == "sparse":
                 raise RuntimeError(f"no sparse kernel for device {dev} (layer {name!r})")
         if mode in ("semi24", "auto"):
-            new = _semi24_choice(m, new, name, mode, batch_sizes)
+            new = _semi24_choice(m, new, name, mode, batch_sizes, timer)
         if name == "":
             raise ValueError("the model itself is a MaskedLinear; wrap it in a container module")
+        plan.append((name, new))
+    for name, new in plan:
         _set_module(model, name, new)
     return model
 
 
-def _semi24_choice(m: MaskedLinear, current: nn.Module, name: str, mode: str, batch_sizes) -> nn.Module:
+def _semi24_choice(m: MaskedLinear, current: nn.Module, name: str, mode: str, batch_sizes,
+                   timer=measure) -> nn.Module:
     """SemiSparseLinear for mode="semi24"; for "auto" it replaces ``current`` only when the mask
     is 2:4 and it is faster at every batch size."""
     dev = m.weight.device
@@ -103,8 +137,7 @@ def _semi24_choice(m: MaskedLinear, current: nn.Module, name: str, mode: str, ba
     with torch.no_grad():
         for bs in batch_sizes:
             x = torch.randn(bs, m.in_features, device=dev, dtype=m.weight.dtype)
-            current(x), semi(x)  # warm up
-            if _median_ms(lambda: semi(x), 5) >= _median_ms(lambda: current(x), 5):
+            if _timed(timer, semi, x, name) >= _timed(timer, current, x, name):
                 return current
     return semi
 

@@ -25,7 +25,8 @@ class GradualPruning:
     Args:
         model: model whose ``nn.Linear`` / ``nn.Conv2d`` layers are swapped to MaskedLinear /
             MaskedConv2d at construction.
-        final_sparsity, total_steps, start_step, frequency, initial_sparsity: the schedule.
+        final_sparsity, total_steps, start_step, frequency, initial_sparsity: the schedule
+            (``final_sparsity >= initial_sparsity``).
         pattern: ``"unstructured"`` or ``"channel"``.
         scope, include, exclude: as in :func:`prune`.
         method, calibration_data, mix, activation_score: as in :func:`prune`. With ``"activation"`` / ``"mixed"``
@@ -57,6 +58,9 @@ class GradualPruning:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.final_sparsity = _check_sparsity(final_sparsity, "final_sparsity")
         self.initial_sparsity = _check_sparsity(initial_sparsity, "initial_sparsity")
+        if self.final_sparsity < self.initial_sparsity:
+            raise ValueError(f"final_sparsity ({final_sparsity}) must be >= initial_sparsity ({initial_sparsity}): "
+                             "the schedule only prunes more over time")
         for name, v, lo in (("total_steps", total_steps, 1), ("start_step", start_step, 0), ("frequency", frequency, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
@@ -121,5 +125,18 @@ class GradualPruning:
         return {"step_count": self.step_count, "current_sparsity": self.current_sparsity}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self.current_sparsity = float(state["current_sparsity"])
+        """Restores :meth:`state_dict` (checked first: nothing changes when it is refused)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from GradualPruning.state_dict(), got {type(state).__name__}")
+        missing = sorted({"step_count", "current_sparsity"} - set(state))
+        if missing:
+            raise ValueError("GradualPruning.load_state_dict: missing key(s) "
+                             + ", ".join(repr(k) for k in missing)
+                             + " (expected the dict returned by GradualPruning.state_dict())")
+        step, cur = state["step_count"], state["current_sparsity"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"GradualPruning.load_state_dict: step_count must be an int >= 0, got {step!r}")
+        if isinstance(cur, bool) or not isinstance(cur, (int, float)) or not 0.0 <= float(cur) < 1.0:
+            raise ValueError(f"GradualPruning.load_state_dict: current_sparsity must be in [0, 1), got {cur!r}")
+        self.step_count = step
+        self.current_sparsity = float(cur)

@@ -53,6 +53,11 @@ Activation statistics come from one pass over ``calibration_data`` with forward 
 forward pre-hooks on the consumers) under ``torch.no_grad()`` (model in eval mode, restored
 afterwards).
 
+A weight shared by several selected layers (tied weights, ``b.weight = a.weight``) is scored once
+and gets one mask: its activation statistics are combined over its uses (unstructured / N:M:
+``||x_j||_2`` over the tokens of every use; channel: the activation scores summed over the uses),
+and it counts once towards the sparsity.
+
 Every ranking sorts with a stable sort on (score, position), so identical weights give identical
 masks on every data-parallel rank.
 """
@@ -387,6 +392,41 @@ def _channel_activations(model, layers, stats, activation_score="mean_abs"):
         st["channel_act_source"] = "consumers"
 
 
+def _check_not_meta(modules) -> None:
+    """Refuses layers whose weights are on the meta device (shapes only, no values to rank)."""
+    for name, m in modules:
+        for pname, p in m.named_parameters():
+            if p.device.type == "meta":
+                raise ValueError(f"layer {name or '<model>'!r}: parameter {pname!r} is on the meta device (shapes "
+                                 "without values, nothing to rank); materialize the model first, e.g. "
+                                 "model.to_empty(device='cpu') then load_state_dict(...)")
+
+
+def _tied_groups(layers) -> list[list[int]]:
+    """Indices of ``layers`` grouped by weight: layers sharing one ``Parameter`` (tied weights)
+    form one group, scored and masked once."""
+    groups: dict[int, list[int]] = {}
+    for i, (_, m) in enumerate(layers):
+        groups.setdefault(id(m.weight), []).append(i)
+    return list(groups.values())
+
+
+def _merge_tied_stats(layers, groups, stats, kind) -> None:
+    """Combines the activation statistics of a shared weight's uses into its first layer's:
+    Wanda's input norms over the tokens of every use (``sqrt(sum ||x_j||^2)``), channel
+    activation scores summed over the uses."""
+    for g in groups:
+        if len(g) < 2:
+            continue
+        names = [layers[i][0] for i in g]
+        first = stats[names[0]]
+        dev = layers[g[0]][1].weight.device
+        if kind == "channel":
+            first["channel_act"] = sum(stats[n]["channel_act"].float().to(dev) for n in names)
+        else:
+            first["in_norm"] = sum(stats[n]["in_norm"].float().to(dev).pow(2) for n in names).sqrt()
+
+
 # ----------------------------------------------------------------------------- attention heads
 def _head_scores(attn, method, mix, stats, scope):
     out = []
@@ -414,6 +454,7 @@ def _prune_heads(model, sparsity, scope, method, mix, calibration_data, include,
     if not attn:
         raise ValueError("pattern='head' found no attention module (a module with query/key/value "
                          "linear layers and num_attention_heads / attention_head_size attributes)")
+    _check_not_meta(attn)
     stats = None
     if method != "magnitude":
         stats = _collect_stats(model, attn, calibration_data, need_out=True)
@@ -559,6 +600,7 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
     layers = _selected(model, include, exclude)
     if not layers:
         return model
+    _check_not_meta(layers)
     stats = None
     if method != "magnitude":
         consumers = None
@@ -568,7 +610,14 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
                                need_in=kind != "channel", consumers=consumers)
     if stats is not None and kind == "channel":
         _channel_activations(model, layers, stats, activation_score)
-    masks = _compute_masks(layers, sparsity, kind, nm, scope, method, mix, stats)
+    groups = _tied_groups(layers)
+    if stats is not None:
+        _merge_tied_stats(layers, groups, stats, kind)
+    unique = [layers[g[0]] for g in groups]
+    masks = [None] * len(layers)
+    for g, mask in zip(groups, _compute_masks(unique, sparsity, kind, nm, scope, method, mix, stats)):
+        for i in g:
+            masks[i] = mask
     for (name, m), mask in zip(layers, masks):
         if isinstance(m, (MaskedLinear, MaskedConv2d)):
             m.set_mask(mask)

@@ -19,6 +19,8 @@
 #include "int8/gemm.h"
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <cstring>
 
 #include "common/cpu_features.h"
@@ -48,6 +50,32 @@ inline int32_t load_i32(const void* p) {
 
 // ---------------------------------------------------------------- epilogue
 
+// |acc| < 2^31, so (float)acc * a_scale can overflow fp32 only in rows whose activation
+// scale exceeds FLT_MAX / 2^31 (|x| beyond ~1e29), even where the result, brought back by the
+// weight scale, is finite. Those rows take epilogue_large_row; every other row keeps the fp32
+// chain below, bit for bit.
+constexpr float kLargeActScale = FLT_MAX / 2147483648.f;
+
+// The fp32 chain where (float)acc * a_scale is finite (the same bits as any row), else the
+// whole expression in double, rounded once to fp32 (inf only where the result overflows).
+__attribute__((noinline)) void epilogue_large_row(const Int8Epilogue& ep, const int32_t* t,
+                                                  int64_t m, int64_t n0, int64_t nc) {
+  const float xs = ep.a_scale[m];
+  for (int64_t j = 0; j < nc; ++j) {
+    const int64_t n = n0 + j;
+    float v = static_cast<float>(t[j]) * xs;
+    if (std::isinf(v)) {
+      double d = static_cast<double>(t[j]) * static_cast<double>(xs) * static_cast<double>(ep.w_scale[n]);
+      if (ep.bias) d += static_cast<double>(ep.bias[n]);
+      v = static_cast<float>(d);
+    } else {
+      v = v * ep.w_scale[n];
+      if (ep.bias) v = v + ep.bias[n];
+    }
+    store_from_float(ep.out, m * ep.ldo + n, ep.out_dtype, v);
+  }
+}
+
 // Kept out of line and compiled for the baseline ISA so the compiler never
 // contracts the multiply-add into an FMA (the vector path rounds each step too).
 __attribute__((noinline)) void epilogue_scalar(const Int8Epilogue& ep, const int32_t* tile,
@@ -61,6 +89,10 @@ __attribute__((noinline)) void epilogue_scalar(const Int8Epilogue& ep, const int
       continue;
     }
     const float xs = ep.a_scale[m];
+    if (std::fabs(xs) > kLargeActScale) {
+      epilogue_large_row(ep, t, m, n0, nc);
+      continue;
+    }
     for (int64_t j = 0; j < nc; ++j) {
       const int64_t n = n0 + j;
       float v = static_cast<float>(t[j]) * xs;
@@ -105,6 +137,10 @@ PYC_TARGET_AVX2 void epilogue_avx2(const Int8Epilogue& ep, const int32_t* tile, 
   if (ep.out == nullptr || nc % 8 != 0) return epilogue_scalar(ep, tile, ldt, m0, mr, n0, nc);
   for (int64_t r = 0; r < mr; ++r) {
     const int64_t m = m0 + r;
+    if (std::fabs(ep.a_scale[m]) > kLargeActScale) {
+      epilogue_large_row(ep, tile + r * ldt, m, n0, nc);
+      continue;
+    }
     const __m256 xs = _mm256_set1_ps(ep.a_scale[m]);
     for (int64_t j = 0; j < nc; j += 8) {
       const int64_t n = n0 + j;

@@ -40,6 +40,18 @@ inline int8_t quantize_one(float v, float inv, float qmax) {
   return static_cast<int8_t>(r);
 }
 
+// A row whose absmax is below qmax / FLT_MAX (~3.7e-37): qmax / absmax overflows fp32, and
+// x * inf would give +-qmax for every non-zero value and NaN for zeros. Such rows are scaled
+// by 2^64 first (exact: a power of two, and nothing overflows), i.e. q = rint((x * 2^64) *
+// (qmax / (absmax * 2^64))). Every ISA calls this one routine for them, so the bits agree.
+constexpr float kTinyRowScale = 18446744073709551616.f;  // 2^64
+void tiny_row(const void* x, DType dt, int64_t base, int8_t* qr, int64_t K, float absmax,
+              float qmax) {
+  const float inv = qmax / (absmax * kTinyRowScale);
+  for (int64_t k = 0; k < K; ++k)
+    qr[k] = quantize_one(load_as_float(x, base + k, dt) * kTinyRowScale, inv, qmax);
+}
+
 void rows_scalar(const void* x, DType dt, int64_t ldx, int8_t* q, int64_t ldq, float* scale,
                  int64_t r0, int64_t r1, int64_t K, int qm) {
   const float qmax = static_cast<float>(qm);
@@ -55,6 +67,10 @@ void rows_scalar(const void* x, DType dt, int64_t ldx, int8_t* q, int64_t ldq, f
     int8_t* qr = q + m * ldq;
     if (inv == 0.f) {
       for (int64_t k = 0; k < K; ++k) qr[k] = 0;
+      continue;
+    }
+    if (std::isinf(inv)) {
+      tiny_row(x, dt, base, qr, K, s.absmax, qmax);
       continue;
     }
     for (int64_t k = 0; k < K; ++k) qr[k] = quantize_one(load_as_float(x, base + k, dt), inv, qmax);
@@ -110,6 +126,10 @@ PYC_TARGET_AVX2 void rows_avx2(const void* x, DType dt, int64_t ldx, int8_t* q, 
       std::memset(qr, 0, static_cast<size_t>(K));
       continue;
     }
+    if (std::isinf(inv)) {
+      tiny_row(x, dt, base, qr, K, s.absmax, qmax);
+      continue;
+    }
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int64_t k = 0; k < Kv; k += 8) {
       __m256i i32 = _mm256_cvtps_epi32(_mm256_mul_ps(load8_avx2(x, base + k, dt), vinv));
@@ -156,6 +176,10 @@ PYC_TARGET_AVX512 void rows_avx512(const void* x, DType dt, int64_t ldx, int8_t*
     int8_t* qr = q + m * ldq;
     if (inv == 0.f) {
       std::memset(qr, 0, static_cast<size_t>(K));
+      continue;
+    }
+    if (std::isinf(inv)) {
+      tiny_row(x, dt, base, qr, K, s.absmax, qmax);
       continue;
     }
     const __m512 vinv = _mm512_set1_ps(inv);
