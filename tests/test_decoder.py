@@ -1,0 +1,153 @@
+"""Decoder language models through the library: GPT-2 (built from a config, random weights, no
+download) whose projections are transformers' ``Conv1D`` (weight stored ``[in, out]``)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import pycompress
+from pycompress.nn import conv1d
+from _pylayer_models import HAS_INT8
+
+transformers = pytest.importorskip("transformers")
+needs_int8 = pytest.mark.skipif(not HAS_INT8, reason="this build has no pycompress.nn.Int8Linear")
+
+VOCAB = 1000
+CONV1D_NAMES = [f"transformer.h.{i}.{n}" for i in range(2)
+                for n in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+
+
+def gpt2_config(n_layer: int = 2, n_embd: int = 64, n_head: int = 4, vocab_size: int = VOCAB, **kw):
+    kw.setdefault("resid_pdrop", 0.0)
+    kw.setdefault("embd_pdrop", 0.0)
+    kw.setdefault("attn_pdrop", 0.0)
+    return transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
+                                   n_positions=64, bos_token_id=0, eos_token_id=0, **kw)
+
+
+def gpt2(seed: int = 0, **kw) -> nn.Module:
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(gpt2_config(**kw)).eval()
+
+
+def token_batches(n: int = 2, batch: int = 4, seq: int = 16, seed: int = 3, pad: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[0, seq // 2:] = 0  # one right-padded sequence
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def logits(model, batches):
+    with torch.no_grad():
+        return torch.cat([model(**b).logits for b in batches])
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).item()
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --------------------------------------------------------------------------- Conv1D recognition
+def test_gpt2_projections_are_recognised_as_conv1d():
+    model = gpt2()
+    found = [n for n, m in model.named_modules() if conv1d.is_conv1d(m)]
+    assert found == CONV1D_NAMES
+    layer = model.transformer.h[0].mlp.c_fc
+    lin = conv1d.to_linear(layer)
+    x = torch.randn(3, 5, 64)
+    torch.testing.assert_close(lin(x), layer(x), rtol=0, atol=1e-6)
+    assert lin.bias is layer.bias and lin.weight.shape == (256, 64)
+    assert conv1d.linear_weight(layer).shape == (256, 64)
+    assert not conv1d.is_conv1d(model.lm_head) and not conv1d.is_conv1d(nn.Conv1d(2, 2, 1))
+
+
+def test_conv1d_is_recognised_without_importing_transformers():
+    # a look-alike class from a module named like transformers', in a process where importing
+    # transformers fails: recognition and quantization must not need the package
+    code = textwrap.dedent("""
+        import sys, types, torch
+        sys.modules["transformers"] = None  # any import of transformers raises ImportError
+        import pycompress
+        from pycompress.nn import conv1d
+
+        class Conv1D(torch.nn.Module):
+            def __init__(self, nf, nx):
+                super().__init__()
+                self.nf, self.nx = nf, nx
+                self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.1)
+                self.bias = torch.nn.Parameter(torch.randn(nf) * 0.1)
+            def forward(self, x):
+                return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+        Conv1D.__module__ = "transformers.pytorch_utils"
+
+        m = torch.nn.Sequential(Conv1D(32, 16), torch.nn.ReLU(), Conv1D(8, 32))
+        assert conv1d.is_conv1d(m[0])
+        x = torch.randn(4, 16)
+        ref = m(x)
+        q, res = pycompress.quantize(m, return_result=True, warn=False)
+        assert res.converted == ["0", "2"], res
+        err = ((q(x) - ref).norm() / ref.norm()).item()
+        assert err < 0.03, err
+        assert "transformers" not in [k for k, v in sys.modules.items() if v is not None]
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- quantize
+@needs_int8
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_quantize_gpt2_converts_every_conv1d(mode):
+    ref = gpt2()
+    model, result = pycompress.quantize(copy.deepcopy(ref), mode=mode, return_result=True)
+    assert result.converted == CONV1D_NAMES + ["lm_head"] and result.skipped == {}
+    for name in CONV1D_NAMES:
+        layer = model.get_submodule(name)
+        orig = ref.get_submodule(name)
+        assert isinstance(layer, pycompress.nn.Int8Linear) and layer.mode == mode
+        assert (layer.in_features, layer.out_features) == (orig.nx, orig.nf)
+        # the int8 weight is the transposed Conv1D weight, per output channel
+        deq = layer.weight.float() * layer.weight_scale[:, None]
+        assert rel_err(deq, orig.weight.detach().t()) < 0.01
+    batches = token_batches()
+    out, expected = logits(model, batches), logits(ref, batches)
+    assert cosine(out, expected) > 0.999 and rel_err(out, expected) < 0.03
+    report = pycompress.validate(ref, model, batches, tolerance={"cosine": 0.99, "min_cosine": 0.98})
+    assert report.passed and len(report.layers) == len(CONV1D_NAMES) + 1, report.to_markdown()
+    assert all(e.cosine > 0.99 for e in report.layers.values())
+
+
+class _Conv1DSub(transformers.pytorch_utils.Conv1D):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_quantize_lists_layers_it_cannot_convert():
+    model = nn.Sequential(nn.Conv1d(4, 4, 1), nn.Flatten(), nn.Linear(4, 8), nn.ReLU(), _Conv1DSub(8, 8),
+                          transformers.pytorch_utils.Conv1D(8, 8))
+    broken = transformers.pytorch_utils.Conv1D(8, 8)
+    broken.weight = nn.Parameter(torch.zeros(4, 4))  # not the [nx, nf] layout
+    model.append(broken)
+    with pytest.warns(UserWarning, match="left in floating point"):
+        _, result = pycompress.quantize(model, return_result=True)
+    assert result.converted == ["2", "5"]
+    assert set(result.skipped) == {"0", "4", "6"}
+    assert "Conv1d" in result.skipped["0"] and "subclass" in result.skipped["4"]
+    assert "layout" in result.skipped["6"]
