@@ -151,3 +151,98 @@ def test_quantize_lists_layers_it_cannot_convert():
     assert set(result.skipped) == {"0", "4", "6"}
     assert "Conv1d" in result.skipped["0"] and "subclass" in result.skipped["4"]
     assert "layout" in result.skipped["6"]
+
+
+# --------------------------------------------------------------------------- prune / compact
+def linearized(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every Conv1D replaced by the equal nn.Linear."""
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if conv1d.is_conv1d(m):
+            parent, _, child = name.rpartition(".")
+            setattr(out.get_submodule(parent), child, conv1d.to_linear(m, share_bias=False))
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "channel"])
+@pytest.mark.parametrize("method", ["magnitude", "activation", "mixed"])
+def test_prune_gpt2_conv1d_as_the_equal_linear_model(pattern, method):
+    model = gpt2()
+    ref = linearized(model)
+    batches = token_batches()
+    torch.testing.assert_close(logits(ref, batches), logits(model, batches), rtol=0, atol=1e-5)
+    sparsity = None if pattern == "2:4" else 0.5
+    kw = dict(pattern=pattern, method=method, exclude="lm_head", calibration_data=batches)
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in CONV1D_NAMES}
+    pycompress.prune(model, sparsity, **kw)
+    pycompress.prune(ref, sparsity, **kw)
+    for name in CONV1D_NAMES:
+        got, want = model.get_submodule(name), ref.get_submodule(name)
+        assert isinstance(got, pycompress.nn.MaskedLinear) and isinstance(want, pycompress.nn.MaskedLinear)
+        assert got.mask.shape == originals[name].t().shape
+        assert torch.equal(got.mask, want.mask), name
+        assert torch.equal(got.weight, originals[name].t() * got.mask)
+    torch.testing.assert_close(logits(model, batches), logits(ref, batches), rtol=0, atol=1e-5)
+    masks = [model.get_submodule(n).mask for n in CONV1D_NAMES]
+    kept = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert abs(kept - 0.5) < 0.02
+
+
+def test_prune_gpt2_keeps_bias_and_trains_the_masked_layers():
+    model = gpt2().train()
+    bias = model.transformer.h[0].mlp.c_fc.bias
+    pycompress.prune(model, 0.5, exclude="lm_head")
+    layer = model.transformer.h[0].mlp.c_fc
+    assert layer.bias is bias  # the bias Parameter is kept; the weight is the new transposed one
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = token_batches(1)[0]["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert layer.weight.grad is not None and torch.all(layer.weight.grad[~layer.mask] == 0)
+    opt.step()
+    assert torch.all(layer.weight[~layer.mask] == 0)
+
+
+def test_gradual_pruning_puts_the_new_conv1d_weights_into_the_optimizer():
+    model = gpt2().train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ids = token_batches(1)[0]["input_ids"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # the optimizer holds state of the Conv1D weights [in, out]
+    old = model.transformer.h[0].attn.c_attn.weight
+    old_avg = opt.state[old]["exp_avg"].clone()
+    sched = pycompress.GradualPruning(model, final_sparsity=0.5, total_steps=2, exclude="lm_head",
+                                      optimizer=opt)
+    new = model.transformer.h[0].attn.c_attn.weight
+    params = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(new) in params and id(old) not in params
+    assert torch.equal(opt.state[new]["exp_avg"], old_avg.t())
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        sched.step()
+    layers = [model.get_submodule(n) for n in CONV1D_NAMES]
+    pruned = sum(int((~m.mask).sum()) for m in layers) / sum(m.mask.numel() for m in layers)
+    assert sched.current_sparsity == 0.5 and abs(pruned - 0.5) < 0.02
+    assert all(torch.all(m.weight[~m.mask] == 0) for m in layers)
+
+
+def test_compact_gpt2_mlp_neurons():
+    model = gpt2()
+    batches = token_batches()
+    pycompress.prune(model, 0.5, pattern="channel", scope="layer", method="activation",
+                     calibration_data=batches, exclude="lm_head")
+    masked = logits(model, batches)
+    model, report = pycompress.compact(model, batches, return_report=True)
+    shrunk = {c["layer"]: c for c in report.compacted}
+    for i in range(2):
+        c = shrunk[f"transformer.h.{i}.mlp.c_fc"]
+        assert c["kind"] == "channels" and c["consumers"] == [f"transformer.h.{i}.mlp.c_proj"]
+        mlp = model.transformer.h[i].mlp
+        assert (mlp.c_fc.in_features, mlp.c_fc.out_features) == (64, 128)
+        assert mlp.c_proj.in_features == 128
+    # attention projections feed reshapes / a residual add: they stay masked, with the reason
+    for name in ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.1.mlp.c_proj"):
+        assert name in report.refused and report.refused[name]
+    assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
+    torch.testing.assert_close(logits(model, batches), masked, rtol=0, atol=1e-4)

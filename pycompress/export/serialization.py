@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from pycompress import _utils
-from pycompress.nn import registry
+from pycompress.nn import conv1d, registry
 from pycompress.nn.registry import COMPACTED_ATTR, register_layer
 
 __all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
@@ -293,6 +293,8 @@ def _feature_mismatch(name: str, cfg: dict, module: nn.Module, compacted: bool =
     for attr in ("in_features", "out_features"):
         want = cfg.get(attr)
         have = getattr(module, attr, None)
+        if have is None and conv1d.is_conv1d(module):
+            have = module.nx if attr == "in_features" else module.nf
         if want is not None and have is not None and (want > have if compacted else want != have):
             return (
                 f"layer {name!r}: saved with {attr}={want} but the model's "
@@ -301,12 +303,37 @@ def _feature_mismatch(name: str, cfg: dict, module: nn.Module, compacted: bool =
     return None
 
 
+def _conv1d_as_linear(shapes: dict, model: nn.Module, root: Path, compacted: bool) -> None:
+    """A plain ``nn.Linear`` saved where the model has a transformers ``Conv1D`` (weight ``[in,
+    out]``; e.g. after ``compact`` or ``deploy_pruned(mode="dense")``) replaces the Conv1D."""
+    for name, shp in shapes.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            continue  # reported by the architecture check
+        if not conv1d.is_conv1d(current):
+            continue
+        try:
+            want = (int(shp["in_features"]), int(shp["out_features"]), bool(shp["bias"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{root}: corrupt manifest entry for linear layer {name!r}") from None
+        have = (current.nx, current.nf)
+        if (want[:2] != have and not compacted) or want[0] > have[0] or want[1] > have[1] or min(want[:2]) < 1:
+            raise ValueError(f"{root}: architecture mismatch — layer {name!r} was saved as Linear"
+                             f"({want[0]}, {want[1]}) but the model's is Conv1D(nf={have[1]}, nx={have[0]})")
+        w = current.weight
+        new = nn.Linear(want[0], want[1], bias=want[2], device=w.device, dtype=w.dtype)
+        new.train(current.training)
+        _utils.set_module(model, name, new)
+
+
 def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
     """Rebuilds plain ``nn.Linear`` layers saved with a smaller shape and sets attention head
     counts (both from :func:`pycompress.compact`)."""
     shapes, attrs = manifest.get("linear_shapes", {}), manifest.get("attributes", {})
     if not isinstance(shapes, dict) or not isinstance(attrs, dict):
         raise ValueError(f"{root}: corrupt manifest (linear_shapes / attributes)")
+    _conv1d_as_linear(shapes, model, root, bool(manifest.get("compacted")))
     if not manifest.get("compacted"):
         return  # shapes must match exactly (checked with the tensors)
     for name, shp in shapes.items():

@@ -16,7 +16,8 @@ Where the consumers come from
     * Hugging Face BERT-family encoder layers (not traceable by ``torch.fx``), recognised by their
       layout: the feed-forward block ``intermediate.dense -> intermediate_act_fn ->
       output.dense`` (``*Intermediate`` / ``*Output`` modules of a layer with
-      ``feed_forward_chunk``), and attention heads of ``*SelfAttention`` / ``*CrossAttention``
+      ``feed_forward_chunk``), the GPT-2-family MLP ``c_fc -> act -> c_proj`` (``*MLP``
+      modules of transformers; their ``Conv1D`` layers become ``nn.Linear``), and attention heads of ``*SelfAttention`` / ``*CrossAttention``
       modules (``query``/``key``/``value``, ``num_attention_heads``, ``attention_head_size``)
       whose sibling ``output.dense`` is the output projection. A head is removed only when its
       query, key AND value rows are all pruned (``prune(..., pattern="head")`` prunes whole
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn import conv1d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.registry import COMPACTED_ATTR
 from pycompress.pruning.graph import (
@@ -283,6 +285,8 @@ def _hf_heads(model, modules, producers, plan, report, shared, head_updates):
 # --------------------------------------------------------------------------- rebuilding
 @torch.no_grad()
 def _rebuild(m: nn.Module, edit: _Edit, report: CompactionReport, name: str) -> nn.Module:
+    if conv1d.is_conv1d(m):  # a consumer of GPT-2's layout: shrunk as the nn.Linear it equals
+        m = conv1d.to_linear(m, share_bias=False)
     dev = m.weight.device
     rows_keep = ~edit.rows.to(dev) if edit.rows is not None else torch.ones(m.weight.shape[0], dtype=torch.bool, device=dev)
     cols_keep = ~edit.cols.to(dev) if edit.cols is not None else torch.ones(m.weight.shape[1], dtype=torch.bool, device=dev)

@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn import conv1d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.pruning.graph import consumers_of, effective_weight, is_attention
 
@@ -81,7 +82,8 @@ def _selected(model, include, exclude):
     if type(model) is nn.Linear or isinstance(model, MaskedLinear):
         raise ValueError("the model itself is a Linear layer; wrap it in a container module to prune it")
     return _utils.select_modules(
-        model, include, exclude, predicate=lambda n, m: type(m) is nn.Linear or isinstance(m, MaskedLinear))
+        model, include, exclude,
+        predicate=lambda n, m: type(m) is nn.Linear or isinstance(m, MaskedLinear) or conv1d.is_conv1d(m))
 
 
 def _set_module(model, name, new):
@@ -457,7 +459,11 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
           mix: float = 0.5, activation_score: str = "mean_abs") -> nn.Module:
     """Prunes the selected ``nn.Linear`` layers of ``model`` in place, replacing them by
     :class:`~pycompress.nn.MaskedLinear` (already masked layers are re-pruned), and returns it.
-    The new layers keep the original ``Parameter`` objects, so existing optimizers stay valid.
+    The new layers keep the original ``Parameter`` objects, so existing optimizers stay valid;
+    except transformers' ``Conv1D`` layers (GPT-2; weight stored ``[in, out]``), which become
+    MaskedLinear layers holding a new weight ``Parameter`` (the transpose; the bias is kept):
+    build the optimizer after pruning them (:class:`~pycompress.GradualPruning` given an
+    optimizer updates it).
 
     Args:
         model: the model (modified in place).
@@ -516,15 +522,18 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
         sparsity = _check_sparsity(sparsity)
     if heads:
         return _prune_heads(model, sparsity, scope, method, mix, calibration_data, include, exclude)
-    layers = _selected(model, include, exclude)
-    if not layers:
+    in_model = _selected(model, include, exclude)
+    if not in_model:
         return model
+    # a Conv1D is scored and masked as the nn.Linear holding its transposed weight, which
+    # replaces it at the end (hooks stay on the layers in the model)
+    layers = [(n, conv1d.to_linear(m) if conv1d.is_conv1d(m) else m) for n, m in in_model]
     stats = None
     if method != "magnitude":
         consumers = None
         if kind == "channel":
             consumers = consumers_of(model, [n for n, _ in layers])
-        stats = _collect_stats(model, layers, calibration_data, need_out=kind == "channel",
+        stats = _collect_stats(model, in_model, calibration_data, need_out=kind == "channel",
                                need_in=kind != "channel", consumers=consumers)
     if stats is not None and kind == "channel":
         _channel_activations(model, layers, stats, activation_score)
