@@ -246,3 +246,55 @@ def test_compact_gpt2_mlp_neurons():
         assert name in report.refused and report.refused[name]
     assert report.max_abs_diff is not None and report.max_abs_diff < 1e-4
     torch.testing.assert_close(logits(model, batches), masked, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- export / save / load
+@needs_int8
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_export_onnx_quantized_gpt2(mode, tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+
+    model = pycompress.quantize(gpt2(), mode=mode)
+    batch = token_batches(1)[0]
+    path = pycompress.export_onnx(model, dict(batch), tmp_path / "gpt2.onnx")  # verify=True
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("MatMulInteger") == (9 if mode == "w8a8" else 0)
+    assert ops.count("DequantizeLinear") == 9
+    # another batch (other size) through ONNX Runtime agrees with the PyTorch model
+    other = token_batches(1, batch=2, seed=11)[0]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {k: v.numpy() for k, v in other.items()})[0]
+    assert cosine(torch.from_numpy(out), logits(model, [other])) > 0.999
+
+
+@needs_int8
+def test_save_load_quantized_gpt2_is_exact(tmp_path):
+    model = pycompress.quantize(gpt2(), mode="w8a8")
+    pycompress.save(model, tmp_path / "gpt2-int8")
+    fresh = pycompress.load(tmp_path / "gpt2-int8", gpt2(seed=1))
+    batches = token_batches()
+    assert torch.equal(logits(fresh, batches), logits(model, batches))
+    assert isinstance(fresh.transformer.h[1].mlp.c_fc, pycompress.nn.Int8Linear)
+    with pytest.raises(ValueError, match="architecture mismatch|do not fit"):
+        pycompress.load(tmp_path / "gpt2-int8", gpt2(n_embd=128))
+
+
+def test_save_load_pruned_and_compacted_gpt2_is_exact(tmp_path):
+    batches = token_batches()
+    model = gpt2()
+    pycompress.prune(model, 0.5, exclude="lm_head")
+    pycompress.save(model, tmp_path / "masked")
+    fresh = pycompress.load(tmp_path / "masked", gpt2(seed=1))
+    assert torch.equal(logits(fresh, batches), logits(model, batches))
+    assert isinstance(fresh.transformer.h[0].attn.c_attn, pycompress.nn.MaskedLinear)
+
+    model = gpt2()
+    pycompress.prune(model, 0.25, pattern="channel", scope="layer", include="*.mlp.c_fc")
+    pycompress.compact(model)
+    pycompress.save(model, tmp_path / "compact")
+    fresh = pycompress.load(tmp_path / "compact", gpt2(seed=1))
+    assert type(fresh.transformer.h[0].mlp.c_fc) is nn.Linear and fresh.transformer.h[0].mlp.c_fc.out_features == 192
+    assert torch.equal(logits(fresh, batches), logits(model, batches))
