@@ -298,3 +298,48 @@ def test_save_load_pruned_and_compacted_gpt2_is_exact(tmp_path):
     fresh = pycompress.load(tmp_path / "compact", gpt2(seed=1))
     assert type(fresh.transformer.h[0].mlp.c_fc) is nn.Linear and fresh.transformer.h[0].mlp.c_fc.out_features == 192
     assert torch.equal(logits(fresh, batches), logits(model, batches))
+
+
+@pytest.mark.parametrize("method", ["magnitude", "activation"])
+def test_prune_and_compact_gpt2_attention_heads(method, tmp_path):
+    model = gpt2()
+    batches = token_batches()
+    h, d = 4, 16
+    # the reference head scores: mean |w| of the head's q, k, v rows (Conv1D columns), or the mean
+    # |x| of the head's slice of c_proj's input
+    inputs = {}
+    hooks = [model.transformer.h[i].attn.c_proj.register_forward_pre_hook(
+        lambda mod, args, i=i: inputs.setdefault(i, []).append(args[0].detach().reshape(-1, h * d)))
+        for i in range(2)]
+    logits(model, batches)
+    for hk in hooks:
+        hk.remove()
+    expected_drop = []
+    for i in range(2):
+        if method == "magnitude":
+            w = model.transformer.h[i].attn.c_attn.weight.detach().abs()  # [in, 3 * h * d]
+            score = w.sum(0).reshape(3, h, d).sum((0, 2))
+        else:
+            score = torch.cat(inputs[i]).abs().mean(0).reshape(h, d).mean(1)
+        expected_drop.append(torch.sort(score, stable=True).indices[:2].sort().values.tolist())
+    pycompress.prune(model, 0.5, pattern="head", scope="layer", method=method, calibration_data=batches)
+    for i in range(2):
+        c_attn = model.transformer.h[i].attn.c_attn
+        assert isinstance(c_attn, pycompress.nn.MaskedLinear)
+        dead = (~c_attn.mask.any(1)).reshape(3, h, d)
+        assert dead.all(2).all(0).nonzero().flatten().tolist() == expected_drop[i]
+        assert torch.equal(dead.all(2)[0], dead.all(2)[2])  # query, key and value rows alike
+    masked = logits(model, batches)
+    model, report = pycompress.compact(model, batches, return_report=True)
+    heads = [c for c in report.compacted if c["kind"] == "heads"]
+    assert [c["layer"] for c in heads] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert all(c["removed"] == 2 and c["after"] == [2, d] for c in heads)
+    attn = model.transformer.h[0].attn
+    assert (attn.num_heads, attn.split_size) == (2, 2 * d)
+    assert attn.c_attn.out_features == 3 * 2 * d and attn.c_proj.in_features == 2 * d
+    torch.testing.assert_close(logits(model, batches), masked, rtol=0, atol=1e-4)
+    # a model with fewer heads saves and loads into a fresh GPT-2
+    pycompress.save(model, tmp_path / "heads")
+    fresh = pycompress.load(tmp_path / "heads", gpt2(seed=1))
+    assert fresh.transformer.h[1].attn.num_heads == 2
+    assert torch.equal(logits(fresh, batches), logits(model, batches))

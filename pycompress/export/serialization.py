@@ -8,9 +8,9 @@ A saved model is a directory with two files:
 ``pycompress.json``
     the manifest: format version, the root class name, every module path, and for each module
     that is a pycompress layer its class name and ``config()``; the shape of every plain
-    ``nn.Linear`` and the head counts of attention modules (so that layers made smaller by
-    :func:`pycompress.compact` are rebuilt with their new shapes inside a fresh model of the
-    original architecture); the SHA-256 and size of the weights file.
+    ``nn.Linear`` and the head counts of (BERT- and GPT-2-style) attention modules, so that
+    layers made smaller by :func:`pycompress.compact` are rebuilt with their new shapes inside a
+    fresh model of the original architecture; the SHA-256 and size of the weights file.
 
 Nothing is ever unpickled: tensors come from safetensors, everything else from JSON, and layer
 classes are looked up by name among the known pycompress layers only (never imported from a path
@@ -82,6 +82,9 @@ def _tensors_for_saving(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 _HEAD_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
+# the same facts under the names of GPT-2-family attention modules
+_GPT2_HEAD_ATTRS = ("num_heads", "head_dim", "split_size")
+_FIXED_ATTRS = ("attention_head_size", "head_dim")  # compact never changes a head's width
 
 
 def _structure(model: nn.Module, skip: list[str]) -> tuple[dict[str, dict], dict[str, dict]]:
@@ -94,9 +97,11 @@ def _structure(model: nn.Module, skip: list[str]) -> tuple[dict[str, dict], dict
         if type(module) is nn.Linear:
             shapes[name] = {"in_features": module.in_features, "out_features": module.out_features,
                             "bias": module.bias is not None}
-        vals = {a: getattr(module, a, None) for a in _HEAD_ATTRS}
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values()):
-            attrs[name] = vals
+        for names in (_HEAD_ATTRS, _GPT2_HEAD_ATTRS):
+            vals = {a: getattr(module, a, None) for a in names}
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values()):
+                attrs[name] = vals
+                break
     return shapes, attrs
 
 
@@ -362,9 +367,10 @@ def _apply_structure(manifest: dict, model: nn.Module, root: Path) -> None:
             raise ValueError(f"{root}: corrupt manifest entry for attributes of {name!r}")
         for attr, value in vals.items():
             cur = getattr(module, attr, None)
-            if attr not in _HEAD_ATTRS or not isinstance(value, int) or not isinstance(cur, int):
+            if (attr not in _HEAD_ATTRS + _GPT2_HEAD_ATTRS or not isinstance(value, int)
+                    or not isinstance(cur, int)):
                 raise ValueError(f"{root}: cannot set {attr}={value!r} on {name!r}")
-            if value != cur and (value > cur or attr == "attention_head_size" or value < 1):
+            if value != cur and (value > cur or attr in _FIXED_ATTRS or value < 1):
                 raise ValueError(f"{root}: architecture mismatch — {name!r} was saved with {attr}={value} "
                                  f"but the model has {attr}={cur}")
             setattr(module, attr, value)

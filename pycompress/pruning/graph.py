@@ -224,3 +224,21 @@ def is_attention(m: nn.Module) -> bool:
     return (all(isinstance(getattr(m, a, None), lin) for a in ("query", "key", "value"))
             and isinstance(getattr(m, "num_attention_heads", None), int)
             and isinstance(getattr(m, "attention_head_size", None), int))
+
+
+def is_gpt2_attention(m: nn.Module) -> bool:
+    """A transformers self-attention of the GPT-2 family: a fused ``c_attn`` projection
+    (``[query | key | value]``, each ``num_heads * head_dim`` wide; a Conv1D or a linear layer)
+    split by ``split_size``, and the output projection ``c_proj``."""
+    if not type(m).__module__.startswith("transformers.models."):
+        return False
+    h, d, split = (getattr(m, a, None) for a in ("num_heads", "head_dim", "split_size"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, d, split)) or split != h * d:
+        return False
+    if getattr(m, "is_cross_attention", False) or hasattr(m, "q_attn"):
+        return False
+    c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    if not (isinstance(c_attn, nn.Module) and isinstance(c_proj, nn.Module)
+            and (conv1d.is_conv1d(c_attn) or isinstance(c_attn, (nn.Linear, MaskedLinear)))):
+        return False
+    return conv1d.linear_weight(c_attn).shape[0] == 3 * split
