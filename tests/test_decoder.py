@@ -489,3 +489,68 @@ def test_distill_token_data_needs_a_known_objective():
     pairs = [(torch.randn(4), 1)] * 4
     with pytest.raises(ValueError, match="causal_lm=True needs"):
         pycompress.distill(teacher, student, pairs, causal_lm=True, progress=False)
+
+
+# --------------------------------------------------------------------------- evaluate
+def held_out(n: int = 3, batch: int = 4, seq: int = 16):
+    out = []
+    for i, b in enumerate(token_batches(n, batch, seq, seed=40)):
+        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        if i == 1:
+            b["labels"][1, :4] = -100
+        out.append(b)
+    return out
+
+
+def test_perplexity_equals_a_direct_computation():
+    model = gpt2()
+    data = held_out()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in data:
+            lg = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+            target = b["labels"][:, 1:]
+            real = b["attention_mask"].bool()
+            keep = (target != -100) & real[:, 1:] & real[:, :-1]
+            nll += torch.nn.functional.cross_entropy(lg[keep].double(), target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    expected = float(torch.tensor(nll / count).exp())
+    report = pycompress.evaluate(model, data, metric="perplexity", batch_sizes=(1, 4), repeats=2, warmup=1)
+    assert report.metric_name == "perplexity" and not report.higher_is_better
+    assert report.metric == pytest.approx(expected, rel=1e-5)
+    # without padding and ignored labels, the model's own loss says the same
+    plain = token_batches(1, pad=False, seed=41)[0]
+    with torch.no_grad():
+        hf = float(model(**plain, labels=plain["input_ids"]).loss.exp())
+    assert pycompress.evaluate(model, plain, metric="perplexity", batch_sizes=()).metric == pytest.approx(hf, rel=1e-5)
+    # tokens per second at both batch sizes: the batch's tokens over the mean time
+    for bs, lat in report.latency.items():
+        assert lat["tokens_per_s"] > 0
+        assert lat["tokens_per_s"] / lat["throughput"] == pytest.approx(_tokens_in_first_rows(data, bs) / bs,
+                                                                        rel=1e-9)
+
+
+def _tokens_in_first_rows(data, n):
+    mask = torch.cat([b["attention_mask"] for b in data])
+    return int(mask[:n].sum())
+
+
+@needs_int8
+def test_compare_teacher_student_int8_w8a16():
+    teacher, student = gpt2(seed=2), gpt2(seed=1, n_layer=1, n_embd=32, n_head=2)
+    data = held_out(2)
+    kw = dict(metric="perplexity", batch_sizes=(1, 4), repeats=2, warmup=1)
+    base = pycompress.evaluate(teacher, data, name="teacher", **kw)
+    reports = [base, pycompress.evaluate(student, data, name="student", reference=base, **kw)]
+    for mode in ("w8a8", "w8a16"):
+        q = pycompress.quantize(copy.deepcopy(student), mode=mode)
+        reports.append(pycompress.evaluate(q, data, name=f"student {mode}", reference=base, **kw))
+    table = pycompress.compare(reports)
+    header = table.splitlines()[0]
+    assert "perplexity" in header and "bs1 tokens/s" in header and "bs4 tokens/s" in header
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        "teacher", "student", "student w8a8", "student w8a16"]
+    # int8 keeps the student's perplexity within a few percent (random weights: ppl ~ vocab size)
+    for r in reports[2:]:
+        assert r.metric == pytest.approx(reports[1].metric, rel=0.05)
+        assert r.parameters == reports[1].parameters and r.compression_ratio is not None

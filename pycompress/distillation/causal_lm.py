@@ -14,61 +14,22 @@ logits ``[B, T, V]`` stay aligned with these targets, and every position whose t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from torch.utils.data import Dataset
+
+from pycompress._utils import (TEACHER_LOGITS_KEY, is_token_sample, model_inputs,  # noqa: F401
+                               next_token_targets)
 
 __all__ = ["next_token_targets", "CausalLMDataset", "is_token_sample", "looks_causal_lm",
            "model_inputs", "TEACHER_LOGITS_KEY"]
 
-# the key under which TeacherLogitsDataset adds precomputed logits to a dict sample
-TEACHER_LOGITS_KEY = "teacher_logits"
-_NOT_MODEL_INPUTS = ("labels", TEACHER_LOGITS_KEY)
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-
-
-def model_inputs(batch: Mapping) -> dict:
-    """A dict sample or batch without the keys that are not model arguments."""
-    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-
-
-def is_token_sample(sample) -> bool:
-    """A dict sample holding ``input_ids``."""
-    return isinstance(sample, Mapping) and "input_ids" in sample
 
 
 def looks_causal_lm(model) -> bool:
     """A transformers causal LM by its class name (``*ForCausalLM``, ``*LMHeadModel``)."""
     model = getattr(model, "_orig_mod", model)
     return type(model).__name__.endswith(_CAUSAL_SUFFIXES)
-
-
-def next_token_targets(input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                       attention_mask: torch.Tensor | None = None,
-                       ignore_index: int = -100) -> torch.Tensor:
-    """Targets aligned with the logits ``[..., T, V]``: ``out[..., t] = labels[..., t + 1]``, or
-    ``ignore_index`` where that label is ignored, where position ``t`` or ``t + 1`` is padding
-    (``attention_mask == 0``) and at the last position. ``labels=None``: ``input_ids``."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() < 1:
-        raise TypeError("input_ids must be a tensor [..., T]")
-    target = input_ids if labels is None else labels
-    if not isinstance(target, torch.Tensor) or target.shape != input_ids.shape:
-        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                         f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {target.dtype}")
-    out = torch.full_like(target, ignore_index, dtype=torch.long)
-    out[..., :-1] = target[..., 1:]
-    if attention_mask is not None:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {tuple(attention_mask.shape)}")
-        real = attention_mask != 0
-        both = torch.zeros_like(real)
-        both[..., :-1] = real[..., :-1] & real[..., 1:]
-        out = out.masked_fill(~both, ignore_index)
-    return out
 
 
 class CausalLMDataset(Dataset):
