@@ -301,6 +301,61 @@ def output_tensor(out: Any, prefer: tuple[str, ...] = ("logits", "last_hidden_st
     raise TypeError(f"model output of type {type(out).__name__} holds no tensor")
 
 
+# --------------------------------------------------------------------------- token batches
+# the key under which TeacherLogitsDataset adds precomputed logits to a dict sample
+TEACHER_LOGITS_KEY = "teacher_logits"
+_NOT_MODEL_INPUTS = ("labels", TEACHER_LOGITS_KEY)
+
+
+def model_inputs(batch: Mapping) -> dict:
+    """A dict sample or batch without the keys that are not model arguments."""
+    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+
+
+def is_token_sample(sample) -> bool:
+    """A dict sample or batch holding ``input_ids`` (a language model's tokens)."""
+    return isinstance(sample, Mapping) and "input_ids" in sample
+
+
+def next_token_targets(input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                       attention_mask: torch.Tensor | None = None,
+                       ignore_index: int = -100) -> torch.Tensor:
+    """Targets aligned with the logits ``[..., T, V]``: ``out[..., t] = labels[..., t + 1]``, or
+    ``ignore_index`` where that label is ignored, where position ``t`` or ``t + 1`` is padding
+    (``attention_mask == 0``) and at the last position. ``labels=None``: ``input_ids``."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() < 1:
+        raise TypeError("input_ids must be a tensor [..., T]")
+    target = input_ids if labels is None else labels
+    if not isinstance(target, torch.Tensor) or target.shape != input_ids.shape:
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {target.dtype}")
+    out = torch.full_like(target, ignore_index, dtype=torch.long)
+    out[..., :-1] = target[..., 1:]
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        real = attention_mask != 0
+        both = torch.zeros_like(real)
+        both[..., :-1] = real[..., :-1] & real[..., 1:]
+        out = out.masked_fill(~both, ignore_index)
+    return out
+
+
+def count_tokens(batch: Any) -> int | None:
+    """Tokens of a token batch (``attention_mask`` ones, else every ``input_ids`` entry); None
+    for other batches."""
+    if not is_token_sample(batch):
+        return None
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int((mask != 0).sum())
+    ids = batch["input_ids"]
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else None
+
+
 # --------------------------------------------------------------------------- progress
 def progress_enabled(progress: bool | None) -> bool:
     """``True``/``False`` force; ``None`` = only on an interactive terminal, and not when

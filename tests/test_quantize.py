@@ -64,7 +64,9 @@ def test_include_exclude_globs_regex_and_ancestors(int8_cls):
 def test_cnn_convolutions_stay_float(int8_cls):
     model = SmallCNN().eval()
     ref = copy.deepcopy(model)
-    pycompress.quantize(model)
+    with pytest.warns(UserWarning, match="features.0: Conv2d"):
+        _, result = pycompress.quantize(model, return_result=True)
+    assert set(result.skipped) == {"features.0", "features.4"}  # listed, never silently left
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 2 and all(c.weight.dtype == torch.float32 for c in convs)
     assert isinstance(model.head[1], int8_cls) and isinstance(model.head[3], int8_cls)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 
+from pycompress.distillation import causal_lm as lm
 from pycompress.distillation import distributed as pdist
 from pycompress.distillation import training
 
@@ -60,9 +62,10 @@ def distill(
     checkpoint_dir: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    causal_lm: bool | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Distills ``teacher`` into ``student`` on ``train_data`` (a Dataset of ``(inputs, labels)``
-    or a list of such pairs).
+    or a list of such pairs, or of token dicts for language models, see below).
 
     The loss is :class:`pycompress.nn.KDLoss` (the fused softmax-KL kernel):
     ``alpha * T² * KL(teacher_T || student_T) + (1 - alpha) * cross_entropy(student, labels)``
@@ -87,6 +90,18 @@ def distill(
     terminal. Deterministic for a given ``seed``. ``checkpoint_dir`` saves after every epoch
     (model with :func:`pycompress.save`, optimizer/epoch/RNG in ``state.pt``); ``resume=True``
     continues from the last complete epoch and ends with the weights of an uninterrupted run.
+
+    Causal language models (``causal_lm``): ``train_data`` yields dicts of tensors ``[T]``
+    (``input_ids``, optionally ``attention_mask`` and ``labels`` with ``ignore_index`` for
+    positions not to learn; padded to one length per batch) and the models return logits
+    ``[B, T, V]``. Position ``t`` is trained to predict token ``t + 1``: the targets are the
+    labels shifted by one (:mod:`pycompress.distillation.causal_lm`), and positions whose target
+    is ignored, padded (``t`` or ``t + 1``) or past the end are left out of both terms, also with
+    ``alpha=1``; the loss is the mean over the kept tokens of the global batch. The models get the
+    dict without ``labels``. ``causal_lm=None`` (default) takes dict samples with ``input_ids`` as
+    causal LM data when the student is a transformers ``*ForCausalLM`` / ``*LMHeadModel``, and
+    asks otherwise; ``False`` uses dict samples' labels as they are (one per position or one per
+    sample). ``history`` then counts tokens: ``accuracy`` is next-token accuracy.
 
     Returns ``(student, history)`` with one dict per epoch (``epoch``, ``loss``, ``accuracy`` on
     labelled samples, ``samples``, ``seconds`` and ``sparsity`` when pruning). The student is
@@ -113,6 +128,11 @@ def distill(
     criterion = KDLoss(temperature=float(temperature), alpha=float(alpha), reduction="batchmean",
                        ignore_index=ignore_index, direction=direction)
     use_labels = alpha < 1.0
+    causal_lm = _token_data(train_data, student, causal_lm)
+    if causal_lm is not None:
+        train_data = lm.CausalLMDataset(train_data, ignore_index, shift=causal_lm)
+    # causal LM targets mark the tokens to learn from, also for the KD term alone
+    mask_by_labels = use_labels or bool(causal_lm)
     teacher_dtype = None
     was_training = None
 
@@ -146,7 +166,7 @@ def distill(
         if t_logits.shape != logits.shape:
             raise ValueError(f"teacher logits {tuple(t_logits.shape)} and student logits "
                              f"{tuple(logits.shape)} differ in shape")
-        return criterion(logits, t_logits, labels if use_labels else None)
+        return criterion(logits, t_logits, labels if mask_by_labels else None)
 
     try:
         student, history = training.fit(
@@ -154,7 +174,7 @@ def distill(
             shuffle=shuffle, seed=seed, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
             device=device, pruning=pruning_schedule, checkpoint_dir=checkpoint_dir, resume=resume,
             progress=progress, desc="distill", need_teacher_logits=teacher is None,
-            before_wrap=prepare, weight_by="labels" if use_labels else "samples",
+            before_wrap=prepare, weight_by="labels" if mask_by_labels else "samples",
             ignore_index=ignore_index, on_skip=skip, class_labels=use_labels,
         )
     finally:
@@ -164,9 +184,34 @@ def distill(
     return student, history
 
 
+def _token_data(train_data, student: nn.Module, causal_lm: bool | None) -> bool | None:
+    """None for ``(inputs, labels)`` data; for token dict samples whether to shift the labels."""
+    if causal_lm is not None and not isinstance(causal_lm, bool):
+        raise TypeError(f"causal_lm must be None, True or False, got {causal_lm!r}")
+    try:
+        first = train_data[0] if len(train_data) else None
+    except (TypeError, IndexError, KeyError, NotImplementedError):
+        first = None
+    if not lm.is_token_sample(first):
+        if causal_lm:
+            raise ValueError("causal_lm=True needs train_data of dict samples holding input_ids "
+                             f"(got a sample of type {type(first).__name__})")
+        return None
+    if causal_lm is None:
+        if not lm.looks_causal_lm(student):
+            raise ValueError(
+                f"train_data yields dicts with input_ids and the student ({type(student).__name__}) "
+                "is not a transformers *ForCausalLM / *LMHeadModel: pass causal_lm=True to train "
+                "next-token prediction (labels shifted by one) or causal_lm=False to use the labels "
+                "as they are")
+        return True
+    return causal_lm
+
+
 class TeacherLogitsDataset(Dataset):
     """``(inputs, labels, teacher_logits)`` samples: ``dataset`` joined with logits streamed from
-    a ``.npy`` file (memory-mapped: only the rows of a batch are read)."""
+    a ``.npy`` file (memory-mapped: only the rows of a batch are read). Token dict samples (causal
+    LM data) get the logits ``[T, V]`` as one more key, ``teacher_logits``."""
 
     def __init__(self, dataset: Dataset, path: str | os.PathLike):
         self.dataset = dataset
@@ -184,6 +229,8 @@ class TeacherLogitsDataset(Dataset):
     def __getitem__(self, i):
         sample = self.dataset[i]
         logits = torch.from_numpy(np.array(self._logits[i], dtype=np.float32))
+        if isinstance(sample, Mapping):  # a token sample: the logits join its keys
+            return {**sample, lm.TEACHER_LOGITS_KEY: logits}
         return sample[0], sample[1], logits
 
 
@@ -195,6 +242,9 @@ def precompute_teacher_logits(teacher: nn.Module, dataset: Dataset, path: str | 
     Under ``torchrun`` rank 0 computes and writes, the other ranks wait. ``dtype`` is
     ``"float16"`` (half the disk and read traffic) or ``"float32"``. The file is written to a
     temporary name and renamed, so a crash never leaves a truncated file. Returns the path.
+    Token dict samples (causal LM data, see :func:`distill`) are passed to the teacher without
+    their ``labels``; their logits ``[T, V]`` take ``N * T * V * 2`` bytes in float16 (written
+    batch by batch, never held in memory at once).
 
     Example::
 
@@ -213,22 +263,39 @@ def precompute_teacher_logits(teacher: nn.Module, dataset: Dataset, path: str | 
         t_dtype = _float_dtype(teacher)
         was_training = teacher.training
         teacher.eval()
-        chunks = []
+        tmp = f"{path}.tmp-{os.getpid()}.npy"
+        arr, row = None, 0
         try:
             with torch.no_grad():
                 for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-                    inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
+                    if isinstance(batch, Mapping):  # token samples: the model arguments only
+                        inputs = lm.model_inputs(batch)
+                    else:
+                        inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
                     inputs = training.move_batch(inputs, dev, t_dtype)
                     out = training.model_outputs(training.call_model(teacher, inputs))
-                    chunks.append(out.float().cpu().numpy().astype(dtype))
+                    chunk = out.float().cpu().numpy().astype(dtype)
+                    if arr is None:  # written batch by batch: [N, T, V] logits need not fit in memory
+                        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
+                                                        shape=(len(dataset), *chunk.shape[1:]))
+                    if chunk.shape[1:] != arr.shape[1:] or row + len(chunk) > len(arr):
+                        raise ValueError(f"teacher logits of shape {chunk.shape[1:]} per sample after "
+                                         f"{row} samples of shape {arr.shape[1:]} (pad every sample to "
+                                         "one length)")
+                    arr[row:row + len(chunk)] = chunk
+                    row += len(chunk)
+            if arr is None or row != len(arr):
+                raise ValueError(f"the dataset yielded {row} samples for a length of {len(dataset)}")
+            arr.flush()
+            del arr
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
         finally:
             teacher.train(was_training)
-        arr = np.concatenate(chunks, axis=0)
-        tmp = f"{path}.tmp-{os.getpid()}.npy"
-        with open(tmp, "wb") as f:
-            np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     pdist.barrier()
     return path

@@ -52,11 +52,27 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return float(torch.nn.functional.mse_loss(outputs.float(), targets.to(outputs.device).float()))
 
 
+def _token_nll(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """(summed negative log-likelihood, count) of the targets that are not -100."""
+    if outputs.dim() < 2 or outputs.shape[:-1] != targets.shape:
+        raise ValueError(f"perplexity needs logits [..., V] with targets of their leading shape, got logits "
+                         f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}")
+    nll = torch.nn.functional.cross_entropy(outputs.reshape(-1, outputs.shape[-1]).float(),
+                                            targets.reshape(-1).to(outputs.device).long(),
+                                            ignore_index=_IGNORE, reduction="sum")
+    return float(nll), int((targets != _IGNORE).sum())
+
+
+_IGNORE = -100
+# metrics averaged over tokens, not over samples: name -> fn(outputs, targets) -> (sum, count)
+_TOKEN_METRICS = {"perplexity": _token_nll}
+
 # name -> (fn(outputs, targets) -> batch value, higher_is_better)
 METRICS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], float], bool]] = {
     "accuracy": (_accuracy, True),
     "cross_entropy": (_cross_entropy, False),
     "mse": (_mse, False),
+    "perplexity": (_token_nll, False),  # exp(mean NLL over the tokens): see compute_metric
 }
 
 
@@ -77,17 +93,26 @@ def resolve_metric(metric: Any) -> tuple[str, Callable | None, bool]:
 def _split_item(item: Any, index: int) -> tuple[Any, Any]:
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
+    if _utils.is_token_sample(item):  # a language model's batch: next-token targets
+        ids = item["input_ids"]
+        if not isinstance(ids, torch.Tensor):
+            raise ValueError(f"data item {index}: input_ids must be a tensor [B, T]")
+        return _utils.model_inputs(item), _utils.next_token_targets(
+            ids, item.get("labels"), item.get("attention_mask"), _IGNORE)
     raise ValueError(
-        f"data item {index} must be an (inputs, targets) pair when a metric is given, "
-        f"got {_utils.describe_batch(item)}"
+        f"data item {index} must be an (inputs, targets) pair or a token batch (a dict with input_ids) "
+        f"when a metric is given, got {_utils.describe_batch(item)}"
     )
 
 
 def compute_metric(model: nn.Module, data: Any, metric: Any, progress: bool | None = None) -> float:
-    """Batch-size-weighted mean of ``metric(outputs, targets)`` over ``(inputs, targets)`` pairs."""
-    _, fn, _ = resolve_metric(metric)
+    """Batch-size-weighted mean of ``metric(outputs, targets)`` over ``(inputs, targets)`` pairs;
+    for ``"perplexity"``: ``exp`` of the mean negative log-likelihood over every target token that
+    is not -100 (token batches get next-token targets, see :func:`evaluate`)."""
+    name, fn, _ = resolve_metric(metric)
     if fn is None:
         raise ValueError("compute_metric needs a metric")
+    per_token = isinstance(metric, str) and name in _TOKEN_METRICS
     total = 0.0
     n = 0
     training = model.training
@@ -97,13 +122,23 @@ def compute_metric(model: nn.Module, data: Any, metric: Any, progress: bool | No
             for i, item in enumerate(_utils.progress_bar(data, "metric", progress)):
                 x, y = _split_item(item, i)
                 out, _ = _utils.output_tensor(_utils.call_model(model, x, "model", i))
+                if per_token:
+                    s, c = fn(out, y)
+                    total += s
+                    n += c
+                    continue
                 b = _utils.batch_size(x)
                 total += float(fn(out, y)) * b
                 n += b
     finally:
         model.train(training)
     if n == 0:
-        raise ValueError("data holds no batch")
+        raise ValueError("data holds no token to predict" if per_token else "data holds no batch")
+    if per_token:
+        try:
+            return math.exp(total / n)
+        except OverflowError:
+            return float("inf")
     return total / n
 
 
@@ -169,7 +204,8 @@ class EvaluationReport:
     """Result of :func:`evaluate`.
 
     ``latency`` maps batch size → ``{"p50_ms", "p95_ms", "mean_ms", "throughput"}``
-    (throughput in samples per second). ``compression_ratio`` (reference size / this size),
+    (throughput in samples per second; for token batches also ``"tokens_per_s"``: the batch's
+    tokens, ``attention_mask`` ones, over the mean time of a forward pass). ``compression_ratio`` (reference size / this size),
     ``speedup`` (reference p50 / this p50, per batch size) and ``metric_delta`` (this − reference)
     are filled when a reference report is given.
     """
@@ -246,8 +282,15 @@ def evaluate(
             without (``metric=None``), one batch or an iterable of batches. ``inputs`` is a batch
             (tensor / tuple of args / dict of kwargs).
         metric: ``"accuracy"`` (top-1, higher is better), ``"cross_entropy"``, ``"mse"`` (lower
-            is better), a callable ``fn(outputs, targets) -> float`` averaged over samples
-            (higher is better unless it has ``higher_is_better = False``), or ``None``.
+            is better), ``"perplexity"`` (language models, lower is better: ``exp`` of the mean
+            negative log-likelihood over all target tokens that are not -100), a callable
+            ``fn(outputs, targets) -> float`` averaged over samples (higher is better unless it
+            has ``higher_is_better = False``), or ``None``. Token batches (dicts with
+            ``input_ids``, optionally ``attention_mask`` and ``labels``, e.g. held-out text) may
+            stand in for ``(inputs, targets)`` pairs: the model gets the dict without ``labels``
+            and the targets are the next tokens (position ``t`` predicts ``labels[t + 1]``;
+            padded and ignored positions and the last one are left out, as in
+            :func:`pycompress.distill`).
         batch_sizes: batch sizes to time; batches of that size are built from the data's inputs
             (repeating rows when the data has fewer). ``()`` skips timing.
         warmup, repeats: untimed and timed calls per batch size.
@@ -287,13 +330,15 @@ def evaluate(
         raise TypeError(f"reference must be an EvaluationReport, got {type(reference).__name__}")
     metric_name, fn, hib = resolve_metric(metric)
 
+    if fn is not None and _utils.is_token_sample(data):
+        data = [data]  # one token batch
     items = list(data) if fn is not None else list(_utils.iter_batches(data, "data"))
     if not items:
         raise ValueError("data holds no batch")
     if fn is not None:
         inputs = [_split_item(it, i)[0] for i, it in enumerate(items)]
-    else:
-        inputs = items
+    else:  # token batches are timed without their labels (no loss inside the model)
+        inputs = [_utils.model_inputs(b) if _utils.is_token_sample(b) else b for b in items]
     for b in inputs:
         _utils.check_batch(b, "data")
 
@@ -310,9 +355,11 @@ def evaluate(
             torch.set_num_threads(num_threads)
         threads_used = torch.get_num_threads()
         try:
-            timings = {}
+            timings, tokens = {}, {}
             for bs in batch_sizes:
-                timings[bs] = measure_latency(model, _utils.make_batch_of_size(inputs, bs), warmup, repeats)
+                batch = _utils.make_batch_of_size(inputs, bs)
+                tokens[bs] = _utils.count_tokens(batch)
+                timings[bs] = measure_latency(model, batch, warmup, repeats)
         finally:
             torch.set_num_threads(threads_before)
         for bs, times in timings.items():
@@ -323,6 +370,8 @@ def evaluate(
                 "mean_ms": mean * 1e3,
                 "throughput": bs / mean if mean > 0 else float("inf"),
             }
+            if tokens[bs] is not None:  # a language model's batch: its tokens per second
+                latency[int(bs)]["tokens_per_s"] = tokens[bs] / mean if mean > 0 else float("inf")
     finally:
         model.train(training)
 
@@ -383,9 +432,13 @@ def compare(reports: list[EvaluationReport], out_dir: str | os.PathLike | None =
     metric_names = {r.metric_name for r in reports}
     metric_name = metric_names.pop() if len(metric_names) == 1 else "metric"
     common_bs = sorted(set.intersection(*[set(r.latency) for r in reports])) if reports else []
+    # language models: tokens per second where every report measured them
+    with_tokens = {bs for bs in common_bs if all("tokens_per_s" in r.latency[bs] for r in reports)}
     header = ["model", metric_name, "params", "sparsity", "size", "ratio"]
     for bs in common_bs:
         header += [f"bs{bs} p50 ms", f"bs{bs} p95 ms", f"bs{bs} samples/s"]
+        if bs in with_tokens:
+            header.append(f"bs{bs} tokens/s")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in reports:
         row = [
@@ -399,6 +452,8 @@ def compare(reports: list[EvaluationReport], out_dir: str | os.PathLike | None =
         for bs in common_bs:
             lat = r.latency[bs]
             row += [f"{lat['p50_ms']:.3f}", f"{lat['p95_ms']:.3f}", f"{lat['throughput']:.1f}"]
+            if bs in with_tokens:
+                row.append(f"{lat['tokens_per_s']:.0f}")
         lines.append("| " + " | ".join(row) + " |")
     md = "\n".join(lines)
     if out_dir is not None:

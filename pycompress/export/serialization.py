@@ -8,9 +8,10 @@ A saved model is a directory with two files:
 ``pycompress.json``
     the manifest: format version, the root class name, every module path, and for each module
     that is a pycompress layer its class name and ``config()``; the shape of every plain
-    ``nn.Linear``, ``nn.Conv2d`` and BatchNorm and the head counts of attention modules (so that layers made smaller by
-    :func:`pycompress.compact` are rebuilt with their new shapes inside a fresh model of the
-    original architecture); the SHA-256 and size of the weights file.
+    ``nn.Linear``, ``nn.Conv2d`` and BatchNorm and the head counts of (BERT- and GPT-2-style)
+    attention modules, so that layers made smaller by :func:`pycompress.compact` are rebuilt with
+    their new shapes inside a fresh model of the original architecture; the SHA-256 and size of
+    the weights file.
 
 Nothing is ever unpickled: tensors come from safetensors, everything else from JSON, and layer
 classes are looked up by name among the known pycompress layers only (never imported from a path
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from pycompress import _utils
-from pycompress.nn import registry
+from pycompress.nn import conv1d, registry
 from pycompress.nn.registry import COMPACTED_ATTR, register_layer
 
 __all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
@@ -82,6 +83,9 @@ def _tensors_for_saving(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 _HEAD_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
+# the same facts under the names of GPT-2-family attention modules
+_GPT2_HEAD_ATTRS = ("num_heads", "head_dim", "split_size")
+_FIXED_ATTRS = ("attention_head_size", "head_dim")  # compact never changes a head's width
 
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -153,9 +157,11 @@ def _structure(model: nn.Module, skip: list[str]) -> tuple[dict[str, dict], dict
         if type(module) is nn.Linear:
             shapes[name] = {"in_features": module.in_features, "out_features": module.out_features,
                             "bias": module.bias is not None}
-        vals = {a: getattr(module, a, None) for a in _HEAD_ATTRS}
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values()):
-            attrs[name] = vals
+        for names in (_HEAD_ATTRS, _GPT2_HEAD_ATTRS):
+            vals = {a: getattr(module, a, None) for a in names}
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in vals.values()):
+                attrs[name] = vals
+                break
     return shapes, attrs
 
 
@@ -353,12 +359,39 @@ def _feature_mismatch(name: str, cfg: dict, module: nn.Module, compacted: bool =
     for attr in ("in_features", "out_features", "in_channels", "out_channels"):
         want = cfg.get(attr)
         have = getattr(module, attr, None)
+        if have is None and conv1d.is_conv1d(module):
+            have = module.nx if attr == "in_features" else module.nf
         if want is not None and have is not None and (want > have if compacted else want != have):
             return (
                 f"layer {name!r}: saved with {attr}={want} but the model's "
                 f"{type(module).__name__} has {attr}={have}"
             )
     return None
+
+
+def _plan_conv1d_as_linear(shapes: dict, model: nn.Module, root: Path, compacted: bool,
+                           plan: dict[str, nn.Module]) -> None:
+    """Plans a plain ``nn.Linear`` where one was saved and the model has a transformers ``Conv1D``
+    (weight ``[in, out]``; e.g. after ``compact`` or ``deploy_pruned(mode="dense")``)."""
+    for name, shp in shapes.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            continue  # reported by the architecture check
+        if not conv1d.is_conv1d(current):
+            continue
+        try:
+            want = (int(shp["in_features"]), int(shp["out_features"]), bool(shp["bias"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{root}: corrupt manifest entry for linear layer {name!r}") from None
+        have = (current.nx, current.nf)
+        if (want[:2] != have and not compacted) or want[0] > have[0] or want[1] > have[1] or min(want[:2]) < 1:
+            raise ValueError(f"{root}: architecture mismatch — layer {name!r} was saved as Linear"
+                             f"({want[0]}, {want[1]}) but the model's is Conv1D(nf={have[1]}, nx={have[0]})")
+        w = current.weight
+        new = nn.Linear(want[0], want[1], bias=want[2], device=w.device, dtype=w.dtype)
+        new.train(current.training)
+        plan[name] = new
 
 
 def _plan_structure(manifest: dict, model: nn.Module, root: Path, plan: dict[str, nn.Module],
@@ -368,6 +401,7 @@ def _plan_structure(manifest: dict, model: nn.Module, root: Path, plan: dict[str
     shapes, attrs = manifest.get("linear_shapes", {}), manifest.get("attributes", {})
     if not isinstance(shapes, dict) or not isinstance(attrs, dict):
         raise ValueError(f"{root}: corrupt manifest (linear_shapes / attributes)")
+    _plan_conv1d_as_linear(shapes, model, root, bool(manifest.get("compacted")), plan)
     if not manifest.get("compacted"):
         return  # shapes must match exactly (checked with the tensors)
     _plan_channel_structure(manifest.get("channel_shapes", {}), model, root, plan)
@@ -397,10 +431,10 @@ def _plan_structure(manifest: dict, model: nn.Module, root: Path, plan: dict[str
             raise ValueError(f"{root}: corrupt manifest entry for attributes of {name!r}")
         for attr, value in vals.items():
             cur = getattr(module, attr, None)
-            if (attr not in _HEAD_ATTRS or not isinstance(value, int) or isinstance(value, bool)
+            if (attr not in _HEAD_ATTRS + _GPT2_HEAD_ATTRS or not isinstance(value, int) or isinstance(value, bool)
                     or not isinstance(cur, int)):
                 raise ValueError(f"{root}: cannot set {attr}={value!r} on {name!r}")
-            if value != cur and (value > cur or attr == "attention_head_size" or value < 1):
+            if value != cur and (value > cur or attr in _FIXED_ATTRS or value < 1):
                 raise ValueError(f"{root}: architecture mismatch — {name!r} was saved with {attr}={value} "
                                  f"but the model has {attr}={cur}")
             attr_plan.append((module, attr, value))

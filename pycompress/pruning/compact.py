@@ -16,12 +16,16 @@ Where the consumers come from
     * Hugging Face BERT-family encoder layers (not traceable by ``torch.fx``), recognised by their
       layout: the feed-forward block ``intermediate.dense -> intermediate_act_fn ->
       output.dense`` (``*Intermediate`` / ``*Output`` modules of a layer with
-      ``feed_forward_chunk``), and attention heads of ``*SelfAttention`` / ``*CrossAttention``
+      ``feed_forward_chunk``), the GPT-2-family MLP ``c_fc -> act -> c_proj`` (``*MLP``
+      modules of transformers; their ``Conv1D`` layers become ``nn.Linear``), and attention heads of ``*SelfAttention`` / ``*CrossAttention``
       modules (``query``/``key``/``value``, ``num_attention_heads``, ``attention_head_size``)
       whose sibling ``output.dense`` is the output projection. A head is removed only when its
       query, key AND value rows are all pruned (``prune(..., pattern="head")`` prunes whole
       heads); a removed head's output is the constant ``value.bias`` of its rows (the softmax
-      weights sum to one), folded into the output projection's bias.
+      weights sum to one), folded into the output projection's bias. GPT-2-family attention
+      (fused ``c_attn`` = ``[query | key | value]``, output projection ``c_proj``; see
+      :mod:`pycompress.pruning.gpt2_heads`) loses whole heads the same way, and its
+      ``num_heads`` / ``split_size`` are updated.
     * CNNs (a model with ``nn.Conv2d`` / MaskedConv2d layers, given ``example_inputs``): channels
       are removed by dependency groups (:mod:`pycompress.pruning.channels`): a channel that no
       layer reads any more (its input columns masked in every reader, as
@@ -50,13 +54,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn import conv1d
 from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.registry import COMPACTED_ATTR
+from pycompress.pruning import gpt2_heads
 from pycompress.pruning.channels import compact_channels, is_conv
 from pycompress.pruning.graph import (
     Tracer, effective_weight, ffn_blocks, follow_uses, int8_linear_cls, is_attention, is_elementwise_act,
-    is_linear_like, is_number, sparse_linear_cls,
+    is_gpt2_attention, is_linear_like, is_number, sparse_linear_cls,
 )
 
 __all__ = ["compact", "CompactionReport"]
@@ -288,9 +294,58 @@ def _hf_heads(model, modules, producers, plan, report, shared, head_updates):
                                  "before": [h, d], "after": [h - nrem, d]})
 
 
+def _gpt2_heads(model, modules, producers, plan, report, shared, head_updates):
+    """Whole attention heads of GPT-2-family attention modules (fused ``c_attn``, see
+    :mod:`pycompress.pruning.gpt2_heads`)."""
+    for aname, attn in modules.items():
+        cname = f"{aname}.c_attn"
+        if not aname or cname not in producers or not is_gpt2_attention(attn):
+            continue
+        rows = producers.pop(cname)
+        oname = gpt2_heads.consumer(aname)
+        h, d = attn.num_heads, attn.head_dim
+        if not is_linear_like(modules.get(oname)):
+            report.refused[cname] = f"{oname} is not a linear layer compact can shrink"
+            continue
+        if cname in shared or oname in shared:
+            report.refused[cname] = "a projection shares its weight with another layer"
+            continue
+        if rows.numel() != 3 * h * d:
+            report.refused[cname] = f"c_attn width {rows.numel()} is not 3 * num_heads * head_dim = {3 * h * d}"
+            continue
+        per_head = gpt2_heads.split_rows(rows, h, d)
+        whole = per_head.all(2).all(0)
+        if bool((per_head.any(2) & ~whole[None, :]).any()):
+            report.refused[cname] = ("rows that do not make up a whole pruned head (its query, key AND "
+                                     "value rows) stay masked (use prune(..., pattern='head'))")
+        nrem = int(whole.sum())
+        if nrem == 0:
+            continue
+        if nrem == h:
+            report.refused[cname] = "every head of the attention is pruned; at least one must remain"
+            continue
+        c_rows = gpt2_heads.head_rows(whole, d)
+        plan.setdefault(cname, _Edit()).rows = c_rows
+        # removed heads output value.bias of their rows (softmax weights sum to 1)
+        v_rows = torch.zeros_like(c_rows)
+        v_rows[2 * h * d:] = whole.repeat_interleave(d)
+        const = _bias_values(modules[cname], v_rows.to(modules[cname].weight.device))
+        cols = whole.repeat_interleave(d)
+        e = plan.setdefault(oname, _Edit())
+        e.cols = cols.clone() if e.cols is None else (e.cols | cols)
+        w = effective_weight(modules[oname])
+        add = w[:, cols.to(w.device)] @ const.to(w.device)
+        e.bias_add = add if e.bias_add is None else e.bias_add + add
+        head_updates[aname] = (whole, h, d, "gpt2")
+        report.compacted.append({"layer": aname, "kind": "heads", "removed": nrem, "consumers": [oname],
+                                 "before": [h, d], "after": [h - nrem, d]})
+
+
 # --------------------------------------------------------------------------- rebuilding
 @torch.no_grad()
 def _rebuild(m: nn.Module, edit: _Edit, report: CompactionReport, name: str) -> nn.Module:
+    if conv1d.is_conv1d(m):  # a consumer of GPT-2's layout: shrunk as the nn.Linear it equals
+        m = conv1d.to_linear(m, share_bias=False)
     dev = m.weight.device
     rows_keep = ~edit.rows.to(dev) if edit.rows is not None else torch.ones(m.weight.shape[0], dtype=torch.bool, device=dev)
     cols_keep = ~edit.cols.to(dev) if edit.cols is not None else torch.ones(m.weight.shape[1], dtype=torch.bool, device=dev)
@@ -443,6 +498,7 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
     plan: dict[str, _Edit] = {}
     head_updates: dict[str, tuple] = {}
     _hf_heads(model, modules, producers, plan, report, shared, head_updates)
+    _gpt2_heads(model, modules, producers, plan, report, shared, head_updates)
     _hf_ffn(model, modules, producers, plan, report, shared)
     if producers:
         _plan_fx(model, producers, modules, plan, report, shared)
@@ -451,10 +507,14 @@ def compact(model: nn.Module, example_inputs: Any = None, include=None, exclude=
         new = _rebuild(old, edit, report, name)
         _utils.set_module(model, name, new)
         modules[name] = new
-    for aname, (whole, h, d) in head_updates.items():
+    for aname, (whole, h, d, *layout) in head_updates.items():
         attn = modules[aname]
-        attn.num_attention_heads = h - int(whole.sum())
-        attn.all_head_size = attn.num_attention_heads * d
+        if layout == ["gpt2"]:
+            attn.num_heads = h - int(whole.sum())
+            attn.split_size = attn.num_heads * d
+        else:
+            attn.num_attention_heads = h - int(whole.sum())
+            attn.all_head_size = attn.num_attention_heads * d
         _update_hf_config(attn, whole)
     for c in report.compacted:
         report.refused.pop(c["layer"], None)  # refused by the channel groups, compacted by the linear path

@@ -5,12 +5,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pycompress.nn import conv1d
 from pycompress.nn.masked_linear import _clear_pruned_state
 from pycompress.pruning.prune import (
     _check_activation_score, _check_method, _check_scope, _check_sparsity, _parse_pattern, prune,
 )
 
 __all__ = ["GradualPruning"]
+
+
+@torch.no_grad()
+def _adopt_conv1d_weights(model: nn.Module, before: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Puts the weights of the MaskedLinear layers that replaced Conv1D layers (new Parameters
+    holding the transpose) into ``optimizer`` in place of the Conv1D weights, with their state
+    (momentum, Adam moments) transposed along."""
+    for name, old in before.items():
+        new = getattr(model.get_submodule(name), "weight", None)
+        if new is None or new is old:
+            continue
+        for group in optimizer.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = optimizer.state.pop(old, None)
+        if state is not None:
+            optimizer.state[new] = {k: (v.t().contiguous() if isinstance(v, torch.Tensor)
+                                        and v.shape == old.shape and v.dim() == 2 else v)
+                                    for k, v in state.items()}
 
 
 class GradualPruning:
@@ -24,7 +43,8 @@ class GradualPruning:
 
     Args:
         model: model whose ``nn.Linear`` / ``nn.Conv2d`` layers are swapped to MaskedLinear /
-            MaskedConv2d at construction.
+            MaskedConv2d at construction (transformers' ``Conv1D`` layers too: their new, transposed
+            weights take the place of the old ones in ``optimizer``).
         final_sparsity, total_steps, start_step, frequency, initial_sparsity: the schedule
             (``final_sparsity >= initial_sparsity``).
         pattern: ``"unstructured"`` or ``"channel"``.
@@ -87,7 +107,10 @@ class GradualPruning:
         self.step_count = 0
         self.current_sparsity = self.initial_sparsity
         self._hook = None
+        convs = {n: m.weight for n, m in model.named_modules() if conv1d.is_conv1d(m)}
         self._prune(self.initial_sparsity)
+        if optimizer is not None and convs:
+            _adopt_conv1d_weights(model, convs, optimizer)
         if optimizer is not None:
             self._hook = optimizer.register_step_post_hook(lambda opt, a, k: _clear_pruned_state(model, opt))
 

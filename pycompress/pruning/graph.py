@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pycompress import nn as pnn
-from pycompress.nn import registry
+from pycompress.nn import conv1d, registry
 from pycompress.nn.masked_linear import MaskedLinear
 
 
@@ -31,7 +31,8 @@ def sparse_linear_cls() -> type | None:
 
 def is_linear_like(m: nn.Module) -> bool:
     i8 = int8_linear_cls()
-    return type(m) is nn.Linear or isinstance(m, MaskedLinear) or (i8 is not None and isinstance(m, i8))
+    return (type(m) is nn.Linear or isinstance(m, MaskedLinear) or (i8 is not None and isinstance(m, i8))
+            or conv1d.is_conv1d(m))
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def effective_weight(m: nn.Module) -> torch.Tensor:
     i8 = int8_linear_cls()
     if i8 is not None and isinstance(m, i8):
         return m.weight.float() * m.weight_scale.float()[:, None]
-    return m.weight.float()
+    return conv1d.linear_weight(m).float()  # [out, in], also for a Conv1D
 
 
 # --------------------------------------------------------------------------- element-wise ops
@@ -73,7 +74,7 @@ def is_elementwise_module(m: nn.Module) -> bool:
 
 class Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if registry.is_pycompress_layer(m) or is_elementwise_module(m):
+        if registry.is_pycompress_layer(m) or is_elementwise_module(m) or conv1d.is_conv1d(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -154,7 +155,9 @@ def follow_uses(start: torch.fx.Node, calls: dict, modules: dict, shared=frozens
 # --------------------------------------------------------------------------- known layouts
 def ffn_blocks(modules: dict):
     """Yields ``(producer, consumer, activation)`` of every BERT-family feed-forward block
-    (``intermediate.dense -> intermediate_act_fn -> output.dense``) in ``modules``."""
+    (``intermediate.dense -> intermediate_act_fn -> output.dense``) and every GPT-2-family MLP
+    (``c_fc -> act -> c_proj``) in ``modules``."""
+    yield from gpt2_mlp_blocks(modules)
     for pname, parent in modules.items():
         inter, out = getattr(parent, "intermediate", None), getattr(parent, "output", None)
         if not (isinstance(inter, nn.Module) and isinstance(out, nn.Module)
@@ -163,6 +166,19 @@ def ffn_blocks(modules: dict):
             continue
         prefix = f"{pname}." if pname else ""
         yield f"{prefix}intermediate.dense", f"{prefix}output.dense", getattr(inter, "intermediate_act_fn", None)
+
+
+def gpt2_mlp_blocks(modules: dict):
+    """``(c_fc, c_proj, act)`` of every transformers MLP block of the GPT-2 family (``GPT2MLP``,
+    ``ImageGPTMLP``, ...: ``forward`` is ``dropout(c_proj(act(c_fc(x))))``)."""
+    for pname, parent in modules.items():
+        cls = type(parent)
+        if not (cls.__name__.endswith("MLP") and cls.__module__.startswith("transformers.models.")
+                and all(isinstance(getattr(parent, a, None), nn.Module) for a in ("c_fc", "c_proj"))
+                and hasattr(parent, "act")):
+            continue
+        prefix = f"{pname}." if pname else ""
+        yield f"{prefix}c_fc", f"{prefix}c_proj", getattr(parent, "act")
 
 
 def is_elementwise_act(act) -> bool:
@@ -208,3 +224,21 @@ def is_attention(m: nn.Module) -> bool:
     return (all(isinstance(getattr(m, a, None), lin) for a in ("query", "key", "value"))
             and isinstance(getattr(m, "num_attention_heads", None), int)
             and isinstance(getattr(m, "attention_head_size", None), int))
+
+
+def is_gpt2_attention(m: nn.Module) -> bool:
+    """A transformers self-attention of the GPT-2 family: a fused ``c_attn`` projection
+    (``[query | key | value]``, each ``num_heads * head_dim`` wide; a Conv1D or a linear layer)
+    split by ``split_size``, and the output projection ``c_proj``."""
+    if not type(m).__module__.startswith("transformers.models."):
+        return False
+    h, d, split = (getattr(m, a, None) for a in ("num_heads", "head_dim", "split_size"))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, d, split)) or split != h * d:
+        return False
+    if getattr(m, "is_cross_attention", False) or hasattr(m, "q_attn"):
+        return False
+    c_attn, c_proj = getattr(m, "c_attn", None), getattr(m, "c_proj", None)
+    if not (isinstance(c_attn, nn.Module) and isinstance(c_proj, nn.Module)
+            and (conv1d.is_conv1d(c_attn) or isinstance(c_attn, (nn.Linear, MaskedLinear)))):
+        return False
+    return conv1d.linear_weight(c_attn).shape[0] == 3 * split

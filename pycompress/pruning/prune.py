@@ -10,7 +10,8 @@ Patterns:
   ``sparsity`` may be ``None`` or must match ``1 - N/M`` (±1%).
 * ``"channel"``: whole output rows (neurons).
 * ``"head"``: whole attention heads of BERT-style self-attention modules (the head's rows of
-  ``query``, ``key`` and ``value``), so that :func:`pycompress.compact` can remove them.
+  ``query``, ``key`` and ``value``) and of GPT-2-style ones (the head's query, key and value rows
+  of the fused ``c_attn``), so that :func:`pycompress.compact` can remove them.
 
 Methods (importance scores; the lowest are pruned):
 
@@ -36,7 +37,8 @@ Methods (importance scores; the lowest are pruned):
   With either statistic, when no consumer is known (the model output, a residual add or a
   normalization reads the layer, or the model cannot be traced) the score falls back to the mean
   ``|y_i|`` of the layer's own output.
-  Head: the mean ``|y|`` of the head's slice of the attention output. Unstructured / N:M:
+  Head: the mean ``|y|`` of the head's slice of the attention output (for GPT-2-style attention:
+  of the input of ``c_proj``). Unstructured / N:M:
   the Wanda score ``|W_ij| * ||x_j||_2`` (``||x_j||_2`` = L2 norm of input feature ``j`` over all
   calibration tokens). Across layers (``scope="global"``) each layer's scores are divided by
   their mean, so that layers of different activation scale are ranked on one scale.
@@ -71,10 +73,12 @@ import torch
 from torch import nn
 
 from pycompress import _utils
+from pycompress.nn import conv1d
 from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
+from pycompress.pruning import gpt2_heads
 from pycompress.pruning.channels import has_convs, prune_channels
-from pycompress.pruning.graph import consumers_of, effective_weight, is_attention
+from pycompress.pruning.graph import consumers_of, effective_weight, is_attention, is_gpt2_attention
 
 __all__ = ["prune"]
 
@@ -83,13 +87,14 @@ _NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 # ----------------------------------------------------------------------------- helpers
 def _is_prunable(m):
-    return type(m) is nn.Linear or isinstance(m, MaskedLinear) or type(m) is nn.Conv2d or isinstance(m, MaskedConv2d)
+    return (type(m) is nn.Linear or isinstance(m, MaskedLinear) or type(m) is nn.Conv2d
+            or isinstance(m, MaskedConv2d) or conv1d.is_conv1d(m))
 
 
 def _selected(model, include, exclude):
     """(name, layer) of the selected ``nn.Linear`` / MaskedLinear / ``nn.Conv2d`` / MaskedConv2d
-    layers (include/exclude as in :func:`pycompress._utils.select_modules`: globs or ``re:``
-    patterns, ancestors match too)."""
+    layers and transformers ``Conv1D`` layers (include/exclude as in
+    :func:`pycompress._utils.select_modules`: globs or ``re:`` patterns, ancestors match too)."""
     if _is_prunable(model):
         raise ValueError(f"the model itself is a {type(model).__name__} layer; wrap it in a container module "
                          "to prune it")
@@ -431,6 +436,17 @@ def _merge_tied_stats(layers, groups, stats, kind) -> None:
 def _head_scores(attn, method, mix, stats, scope):
     out = []
     for name, a in attn:
+        if is_gpt2_attention(a):
+            mag = gpt2_heads.magnitude(a)
+            if method == "magnitude":
+                out.append(mag)
+                continue
+            act = gpt2_heads.activation(name, a, stats).to(mag.device)
+            if method == "activation":
+                out.append(_normalized(act) if scope == "global" else act)
+            else:
+                out.append(mix * _normalized(act) + (1.0 - mix) * _normalized(mag))
+            continue
         h, d = a.num_attention_heads, a.attention_head_size
         mag = sum(getattr(a, p).weight.detach().float().abs().sum(1) for p in ("query", "key", "value"))
         mag = mag.reshape(h, d).sum(1) / (3 * d * a.query.in_features)
@@ -450,14 +466,18 @@ def _head_scores(attn, method, mix, stats, scope):
 
 
 def _prune_heads(model, sparsity, scope, method, mix, calibration_data, include, exclude):
-    attn = _utils.select_modules(model, include, exclude, predicate=lambda n, m: is_attention(m))
+    attn = _utils.select_modules(model, include, exclude,
+                                 predicate=lambda n, m: is_attention(m) or is_gpt2_attention(m))
     if not attn:
         raise ValueError("pattern='head' found no attention module (a module with query/key/value "
-                         "linear layers and num_attention_heads / attention_head_size attributes)")
+                         "linear layers and num_attention_heads / attention_head_size attributes, or "
+                         "a GPT-2-style attention with c_attn / c_proj, num_heads and head_dim)")
     _check_not_meta(attn)
     stats = None
     if method != "magnitude":
-        stats = _collect_stats(model, attn, calibration_data, need_out=True)
+        # GPT-2 attention modules return their output after c_proj: heads are read at its input
+        cons = {n: [gpt2_heads.consumer(n)] for n, a in attn if is_gpt2_attention(a)}
+        stats = _collect_stats(model, attn, calibration_data, need_out=True, consumers=cons)
     scores = _head_scores(attn, method, mix, stats, scope)
     drops = []
     if scope == "layer":
@@ -485,6 +505,9 @@ def _prune_heads(model, sparsity, scope, method, mix, calibration_data, include,
             drops.append(drop[off:off + s.numel()].to(s.device))
             off += s.numel()
     for (name, a), dh in zip(attn, drops):
+        if is_gpt2_attention(a):
+            gpt2_heads.mask_heads(a, dh)
+            continue
         rows = dh.repeat_interleave(a.attention_head_size)
         for p in ("query", "key", "value"):
             lin = getattr(a, p)
@@ -523,15 +546,20 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
           mix: float = 0.5, activation_score: str = "mean_abs", example_inputs=None) -> nn.Module:
     """Prunes the selected ``nn.Linear`` layers of ``model`` in place, replacing them by
     :class:`~pycompress.nn.MaskedLinear` (already masked layers are re-pruned), and returns it.
-    The new layers keep the original ``Parameter`` objects, so existing optimizers stay valid.
+    The new layers keep the original ``Parameter`` objects, so existing optimizers stay valid;
+    except transformers' ``Conv1D`` layers (GPT-2; weight stored ``[in, out]``), which become
+    MaskedLinear layers holding a new weight ``Parameter`` (the transpose; the bias is kept):
+    build the optimizer after pruning them (:class:`~pycompress.GradualPruning` given an
+    optimizer updates it).
 
     Args:
         model: the model (modified in place).
         sparsity: fraction of weights to remove, in [0, 1) (of attention heads for
             ``pattern="head"``). For ``"N:M"`` patterns ``None`` or ``1 - N/M``.
         pattern: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``), ``"channel"`` (whole output
-            neurons) or ``"head"`` (whole attention heads of BERT-style self-attention modules:
-            the head's query, key and value rows; every attention keeps at least one head).
+            neurons) or ``"head"`` (whole attention heads of BERT-style or GPT-2-style
+            self-attention modules: the head's query, key and value rows; every attention keeps
+            at least one head).
         scope: ``"global"`` (rank across all selected layers) or ``"layer"`` (each layer
             reaches ``sparsity``). Ignored by ``"N:M"``.
         method: ``"magnitude"``, ``"activation"`` or ``"mixed"`` (see the module docstring for
@@ -597,16 +625,19 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
         sparsity = _check_sparsity(sparsity)
     if heads:
         return _prune_heads(model, sparsity, scope, method, mix, calibration_data, include, exclude)
-    layers = _selected(model, include, exclude)
-    if not layers:
+    in_model = _selected(model, include, exclude)
+    if not in_model:
         return model
-    _check_not_meta(layers)
+    _check_not_meta(in_model)
+    # a Conv1D is scored and masked as the nn.Linear holding its transposed weight, which
+    # replaces it at the end (hooks stay on the layers in the model)
+    layers = [(n, conv1d.to_linear(m) if conv1d.is_conv1d(m) else m) for n, m in in_model]
     stats = None
     if method != "magnitude":
         consumers = None
         if kind == "channel":
             consumers = consumers_of(model, [n for n, _ in layers])
-        stats = _collect_stats(model, layers, calibration_data, need_out=kind == "channel",
+        stats = _collect_stats(model, in_model, calibration_data, need_out=kind == "channel",
                                need_in=kind != "channel", consumers=consumers)
     if stats is not None and kind == "channel":
         _channel_activations(model, layers, stats, activation_score)

@@ -2,12 +2,16 @@
 
 What is converted
     Every selected ``nn.Linear`` (exact class; subclasses with their own ``forward`` are left
-    alone and listed) and every ``MaskedLinear`` (pruned layers: the masked weight is quantized, so
-    pruned weights stay exactly zero). Left alone and listed: ``nn.Linear`` inside
-    ``nn.MultiheadAttention`` (it reads the weight directly instead of calling the layer),
-    ``SparseLinear`` (quantize before ``deploy_pruned``), the root module, and any layer the
-    ``Int8Linear`` constructor refuses. Convolutions, embeddings and normalization layers are
-    never touched (``Conv2d`` stays float).
+    alone and listed), every GPT-2-style ``Conv1D`` of transformers (weight stored ``[in, out]``;
+    converted with the transposed weight, see :mod:`pycompress.nn.conv1d`) and every
+    ``MaskedLinear`` (pruned layers: the masked weight is quantized, so pruned weights stay
+    exactly zero). Every other layer computing a linear map is left alone and listed with the
+    reason: ``nn.Linear`` inside ``nn.MultiheadAttention`` (it reads the weight directly instead
+    of calling the layer), ``SparseLinear`` (quantize before ``deploy_pruned``), convolutions
+    (``nn.Conv1d/2d/3d`` and their transposes) and ``nn.Bilinear`` (``Int8Linear`` is a matrix
+    product), a ``Conv1D`` subclass or one of unknown layout, the root module, and any layer the
+    ``Int8Linear`` constructor refuses. Embeddings and normalization layers are not linear
+    layers and are never touched.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import torch
 from torch import nn
 
 from pycompress import _utils
-from pycompress.nn import registry
+from pycompress.nn import conv1d, registry
 
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
 
 QUANT_MODES = ("w8a8", "w8a16")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# layers computing a linear map that Int8Linear cannot replace: listed, never silently ignored
+_OTHER_LINEAR_MAPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                      nn.ConvTranspose3d, nn.Bilinear)
 
 
 @dataclass
@@ -70,8 +77,18 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module, layer_cls: type
         return "SparseLinear (deployed sparse layer): quantize before deploy_pruned()"
     if masked is not None and isinstance(module, masked):
         return None
+    if conv1d.is_conv1d_family(module):
+        problem = conv1d.conv1d_problem(module)
+        if problem is not None:
+            return problem
+        if module.weight.dtype not in _FLOAT_DTYPES:
+            return f"weight dtype {module.weight.dtype} is not a floating type supported by Int8Linear"
+        return None
+    if isinstance(module, _OTHER_LINEAR_MAPS):
+        return (f"{type(module).__name__}: Int8Linear replaces matrix products (nn.Linear, Conv1D) "
+                "only; this layer stays in floating point")
     if not isinstance(module, nn.Linear):
-        return ""  # not a linear layer: silently ignored
+        return ""  # not a linear layer
     if isinstance(_utils.parent_of(model, name), nn.MultiheadAttention):
         return "projection inside nn.MultiheadAttention (its weight is read directly, not called)"
     if type(module) is not nn.Linear:
@@ -92,7 +109,8 @@ def quantize(
     return_result: bool = False,
     warn: bool = True,
 ):
-    """Replaces the selected ``nn.Linear`` layers of ``model`` by ``pycompress.nn.Int8Linear``.
+    """Replaces the selected linear layers of ``model`` (``nn.Linear``, transformers' ``Conv1D``,
+    ``MaskedLinear``) by ``pycompress.nn.Int8Linear``.
 
     Weights are quantized symmetrically per output channel to int8. ``mode="w8a8"`` also
     quantizes activations per token at run time (int8 × int8 GEMM); ``mode="w8a16"`` keeps
@@ -150,7 +168,9 @@ def quantize(
             result.skipped[name] = reason
             continue
         source = module
-        if type(module) is not nn.Linear:  # MaskedLinear: quantize its masked (dense) weight
+        if conv1d.is_conv1d(module):  # weight stored [in, out]: quantize the transpose
+            source = conv1d.to_linear(module, share_bias=False)
+        elif type(module) is not nn.Linear:  # MaskedLinear: quantize its masked (dense) weight
             source = registry.dense_equivalent(module)
         try:
             new = layer_cls.from_float(source, mode=mode, **extra)
@@ -161,7 +181,7 @@ def quantize(
         for alias in aliases.get(id(module), [name]):  # a module registered under several names
             _utils.set_module(model, alias, new)
         result.converted.append(name)
-    if isinstance(model, nn.Linear) and include is None:
+    if (isinstance(model, nn.Linear) or conv1d.is_conv1d(model)) and include is None:
         result.skipped[""] = "the root module itself cannot be replaced in place; wrap it in a container"
     if warn and result.skipped:
         lines = "; ".join(f"{n or '<root>'}: {r}" for n, r in result.skipped.items())
