@@ -7,6 +7,8 @@
 #   make nvcc-check  compile every CUDA kernel file with plain nvcc (sm_80, sm_90a)
 #   make cuda-build  full CUDA build of the extension against a CUDA torch (no GPU needed)
 #   make gpu-check   on a CUDA machine: build for sm_90a, run CUDA tests and benches into $$OUT
+#   make install-check  install as a new user would (fresh Python 3.11 venv, pip 23.2.1, setuptools
+#                    >= 80): editable install, sdist and wheel, each smoke-tested
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +24,7 @@ CUDA_VENV ?= $(HOME)/.cache/pycompress/venv-cuda-$(CUDA_TORCH)
 CUDA_ARCHS ?= 8.0;9.0a
 OUT ?= $(CURDIR)/gpu-out
 
-.PHONY: all venv deps build install test demo bench ctest nvcc-check cuda-build gpu-check clean
+.PHONY: all venv deps build install test demo bench ctest nvcc-check cuda-build gpu-check install-check clean
 
 all: test
 
@@ -44,7 +46,7 @@ build: deps
 	@command -v $${CXX:-c++} >/dev/null || { echo "error: no C++ compiler found: install g++ (apt-get install g++)"; exit 1; }
 	$(VPY) setup.py -q build_ext --inplace
 
-$(VENV)/.install-stamp: $(VENV)/.deps-stamp setup.py
+$(VENV)/.install-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml
 	PYCOMPRESS_SKIP_EXT=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
@@ -82,6 +84,10 @@ cuda-build: $(CUDA_VENV)/bin/python
 # Runs on a machine with a CUDA GPU and a CUDA torch already installed (no package registry needed).
 gpu-check:
 	bash .ci/gpu_check.sh "$(OUT)"
+
+# Builds in its own venvs under a temporary directory; needs python3.11 and the registry.
+install-check:
+	bash .ci/install_check.sh
 
 clean:
 	rm -rf build pycompress/*.so
