@@ -8,6 +8,8 @@
 #   make cuda-build  full CUDA build of the extension against a CUDA torch (no GPU needed)
 #   make gpu-check   on a CUDA machine, within 8 minutes: build for its GPU, every CUDA test, quick benches into $$OUT
 #   make gpu-check-dry  the GPU check walked on the CPU (tests collected, benches imported, budget cut-offs)
+#   make install-check  install as a new user would (fresh Python 3.11 venv, pip 23.2.1, setuptools
+#                    >= 80): editable install, sdist and wheel, each smoke-tested
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +25,7 @@ CUDA_VENV ?= $(HOME)/.cache/pycompress/venv-cuda-$(CUDA_TORCH)
 CUDA_ARCHS ?= 8.0;9.0a
 OUT ?= $(CURDIR)/gpu-out
 
-.PHONY: all venv deps build install test demo bench ctest nvcc-check cuda-build gpu-check gpu-check-dry clean
+.PHONY: all venv deps build install test demo bench ctest nvcc-check cuda-build gpu-check gpu-check-dry install-check clean
 
 all: test
 
@@ -45,7 +47,7 @@ build: deps
 	@command -v $${CXX:-c++} >/dev/null || { echo "error: no C++ compiler found: install g++ (apt-get install g++)"; exit 1; }
 	$(VPY) setup.py -q build_ext --inplace
 
-$(VENV)/.install-stamp: $(VENV)/.deps-stamp setup.py
+$(VENV)/.install-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml
 	PYCOMPRESS_SKIP_EXT=1 $(VPY) -m pip install -q --no-build-isolation --no-deps -e .
 	@touch $@
 
@@ -88,6 +90,10 @@ gpu-check:
 # The same check walked without CUDA, with its cut-offs proven on a small budget (CI runs it).
 gpu-check-dry: install
 	$(VPY) .ci/gpu_check_dry.py
+
+# Builds in its own venvs under a temporary directory; needs python3.11 and the registry.
+install-check:
+	bash .ci/install_check.sh
 
 clean:
 	rm -rf build pycompress/*.so

@@ -1,8 +1,9 @@
-"""Build script for pycompress (C++ and, where possible, CUDA extension).
+"""The pycompress C++ (and, where possible, CUDA) extension. Metadata, dependencies, extras and
+the console script live in pyproject.toml.
 
 Build with an already installed torch and without build isolation:
 
-    pip install torch==2.13.0                 # or any torch >= 2.4 (CUDA builds too)
+    pip install torch==2.13.0 setuptools wheel ninja   # or any torch >= 2.4 (CUDA builds too)
     pip install --no-build-isolation -e .
 
 Environment:
@@ -19,7 +20,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,13 +28,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def fail(msg):
     sys.stderr.write("\nerror: " + msg.strip() + "\n\n")
     sys.exit(1)
-
-
-def read_version():
-    with open(os.path.join(ROOT, "pycompress", "_version.py")) as f:
-        ns = {}
-        exec(f.read(), ns)
-        return ns["__version__"]
 
 
 def extension_modules():
@@ -121,17 +115,4 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
-setup(
-    name="pycompress",
-    version=read_version(),
-    description="Compress trained PyTorch models: prune, quantize, distill, validate.",
-    packages=find_packages(include=["pycompress", "pycompress.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "tqdm>=4.60", "pyyaml>=6"],
-    extras_require={"plot": ["matplotlib>=3.7"], "demo": ["matplotlib>=3.7", "scikit-learn>=1.3"],
-                    "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.1"]},
-    entry_points={"console_scripts": ["pycompress=pycompress.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
