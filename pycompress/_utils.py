@@ -395,6 +395,27 @@ def check_int8_bits(name: str, value: Any, mode: str) -> None:
         raise ValueError(f"{name}=7 applies to mode='w8a8' only ({_INT8_BITS_WHY[name]})")
 
 
+def run_calibration(model: nn.Module, calibration_data: Any, handles: list) -> int:
+    """Runs ``model`` in eval mode on every batch of ``calibration_data`` (hooks registered by the
+    caller collect what they need), then removes ``handles`` and restores the training flag.
+    Returns the number of batches; none at all is an error."""
+    was_training = model.training
+    model.eval()
+    n = 0
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(iter_batches(calibration_data, "calibration_data")):
+                call_model(model, batch, what="model", index=i)
+                n += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("calibration_data holds no batch")
+    return n
+
+
 # --------------------------------------------------------------------------- files
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flushes a directory entry (after a rename into it); a no-op where unsupported."""

@@ -1,5 +1,5 @@
-"""Pieces shared by the sparse layers: building the
-plain ``nn.Linear`` a layer converts back to."""
+"""Pieces shared by the layers: the mask handling of the masked layers, and the plain ``nn.Linear``
+a layer converts back to."""
 
 from __future__ import annotations
 
@@ -16,3 +16,33 @@ def linear_from_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Li
     if bias is not None:
         lin.bias.copy_(bias)
     return lin
+
+
+class MaskedWeight:
+    """Mask handling shared by MaskedLinear and MaskedConv2d: a bool ``mask`` buffer of the weight's
+    shape whose ``False`` entries hold exactly zero weights."""
+
+    weight: torch.Tensor
+    mask: torch.Tensor
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replaces the mask (bool, weight's shape) and zeroes the pruned weights."""
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if tuple(mask.shape) != tuple(self.weight.shape):
+            raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
+        self.mask.copy_(mask.to(self.mask.device))
+        self.apply_mask_()
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Sets the pruned weights to exactly zero (in place)."""
+        self.weight.masked_fill_(~self.mask, 0)
+
+    @property
+    def sparsity(self) -> float:
+        n = self.mask.numel()
+        return 1.0 - float(self.mask.sum()) / n if n else 0.0

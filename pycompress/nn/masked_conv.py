@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pycompress.nn._common import MaskedWeight
+
 __all__ = ["MaskedConv2d"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -54,7 +56,7 @@ class _MaskedConv2dFn(torch.autograd.Function):
         return gx, gw, None, gb, None, None, None, None
 
 
-class MaskedConv2d(nn.Module):
+class MaskedConv2d(MaskedWeight, nn.Module):
     """``conv2d(x, weight * mask) + bias`` whose pruned weights are held at exactly zero.
 
     The conv counterpart of :class:`~pycompress.nn.MaskedLinear`: parameters ``weight [out,
@@ -192,28 +194,6 @@ class MaskedConv2d(nn.Module):
     to_dense = to_float
 
     # ------------------------------------------------------------------ mask
-    @torch.no_grad()
-    def set_mask(self, mask: torch.Tensor) -> None:
-        """Replaces the mask (bool, weight's shape) and zeroes the pruned weights."""
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if tuple(mask.shape) != tuple(self.weight.shape):
-            raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
-        self.mask.copy_(mask.to(self.mask.device))
-        self.apply_mask_()
-
-    @torch.no_grad()
-    def apply_mask_(self) -> None:
-        """Sets the pruned weights to exactly zero (in place)."""
-        self.weight.masked_fill_(~self.mask, 0)
-
-    @property
-    def sparsity(self) -> float:
-        n = self.mask.numel()
-        return 1.0 - float(self.mask.sum()) / n if n else 0.0
-
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._pre_pad is not None:

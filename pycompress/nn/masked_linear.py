@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pycompress.nn._common import linear_from_weight
+from pycompress.nn._common import MaskedWeight, linear_from_weight
 from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.ops import sparse as sparse_ops
 
 __all__ = ["MaskedLinear", "keep_masks"]
 
 
-class MaskedLinear(nn.Module):
+class MaskedLinear(MaskedWeight, nn.Module):
     """``y = x @ (weight * mask).T + bias`` computed by a fused kernel (no masked weight copy).
 
     Parameters ``weight [out, in]`` and ``bias [out]`` (optional), bool buffer ``mask`` of the
@@ -78,28 +78,6 @@ class MaskedLinear(nn.Module):
                     m.bias.copy_(linear.bias)
         m.set_mask(torch.ones_like(w, dtype=torch.bool) if mask is None else mask)
         return m
-
-    @torch.no_grad()
-    def set_mask(self, mask: torch.Tensor) -> None:
-        """Replaces the mask (bool, weight's shape) and zeroes the pruned weights."""
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if tuple(mask.shape) != tuple(self.weight.shape):
-            raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
-        self.mask.copy_(mask.to(self.mask.device))
-        self.apply_mask_()
-
-    @torch.no_grad()
-    def apply_mask_(self) -> None:
-        """Sets the pruned weights to exactly zero (in place)."""
-        self.weight.masked_fill_(~self.mask, 0)
-
-    @property
-    def sparsity(self) -> float:
-        n = self.mask.numel()
-        return 1.0 - float(self.mask.sum()) / n if n else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_ops.masked_linear(x, self.weight, self.mask, self.bias)

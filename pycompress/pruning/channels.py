@@ -610,19 +610,7 @@ def _collect_readers(model, analysis, readers, calibration_data):
 
     for name, f in readers.items():
         handles.append(analysis.modules[name].register_forward_pre_hook(hook_for(name, f)))
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        for i, batch in enumerate(_utils.iter_batches(calibration_data, "calibration_data")):
-            _utils.call_model(model, batch, what="model", index=i)
-            n += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("calibration_data holds no batch")
+    _utils.run_calibration(model, calibration_data, handles)
     for name, a in acc.items():
         if a is None:
             raise ValueError(f"layer {name!r} never ran on calibration_data, so its input channels have no "

@@ -334,19 +334,7 @@ def _collect_stats(model, named, calibration_data, need_out=False, need_in=False
         handles.append(m.register_forward_hook(hook_for(name)))
     for cname in cstats:
         handles.append(model.get_submodule(cname).register_forward_pre_hook(pre_hook_for(cname)))
-    was_training = model.training
-    model.eval()
-    n = 0
-    try:
-        for i, batch in enumerate(_utils.iter_batches(calibration_data, "calibration_data")):
-            _utils.call_model(model, batch, what="model", index=i)
-            n += 1
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    if n == 0:
-        raise ValueError("calibration_data holds no batch")
+    _utils.run_calibration(model, calibration_data, handles)
     out = {}
     for name, st in stats.items():
         if st["tokens"] == 0:
