@@ -52,8 +52,8 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
 
 // Code path used for the GEMM given a requested ISA level (0 scalar, 1 avx2,
 // 2 avx512, 3 amx): returns 0 (scalar), 1 (avx2), 2 (avx512-vnni; only when the CPU
-// has VNNI) or 5 (AMX-INT8 tiles, level 3 only, where the CPU and the OS allow AMX; same
-// prepared A as path 2 and the same packed weight, see cpu/gemm_amx.h). With act7 (every A value in [-64, 63]) the AVX2 level returns 3
+// has VNNI) or 5 (AMX-INT8 tiles, level 3 only, where the CPU and the OS allow AMX; A + 128
+// as on path 2 and the same packed weight, see cpu/gemm_amx.h). With act7 (every A value in [-64, 63]) the AVX2 level returns 3
 // (vpmaddubsw); the other paths are exact for any int8 A and are kept. Otherwise, with
 // narrow_b (every B value in [-64, 64], see int8_packed_narrow) it returns 4: A + 128 as
 // the unsigned vpmaddubsw operand, whose pair sums (at most 2 * 255 * 64 = 32640) cannot

@@ -5,10 +5,11 @@
 // 64 bytes: 16 columns x 4 k each), which tdpbusd reads as the pre-interleaved B operand. A
 // weight packed on any CPU is therefore valid for every code path, with or without AMX.
 //
-// The activations are prepared as on the AVX-512 VNNI path (A + 128 as uint8, rows padded to
-// 64 bytes with 128) and multiplied with tdpbusd (u8 x s8, four products summed into int32
-// without saturation); 128 * sum_k B[n, k] is subtracted afterwards. The result is the exact
-// int32 product, so the float epilogue gives the same bits as every other path.
+// The activations are prepared as on the AVX-512 VNNI path (A + 128 as uint8, rows padded with
+// 128 to an odd number of 64-byte lines) and multiplied with tdpbusd (u8 x s8, four products
+// summed into int32 without saturation); the accumulators start at -128 * sum_k B[n, k]. The
+// result is the exact int32 product, so the float epilogue gives the same bits as every other
+// path.
 #pragma once
 
 #include <cstdint>
@@ -21,8 +22,9 @@ constexpr int kInt8PathAmx = 5;
 
 // Rows [0, M) x panels [p0, p1) through the epilogue, on the calling thread. Whole groups of 16
 // rows run on AMX tiles; the last M % 16 rows run on the AVX-512 VNNI kernel while the same
-// weight panels are in cache. ap: activations prepared for path 2 / 5 (int8_prepare_a). Only
-// call on a CPU (and process) with AMX-INT8 enabled (int8_gemm_path returned kInt8PathAmx).
+// weight panels are in cache. ap: activations from int8_prepare_a(kInt8PathAmx, ...). Meant for
+// CPUs with AMX-INT8 (int8_gemm_path returned kInt8PathAmx); where this process may not use AMX
+// tile data, every row runs on the VNNI kernel.
 void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64_t N, int64_t K,
                           int64_t p0, int64_t p1, const Int8Epilogue& ep);
 
