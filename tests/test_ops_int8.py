@@ -372,3 +372,98 @@ def test_torch_compile_ops():
 
     x = torch.randn(2, 3, 64)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+# ---- AMX path: the same integers and the same output bits as the AVX-512 VNNI path ----
+
+from contextlib import contextmanager  # noqa: E402
+
+import pycompress  # noqa: E402
+from pycompress import _ext  # noqa: E402
+
+needs_amx = pytest.mark.skipif("amx" not in _ext.cpu_isas(), reason="this CPU or OS does not allow AMX-INT8")
+
+# whole 16-row tiles and M % 16 tail rows; K not a multiple of 64 (nor of 4); N not a multiple of 16
+AMX_MS = [1, 2, 15, 16, 17, 33, 128]
+AMX_KN = [(67, 129), (130, 33), (1000, 40), (4100, 17)]
+
+
+@contextmanager
+def _isa_and_threads(isa: str, threads: int):
+    previous, previous_threads = pycompress.active_cpu_isa(), torch.get_num_threads()
+    pycompress.set_cpu_isa(isa)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        pycompress.set_cpu_isa(previous)
+        torch.set_num_threads(previous_threads)
+
+
+@needs_amx
+@pytest.mark.parametrize("M", AMX_MS)
+@pytest.mark.parametrize("KN", AMX_KN)
+def test_amx_gemm_exact(M, KN):
+    K, N = KN
+    a, b = rand_i8(M, K), rand_i8(N, K)
+    with _isa_and_threads("amx", 2):
+        c = ops.int8_gemm(a, b)
+    torch.testing.assert_close(c, gemm_ref(a, b), rtol=0, atol=0)
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [16, 17, 33])
+def test_amx_gemm_extremes(M):
+    # -128 * -128 summed over K = 4100: 67 174 400, no saturation anywhere
+    a = torch.full((M, 4100), -128, dtype=torch.int8)
+    b = torch.full((33, 4100), -128, dtype=torch.int8)
+    b[1] = 127
+    b[2, ::3] = 127
+    with _isa_and_threads("amx", 2):
+        c = ops.int8_gemm(a, b)
+    torch.testing.assert_close(c, gemm_ref(a, b), rtol=0, atol=0)
+    assert c[0, 0].item() == 16384 * 4100
+
+
+@needs_amx
+@pytest.mark.parametrize("M", AMX_MS)
+@pytest.mark.parametrize("KN", AMX_KN)
+@pytest.mark.parametrize("bits", [(8, 8), (7, 8), (8, 7), (7, 7)], ids=["a8w8", "a7w8", "a8w7", "a7w7"])
+def test_amx_linear_same_bits_as_avx512(M, KN, bits):
+    K, N = KN
+    act_bits, weight_bits = bits
+    wmax = 127 if weight_bits == 8 else 63
+    x = torch.randn(M, K) * 3
+    w = torch.randint(-wmax, wmax + 1, (N, K), dtype=torch.int8)
+    ws, bias = torch.rand(N) * 0.02 + 1e-3, torch.randn(N)
+    packed = ops.int8_pack_weight(w)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        xd = x.to(dtype)
+        for b in (None, bias):
+            outs = {}
+            for isa in ("avx512", "amx"):
+                with _isa_and_threads(isa, 2):
+                    outs[isa] = ops.int8_linear(xd, w, ws, b, w_packed=packed, act_bits=act_bits)
+            assert torch.equal(outs["amx"], outs["avx512"]), (dtype, b is not None)
+            torch.testing.assert_close(outs["amx"], linear_ref(xd, w, ws, b, act_bits), rtol=0, atol=0)
+
+
+@needs_amx
+def test_amx_packed_weight_runs_on_every_path():
+    # the packed layout does not depend on the CPU: a weight packed while AMX is in use gives the
+    # same bytes as one packed on the scalar path, and runs unchanged on every other path
+    from pycompress.nn import Int8Linear
+
+    lin = torch.nn.Linear(300, 70)
+    x = torch.randn(37, 300)
+    with _isa_and_threads("amx", 2):
+        q = Int8Linear.from_float(lin, mode="w8a8")
+        y_amx = q(x)
+        packed_amx = ops.int8_pack_weight(q.weight)
+    with _isa_and_threads("scalar", 1):
+        assert torch.equal(ops.int8_pack_weight(q.weight), packed_amx)
+    for isa in ("scalar", "avx2", "avx512"):
+        with _isa_and_threads(isa, 2):
+            assert torch.equal(q(x), y_amx), isa
+            assert torch.equal(ops.int8_linear(x, q.weight, q.weight_scale, q.bias, w_packed=packed_amx), y_amx)
+    torch.testing.assert_close(y_amx, linear_ref(x, q.weight, q.weight_scale, q.bias), rtol=0, atol=0)

@@ -16,8 +16,9 @@
 //   next 4 * Np / 16 bytes:                  int32 max |B[n, k]| of each panel
 //
 // Padding is zero. The activation operand A is prepared per row into the form the
-// chosen code path reads (int16 for scalar/AVX2, A + 128 as uint8 for AVX-512 VNNI,
-// A + 64 as uint8 for the AVX2 7-bit path).
+// chosen code path reads (int16 for scalar/AVX2, A + 128 as uint8 for AVX-512 VNNI and AMX,
+// A + 64 as uint8 for the AVX2 7-bit path). The layout does not depend on the CPU: 16 k-groups
+// of a panel (1024 bytes) are one AMX weight tile as they are.
 //
 // 7-bit activations (A in [-64, 63], what per-token quantization with qmax = 63 gives)
 // have an extra AVX2 path (3): A + 64 is in [0, 127], so vpmaddubsw's int16 pair sums
@@ -50,8 +51,9 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
                  int64_t p1);
 
 // Code path used for the GEMM given a requested ISA level (0 scalar, 1 avx2,
-// 2+ avx512): returns 0 (scalar), 1 (avx2) or 2 (avx512-vnni; only when the CPU
-// has VNNI). With act7 (every A value in [-64, 63]) the AVX2 level returns 3
+// 2 avx512, 3 amx): returns 0 (scalar), 1 (avx2), 2 (avx512-vnni; only when the CPU
+// has VNNI) or 5 (AMX-INT8 tiles, level 3 only, where the CPU and the OS allow AMX; A + 128
+// as on path 2 and the same packed weight, see cpu/gemm_amx.h). With act7 (every A value in [-64, 63]) the AVX2 level returns 3
 // (vpmaddubsw); the other paths are exact for any int8 A and are kept. Otherwise, with
 // narrow_b (every B value in [-64, 64], see int8_packed_narrow) it returns 4: A + 128 as
 // the unsigned vpmaddubsw operand, whose pair sums (at most 2 * 255 * 64 = 32640) cannot

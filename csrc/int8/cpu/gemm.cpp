@@ -25,6 +25,7 @@
 
 #include "common/cpu_features.h"
 #include "common/simd.h"
+#include "int8/cpu/gemm_amx.h"
 
 namespace pyc {
 namespace {
@@ -564,6 +565,23 @@ PYC_TARGET_AVX512VNNI void tile_vnni(int mr, const uint8_t* a, int64_t lda, cons
 
 #endif  // PYC_HAVE_X86_SIMD
 
+}  // namespace
+
+#if PYC_HAVE_X86_SIMD
+namespace int8_detail {
+void tile_vnni(int mr, const uint8_t* a, int64_t lda, const int8_t* bp, const int32_t* colsum,
+               int64_t nq, int32_t* t, int64_t ldt) {
+  pyc::tile_vnni(mr, a, lda, bp, colsum, nq, t, ldt);
+}
+void epilogue_simd(const Int8Epilogue& ep, const int32_t* tile, int64_t ldt, int64_t m0,
+                   int64_t mr, int64_t n0, int64_t nc) {
+  epilogue_avx2(ep, tile, ldt, m0, mr, n0, nc);
+}
+}  // namespace int8_detail
+#endif
+
+namespace {
+
 // ---------------------------------------------------------------- scalar kernel
 
 void tile_scalar(int mr, const int16_t* a, int64_t lda, const int8_t* bp, int64_t nq, int32_t* t,
@@ -623,6 +641,9 @@ void int8_pack_b(const int8_t* b, int64_t ldb, int64_t N, int64_t K, int8_t* pac
 
 int int8_gemm_path(int isa, bool act7, bool narrow_b) {
 #if PYC_HAVE_X86_SIMD
+  // the amx level is only in effect where AMX-INT8 is usable (max_cpu_isa)
+  if (isa >= static_cast<int>(CpuIsa::Amx) && cpu_features().os_amx && cpu_features().amx_int8)
+    return kInt8PathAmx;
   if (isa >= 2 && cpu_features().avx512vnni) return 2;
   if (isa >= 1) return act7 ? 3 : (narrow_b ? 4 : 1);
 #else
@@ -643,7 +664,11 @@ int64_t int8_a_row_bytes(int path, int64_t K) {
   const int64_t Kp = int8_round_k(K);
   // rows padded to 64 bytes so every row starts on its own cache line
   const int64_t bytes = path >= 2 ? Kp : 2 * Kp;
-  return (bytes + 63) / 64 * 64;
+  const int64_t rb = (bytes + 63) / 64 * 64;
+  // AMX loads 16 rows at a time: a stride of an odd number of cache lines puts them in
+  // different L1 sets (a multiple of 4096 bytes would put all of them in one)
+  if (path == kInt8PathAmx && (rb / 64) % 2 == 0) return rb + 64;
+  return rb;
 }
 
 void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap, int64_t m0,
@@ -651,7 +676,7 @@ void int8_prepare_a(int path, const int8_t* a, int64_t lda, int64_t K, void* ap,
   const int64_t rb = int8_a_row_bytes(path, K);
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* src = a + m * lda;
-    if (path == 2 || path == 4) {
+    if (path == 2 || path == 4 || path == kInt8PathAmx) {
       uint8_t* dst = static_cast<uint8_t*>(ap) + m * rb;
       for (int64_t k = 0; k < K; ++k) dst[k] = static_cast<uint8_t>(src[k] ^ 0x80);
       std::memset(dst + K, 0x80, static_cast<size_t>(rb - K));
@@ -676,6 +701,8 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
   // multiply-add; on Zen 3 (1 thread, K = N = 4096, M = 128..2048) blocks of 2048 beat 512 by
   // 11-15% on the 8-bit path and match 1024 on the 7-bit path, with row blocks of 192. The
   // VNNI path keeps blocks of 512 (not measured here).
+  // The AMX path accumulates whole K in its tiles (no workspace).
+  if (path == kInt8PathAmx) return Kp;
   if (M * int8_a_row_bytes(path, K) <= (int64_t(256) << 10) || Kp <= 768) return Kp;
   return path == 2 ? 512 : std::min<int64_t>(2048, Kp);
 }
@@ -683,6 +710,9 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
                       int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
                       int32_t* workspace) {
+#if PYC_HAVE_X86_SIMD
+  if (path == kInt8PathAmx) return int8_gemm_packed_amx(ap, packed, M, N, K, p0, p1, ep);
+#endif
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
   const int32_t* panel_max = packed_panel_max(packed, N, K);
