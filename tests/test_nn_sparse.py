@@ -101,7 +101,7 @@ def test_sparse_linear_equals_dense_with_zeros(K, N, sparsity, M):
 
 
 def test_sparse_linear_forward_paths():
-    # the module calls the kernel directly when no gradient is needed and goes through autograd
+    # the op skips autograd when no gradient is needed and records the input gradient
     # otherwise; both give the dense result, for every input layout
     lin, _ = _pruned_linear(70, 30, 0.9)
     sl = SparseLinear.from_dense(lin)
@@ -126,7 +126,7 @@ def test_sparse_linear_forward_paths():
 
 
 def test_sparse_linear_inference_call_stays_visible():
-    # the plain-CPU inference shortcut must not hide the op from dispatch modes, the profiler,
+    # the module's call of the op must stay visible to dispatch modes, the profiler,
     # the tracer or functorch transforms
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <vector>
+
 #include "common/torch_utils.h"
 #include "sparse/masked_checks.h"
 #include "sparse/cuda/sparse.cuh"
@@ -15,14 +18,56 @@ void check_err(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " CUDA kernel failed: ", cudaGetErrorString(err));
 }
 
+// The structure of CSR arrays on the device (host synchronizations; see sparse_decode_layout).
+void check_csr_cuda(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
+  const int64_t N = rp.size(0) - 1, nnz = ci.size(0);
+  const at::Tensor r = rp.to(at::kLong);
+  TORCH_CHECK(r[0].item<int64_t>() == 0 && r[N].item<int64_t>() == nnz,
+              "sparse_linear: row_ptr must start at 0 and end at nnz");
+  if (N > 0)
+    TORCH_CHECK((r.slice(0, 1) - r.slice(0, 0, N)).min().item<int64_t>() >= 0,
+                "sparse_linear: row_ptr must be non-decreasing");
+  if (nnz > 0) {
+    auto mm = at::aminmax(ci.to(at::kLong));
+    TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < K,
+                "sparse_linear: col_idx out of range [0, ", K, ")");
+  }
+}
+
+// sparse_decode_layout of CUDA arrays: checks their structure completely; the CUDA kernel needs
+// no single-row copy, so the layout is an empty tensor on the device.
+at::Tensor sparse_decode_layout_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                     const at::Tensor& values, int64_t in_features,
+                                     bool /*pack*/) {
+  TORCH_CHECK(in_features >= 0, "sparse_decode_layout: in_features must be >= 0");
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kInt,
+              "sparse_decode_layout: row_ptr must be a 1-D int32 tensor [N + 1]");
+  TORCH_CHECK(col_idx.dim() == 1 && (col_idx.scalar_type() == at::kShort ||
+                                     col_idx.scalar_type() == at::kInt),
+              "sparse_decode_layout: col_idx must be a 1-D int16 or int32 tensor");
+  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == at::kFloat &&
+                  values.size(0) == col_idx.size(0),
+              "sparse_decode_layout: values must be float32 [nnz]");
+  TORCH_CHECK(row_ptr.device() == col_idx.device() && row_ptr.device() == values.device(),
+              "sparse_decode_layout: all tensors must be on the same device");
+  const c10::cuda::CUDAGuard guard(row_ptr.device());
+  check_csr_cuda(row_ptr, col_idx, in_features);
+  return at::empty({0}, row_ptr.options().dtype(at::kByte));
+}
+
+std::vector<int64_t> sparse_decode_layout_info_cuda(const at::Tensor& layout, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&, int64_t) {
+  return {-1, layout.numel(), 0};  // CUDA layouts are empty: nothing is used
+}
+
 at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_in,
                               const at::Tensor& col_idx_in, const at::Tensor& values_in,
                               const c10::optional<at::Tensor>& bias_in, int64_t in_features,
                               const c10::optional<at::Tensor>& /*layout: CPU only*/) {
-  // The CSR structure is not checked here (a check costs a host synchronization per call): the
-  // kernel cannot read out of bounds whatever the arrays hold, pycompress.ops.sparse_linear
-  // checks them on every call and SparseLinear once, when its buffers are set (see
-  // pycompress/nn/sparse_linear.py).
+  // The CSR structure is not checked here (a check costs host synchronizations on every call):
+  // the kernel cannot read out of bounds whatever the arrays hold; pycompress.ops.sparse_linear
+  // checks them on every call and SparseLinear once, when its buffers are set, both through
+  // sparse_decode_layout.
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == in_features,
               "sparse_linear: x must be [M, in_features]");
   TORCH_CHECK(row_ptr_in.dim() == 1 && row_ptr_in.size(0) >= 1 &&
@@ -107,6 +152,8 @@ at::Tensor masked_linear_grad_weight_cuda(const at::Tensor& g_in, const at::Tens
 
 TORCH_LIBRARY_IMPL(pycompress, CUDA, m) {
   m.impl("sparse_linear", &pyc::sparse_linear_cuda);
+  m.impl("sparse_decode_layout", &pyc::sparse_decode_layout_cuda);
+  m.impl("sparse_decode_layout_info", &pyc::sparse_decode_layout_info_cuda);
   m.impl("masked_linear", &pyc::masked_linear_cuda);
   m.impl("masked_linear_grad_input", &pyc::masked_linear_grad_input_cuda);
   m.impl("masked_linear_grad_weight", &pyc::masked_linear_grad_weight_cuda);

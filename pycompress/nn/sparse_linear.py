@@ -104,15 +104,13 @@ class SparseLinear(nn.Module):
     @torch.no_grad()
     def relayout(self) -> None:
         """Checks the CSR buffers (raising on a corrupt structure) and rebuilds ``decode_layout``
-        for the CPU ISA active now (off the CPU: checks only, no layout)."""
+        for the CPU ISA active now (CUDA: checks only, the layout stays empty)."""
         rp, ci, v = self.row_ptr, self.col_idx, self.values
-        if rp.device.type == "cpu":
+        if rp.device.type == "meta":
+            layout = torch.empty(0, dtype=torch.uint8, device=rp.device)
+        else:
             with torch.inference_mode(False):  # a layout must be able to record version counters
                 layout = sparse_ops.sparse_decode_layout(rp, ci, v, self.in_features, pack=self._pack_decode_layout)
-        else:
-            if rp.device.type != "meta":
-                sparse_ops.check_csr(rp, ci, v, self.in_features)
-            layout = torch.empty(0, dtype=torch.uint8, device=rp.device)
         self.decode_layout = layout
 
     def _relayout_or_drop(self) -> None:

@@ -42,12 +42,13 @@ _LAYOUT_KINDS = {-1: None, 0: "checked", 1: "sliced", 2: "chunked"}
 
 def sparse_decode_layout(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
                          in_features: int, pack: bool = True) -> torch.Tensor:
-    """Checks CSR arrays (CPU) completely and returns their single-token layout (see module doc).
+    """Checks CSR arrays completely and returns their single-token layout (see module doc).
 
-    The result is a flat ``uint8`` tensor: the chunked layout on AVX-512 CPUs where it pays, else
-    the sliced one (AVX2 and up); with ``pack=False``, on scalar CPUs, or for inference tensors,
-    only a header that records the checked arrays (calls with it skip the structural check).
-    Build it again after changing the arrays in place or switching the CPU ISA.
+    CPU: a flat ``uint8`` tensor, the chunked layout on AVX-512 CPUs where it pays, else the
+    sliced one (AVX2 and up); with ``pack=False``, on scalar CPUs, or for inference tensors, only a
+    header that records the checked arrays (calls with it skip the structural check). Build it
+    again after changing the arrays in place or switching the CPU ISA. CUDA: the check only (one
+    host synchronization); the layout is an empty tensor (the CUDA kernel needs none).
 
     Example:
         >>> import torch, pycompress.ops as ops
@@ -59,8 +60,7 @@ def sparse_decode_layout(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: t
     """
     _check_csr_args(row_ptr, col_idx, values, in_features)
     device = check_same_device(row_ptr=row_ptr, col_idx=col_idx, values=values)
-    if device.type != "cpu":
-        raise ValueError(f"sparse_decode_layout builds layouts of CPU tensors; the arrays are on {device}")
+    check_device_supported(device, "sparse_decode_layout")
     if not isinstance(pack, bool):
         raise TypeError(f"pack must be a bool, got {pack!r}")
     return torch.ops.pycompress.sparse_decode_layout(row_ptr, col_idx, values, in_features, pack)
@@ -83,11 +83,13 @@ def sparse_decode_layout_info(layout: torch.Tensor, row_ptr: torch.Tensor, col_i
 
 def check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, in_features: int) -> None:
     """Raises when the arrays are not a valid CSR weight with ``in_features`` columns (dtypes and
-    shapes: TypeError / ValueError; structure: RuntimeError naming the problem). Works on any
-    device (one host synchronization on CUDA)."""
+    shapes: TypeError / ValueError; structure: RuntimeError naming the problem), as
+    :func:`sparse_decode_layout` checks them (host synchronizations on CUDA)."""
     _check_csr_args(row_ptr, col_idx, values, in_features)
-    check_same_device(row_ptr=row_ptr, col_idx=col_idx, values=values)
-    _check_csr_structure(row_ptr, col_idx, in_features)
+    device = check_same_device(row_ptr=row_ptr, col_idx=col_idx, values=values)
+    check_device_supported(device, "check_csr")
+    if device.type != "meta":
+        torch.ops.pycompress.sparse_decode_layout(row_ptr, col_idx, values, in_features, False)
 
 
 def _check_csr_args(row_ptr, col_idx, values, in_features) -> None:
@@ -102,20 +104,6 @@ def _check_csr_args(row_ptr, col_idx, values, in_features) -> None:
         raise ValueError(f"values ({values.numel()}) and col_idx ({col_idx.numel()}) must have the same length")
     if col_idx.dtype == torch.int16 and in_features > 32768:
         raise ValueError("int16 col_idx supports in_features <= 32768; use int32")
-
-
-def _check_csr_structure(row_ptr, col_idx, in_features) -> None:
-    # the same checks (and messages) as the CPU kernel's
-    n_out, nnz = row_ptr.numel() - 1, col_idx.numel()
-    ends = row_ptr[[0, n_out]].tolist()
-    if ends != [0, nnz]:
-        raise RuntimeError("sparse_linear: row_ptr must start at 0 and end at nnz")
-    if n_out > 0 and bool((row_ptr[1:] < row_ptr[:-1]).any()):
-        raise RuntimeError("sparse_linear: row_ptr must be non-decreasing")
-    if nnz > 0:
-        lo, hi = torch.aminmax(col_idx)
-        if int(lo) < 0 or int(hi) >= in_features:
-            raise RuntimeError(f"sparse_linear: col_idx out of range [0, {in_features})")
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -257,8 +245,8 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         if device.type != "cpu" or layout.device.type != "cpu":
             layout = None  # a CPU layout; other devices run on the CSR arrays
     if device.type == "cuda" and not torch.compiler.is_compiling():
-        # the CUDA kernel does not check the structure per call (a host synchronization)
-        _check_csr_structure(row_ptr, col_idx, in_features)
+        # the CUDA kernel does not check the structure per call (host synchronizations)
+        check_csr(row_ptr, col_idx, values, in_features)
     lead = x.shape[:-1]
     y = torch.ops.pycompress.sparse_linear(x.reshape(-1, in_features), row_ptr, col_idx, values, bias,
                                            in_features, layout)
