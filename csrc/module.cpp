@@ -3,7 +3,6 @@
 #include <torch/extension.h>
 
 #include "common/cpu_features.h"
-#include "sparse/decode_layout.h"
 
 namespace {
 
@@ -28,10 +27,6 @@ pybind11::dict cpu_features_dict() {
 
 }  // namespace
 
-namespace pyc {
-void register_module_calls(pybind11::module_& m);  // module_calls.cpp
-}
-
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pycompress compiled kernels";
   m.def("cpu_features", &cpu_features_dict, "CPU features detected at run time");
@@ -47,12 +42,6 @@ PYBIND11_MODULE(_C, m) {
         }
       },
       "Limit the CPU kernels to an ISA level: auto, scalar, avx2, avx512 or amx");
-  m.def("sparse_decode_layout_enabled", &pyc::sparse_decode_layout_enabled);
-  m.def("set_sparse_decode_layout", &pyc::set_sparse_decode_layout);
-  m.def("sparse_decode_layout_usage", &pyc::sparse_decode_layout_usage,
-        "(layers, bytes, chunked layers) of the single-row sparse layouts held");
-  m.def("clear_sparse_decode_layouts", &pyc::clear_sparse_decode_layouts);
-  pyc::register_module_calls(m);
 #ifdef PYCOMPRESS_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -1,4 +1,7 @@
-"""Shared checks of the modules' direct CPU inference calls (pycompress._C.*_module_cpu)."""
+"""Shared checks of the modules' forward calls (Int8Linear, SparseLinear, SemiSparseLinear): their
+hot path calls torch.ops.pycompress.<op> itself, so every call must stay visible to whatever
+watches the dispatcher, and any input the op rejects must end in the validated wrapper's clear
+error with the module unchanged."""
 
 from __future__ import annotations
 
@@ -6,14 +9,26 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import pycompress
 
-class _PassDispatch(TorchDispatchMode):
+
+class _RecordDispatch(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
-class _PassFunction(TorchFunctionMode):
+class _RecordFunction(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -21,46 +36,74 @@ class _Sub(torch.Tensor):
     pass
 
 
-def check_direct_call(direct, buffers: dict, in_features: int, reference, op_name: str,
-                      grad_buffer: str, *args, atol: float = 1e-5) -> None:
-    """``direct(x, buffers, in_features, *args)`` equals ``reference(x)`` for every input layout
-    and float dtype, and returns None whenever the call must take the general path: another
-    dtype, width, device or type of input, a wrong ``in_features``, a missing buffer, any dispatch
-    or torch-function mode, a functorch transform, or an input or buffer ``grad_buffer`` that
-    needs grad. The profiler records it as ``op_name``."""
-    K = in_features
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def check_module_calls(module, reference, op_name: str, *, atol: float = 1e-5) -> None:
+    """``module(x)`` equals ``reference(x)`` for every input layout and float dtype, with and
+    without grad mode, in inference mode, under dispatch and torch-function modes, vmap, the
+    profiler and the tracer, which all see ``op_name`` (e.g. "pycompress::sparse_linear"); bad
+    inputs raise the wrapper's TypeError / ValueError and leave the module's buffers unchanged."""
+    K = module.in_features
     x = torch.randn(2, 3, K)
+    short = op_name.split("::")[1]
 
     def close(y, ref, tol=atol):
-        assert y is not None and y.shape == ref.shape and y.dtype == ref.dtype
+        assert y.shape == ref.shape and y.dtype == ref.dtype, (y.shape, ref.shape, y.dtype, ref.dtype)
         torch.testing.assert_close(y.float(), ref.float(), atol=tol, rtol=tol)
 
-    close(direct(x, buffers, K, *args), reference(x))  # grad mode on, nothing needs grad
+    close(module(x), reference(x))  # grad mode on, nothing needs grad
+    assert not module(x).requires_grad
     with torch.no_grad():
-        for inp in (x[1], x[1, 2], x[:, 1], x[:, :0]):
-            close(direct(inp, buffers, K, *args), reference(inp))
+        for inp in (x[1], x[1, 2], x[:, 1], x[:, :0], x[1].t().contiguous().t(), x.as_subclass(_Sub)):
+            close(module(inp), reference(inp))
         for dt in (torch.float16, torch.bfloat16):
-            close(direct(x.to(dt), buffers, K, *args), reference(x.to(dt)), 5e-2)
-        for other in (x.double(), x[..., :-1], x.to("meta"), torch.tensor(1.0), x.as_subclass(_Sub),
-                      x.tolist(), None):
-            assert direct(other, buffers, K, *args) is None
-        assert direct(x, buffers, K + 1, *args) is None
-        assert direct(x, {k: v for k, v in buffers.items() if k != grad_buffer}, K, *args) is None
-        assert direct(x, {**buffers, grad_buffer: buffers[grad_buffer].to("meta")}, K, *args) is None
-        for mode in (_PassDispatch, _PassFunction):
-            with mode():
-                assert direct(x, buffers, K, *args) is None
-        seen = []
-        torch.func.vmap(lambda r: seen.append(direct(r, buffers, K, *args)) or r)(x)
-        assert seen == [None]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            assert direct(x, buffers, K, *args) is not None
-        assert any(e.name == op_name for e in prof.events())
-    xg = x.clone().requires_grad_(True)
-    assert direct(xg, buffers, K, *args) is None
+            close(module(x.to(dt)), reference(x.to(dt)), 5e-2)
+    with torch.inference_mode():
+        close(module(x), reference(x))
+    for mode_cls in (_RecordDispatch, _RecordFunction):
+        with mode_cls() as mode:
+            close(module(x[0]), reference(x[0]))
+        assert any(short in f for f in mode.seen), (mode_cls.__name__, mode.seen)
+    ys = torch.func.vmap(module)(x)
+    close(ys, reference(x))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        module(x[0])
+    assert any(e.name == op_name for e in prof.events())
+    traced = torch.jit.trace(module, x[0])
+    assert op_name in str(traced.graph)
+    close(traced(x[0]), reference(x[0]))
+
+    before = _state(module)
+    bad = [(x.double(), TypeError, "x"), (x.int(), TypeError, "x"), (x.tolist(), TypeError, "x"),
+           (x[..., :-1], ValueError, str(K)), (torch.tensor(1.0), ValueError, "")]
+    for inp, exc, words in bad:
+        try:
+            module(inp)
+        except exc as e:
+            assert words in str(e), (words, str(e))
+        else:
+            raise AssertionError(f"{type(inp).__name__} input was accepted")
     with torch.no_grad():
-        assert direct(xg, buffers, K, *args) is not None
-    grad_buf = buffers[grad_buffer].detach().clone().requires_grad_(True)
-    assert direct(x, {**buffers, grad_buffer: grad_buf}, K, *args) is None
-    with torch.no_grad():
-        assert direct(x, {**buffers, grad_buffer: grad_buf}, K, *args) is not None
+        try:
+            module(x.to("meta"))
+        except ValueError as e:
+            assert "same device" in str(e)
+        else:
+            raise AssertionError("a meta input with CPU buffers was accepted")
+    after = _state(module)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def check_every_isa(module, reference, *, atol: float = 1e-5) -> None:
+    """The module's result for single rows and batches under every CPU ISA this machine has."""
+    previous = pycompress.active_cpu_isa()
+    try:
+        for isa in pycompress._ext.cpu_isas():
+            pycompress.set_cpu_isa(isa)
+            for m in (1, 5):
+                x = torch.randn(m, module.in_features)
+                torch.testing.assert_close(module(x), reference(x), atol=atol, rtol=atol)
+    finally:
+        pycompress.set_cpu_isa(previous)

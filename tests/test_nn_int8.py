@@ -284,33 +284,38 @@ def test_weight7_layer_matches_op_and_round_trips(device):
 
 
 
-@pytest.mark.parametrize("act_bits", [8, 7])
+@pytest.mark.parametrize("mode,act_bits", [("w8a8", 8), ("w8a8", 7), ("w8a16", 8)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_direct_cpu_call_matches_op_and_falls_back(act_bits, bias):
-    # Int8Linear.forward's direct CPU call: bit-identical to the op, and None (the module then
-    # takes the general path) whenever anything is unusual or the call must be seen
-    from direct_calls import check_direct_call
+def test_module_calls_go_through_the_op(mode, act_bits, bias):
+    # Int8Linear.forward calls torch.ops.pycompress.int8_linear* itself: the validated wrapper's
+    # result bit for bit, visible to every mode and transform, clear errors for bad inputs
+    from direct_calls import check_every_isa, check_module_calls
 
-    from pycompress import _C
+    q = Int8Linear.from_float(make_linear(96, 40, bias=bias), mode=mode, act_bits=act_bits)
+    op_name = "pycompress::int8_linear" if mode == "w8a8" else "pycompress::int8_linear_w8a16"
 
-    direct = _C.int8_linear_module_cpu
-    q = Int8Linear.from_float(make_linear(96, 40, bias=bias), act_bits=act_bits)
-    buf = q._buffers
+    def reference(inp):
+        with torch.no_grad():
+            if mode == "w8a16":
+                return ops.int8_linear_w8a16(inp, q.weight, q.weight_scale, q.bias)
+            return ops.int8_linear(inp, q.weight, q.weight_scale, q.bias, act_bits=act_bits)
 
-    def op(inp, packed=buf["weight_packed"]):
-        return ops.int8_linear(inp, q.weight, q.weight_scale, q.bias, w_packed=packed, act_bits=act_bits)
+    check_module_calls(q, reference, op_name, atol=0)
+    check_every_isa(q, reference, atol=0)
 
-    check_direct_call(direct, buf, 96, op, "pycompress::int8_linear", "weight_scale", act_bits, atol=0)
-    x = torch.randn(2, 3, 96)
+
+def test_module_call_without_a_usable_packed_weight():
+    # a packed weight that does not fit the weight (a new weight set without repack) is not used:
+    # the call packs per call, as the wrapper does, and repack() restores the packed copy
+    q = Int8Linear.from_float(make_linear(64, 24))
+    x = torch.randn(3, 64)
     with torch.no_grad():
-        assert direct(x, buf, 96, 6) is None
-        for name, bad in (("weight", None), ("weight", q.weight.float()), ("weight", q.weight[:, :95]),
-                          ("weight_scale", q.weight_scale.double()), ("weight_scale", q.weight_scale[1:]),
-                          ("bias", torch.zeros(40, dtype=torch.float64)), ("bias", torch.zeros(39))):
-            assert direct(x, {**buf, name: bad}, 96, act_bits) is None, name
-        # a packed weight of the wrong size is ignored (packed per call), as by the module
-        assert torch.equal(direct(x, {**buf, "weight_packed": buf["weight_packed"][:-1]}, 96, act_bits),
-                           op(x, None))
+        ref = q(x)
+        q.weight_packed = q.weight_packed[:-1]
+        assert torch.equal(q(x), ref)
+        q.repack()
+        assert q.weight_packed.numel() == ops.int8_packed_bytes(24, 64)
+        assert torch.equal(q(x), ref)
 
 
 def test_module_call_stays_visible_to_modes():

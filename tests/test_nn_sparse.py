@@ -101,7 +101,7 @@ def test_sparse_linear_equals_dense_with_zeros(K, N, sparsity, M):
 
 
 def test_sparse_linear_forward_paths():
-    # the module calls the kernel directly when no gradient is needed and goes through autograd
+    # the op skips autograd when no gradient is needed and records the input gradient
     # otherwise; both give the dense result, for every input layout
     lin, _ = _pruned_linear(70, 30, 0.9)
     sl = SparseLinear.from_dense(lin)
@@ -126,7 +126,7 @@ def test_sparse_linear_forward_paths():
 
 
 def test_sparse_linear_inference_call_stays_visible():
-    # the plain-CPU inference shortcut must not hide the op from dispatch modes, the profiler,
+    # the module's call of the op must stay visible to dispatch modes, the profiler,
     # the tracer or functorch transforms
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -170,17 +170,20 @@ def test_sparse_linear_inference_call_stays_visible():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_sparse_linear_direct_cpu_call(bias):
-    # SparseLinear.forward's direct CPU call: the dense result, or None (the module then takes
-    # the general path) whenever the call must be seen or the input is unusual
-    from direct_calls import check_direct_call
-
-    from pycompress import _C
+def test_sparse_linear_module_calls_go_through_the_op(bias):
+    # SparseLinear.forward calls torch.ops.pycompress.sparse_linear itself (with its layout): the
+    # dense result, visible to every mode and transform, clear errors for bad inputs
+    from direct_calls import check_every_isa, check_module_calls
 
     lin, _ = _pruned_linear(40, 12, 0.8, bias=bias)
     sl = SparseLinear.from_dense(lin)
-    check_direct_call(_C.sparse_linear_module_cpu, sl._buffers, 40, lambda x: lin(x.float()).detach().to(x.dtype),
-                      "pycompress::sparse_linear", "values")
+
+    def reference(inp):
+        with torch.no_grad():
+            return lin(inp.float()).to(inp.dtype)
+
+    check_module_calls(sl, reference, "pycompress::sparse_linear", atol=1e-5)
+    check_every_isa(sl, reference, atol=1e-5)
 
 
 def test_sparse_linear_module_rejects_bad_inputs_and_corrupt_buffers():
@@ -232,6 +235,121 @@ def test_sparse_linear_state_dict_round_trip_and_size():
     assert "sparsity=90" in repr(sl) or "sparsity=89" in repr(sl)
     dense = sl.to_dense()
     torch.testing.assert_close(dense(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+def _layout_kind_for(isa):
+    return {"scalar": ("checked",), "avx2": ("sliced",)}.get(isa, ("chunked", "sliced"))
+
+
+def test_sparse_linear_decode_layout_buffer_round_trips(tmp_path):
+    # the layout is a non-persistent buffer built whenever the CSR buffers are set: state_dict,
+    # torch.save of the state or of the whole module, deepcopy and .to() all give a current layout
+    # and the same outputs, bit for bit
+    import copy
+
+    import pycompress
+
+    torch.manual_seed(0)
+    lin, _ = _pruned_linear(300, 200, 0.9)
+    sl = SparseLinear.from_dense(lin)
+    assert "decode_layout" in dict(sl.named_buffers()) and "decode_layout" not in sl.state_dict()
+    info = sl.decode_layout_info()
+    assert info["enabled"] and info["current"] and info["kind"] in _layout_kind_for(pycompress.active_cpu_isa())
+    assert info["bytes"] == sl.decode_layout.numel() >= sl.nnz * 5
+    xs = [torch.randn(1, 300), torch.randn(7, 300)]
+    with torch.no_grad():
+        ref = [sl(x) for x in xs]
+
+    fresh = SparseLinear.from_config(sl.config())
+    assert fresh.decode_layout_info()["kind"] is None  # placeholder buffers: nothing built
+    fresh.load_state_dict(sl.state_dict())
+    torch.save(sl.state_dict(), tmp_path / "sd.pt")
+    from_file = SparseLinear.from_config(sl.config())
+    from_file.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    torch.save(sl, tmp_path / "module.pt")
+    pickled = torch.load(tmp_path / "module.pt", weights_only=False)
+    moved = copy.deepcopy(sl).to("meta").to_empty(device="cpu")
+    moved.load_state_dict(sl.state_dict())
+    shared = copy.deepcopy(sl).share_memory()
+    for other in (fresh, from_file, pickled, copy.deepcopy(sl), sl.to("cpu"), moved, shared):
+        assert other.decode_layout_info() == info
+        assert other.decode_layout.data_ptr() != sl.decode_layout.data_ptr() or other is sl
+        with torch.no_grad():
+            for x, r in zip(xs, ref):
+                assert torch.equal(other(x), r)
+
+
+def test_sparse_linear_decode_layout_follows_cpu_isa_and_edits():
+    import pycompress
+    from pycompress._ext import cpu_isas
+
+    lin, _ = _pruned_linear(300, 200, 0.9)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(1, 300)
+    ref = lin(x).detach()
+    previous = pycompress.active_cpu_isa()
+    try:
+        for built in cpu_isas():
+            pycompress.set_cpu_isa(built)
+            sl.relayout()
+            assert sl.decode_layout_info()["kind"] in _layout_kind_for(built)
+            for used in cpu_isas():  # a layout of another ISA is used where it can run, else the CSR
+                pycompress.set_cpu_isa(used)
+                torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+    finally:
+        pycompress.set_cpu_isa(previous)
+    sl.relayout()
+    # an in-place edit leaves the layout stale (not used, results still right) until relayout()
+    with torch.no_grad():
+        sl.values.mul_(2)
+    assert not sl.decode_layout_info()["current"]
+    ref2 = 2 * (ref - lin.bias.detach()) + lin.bias.detach()
+    torch.testing.assert_close(sl(x), ref2, atol=1e-4, rtol=1e-4)
+    sl.relayout()
+    assert sl.decode_layout_info()["current"]
+    torch.testing.assert_close(sl(x), ref2, atol=1e-4, rtol=1e-4)
+
+
+def test_sparse_linear_decode_layout_switch_and_environment():
+    import os
+    import subprocess
+    import sys
+
+    lin, _ = _pruned_linear(96, 520, 0.8)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(1, 96)
+    ref = lin(x).detach()
+    assert sl.set_decode_layout(False) is True
+    assert sl.decode_layout_info() == {"enabled": False, "kind": "checked", "bytes": 256, "current": True}
+    torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+    assert sl.set_decode_layout(True) is False
+    assert sl.decode_layout_info()["bytes"] > sl.nnz * 5
+    torch.testing.assert_close(sl(x), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        sl.set_decode_layout(1)
+    code = ("import torch; from pycompress.nn import SparseLinear; "
+            "print(SparseLinear.from_dense(torch.nn.Linear(8, 8)).decode_layout_info()['kind'])")
+    env = dict(os.environ, PYCOMPRESS_SPARSE_DECODE_LAYOUT="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "checked"
+
+
+def test_sparse_linear_loads_corrupt_buffers_without_layout():
+    # a state whose structure does not check loads (strict loading is about names and shapes) but
+    # leaves no layout, and every call raises the structural error
+    lin, _ = _pruned_linear(40, 16, 0.5)
+    sl = SparseLinear.from_dense(lin)
+    state = sl.state_dict()
+    state["col_idx"] = state["col_idx"].clone()
+    state["col_idx"][3] = 40
+    fresh = SparseLinear.from_config(sl.config())
+    fresh.load_state_dict(state)
+    assert fresh.decode_layout_info()["kind"] is None
+    for m in (1, 3):
+        with pytest.raises(RuntimeError, match="out of range"):
+            fresh(torch.randn(m, 40))
+    with pytest.raises(RuntimeError, match="out of range"):
+        fresh.relayout()
 
 
 def test_sparse_linear_no_bias_and_bad_config():

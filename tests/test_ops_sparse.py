@@ -34,27 +34,36 @@ def test_sparse_linear_matches_dense(cpu_isa, M, K, N, sparsity, bias):
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
+_EXPECTED_KIND = {"scalar": "checked", "avx2": "sliced", "avx512": ("chunked", "sliced"), "amx": ("chunked", "sliced")}
+
+
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (300, 70), (96, 600), (40000, 9)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.9, 0.99])
 def test_sparse_linear_decode_layout_matches_dense(cpu_isa, K, N, sparsity):
-    # repeated single-token calls: the first checks the buffers (CSR kernel), the second builds
-    # the row-sliced layout (AVX2), the rest use it; N = 600 spans several row windows, K = 40000
-    # needs int32 indices
+    # single-token calls with the layout built for this ISA (sliced on AVX2, chunked where it pays
+    # on AVX-512, header only on scalar CPUs); N = 600 spans several row windows, K = 40000 needs
+    # int32 indices
     w, mask = _random_sparse(N, K, sparsity)
     b = torch.randn(N)
     rp, ci, v = ops.dense_to_csr(w, mask)
+    layout = ops.sparse_decode_layout(rp, ci, v, K)
+    info = ops.sparse_decode_layout_info(layout, rp, ci, v, K)
+    assert info["current"] and info["bytes"] == layout.numel()
+    assert info["kind"] in (_EXPECTED_KIND[cpu_isa] if rp.numel() > 1 else "checked")
     tol = 1e-4 if K < 10000 else 5e-4  # fp32 sums of up to 40000 products
-    for i in range(4):
+    for i in range(3):
         x = torch.randn(1, K)
         ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
-        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=tol, rtol=tol)
-    # an in-place change of the values is seen on the next call (the layout is rebuilt)
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K, layout=layout), ref, atol=tol, rtol=tol)
+    # an in-place change of the values makes the layout stale: the call runs on the CSR arrays
     with torch.no_grad():
         v.mul_(-2.0)
+    assert not ops.sparse_decode_layout_info(layout, rp, ci, v, K)["current"]
     x = torch.randn(1, K)
     ref = torch.nn.functional.linear(x.double(), -2.0 * w.double(), b.double()).float()
-    for _ in range(2):
-        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K, layout=layout), ref, atol=tol, rtol=tol)
+    layout = ops.sparse_decode_layout(rp, ci, v, K)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K, layout=layout), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("N", [1024, 1000])
@@ -67,42 +76,32 @@ def test_sparse_linear_decode_layout_threaded(cpu_isa, N):
         w, mask = _random_sparse(N, 1024, 0.5)
         b = torch.randn(N)
         rp, ci, v = ops.dense_to_csr(w, mask)
+        layout = ops.sparse_decode_layout(rp, ci, v, 1024)
         for _ in range(3):
             x = torch.randn(1, 1024)
             ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
-            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, 1024), ref, atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, 1024, layout=layout), ref,
+                                       atol=2e-4, rtol=1e-4)
     finally:
         torch.set_num_threads(previous)
 
 
 def test_sparse_linear_decode_layout_padding_never_reads_inputs(cpu_isa):
-    # an inf in column c reaches exactly the rows that keep c, on every call (CSR and sliced)
+    # an inf in column c reaches exactly the rows that keep c (CSR and every layout)
     w, mask = _random_sparse(300, 64, 0.9)
     rp, ci, v = ops.dense_to_csr(w, mask)
-    for c in (0, 63):
-        x = torch.randn(1, 64)
-        x[0, c] = float("inf")
-        for _ in range(3):
-            y = ops.sparse_linear(x, rp, ci, v, None, 64)
+    for layout in (None, ops.sparse_decode_layout(rp, ci, v, 64)):
+        for c in (0, 63):
+            x = torch.randn(1, 64)
+            x[0, c] = float("inf")
+            y = ops.sparse_linear(x, rp, ci, v, None, 64, layout=layout)
             assert torch.equal(~torch.isfinite(y[0]), mask[:, c])
-
-
-def _single_row_calls(N, K, sparsity, calls=3):
-    """A random CSR layer called ``calls`` times with one row, each result checked against the
-    dense product; returns [w, row_ptr, col_idx, values, x, reference]."""
-    w, mask = _random_sparse(N, K, sparsity)
-    rp, ci, v = ops.dense_to_csr(w, mask)
-    x = torch.randn(1, K)
-    ref = torch.nn.functional.linear(x.double(), w.double()).float()
-    for _ in range(calls):
-        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, K), ref, atol=1e-4, rtol=1e-4)
-    return [w, rp, ci, v, x, ref]
 
 
 @pytest.mark.parametrize("pattern", ["random", "dense columns", "half", "wide"])
 def test_sparse_linear_chunked_layout(pattern):
-    # AVX-512: the second single-token call builds the column-chunked layout (a chunk's kept
-    # weights past its step count go to a sliced rest, which the dense columns fill)
+    # AVX-512: the column-chunked layout (a chunk's kept weights past its step count go to a
+    # sliced rest, which the dense columns fill)
     if "avx512" not in pycompress_isas():
         pytest.skip("the column-chunked layout is an AVX-512 path")
     N, K, sparsity = {"random": (300, 200, 0.9), "dense columns": (64, 100, 0.9), "half": (40, 62, 0.5),
@@ -110,7 +109,6 @@ def test_sparse_linear_chunked_layout(pattern):
     previous, threads = pycompress.active_cpu_isa(), torch.get_num_threads()
     pycompress.set_cpu_isa("avx512")
     torch.set_num_threads(2)
-    ops.clear_decode_layouts()
     try:
         w, mask = _random_sparse(N, K, sparsity)
         if pattern == "dense columns":
@@ -118,27 +116,32 @@ def test_sparse_linear_chunked_layout(pattern):
             w = torch.randn(N, K) * mask
         b = torch.randn(N)
         rp, ci, v = ops.dense_to_csr(w, mask)
-        for _ in range(4):
-            x = torch.randn(1, K)
-            ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
-            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=2e-4, rtol=1e-4)
-        info = ops.decode_layout_info()
-        assert info["layers"] == 1 and info["chunked"] == 1
+        layout = ops.sparse_decode_layout(rp, ci, v, K)
+        info = ops.sparse_decode_layout_info(layout, rp, ci, v, K)
+        assert info["kind"] == "chunked" and info["current"]
         # the slots hold each kept weight once (4 bytes + a 1-byte index), plus padding
         assert info["bytes"] >= v.numel() * 5
-        # the same buffers under AVX2 get the sliced layout, kept apart from the chunked one
+        for _ in range(3):
+            x = torch.randn(1, K)
+            ref = torch.nn.functional.linear(x.double(), w.double(), b.double()).float()
+            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K, layout=layout), ref, atol=2e-4,
+                                       rtol=1e-4)
+        # under AVX2 the chunked layout is not used (the call runs on the CSR arrays); a layout
+        # built under AVX2 is the sliced one
         pycompress.set_cpu_isa("avx2")
-        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K), ref, atol=2e-4, rtol=1e-4)
-        assert ops.decode_layout_info()["layers"] == 2 and ops.decode_layout_info()["chunked"] == 1
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K, layout=layout), ref, atol=2e-4, rtol=1e-4)
+        sliced = ops.sparse_decode_layout(rp, ci, v, K)
+        assert ops.sparse_decode_layout_info(sliced, rp, ci, v, K)["kind"] == "sliced"
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, b, K, layout=sliced), ref, atol=2e-4, rtol=1e-4)
         # inf in a column reaches exactly the rows that keep it (padding selects a zero input)
         pycompress.set_cpu_isa("avx512")
         for c in (0, K - 1):
             x = torch.randn(1, K)
             x[0, c] = float("inf")
-            y = ops.sparse_linear(x, rp, ci, v, None, K)
-            assert torch.equal(~torch.isfinite(y[0]), mask[:, c])
+            for lay in (layout, sliced):
+                y = ops.sparse_linear(x, rp, ci, v, None, K, layout=lay)
+                assert torch.equal(~torch.isfinite(y[0]), mask[:, c])
     finally:
-        ops.clear_decode_layouts()
         pycompress.set_cpu_isa(previous)
         torch.set_num_threads(threads)
 
@@ -156,88 +159,114 @@ def test_sparse_linear_unsorted_rows(cpu_isa, M):
         perm[a:b] = a + torch.randperm(b - a, generator=g)
     ci, v = ci[perm].contiguous(), v[perm].contiguous()
     bias = torch.randn(150)
-    for _ in range(3):  # M == 1: CSR kernel, then the decode layout
+    for layout in (None, ops.sparse_decode_layout(rp, ci, v, 700)):
         x = torch.randn(M, 700)
         ref = torch.nn.functional.linear(x.double(), w.double(), bias.double()).float()
-        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, bias, 700), ref, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, bias, 700, layout=layout), ref, atol=2e-4,
+                                   rtol=1e-4)
 
 
-def test_sparse_linear_decode_layout_controls():
-    if "avx2" not in pycompress_isas():
-        pytest.skip("the row-sliced layout is an AVX2 path")
-    import gc
+def test_sparse_linear_decode_layout_is_used_only_while_current():
+    # the layout records the arrays it was built from: another layer's layout, arrays changed in
+    # place, replaced or re-allocated, or a layout written to, all fall back to the checked CSR
+    # arrays (same result); a tensor that is not a layout is an error
+    w, mask = _random_sparse(70, 40, 0.8)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    layout = ops.sparse_decode_layout(rp, ci, v, 40)
+    x = torch.randn(1, 40)
+    ref = torch.nn.functional.linear(x.double(), w.double()).float()
 
-    previous = pycompress.active_cpu_isa()
-    pycompress.set_cpu_isa("avx2")
-    try:
-        assert ops.set_decode_layout(True) in (True, False)
-        ops.clear_decode_layouts()
-        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0, "chunked": 0}
-        w, rp, ci, v, x, ref = _single_row_calls(520, 96, 0.8)
-        info = ops.decode_layout_info()
-        assert info["layers"] == 1
-        # values + int16 indices of every kept weight at least, plus little padding
-        assert v.numel() * 6 <= info["bytes"] <= v.numel() * 6 * 1.5 + 8192
-        # off: nothing held, nothing built, same results
-        assert ops.set_decode_layout(False) is True
-        assert ops.decode_layout_info() == {"enabled": False, "layers": 0, "bytes": 0, "chunked": 0}
-        for _ in range(3):
-            torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 96), ref, atol=1e-4, rtol=1e-4)
-        assert ops.decode_layout_info()["layers"] == 0
-        assert ops.set_decode_layout(True) is False
-        for _ in range(2):
-            ops.sparse_linear(x, rp, ci, v, None, 96)
-        assert ops.decode_layout_info()["layers"] == 1
-        # a layer whose buffers die releases its layout
-        del rp, ci, v
-        gc.collect()
-        assert ops.decode_layout_info() == {"enabled": True, "layers": 0, "bytes": 0, "chunked": 0}
-        with pytest.raises(TypeError, match="enabled must be a bool"):
-            ops.set_decode_layout(1)
-    finally:
-        ops.set_decode_layout(True)
-        pycompress.set_cpu_isa(previous)
+    def current(lay, *csr):
+        return ops.sparse_decode_layout_info(lay, *(csr or (rp, ci, v)), 40)["current"]
 
-
-def test_sparse_linear_caches_many_layers_and_reused_memory():
-    if "avx2" not in pycompress_isas():
-        pytest.skip("the row-sliced layout is an AVX2 path")
-    import gc
-
-    previous = pycompress.active_cpu_isa()
-    pycompress.set_cpu_isa("avx2")
-    ops.clear_decode_layouts()
-    try:
-        # 300 layers (more than any fixed-size cache would hold): each keeps its own layout
-        layers = []
-        for i in range(300):
-            w, mask = _random_sparse(24, 16, 0.7)
-            layers.append((w, *ops.dense_to_csr(w, mask)))
-        x = torch.randn(1, 16)
-        for _ in range(3):
-            for w, rp, ci, v in layers:
-                ref = torch.nn.functional.linear(x.double(), w.double()).float()
-                torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 16), ref, atol=1e-4, rtol=1e-4)
-        assert ops.decode_layout_info()["layers"] == 300
-        del layers, w, rp, ci, v
-        gc.collect()
-        assert ops.decode_layout_info()["layers"] == 0
-        # freed buffers whose memory a new layer reuses: never served the old layer's entries
-        for i in range(30):
-            _single_row_calls(40, 32, 0.5)  # its tensors die right after, their memory is reused
-    finally:
-        pycompress.set_cpu_isa(previous)
+    assert current(layout)
+    rp2, ci2, v2 = rp.clone(), ci.clone(), v.clone()  # equal arrays, other tensors
+    assert not current(layout, rp2, ci2, v2)
+    torch.testing.assert_close(ops.sparse_linear(x, rp2, ci2, v2, None, 40, layout=layout), ref, atol=1e-4,
+                               rtol=1e-4)
+    w_other, m_other = _random_sparse(70, 40, 0.8)
+    other = ops.dense_to_csr(w_other, m_other)
+    assert not current(layout, *other)
+    torch.testing.assert_close(ops.sparse_linear(x, *other, None, 40, layout=layout),
+                               torch.nn.functional.linear(x.double(), w_other.double()).float(), atol=1e-4, rtol=1e-4)
+    written = layout.clone()
+    assert current(written)
+    written[-1] = 7
+    assert not current(written)
+    torch.testing.assert_close(ops.sparse_linear(x, rp, ci, v, None, 40, layout=written), ref, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        ci[0] = 40  # a corrupt index: the stale layout is not used, the checked arrays raise
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sparse_linear(x, rp, ci, v, None, 40, layout=layout)
+    with pytest.raises(RuntimeError, match="not a sparse_decode_layout result"):
+        ops.sparse_linear(x, rp2, ci2, v2, None, 40, layout=torch.zeros(512, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="layout"):
+        ops.sparse_linear(x, rp2, ci2, v2, None, 40, layout=layout.float())
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.sparse_decode_layout(rp, ci, v, 40)  # building checks the arrays completely
+    with pytest.raises(TypeError, match="pack"):
+        ops.sparse_decode_layout(rp2, ci2, v2, 40, pack=1)
 
 
-def test_sparse_linear_decode_layout_environment_switch():
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_check_csr_names_each_structural_error(device, dtype):
+    # check_csr: what SparseLinear runs once on non-CPU devices (the CUDA kernel does not check)
+    w, mask = _random_sparse(12, 20, 0.5, device=device)
+    rp, ci, v = ops.dense_to_csr(w, mask, index_dtype=dtype)
+    ops.check_csr(rp, ci, v, 20)
+    for name, edit, words in (("row_ptr", lambda t: t.__setitem__(0, 1), "start at 0"),
+                              ("row_ptr", lambda t: t.__setitem__(3, int(t[5]) + 1), "non-decreasing"),
+                              ("col_idx", lambda t: t.__setitem__(0, 20), "out of range"),
+                              ("col_idx", lambda t: t.__setitem__(-1, -1), "out of range")):
+        arrays = {"row_ptr": rp.clone(), "col_idx": ci.clone(), "values": v}
+        edit(arrays[name])
+        with pytest.raises(RuntimeError, match=words):
+            ops.check_csr(arrays["row_ptr"], arrays["col_idx"], v, 20)
+        with pytest.raises(RuntimeError, match=words):
+            ops.sparse_linear(torch.randn(2, 20, device=device), arrays["row_ptr"], arrays["col_idx"], v, None, 20)
+    with pytest.raises(TypeError, match="in_features"):
+        ops.check_csr(rp, ci, v, 2.0)
 
-    code = "import pycompress.ops as o; print(o.decode_layout_info()['enabled'])"
-    env = dict(os.environ, PYCOMPRESS_SPARSE_DECODE_LAYOUT="0")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+
+def test_sparse_linear_decode_layout_pack_false_and_inference_tensors():
+    w, mask = _random_sparse(300, 96, 0.8)
+    rp, ci, v = ops.dense_to_csr(w, mask)
+    x = torch.randn(1, 96)
+    ref = torch.nn.functional.linear(x.double(), w.double()).float()
+    header = ops.sparse_decode_layout(rp, ci, v, 96, pack=False)
+    assert ops.sparse_decode_layout_info(header, rp, ci, v, 96) == {"kind": "checked", "bytes": 256, "current": True}
+    full = ops.sparse_decode_layout(rp, ci, v, 96)
+    assert full.numel() > v.numel() * 5  # a copy of every kept weight
+    for lay in (header, full):
+        for m in (1, 4):
+            xm = x.expand(m, 96)
+            torch.testing.assert_close(ops.sparse_linear(xm, rp, ci, v, None, 96, layout=lay), ref.expand(m, -1),
+                                       atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        irp, ici, iv = rp.clone(), ci.clone(), v.clone()
+        lay = ops.sparse_decode_layout(irp, ici, iv, 96)
+        # inference tensors have no version counter: nothing to tell a change by, never current
+        assert ops.sparse_decode_layout_info(lay, irp, ici, iv, 96)["current"] is False
+        torch.testing.assert_close(ops.sparse_linear(x, irp, ici, iv, None, 96, layout=lay), ref, atol=1e-4,
+                                   rtol=1e-4)
+
+
+def test_no_process_wide_layout_state():
+    # the layouts live in tensors the caller holds: nothing in the extension keeps layers' data
+    import pathlib
+
+    import pycompress._C as C
+
+    assert not [n for n in dir(C) if "layout" in n or "module_cpu" in n]
+    assert not hasattr(ops, "clear_decode_layouts") and not hasattr(ops, "set_decode_layout")
+    csrc = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+    sources = [p for p in csrc.rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".cuh")]
+    assert sources
+    for p in sources:
+        text = p.read_text()
+        for word in ("TensorKeyedCache", "SellCache", "CsrCheckCache", "unsafeGetTensorImpl", "PythonTorchFunctionTLS",
+                     "tls_local_dispatch_key_set"):
+            assert word not in text, (p, word)
 
 
 @pytest.mark.parametrize("M", [1, 2, 8, 9, 24, 33])

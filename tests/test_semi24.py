@@ -279,20 +279,23 @@ def test_deploy_pruned_semi24_and_auto():
 
 # ----------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("bias", [True, False])
-def test_module_direct_cpu_call(bias):
-    # SemiSparseLinear.forward's direct CPU call: the dense result, or None (the module then
-    # takes the general path) whenever the call must be seen or the input is unusual
-    from direct_calls import check_direct_call
-
-    from pycompress import _C
+def test_module_calls_go_through_the_op(bias):
+    # SemiSparseLinear.forward calls torch.ops.pycompress.semi24_linear itself: the dense result,
+    # visible to every mode and transform, clear errors for bad inputs
+    from direct_calls import check_every_isa, check_module_calls
 
     w, mask = _weight24(24, 40, torch.Generator().manual_seed(3))
     lin = nn.Linear(40, 24, bias=bias)
     with torch.no_grad():
         lin.weight.copy_(w)
     m = SemiSparseLinear.from_dense(lin, mask)
-    check_direct_call(_C.semi24_linear_module_cpu, m._buffers, 40, lambda x: lin(x.float()).detach().to(x.dtype),
-                      "pycompress::semi24_linear", "values")
+
+    def reference(inp):
+        with torch.no_grad():
+            return lin(inp.float()).to(inp.dtype)
+
+    check_module_calls(m, reference, "pycompress::semi24_linear", atol=1e-5)
+    check_every_isa(m, reference, atol=1e-5)
 
 
 def test_not_24_names_row_and_group():

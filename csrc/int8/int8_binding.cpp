@@ -7,7 +7,6 @@
 #include "int8/int8_checks.h"
 #include "common/cpu_features.h"
 #include "int8/gemm.h"
-#include "int8/int8_cpu.h"
 #include "int8/quantize.h"
 
 namespace pyc {
@@ -190,12 +189,6 @@ at::Tensor int8_linear_w8a16_cpu_impl(const at::Tensor& x_in, const at::Tensor& 
 }
 
 }  // namespace
-
-at::Tensor int8_linear_op_cpu(const at::Tensor& x, const at::Tensor& w,
-                              const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias,
-                              const c10::optional<at::Tensor>& w_packed, int64_t act_bits) {
-  return int8_linear_cpu_impl(x, w, w_scale, bias, w_packed, act_bits);
-}
 
 }  // namespace pyc
 

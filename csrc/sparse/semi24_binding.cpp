@@ -8,7 +8,6 @@
 #include "common/torch_utils.h"
 #include "sparse/semi24.h"
 #include "sparse/semi24_checks.h"
-#include "sparse/sparse_cpu.h"
 
 namespace pyc {
 
@@ -113,12 +112,6 @@ at::Tensor semi24_linear_cpu_op(const at::Tensor& x_in, const at::Tensor& values
 }
 
 }  // namespace
-
-at::Tensor semi24_linear_op_cpu(const at::Tensor& x, const at::Tensor& values,
-                                const at::Tensor& meta, const c10::optional<at::Tensor>& bias,
-                                int64_t in_features) {
-  return semi24_linear_cpu_op(x, values, meta, bias, in_features);
-}
 
 }  // namespace pyc
 

@@ -107,16 +107,46 @@ struct ChunkedLayout {
 void chunked_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,
                       int64_t N, int64_t K, ChunkedLayout& out);
 
+// Non-owning views of the layouts, as the M == 1 kernels read them: over a SellLayout /
+// ChunkedLayout (view_of), or over the packed byte form of a layer's layout (see
+// "Packed decode layout" below).
+struct SellView {
+  int64_t n_slices = 0;
+  bool idx16 = true;
+  const int64_t* slice_off = nullptr;  // [n_slices + 1]
+  const int32_t* row_of = nullptr;     // [8 * n_slices]
+  const void* idx = nullptr;           // int16 (idx16) or int32 [slice_off[n_slices]]
+  const float* vals = nullptr;         // [slice_off[n_slices]]
+};
+
+struct ChunkedView {
+  int64_t n_rows = 0, n_slices = 0, n_chunks = 0, steps = 0;
+  const uint8_t* idx = nullptr;  // 64-byte aligned
+  const float* vals = nullptr;   // 64-byte aligned
+  SellView rest;
+};
+
+SellView view_of(const SellLayout& L);
+ChunkedView view_of(const ChunkedLayout& L);
+
 // Floats of the chunk-padded input: 32 per chunk and 16 zeros (the padding of `rest`).
-inline int64_t chunked_x_size(const ChunkedLayout& L) { return 32 * L.n_chunks + 16; }
+inline int64_t chunked_x_size(int64_t n_chunks) { return 32 * n_chunks + 16; }
+inline int64_t chunked_x_size(const ChunkedLayout& L) { return chunked_x_size(L.n_chunks); }
 
 // xq[32 c + i] = x[31 c + i] for i < 31 and 31 c + i < K, zero elsewhere.
-void chunked_pad_x(const float* x, int64_t K, const ChunkedLayout& L, float* xq);
+void chunked_pad_x(const float* x, int64_t K, int64_t n_chunks, float* xq);
+inline void chunked_pad_x(const float* x, int64_t K, const ChunkedLayout& L, float* xq) {
+  chunked_pad_x(x, K, L.n_chunks, xq);
+}
 
 // M == 1 on the chunked layout: rows of the 256-row windows [w0, w1) (as SellLayout's windows),
 // from xq (64-byte aligned, chunked_x_size floats).
-void chunked_gemv_cpu(CpuIsa isa, const float* xq, const ChunkedLayout& L, const float* bias,
+void chunked_gemv_cpu(CpuIsa isa, const float* xq, const ChunkedView& L, const float* bias,
                       float* y, int64_t w0, int64_t w1);
+inline void chunked_gemv_cpu(CpuIsa isa, const float* xq, const ChunkedLayout& L,
+                             const float* bias, float* y, int64_t w0, int64_t w1) {
+  chunked_gemv_cpu(isa, xq, view_of(L), bias, y, w0, w1);
+}
 
 // Builds `out` from CSR arrays already checked (row_ptr non-decreasing, indices in [0, K)).
 void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, const float* values,
@@ -124,8 +154,54 @@ void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, cons
 
 // M == 1 on the sliced layout: y[row_of[8 s + l]] for slices s in [s0, s1). x_pad has K + 1
 // entries with x_pad[K] == 0.
-void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& layout, const float* bias,
+void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellView& L, const float* bias,
                    float* y, int64_t s0, int64_t s1);
+inline void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& L, const float* bias,
+                          float* y, int64_t s0, int64_t s1) {
+  sell_gemv_cpu(isa, x_pad, view_of(L), bias, y, s0, s1);
+}
+
+// ---------------------------------------------------------------- Packed decode layout
+// A layer's M == 1 layout as one flat, 64-byte aligned byte buffer (the tensor that
+// torch.ops.pycompress.sparse_decode_layout returns and SparseLinear keeps as a buffer): a
+// header of int64 fields, then the sections of the layout, each at a 64-byte aligned offset.
+//   kind Checked: the header only (the CSR arrays were checked; no single-row copy)
+//   kind Sliced:  SELL-8 sections (slice_off, row_of, idx, vals)
+//   kind Chunked: chunk sections (idx, vals), then the SELL-8 sections of its rest (if any)
+// csr_data / csr_version record the CSR arrays the layout was built from (filled in by the
+// torch glue); a reader uses the layout only for those very arrays, unchanged.
+enum DecodeKind : int64_t { kDecodeChecked = 0, kDecodeSliced = 1, kDecodeChunked = 2 };
+
+struct DecodeLayoutHeader {
+  int64_t magic = 0;
+  int64_t kind = kDecodeChecked;
+  int64_t bytes = 0;  // size of the whole buffer
+  int64_t n_rows = 0, in_features = 0, nnz = 0;
+  int64_t csr_data[3] = {0, 0, 0};     // addresses of row_ptr, col_idx, values
+  int64_t csr_version[3] = {0, 0, 0};  // their version counters
+  // chunked sections
+  int64_t c_slices = 0, c_chunks = 0, c_steps = 0, c_idx_off = 0, c_vals_off = 0;
+  // SELL-8 sections (the layout of kind Sliced, or the rest of kind Chunked; s_slices == 0: none)
+  int64_t s_slices = 0, s_idx16 = 1, s_entries = 0, s_off_off = 0, s_row_off = 0, s_idx_off = 0,
+          s_vals_off = 0;
+  int64_t reserved[8] = {};
+};
+constexpr int64_t kDecodeLayoutMagic = 0x3174796c44435950;  // "PYCDlyt1"
+static_assert(sizeof(DecodeLayoutHeader) % 64 == 0, "sections start 64-byte aligned");
+
+// Size in bytes of the packed form of `chunked` (when chunked->steps > 0) or `sell` (when
+// given), or of the header alone; fills the header's kind, sizes and section offsets.
+int64_t decode_layout_plan(const ChunkedLayout* chunked, const SellLayout* sell, int64_t N,
+                           int64_t K, int64_t nnz, DecodeLayoutHeader& h);
+// Writes the planned header and sections into `out` (64-byte aligned, h.bytes bytes).
+void decode_layout_write(const DecodeLayoutHeader& h, const ChunkedLayout* chunked,
+                         const SellLayout* sell, uint8_t* out);
+// Reads a packed layout of `size` bytes at `p` (64-byte aligned): its header and views of its
+// sections. Returns nullptr when the buffer is a well-formed layout, else what is wrong. Checks
+// the header and the section bounds (O(1)); the section contents are those decode_layout_write
+// wrote.
+const char* decode_layout_read(const uint8_t* p, int64_t size, DecodeLayoutHeader& h,
+                               ChunkedView& chunked, SellView& sell);
 
 // M >= 2: columns n in [n0, n1) of y [M, ldy] (row-major) from xT [K, Mp]; the Mp floats
 // before xT (xT[-1]) must be zeros.

@@ -4,8 +4,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <vector>
+
 #include "common/torch_utils.h"
-#include "sparse/csr_cache.h"
 #include "sparse/masked_checks.h"
 #include "sparse/cuda/sparse.cuh"
 
@@ -16,12 +18,8 @@ void check_err(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, " CUDA kernel failed: ", cudaGetErrorString(err));
 }
 
-// The CSR structure is checked on the device (a host sync) the first time a pair of index
-// buffers is used, and again after any in-place change, so repeated calls with the same layer's
-// buffers cost no sync.
+// The structure of CSR arrays on the device (host synchronizations; see sparse_decode_layout).
 void check_csr_cuda(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
-  static CsrCheckCache cache;
-  if (cache.known_good(rp, ci, K)) return;
   const int64_t N = rp.size(0) - 1, nnz = ci.size(0);
   const at::Tensor r = rp.to(at::kLong);
   TORCH_CHECK(r[0].item<int64_t>() == 0 && r[N].item<int64_t>() == nnz,
@@ -34,12 +32,42 @@ void check_csr_cuda(const at::Tensor& rp, const at::Tensor& ci, int64_t K) {
     TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < K,
                 "sparse_linear: col_idx out of range [0, ", K, ")");
   }
-  cache.mark_good(rp, ci, K);
+}
+
+// sparse_decode_layout of CUDA arrays: checks their structure completely; the CUDA kernel needs
+// no single-row copy, so the layout is an empty tensor on the device.
+at::Tensor sparse_decode_layout_cuda(const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                     const at::Tensor& values, int64_t in_features,
+                                     bool /*pack*/) {
+  TORCH_CHECK(in_features >= 0, "sparse_decode_layout: in_features must be >= 0");
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.size(0) >= 1 && row_ptr.scalar_type() == at::kInt,
+              "sparse_decode_layout: row_ptr must be a 1-D int32 tensor [N + 1]");
+  TORCH_CHECK(col_idx.dim() == 1 && (col_idx.scalar_type() == at::kShort ||
+                                     col_idx.scalar_type() == at::kInt),
+              "sparse_decode_layout: col_idx must be a 1-D int16 or int32 tensor");
+  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == at::kFloat &&
+                  values.size(0) == col_idx.size(0),
+              "sparse_decode_layout: values must be float32 [nnz]");
+  TORCH_CHECK(row_ptr.device() == col_idx.device() && row_ptr.device() == values.device(),
+              "sparse_decode_layout: all tensors must be on the same device");
+  const c10::cuda::CUDAGuard guard(row_ptr.device());
+  check_csr_cuda(row_ptr, col_idx, in_features);
+  return at::empty({0}, row_ptr.options().dtype(at::kByte));
+}
+
+std::vector<int64_t> sparse_decode_layout_info_cuda(const at::Tensor& layout, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&, int64_t) {
+  return {-1, layout.numel(), 0};  // CUDA layouts are empty: nothing is used
 }
 
 at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_in,
                               const at::Tensor& col_idx_in, const at::Tensor& values_in,
-                              const c10::optional<at::Tensor>& bias_in, int64_t in_features) {
+                              const c10::optional<at::Tensor>& bias_in, int64_t in_features,
+                              const c10::optional<at::Tensor>& /*layout: CPU only*/) {
+  // The CSR structure is not checked here (a check costs host synchronizations on every call):
+  // the kernel cannot read out of bounds whatever the arrays hold; pycompress.ops.sparse_linear
+  // checks them on every call and SparseLinear once, when its buffers are set, both through
+  // sparse_decode_layout.
   TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == in_features,
               "sparse_linear: x must be [M, in_features]");
   TORCH_CHECK(row_ptr_in.dim() == 1 && row_ptr_in.size(0) >= 1 &&
@@ -62,13 +90,12 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x_in, const at::Tensor& row_ptr_
   TORCH_CHECK(row_ptr_in.device() == x_in.device() && col_idx_in.device() == x_in.device() &&
                   values_in.device() == x_in.device(),
               "sparse_linear: all tensors must be on the same device");
-  check_csr_cuda(row_ptr_in, col_idx_in, in_features);
   const at::Tensor x = as_f32(x_in), rp = row_ptr_in.contiguous(), ci = col_idx_in.contiguous(),
                    v = values_in.contiguous();
   auto y = at::empty({M, N}, x.options());
   check_err(cuda::csr_linear(x.data_ptr<float>(), M, in_features, rp.data_ptr<int32_t>(),
                              ci.data_ptr(), ci.scalar_type() == at::kShort, v.data_ptr<float>(),
-                             bias.defined() ? bias.data_ptr<float>() : nullptr,
+                             v.size(0), bias.defined() ? bias.data_ptr<float>() : nullptr,
                              y.data_ptr<float>(), N, at::cuda::getCurrentCUDAStream()),
             "sparse_linear");
   return y.to(x_in.scalar_type());
@@ -125,6 +152,8 @@ at::Tensor masked_linear_grad_weight_cuda(const at::Tensor& g_in, const at::Tens
 
 TORCH_LIBRARY_IMPL(pycompress, CUDA, m) {
   m.impl("sparse_linear", &pyc::sparse_linear_cuda);
+  m.impl("sparse_decode_layout", &pyc::sparse_decode_layout_cuda);
+  m.impl("sparse_decode_layout_info", &pyc::sparse_decode_layout_info_cuda);
   m.impl("masked_linear", &pyc::masked_linear_cuda);
   m.impl("masked_linear_grad_input", &pyc::masked_linear_grad_input_cuda);
   m.impl("masked_linear_grad_weight", &pyc::masked_linear_grad_weight_cuda);

@@ -1,8 +1,10 @@
 // Unit test of the sparse CPU kernels (CSR linear, masked linear and its gradients) against
 // naive double-precision references, for every ISA level this CPU supports.
-// sources: csrc/sparse/cpu/csr_linear.cpp csrc/sparse/cpu/masked_linear.cpp csrc/common/cpu_features.cpp
+// sources: csrc/sparse/cpu/csr_linear.cpp csrc/sparse/cpu/decode_layout.cpp
+//          csrc/sparse/cpu/masked_linear.cpp csrc/common/cpu_features.cpp
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -112,9 +114,96 @@ static void test_chunked(std::mt19937& rng) {
   }
 }
 
+// The packed byte form of the layouts: written, read back as views, the same products bit for
+// bit as the owning layouts; damaged headers are refused.
+static void test_packed(std::mt19937& rng) {
+  std::uniform_real_distribution<float> U(-1.f, 1.f);
+  const int K = 300, N = 600;
+  std::vector<int32_t> rp(N + 1, 0);
+  std::vector<int16_t> ci;
+  std::vector<float> vals, x(K), bias(N);
+  for (auto& v : x) v = U(rng);
+  for (auto& v : bias) v = U(rng);
+  for (int n = 0; n < N; ++n) {
+    for (int k = 0; k < K; ++k)
+      if (U(rng) > 0.8f || (k >= 3 && k < 10)) {  // columns 3..9 fill a chunked rest
+        ci.push_back(static_cast<int16_t>(k));
+        vals.push_back(U(rng));
+      }
+    rp[n + 1] = static_cast<int32_t>(ci.size());
+  }
+  const int64_t nnz = static_cast<int64_t>(vals.size());
+  ChunkedLayout C;
+  chunked_pack_cpu(rp.data(), ci.data(), true, vals.data(), N, K, C);
+  SellLayout S;
+  sell_pack_cpu(rp.data(), ci.data(), true, vals.data(), N, K, S);
+  if (C.steps == 0 || C.rest.n_slices == 0) {
+    std::printf("FAIL packed: expected a chunked layout with a rest\n");
+    ++failures;
+    return;
+  }
+  const CpuIsa top = max_cpu_isa();
+  for (int kind = 0; kind < 3; ++kind) {
+    DecodeLayoutHeader h;
+    const int64_t bytes = decode_layout_plan(kind == 2 ? &C : nullptr, kind == 1 ? &S : nullptr, N,
+                                             K, nnz, h);
+    std::vector<uint8_t, Aligned64<uint8_t>> buf(static_cast<size_t>(bytes));
+    decode_layout_write(h, kind == 2 ? &C : nullptr, kind == 1 ? &S : nullptr, buf.data());
+    DecodeLayoutHeader r;
+    ChunkedView cv;
+    SellView sv;
+    const char* err = decode_layout_read(buf.data(), bytes, r, cv, sv);
+    if (err || r.kind != kind || r.n_rows != N || r.in_features != K || r.nnz != nnz) {
+      std::printf("FAIL packed kind %d: %s\n", kind, err ? err : "header fields");
+      ++failures;
+      continue;
+    }
+    for (int isa_i = 0; isa_i <= static_cast<int>(top) && isa_i <= 2; ++isa_i) {
+      const CpuIsa isa = static_cast<CpuIsa>(isa_i);
+      std::vector<float> y1(N, -7.f), y2(N, -7.f);  // kind 0: no product, both stay -7
+      if (kind == 1) {
+        std::vector<float> xp(x);
+        xp.push_back(0.f);
+        sell_gemv_cpu(isa, xp.data(), S, bias.data(), y1.data(), 0, S.n_slices);
+        sell_gemv_cpu(isa, xp.data(), sv, bias.data(), y2.data(), 0, sv.n_slices);
+      } else if (kind == 2) {
+        std::vector<float, Aligned64<float>> xq(chunked_x_size(C));
+        chunked_pad_x(x.data(), K, C, xq.data());
+        const int64_t windows = (N + kSellWindow - 1) / kSellWindow;
+        chunked_gemv_cpu(isa, xq.data(), C, bias.data(), y1.data(), 0, windows);
+        chunked_gemv_cpu(isa, xq.data(), cv, bias.data(), y2.data(), 0, windows);
+      }
+      if (std::memcmp(y1.data(), y2.data(), sizeof(float) * N) != 0) {
+        std::printf("FAIL packed kind %d isa %d: the view's product differs\n", kind, isa_i);
+        ++failures;
+      }
+    }
+    // damaged headers: another size, magic, kind or offset
+    std::vector<uint8_t, Aligned64<uint8_t>> bad(buf);
+    if (!decode_layout_read(bad.data(), bytes - 64, r, cv, sv)) ++failures;
+    bad[0] ^= 1;
+    if (!decode_layout_read(bad.data(), bytes, r, cv, sv)) ++failures;
+    bad = buf;
+    DecodeLayoutHeader hb = h;
+    hb.kind = 7;
+    std::memcpy(bad.data(), &hb, sizeof(hb));
+    if (!decode_layout_read(bad.data(), bytes, r, cv, sv)) ++failures;
+    if (kind > 0) {
+      hb = h;
+      (kind == 2 ? hb.c_vals_off : hb.s_vals_off) = bytes;  // past the end
+      std::memcpy(bad.data(), &hb, sizeof(hb));
+      if (!decode_layout_read(bad.data(), bytes, r, cv, sv)) {
+        std::printf("FAIL packed kind %d: a section past the end was accepted\n", kind);
+        ++failures;
+      }
+    }
+  }
+}
+
 int main() {
   std::mt19937 rng(1);
   test_chunked(rng);
+  test_packed(rng);
   std::uniform_real_distribution<float> U(-1.f, 1.f);
   const int shapes[][3] = {{1, 1, 1}, {1, 37, 19}, {2, 16, 8}, {9, 70, 33}, {33, 129, 40},
                            {70, 64, 17}, {13, 300, 24}, {1, 200, 50},

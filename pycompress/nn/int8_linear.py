@@ -6,16 +6,19 @@ import torch
 from torch import nn
 
 import pycompress.ops as ops
-from pycompress import _C
 from pycompress._utils import check_int8_bits
 
 __all__ = ["Int8Linear"]
 
 _MODES = ("w8a8", "w8a16")
-# w8a8 inference on the CPU calls the kernel directly (pycompress._C.int8_linear_module_cpu,
-# see SparseLinear): about 25 us less per call than the validated op wrapper. None means the call
-# takes the general path below.
-_module_cpu = getattr(_C, "int8_linear_module_cpu", None)
+# The hot path of forward calls the op itself (looked up once): the weight was packed and checked
+# when it was set (repack), the op checks shapes, dtypes and devices in C++, and anything it
+# rejects goes through the validated wrapper, which names the problem.
+_int8_linear = torch.ops.pycompress.int8_linear.default
+_int8_linear_w8a16 = torch.ops.pycompress.int8_linear_w8a16.default
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_CALL_ERRORS = (RuntimeError, TypeError, ValueError)
 
 
 class Int8Linear(nn.Module):
@@ -179,12 +182,26 @@ class Int8Linear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "w8a8" and _module_cpu is not None and not torch.compiler.is_compiling():
-            y = _module_cpu(x, self._buffers, self.in_features, self.act_bits)
-            if y is not None:
-                return y
+        if x.__class__ is _Tensor and not _is_compiling():
+            b = self._buffers
+            try:
+                k = self.in_features
+                x2 = x if x.dim() == 2 else x.reshape(-1, k) if x.dim() >= 1 and x.shape[-1] == k else None
+                if x2 is not None:
+                    if self.mode == "w8a8":
+                        y = _int8_linear(x2, b["weight"], b["weight_scale"], b["bias"], b["weight_packed"],
+                                         self.act_bits)
+                    else:
+                        y = _int8_linear_w8a16(x2, b["weight"], b["weight_scale"], b["bias"])
+                    return y if x2 is x else y.reshape(*x.shape[:-1], self.out_features)
+            except _CALL_ERRORS:
+                pass  # the validated call below raises the error that names the problem
+        return self._forward_checked(x)
+
+    def _forward_checked(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
-        if bias is not None and bias.dtype != x.dtype and bias.dtype != torch.float32:
+        if (bias is not None and isinstance(x, torch.Tensor) and bias.dtype != x.dtype
+                and bias.dtype != torch.float32):
             bias = bias.float()
         if self.mode == "w8a16":
             return ops.int8_linear_w8a16(x, self.weight, self.weight_scale, bias)

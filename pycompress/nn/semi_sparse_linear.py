@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pycompress import _C
 from pycompress.nn._common import linear_from_weight
 from pycompress.nn.masked_linear import dense_weight_and_mask
 from pycompress.ops import semi24 as semi24_ops
@@ -14,8 +13,13 @@ __all__ = ["SemiSparseLinear"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# plain CPU inference calls the kernel directly (see SparseLinear); None: the general path below
-_module_cpu = getattr(_C, "semi24_linear_module_cpu", None)
+# The hot path of forward calls the op itself (see SparseLinear): the op checks its arguments in
+# C++ (the 2-bit positions of meta cannot point outside their group), anything it rejects goes
+# through the validated wrapper, which names the problem.
+_semi24_linear = torch.ops.pycompress.semi24_linear.default
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_CALL_ERRORS = (RuntimeError, TypeError, ValueError)
 
 
 class SemiSparseLinear(nn.Module):
@@ -89,17 +93,18 @@ class SemiSparseLinear(nn.Module):
         return int(self.values.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _module_cpu is not None and not torch.compiler.is_compiling():
-            y = _module_cpu(x, self._buffers, self.in_features)
-            if y is not None:
-                return y
-        if (not isinstance(x, torch.Tensor) or x.dtype not in _FLOAT_DTYPES or x.dim() < 1
-                or x.shape[-1] != self.in_features or x.device != self.values.device):
-            return semi24_ops.semi24_linear(x, self.values, self.meta, self.bias, self.in_features)
-        lead = x.shape[:-1]
-        y = torch.ops.pycompress.semi24_linear(x.reshape(-1, self.in_features), self.values, self.meta,
-                                               self.bias, self.in_features)
-        return y.reshape(*lead, self.out_features)
+        if x.__class__ is _Tensor and not _is_compiling():
+            b = self._buffers
+            try:
+                if x.dim() == 2:
+                    return _semi24_linear(x, b["values"], b["meta"], b.get("bias"), self.in_features)
+                if x.dim() >= 1 and x.shape[-1] == self.in_features:
+                    y = _semi24_linear(x.reshape(-1, self.in_features), b["values"], b["meta"], b.get("bias"),
+                                       self.in_features)
+                    return y.reshape(*x.shape[:-1], self.out_features)
+            except _CALL_ERRORS:
+                pass  # the validated call below raises the error that names the problem
+        return semi24_ops.semi24_linear(x, self.values, self.meta, self.bias, self.in_features)
 
     def config(self) -> dict:
         return {"type": "SemiSparseLinear", "format": "semi24", "in_features": self.in_features,

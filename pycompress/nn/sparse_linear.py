@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
-from pycompress import _C
 from pycompress.nn._common import linear_from_weight
 from pycompress.nn.masked_linear import dense_weight_and_mask
 from pycompress.ops import sparse as sparse_ops
 
 __all__ = ["SparseLinear"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
-_sparse_linear_op = torch.ops.pycompress.sparse_linear.default
-_BelowAutograd = torch._C._AutoDispatchBelowAutograd
-# Plain CPU inference calls the kernel directly (pycompress._C.sparse_linear_module_cpu): without
-# the dispatcher and the op's Python wrapper a call costs ~2.5 us less, a tenth of a single-token
-# product. It checks everything in C++ and returns None whenever the call must be seen by
-# something (grad, dispatch or torch-function modes, functorch transforms, the tracer) or the
-# input is unusual; the profiler still records it.
-_module_cpu = getattr(_C, "sparse_linear_module_cpu", None)
+# The hot path of forward calls the op itself (looked up once): the module's buffers were
+# checked when they were set (relayout), the op checks shapes, dtypes and devices in C++, and
+# anything it rejects goes through the validated wrapper, which names the problem.
+_sparse_linear = torch.ops.pycompress.sparse_linear.default
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_CALL_ERRORS = (RuntimeError, TypeError, ValueError)
+
+
+def _decode_layout_default() -> bool:
+    return os.environ.get("PYCOMPRESS_SPARSE_DECODE_LAYOUT", "1").strip().lower() not in ("0", "off", "false")
 
 
 class SparseLinear(nn.Module):
@@ -35,6 +38,15 @@ class SparseLinear(nn.Module):
     At 90% sparsity the buffers take about 15% of the dense fp32 weight (6 bytes per kept
     weight). Outputs equal the dense layer with the zeros up to fp32 rounding; fp16/bf16 inputs
     are computed in fp32 and returned in their dtype.
+
+    On the CPU the layer also keeps its single-token layout (:func:`pycompress.ops.sparse_decode_layout`)
+    in the non-persistent buffer ``decode_layout``, about as large again as the CSR arrays; it is
+    built for the CPU ISA active at the time, whenever the buffers are set (``from_dense``,
+    ``load_state_dict``, ``.to()``, unpickling), which also checks their structure once. After
+    editing the buffers in place or calling :func:`pycompress.set_cpu_isa`, call :meth:`relayout`:
+    until then single-token calls run on the CSR arrays (checked per call; the results stay
+    right). :meth:`set_decode_layout` ``(False)`` (or ``PYCOMPRESS_SPARSE_DECODE_LAYOUT=0`` for new
+    layers) keeps only a header that records the checked arrays.
 
     Example:
         >>> import torch
@@ -66,6 +78,10 @@ class SparseLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device))
         else:
             self.bias = None
+        # the buffers are placeholders until from_dense / load_state_dict set them
+        self._pack_decode_layout = _decode_layout_default()
+        self.register_buffer("decode_layout", torch.empty(0, dtype=torch.uint8, device=device), persistent=False)
+        self.register_load_state_dict_post_hook(SparseLinear._after_load)
 
     @classmethod
     @torch.no_grad()
@@ -81,7 +97,68 @@ class SparseLinear(nn.Module):
         m.values.copy_(values)
         if linear.bias is not None:
             m.bias.copy_(linear.bias.detach().float())
+        m.relayout()
         return m
+
+    # ------------------------------------------------------------------ decode layout
+
+    @torch.no_grad()
+    def relayout(self) -> None:
+        """Checks the CSR buffers (raising on a corrupt structure) and rebuilds ``decode_layout``
+        for the CPU ISA active now (CUDA: checks only, the layout stays empty)."""
+        rp, ci, v = self.row_ptr, self.col_idx, self.values
+        if rp.device.type == "meta":
+            layout = torch.empty(0, dtype=torch.uint8, device=rp.device)
+        else:
+            with torch.inference_mode(False):  # a layout must be able to record version counters
+                layout = sparse_ops.sparse_decode_layout(rp, ci, v, self.in_features, pack=self._pack_decode_layout)
+        self.decode_layout = layout
+
+    def _relayout_or_drop(self) -> None:
+        # buffers set by loading or moving: a structure that does not check leaves no layout, and
+        # the calls raise the error (the structure is then checked per call)
+        try:
+            self.relayout()
+        except (RuntimeError, TypeError, ValueError):
+            self.decode_layout = torch.empty(0, dtype=torch.uint8, device=self.row_ptr.device)
+
+    def set_decode_layout(self, enabled: bool) -> bool:
+        """Keeps the single-token copy of the weights (True, the default) or only the header that
+        records the checked buffers (False); returns the previous setting."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        before, self._pack_decode_layout = self._pack_decode_layout, enabled
+        self.relayout()
+        return before
+
+    def decode_layout_info(self) -> dict:
+        """``{"enabled", "kind", "bytes", "current"}``: whether the single-token copy is kept, the kind
+        of layout held (``"chunked"``, ``"sliced"``, ``"checked"`` or None), its size in bytes, and
+        whether the calls use it (False after the buffers changed in place: call :meth:`relayout`)."""
+        info = sparse_ops.sparse_decode_layout_info(self.decode_layout, self.row_ptr, self.col_idx, self.values,
+                                                    self.in_features)
+        return {"enabled": self._pack_decode_layout, **info}
+
+    @staticmethod
+    def _after_load(module, incompatible_keys) -> None:
+        module._relayout_or_drop()
+
+    def _apply(self, fn, recurse=True):
+        before = [(t, t.data_ptr() if t.device.type == "cpu" else 0)
+                  for t in (self.row_ptr, self.col_idx, self.values)]
+        moved = super()._apply(fn, recurse)
+        after = (self.row_ptr, self.col_idx, self.values)
+        if any(t is not old or (t.device.type == "cpu" and t.data_ptr() != ptr)
+               for t, (old, ptr) in zip(after, before)) or self.decode_layout.device != self.row_ptr.device:
+            self._relayout_or_drop()
+        return moved
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_pack_decode_layout", _decode_layout_default())
+        if "decode_layout" not in self._buffers:
+            self.register_buffer("decode_layout", torch.empty(0, dtype=torch.uint8), persistent=False)
+        self._relayout_or_drop()  # unpickled or deep-copied buffers: new tensors
 
     @property
     def nnz(self) -> int:
@@ -93,37 +170,20 @@ class SparseLinear(nn.Module):
         return 1.0 - self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        buffers = self._buffers
-        if _module_cpu is not None and not torch.compiler.is_compiling():
-            y = _module_cpu(x, buffers, self.in_features)
-            if y is not None:
-                return y
-        # The buffers are checked by the kernel itself (once per buffer version); only the input
-        # is validated here. Anything unusual goes through the validated op wrapper, which raises
-        # clear errors.
-        values = buffers["values"]
-        bias = buffers["bias"] if "bias" in buffers else None
-        device = values.device
-        if (type(x) is not torch.Tensor or x.dtype not in _FLOAT_DTYPES or x.dim() < 1
-                or x.shape[-1] != self.in_features or x.device != device
-                or buffers["row_ptr"].device != device or buffers["col_idx"].device != device
-                or (bias is not None and bias.device != device)):
-            return sparse_ops.sparse_linear(x, buffers["row_ptr"], buffers["col_idx"], values, bias,
-                                            self.in_features)
-        flat = x.dim() == 2
-        x2 = x if flat else x.reshape(-1, self.in_features)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
-        if needs_grad or torch.compiler.is_compiling():
-            y = _sparse_linear_op(x2, buffers["row_ptr"], buffers["col_idx"], values, bias,
-                                  self.in_features)
-        else:
-            # no gradient needed: call the device kernel directly, skipping the Python autograd
-            # wrapper of the op (tens of microseconds, as much as the whole product at M=1)
-            with _BelowAutograd():
-                y = _sparse_linear_op(x2, buffers["row_ptr"], buffers["col_idx"], values, bias,
-                                      self.in_features)
-        return y if flat else y.reshape(*x.shape[:-1], self.out_features)
+        if x.__class__ is _Tensor and not _is_compiling():
+            b = self._buffers
+            try:
+                if x.dim() == 2:
+                    return _sparse_linear(x, b["row_ptr"], b["col_idx"], b["values"], b.get("bias"),
+                                          self.in_features, b["decode_layout"])
+                if x.dim() >= 1 and x.shape[-1] == self.in_features:
+                    y = _sparse_linear(x.reshape(-1, self.in_features), b["row_ptr"], b["col_idx"], b["values"],
+                                       b.get("bias"), self.in_features, b["decode_layout"])
+                    return y.reshape(*x.shape[:-1], self.out_features)
+            except _CALL_ERRORS:
+                pass  # the validated call below raises the error that names the problem
+        return sparse_ops.sparse_linear(x, self.row_ptr, self.col_idx, self.values, self.bias, self.in_features,
+                                        layout=self.decode_layout)
 
     def config(self) -> dict:
         return {"type": "SparseLinear", "format": "csr", "in_features": self.in_features,

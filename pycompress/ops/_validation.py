@@ -45,3 +45,11 @@ def check_device_supported(device: torch.device, op: str) -> None:
             )
         return
     raise RuntimeError(f"pycompress.ops.{op}: device type '{device.type}' is not supported (cpu, cuda)")
+
+
+def same_device_fake(op: str, *tensors) -> None:
+    """In a fake (meta) kernel: the tensors (None allowed) are on one device, as the real kernels
+    require (a meta tensor among CPU ones would otherwise give a result of the wrong device)."""
+    devices = {t.device for t in tensors if t is not None}
+    torch._check(len(devices) <= 1, lambda: f"{op}: all tensors must be on the same device, got "
+                 + ", ".join(sorted(str(d) for d in devices)))

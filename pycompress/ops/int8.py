@@ -14,6 +14,7 @@ from pycompress.ops._validation import (
     check_device_supported,
     check_same_device,
     check_tensor,
+    same_device_fake,
 )
 
 __all__ = [
@@ -92,6 +93,7 @@ def _int8_pack_weight_fake(w):
 def _int8_linear_fake(x, w, w_scale, bias=None, w_packed=None, act_bits=8):
     torch._check(x.dim() == 2, lambda: "int8_linear: x must be 2-D")
     torch._check(x.shape[1] == w.shape[1], lambda: "int8_linear: K mismatch")
+    same_device_fake("int8_linear", x, w, w_scale, bias)
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
@@ -99,6 +101,7 @@ def _int8_linear_fake(x, w, w_scale, bias=None, w_packed=None, act_bits=8):
 def _int8_linear_w8a16_fake(x, w, w_scale, bias=None):
     torch._check(x.dim() == 2, lambda: "int8_linear_w8a16: x must be 2-D")
     torch._check(x.shape[1] == w.shape[1], lambda: "int8_linear_w8a16: K mismatch")
+    same_device_fake("int8_linear_w8a16", x, w, w_scale, bias)
     return x.new_empty((x.shape[0], w.shape[0]))
 
 

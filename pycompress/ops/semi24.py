@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from pycompress import _ext  # noqa: F401  (loads the kernels)
-from pycompress.ops._validation import FLOAT_DTYPES, check_device_supported, check_same_device, check_tensor
+from pycompress.ops._validation import (FLOAT_DTYPES, check_device_supported, check_same_device, check_tensor,
+                                        same_device_fake)
 
 __all__ = ["semi24_compress", "semi24_decompress", "semi24_linear", "check_semi24", "semi24_padded_k",
            "semi24_meta_shape"]
@@ -58,6 +59,7 @@ def _semi24_decompress_fake(values, meta, in_features):
 def _semi24_linear_fake(x, values, meta, bias, in_features):
     torch._check(x.dim() == 2, lambda: "semi24_linear: x must be 2-D")
     torch._check(x.shape[1] == in_features, lambda: "semi24_linear: x.shape[1] != in_features")
+    same_device_fake("semi24_linear", x, values, meta, bias)
     return x.new_empty((x.shape[0], values.shape[0]))
 
 

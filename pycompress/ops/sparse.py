@@ -9,15 +9,19 @@ CSR format of ``sparse_linear`` (output rows are the compressed dimension):
 * ``col_idx``: int16 (``in_features <= 32768``) or int32 ``[nnz]``: input column of each entry
 * ``values``: float32 ``[nnz]``
 
-Single-token calls (``M == 1``) on AVX2 and AVX-512 CPUs use a second copy of each layer's kept
-weights laid out for one token, built on the layer's second such call and rebuilt whenever the
-buffers change in place: row-sliced (SELL-8: rows sorted by length in windows of 256, eight rows
-per SIMD vector) on AVX2, column-chunked (16 rows per vector, inputs picked from 31-column chunks
-by register permutes) on AVX-512 where its cost model expects a gain. They make decode steps
-about 1.2x (sliced) to 2x (chunked) faster and cost about as much memory again as the layer's
-CSR arrays (never saved). :func:`set_decode_layout` turns them off or on (the environment
-variable ``PYCOMPRESS_SPARSE_DECODE_LAYOUT=0`` sets the initial state to off) and
-:func:`decode_layout_info` reports what they hold.
+Single-token calls (``M == 1``) on AVX2 and AVX-512 CPUs run fastest on a second copy of a
+layer's kept weights laid out for one token: row-sliced (SELL-8: rows sorted by length in windows
+of 256, eight rows per SIMD vector) on AVX2, column-chunked (16 rows per vector, inputs picked
+from 31-column chunks by register permutes) on AVX-512 where its cost model expects a gain. They
+make decode steps about 1.2x (sliced) to 2x (chunked) faster and cost about as much memory again
+as the layer's CSR arrays. :func:`sparse_decode_layout` builds that copy as one ``uint8`` tensor
+(for the CPU ISA active when it is built, see :func:`pycompress.set_cpu_isa`), after checking the
+CSR arrays completely; passed as ``layout`` to :func:`sparse_linear` it is used only while it is
+current: built from these very tensors, none of them changed in place since (their version
+counters are recorded). A stale layout is ignored (the call runs on the CSR arrays, checked
+again), never wrong. A current layout also vouches for the arrays' structure, so calls with it
+skip the per-call structural check. ``SparseLinear`` keeps its layout as the non-persistent buffer
+``decode_layout``.
 """
 
 from __future__ import annotations
@@ -25,44 +29,95 @@ from __future__ import annotations
 import torch
 
 from pycompress import _ext  # noqa: F401  (loads the kernels)
-from pycompress.ops._validation import FLOAT_DTYPES, check_device_supported, check_same_device, check_tensor
+from pycompress.ops._validation import (FLOAT_DTYPES, check_device_supported, check_same_device, check_tensor,
+                                        same_device_fake)
 
-__all__ = ["sparse_linear", "masked_linear", "dense_to_csr", "csr_to_dense", "set_decode_layout",
-           "decode_layout_info", "clear_decode_layouts"]
+__all__ = ["sparse_linear", "masked_linear", "dense_to_csr", "csr_to_dense", "check_csr", "sparse_decode_layout",
+           "sparse_decode_layout_info"]
 
 
 # ----------------------------------------------------------------------------- decode layout
-def set_decode_layout(enabled: bool) -> bool:
-    """Turns the M == 1 layouts of SparseLinear on or off; returns the previous state.
+_LAYOUT_KINDS = {-1: None, 0: "checked", 1: "sliced", 2: "chunked"}
 
-    Turning it off also frees the layouts held. See the module documentation.
+
+def sparse_decode_layout(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                         in_features: int, pack: bool = True) -> torch.Tensor:
+    """Checks CSR arrays completely and returns their single-token layout (see module doc).
+
+    CPU: a flat ``uint8`` tensor, the chunked layout on AVX-512 CPUs where it pays, else the
+    sliced one (AVX2 and up); with ``pack=False``, on scalar CPUs, or for inference tensors, only a
+    header that records the checked arrays (calls with it skip the structural check). Build it
+    again after changing the arrays in place or switching the CPU ISA. CUDA: the check only (one
+    host synchronization); the layout is an empty tensor (the CUDA kernel needs none).
+
+    Example:
+        >>> import torch, pycompress.ops as ops
+        >>> w = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 3.0]])
+        >>> rp, ci, v = ops.dense_to_csr(w)
+        >>> layout = ops.sparse_decode_layout(rp, ci, v, 3)
+        >>> ops.sparse_linear(torch.ones(1, 3), rp, ci, v, None, 3, layout=layout).tolist()
+        [[2.0, 4.0]]
     """
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
-    return bool(_ext.extension().set_sparse_decode_layout(enabled))
+    _check_csr_args(row_ptr, col_idx, values, in_features)
+    device = check_same_device(row_ptr=row_ptr, col_idx=col_idx, values=values)
+    check_device_supported(device, "sparse_decode_layout")
+    if not isinstance(pack, bool):
+        raise TypeError(f"pack must be a bool, got {pack!r}")
+    return torch.ops.pycompress.sparse_decode_layout(row_ptr, col_idx, values, in_features, pack)
 
 
-def decode_layout_info() -> dict:
-    """``{"enabled": bool, "layers": int, "bytes": int, "chunked": int}``: the state of the
-    M == 1 layout, how many live layers hold one, their total size in bytes, and how many of
-    them hold the column-chunked (AVX-512) layout."""
-    c = _ext.extension()
-    layers, nbytes, chunked = c.sparse_decode_layout_usage()
-    return {"enabled": bool(c.sparse_decode_layout_enabled()), "layers": int(layers), "bytes": int(nbytes),
-            "chunked": int(chunked)}
+def sparse_decode_layout_info(layout: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                              values: torch.Tensor, in_features: int) -> dict:
+    """``{"kind", "bytes", "current"}`` of a layout from :func:`sparse_decode_layout`: ``kind`` is
+    ``"chunked"``, ``"sliced"``, ``"checked"`` (header only) or None (an empty tensor), ``bytes`` its
+    size, ``current`` whether :func:`sparse_linear` would use it with these arrays."""
+    check_tensor("layout", layout, dtypes=(torch.uint8,), ndim=1)
+    _check_csr_args(row_ptr, col_idx, values, in_features)
+    check_same_device(layout=layout, row_ptr=row_ptr, col_idx=col_idx, values=values)
+    if layout.device.type != "cpu":
+        return {"kind": None, "bytes": 0, "current": False}
+    kind, nbytes, current = torch.ops.pycompress.sparse_decode_layout_info(layout, row_ptr, col_idx, values,
+                                                                           in_features)
+    return {"kind": _LAYOUT_KINDS.get(int(kind)), "bytes": int(nbytes), "current": bool(current)}
 
 
-def clear_decode_layouts() -> None:
-    """Frees every M == 1 layout held (they are built again on the next single-token calls)."""
-    _ext.extension().clear_sparse_decode_layouts()
+def check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, in_features: int) -> None:
+    """Raises when the arrays are not a valid CSR weight with ``in_features`` columns (dtypes and
+    shapes: TypeError / ValueError; structure: RuntimeError naming the problem), as
+    :func:`sparse_decode_layout` checks them (host synchronizations on CUDA)."""
+    _check_csr_args(row_ptr, col_idx, values, in_features)
+    device = check_same_device(row_ptr=row_ptr, col_idx=col_idx, values=values)
+    check_device_supported(device, "check_csr")
+    if device.type != "meta":
+        torch.ops.pycompress.sparse_decode_layout(row_ptr, col_idx, values, in_features, False)
+
+
+def _check_csr_args(row_ptr, col_idx, values, in_features) -> None:
+    check_tensor("row_ptr", row_ptr, dtypes=(torch.int32,), ndim=1)
+    check_tensor("col_idx", col_idx, dtypes=(torch.int16, torch.int32), ndim=1)
+    check_tensor("values", values, dtypes=(torch.float32,), ndim=1)
+    if not isinstance(in_features, int) or isinstance(in_features, bool) or in_features < 0:
+        raise TypeError(f"in_features must be a non-negative int, got {in_features!r}")
+    if row_ptr.numel() < 1:
+        raise ValueError("row_ptr must have N + 1 >= 1 entries")
+    if values.numel() != col_idx.numel():
+        raise ValueError(f"values ({values.numel()}) and col_idx ({col_idx.numel()}) must have the same length")
+    if col_idx.dtype == torch.int16 and in_features > 32768:
+        raise ValueError("int16 col_idx supports in_features <= 32768; use int32")
 
 
 # ----------------------------------------------------------------------------- fake kernels
 @torch.library.register_fake("pycompress::sparse_linear")
-def _sparse_linear_fake(x, row_ptr, col_idx, values, bias, in_features):
+def _sparse_linear_fake(x, row_ptr, col_idx, values, bias, in_features, layout=None):
     torch._check(x.dim() == 2, lambda: "sparse_linear: x must be 2-D")
     torch._check(x.shape[1] == in_features, lambda: "sparse_linear: x.shape[1] != in_features")
+    same_device_fake("sparse_linear", x, row_ptr, col_idx, values, bias)
     return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+
+@torch.library.register_fake("pycompress::sparse_decode_layout")
+def _sparse_decode_layout_fake(row_ptr, col_idx, values, in_features, pack=True):
+    return row_ptr.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
 
 
 @torch.library.register_fake("pycompress::masked_linear")
@@ -104,29 +159,6 @@ def _masked_backward(ctx, grad):
 
 torch.library.register_autograd(
     "pycompress::masked_linear", _masked_backward, setup_context=_masked_setup_context
-)
-
-
-def _sparse_setup_context(ctx, inputs, output):
-    x, row_ptr, col_idx, values, bias, in_features = inputs
-    ctx.save_for_backward(row_ptr, col_idx, values)
-    ctx.in_features = in_features
-    ctx.x_dtype = x.dtype
-
-
-def _sparse_backward(ctx, grad):
-    # SparseLinear is an inference layer: only the input gets a gradient (so that layers before
-    # it can still be trained); the weight is densified for this rare path.
-    row_ptr, col_idx, values = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
-        w = csr_to_dense(row_ptr, col_idx, values, ctx.in_features)
-        gx = (grad.float() @ w).to(ctx.x_dtype)
-    return gx, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "pycompress::sparse_linear", _sparse_backward, setup_context=_sparse_setup_context
 )
 
 
@@ -175,17 +207,20 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
 
 
 def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
-                  bias: torch.Tensor | None, in_features: int) -> torch.Tensor:
+                  bias: torch.Tensor | None, in_features: int, *, layout: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for a weight ``W [N, in_features]`` stored in CSR (see module doc).
 
     Args:
         x: float tensor ``[..., in_features]`` (fp16/bf16 are computed in fp32).
-        row_ptr, col_idx, values: the CSR arrays (e.g. from :func:`dense_to_csr`).
+        row_ptr, col_idx, values: the CSR arrays (e.g. from :func:`dense_to_csr`); their structure
+            is checked on every call (unless ``layout`` vouches for them).
         bias: optional float32 ``[N]``.
         in_features: number of input columns ``K``.
+        layout: optional result of :func:`sparse_decode_layout` for these arrays (CPU): used for
+            single-token calls while it is current, ignored otherwise.
 
     Returns:
-        Tensor ``[..., N]`` of the dtype of ``x``.
+        Tensor ``[..., N]`` of the dtype of ``x``. Only ``x`` gets a gradient.
 
     Example:
         >>> import torch, pycompress.ops as ops
@@ -195,19 +230,9 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
         [[2.0, 4.0]]
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    check_tensor("row_ptr", row_ptr, dtypes=(torch.int32,), ndim=1)
-    check_tensor("col_idx", col_idx, dtypes=(torch.int16, torch.int32), ndim=1)
-    check_tensor("values", values, dtypes=(torch.float32,), ndim=1)
-    if not isinstance(in_features, int) or in_features < 0:
-        raise TypeError(f"in_features must be a non-negative int, got {in_features!r}")
+    _check_csr_args(row_ptr, col_idx, values, in_features)
     if x.shape[-1] != in_features:
         raise ValueError(f"x must have in_features={in_features} in its last dimension, got {x.shape[-1]}")
-    if row_ptr.numel() < 1:
-        raise ValueError("row_ptr must have N + 1 >= 1 entries")
-    if values.numel() != col_idx.numel():
-        raise ValueError(f"values ({values.numel()}) and col_idx ({col_idx.numel()}) must have the same length")
-    if col_idx.dtype == torch.int16 and in_features > 32768:
-        raise ValueError("int16 col_idx supports in_features <= 32768; use int32")
     n_out = row_ptr.numel() - 1
     if bias is not None:
         check_tensor("bias", bias, dtypes=(torch.float32,), ndim=1)
@@ -215,24 +240,17 @@ def sparse_linear(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
             raise ValueError(f"bias must have {n_out} elements, got {bias.shape[0]}")
     device = check_same_device(x=x, row_ptr=row_ptr, col_idx=col_idx, values=values, bias=bias)
     check_device_supported(device, "sparse_linear")
+    if layout is not None:
+        check_tensor("layout", layout, dtypes=(torch.uint8,), ndim=1)
+        if device.type != "cpu" or layout.device.type != "cpu":
+            layout = None  # a CPU layout; other devices run on the CSR arrays
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        # the CUDA kernel does not check the structure per call (host synchronizations)
+        check_csr(row_ptr, col_idx, values, in_features)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if _no_grad_needed(x, values, bias):
-        # skip the Python autograd wrapper of the op (its cost is comparable to a decode-sized product)
-        with torch._C._AutoDispatchBelowAutograd():
-            y = torch.ops.pycompress.sparse_linear(x2, row_ptr, col_idx, values, bias, in_features)
-    else:
-        y = torch.ops.pycompress.sparse_linear(x2, row_ptr, col_idx, values, bias, in_features)
+    y = torch.ops.pycompress.sparse_linear(x.reshape(-1, in_features), row_ptr, col_idx, values, bias,
+                                           in_features, layout)
     return y.reshape(*lead, n_out)
-
-
-def _no_grad_needed(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """True when calling below autograd gives the same result: plain tensors, nothing that needs a
-    gradient, and not under tracing (torch.compile / export see the op itself)."""
-    if type(x) is not torch.Tensor or torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not (
-        x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad))
 
 
 def resolve_index_dtype(index_dtype: torch.dtype | None, in_features: int) -> torch.dtype:

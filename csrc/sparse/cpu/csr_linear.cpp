@@ -63,7 +63,7 @@ void spmm_t_scalar(const float* xT, int64_t Mp, const int32_t* rp, const I* ci, 
 
 // ACC: y[n] += sum (no bias) instead of y[n] = bias[n] + sum.
 template <bool ACC, typename I>
-void sell_scalar(const float* x, const SellLayout& L, const I* idx, const float* bias, float* y,
+void sell_scalar(const float* x, const SellView& L, const I* idx, const float* bias, float* y,
                  int64_t s0, int64_t s1) {
   for (int64_t s = s0; s < s1; ++s) {
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -220,12 +220,12 @@ PYC_TARGET_AVX2 void gemv_avx2(const float* x, const int32_t* rp, const I* ci, c
 // software prefetch, and column-chunk layouts assembled with vpermps (lanes 38-47% used; a
 // vpermps costs about 1.3 cycles on this core).
 template <bool ACC, typename I>
-PYC_TARGET_AVX2 void sell_avx2(const float* x, const SellLayout& L, const I* idx,
+PYC_TARGET_AVX2 void sell_avx2(const float* x, const SellView& L, const I* idx,
                                const float* bias, float* y, int64_t s0, int64_t s1) {
   for (int64_t s = s0; s < s1; ++s) {
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     const I* c = idx + L.slice_off[s];
-    const float* vv = L.vals.data() + L.slice_off[s];
+    const float* vv = L.vals + L.slice_off[s];
     int64_t steps = (L.slice_off[s + 1] - L.slice_off[s]) / 8;
     for (; steps >= 2; steps -= 2) {
       a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vv), gather8_avx2(x, c), a0);
@@ -236,7 +236,7 @@ PYC_TARGET_AVX2 void sell_avx2(const float* x, const SellLayout& L, const I* idx
     if (steps) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(vv), gather8_avx2(x, c), a0);
     alignas(32) float r[8];
     _mm256_store_ps(r, _mm256_add_ps(a0, a1));
-    const int32_t* rows = L.row_of.data() + 8 * s;
+    const int32_t* rows = L.row_of + 8 * s;
     for (int l = 0; l < 8; ++l) {
       const int32_t n = rows[l];
       if (n >= 0) y[n] = ACC ? y[n] + r[l] : (bias ? bias[n] : 0.f) + r[l];
@@ -608,20 +608,22 @@ void sell_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, cons
 }
 
 template <bool ACC>
-void sell_dispatch(CpuIsa isa, const float* x_pad, const SellLayout& L, const float* bias,
+void sell_dispatch(CpuIsa isa, const float* x_pad, const SellView& L, const float* bias,
                    float* y, int64_t s0, int64_t s1) {
+  const int16_t* i16 = static_cast<const int16_t*>(L.idx);
+  const int32_t* i32 = static_cast<const int32_t*>(L.idx);
 #if PYC_HAVE_X86_SIMD
   if (isa >= CpuIsa::Avx2) {
-    if (L.idx16) return sell_avx2<ACC>(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
-    return sell_avx2<ACC>(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
+    if (L.idx16) return sell_avx2<ACC>(x_pad, L, i16, bias, y, s0, s1);
+    return sell_avx2<ACC>(x_pad, L, i32, bias, y, s0, s1);
   }
 #endif
   (void)isa;
-  if (L.idx16) return sell_scalar<ACC>(x_pad, L, L.idx16v.data(), bias, y, s0, s1);
-  sell_scalar<ACC>(x_pad, L, L.idx32v.data(), bias, y, s0, s1);
+  if (L.idx16) return sell_scalar<ACC>(x_pad, L, i16, bias, y, s0, s1);
+  sell_scalar<ACC>(x_pad, L, i32, bias, y, s0, s1);
 }
 
-void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellLayout& L, const float* bias,
+void sell_gemv_cpu(CpuIsa isa, const float* x_pad, const SellView& L, const float* bias,
                    float* y, int64_t s0, int64_t s1) {
   sell_dispatch<false>(isa, x_pad, L, bias, y, s0, s1);
 }
@@ -690,9 +692,9 @@ void chunked_pack_cpu(const int32_t* row_ptr, const void* col_idx, bool idx16, c
   if (!rci.empty()) sell_pack_cpu(rrp.data(), rci.data(), false, rv.data(), N, 32 * nch, out.rest);
 }
 
-void chunked_pad_x(const float* x, int64_t K, const ChunkedLayout& L, float* xq) {
-  std::memset(xq, 0, sizeof(float) * static_cast<size_t>(chunked_x_size(L)));
-  for (int64_t c = 0; c < L.n_chunks; ++c) {
+void chunked_pad_x(const float* x, int64_t K, int64_t n_chunks, float* xq) {
+  std::memset(xq, 0, sizeof(float) * static_cast<size_t>(chunked_x_size(n_chunks)));
+  for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t k0 = c * kChunkCols, w = std::min(kChunkCols, K - k0);
     std::memcpy(xq + 32 * c, x + k0, sizeof(float) * static_cast<size_t>(w));
   }
@@ -700,7 +702,7 @@ void chunked_pad_x(const float* x, int64_t K, const ChunkedLayout& L, float* xq)
 
 namespace {
 
-void chunked_scalar(const float* xq, const ChunkedLayout& L, const float* bias, float* y,
+void chunked_scalar(const float* xq, const ChunkedView& L, const float* bias, float* y,
                     int64_t s0, int64_t s1) {
   const int64_t S = L.steps, nch = L.n_chunks;
   for (int64_t s = s0; s < s1; ++s) {
@@ -710,7 +712,7 @@ void chunked_scalar(const float* xq, const ChunkedLayout& L, const float* bias, 
       for (int64_t j = 0; j < S; ++j)
         for (int l = 0; l < 16; ++l) {
           const size_t o = base + static_cast<size_t>((c * S + j) * 16 + l);
-          acc[l] = std::fma(L.vals[o], xq[32 * c + L.idx[o]], acc[l]);
+          acc[l] = std::fma(L.vals[o], xq[32 * c + (L.idx[o] & 31)], acc[l]);
         }
     for (int64_t l = 0; l < 16 && 16 * s + l < L.n_rows; ++l)
       y[16 * s + l] = (bias ? bias[16 * s + l] : 0.f) + acc[l];
@@ -730,12 +732,12 @@ PYC_TARGET_AVX512 inline __attribute__((always_inline)) __m512 chunk_step(__m512
 
 // Cost on Zen 4 (3.7 GHz): about 2.5 cycles per step, the rate at which L2 delivers its 80
 // bytes; the same with the layout in L3 plus ~20%.
-PYC_TARGET_AVX512 void chunked_avx512(const float* xq, const ChunkedLayout& L, const float* bias,
+PYC_TARGET_AVX512 void chunked_avx512(const float* xq, const ChunkedView& L, const float* bias,
                                       float* y, int64_t s0, int64_t s1) {
   const int64_t S = L.steps, nch = L.n_chunks;
   for (int64_t s = s0; s < s1; ++s) {
-    const uint8_t* ip = L.idx.data() + s * nch * S * 16;
-    const float* vp = L.vals.data() + s * nch * S * 16;
+    const uint8_t* ip = L.idx + s * nch * S * 16;
+    const float* vp = L.vals + s * nch * S * 16;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int64_t c = 0; c < nch; ++c) {
       const __m512 t0 = _mm512_load_ps(xq + 32 * c), t1 = _mm512_load_ps(xq + 32 * c + 16);
@@ -772,7 +774,7 @@ PYC_TARGET_AVX512 void chunked_avx512(const float* xq, const ChunkedLayout& L, c
 
 }  // namespace
 
-void chunked_gemv_cpu(CpuIsa isa, const float* xq, const ChunkedLayout& L, const float* bias,
+void chunked_gemv_cpu(CpuIsa isa, const float* xq, const ChunkedView& L, const float* bias,
                       float* y, int64_t w0, int64_t w1) {
   const int64_t s0 = w0 * (kSellWindow / 16), s1 = std::min(L.n_slices, w1 * (kSellWindow / 16));
 #if PYC_HAVE_X86_SIMD

@@ -16,7 +16,7 @@ template <typename I>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     csr_rows_kernel(const float* __restrict__ x, int64_t M, int64_t K,
                     const int32_t* __restrict__ rp, const I* __restrict__ ci,
-                    const float* __restrict__ v, const float* __restrict__ bias,
+                    const float* __restrict__ v, int64_t nnz, const float* __restrict__ bias,
                     float* __restrict__ y, int64_t N) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
@@ -25,10 +25,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   float acc[kTokensPerWarp];
 #pragma unroll
   for (int j = 0; j < kTokensPerWarp; ++j) acc[j] = 0.f;
-  const int32_t e = rp[n + 1];
-  for (int32_t p = rp[n] + lane; p < e; p += 32) {
+  // the row range and the column indices are clamped to the arrays: buffers that are not valid
+  // CSR give wrong sums but never read out of bounds (the structure is checked before use, not
+  // per call: that would cost a host synchronization)
+  const int64_t e = min(static_cast<int64_t>(rp[n + 1]), nnz);
+  for (int64_t p = max(static_cast<int64_t>(rp[n]), int64_t(0)) + lane; p < e; p += 32) {
     const float w = v[p];
     const int64_t k = static_cast<int64_t>(ci[p]);
+    if (k < 0 || k >= K) continue;
 #pragma unroll
     for (int j = 0; j < kTokensPerWarp; ++j)
       if (m0 + j < M) acc[j] = fmaf(w, __ldg(x + (m0 + j) * K + k), acc[j]);
@@ -95,8 +99,8 @@ __global__ void __launch_bounds__(kTile * kTile / kRowsPerThread)
 }  // namespace
 
 cudaError_t csr_linear(const float* x, int64_t M, int64_t K, const int32_t* row_ptr,
-                       const void* col_idx, bool idx16, const float* values, const float* bias,
-                       float* y, int64_t N, cudaStream_t stream) {
+                       const void* col_idx, bool idx16, const float* values, int64_t nnz,
+                       const float* bias, float* y, int64_t N, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
   const int64_t gx = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (gx > 0x7fffffffLL) return cudaErrorInvalidValue;
@@ -109,11 +113,11 @@ cudaError_t csr_linear(const float* x, int64_t M, int64_t K, const int32_t* row_
                     static_cast<unsigned int>((ms + kTokensPerWarp - 1) / kTokensPerWarp));
     if (idx16)
       csr_rows_kernel<int16_t><<<grid, block, 0, stream>>>(
-          x + s0 * K, ms, K, row_ptr, static_cast<const int16_t*>(col_idx), values, bias,
+          x + s0 * K, ms, K, row_ptr, static_cast<const int16_t*>(col_idx), values, nnz, bias,
           y + s0 * N, N);
     else
       csr_rows_kernel<int32_t><<<grid, block, 0, stream>>>(
-          x + s0 * K, ms, K, row_ptr, static_cast<const int32_t*>(col_idx), values, bias,
+          x + s0 * K, ms, K, row_ptr, static_cast<const int32_t*>(col_idx), values, nnz, bias,
           y + s0 * N, N);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;

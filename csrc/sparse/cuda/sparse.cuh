@@ -8,10 +8,12 @@ namespace pyc {
 namespace cuda {
 
 // y[M, N] = x[M, K] (row-major) times the CSR weight (row_ptr [N+1], col_idx int16/int32,
-// values [nnz]) transposed, plus bias. One warp per output row, a few tokens per warp.
+// values [nnz]) transposed, plus bias. One warp per output row, a few tokens per warp. Row
+// ranges are clamped to [0, nnz) and entries whose column is outside [0, K) are skipped, so
+// arrays that are not valid CSR never make the kernel read out of bounds.
 cudaError_t csr_linear(const float* x, int64_t M, int64_t K, const int32_t* row_ptr,
-                       const void* col_idx, bool idx16, const float* values, const float* bias,
-                       float* y, int64_t N, cudaStream_t stream);
+                       const void* col_idx, bool idx16, const float* values, int64_t nnz,
+                       const float* bias, float* y, int64_t N, cudaStream_t stream);
 
 // C[I, J] (row-major) = sum_r A(i, r) * B(j, r) * maskB(j, r), then C(i, j) = 0 where
 // maskC[i * J + j] == 0, plus bias[j]. A(i, r) = A[i * a0 + r * a1], B(j, r) = B[j * b0 + r * b1],
