@@ -33,8 +33,7 @@ def _median_ms(fn, reps):
 @torch.no_grad()
 def measure(layer: nn.Module, x: torch.Tensor, reps: int = 5) -> float:
     """The default timer of :func:`deploy_pruned`: median seconds of ``layer(x)`` over ``reps``
-    calls, after two warm-up calls (the second single-row call builds SparseLinear's M == 1
-    layout)."""
+    calls, after two warm-up calls."""
     for _ in range(2):
         layer(x)
     return _median_ms(lambda: layer(x), reps) / 1e3
