@@ -8,6 +8,7 @@ Every rank writes ``OUT/<scenario>-rank<r>.pt`` (plain tensors and numbers, load
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -175,6 +176,10 @@ def main() -> int:
         out: dict = {"world_size": int(os.environ.get("WORLD_SIZE", "1"))}
         SCENARIOS[name](out, os.path.join(outdir, f"ckpt-{name}"))
         torch.save(out, os.path.join(outdir, f"{name}-rank{rank}.pt"))
+    # Whatever still holds the process group (DDP reducers live in reference cycles) is freed
+    # while the interpreter is fully alive, then the group is destroyed, joining gloo's threads:
+    # left to interpreter shutdown, that teardown can run C++ threads after finalization began.
+    gc.collect()
     pycompress.distributed.shutdown()
     import torch.distributed as dist
 
@@ -185,11 +190,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # Every result is on disk and the process group is destroyed. Skip the interpreter's
-    # teardown: torch's gloo objects occasionally abort there ("terminate called without an
-    # active exception", about 1 run in 15 of the full scenario list on a 2-core machine, after
-    # every file was written), which would fail the launch for no fault of the code under test.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    sys.exit(main())

@@ -453,6 +453,25 @@ def test_maskedconv2d_module_training_step(groups, monkeypatch):
     torch.optim.SGD(dev_m.parameters(), lr=0.1).step()
     assert (dev_m.weight.detach().cpu()[~mask] == 0).all()
 
+
+def test_sparse_decode_layout_on_cuda_checks_the_structure():
+    # CUDA keeps no single-token layout: sparse_decode_layout only checks the arrays (and returns an
+    # empty tensor), sparse_decode_layout_info says nothing is used, sparse_linear runs without one
+    g = gen("decode_layout")
+    w = torch.randn(33, 70, generator=g) * (torch.rand(33, 70, generator=g) < 0.2)
+    rp, ci, v = (a.to(DEV) for a in ops.dense_to_csr(w))
+    layout = P.sparse_decode_layout(rp, ci, v, 70, True)
+    assert layout.device.type == "cuda" and layout.numel() == 0
+    kind, nbytes, current = P.sparse_decode_layout_info(layout, rp, ci, v, 70)
+    assert (kind, nbytes, current) == (-1, 0, 0)
+    assert ops.sparse_decode_layout_info(layout, rp, ci, v, 70) == {"kind": None, "bytes": 0, "current": False}
+    x = torch.randn(3, 70, generator=g)
+    close(ops.sparse_linear(x.to(DEV), rp, ci, v, None, 70, layout=layout), x.double() @ w.double().t(), 2e-5)
+    bad = ci.clone()
+    bad[0] = 70  # a column past in_features
+    with pytest.raises((RuntimeError, ValueError)):
+        P.sparse_decode_layout(rp, bad, v, 70, True)
+
 # ============================================================================ 2:4 semi-structured
 def weight24(N, K, g, dtype=torch.float32):
     """A [N, K] weight keeping at most 2 of every 4 inputs (exactly 2 in full groups)."""
