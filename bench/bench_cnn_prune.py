@@ -29,6 +29,7 @@ import time
 import torch
 
 import pycompress
+from common import rows_by_case
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import cnn_models  # noqa: E402
@@ -120,11 +121,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
 
 def summarize(rows: list[dict]) -> list[str]:
     """Speed-up and parameter ratio of each pruned variant against dense, per model."""
-    by: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by.setdefault(r["case"], {})[r["impl"]] = r
     lines = []
-    for case, d in by.items():
+    for case, d in rows_by_case(rows).items():
         base = d.get("dense")
         if base is None:
             continue

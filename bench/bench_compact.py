@@ -21,7 +21,7 @@ import copy
 
 import torch
 
-from common import time_fn
+from common import rows_by_case, time_fn
 
 import pycompress
 
@@ -80,11 +80,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
 
 def summarize(rows: list[dict]) -> list[str]:
     """Latency and FLOP ratios of each compacted variant against dense, per case."""
-    by: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by.setdefault(r["case"], {})[r["impl"]] = r
     lines = []
-    for case, d in by.items():
+    for case, d in rows_by_case(rows).items():
         base = d.get("dense")
         if base is None:
             continue

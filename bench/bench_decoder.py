@@ -33,7 +33,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from common import per_core_ms, time_fn
+from common import per_core_ms, rows_by_case, time_fn
 
 import pycompress
 from pycompress.nn import conv1d
@@ -132,11 +132,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
 
 def summarize(rows: list[dict]) -> list[str]:
     """Speed-ups of every variant over fp32 (wall and single-thread CPU time) and KD speed-ups."""
-    by: dict[str, dict[str, dict]] = {}
-    for r in rows:
-        by.setdefault(r["case"], {})[r["impl"]] = r
     lines = []
-    for case, d in by.items():
+    for case, d in rows_by_case(rows).items():
         base = d.get("fp32") or d.get("torch eager")
         if base is None:
             continue

@@ -129,3 +129,11 @@ def run_ratio_range(base: dict, row: dict, digits: int = 1) -> str:
         return ""
     r = [x / y for x, y in zip(a, b)]
     return f" (runs: {min(r):.{digits}f}-{max(r):.{digits}f}x)"
+
+
+def rows_by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """``{case: {impl: row}}`` of a benchmark's rows, for summaries that compare within a case."""
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault(r["case"], {})[r["impl"]] = r
+    return by
