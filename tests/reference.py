@@ -25,3 +25,13 @@ def quantize_per_token_ref(x: torch.Tensor, qmax: int = 127) -> tuple[torch.Tens
     scale = torch.where(ok, absmax / float(qmax), torch.ones_like(absmax))
     scale = torch.where(finite, scale, torch.full_like(scale, float("nan")))
     return q, scale
+
+
+def linear_ref(x, w, w_scale, bias, act_bits=8):
+    """W8A8 reference: same quantization and the same fp32 epilogue order as the kernels."""
+    q, s = quantize_per_token_ref(x.cpu(), qmax=127 if act_bits == 8 else 63)
+    acc = (q.long() @ w.cpu().long().t()).float()
+    y = (acc * s[:, None]) * w_scale.cpu()[None, :]
+    if bias is not None:
+        y = y + bias.cpu().float()[None, :]
+    return y.to(x.dtype)

@@ -19,7 +19,7 @@ from torch import nn
 
 import pycompress.ops as ops
 from pycompress.nn import Int8Linear, KDLoss, MaskedConv2d, MaskedLinear, SemiSparseLinear, SparseLinear
-from reference import quantize_per_token_ref
+from reference import linear_ref, quantize_per_token_ref
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -153,16 +153,6 @@ def test_int8_gemm_layouts_and_extremes(M):
 # ============================================================================ int8_linear (W8A8)
 LINEAR_SHAPES = [(1, 1, 1), (1, 67, 129), (2, 16, 8), (5, 4099, 33), (8, 100, 17), (16, 64, 130),
                  (17, 33, 1), (64, 257, 129), (130, 1000, 300)]
-
-
-def linear_ref(x, w, w_scale, bias, act_bits=8):
-    """Same quantization and the same fp32 epilogue order as the kernels."""
-    q, s = quantize_per_token_ref(x.cpu(), qmax=127 if act_bits == 8 else 63)
-    acc = (q.long() @ w.cpu().long().t()).float()
-    y = (acc * s[:, None]) * w_scale.cpu()[None, :]
-    if bias is not None:
-        y = y + bias.cpu().float()[None, :]
-    return y.to(x.dtype)
 
 
 @pytest.mark.parametrize("M,K,N", LINEAR_SHAPES)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pycompress.ops as ops
-from reference import quantize_per_token_ref
+from reference import linear_ref, quantize_per_token_ref
 
 GEMM_SHAPES = [  # (M, K, N)
     (1, 1, 1), (1, 67, 129), (0, 5, 7), (5, 1, 3), (6, 4, 16), (7, 3, 17), (17, 67, 129),
@@ -17,16 +17,6 @@ GEMM_SHAPES = [  # (M, K, N)
 
 def gemm_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.cpu().long() @ b.cpu().long().t()).to(torch.int32)
-
-
-def linear_ref(x, w, w_scale, bias, act_bits=8):
-    """W8A8 reference: same quantization and the same fp32 epilogue order as the kernels."""
-    q, s = quantize_per_token_ref(x.cpu(), qmax=127 if act_bits == 8 else 63)
-    acc = (q.long() @ w.cpu().long().t()).float()
-    y = (acc * s[:, None]) * w_scale.cpu()[None, :]
-    if bias is not None:
-        y = y + bias.cpu().float()[None, :]
-    return y.to(x.dtype)
 
 
 def rand_i8(*shape, device="cpu"):
