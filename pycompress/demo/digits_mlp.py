@@ -8,8 +8,9 @@ distilling from the uncompressed model); a smaller student distilled from it on 
 target pool, next to the same student trained on the labelled samples only; the combination
 distilled + pruned + int8; and half of the hidden neurons removed (activation importance by mean
 absolute activation and by std times weight norm, magnitude, and mixed importance, then
-``compact`` to smaller dense layers), with and without a short distillation. Every model is evaluated on the held-out target test set against the
-uncompressed transferred model. Run it with ``pycompress demo`` (``--quick`` for a fast pass).
+``compact`` to smaller dense layers), with and without a short distillation. Every model is
+evaluated on the held-out target test set against the uncompressed transferred model. Run it
+with ``pycompress demo --task digits-mlp`` (``--quick`` for a fast pass).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -28,6 +28,9 @@ from torch.utils.data import TensorDataset
 
 import pycompress
 from pycompress import _optional
+from pycompress.demo._common import (BATCH as _BATCH, markdown_table, render_table, report_from_dict,
+                                     row_from_report, slug, write_atomic, write_plot)
+from pycompress.demo import _common
 from pycompress.distillation import distributed as pdist
 
 __all__ = ["run_demo", "build_model", "digits_splits", "target_test_data", "measure",
@@ -98,39 +101,7 @@ def target_test_data(seed: int = 0) -> TensorDataset:
 # --------------------------------------------------------------------------- measuring
 
 
-BATCH = 64  # the second timed batch size (besides 1)
-
-
-def row_from_report(report, note: str = "") -> dict:
-    """A flat table row (the demo's columns) from a :class:`pycompress.EvaluationReport`."""
-    lat = {int(k): v for k, v in report.latency.items()}
-    speed = {int(k): v for k, v in (report.speedup or {}).items()}
-    return {
-        "model": report.name,
-        "accuracy": report.metric,
-        "delta": report.metric_delta,
-        "parameters": report.parameters,
-        "nonzeros": report.nonzeros,
-        "bytes": report.size_bytes,
-        "latency_ms_b1": lat.get(1, {}).get("p50_ms"),
-        "latency_ms_batch": lat.get(BATCH, {}).get("p50_ms"),
-        "compression": report.compression_ratio,
-        "speedup_b1": speed.get(1),
-        "speedup_batch": speed.get(BATCH),
-        "note": note,
-    }
-
-
-def report_from_dict(d: dict):
-    """Rebuilds an :class:`pycompress.EvaluationReport` from its ``to_dict()``."""
-    import dataclasses
-
-    fields = {f.name for f in dataclasses.fields(pycompress.EvaluationReport)}
-    kw = {k: v for k, v in d.items() if k in fields}
-    kw["latency"] = {int(k): dict(v) for k, v in d.get("latency", {}).items()}
-    if d.get("speedup") is not None:
-        kw["speedup"] = {int(k): v for k, v in d["speedup"].items()}
-    return pycompress.EvaluationReport(**kw)
+BATCH = _BATCH  # the second timed batch size (besides 1)
 
 
 def measure(model: nn.Module, data: TensorDataset, name: str = "model", reference=None,
@@ -145,41 +116,6 @@ def measure(model: nn.Module, data: TensorDataset, name: str = "model", referenc
 
 
 # --------------------------------------------------------------------------- rendering
-
-COLUMNS = [("model", "model"), ("accuracy", "accuracy"), ("delta", "Δ acc (pts)"),
-           ("parameters", "params"), ("nonzeros", "non-zeros"), ("bytes", "bytes"),
-           ("latency_ms_b1", "ms b=1"), ("latency_ms_batch", f"ms b={BATCH}"),
-           ("compression", "compression"), ("speedup_b1", "speed-up b=1"),
-           ("speedup_batch", f"speed-up b={BATCH}")]
-
-
-def _fmt(key: str, value) -> str:
-    if value is None:
-        return ""
-    if key == "accuracy":
-        return f"{100 * value:.2f}%"
-    if key == "delta":
-        return f"{100 * value:+.2f}"
-    if key in ("compression", "speedup_b1", "speedup_batch"):
-        return f"{value:.2f}x"
-    if key.startswith("latency"):
-        return f"{value:.3f}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def render_table(rows: list[dict]) -> str:
-    """A fixed-width text table of the report rows (columns no row has are left out)."""
-    cols = [(k, t) for k, t in COLUMNS if any(r.get(k) is not None for r in rows)]
-    table = [[title for _, title in cols]]
-    table += [[_fmt(k, r.get(k)) for k, _ in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
 
 def render_markdown(report: dict) -> str:
     """report.md from a report dict (as written to report.json)."""
@@ -198,10 +134,7 @@ def render_markdown(report: dict) -> str:
               f"run, {report['seconds']:.1f} s, torch {report['environment']['torch']} on "
               f"{report['environment']['machine']}.")
     md.append("")
-    md.append("| " + " | ".join(title for _, title in COLUMNS) + " |")
-    md.append("|" + "|".join("---" for _ in COLUMNS) + "|")
-    for r in rows:
-        md.append("| " + " | ".join(_fmt(k, r.get(k)) for k, _ in COLUMNS) + " |")
+    md += markdown_table(rows)
     md.append("")
     md.append("Columns (from `pycompress.evaluate`): accuracy on the held-out target test set; Δ "
               "in percentage points vs the reference; params = values of the dense equivalent; "
@@ -219,13 +152,6 @@ def render_markdown(report: dict) -> str:
     return "\n".join(md) + "\n"
 
 
-def write_plot(rows: list[dict], out: str) -> str:
-    """The accuracy vs size / latency plot of :func:`pycompress.compare` (``compare.png`` in
-    ``out``), from the rows' stored evaluation reports. Returns the file name."""
-    pycompress.compare([report_from_dict(r["evaluation"]) for r in rows], out_dir=out)
-    return "compare.png"
-
-
 def _layer_kinds(model: nn.Module) -> str:
     """'2 SparseLinear + 1 Linear': the kinds of linear layers in ``model``."""
     counts: dict[str, int] = {}
@@ -236,15 +162,6 @@ def _layer_kinds(model: nn.Module) -> str:
     return " + ".join(f"{n} {k}" for k, n in counts.items()) or "no linear layer"
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name.replace("%", "pct")).strip("_")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- the scenario
@@ -387,9 +304,9 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
                 reference = ev
                 row.update(delta=0.0, compression=1.0, speedup_b1=1.0, speedup_batch=1.0)
             rows.append({**row, "evaluation": ev.to_dict()})
-            folder = os.path.join(out, "models", _slug(name))
+            folder = os.path.join(out, "models", slug(name))
             pycompress.save(model, os.path.join(folder, "model"))
-            _write_atomic(os.path.join(folder, "pycompress.json"), json.dumps({
+            write_atomic(os.path.join(folder, "pycompress.json"), json.dumps({
                 "factory": "pycompress.demo:build_model",
                 "factory_kwargs": {"hidden": list(STUDENT_HIDDEN if "student" in name
                                                   or "distilled" in name else TEACHER_HIDDEN),
@@ -398,6 +315,7 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
                 "data_kwargs": {"seed": seed},
             }, indent=2))
         report = {
+            "task": "digits-mlp",
             "rows": rows,
             "source_accuracy": source_acc,
             "seconds": time.perf_counter() - t_start,
@@ -407,14 +325,10 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
                        "source_train": len(data["src_train"]),
                        "teacher_hidden": list(TEACHER_HIDDEN),
                        "student_hidden": list(STUDENT_HIDDEN)},
-            "environment": {"torch": torch.__version__, "pycompress": pycompress.__version__,
-                            "machine": f"{platform.machine()} "
-                                       f"{pycompress.active_cpu_isa()}, "
-                                       f"{torch.get_num_threads()} thread(s)",
-                            "python": platform.python_version()},
+            "environment": _common.environment(),
         }
-        _write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2))
-        _write_atomic(os.path.join(out, "report.md"), render_markdown(report))
+        write_atomic(os.path.join(out, "report.json"), json.dumps(report, indent=2))
+        write_atomic(os.path.join(out, "report.md"), render_markdown(report))
         write_plot(rows, out)
         log("")
         log(render_table(rows))
