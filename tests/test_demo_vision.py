@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import textwrap
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from pycompress import _optional, demo
 from pycompress.demo import efficientnet as effnet
 from pycompress.demo import vision
 from pycompress.demo._common import slug
+
+import torchrun_util
 
 pytest.importorskip("sklearn")
 
@@ -273,3 +276,29 @@ def test_tiny_run_report_rerenders(tiny_run, capsys):
     assert cli.main(["report", out]) == 0
     assert "| pruned 50% magnitude +ft |" in open(os.path.join(out, "report.md")).read()
     assert "student w/o teacher" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tiny_run_under_torchrun(tmp_path):
+    script = tmp_path / "run_vision.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        from pycompress import demo
+        from pycompress.demo import vision
+        cfg = vision.VisionConfig(**{{**{dataclasses_asdict(TINY)!r}, "student_widths": (4, 8)}})
+        demo.run_demo(sys.argv[1], task="vision", config=cfg, progress=False)
+    """))
+    out = tmp_path / "ddp"
+    res = torchrun_util.run([str(script), str(out)], timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert res.stdout.count("wrote ") == 1  # rank 0 alone prints and writes
+    report = json.load(open(out / "report.json"))
+    assert report["config"]["world_size"] == 2 and [r["model"] for r in report["rows"]] == NAMES
+    assert not (out / "teacher_logits.npy").exists()
+
+
+def dataclasses_asdict(cfg) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)

@@ -71,7 +71,7 @@ def fmt(key: str, value) -> str:
     if key == "accuracy":
         return f"{100 * value:.2f}%"
     if key == "delta":
-        return f"{100 * value:+.2f}"
+        return f"{round(100 * value, 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
     if key in ("compression", "speedup_b1", "speedup_batch"):
         return f"{value:.2f}x"
     if key.startswith("latency"):

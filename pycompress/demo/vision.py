@@ -305,7 +305,7 @@ def _int8_note(info: dict) -> str:
     kinds = " + ".join(f"{n} {k}" for k, n in info["int8_layers"].items()) or "no layer"
     how = ("static activation scales from calibration images" if info["calibrated"] else
            "activations quantized at run time (this pycompress.quantize takes no calibration_data)")
-    return (f"pycompress.quantize(mode='w8a8'): {kinds} in int8 ({100 * info['int8_macs_share']:.1f}% of the "
+    return (f"pycompress.quantize(mode='w8a8'): {kinds} in int8 ({100 * info['int8_macs_share']:.2g}% of the "
             f"multiply-adds), {info['float_convs']} Conv2d left in float; {how}")
 
 

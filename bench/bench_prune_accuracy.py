@@ -1,0 +1,123 @@
+"""Benchmark: accuracy of channel pruning by activation, magnitude and mixed importance on a
+pretrained CNN, without and with a short fine-tune.
+
+The model is the vision demo's (``pycompress demo --task vision --quick``): EfficientNet-Lite0 with
+its ImageNet weights (``pycompress[demo]``), transferred to scikit-learn's digits at 64x64 (60
+training images per class; a third of every class is the held-out test set, 599 images) by a new
+head on the frozen backbone and a fine-tune of the whole network. Then, for every ratio and
+method, from the same transferred model:
+
+* ``prune(model, ratio, pattern="channel", scope="layer", method=...)`` on the groups produced by
+  the blocks' expansion convs and the head conv (``inner``: the inner channels of every block and
+  the head's 1280; the residual stream keeps its channels) or on every group but the classifier's
+  outputs (``all groups``), with the first 64 training images as calibration data, then
+  ``compact``; ``accuracy``: top-1 on the test set;
+* ``pycompress.finetune`` of the whole compacted network for ``ft epochs`` (Adam, lr 1e-3, the
+  same seed for every method); ``accuracy +ft``.
+
+``mixed`` is ``0.5 * activation / mean + 0.5 * magnitude / mean`` within each group. ``ms``: median
+latency of the compacted model at batch 32 (the dense model's on the ``dense`` row); ``params
+(M)`` and ``param ratio`` against the dense transferred model. Everything (training included)
+runs on one thread: small convolutions on a shared 2-core machine. One seed (0).
+
+The rows need the ``demo`` extra and run on the CPU only (on another device ``run`` returns no
+rows). ``--quick``: ratio 0.5 of the inner channels only, one fine-tune epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+
+import pycompress
+from common import time_fn
+
+KERNEL = "prune_accuracy"
+METHODS = ("activation", "magnitude", "mixed")
+BATCH = 32
+
+
+def _cases(quick: bool):
+    from pycompress.demo import vision
+
+    inner = vision.PRUNE_LAYERS
+    if quick:
+        return [("inner", inner, 0.5)], 1
+    return [("inner", inner, r) for r in (0.1, 0.3, 0.5)] + [("all groups", None, 0.5)], 2
+
+
+def _latency(model, x) -> dict:
+    with torch.no_grad():
+        return time_fn(lambda: model(x), repeats=7, warmup=2)
+
+
+def run(device: str, quick: bool = False) -> list[dict]:
+    if not str(device).startswith("cpu"):
+        print(f"prune_accuracy: runs on the CPU only; no rows on {device}")
+        return []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> list[dict]:
+    from pycompress.demo import vision
+
+    cfg = vision.config_for(quick=True)  # the quick demo's transfer: 64 px, 60 images per class
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    data = vision.digits_images(cfg.image_size, 0, train_per_class=cfg.train_per_class)
+    model, info = vision.transfer(data, cfg, seed=0, progress=False, log=lambda _m: None)
+    transfer_s = time.perf_counter() - t0
+    calib = data["train"].tensors[0][:64]
+    x = data["test"].tensors[0][:BATCH]
+    dense_params = sum(p.numel() for p in model.parameters())
+    dense_acc = vision.accuracy(model, data["test"])
+    case0 = f"EfficientNet-Lite0 ImageNet -> digits 64x64, {len(data['train'])} train / {len(data['test'])} test"
+    rows = [{"kernel": KERNEL, "case": case0, "impl": "dense", **_latency(model, x), "accuracy": dense_acc,
+             "accuracy +ft": None, "params (M)": dense_params / 1e6, "param ratio": 1.0,
+             "probe accuracy": info["probe"]["test_accuracy"], "transfer s": transfer_s}]
+    cases, ft_epochs = _cases(quick)
+    for label, include, ratio in cases:
+        case = f"{label} {round(100 * ratio)}%"
+        for method in METHODS:
+            t = time.perf_counter()
+            small, pinfo = vision.prune_and_compact(model, method, ratio, calib, include)
+            acc = vision.accuracy(small, data["test"])
+            lat = _latency(small, x)
+            tuned, _ = pycompress.finetune(copy.deepcopy(small), data["train"], freeze=None, epochs=ft_epochs,
+                                           lr=1e-3, batch_size=cfg.train_batch, seed=2, progress=False)
+            params = sum(p.numel() for p in small.parameters())
+            rows.append({"kernel": KERNEL, "case": case, "impl": method, **lat, "accuracy": acc,
+                         "accuracy +ft": vision.accuracy(tuned, data["test"]), "ft epochs": ft_epochs,
+                         "dense accuracy": dense_acc, "params (M)": params / 1e6,
+                         "param ratio": params / dense_params, "seconds": time.perf_counter() - t})
+            print(f"  {case} {method}: {100 * acc:.1f}% -> {100 * rows[-1]['accuracy +ft']:.1f}% after "
+                  f"{ft_epochs} epoch(s)", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """Per pruning case: the accuracy of each method without and with the fine-tune."""
+    lines = []
+    dense = next((r for r in rows if r["impl"] == "dense"), None)
+    if dense:
+        lines.append(f"dense transferred model: {100 * dense['accuracy']:.1f}% ({dense['params (M)']:.2f} M "
+                     f"parameters, {dense['ms']:.1f} ms at batch {BATCH})")
+    cases: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["impl"] != "dense":
+            cases.setdefault(r["case"], []).append(r)
+    for case, rs in cases.items():
+        no_ft = ", ".join(f"{r['impl']} {100 * r['accuracy']:.1f}%" for r in rs)
+        ft = ", ".join(f"{r['impl']} {100 * r['accuracy +ft']:.1f}%" for r in rs)
+        r0 = rs[0]
+        speed = f"; {dense['ms'] / r0['ms']:.2f}x faster than dense" if dense else ""
+        lines.append(f"{case} (params x{r0['param ratio']:.2f}{speed}): without fine-tune {no_ft}; after "
+                     f"{r0['ft epochs']} epoch(s) {ft}")
+    return lines
