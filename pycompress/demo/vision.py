@@ -435,8 +435,9 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
     stage("transfer", t)
     models: "OrderedDict[str, tuple[nn.Module, str, dict]]" = OrderedDict()
     tf_kwargs = {"classes": CLASSES}
-    models["transferred fp32"] = (transferred, "uncompressed reference: EfficientNet-Lite0, ImageNet weights, "
-                                  "new head, fine-tuned", {"factory": "build_transferred", "kwargs": tf_kwargs})
+    models["transferred fp32"] = (transferred, "uncompressed reference: EfficientNet-Lite0, "
+                                  f"{'ImageNet weights' if cfg.pretrained else 'random init'}, new head, fine-tuned",
+                                  {"factory": "build_transferred", "kwargs": tf_kwargs})
 
     say(f"[2/{steps}] int8")
     t = time.perf_counter()
@@ -452,8 +453,10 @@ def _run(out: str, seed: int, quick: bool, progress: bool, log: Callable[[str], 
         t = time.perf_counter()
         m, info = prune_and_compact(transferred, method, cfg.prune_ratio, calib, cfg.prune_layers)
         info["accuracy_no_ft"] = accuracy(m, data["test"])
-        narrowed = (f"{pct} of the channels of every group produced by {', '.join(cfg.prune_layers)} (the "
-                    f"inner channels of every block and the head's) by {what}; compact() to a dense "
+        which = (" (the inner channels of every block and the head's)"
+                 if tuple(cfg.prune_layers) == PRUNE_LAYERS else "")
+        narrowed = (f"{pct} of the channels of every group produced by {', '.join(cfg.prune_layers)}{which} "
+                    f"by {what}; compact() to a dense "
                     f"network of {info['parameters_after'] / 1e6:.2f} M parameters "
                     f"({info['layers_narrowed']} layers narrowed)")
         models[f"pruned {pct} {method}"] = (m, narrowed + ", no retraining",
