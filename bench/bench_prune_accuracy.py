@@ -15,10 +15,12 @@ method, from the same transferred model:
 * ``pycompress.finetune`` of the whole compacted network for ``ft epochs`` (Adam, lr 1e-3, the
   same seed for every method); ``accuracy +ft``.
 
-``mixed`` is ``0.5 * activation / mean + 0.5 * magnitude / mean`` within each group. ``ms``: median
-latency of the compacted model at batch 32 (the dense model's on the ``dense`` row); ``params
-(M)`` and ``param ratio`` against the dense transferred model. Everything (training included)
-runs on one thread: small convolutions on a shared 2-core machine. One seed (0).
+``mixed`` is ``0.5 * activation / mean + 0.5 * magnitude / mean`` within each group. ``params (M)``
+and ``param ratio`` against the dense transferred model; ``MFLOP``: multiply-adds x 2 of the conv
+and linear layers on one 64x64 image. Nothing is timed for speed (latencies of the same compacted
+models are in the vision demo's table and in ``bench_cnn_prune``; ``seconds`` is the wall time of a
+row's work), so the rows have no ``ms`` and one run (``--runs 1``) is what they mean. Training runs
+on one thread (small convolutions on a shared 2-core machine). One seed (0).
 
 The rows need the ``demo`` extra and run on the CPU only (on another device ``run`` returns no
 rows). ``--quick``: ratio 0.5 of the inner channels only, one fine-tune epoch.
@@ -32,11 +34,8 @@ import time
 import torch
 
 import pycompress
-from common import time_fn
-
 KERNEL = "prune_accuracy"
 METHODS = ("activation", "magnitude", "mixed")
-BATCH = 32
 
 
 def _cases(quick: bool):
@@ -48,9 +47,22 @@ def _cases(quick: bool):
     return [("inner", inner, r) for r in (0.1, 0.3, 0.5)] + [("all groups", None, 0.5)], 2
 
 
-def _latency(model, x) -> dict:
-    with torch.no_grad():
-        return time_fn(lambda: model(x), repeats=7, warmup=2)
+@torch.no_grad()
+def _mflop(model, x) -> float:
+    macs = 0
+
+    def hook(m, _args, out):
+        nonlocal macs
+        macs += out.numel() * m.weight[0].numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        model.eval()(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return 2.0 * macs / 1e6
 
 
 def run(device: str, quick: bool = False) -> list[dict]:
@@ -75,11 +87,12 @@ def _run(quick: bool) -> list[dict]:
     model, info = vision.transfer(data, cfg, seed=0, progress=False, log=lambda _m: None)
     transfer_s = time.perf_counter() - t0
     calib = data["train"].tensors[0][:64]
-    x = data["test"].tensors[0][:BATCH]
+    x = data["test"].tensors[0][:1]
     dense_params = sum(p.numel() for p in model.parameters())
     dense_acc = vision.accuracy(model, data["test"])
     case0 = f"EfficientNet-Lite0 ImageNet -> digits 64x64, {len(data['train'])} train / {len(data['test'])} test"
-    rows = [{"kernel": KERNEL, "case": case0, "impl": "dense", **_latency(model, x), "accuracy": dense_acc,
+    dense_mflop = _mflop(model, x)
+    rows = [{"kernel": KERNEL, "case": case0, "impl": "dense", "MFLOP": dense_mflop, "accuracy": dense_acc,
              "accuracy +ft": None, "params (M)": dense_params / 1e6, "param ratio": 1.0,
              "probe accuracy": info["probe"]["test_accuracy"], "transfer s": transfer_s}]
     cases, ft_epochs = _cases(quick)
@@ -89,11 +102,12 @@ def _run(quick: bool) -> list[dict]:
             t = time.perf_counter()
             small, pinfo = vision.prune_and_compact(model, method, ratio, calib, include)
             acc = vision.accuracy(small, data["test"])
-            lat = _latency(small, x)
+            mflop = _mflop(small, x)
             tuned, _ = pycompress.finetune(copy.deepcopy(small), data["train"], freeze=None, epochs=ft_epochs,
                                            lr=1e-3, batch_size=cfg.train_batch, seed=2, progress=False)
             params = sum(p.numel() for p in small.parameters())
-            rows.append({"kernel": KERNEL, "case": case, "impl": method, **lat, "accuracy": acc,
+            rows.append({"kernel": KERNEL, "case": case, "impl": method, "MFLOP": mflop,
+                         "FLOP ratio": mflop / dense_mflop, "accuracy": acc,
                          "accuracy +ft": vision.accuracy(tuned, data["test"]), "ft epochs": ft_epochs,
                          "dense accuracy": dense_acc, "params (M)": params / 1e6,
                          "param ratio": params / dense_params, "seconds": time.perf_counter() - t})
@@ -108,7 +122,7 @@ def summarize(rows: list[dict]) -> list[str]:
     dense = next((r for r in rows if r["impl"] == "dense"), None)
     if dense:
         lines.append(f"dense transferred model: {100 * dense['accuracy']:.1f}% ({dense['params (M)']:.2f} M "
-                     f"parameters, {dense['ms']:.1f} ms at batch {BATCH})")
+                     f"parameters, {dense['MFLOP']:.0f} MFLOP per image)")
     cases: dict[str, list[dict]] = {}
     for r in rows:
         if r["impl"] != "dense":
@@ -117,7 +131,7 @@ def summarize(rows: list[dict]) -> list[str]:
         no_ft = ", ".join(f"{r['impl']} {100 * r['accuracy']:.1f}%" for r in rs)
         ft = ", ".join(f"{r['impl']} {100 * r['accuracy +ft']:.1f}%" for r in rs)
         r0 = rs[0]
-        speed = f"; {dense['ms'] / r0['ms']:.2f}x faster than dense" if dense else ""
-        lines.append(f"{case} (params x{r0['param ratio']:.2f}{speed}): without fine-tune {no_ft}; after "
+        lines.append(f"{case} (params x{r0['param ratio']:.2f}, FLOP x{r0['FLOP ratio']:.2f}): without fine-tune "
+                     f"{no_ft}; after "
                      f"{r0['ft epochs']} epoch(s) {ft}")
     return lines
