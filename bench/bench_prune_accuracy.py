@@ -110,7 +110,8 @@ def _run(quick: bool) -> list[dict]:
                          "FLOP ratio": mflop / dense_mflop, "accuracy": acc,
                          "accuracy +ft": vision.accuracy(tuned, data["test"]), "ft epochs": ft_epochs,
                          "dense accuracy": dense_acc, "params (M)": params / 1e6,
-                         "param ratio": params / dense_params, "seconds": time.perf_counter() - t})
+                         "param ratio": params / dense_params, "threads": torch.get_num_threads(),
+                         "seconds": time.perf_counter() - t})
             print(f"  {case} {method}: {100 * acc:.1f}% -> {100 * rows[-1]['accuracy +ft']:.1f}% after "
                   f"{ft_epochs} epoch(s)", flush=True)
     return rows
