@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "./pycompress-demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     d.add_argument("--quick", action="store_true", help="fewer epochs and timing repeats (vision: "
-                   "64 px images, 60 training images per class; under 10 minutes on 2 cores)")
+                   "also 60 training images per class instead of all 1198)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
