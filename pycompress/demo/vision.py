@@ -58,12 +58,11 @@ __all__ = ["VisionConfig", "config_for", "run_vision", "digits_images", "target_
            "int8_macs_share", "accuracy", "measure", "render_markdown", "REQUIRED", "CLASSES"]
 
 CLASSES = 10
-# (import name, distribution, what needs it): checked before any work so the error names the extra at once
-REQUIRED = (("sklearn", "scikit-learn", "the vision demo (its digits data set)"),
-            ("matplotlib", "matplotlib", "the vision demo (its compare.png plot)"),
-            ("skimage", "scikit-image", "the vision demo (the sample photos that check the pretrained model)"),
-            (effnet.WEIGHTS_PACKAGE, effnet.WEIGHTS_DISTRIBUTION,
-             "the vision demo (the pretrained EfficientNet-Lite0 weights)"))
+# (import name, what needs it): checked before any work so the error names the extra at once
+REQUIRED = (("sklearn", "the vision demo (its digits data set)"),
+            ("matplotlib", "the vision demo (its compare.png plot)"),
+            ("skimage", "the vision demo (the sample photos that check the pretrained model)"),
+            (effnet.WEIGHTS_PACKAGE, "the vision demo (the pretrained EfficientNet-Lite0 weights)"))
 # the expanded (inner) channels of every inverted-residual block and the head conv's 1280: they
 # hold most of the multiply-adds; the residual stream's channels stay
 PRUNE_LAYERS = ("*expand_conv", "head_conv")
@@ -392,8 +391,8 @@ def run_vision(out: str = "pycompress-demo", seed: int = 0, quick: bool = False,
     ``compare.png`` and the saved models into ``out``. Returns the report dict (on every rank;
     only rank 0 has measured rows). ``config`` overrides the sizes of ``quick`` / full;
     ``threads``: intra-op threads while it runs (None keeps torch's)."""
-    for module, dist, purpose in REQUIRED:  # before any work: the error names the extra at once
-        effnet.require(module, dist, purpose)
+    for module, purpose in REQUIRED:  # before any work: the error names the extra at once
+        effnet.require(module, purpose)
     cfg = config or config_for(quick)
     previous = torch.get_num_threads()
     if threads is not None:
