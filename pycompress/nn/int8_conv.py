@@ -342,20 +342,6 @@ class Int8Conv2d(nn.Module):
     def _after_load(module, incompatible_keys) -> None:
         module.repack()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # the quantization buffers exist only in static / uint8-output layers: a file that has them
-        # for a layer configured without (or the reverse) is a configuration mismatch, named here
-        for name in ("input_scale", "input_zero_point", "output_scale", "output_zero_point"):
-            have = self._buffers.get(name) is not None
-            if strict and (prefix + name in state_dict) != have:
-                what = ("static input quantization" if name.startswith("input") else "uint8 output")
-                error_msgs.append(
-                    f"{self._where()}: the layer is configured {'with' if have else 'without'} {what} but the "
-                    f"state dict {'lacks' if have else 'has'} {prefix + name} (rebuild the layer with from_config)")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
     def _apply(self, fn, recurse=True):
         before = {k: self._buffers[k] for k in ("weight_scale", "bias", "input_scale", "output_scale")}
         moved = super()._apply(fn, recurse)

@@ -82,6 +82,8 @@ class GraphPlan:
     # convs whose float output may stay channels-last: no path from it reaches a ``.view`` or the
     # model's output before another converted conv (which lays out its own output)
     layout_free: set[str] = field(default_factory=set)
+    # conv -> the converted convs its output reaches (through any other operations)
+    feeds: dict[str, set[str]] = field(default_factory=dict)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -147,8 +149,10 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
     def read_directly(name: str) -> bool:
         return name in plan.weight_read
 
-    def needs_contiguous(start: torch.fx.Node) -> bool:
-        stack, seen = [start], set()
+    def reach(start: torch.fx.Node, feeds: set[str]) -> bool:
+        """Collects the converted convs reached from ``start`` into ``feeds``; True when a path
+        reaches a ``.view`` or the model's output first."""
+        stack, seen, layout = [start], set(), False
         while stack:
             node = stack.pop()
             for u in node.users:
@@ -157,18 +161,23 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                 seen.add(u)
                 if u.op == "output" or (u.op == "call_method" and u.target == "view") or (
                         u.op == "call_function" and u.target is torch.Tensor.view):
-                    return True
+                    layout = True
+                    continue
                 if u.op == "call_module" and u.target in convertible:
+                    feeds.add(u.target)
                     continue
                 stack.append(u)
-        return False
+        return layout
 
     conv_nodes: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         if node.op == "call_module" and node.target in convertible:
             conv_nodes.setdefault(node.target, []).append(node)
     for name, nodes in conv_nodes.items():
-        if not any(needs_contiguous(n) for n in nodes):
+        feeds: set[str] = set()
+        layout = [reach(n, feeds) for n in nodes]
+        plan.feeds[name] = feeds
+        if not any(layout):
             plan.layout_free.add(name)
 
     ends: dict[str, torch.fx.Node] = {}

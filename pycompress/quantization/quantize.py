@@ -73,6 +73,8 @@ class QuantizationResult:
         identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations).
         uint8_edges: ``(producer, consumer)`` pairs of convs between which the activations stay
             uint8.
+        feeds: conv -> the converted convs its output reaches (directly or through other
+            operations); a conv whose output stays channels-last relies on them.
         static: convs with static (calibrated) input quantization; the others quantize each image
             on the fly.
         bias_corrected: convs whose bias was corrected on the calibration data.
@@ -93,6 +95,7 @@ class QuantizationResult:
     fused: dict[str, dict] = field(default_factory=dict)
     identities: list[str] = field(default_factory=list)
     uint8_edges: list[tuple[str, str]] = field(default_factory=list)
+    feeds: dict[str, list[str]] = field(default_factory=dict)
     static: list[str] = field(default_factory=list)
     bias_corrected: list[str] = field(default_factory=list)
     observer: str | None = None
@@ -115,7 +118,8 @@ class QuantizationResult:
         return {"mode": self.mode, "converted": list(self.converted), "skipped": dict(self.skipped),
                 "convs": list(self.convs), "folded": dict(self.folded),
                 "fused": {k: dict(v) for k, v in self.fused.items()}, "identities": list(self.identities),
-                "uint8_edges": [list(e) for e in self.uint8_edges], "static": list(self.static),
+                "uint8_edges": [list(e) for e in self.uint8_edges],
+                "feeds": {k: list(v) for k, v in self.feeds.items()}, "static": list(self.static),
                 "bias_corrected": list(self.bias_corrected), "observer": self.observer, "traced": self.traced,
                 "conv_macs": dict(self.conv_macs), "int8_mac_fraction": self.int8_mac_fraction,
                 "notes": list(self.notes)}
@@ -406,6 +410,7 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
     for n, chain in chains.items():
         for c in chain.consumers:
             result.uint8_edges.append((n, c))
+    result.feeds = {n: sorted(plan.feeds.get(n, ())) for n in sources if plan.feeds.get(n)}
     return replacements
 
 
@@ -541,7 +546,7 @@ def quantize(
     conv_new: dict[str, nn.Module] = {}
     if conv_sources:
         conv_new = _convert_convs(model, conv_sources, calibration_data, observer, bias_correction, result)
-    if conv_sources or example_inputs is not None:
+    if any(_is_conv2d(m) or isinstance(m, Int8Conv2d) for m in model.modules()):
         batch = None
         if calibration_data is not None:
             batch = _first_batch(calibration_data)
