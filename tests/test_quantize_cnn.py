@@ -35,8 +35,8 @@ def structured(n, seed, shape=SHAPE):
     return x
 
 
-CALIB = [structured(16, s) for s in (10, 11, 12, 13)]
-TEST = structured(64, 99)
+CALIB = [structured(16, s) for s in (10, 11)]
+TEST = structured(48, 99)
 
 MODELS = {
     "resnet": cm.resnet,
@@ -257,17 +257,46 @@ def test_bias_correction_removes_the_mean_output_error():
     assert errs[True] < errs[False] / 5, errs
 
 
+def _layer_bias(ref, q, convs, folded, data):
+    """Mean over the convs of |mean output error per channel| / output std, each int8 conv run on
+    the float model's input of that conv (before its activation), on ``data``."""
+    fm, qm = dict(ref.named_modules()), dict(q.named_modules())
+    acc, handles = {}, []
+    for n in convs:
+        layer = copy.deepcopy(qm[n])
+        layer.set_output_quantization(None, None)
+        layer.activation = "none"
+        seen = {}
+
+        def pre(mod, args, seen=seen):
+            seen["x"] = args[0]
+
+        def post(mod, args, out, n=n, layer=layer, seen=seen):
+            d = (out - layer(seen["x"])).double()
+            s = acc.setdefault(n, [0.0, 0, 0.0])
+            s[0] = s[0] + d.sum((0, 2, 3))
+            s[1] += d.shape[0] * d.shape[2] * d.shape[3]
+            s[2] = max(s[2], out.std().item())
+        handles += [fm[n].register_forward_pre_hook(pre), fm[folded.get(n, n)].register_forward_hook(post)]
+    with torch.no_grad():
+        for x in data:
+            ref(x)
+    for h in handles:
+        h.remove()
+    return sum((v[0] / v[1]).abs().mean().item() / v[2] for v in acc.values()) / len(acc)
+
+
 @pytest.mark.parametrize("name", ["resnet", "mobilenet_v2"])
-def test_bias_correction_reduces_the_model_error(name):
+def test_bias_correction_removes_the_systematic_error_of_every_conv_on_held_out_data(name):
     ref = MODELS[name]()
-    errs = {}
+    held_out = [TEST[:24], TEST[24:]]
+    bias = {}
     for bc in (False, True):
         model = copy.deepcopy(ref)
-        _quantize(model, calibration_data=CALIB, bias_correction=bc)
-        with torch.no_grad():
-            a, b = ref(TEST), model(TEST)
-        errs[bc] = ((a - b).norm() / a.norm()).item()
-    assert errs[True] < errs[False], errs
+        _, res = _quantize(model, calibration_data=CALIB, bias_correction=bc)
+        assert sorted(res.bias_corrected) == (sorted(res.convs) if bc else [])
+        bias[bc] = _layer_bias(ref, model, res.convs, res.folded, held_out)
+    assert bias[True] < bias[False] / 4, bias
 
 
 def test_generator_calibration_data_is_read_once_into_memory():
@@ -458,11 +487,11 @@ def test_load_refuses_an_identity_where_the_model_has_another_module(tmp_path):
     _quantize(model, calibration_data=CALIB)
     out = pycompress.save(model, tmp_path / "m")
     manifest = json.loads((out / "pycompress.json").read_text())
-    manifest["identities"].append("fc")
+    manifest["identities"].append("avgpool")
     (out / "pycompress.json").write_text(json.dumps(manifest))
     fresh = cm.resnet(seed=3)
     before = _state(fresh)
-    with pytest.raises(ValueError, match="'fc' was saved as nn.Identity"):
+    with pytest.raises(ValueError, match="'avgpool' was saved as nn.Identity"):
         pycompress.load(out, fresh)
     assert _unchanged(fresh, before)
 
@@ -473,7 +502,8 @@ def test_torch_compile_and_export_of_a_quantized_resnet():
     x = TEST[:4]
     with torch.no_grad():
         want = model(x)
-        assert torch.equal(torch.compile(model, fullgraph=True)(x), want)
+        # inductor fuses the float parts (residual adds, pooling) in its own order: close, not equal
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), want, rtol=1e-4, atol=1e-5)
         ep = torch.export.export(model, (x,))
         assert torch.equal(ep.module()(x), want)
 
@@ -483,7 +513,7 @@ def test_validate_and_evaluate_run_on_a_quantized_cnn():
     ref = cm.mobilenet_v2()
     model = copy.deepcopy(ref)
     _quantize(model, calibration_data=CALIB)
-    report = pycompress.validate(ref, model, [TEST[:32], TEST[32:]])
+    report = pycompress.validate(ref, model, [TEST[:24], TEST[24:]])
     assert report.passed and report.metrics["cosine"] > 0.999
     labels = ref(TEST).argmax(1)
     ev = pycompress.evaluate(model, [(TEST, labels)], metric="accuracy")

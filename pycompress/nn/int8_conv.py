@@ -338,6 +338,14 @@ class Int8Conv2d(nn.Module):
         else:
             self.weight_packed = torch.empty(0, dtype=torch.int8, device=self.weight.device)
 
+    def _packed_bytes(self) -> int:
+        import pycompress.ops as ops
+
+        size = getattr(ops, "int8_conv2d_packed_bytes", None)
+        if size is None:
+            return 0
+        return size(self.out_channels, self.in_channels // self.groups, *self.kernel_size, self.groups)
+
     @staticmethod
     def _after_load(module, incompatible_keys) -> None:
         module.repack()
@@ -352,7 +360,7 @@ class Int8Conv2d(nn.Module):
             if cur is not None and cur.dtype != torch.float32:
                 self._buffers[k] = old.to(device=cur.device, dtype=torch.float32)
         if self.weight.device.type == "cpu" and (self.weight_packed.device.type != "cpu"
-                                                 or self.weight_packed.numel() == 0):
+                                                 or self.weight_packed.numel() != self._packed_bytes()):
             self.repack()
         elif self.weight.device.type != "cpu" and self.weight_packed.numel() != 0:
             self.weight_packed = torch.empty(0, dtype=torch.int8, device=self.weight.device)
