@@ -138,6 +138,7 @@ def test_config_round_trip_and_state_dict():
     conv = _conv(CONFIGS[6])
     q = Int8Conv2d.from_float(conv, activation="relu6", input_quantization=(0.05, 3), output_quantization=(0.1, 0))
     q.channels_last_output = True
+    q.fused_modules = ("features.1", "features.2")
     import json
 
     cfg = json.loads(json.dumps(q.config()))
@@ -147,7 +148,10 @@ def test_config_round_trip_and_state_dict():
     fresh.load_state_dict(q.state_dict())
     x = torch.randn(2, 8, 9, 9)
     assert torch.equal(fresh(x), q(x))
+    y = q(x)
+    assert torch.equal(q.dequantize_output(y), (y.float() - 0) * 0.1)
     assert fresh._out_scale == q._out_scale and fresh._out_zero_point == 0
+    assert fresh.fused_modules == ("features.1", "features.2") and fresh.channels_last_output
     assert torch.equal(fresh.weight_packed, q.weight_packed)
     # a dynamic layer has no quantization buffers; loading a static state dict into it is refused
     dyn = Int8Conv2d.from_float(conv)

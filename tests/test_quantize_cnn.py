@@ -130,6 +130,7 @@ def test_fusion_plan_of_the_small_models():
     assert res.fused["layer1.0.conv1"] == {"module": "layer1.0.relu", "activation": "relu", "replaced": False}
     assert isinstance(model.relu, nn.Identity) and isinstance(model.layer1[0].relu, nn.ReLU)
     assert res.folded["layer2.0.downsample.0"] == "layer2.0.downsample.1"
+    assert model.layer1[0].conv1.fused_modules == ("layer1.0.bn1", "layer1.0.relu")
     assert sorted(res.uint8_edges) == [("layer1.0.conv1", "layer1.0.conv2"), ("layer2.0.conv1", "layer2.0.conv2"),
                                        ("layer3.0.conv1", "layer3.0.conv2"), ("layer3.0.conv2", "layer3.0.conv3"),
                                        ("layer3.1.conv1", "layer3.1.conv2"), ("layer3.1.conv2", "layer3.1.conv3")]

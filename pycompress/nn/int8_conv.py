@@ -124,6 +124,7 @@ class Int8Conv2d(nn.Module):
         static_input: bool = False,
         output_dtype=None,
         channels_last_output: bool = False,
+        fused_modules=(),
         device=None,
     ) -> None:
         super().__init__()
@@ -146,6 +147,9 @@ class Int8Conv2d(nn.Module):
         self.groups = int(groups)
         self.activation = activation
         self.channels_last_output = bool(channels_last_output)
+        # names (in the model) of the modules whose computation this layer took over: a folded
+        # BatchNorm, a fused activation; informational (reports compare against their output)
+        self.fused_modules: tuple[str, ...] = tuple(str(n) for n in fused_modules)
         self.layer_name: str | None = None  # the model's name for this layer, used in error messages
         kh, kw = self.kernel_size
         self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, kh, kw, dtype=torch.int8,
@@ -293,6 +297,7 @@ class Int8Conv2d(nn.Module):
             "static_input": self.static_input,
             "output_dtype": "uint8" if self.output_dtype is not None else None,
             "channels_last_output": self.channels_last_output,
+            "fused_modules": list(self.fused_modules),
         }
 
     @classmethod
@@ -302,7 +307,15 @@ class Int8Conv2d(nn.Module):
                    tuple(cfg.get("padding", 0)), tuple(cfg.get("dilation", 1)), cfg.get("groups", 1),
                    bias=cfg.get("bias", True), activation=cfg.get("activation", "none"),
                    static_input=bool(cfg.get("static_input", False)), output_dtype=cfg.get("output_dtype"),
-                   channels_last_output=bool(cfg.get("channels_last_output", False)))
+                   channels_last_output=bool(cfg.get("channels_last_output", False)),
+                   fused_modules=tuple(cfg.get("fused_modules", ())))
+
+    def dequantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The real values of an output of this layer: ``(y - output_zero_point) * output_scale``
+        for a uint8 output, ``y`` itself for a float one."""
+        if y.dtype != torch.uint8 or self.output_scale is None:
+            return y
+        return (y.float() - self.output_zero_point.float()) * self.output_scale
 
     @torch.no_grad()
     def dequantized_weight(self) -> torch.Tensor:

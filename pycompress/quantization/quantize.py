@@ -284,28 +284,36 @@ class _Calibration:
 
     def bias_corrections(self, batches: Any, layers: dict[str, tuple[nn.Conv2d, Int8Conv2d]]) -> dict[str, torch.Tensor]:
         """Per conv: the mean over the calibration data (per output channel) of the float output
-        (BatchNorm folded, before the activation) minus the output of its quantized arithmetic
-        (weights and static input quantization), both from the float model's inputs."""
+        (BatchNorm applied, before the activation: the output of the conv or of its BatchNorm
+        in the float model) minus the output of its quantized arithmetic (int8 weights, static
+        input quantization, the folded bias) on the same input."""
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         handles = []
         for name, (folded, q) in layers.items():
-            w_deq = q.dequantized_weight().to(folded.weight.device)
-            scale = q.input_scale.float().to(folded.weight.device)
-            inv = (1.0 / scale)
-            zp = q.input_zero_point.float().to(folded.weight.device)
+            dev = folded.weight.device
+            w_deq = q.dequantized_weight().to(dev)
+            bias = folded.bias.detach().float() if folded.bias is not None else None
+            scale = q.input_scale.float().to(dev)
+            inv = 1.0 / scale
+            zp = q.input_zero_point.float().to(dev)
             cfg = dict(stride=folded.stride, padding=conv_padding(folded), dilation=folded.dilation,
                        groups=folded.groups)
+            pending: list[torch.Tensor] = []
 
-            def pre(mod, args, name=name, folded=folded, w_deq=w_deq, inv=inv, zp=zp, scale=scale, cfg=cfg):
+            def pre(mod, args, w_deq=w_deq, bias=bias, inv=inv, zp=zp, scale=scale, cfg=cfg, pending=pending):
                 x = args[0].detach().float()
                 xq = (torch.clamp(torch.round(x * inv) + zp, 0, 255) - zp) * scale
-                yf = F.conv2d(x, folded.weight, None, **cfg)
-                yq = F.conv2d(xq, w_deq, None, **cfg)
-                d = (yf - yq).double().sum(dim=(0, 2, 3))
+                pending.append(F.conv2d(xq, w_deq, bias, **cfg))
+
+            def post(mod, args, out, name=name, pending=pending):
+                yq = pending.pop()
+                d = (out.detach().float() - yq).sum(dim=(0, 2, 3), dtype=torch.float64)
                 sums[name] = d if name not in sums else sums[name] + d
-                counts[name] = counts.get(name, 0) + yf.shape[0] * yf.shape[2] * yf.shape[3]
+                counts[name] = counts.get(name, 0) + yq.shape[0] * yq.shape[2] * yq.shape[3]
+            g = self.groups[name]
             handles.append(self.modules[name].register_forward_pre_hook(pre))
+            handles.append(self.modules[g.last_float_module].register_forward_hook(post))
         _utils.run_calibration(self.model, batches, handles)
         return {n: (sums[n] / counts[n]).float() for n in sums if counts.get(n)}
 
@@ -372,6 +380,7 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
             raise ValueError(f"quantize: conv {n!r} cannot be converted: {e}; nothing was converted") from e
         q.layer_name = n
         q.channels_last_output = n in plan.layout_free
+        q.fused_modules = tuple(m for m in (g.bn, g.act) if m)
         layers[n] = (folded, q)
 
     if bias_correction is None:
