@@ -16,6 +16,16 @@ from reference import conv2d_ref
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d"),
                                 reason="this build has no int8_conv2d op")
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one intra-op thread keeps the many small ops fast on a busy
+    machine (the kernels' multi-threaded paths are tested with the ops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # (in, out, kernel, stride, padding, dilation, groups, bias)
 CONFIGS = [
     (3, 8, 3, 1, 1, 1, 1, True),
@@ -273,3 +283,12 @@ def test_torch_export():
     assert torch.equal(ep.module()(x), model(x))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert any("int8_conv2d" in t for t in targets), targets
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import pycompress.nn.int8_conv as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0, result

@@ -24,6 +24,18 @@ pytestmark = pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d")
 SHAPE = cm.INPUT_SHAPE
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one intra-op thread keeps the many small ops fast on a busy
+    machine (the kernels' multi-threaded paths are tested with the ops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
+
 def structured(n, seed, shape=SHAPE):
     """Random but image-like inputs: smooth low-frequency patterns, per-image brightness and a
     little pixel noise (not i.i.d. Gaussian pixels)."""
