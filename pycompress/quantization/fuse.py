@@ -142,6 +142,8 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
             owner = str(node.target).rpartition(".")[0]
             plan.weight_read.add(owner)
     plan.calls = {n: ids.get(id(m), 0) for n, m in modules.items()}
+    # a conv whose parameters the forward reads stays a float nn.Conv2d: not a convertible one
+    convertible = {n: c for n, c in convertible.items() if n not in plan.weight_read}
 
     def calls(name: str) -> int:
         return plan.calls.get(name, 0)
