@@ -84,6 +84,11 @@ struct Int8Epilogue {
   const float* a_scale = nullptr;
   const float* w_scale = nullptr;
   const float* bias = nullptr;  // may be null
+  // When set, replaces both outputs above: called with the int32 results of each finished tile,
+  // rows [m0, m0 + mr) and columns [n0, n0 + nc) (row stride ldt), on the thread that computed it.
+  void (*tile_fn)(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
+                  int64_t nc) = nullptr;
+  void* tile_ctx = nullptr;
 };
 
 // K block length the GEMM uses for this problem (== round_k(K): no K blocking).

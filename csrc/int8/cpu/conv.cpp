@@ -23,7 +23,6 @@ namespace {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-constexpr int64_t kDwLanes = 16;  // depthwise weights: channels padded to a multiple of this
 
 // GEMM paths whose prepared A is x + 128 as uint8 (the others read int16 x - zp)
 inline bool path_reads_u8(int path) { return path == 2 || path == 4 || path == kInt8PathAmx; }
@@ -71,20 +70,38 @@ inline void store_out_scalar(const Int8ConvArgs& a, int64_t i, float y) {
   }
 }
 
-// Output pixel m, channels [co0, co0 + nc): acc (+ corr * colsum when colsum != nullptr, modulo
-// 2^32) through dequantization, bias, activation and the output conversion.
-__attribute__((noinline)) void epilogue_row_scalar(const int32_t* acc, const int32_t* colsum,
-                                                   int32_t corr, float xs, const Int8ConvArgs& a,
-                                                   int64_t Cout, int64_t m, int64_t co0,
-                                                   int64_t nc) {
-  for (int64_t j = 0; j < nc; ++j) {
-    uint32_t v = static_cast<uint32_t>(acc[j]);
-    if (colsum) v += static_cast<uint32_t>(corr) * static_cast<uint32_t>(colsum[j]);
-    const int64_t co = co0 + j;
-    float y = static_cast<float>(static_cast<int32_t>(v)) * xs;
-    y = y * a.w_scale[co];
-    if (a.bias) y = y + a.bias[co];
-    store_out_scalar(a, m * Cout + co, act_scalar(a.act, y));
+// A block of int32 results on its way out: rows are output pixels m_first .. m_first + mr - 1,
+// columns the output channels co0 .. co0 + nc - 1. With colsum, corr(row) * colsum[col] is added
+// first (modulo 2^32), corr(row) = corr_base - the byte zero point of the row's image.
+struct EpTile {
+  const int32_t* tile;
+  int64_t ldt;
+  int64_t m_first, mr;
+  int64_t co0, nc;
+  const int32_t* colsum;
+  int32_t corr_base;
+};
+
+inline int32_t byte_zero_point(const Int8ConvArgs& a, int64_t n) {
+  return a.x_signed ? a.x_zp[n] + 128 : a.x_zp[n];
+}
+
+__attribute__((noinline)) void epilogue_tile_scalar(const EpTile& t, int64_t HoWo, int64_t Cout,
+                                                    const Int8ConvArgs& a) {
+  for (int64_t r = 0; r < t.mr; ++r) {
+    const int64_t m = t.m_first + r, n = m / HoWo;
+    const float xs = a.x_scale[n];
+    const uint32_t corr = static_cast<uint32_t>(t.corr_base - byte_zero_point(a, n));
+    const int32_t* acc = t.tile + r * t.ldt;
+    for (int64_t j = 0; j < t.nc; ++j) {
+      uint32_t v = static_cast<uint32_t>(acc[j]);
+      if (t.colsum) v += corr * static_cast<uint32_t>(t.colsum[j]);
+      const int64_t co = t.co0 + j;
+      float y = static_cast<float>(static_cast<int32_t>(v)) * xs;
+      y = y * a.w_scale[co];
+      if (a.bias) y = y + a.bias[co];
+      store_out_scalar(a, m * Cout + co, act_scalar(a.act, y));
+    }
   }
 }
 
@@ -95,93 +112,119 @@ __attribute__((noinline)) void silu_lanes(float* v, int n) {
 
 #if PYC_HAVE_X86_SIMD
 
-PYC_TARGET_AVX512 inline __m512 act_avx512(ConvAct act, __m512 y, __mmask16 k) {
+template <ConvAct A>
+PYC_TARGET_AVX512 inline __m512 act_avx512(__m512 y) {
   const __m512 zero = _mm512_setzero_ps();
-  switch (act) {
-    case ConvAct::None: return y;
-    case ConvAct::Relu: return _mm512_max_ps(zero, y);
-    case ConvAct::Relu6: return _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, y));
-    case ConvAct::Silu: {
-      alignas(64) float t[16];
-      _mm512_store_ps(t, y);
-      silu_lanes(t, 16);
-      (void)k;
-      return _mm512_load_ps(t);
-    }
-    case ConvAct::Hardswish: {
-      __m512 t = _mm512_add_ps(y, _mm512_set1_ps(3.f));
-      t = _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, t));
-      return _mm512_div_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(6.f));
-    }
+  if (A == ConvAct::Relu) return _mm512_max_ps(zero, y);
+  if (A == ConvAct::Relu6) return _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, y));
+  if (A == ConvAct::Hardswish) {
+    __m512 t = _mm512_add_ps(y, _mm512_set1_ps(3.f));
+    t = _mm512_min_ps(_mm512_set1_ps(6.f), _mm512_max_ps(zero, t));
+    return _mm512_div_ps(_mm512_mul_ps(y, t), _mm512_set1_ps(6.f));
+  }
+  if (A == ConvAct::Silu) {
+    alignas(64) float t[16];
+    _mm512_store_ps(t, y);
+    silu_lanes(t, 16);
+    return _mm512_load_ps(t);
   }
   return y;
 }
 
+template <ConvOut O>
 PYC_TARGET_AVX512 inline void store_out_avx512(const Int8ConvArgs& a, int64_t i, __m512 y,
                                                __mmask16 k) {
-  switch (a.out_kind) {
-    case ConvOut::F32:
-      _mm512_mask_storeu_ps(static_cast<float*>(a.out) + i, k, y);
-      return;
-    case ConvOut::F16:
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + i, k,
-                               _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-      return;
-    case ConvOut::BF16: {
-      const __m512i u = _mm512_castps_si512(y);
-      const __m512i hi = _mm512_srli_epi32(u, 16);
-      const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(
-          _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-      const __m512i absu = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-      const __mmask16 nan = _mm512_cmpgt_epi32_mask(absu, _mm512_set1_epi32(0x7f800000));
-      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-      _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + i, k, _mm512_cvtepi32_epi16(r));
-      return;
-    }
-    case ConvOut::U8:
-    case ConvOut::S8: {
-      const bool u8 = a.out_kind == ConvOut::U8;
-      __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(a.out_inv)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      r = _mm512_add_ps(r, _mm512_set1_ps(static_cast<float>(a.out_zp)));
-      // NaN lanes become the low end (max returns its second operand)
-      r = _mm512_max_ps(r, _mm512_set1_ps(u8 ? 0.f : -128.f));
-      r = _mm512_min_ps(r, _mm512_set1_ps(u8 ? 255.f : 127.f));
-      const __m128i q = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
-      _mm_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + i, k, q);
-      return;
+  if (O == ConvOut::F32) {
+    _mm512_mask_storeu_ps(static_cast<float*>(a.out) + i, k, y);
+  } else if (O == ConvOut::F16) {
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + i, k,
+                             _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if (O == ConvOut::BF16) {
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512i hi = _mm512_srli_epi32(u, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+    const __m512i absu = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __mmask16 nan = _mm512_cmpgt_epi32_mask(absu, _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + i, k, _mm512_cvtepi32_epi16(r));
+  } else {
+    constexpr bool u8 = O == ConvOut::U8;
+    __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(a.out_inv)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_add_ps(r, _mm512_set1_ps(static_cast<float>(a.out_zp)));
+    // NaN lanes become the low end (max returns its second operand)
+    r = _mm512_max_ps(r, _mm512_set1_ps(u8 ? 0.f : -128.f));
+    r = _mm512_min_ps(r, _mm512_set1_ps(u8 ? 255.f : 127.f));
+    _mm_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + i, k,
+                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+  }
+}
+
+template <ConvAct A, ConvOut O>
+PYC_TARGET_AVX512 void epilogue_tile_avx512(const EpTile& t, int64_t HoWo, int64_t Cout,
+                                            const Int8ConvArgs& a) {
+  for (int64_t j = 0; j < t.nc; j += 16) {
+    const __mmask16 k = t.nc - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (t.nc - j)) - 1);
+    const int64_t co = t.co0 + j;
+    const __m512 ws = _mm512_maskz_loadu_ps(k, a.w_scale + co);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + co) : _mm512_setzero_ps();
+    const __m512i cs = t.colsum ? _mm512_maskz_loadu_epi32(k, t.colsum + j) : _mm512_setzero_si512();
+    int64_t n = t.m_first / HoWo, next = (n + 1) * HoWo;
+    __m512 xs = _mm512_set1_ps(a.x_scale[n]);
+    __m512i comp = _mm512_mullo_epi32(cs, _mm512_set1_epi32(t.corr_base - byte_zero_point(a, n)));
+    const int32_t* src = t.tile + j;
+    for (int64_t m = t.m_first; m < t.m_first + t.mr; ++m, src += t.ldt) {
+      if (m == next) {
+        ++n;
+        next += HoWo;
+        xs = _mm512_set1_ps(a.x_scale[n]);
+        comp = _mm512_mullo_epi32(cs, _mm512_set1_epi32(t.corr_base - byte_zero_point(a, n)));
+      }
+      const __m512i v = _mm512_add_epi32(_mm512_maskz_loadu_epi32(k, src), comp);
+      __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), ws);
+      if (a.bias) y = _mm512_add_ps(y, bias);
+      store_out_avx512<O>(a, m * Cout + co, act_avx512<A>(y), k);
     }
   }
 }
 
-PYC_TARGET_AVX512 void epilogue_row_avx512(const int32_t* acc, const int32_t* colsum,
-                                           int32_t corr, float xs, const Int8ConvArgs& a,
-                                           int64_t Cout, int64_t m, int64_t co0, int64_t nc) {
-  const __m512 xsv = _mm512_set1_ps(xs);
-  const __m512i corrv = _mm512_set1_epi32(corr);
-  for (int64_t j = 0; j < nc; j += 16) {
-    const __mmask16 k = nc - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (nc - j)) - 1);
-    __m512i v = _mm512_maskz_loadu_epi32(k, acc + j);
-    if (colsum) v = _mm512_add_epi32(v, _mm512_mullo_epi32(corrv, _mm512_maskz_loadu_epi32(k, colsum + j)));
-    const int64_t co = co0 + j;
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), xsv);
-    y = _mm512_mul_ps(y, _mm512_maskz_loadu_ps(k, a.w_scale + co));
-    if (a.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(k, a.bias + co));
-    store_out_avx512(a, m * Cout + co, act_avx512(a.act, y, k), k);
+using EpilogueFn = void (*)(const EpTile&, int64_t, int64_t, const Int8ConvArgs&);
+
+template <ConvAct A>
+EpilogueFn pick_out_avx512(ConvOut o) {
+  switch (o) {
+    case ConvOut::F32: return epilogue_tile_avx512<A, ConvOut::F32>;
+    case ConvOut::F16: return epilogue_tile_avx512<A, ConvOut::F16>;
+    case ConvOut::BF16: return epilogue_tile_avx512<A, ConvOut::BF16>;
+    case ConvOut::U8: return epilogue_tile_avx512<A, ConvOut::U8>;
+    case ConvOut::S8: return epilogue_tile_avx512<A, ConvOut::S8>;
   }
+  return epilogue_tile_avx512<A, ConvOut::F32>;
+}
+
+EpilogueFn pick_avx512(ConvAct act, ConvOut o) {
+  switch (act) {
+    case ConvAct::None: return pick_out_avx512<ConvAct::None>(o);
+    case ConvAct::Relu: return pick_out_avx512<ConvAct::Relu>(o);
+    case ConvAct::Relu6: return pick_out_avx512<ConvAct::Relu6>(o);
+    case ConvAct::Silu: return pick_out_avx512<ConvAct::Silu>(o);
+    case ConvAct::Hardswish: return pick_out_avx512<ConvAct::Hardswish>(o);
+  }
+  return pick_out_avx512<ConvAct::None>(o);
 }
 
 #endif  // PYC_HAVE_X86_SIMD
 
-inline void epilogue_row(int level, const int32_t* acc, const int32_t* colsum, int32_t corr,
-                         float xs, const Int8ConvArgs& a, int64_t Cout, int64_t m, int64_t co0,
-                         int64_t nc) {
+// The epilogue for a level (picked once per op call).
+EpilogueFn pick_epilogue(int level, const Int8ConvArgs& a) {
 #if PYC_HAVE_X86_SIMD
-  if (level >= 2) return epilogue_row_avx512(acc, colsum, corr, xs, a, Cout, m, co0, nc);
+  if (level >= 2) return pick_avx512(a.act, a.out_kind);
 #endif
   (void)level;
-  epilogue_row_scalar(acc, colsum, corr, xs, a, Cout, m, co0, nc);
+  (void)a;
+  return epilogue_tile_scalar;
 }
 
 // ---------------------------------------------------------------- gathering A rows
@@ -212,57 +255,76 @@ inline void copy_xor(int level, uint8_t* dst, const uint8_t* src, int64_t n, uin
   }
 }
 
-inline int32_t byte_zero_point(const Int8ConvArgs& a, int64_t n) {
-  return a.x_signed ? a.x_zp[n] + 128 : a.x_zp[n];
-}
-
 // Rows [m0, m0 + mr) (output pixels) of group grp into ap (row stride rb) in the form `path` reads.
+// With one group and no horizontal dilation the valid taps of a kernel row are one run of input
+// bytes (kx-adjacent pixels are adjacent in NHWC), copied at once.
 void gather_rows(int path, int level, const Int8ConvGeom& g, const Int8ConvArgs& a, int64_t grp,
                  int64_t m0, int64_t mr, uint8_t* ap, int64_t rb) {
   const int64_t Cg = g.cin_g(), K = g.k(), HoWo = g.Ho * g.Wo;
   const bool u8 = path_reads_u8(path);
+  const bool runs = g.groups == 1 && g.dw == 1;
   const uint8_t flip = a.x_signed ? 0x80 : 0;
+  int64_t n = m0 / HoWo, rem = m0 - n * HoWo;
+  int64_t oy = rem / g.Wo, ox = rem - oy * g.Wo;
   for (int64_t r = 0; r < mr; ++r) {
-    const int64_t m = m0 + r, n = m / HoWo, rem = m - n * HoWo;
-    const int64_t oy = rem / g.Wo, ox = rem - oy * g.Wo;
     const uint8_t* img = a.x + n * g.H * g.W * g.C + grp * Cg;
     const int32_t zp = a.x_zp[n];
-    if (u8) {
-      uint8_t* dst = ap + r * rb;
-      const uint8_t pad = static_cast<uint8_t>(byte_zero_point(a, n));
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-          uint8_t* d = dst + (ky * g.kw + kx) * Cg;
-          if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W)
-            std::memset(d, pad, static_cast<size_t>(Cg));
-          else
-            copy_xor(level, d, img + (iy * g.W + ix) * g.C, Cg, flip);
+    const uint8_t pad = static_cast<uint8_t>(byte_zero_point(a, n));
+    const int64_t ix0 = ox * g.sw - g.pw;
+    // kx range whose input column is inside the image (dilation dw)
+    int64_t kx_lo = 0, kx_hi = g.kw;
+    while (kx_lo < g.kw && ix0 + kx_lo * g.dw < 0) ++kx_lo;
+    while (kx_hi > kx_lo && ix0 + (kx_hi - 1) * g.dw >= g.W) --kx_hi;
+    uint8_t* row = ap + r * rb;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+      const bool row_ok = iy >= 0 && iy < g.H && kx_hi > kx_lo;
+      const int64_t t0 = ky * g.kw;
+      if (u8) {
+        uint8_t* d = row + t0 * Cg;
+        if (!row_ok) {
+          std::memset(d, pad, static_cast<size_t>(g.kw * Cg));
+          continue;
         }
-      }
-      std::memset(dst + K, 0, static_cast<size_t>(rb - K));
-    } else {
-      int16_t* dst = reinterpret_cast<int16_t*>(ap + r * rb);
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-          int16_t* d = dst + (ky * g.kw + kx) * Cg;
-          if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) {
-            std::memset(d, 0, static_cast<size_t>(Cg) * 2);
+        if (kx_lo > 0) std::memset(d, pad, static_cast<size_t>(kx_lo * Cg));
+        if (kx_hi < g.kw) std::memset(d + kx_hi * Cg, pad, static_cast<size_t>((g.kw - kx_hi) * Cg));
+        const uint8_t* src = img + (iy * g.W + ix0 + kx_lo * g.dw) * g.C;
+        if (runs) {
+          copy_xor(level, d + kx_lo * Cg, src, (kx_hi - kx_lo) * Cg, flip);
+        } else {
+          for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
+            copy_xor(level, d + kx * Cg, src + (kx - kx_lo) * g.dw * g.C, Cg, flip);
+        }
+      } else {
+        int16_t* d = reinterpret_cast<int16_t*>(row) + t0 * Cg;
+        if (!row_ok) {
+          std::memset(d, 0, static_cast<size_t>(g.kw * Cg) * 2);
+          continue;
+        }
+        if (kx_lo > 0) std::memset(d, 0, static_cast<size_t>(kx_lo * Cg) * 2);
+        if (kx_hi < g.kw) std::memset(d + kx_hi * Cg, 0, static_cast<size_t>((g.kw - kx_hi) * Cg) * 2);
+        const uint8_t* src = img + (iy * g.W + ix0 + kx_lo * g.dw) * g.C;
+        for (int64_t kx = kx_lo; kx < kx_hi; ++kx) {
+          const uint8_t* s = src + (kx - kx_lo) * g.dw * g.C;
+          int16_t* dk = d + kx * Cg;
+          if (a.x_signed) {
+            for (int64_t c = 0; c < Cg; ++c) dk[c] = static_cast<int16_t>(static_cast<int8_t>(s[c]) - zp);
           } else {
-            const uint8_t* s = img + (iy * g.W + ix) * g.C;
-            if (a.x_signed) {
-              for (int64_t c = 0; c < Cg; ++c)
-                d[c] = static_cast<int16_t>(static_cast<int8_t>(s[c]) - zp);
-            } else {
-              for (int64_t c = 0; c < Cg; ++c) d[c] = static_cast<int16_t>(s[c] - zp);
-            }
+            for (int64_t c = 0; c < Cg; ++c) dk[c] = static_cast<int16_t>(s[c] - zp);
           }
         }
       }
-      std::memset(dst + K, 0, static_cast<size_t>(rb - 2 * K));
+    }
+    if (u8)
+      std::memset(row + K, 0, static_cast<size_t>(rb - K));
+    else
+      std::memset(row + 2 * K, 0, static_cast<size_t>(rb - 2 * K));
+    if (++ox == g.Wo) {
+      ox = 0;
+      if (++oy == g.Ho) {
+        oy = 0;
+        ++n;
+      }
     }
   }
 }
@@ -271,15 +333,33 @@ void gather_rows(int path, int level, const Int8ConvGeom& g, const Int8ConvArgs&
 
 int level_of(int isa) { return std::min(isa, 2); }
 
+// What the GEMM's tile callback needs to finish a block's tiles.
+struct TileCtx {
+  const Int8ConvGeom* g;
+  const Int8ConvArgs* a;
+  EpilogueFn ep;
+  const int32_t* colsum;  // the group's column sums (u8 paths), else nullptr
+  int64_t m_base;         // first output pixel of the block
+  int64_t co_base;        // first output channel of the group
+};
+
+void finish_tile(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
+                 int64_t nc) {
+  const TileCtx& c = *static_cast<const TileCtx*>(ctx);
+  const EpTile t{tile, ldt, c.m_base + m0, mr, c.co_base + n0, nc,
+                 c.colsum ? c.colsum + n0 : nullptr, 128};
+  c.ep(t, c.g->Ho * c.g->Wo, c.g->Cout, *c.a);
+}
+
 void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
                     const Int8ConvArgs& a, int64_t t0, int64_t t1, void* workspace, int level) {
   const int path = plan.path;
   const int64_t Coutg = g.cout_g(), K = g.k(), Kp = int8_round_k(K), Npg = int8_round_n(Coutg);
   const int64_t panels = Npg / kInt8PanelCols, block_bytes = int8_packed_bytes(Coutg, K);
-  const int64_t rb = int8_a_row_bytes(path, K), M = g.N * g.Ho * g.Wo, HoWo = g.Ho * g.Wo;
+  const int64_t rb = int8_a_row_bytes(path, K), M = g.N * g.Ho * g.Wo;
   uint8_t* ap = static_cast<uint8_t*>(workspace);
-  int32_t* cbuf = reinterpret_cast<int32_t*>(ap + round_up(plan.rows * rb, 64));
   const bool u8 = path_reads_u8(path);
+  const EpilogueFn ep_fn = pick_epilogue(level, a);
   int64_t have_grp = -1, have_blk = -1;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t ch = t % plan.chunks, blk = (t / plan.chunks) % plan.blocks;
@@ -292,104 +372,114 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
       have_blk = blk;
     }
     const int8_t* pk = packed + grp * block_bytes;
-    const int32_t* colsum = reinterpret_cast<const int32_t*>(pk + Npg * Kp);
     const int64_t p0 = ch * plan.chunk_panels, p1 = std::min(panels, p0 + plan.chunk_panels);
     if (p1 <= p0) continue;
+    TileCtx ctx{&g, &a, ep_fn, u8 ? reinterpret_cast<const int32_t*>(pk + Npg * Kp) : nullptr, m0,
+                grp * Coutg};
     Int8Epilogue ep;
-    ep.c = cbuf;
-    ep.ldc = Npg;
+    ep.tile_fn = finish_tile;
+    ep.tile_ctx = &ctx;
     int8_gemm_packed(path, ap, pk, mr, Coutg, K, p0, p1, ep, nullptr);
-    const int64_t n0 = p0 * kInt8PanelCols, n1 = std::min(Coutg, p1 * kInt8PanelCols);
-    for (int64_t r = 0; r < mr; ++r) {
-      const int64_t m = m0 + r, n = m / HoWo;
-      const int32_t corr = u8 ? 128 - byte_zero_point(a, n) : 0;
-      epilogue_row(level, cbuf + r * Npg + n0, u8 ? colsum + n0 : nullptr, corr, a.x_scale[n], a,
-                   g.Cout, m, grp * Coutg + n0, n1 - n0);
-    }
   }
 }
 
 // ---------------------------------------------------------------- depthwise
+//
+// Packed layout (T = kh * kw taps, T4 = ceil(T / 4), Cp = round_up(C, 64)):
+//   [0, 4 * Cp * T4):          the VNNI form: per block of 64 channels and group of 4 taps, four
+//                              64-byte rows R0..R3; byte 4 * i + u of Rj is the weight of tap
+//                              4 * group + u (zero beyond T) for channel 16 * (i / 4) + 4 * j + i % 4
+//                              of the block, the order in which unpacking 4 taps' bytes leaves them;
+//   next 4 * Cp bytes:         int32 sum over the taps of each channel's weights;
+//   next 2 * T * Cp bytes:     int16 [T][Cp] weights (the AVX2 and scalar kernels).
+// Channels beyond C are zero.
+//
+// Every kernel computes sum_t v_t * w_t over all taps, with v the input byte (x ^ 0x80 for int8 x)
+// and padding taps reading the zero point; the epilogue subtracts zp * sum_t w_t.
 
-// Valid taps of output pixel (oy, ox): input offsets (pixels) and weight rows.
-inline int valid_taps(const Int8ConvGeom& g, int64_t oy, int64_t ox, int64_t* off, int64_t* tap) {
-  int nt = 0;
+int64_t dw_cp(const Int8ConvGeom& g) { return round_up(g.C, 64); }
+int64_t dw_t4(const Int8ConvGeom& g) { return (g.kh * g.kw + 3) / 4; }
+int64_t dw_wsum_offset(const Int8ConvGeom& g) { return 4 * dw_cp(g) * dw_t4(g); }
+int64_t dw_w16_offset(const Int8ConvGeom& g) { return dw_wsum_offset(g) + 4 * dw_cp(g); }
+
+// Output pixel (oy, ox): each tap's input pixel (its first byte), or the zero-point row.
+inline void dw_tap_pointers(const Int8ConvGeom& g, const uint8_t* img, const uint8_t* zprow,
+                            int64_t oy, int64_t ox, int64_t ntaps, const uint8_t** ptr) {
+  int64_t t = 0;
   for (int64_t ky = 0; ky < g.kh; ++ky) {
     const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-    if (iy < 0 || iy >= g.H) continue;
-    for (int64_t kx = 0; kx < g.kw; ++kx) {
+    const bool yok = iy >= 0 && iy < g.H;
+    for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
       const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-      if (ix < 0 || ix >= g.W) continue;
-      off[nt] = iy * g.W + ix;
-      tap[nt] = ky * g.kw + kx;
-      ++nt;
+      ptr[t] = yok && ix >= 0 && ix < g.W ? img + (iy * g.W + ix) * g.C : zprow;
     }
   }
-  return nt;
+  for (; t < ntaps; ++t) ptr[t] = zprow;
 }
 
-void dw_pixel_scalar(const Int8ConvGeom& g, const Int8ConvArgs& a, const int32_t* wk, int64_t Cp,
-                     const uint8_t* img, int32_t zp, const int64_t* off, const int64_t* tap,
-                     int nt, int32_t* acc) {
-  const int64_t C = g.C;
-  for (int64_t c = 0; c < C; ++c) acc[c] = 0;
-  for (int t = 0; t < nt; ++t) {
-    const uint8_t* s = img + off[t] * C;
-    const int32_t* w = wk + tap[t] * Cp;
-    for (int64_t c = 0; c < C; ++c) {
-      const int32_t xv = a.x_signed ? static_cast<int8_t>(s[c]) : s[c];
-      acc[c] += (xv - zp) * static_cast<int16_t>(w[c] & 0xffff);
-    }
-  }
-}
-
-#if PYC_HAVE_X86_SIMD
-// (x - zp) sits in the low 16 bits of each int32 lane (|x - zp| <= 255) and the weight in the low
-// 16 bits with a zero high half, so vpmaddwd gives the exact product per lane.
-PYC_TARGET_AVX2 void dw_pixel_avx2(const Int8ConvGeom& g, const Int8ConvArgs& a, const int32_t* wk,
-                                   int64_t Cp, const uint8_t* img, int32_t zp, const int64_t* off,
-                                   const int64_t* tap, int nt, int32_t* acc) {
-  const int64_t C = g.C;
-  const __m256i zpv = _mm256_set1_epi32(zp);
-  int64_t c0 = 0;
-  for (; c0 + 8 <= C; c0 += 8) {
-    __m256i s = _mm256_setzero_si256();
-    for (int t = 0; t < nt; ++t) {
-      const __m128i xb = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(img + off[t] * C + c0));
-      __m256i xv = a.x_signed ? _mm256_cvtepi8_epi32(xb) : _mm256_cvtepu8_epi32(xb);
-      xv = _mm256_sub_epi32(xv, zpv);
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + tap[t] * Cp + c0));
-      s = _mm256_add_epi32(s, _mm256_madd_epi16(xv, wv));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0), s);
-  }
-  for (int64_t c = c0; c < C; ++c) {
+void dw_pixel_scalar(int64_t C, int64_t T, const int16_t* w16, int64_t Cp, const uint8_t* const* ptr,
+                     uint8_t flip, int32_t* acc) {
+  for (int64_t c = 0; c < C; ++c) {
     int32_t s = 0;
-    for (int t = 0; t < nt; ++t) {
-      const uint8_t b = img[off[t] * C + c];
-      const int32_t xv = a.x_signed ? static_cast<int8_t>(b) : b;
-      s += (xv - zp) * static_cast<int16_t>(wk[tap[t] * Cp + c] & 0xffff);
-    }
+    for (int64_t t = 0; t < T; ++t) s += static_cast<int32_t>(ptr[t][c] ^ flip) * w16[t * Cp + c];
     acc[c] = s;
   }
 }
 
-PYC_TARGET_AVX512 void dw_pixel_avx512(const Int8ConvGeom& g, const Int8ConvArgs& a,
-                                       const int32_t* wk, int64_t Cp, const uint8_t* img,
-                                       int32_t zp, const int64_t* off, const int64_t* tap, int nt,
-                                       int32_t* acc) {
-  const int64_t C = g.C;
-  const __m512i zpv = _mm512_set1_epi32(zp);
-  for (int64_t c0 = 0; c0 < C; c0 += 16) {
-    const __mmask16 k = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
-    __m512i s = _mm512_setzero_si512();
-    for (int t = 0; t < nt; ++t) {
-      const __m128i xb = _mm_maskz_loadu_epi8(k, img + off[t] * C + c0);
-      __m512i xv = a.x_signed ? _mm512_cvtepi8_epi32(xb) : _mm512_cvtepu8_epi32(xb);
-      xv = _mm512_sub_epi32(xv, zpv);
-      s = _mm512_add_epi32(s, _mm512_madd_epi16(xv, _mm512_loadu_si512(wk + tap[t] * Cp + c0)));
+#if PYC_HAVE_X86_SIMD
+// 16 channels per step: (v * w) fits int16 exactly (|v * w| <= 255 * 128), widened to int32.
+PYC_TARGET_AVX2 void dw_pixel_avx2(int64_t C, int64_t T, const int16_t* w16, int64_t Cp,
+                                   const uint8_t* const* ptr, uint8_t flip, int32_t* acc) {
+  const __m128i fv = _mm_set1_epi8(static_cast<char>(flip));
+  int64_t c0 = 0;
+  for (; c0 + 16 <= C; c0 += 16) {
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+    for (int64_t t = 0; t < T; ++t) {
+      const __m128i xb = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr[t] + c0)), fv);
+      const __m256i p = _mm256_mullo_epi16(
+          _mm256_cvtepu8_epi16(xb), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w16 + t * Cp + c0)));
+      lo = _mm256_add_epi32(lo, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p)));
+      hi = _mm256_add_epi32(hi, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(p, 1)));
     }
-    _mm512_storeu_si512(acc + c0, s);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0), lo);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0 + 8), hi);
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    int32_t s = 0;
+    for (int64_t t = 0; t < T; ++t) s += static_cast<int32_t>(ptr[t][c] ^ flip) * w16[t * Cp + c];
+    acc[c] = s;
+  }
+}
+
+// 64 channels per step, 4 taps per vpdpbusd: the four taps' bytes are interleaved by two rounds
+// of unpacking (the weights are stored in the order that leaves), and the 4 x 4 blocks of 128-bit
+// lanes are put back in channel order at the end.
+PYC_TARGET_AVX512VNNI void dw_pixel_vnni(int64_t C, int64_t T4, const int8_t* wv, const uint8_t* const* ptr,
+                                         uint8_t flip, int32_t* acc) {
+  const __m512i fv = _mm512_set1_epi8(static_cast<char>(flip));
+  for (int64_t c0 = 0; c0 < C; c0 += 64) {
+    const __mmask64 k = C - c0 >= 64 ? ~__mmask64(0) : (~uint64_t(0)) >> (64 - (C - c0));
+    __m512i r0 = _mm512_setzero_si512(), r1 = r0, r2 = r0, r3 = r0;
+    const int8_t* w = wv + c0 * 4 * T4;
+    for (int64_t q = 0; q < T4; ++q, w += 256) {
+      const uint8_t* const* p = ptr + 4 * q;
+      const __m512i a0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[0] + c0), fv);
+      const __m512i a1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[1] + c0), fv);
+      const __m512i a2 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[2] + c0), fv);
+      const __m512i a3 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[3] + c0), fv);
+      const __m512i l01 = _mm512_unpacklo_epi8(a0, a1), h01 = _mm512_unpackhi_epi8(a0, a1);
+      const __m512i l23 = _mm512_unpacklo_epi8(a2, a3), h23 = _mm512_unpackhi_epi8(a2, a3);
+      r0 = _mm512_dpbusd_epi32(r0, _mm512_unpacklo_epi16(l01, l23), _mm512_loadu_si512(w));
+      r1 = _mm512_dpbusd_epi32(r1, _mm512_unpackhi_epi16(l01, l23), _mm512_loadu_si512(w + 64));
+      r2 = _mm512_dpbusd_epi32(r2, _mm512_unpacklo_epi16(h01, h23), _mm512_loadu_si512(w + 128));
+      r3 = _mm512_dpbusd_epi32(r3, _mm512_unpackhi_epi16(h01, h23), _mm512_loadu_si512(w + 192));
+    }
+    const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r2, r3, 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
+    _mm512_storeu_si512(acc + c0, _mm512_shuffle_i32x4(t0, t1, 0x88));
+    _mm512_storeu_si512(acc + c0 + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+    _mm512_storeu_si512(acc + c0 + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
+    _mm512_storeu_si512(acc + c0 + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
   }
 }
 #endif
@@ -397,28 +487,40 @@ PYC_TARGET_AVX512 void dw_pixel_avx512(const Int8ConvGeom& g, const Int8ConvArgs
 void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
                          const Int8ConvArgs& a, int64_t t0, int64_t t1, void* workspace,
                          int level) {
-  const int64_t C = g.C, Cp = round_up(C, kDwLanes);
-  const int32_t* wk = reinterpret_cast<const int32_t*>(packed);
-  int32_t* acc = static_cast<int32_t*>(workspace);
-  std::vector<int64_t> off(static_cast<size_t>(g.kh * g.kw)), tap(off.size());
-  // task: one output row (n, oy)
-  for (int64_t t = t0; t < t1; ++t) {
+  (void)plan;
+  const int64_t C = g.C, Cp = dw_cp(g), T = g.kh * g.kw, T4 = dw_t4(g);
+  const int32_t* wsum = reinterpret_cast<const int32_t*>(packed + dw_wsum_offset(g));
+  const int16_t* w16 = reinterpret_cast<const int16_t*>(packed + dw_w16_offset(g));
+  int32_t* acc = static_cast<int32_t*>(workspace);               // [Wo][Cp]
+  uint8_t* zprow = reinterpret_cast<uint8_t*>(acc + g.Wo * Cp);  // Cp bytes
+  const uint8_t** ptr = reinterpret_cast<const uint8_t**>(zprow + Cp);  // 4 * T4 pointers
+  const uint8_t flip = a.x_signed ? 0x80 : 0;
+#if PYC_HAVE_X86_SIMD
+  const bool vnni = level >= 2 && cpu_features().avx512vnni;
+#endif
+  const EpilogueFn ep = pick_epilogue(level, a);
+  int64_t zp_image = -1;
+  for (int64_t t = t0; t < t1; ++t) {  // task: output row (n, oy)
     const int64_t n = t / g.Ho, oy = t - n * g.Ho;
     const uint8_t* img = a.x + n * g.H * g.W * C;
-    const int32_t zp = a.x_zp[n];
-    const float xs = a.x_scale[n];
+    if (n != zp_image) {
+      std::memset(zprow, static_cast<uint8_t>(a.x_zp[n]), static_cast<size_t>(Cp));
+      zp_image = n;
+    }
     for (int64_t ox = 0; ox < g.Wo; ++ox) {
-      const int nt = valid_taps(g, oy, ox, off.data(), tap.data());
+      dw_tap_pointers(g, img, zprow, oy, ox, 4 * T4, ptr);
+      int32_t* ar = acc + ox * Cp;
 #if PYC_HAVE_X86_SIMD
-      if (level >= 2)
-        dw_pixel_avx512(g, a, wk, Cp, img, zp, off.data(), tap.data(), nt, acc);
-      else if (level == 1)
-        dw_pixel_avx2(g, a, wk, Cp, img, zp, off.data(), tap.data(), nt, acc);
+      if (vnni)
+        dw_pixel_vnni(C, T4, packed, ptr, flip, ar);
+      else if (level >= 1)
+        dw_pixel_avx2(C, T, w16, Cp, ptr, flip, ar);
       else
 #endif
-        dw_pixel_scalar(g, a, wk, Cp, img, zp, off.data(), tap.data(), nt, acc);
-      epilogue_row(level, acc, nullptr, 0, xs, a, C, (n * g.Ho + oy) * g.Wo + ox, 0, C);
+        dw_pixel_scalar(C, T, w16, Cp, ptr, flip, ar);
     }
+    const EpTile tile{acc, Cp, (n * g.Ho + oy) * g.Wo, g.Wo, 0, C, wsum, 0};
+    ep(tile, g.Ho * g.Wo, C, a);
   }
 }
 
@@ -427,25 +529,39 @@ void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const 
 // ---------------------------------------------------------------- packing
 
 int64_t int8_conv_packed_bytes(const Int8ConvGeom& g) {
-  if (g.depthwise()) return 4 * g.kh * g.kw * round_up(g.C, kDwLanes);
+  if (g.depthwise()) return dw_w16_offset(g) + 2 * g.kh * g.kw * dw_cp(g);
   return g.groups * int8_packed_bytes(g.cout_g(), g.k());
 }
 
 int64_t int8_conv_pack_units(const Int8ConvGeom& g) {
-  return g.depthwise() ? g.kh * g.kw : g.groups;
+  return g.depthwise() ? dw_cp(g) / 64 : g.groups;
 }
 
 void int8_conv_pack_weight(const int8_t* w, const Int8ConvGeom& g, int8_t* packed, int64_t u0,
                            int64_t u1) {
   const int64_t taps = g.kh * g.kw;
   if (g.depthwise()) {
-    const int64_t Cp = round_up(g.C, kDwLanes);
-    for (int64_t t = u0; t < u1; ++t) {
-      int32_t* dst = reinterpret_cast<int32_t*>(packed) + t * Cp;
-      for (int64_t c = 0; c < Cp; ++c) {
-        const int32_t v = c < g.C ? w[c * taps + t] : 0;
-        const int32_t word = static_cast<int32_t>(static_cast<uint16_t>(static_cast<int16_t>(v)));
-        std::memcpy(dst + c, &word, sizeof word);
+    // unit: a block of 64 channels
+    const int64_t Cp = dw_cp(g), T4 = dw_t4(g);
+    int32_t* wsum = reinterpret_cast<int32_t*>(packed + dw_wsum_offset(g));
+    int16_t* w16 = reinterpret_cast<int16_t*>(packed + dw_w16_offset(g));
+    for (int64_t b = u0; b < u1; ++b) {
+      int8_t* vb = packed + b * 64 * 4 * T4;
+      for (int64_t q = 0; q < T4; ++q)
+        for (int64_t j = 0; j < 4; ++j)
+          for (int64_t i = 0; i < 16; ++i)
+            for (int64_t u = 0; u < 4; ++u) {
+              const int64_t c = 64 * b + 16 * (i / 4) + 4 * j + i % 4, t = 4 * q + u;
+              vb[q * 256 + j * 64 + 4 * i + u] = c < g.C && t < taps ? w[c * taps + t] : 0;
+            }
+      for (int64_t c = 64 * b; c < 64 * (b + 1); ++c) {
+        int32_t sum = 0;
+        for (int64_t t = 0; t < taps; ++t) {
+          const int8_t v = c < g.C ? w[c * taps + t] : 0;
+          w16[t * Cp + c] = v;
+          sum += v;
+        }
+        wsum[c] = sum;
       }
     }
     return;
@@ -479,7 +595,7 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
     p.blocks = g.N * g.Ho;
     p.chunks = 1;
     p.tasks = p.blocks;
-    p.workspace_bytes = 4 * round_up(g.C, kDwLanes) + 64;
+    p.workspace_bytes = 4 * g.Wo * dw_cp(g) + dw_cp(g) + 8 * 4 * dw_t4(g) + 128;
     return p;
   }
   const int64_t Coutg = g.cout_g(), K = g.k(), Npg = int8_round_n(Coutg);
@@ -490,7 +606,7 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   p.path = int8_gemm_path(isa, false, narrow);
   const int64_t rb = int8_a_row_bytes(p.path, K);
   // a block of gathered rows (and its int32 results) stays within L2 while the panels stream
-  int64_t rows_max = std::min<int64_t>((int64_t(128) << 10) / rb, (int64_t(256) << 10) / (4 * Npg));
+  int64_t rows_max = (int64_t(128) << 10) / rb;
   rows_max = std::max<int64_t>(16, std::min<int64_t>(256, rows_max / 16 * 16));
   const int64_t blocks = std::max<int64_t>(1, (M + rows_max - 1) / rows_max);
   p.rows = std::max<int64_t>(1, round_up((M + blocks - 1) / blocks, 16));
@@ -502,7 +618,7 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   p.chunk_panels = (panels + p.chunks - 1) / p.chunks;
   p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
   p.tasks = g.groups * p.blocks * p.chunks;
-  p.workspace_bytes = round_up(p.rows * rb, 64) + 4 * p.rows * Npg + 64;
+  p.workspace_bytes = round_up(p.rows * rb, 64) + 64;
   return p;
 }
 
@@ -518,9 +634,17 @@ void int8_conv_run(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t
 
 // ---------------------------------------------------------------- float input quantization
 
-void int8_conv_minmax(int isa, const void* x, DType dt, int64_t b, int64_t e, float* lo, float* hi,
-                      bool* finite) {
-  (void)isa;
+namespace {
+
+inline uint8_t quantize_u8_scalar(float v, float s, bool divide, float zf) {
+  float r = std::nearbyint(divide ? v / s : v * s) + zf;
+  r = r > 0.f ? r : 0.f;  // NaN -> 0, as the vector code
+  r = r < 255.f ? r : 255.f;
+  return static_cast<uint8_t>(r);
+}
+
+void minmax_scalar(const void* x, DType dt, int64_t b, int64_t e, float* lo, float* hi,
+                   bool* finite) {
   float l = *lo, h = *hi;
   bool ok = *finite;
   for (int64_t i = b; i < e; ++i) {
@@ -534,10 +658,130 @@ void int8_conv_minmax(int isa, const void* x, DType dt, int64_t b, int64_t e, fl
   *finite = ok;
 }
 
+#if PYC_HAVE_X86_SIMD
+PYC_TARGET_AVX512 inline __m512 load16_as_float(const void* x, DType dt, int64_t i, __mmask16 k) {
+  switch (dt) {
+    case DType::F16:
+      return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(x) + i));
+    case DType::BF16:
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(x) + i)), 16));
+    case DType::F32:
+    default:
+      return _mm512_maskz_loadu_ps(k, static_cast<const float*>(x) + i);
+  }
+}
+
+PYC_TARGET_AVX512 void minmax_avx512(const void* x, DType dt, int64_t b, int64_t e, float* lo,
+                                     float* hi, bool* finite) {
+  __m512 l = _mm512_set1_ps(*lo), h = _mm512_set1_ps(*hi);
+  const __m512i absmask = _mm512_set1_epi32(0x7fffffff), infbits = _mm512_set1_epi32(0x7f800000);
+  __mmask16 bad = 0;
+  for (int64_t i = b; i < e; i += 16) {
+    const __mmask16 k = e - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (e - i)) - 1);
+    const __m512 v = load16_as_float(x, dt, i, k);
+    l = _mm512_mask_min_ps(l, k, l, v);
+    h = _mm512_mask_max_ps(h, k, h, v);
+    bad |= _mm512_mask_cmpge_epu32_mask(k, _mm512_and_si512(_mm512_castps_si512(v), absmask), infbits);
+  }
+  *lo = _mm512_reduce_min_ps(l);
+  *hi = _mm512_reduce_max_ps(h);
+  if (bad) *finite = false;
+}
+
+PYC_TARGET_AVX512 void quantize_avx512(const void* x, DType dt, int64_t b, int64_t e, float s,
+                                       bool divide, int32_t zp, uint8_t* q) {
+  const __m512 sv = _mm512_set1_ps(s), zf = _mm512_set1_ps(static_cast<float>(zp));
+  const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(255.f);
+  for (int64_t i = b; i < e; i += 16) {
+    const __mmask16 k = e - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (e - i)) - 1);
+    const __m512 v = load16_as_float(x, dt, i, k);
+    __m512 r = divide ? _mm512_div_ps(v, sv) : _mm512_mul_ps(v, sv);
+    r = _mm512_add_ps(_mm512_roundscale_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zf);
+    r = _mm512_min_ps(_mm512_max_ps(r, zero), top);
+    _mm_mask_storeu_epi8(q + i, k, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+  }
+}
+
+PYC_TARGET_AVX2 inline __m256 load8_as_float(const void* x, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::F16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i)));
+    case DType::BF16:
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(
+          reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i))), 16));
+    case DType::F32:
+    default:
+      return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  }
+}
+
+PYC_TARGET_AVX2 void minmax_avx2(const void* x, DType dt, int64_t b, int64_t e, float* lo,
+                                 float* hi, bool* finite) {
+  __m256 l = _mm256_set1_ps(*lo), h = _mm256_set1_ps(*hi);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 fmax = _mm256_set1_ps(3.402823466e+38f);
+  __m256 bad = _mm256_setzero_ps();
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8) {
+    const __m256 v = load8_as_float(x, dt, i);
+    l = _mm256_min_ps(l, v);
+    h = _mm256_max_ps(h, v);
+    // !(|v| <= FLT_MAX): true for inf and NaN
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(v, absmask), fmax, _CMP_NLE_UQ));
+  }
+  alignas(32) float tl[8], th[8];
+  _mm256_store_ps(tl, l);
+  _mm256_store_ps(th, h);
+  float lv = tl[0], hv = th[0];
+  for (int j = 1; j < 8; ++j) {
+    lv = tl[j] < lv ? tl[j] : lv;
+    hv = th[j] > hv ? th[j] : hv;
+  }
+  *lo = lv;
+  *hi = hv;
+  if (_mm256_movemask_ps(bad)) *finite = false;
+  if (i < e) minmax_scalar(x, dt, i, e, lo, hi, finite);
+}
+
+PYC_TARGET_AVX2 void quantize_avx2(const void* x, DType dt, int64_t b, int64_t e, float s,
+                                   bool divide, int32_t zp, uint8_t* q) {
+  const __m256 sv = _mm256_set1_ps(s), zf = _mm256_set1_ps(static_cast<float>(zp));
+  const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.f);
+  int64_t i = b;
+  for (; i + 8 <= e; i += 8) {
+    const __m256 v = load8_as_float(x, dt, i);
+    __m256 r = divide ? _mm256_div_ps(v, sv) : _mm256_mul_ps(v, sv);
+    r = _mm256_add_ps(_mm256_round_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zf);
+    // max(r, 0) with r second... _mm256_max_ps returns the second operand for NaN
+    r = _mm256_min_ps(_mm256_max_ps(r, zero), top);
+    const __m256i qi = _mm256_cvtps_epi32(r);
+    const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packus_epi16(p16, p16));
+  }
+  const float zfs = static_cast<float>(zp);
+  for (; i < e; ++i) q[i] = quantize_u8_scalar(load_as_float(x, i, dt), s, divide, zfs);
+}
+#endif
+
+}  // namespace
+
+void int8_conv_minmax(int isa, const void* x, DType dt, int64_t b, int64_t e, float* lo, float* hi,
+                      bool* finite) {
+  if (e <= b) return;
+#if PYC_HAVE_X86_SIMD
+  if (isa >= 2) return minmax_avx512(x, dt, b, e, lo, hi, finite);
+  if (isa == 1) return minmax_avx2(x, dt, b, e, lo, hi, finite);
+#endif
+  (void)isa;
+  minmax_scalar(x, dt, b, e, lo, hi, finite);
+}
+
 void int8_conv_dynamic_params(float min_x, float max_x, float* scale, int32_t* zp) {
   const float lo = std::min(0.f, min_x), hi = std::max(0.f, max_x);
   float s = (hi - lo) / 255.f;
-  if (hi == lo) s = 1.f;
+  // scale 1 when the range is empty (or so small that the scale underflows to 0)
+  if (hi == lo || s == 0.f) s = 1.f;
   float z = std::nearbyint(-lo / s);
   z = z < 0.f ? 0.f : (z > 255.f ? 255.f : z);
   *scale = s;
@@ -546,14 +790,14 @@ void int8_conv_dynamic_params(float min_x, float max_x, float* scale, int32_t* z
 
 void int8_conv_quantize_u8(int isa, const void* x, DType dt, int64_t b, int64_t e, float s,
                            bool divide, int32_t zp, uint8_t* q) {
+  if (e <= b) return;
+#if PYC_HAVE_X86_SIMD
+  if (isa >= 2) return quantize_avx512(x, dt, b, e, s, divide, zp, q);
+  if (isa == 1) return quantize_avx2(x, dt, b, e, s, divide, zp, q);
+#endif
   (void)isa;
   const float zf = static_cast<float>(zp);
-  for (int64_t i = b; i < e; ++i) {
-    const float v = load_as_float(x, i, dt);
-    float r = std::nearbyint(divide ? v / s : v * s) + zf;
-    r = r < 0.f ? 0.f : (r > 255.f ? 255.f : r);
-    q[i] = static_cast<uint8_t>(r);
-  }
+  for (int64_t i = b; i < e; ++i) q[i] = quantize_u8_scalar(load_as_float(x, i, dt), s, divide, zf);
 }
 
 }  // namespace pyc

@@ -82,6 +82,7 @@ __attribute__((noinline)) void epilogue_large_row(const Int8Epilogue& ep, const 
 __attribute__((noinline)) void epilogue_scalar(const Int8Epilogue& ep, const int32_t* tile,
                                                int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
                                                int64_t nc) {
+  if (ep.tile_fn != nullptr) return ep.tile_fn(ep.tile_ctx, tile, ldt, m0, mr, n0, nc);
   for (int64_t r = 0; r < mr; ++r) {
     const int32_t* t = tile + r * ldt;
     const int64_t m = m0 + r;
