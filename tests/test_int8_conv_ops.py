@@ -430,3 +430,25 @@ def test_amx_same_bits_as_avx512():
         assert torch.equal(outs[0], outs[1])
     finally:
         pycompress.set_cpu_isa(prev)
+
+
+def test_dynamic_quantization_halfway_values(cpu_isa):
+    # values at and next to the halfway points between quantization steps: where x * (1 / s) and
+    # x / s round differently, the kernel must give the rounding of x / s
+    lo, hi = -1.7, 3.1
+    s = (torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)) / 255
+    j = torch.arange(-88, 162, dtype=torch.float32)  # every value inside [lo, hi]
+    mid = (j + 0.5) * s
+    vals = torch.cat([mid, torch.nextafter(mid, torch.tensor(float("inf"))), torch.nextafter(mid, torch.tensor(-float("inf"))),
+                      j * s, torch.tensor([lo, hi])])
+    n = vals.numel() // 8 * 8
+    x = vals[:n].reshape(1, 8, n // 8, 1).repeat(1, 1, 1, 3)
+    x[0, 0, 0, 0], x[0, 1, 0, 0] = lo, hi
+    q, sc, zp = conv2d_quantize_ref(x)
+    assert torch.equal(sc, s.reshape(1))
+    w = torch.zeros(8, 1, 1, 1, dtype=torch.int8)
+    w[:, 0, 0, 0] = 1
+    y = ops.int8_conv2d(x, w, torch.ones(8), groups=8)  # depthwise 1x1: y = (q - zp) * s
+    assert_same(y, conv2d_ref(x, w, torch.ones(8), groups=8))
+    wd = torch.eye(8, dtype=torch.int8).reshape(8, 8, 1, 1)
+    assert_same(ops.int8_conv2d(x, wd, torch.ones(8)), conv2d_ref(x, wd, torch.ones(8)))

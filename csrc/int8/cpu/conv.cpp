@@ -255,11 +255,79 @@ inline void copy_xor(int level, uint8_t* dst, const uint8_t* src, int64_t n, uin
   }
 }
 
+#if PYC_HAVE_X86_SIMD
+PYC_TARGET_AVX512 inline void fill_avx512(uint8_t* d, int64_t n, __m512i v) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) _mm512_storeu_si512(d + i, v);
+  if (i < n) _mm512_mask_storeu_epi8(d + i, (~uint64_t(0)) >> (64 - (n - i)), v);
+}
+
+PYC_TARGET_AVX512 inline void copy_avx512(uint8_t* d, const uint8_t* src, int64_t n, __m512i flip) {
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64)
+    _mm512_storeu_si512(d + i, _mm512_xor_si512(_mm512_loadu_si512(src + i), flip));
+  if (i < n) {
+    const __mmask64 k = (~uint64_t(0)) >> (64 - (n - i));
+    _mm512_mask_storeu_epi8(d + i, k, _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, src + i), flip));
+  }
+}
+
+// gather_rows for the paths that read bytes (x, or x ^ 0x80 for int8 x), with the copies inline.
+PYC_TARGET_AVX512 void gather_rows_u8_avx512(const Int8ConvGeom& g, const Int8ConvArgs& a,
+                                             int64_t grp, int64_t m0, int64_t mr, uint8_t* ap,
+                                             int64_t rb) {
+  const int64_t Cg = g.cin_g(), K = g.k(), HoWo = g.Ho * g.Wo;
+  const bool runs = g.groups == 1 && g.dw == 1;
+  const __m512i flip = _mm512_set1_epi8(a.x_signed ? static_cast<char>(0x80) : 0);
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t n = m0 / HoWo, rem = m0 - n * HoWo;
+  int64_t oy = rem / g.Wo, ox = rem - oy * g.Wo;
+  __m512i pad = _mm512_set1_epi8(static_cast<char>(byte_zero_point(a, n)));
+  for (int64_t r = 0; r < mr; ++r) {
+    const uint8_t* img = a.x + n * g.H * g.W * g.C + grp * Cg;
+    const int64_t ix0 = ox * g.sw - g.pw;
+    int64_t kx_lo = 0, kx_hi = g.kw;
+    while (kx_lo < g.kw && ix0 + kx_lo * g.dw < 0) ++kx_lo;
+    while (kx_hi > kx_lo && ix0 + (kx_hi - 1) * g.dw >= g.W) --kx_hi;
+    uint8_t* row = ap + r * rb;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+      uint8_t* d = row + ky * g.kw * Cg;
+      if (iy < 0 || iy >= g.H || kx_hi <= kx_lo) {
+        fill_avx512(d, g.kw * Cg, pad);
+        continue;
+      }
+      if (kx_lo > 0) fill_avx512(d, kx_lo * Cg, pad);
+      if (kx_hi < g.kw) fill_avx512(d + kx_hi * Cg, (g.kw - kx_hi) * Cg, pad);
+      const uint8_t* src = img + (iy * g.W + ix0 + kx_lo * g.dw) * g.C;
+      if (runs) {
+        copy_avx512(d + kx_lo * Cg, src, (kx_hi - kx_lo) * Cg, flip);
+      } else {
+        for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
+          copy_avx512(d + kx * Cg, src + (kx - kx_lo) * g.dw * g.C, Cg, flip);
+      }
+    }
+    fill_avx512(row + K, rb - K, zero);
+    if (++ox == g.Wo) {
+      ox = 0;
+      if (++oy == g.Ho) {
+        oy = 0;
+        ++n;
+        if (n < g.N) pad = _mm512_set1_epi8(static_cast<char>(byte_zero_point(a, n)));
+      }
+    }
+  }
+}
+#endif
+
 // Rows [m0, m0 + mr) (output pixels) of group grp into ap (row stride rb) in the form `path` reads.
 // With one group and no horizontal dilation the valid taps of a kernel row are one run of input
 // bytes (kx-adjacent pixels are adjacent in NHWC), copied at once.
 void gather_rows(int path, int level, const Int8ConvGeom& g, const Int8ConvArgs& a, int64_t grp,
                  int64_t m0, int64_t mr, uint8_t* ap, int64_t rb) {
+#if PYC_HAVE_X86_SIMD
+  if (level >= 2 && path_reads_u8(path)) return gather_rows_u8_avx512(g, a, grp, m0, mr, ap, rb);
+#endif
   const int64_t Cg = g.cin_g(), K = g.k(), HoWo = g.Ho * g.Wo;
   const bool u8 = path_reads_u8(path);
   const bool runs = g.groups == 1 && g.dw == 1;
@@ -636,6 +704,13 @@ void int8_conv_run(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t
 
 namespace {
 
+// Dynamic quantization divides, x / s; the vector code multiplies by 1 / s and divides only
+// where the rounding could differ. |x * (1 / s) - x / s| stays within 3 ulps, i.e. below 2^-12 for
+// |x / s| < 1024, so both round to the same integer unless the product is within kNearHalf of
+// being halfway; beyond kRoundRange the result is clamped to 0 or 255 either way.
+constexpr float kNearHalf = 0.5f - 1.f / 1024.f;
+constexpr float kRoundRange = 1024.f;
+
 inline uint8_t quantize_u8_scalar(float v, float s, bool divide, float zf) {
   float r = std::nearbyint(divide ? v / s : v * s) + zf;
   r = r > 0.f ? r : 0.f;  // NaN -> 0, as the vector code
@@ -684,20 +759,40 @@ PYC_TARGET_AVX512 void minmax_avx512(const void* x, DType dt, int64_t b, int64_t
     h = _mm512_mask_max_ps(h, k, h, v);
     bad |= _mm512_mask_cmpge_epu32_mask(k, _mm512_and_si512(_mm512_castps_si512(v), absmask), infbits);
   }
-  *lo = _mm512_reduce_min_ps(l);
-  *hi = _mm512_reduce_max_ps(h);
+  alignas(64) float tl[16], th[16];
+  _mm512_store_ps(tl, l);
+  _mm512_store_ps(th, h);
+  float lv = tl[0], hv = th[0];
+  for (int j = 1; j < 16; ++j) {
+    lv = tl[j] < lv ? tl[j] : lv;
+    hv = th[j] > hv ? th[j] : hv;
+  }
+  *lo = lv;
+  *hi = hv;
   if (bad) *finite = false;
 }
 
 PYC_TARGET_AVX512 void quantize_avx512(const void* x, DType dt, int64_t b, int64_t e, float s,
                                        bool divide, int32_t zp, uint8_t* q) {
+  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const __m512 sv = _mm512_set1_ps(s), zf = _mm512_set1_ps(static_cast<float>(zp));
+  const __m512 mv = _mm512_set1_ps(divide ? 1.f / s : s);
   const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(255.f);
+  const __m512 near_half = _mm512_set1_ps(kNearHalf), in_range = _mm512_set1_ps(kRoundRange);
   for (int64_t i = b; i < e; i += 16) {
     const __mmask16 k = e - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (e - i)) - 1);
     const __m512 v = load16_as_float(x, dt, i, k);
-    __m512 r = divide ? _mm512_div_ps(v, sv) : _mm512_mul_ps(v, sv);
-    r = _mm512_add_ps(_mm512_roundscale_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zf);
+    const __m512 t = _mm512_mul_ps(v, mv);
+    __m512 r = _mm512_roundscale_ps(t, kNear);
+    if (divide) {
+      // x / s rounds to the same integer as x * (1 / s) unless the product lies within a few
+      // ulps of a half-integer (and inside the range that is not clamped anyway): divide there
+      const __mmask16 redo =
+          _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(_mm512_sub_ps(t, r)), near_half, _CMP_GT_OQ) &
+          _mm512_cmp_ps_mask(_mm512_abs_ps(t), in_range, _CMP_LT_OQ);
+      if (redo) r = _mm512_mask_roundscale_ps(r, redo, _mm512_div_ps(v, sv), kNear);
+    }
+    r = _mm512_add_ps(r, zf);
     r = _mm512_min_ps(_mm512_max_ps(r, zero), top);
     _mm_mask_storeu_epi8(q + i, k, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
   }
@@ -746,14 +841,26 @@ PYC_TARGET_AVX2 void minmax_avx2(const void* x, DType dt, int64_t b, int64_t e, 
 
 PYC_TARGET_AVX2 void quantize_avx2(const void* x, DType dt, int64_t b, int64_t e, float s,
                                    bool divide, int32_t zp, uint8_t* q) {
+  constexpr int kNear = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   const __m256 sv = _mm256_set1_ps(s), zf = _mm256_set1_ps(static_cast<float>(zp));
+  const __m256 mv = _mm256_set1_ps(divide ? 1.f / s : s);
   const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(255.f);
+  const __m256 near_half = _mm256_set1_ps(kNearHalf), in_range = _mm256_set1_ps(kRoundRange);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   int64_t i = b;
   for (; i + 8 <= e; i += 8) {
     const __m256 v = load8_as_float(x, dt, i);
-    __m256 r = divide ? _mm256_div_ps(v, sv) : _mm256_mul_ps(v, sv);
-    r = _mm256_add_ps(_mm256_round_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), zf);
-    // max(r, 0) with r second... _mm256_max_ps returns the second operand for NaN
+    const __m256 t = _mm256_mul_ps(v, mv);
+    __m256 r = _mm256_round_ps(t, kNear);
+    if (divide) {  // as in quantize_avx512
+      const __m256 redo = _mm256_and_ps(
+          _mm256_cmp_ps(_mm256_and_ps(_mm256_sub_ps(t, r), absmask), near_half, _CMP_GT_OQ),
+          _mm256_cmp_ps(_mm256_and_ps(t, absmask), in_range, _CMP_LT_OQ));
+      if (_mm256_movemask_ps(redo))
+        r = _mm256_blendv_ps(r, _mm256_round_ps(_mm256_div_ps(v, sv), kNear), redo);
+    }
+    r = _mm256_add_ps(r, zf);
+    // NaN lanes become 0 (max returns its second operand), as in the scalar code
     r = _mm256_min_ps(_mm256_max_ps(r, zero), top);
     const __m256i qi = _mm256_cvtps_epi32(r);
     const __m128i p16 = _mm_packus_epi32(_mm256_castsi256_si128(qi), _mm256_extracti128_si256(qi, 1));
