@@ -192,9 +192,10 @@ def test_conv_narrow_weights_exact(cpu_isa):
 
 
 def test_conv_larger_layers(cpu_isa):
-    # several pixel blocks and panel ranges per thread, images spanning blocks
+    # several pixel blocks and panel ranges per thread, images spanning blocks; 1x1 convs whose
+    # uint8 rows the GEMM reads in place (one group and two)
     for n, cin, hw, cout, k, s, g in [(3, 64, 15, 96, 3, 1, 1), (2, 32, 17, 64, 3, 2, 2), (1, 144, 19, 144, 3, 1, 144),
-                                      (2, 256, 9, 64, 1, 1, 1)]:
+                                      (2, 256, 9, 64, 1, 1, 1), (3, 128, 7, 96, 1, 1, 2), (1, 20, 11, 24, 1, 1, 1)]:
         x, scale, zp = make_input("uint8", n, cin, hw, hw)
         w, ws = make_weight(cout, cin // g, (k, k))
         bias = torch.randn(cout)

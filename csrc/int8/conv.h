@@ -85,6 +85,7 @@ struct Int8ConvPlan {
   int64_t chunks = 1;      // panel ranges per group
   int64_t chunk_panels = 0;
   int64_t tasks = 0;       // groups * blocks * chunks
+  bool direct_rows = false;  // 1x1 stride-1 unpadded conv whose uint8 input rows the GEMM reads as they are
   int64_t workspace_bytes = 0;
 };
 

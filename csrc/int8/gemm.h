@@ -98,9 +98,12 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K);
 // packed B, writing through the epilogue. Single thread. `workspace` (int32
 // [M, round_n(N)], may be shared by threads working on disjoint panels) is needed
 // when int8_gemm_kc(path, M, K) < round_k(K); with nullptr K is not blocked.
+// lda: the row stride of ap in bytes; 0 (the default) means int8_a_row_bytes(path, K). Another
+// stride is only valid on the paths that read bytes (2, 4, 5) with K a multiple of 4 (and of 64
+// on path 5), where the kernels read exactly K bytes of each row.
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
                       int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
-                      int32_t* workspace);
+                      int32_t* workspace, int64_t lda = 0);
 
 // Weight-only linear (w8a16) on the CPU: x fp32 [M, K] (row stride ldx), w int8 [N, K] (row stride ldw)
 // out[m, n] = (sum_k x[m, k] * (float)w[n, k]) * w_scale[n] + bias[n], fp32 accumulation,

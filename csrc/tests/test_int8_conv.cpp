@@ -174,7 +174,8 @@ int main() {
   const Case cases[] = {
       {2, 5, 9, 11, 7, 3, 3, 1, 1, 1, 1},      // odd channels
       {1, 19, 8, 7, 33, 3, 3, 2, 1, 1, 1},     // stride 2, Cout not a multiple of 16
-      {3, 64, 6, 5, 40, 1, 1, 1, 0, 1, 1},     // 1x1
+      {3, 64, 6, 5, 40, 1, 1, 1, 0, 1, 1},     // 1x1 (rows read in place for uint8 x)
+      {2, 128, 5, 7, 36, 1, 1, 1, 0, 1, 2},    // 1x1, 2 groups of 64 channels
       {2, 8, 10, 9, 12, 3, 3, 1, 2, 2, 2},     // groups 2, dilation 2
       {1, 12, 7, 8, 20, 3, 3, 2, 1, 1, 4},     // groups 4
       {2, 70, 9, 10, 70, 3, 3, 1, 1, 1, 70},   // depthwise 3x3, C > 64 and not a multiple of 64

@@ -428,13 +428,20 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
   uint8_t* ap = static_cast<uint8_t*>(workspace);
   const bool u8 = path_reads_u8(path);
   const EpilogueFn ep_fn = pick_epilogue(level, a);
+  // uint8 rows of a 1x1 conv are A + 128 as the byte paths read it (int8 rows would need ^ 0x80)
+  const bool direct = plan.direct_rows && !a.x_signed;
   int64_t have_grp = -1, have_blk = -1;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t ch = t % plan.chunks, blk = (t / plan.chunks) % plan.blocks;
     const int64_t grp = t / (plan.chunks * plan.blocks);
     const int64_t m0 = blk * plan.rows, mr = std::min(plan.rows, M - m0);
     if (mr <= 0) continue;
-    if (grp != have_grp || blk != have_blk) {
+    const uint8_t* arows = ap;
+    int64_t lda = 0;
+    if (direct) {
+      arows = a.x + m0 * g.C + grp * g.cin_g();
+      lda = g.C;
+    } else if (grp != have_grp || blk != have_blk) {
       gather_rows(path, level, g, a, grp, m0, mr, ap, rb);
       have_grp = grp;
       have_blk = blk;
@@ -447,7 +454,7 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
     Int8Epilogue ep;
     ep.tile_fn = finish_tile;
     ep.tile_ctx = &ctx;
-    int8_gemm_packed(path, ap, pk, mr, Coutg, K, p0, p1, ep, nullptr);
+    int8_gemm_packed(path, arows, pk, mr, Coutg, K, p0, p1, ep, nullptr, lda);
   }
 }
 
@@ -687,6 +694,10 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
   p.tasks = g.groups * p.blocks * p.chunks;
   p.workspace_bytes = round_up(p.rows * rb, 64) + 64;
+  // the byte paths read exactly K bytes of each row when K is a multiple of 4 (AMX: of 64)
+  const int64_t Cg = g.cin_g();
+  p.direct_rows = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+                  ((p.path == 2 && Cg % 4 == 0) || (p.path == kInt8PathAmx && Cg % 64 == 0));
   return p;
 }
 

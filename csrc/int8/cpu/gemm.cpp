@@ -710,14 +710,14 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
 
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
                       int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
-                      int32_t* workspace) {
+                      int32_t* workspace, int64_t lda) {
 #if PYC_HAVE_X86_SIMD
-  if (path == kInt8PathAmx) return int8_gemm_packed_amx(ap, packed, M, N, K, p0, p1, ep);
+  if (path == kInt8PathAmx) return int8_gemm_packed_amx(ap, packed, M, N, K, p0, p1, ep, lda);
 #endif
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
   const int32_t* panel_max = packed_panel_max(packed, N, K);
-  const int64_t rb = int8_a_row_bytes(path, K);
+  const int64_t rb = lda > 0 ? lda : int8_a_row_bytes(path, K);
   const int64_t a_elem = path >= 2 ? 1 : 2;  // bytes per prepared A element
   const int64_t kc = workspace ? int8_gemm_kc(path, M, K) : Kp;
   const bool blocked = kc < Kp;
