@@ -529,19 +529,24 @@ PYC_TARGET_AVX2 void dw_pixel_avx2(int64_t C, int64_t T, const int16_t* w16, int
 // 64 channels per step, 4 taps per vpdpbusd: the four taps' bytes are interleaved by two rounds
 // of unpacking (the weights are stored in the order that leaves), and the 4 x 4 blocks of 128-bit
 // lanes are put back in channel order at the end.
+template <bool Signed>
 PYC_TARGET_AVX512VNNI void dw_pixel_vnni(int64_t C, int64_t T4, const int8_t* wv, const uint8_t* const* ptr,
-                                         uint8_t flip, int32_t* acc) {
-  const __m512i fv = _mm512_set1_epi8(static_cast<char>(flip));
+                                         int32_t* acc) {
+  const __m512i fv = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t c0 = 0; c0 < C; c0 += 64) {
     const __mmask64 k = C - c0 >= 64 ? ~__mmask64(0) : (~uint64_t(0)) >> (64 - (C - c0));
     __m512i r0 = _mm512_setzero_si512(), r1 = r0, r2 = r0, r3 = r0;
     const int8_t* w = wv + c0 * 4 * T4;
     for (int64_t q = 0; q < T4; ++q, w += 256) {
       const uint8_t* const* p = ptr + 4 * q;
-      const __m512i a0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[0] + c0), fv);
-      const __m512i a1 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[1] + c0), fv);
-      const __m512i a2 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[2] + c0), fv);
-      const __m512i a3 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, p[3] + c0), fv);
+      __m512i a0 = _mm512_maskz_loadu_epi8(k, p[0] + c0), a1 = _mm512_maskz_loadu_epi8(k, p[1] + c0);
+      __m512i a2 = _mm512_maskz_loadu_epi8(k, p[2] + c0), a3 = _mm512_maskz_loadu_epi8(k, p[3] + c0);
+      if (Signed) {
+        a0 = _mm512_xor_si512(a0, fv);
+        a1 = _mm512_xor_si512(a1, fv);
+        a2 = _mm512_xor_si512(a2, fv);
+        a3 = _mm512_xor_si512(a3, fv);
+      }
       const __m512i l01 = _mm512_unpacklo_epi8(a0, a1), h01 = _mm512_unpackhi_epi8(a0, a1);
       const __m512i l23 = _mm512_unpacklo_epi8(a2, a3), h23 = _mm512_unpackhi_epi8(a2, a3);
       r0 = _mm512_dpbusd_epi32(r0, _mm512_unpacklo_epi16(l01, l23), _mm512_loadu_si512(w));
@@ -582,12 +587,23 @@ void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const 
       std::memset(zprow, static_cast<uint8_t>(a.x_zp[n]), static_cast<size_t>(Cp));
       zp_image = n;
     }
+    // output columns whose taps all lie inside the image columns: pointers advance by sw * C
+    const int64_t ox_in0 = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
+    const int64_t span = (g.kw - 1) * g.dw;
+    const int64_t ox_in1 = std::max(ox_in0, std::min(g.Wo, g.W - span + g.pw > 0 ? (g.W - 1 - span + g.pw) / g.sw + 1 : 0));
     for (int64_t ox = 0; ox < g.Wo; ++ox) {
-      dw_tap_pointers(g, img, zprow, oy, ox, 4 * T4, ptr);
+      if (ox > ox_in0 && ox < ox_in1) {
+        for (int64_t t = 0; t < T; ++t)
+          if (ptr[t] != zprow) ptr[t] += g.sw * C;
+      } else {
+        dw_tap_pointers(g, img, zprow, oy, ox, 4 * T4, ptr);
+      }
       int32_t* ar = acc + ox * Cp;
 #if PYC_HAVE_X86_SIMD
-      if (vnni)
-        dw_pixel_vnni(C, T4, packed, ptr, flip, ar);
+      if (vnni && flip)
+        dw_pixel_vnni<true>(C, T4, packed, ptr, ar);
+      else if (vnni)
+        dw_pixel_vnni<false>(C, T4, packed, ptr, ar);
       else if (level >= 1)
         dw_pixel_avx2(C, T, w16, Cp, ptr, flip, ar);
       else
