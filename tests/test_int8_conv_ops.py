@@ -453,3 +453,17 @@ def test_dynamic_quantization_halfway_values(cpu_isa):
     assert_same(y, conv2d_ref(x, w, torch.ones(8), groups=8))
     wd = torch.eye(8, dtype=torch.int8).reshape(8, 8, 1, 1)
     assert_same(ops.int8_conv2d(x, wd, torch.ones(8)), conv2d_ref(x, wd, torch.ones(8)))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.uint8, torch.int8])
+def test_requantized_nan_and_huge_values_saturate(out_dtype, cpu_isa):
+    # a NaN bias gives the low end of the range on every path; huge values saturate
+    x = torch.randint(0, 256, (1, 4, 5, 5), dtype=torch.uint8)
+    w = torch.randint(-128, 128, (20, 4, 3, 3), dtype=torch.int8)
+    bias = torch.zeros(20)
+    bias[3], bias[5], bias[7] = float("nan"), 3e38, -3e38
+    y = ops.int8_conv2d(x, w, torch.full((20,), 1e-3), bias, x_scale=torch.ones(1),
+                        x_zero_point=torch.zeros(1, dtype=torch.int32), padding=1, out_dtype=out_dtype,
+                        out_scale=1e-3, out_zero_point=1)
+    info = torch.iinfo(out_dtype)
+    assert (y[:, 3] == info.min).all() and (y[:, 5] == info.max).all() and (y[:, 7] == info.min).all()

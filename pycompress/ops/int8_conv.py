@@ -59,7 +59,7 @@ def int8_conv2d_packed_bytes(cout: int, cin_per_group: int, kh: int, kw: int, gr
     """
     if cin_per_group == 1 and groups == cout:
         cp, taps = _round_up(cout, 64), kh * kw
-        return 4 * cp * ((taps + 3) // 4) + 4 * cp + 2 * taps * cp
+        return 4 * cp * ((kh + 3) // 4) * kw + 4 * cp + 2 * taps * cp
     n, k = cout // groups, kh * kw * cin_per_group
     kp, np_ = _round_up(k, 4), _round_up(n, 16)
     return groups * (np_ * kp + 4 * np_ + np_ // 4)

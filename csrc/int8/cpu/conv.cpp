@@ -58,9 +58,9 @@ inline void store_out_scalar(const Int8ConvArgs& a, int64_t i, float y) {
       const bool u8 = a.out_kind == ConvOut::U8;
       const float lo = u8 ? 0.f : -128.f, hi = u8 ? 255.f : 127.f;
       float r = std::nearbyint(y * a.out_inv) + static_cast<float>(a.out_zp);
-      r = r < lo ? lo : r;
-      r = r > hi ? hi : r;
-      const int32_t q = r == r ? static_cast<int32_t>(r) : 0;
+      r = r > lo ? r : lo;  // NaN -> the low end, as the vector code
+      r = r < hi ? r : hi;
+      const int32_t q = static_cast<int32_t>(r);
       if (u8)
         static_cast<uint8_t*>(a.out)[i] = static_cast<uint8_t>(q);
       else
@@ -150,15 +150,22 @@ PYC_TARGET_AVX512 inline void store_out_avx512(const Int8ConvArgs& a, int64_t i,
     r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + i, k, _mm512_cvtepi32_epi16(r));
   } else {
-    constexpr bool u8 = O == ConvOut::U8;
     __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(a.out_inv)),
                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r = _mm512_add_ps(r, _mm512_set1_ps(static_cast<float>(a.out_zp)));
-    // NaN lanes become the low end (max returns its second operand)
-    r = _mm512_max_ps(r, _mm512_set1_ps(u8 ? 0.f : -128.f));
-    r = _mm512_min_ps(r, _mm512_set1_ps(u8 ? 255.f : 127.f));
-    _mm_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + i, k,
-                         _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+    if (O == ConvOut::U8) {
+      // max(r, 0) (NaN -> 0: max returns its second operand), then the unsigned saturating
+      // narrowing clamps at 255 (values beyond int32 convert to 0x80000000, also above 255)
+      r = _mm512_max_ps(r, _mm512_setzero_ps());
+      _mm_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + i, k,
+                           _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r)));
+    } else {
+      // min(127, r) (keeps NaN), then the signed saturating narrowing clamps at -128 (NaN and
+      // values below int32 convert to 0x80000000): NaN -> -128, the low end as on the scalar path
+      r = _mm512_min_ps(_mm512_set1_ps(127.f), r);
+      _mm_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + i, k,
+                           _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+    }
   }
 }
 
@@ -460,26 +467,33 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
 
 // ---------------------------------------------------------------- depthwise
 //
-// Packed layout (T = kh * kw taps, T4 = ceil(T / 4), Cp = round_up(C, 64)):
-//   [0, 4 * Cp * T4):          the VNNI form: per block of 64 channels and group of 4 taps, four
-//                              64-byte rows R0..R3; byte 4 * i + u of Rj is the weight of tap
-//                              4 * group + u (zero beyond T) for channel 16 * (i / 4) + 4 * j + i % 4
-//                              of the block, the order in which unpacking 4 taps' bytes leaves them;
+// Packed layout (T = kh * kw taps, KQ = ceil(kh / 4), Cp = round_up(C, 64)):
+//   [0, 4 * Cp * KQ * kw):     the VNNI form [KQ][kw][Cp / 16][16 channels][4]: byte u of a
+//                              channel's 4 is the weight of tap (ky = 4 * qy + u, kx), zero for
+//                              ky >= kh;
 //   next 4 * Cp bytes:         int32 sum over the taps of each channel's weights;
 //   next 2 * T * Cp bytes:     int16 [T][Cp] weights (the AVX2 and scalar kernels).
 // Channels beyond C are zero.
 //
 // Every kernel computes sum_t v_t * w_t over all taps, with v the input byte (x ^ 0x80 for int8 x)
 // and padding taps reading the zero point; the epilogue subtracts zp * sum_t w_t.
+//
+// The VNNI kernel works on one output row at a time: it first interleaves, for every input column
+// the row needs, the bytes of 4 vertically adjacent taps per channel ([16 channels][4] per 64
+// bytes, two rounds of unpacking and a 4 x 4 transpose of 128-bit lanes), so that each (vertical
+// quad, kx) pair of the kernel is one vpdpbusd per 16 channels, with no shuffles in the
+// per-pixel loop.
 
 int64_t dw_cp(const Int8ConvGeom& g) { return round_up(g.C, 64); }
-int64_t dw_t4(const Int8ConvGeom& g) { return (g.kh * g.kw + 3) / 4; }
-int64_t dw_wsum_offset(const Int8ConvGeom& g) { return 4 * dw_cp(g) * dw_t4(g); }
+int64_t dw_kq(const Int8ConvGeom& g) { return (g.kh + 3) / 4; }
+int64_t dw_wsum_offset(const Int8ConvGeom& g) { return 4 * dw_cp(g) * dw_kq(g) * g.kw; }
 int64_t dw_w16_offset(const Int8ConvGeom& g) { return dw_wsum_offset(g) + 4 * dw_cp(g); }
+// input columns (from -pw) that one output row reads
+int64_t dw_cols(const Int8ConvGeom& g) { return (g.Wo - 1) * g.sw + (g.kw - 1) * g.dw + 1; }
 
 // Output pixel (oy, ox): each tap's input pixel (its first byte), or the zero-point row.
 inline void dw_tap_pointers(const Int8ConvGeom& g, const uint8_t* img, const uint8_t* zprow,
-                            int64_t oy, int64_t ox, int64_t ntaps, const uint8_t** ptr) {
+                            int64_t oy, int64_t ox, const uint8_t** ptr) {
   int64_t t = 0;
   for (int64_t ky = 0; ky < g.kh; ++ky) {
     const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
@@ -489,7 +503,6 @@ inline void dw_tap_pointers(const Int8ConvGeom& g, const uint8_t* img, const uin
       ptr[t] = yok && ix >= 0 && ix < g.W ? img + (iy * g.W + ix) * g.C : zprow;
     }
   }
-  for (; t < ntaps; ++t) ptr[t] = zprow;
 }
 
 void dw_pixel_scalar(int64_t C, int64_t T, const int16_t* w16, int64_t Cp, const uint8_t* const* ptr,
@@ -526,54 +539,108 @@ PYC_TARGET_AVX2 void dw_pixel_avx2(int64_t C, int64_t T, const int16_t* w16, int
   }
 }
 
-// 64 channels per step, 4 taps per vpdpbusd: the four taps' bytes are interleaved by two rounds
-// of unpacking (the weights are stored in the order that leaves), and the 4 x 4 blocks of 128-bit
-// lanes are put back in channel order at the end.
+// The interleaved rows of output row oy: q[(qy * cols + j) * Cp * 4 + 4 * c + u] is the byte of
+// input row oy * sh - ph + (4 * qy + u) * dh, column j - pw, channel c (the zero point outside
+// the image or beyond kh).
 template <bool Signed>
-PYC_TARGET_AVX512VNNI void dw_pixel_vnni(int64_t C, int64_t T4, const int8_t* wv, const uint8_t* const* ptr,
-                                         int32_t* acc) {
+PYC_TARGET_AVX512VNNI void dw_interleave_vnni(const Int8ConvGeom& g, const uint8_t* img,
+                                              const uint8_t* zprow, int64_t oy, uint8_t* q) {
+  const int64_t C = g.C, Cp = dw_cp(g), cols = dw_cols(g), KQ = dw_kq(g);
   const __m512i fv = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t c0 = 0; c0 < C; c0 += 64) {
-    const __mmask64 k = C - c0 >= 64 ? ~__mmask64(0) : (~uint64_t(0)) >> (64 - (C - c0));
-    __m512i r0 = _mm512_setzero_si512(), r1 = r0, r2 = r0, r3 = r0;
-    const int8_t* w = wv + c0 * 4 * T4;
-    for (int64_t q = 0; q < T4; ++q, w += 256) {
-      const uint8_t* const* p = ptr + 4 * q;
-      __m512i a0 = _mm512_maskz_loadu_epi8(k, p[0] + c0), a1 = _mm512_maskz_loadu_epi8(k, p[1] + c0);
-      __m512i a2 = _mm512_maskz_loadu_epi8(k, p[2] + c0), a3 = _mm512_maskz_loadu_epi8(k, p[3] + c0);
-      if (Signed) {
-        a0 = _mm512_xor_si512(a0, fv);
-        a1 = _mm512_xor_si512(a1, fv);
-        a2 = _mm512_xor_si512(a2, fv);
-        a3 = _mm512_xor_si512(a3, fv);
-      }
-      const __m512i l01 = _mm512_unpacklo_epi8(a0, a1), h01 = _mm512_unpackhi_epi8(a0, a1);
-      const __m512i l23 = _mm512_unpacklo_epi8(a2, a3), h23 = _mm512_unpackhi_epi8(a2, a3);
-      r0 = _mm512_dpbusd_epi32(r0, _mm512_unpacklo_epi16(l01, l23), _mm512_loadu_si512(w));
-      r1 = _mm512_dpbusd_epi32(r1, _mm512_unpackhi_epi16(l01, l23), _mm512_loadu_si512(w + 64));
-      r2 = _mm512_dpbusd_epi32(r2, _mm512_unpacklo_epi16(h01, h23), _mm512_loadu_si512(w + 128));
-      r3 = _mm512_dpbusd_epi32(r3, _mm512_unpackhi_epi16(h01, h23), _mm512_loadu_si512(w + 192));
+  for (int64_t qy = 0; qy < KQ; ++qy) {
+    const uint8_t* rows[4];
+    for (int u = 0; u < 4; ++u) {
+      const int64_t ky = 4 * qy + u, iy = oy * g.sh - g.ph + ky * g.dh;
+      rows[u] = ky < g.kh && iy >= 0 && iy < g.H ? img + iy * g.W * C : nullptr;
     }
-    const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r2, r3, 0x44);
-    const __m512i t2 = _mm512_shuffle_i32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
-    _mm512_storeu_si512(acc + c0, _mm512_shuffle_i32x4(t0, t1, 0x88));
-    _mm512_storeu_si512(acc + c0 + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
-    _mm512_storeu_si512(acc + c0 + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
-    _mm512_storeu_si512(acc + c0 + 48, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+    for (int64_t j = 0; j < cols; ++j) {
+      const int64_t ix = j - g.pw;
+      const bool xok = ix >= 0 && ix < g.W;
+      const uint8_t* src[4];
+      for (int u = 0; u < 4; ++u) src[u] = xok && rows[u] ? rows[u] + ix * C : zprow;
+      uint8_t* dst = q + (qy * cols + j) * Cp * 4;
+      for (int64_t c0 = 0; c0 < C; c0 += 64) {
+        const __mmask64 k = C - c0 >= 64 ? ~__mmask64(0) : (~uint64_t(0)) >> (64 - (C - c0));
+        __m512i a0 = _mm512_maskz_loadu_epi8(k, src[0] + c0), a1 = _mm512_maskz_loadu_epi8(k, src[1] + c0);
+        __m512i a2 = _mm512_maskz_loadu_epi8(k, src[2] + c0), a3 = _mm512_maskz_loadu_epi8(k, src[3] + c0);
+        if (Signed) {
+          a0 = _mm512_xor_si512(a0, fv);
+          a1 = _mm512_xor_si512(a1, fv);
+          a2 = _mm512_xor_si512(a2, fv);
+          a3 = _mm512_xor_si512(a3, fv);
+        }
+        const __m512i l01 = _mm512_unpacklo_epi8(a0, a1), h01 = _mm512_unpackhi_epi8(a0, a1);
+        const __m512i l23 = _mm512_unpacklo_epi8(a2, a3), h23 = _mm512_unpackhi_epi8(a2, a3);
+        // lane L of r_j: channels 16 L + 4 j .. 16 L + 4 j + 3, 4 bytes each
+        const __m512i r0 = _mm512_unpacklo_epi16(l01, l23), r1 = _mm512_unpackhi_epi16(l01, l23);
+        const __m512i r2 = _mm512_unpacklo_epi16(h01, h23), r3 = _mm512_unpackhi_epi16(h01, h23);
+        const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r2, r3, 0x44);
+        const __m512i t2 = _mm512_shuffle_i32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
+        uint8_t* d = dst + 4 * c0;
+        _mm512_storeu_si512(d, _mm512_shuffle_i32x4(t0, t1, 0x88));
+        _mm512_storeu_si512(d + 64, _mm512_shuffle_i32x4(t0, t1, 0xDD));
+        _mm512_storeu_si512(d + 128, _mm512_shuffle_i32x4(t2, t3, 0x88));
+        _mm512_storeu_si512(d + 192, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+      }
+    }
+  }
+}
+
+// acc[ox * Cp + c] = sum over (qy, kx) of the interleaved bytes times the weights, 16 channels per
+// vpdpbusd; the 16-channel block is the outer loop so its weights stay in L1 across the row.
+PYC_TARGET_AVX512VNNI void dw_row_vnni(const Int8ConvGeom& g, const int8_t* wv, const uint8_t* q,
+                                       int32_t* acc) {
+  const int64_t Cp = dw_cp(g), cols = dw_cols(g), KQ = dw_kq(g), blocks = (g.C + 15) / 16;
+  const int64_t nw = KQ * g.kw, step = g.sw * Cp * 4, kstep = g.dw * Cp * 4, qstep = cols * Cp * 4;
+  for (int64_t cb = 0; cb < blocks; ++cb) {
+    const int8_t* w = wv + cb * 64;
+    const uint8_t* qb = q + cb * 64;
+    int64_t ox = 0;
+    // two output pixels at a time: independent accumulator chains
+    for (; ox + 2 <= g.Wo; ox += 2) {
+      __m512i s0 = _mm512_setzero_si512(), s1 = s0;
+      const uint8_t* p = qb + ox * step;
+      for (int64_t qy = 0; qy < KQ; ++qy)
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const __m512i wk = _mm512_loadu_si512(w + (qy * g.kw + kx) * Cp * 4);
+          const uint8_t* pk = p + qy * qstep + kx * kstep;
+          s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(pk), wk);
+          s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(pk + step), wk);
+        }
+      _mm512_storeu_si512(acc + ox * Cp + cb * 16, s0);
+      _mm512_storeu_si512(acc + (ox + 1) * Cp + cb * 16, s1);
+    }
+    for (; ox < g.Wo; ++ox) {
+      __m512i s0 = _mm512_setzero_si512();
+      const uint8_t* p = qb + ox * step;
+      for (int64_t qy = 0; qy < KQ; ++qy)
+        for (int64_t kx = 0; kx < g.kw; ++kx)
+          s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(p + qy * qstep + kx * kstep),
+                                   _mm512_loadu_si512(w + (qy * g.kw + kx) * Cp * 4));
+      _mm512_storeu_si512(acc + ox * Cp + cb * 16, s0);
+    }
+    (void)nw;
   }
 }
 #endif
+
+int64_t dw_workspace_bytes(const Int8ConvGeom& g) {
+  const int64_t Cp = dw_cp(g);
+  return 4 * g.Wo * Cp + Cp + 8 * g.kh * g.kw + 4 * Cp * dw_kq(g) * dw_cols(g) + 256;
+}
 
 void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
                          const Int8ConvArgs& a, int64_t t0, int64_t t1, void* workspace,
                          int level) {
   (void)plan;
-  const int64_t C = g.C, Cp = dw_cp(g), T = g.kh * g.kw, T4 = dw_t4(g);
+  const int64_t C = g.C, Cp = dw_cp(g), T = g.kh * g.kw;
   const int32_t* wsum = reinterpret_cast<const int32_t*>(packed + dw_wsum_offset(g));
   const int16_t* w16 = reinterpret_cast<const int16_t*>(packed + dw_w16_offset(g));
-  int32_t* acc = static_cast<int32_t*>(workspace);               // [Wo][Cp]
-  uint8_t* zprow = reinterpret_cast<uint8_t*>(acc + g.Wo * Cp);  // Cp bytes
-  const uint8_t** ptr = reinterpret_cast<const uint8_t**>(zprow + Cp);  // 4 * T4 pointers
+  int32_t* acc = static_cast<int32_t*>(workspace);                     // [Wo][Cp]
+  uint8_t* zprow = reinterpret_cast<uint8_t*>(acc + g.Wo * Cp);        // Cp bytes
+  const uint8_t** ptr = reinterpret_cast<const uint8_t**>(zprow + Cp);  // T pointers
+  uint8_t* qbuf = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(ptr + T) + 63) & ~uintptr_t(63));  // interleaved rows
   const uint8_t flip = a.x_signed ? 0x80 : 0;
 #if PYC_HAVE_X86_SIMD
   const bool vnni = level >= 2 && cpu_features().avx512vnni;
@@ -587,28 +654,36 @@ void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const 
       std::memset(zprow, static_cast<uint8_t>(a.x_zp[n]), static_cast<size_t>(Cp));
       zp_image = n;
     }
-    // output columns whose taps all lie inside the image columns: pointers advance by sw * C
-    const int64_t ox_in0 = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
-    const int64_t span = (g.kw - 1) * g.dw;
-    const int64_t ox_in1 = std::max(ox_in0, std::min(g.Wo, g.W - span + g.pw > 0 ? (g.W - 1 - span + g.pw) / g.sw + 1 : 0));
-    for (int64_t ox = 0; ox < g.Wo; ++ox) {
-      if (ox > ox_in0 && ox < ox_in1) {
-        for (int64_t t = 0; t < T; ++t)
-          if (ptr[t] != zprow) ptr[t] += g.sw * C;
-      } else {
-        dw_tap_pointers(g, img, zprow, oy, ox, 4 * T4, ptr);
-      }
-      int32_t* ar = acc + ox * Cp;
 #if PYC_HAVE_X86_SIMD
-      if (vnni && flip)
-        dw_pixel_vnni<true>(C, T4, packed, ptr, ar);
-      else if (vnni)
-        dw_pixel_vnni<false>(C, T4, packed, ptr, ar);
-      else if (level >= 1)
-        dw_pixel_avx2(C, T, w16, Cp, ptr, flip, ar);
+    if (vnni) {
+      if (flip)
+        dw_interleave_vnni<true>(g, img, zprow, oy, qbuf);
       else
+        dw_interleave_vnni<false>(g, img, zprow, oy, qbuf);
+      dw_row_vnni(g, packed, qbuf, acc);
+    } else
 #endif
-        dw_pixel_scalar(C, T, w16, Cp, ptr, flip, ar);
+    {
+      // output columns whose taps all lie inside the image columns: pointers advance by sw * C
+      const int64_t ox_in0 = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
+      const int64_t span = (g.kw - 1) * g.dw;
+      const int64_t last = g.W - 1 - span + g.pw;
+      const int64_t ox_in1 = std::max(ox_in0, std::min(g.Wo, last >= 0 ? last / g.sw + 1 : 0));
+      for (int64_t ox = 0; ox < g.Wo; ++ox) {
+        if (ox > ox_in0 && ox < ox_in1) {
+          for (int64_t tp = 0; tp < T; ++tp)
+            if (ptr[tp] != zprow) ptr[tp] += g.sw * C;
+        } else {
+          dw_tap_pointers(g, img, zprow, oy, ox, ptr);
+        }
+        int32_t* ar = acc + ox * Cp;
+#if PYC_HAVE_X86_SIMD
+        if (level >= 1)
+          dw_pixel_avx2(C, T, w16, Cp, ptr, flip, ar);
+        else
+#endif
+          dw_pixel_scalar(C, T, w16, Cp, ptr, flip, ar);
+      }
     }
     const EpTile tile{acc, Cp, (n * g.Ho + oy) * g.Wo, g.Wo, 0, C, wsum, 0};
     ep(tile, g.Ho * g.Wo, C, a);
@@ -633,17 +708,17 @@ void int8_conv_pack_weight(const int8_t* w, const Int8ConvGeom& g, int8_t* packe
   const int64_t taps = g.kh * g.kw;
   if (g.depthwise()) {
     // unit: a block of 64 channels
-    const int64_t Cp = dw_cp(g), T4 = dw_t4(g);
+    const int64_t Cp = dw_cp(g), KQ = dw_kq(g);
     int32_t* wsum = reinterpret_cast<int32_t*>(packed + dw_wsum_offset(g));
     int16_t* w16 = reinterpret_cast<int16_t*>(packed + dw_w16_offset(g));
     for (int64_t b = u0; b < u1; ++b) {
-      int8_t* vb = packed + b * 64 * 4 * T4;
-      for (int64_t q = 0; q < T4; ++q)
-        for (int64_t j = 0; j < 4; ++j)
-          for (int64_t i = 0; i < 16; ++i)
+      for (int64_t qy = 0; qy < KQ; ++qy)
+        for (int64_t kx = 0; kx < g.kw; ++kx)
+          for (int64_t c = 64 * b; c < 64 * (b + 1); ++c)
             for (int64_t u = 0; u < 4; ++u) {
-              const int64_t c = 64 * b + 16 * (i / 4) + 4 * j + i % 4, t = 4 * q + u;
-              vb[q * 256 + j * 64 + 4 * i + u] = c < g.C && t < taps ? w[c * taps + t] : 0;
+              const int64_t ky = 4 * qy + u;
+              packed[((qy * g.kw + kx) * Cp + c) * 4 + u] =
+                  c < g.C && ky < g.kh ? w[c * taps + ky * g.kw + kx] : 0;
             }
       for (int64_t c = 64 * b; c < 64 * (b + 1); ++c) {
         int32_t sum = 0;
@@ -686,7 +761,7 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
     p.blocks = g.N * g.Ho;
     p.chunks = 1;
     p.tasks = p.blocks;
-    p.workspace_bytes = 4 * g.Wo * dw_cp(g) + dw_cp(g) + 8 * 4 * dw_t4(g) + 128;
+    p.workspace_bytes = dw_workspace_bytes(g);
     return p;
   }
   const int64_t Coutg = g.cout_g(), K = g.k(), Npg = int8_round_n(Coutg);
