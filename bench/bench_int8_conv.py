@@ -1,7 +1,8 @@
 """Benchmark: int8 2-D convolution (``pycompress.ops.int8_conv2d``) against torch fp32 conv.
 
 Layer shapes of ResNet-18/50 and MobileNetV2 at 224x224 input, batch 1 and 8. Peers measured in
-the same run: torch fp32 ``F.conv2d`` on channels_last input (the fast fp32 layout on the CPU).
+the same run: torch fp32 ``F.conv2d`` with channels_last input and weight (the fast fp32 layout on
+the CPU, what ``model.to(memory_format=torch.channels_last)`` gives).
 Our rows:
 
 - ``int8 u8->f32``: uint8 input (static per-tensor scale and zero point), fp32 output;
@@ -59,6 +60,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
     layers = [lay for lay in LAYERS if not quick or lay[0] in QUICK]
     for name, cin, hw, cout, k, s, g in layers:
         w, bias, wq, w_scale = _layer(cin, cout, k, g)
+        w = w.contiguous(memory_format=torch.channels_last)  # as after model.to(memory_format=...)
         packed = ops.int8_conv2d_pack_weight(wq, g)
         pad = k // 2
         for n in batches:
