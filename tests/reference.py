@@ -48,7 +48,7 @@ def conv2d_quantize_ref(x, x_scale=None, x_zero_point=None):
         lo = torch.clamp(flat.amin(dim=1), max=0.0) if flat.shape[1] else torch.zeros(n)
         hi = torch.clamp(flat.amax(dim=1), min=0.0) if flat.shape[1] else torch.zeros(n)
         scale = (hi - lo) / 255.0
-        scale = torch.where(hi == lo, torch.ones_like(scale), scale)
+        scale = torch.where((hi == lo) | (scale == 0), torch.ones_like(scale), scale)
         zp = torch.round(-lo / scale).clamp(0, 255)
         q = torch.round(xf / scale[:, None, None, None]) + zp[:, None, None, None]
         return q.clamp(0, 255).long(), scale, zp.long()

@@ -192,9 +192,10 @@ def test_conv_narrow_weights_exact(cpu_isa):
 
 
 def test_conv_larger_layers(cpu_isa):
-    # several pixel blocks and panel ranges per thread, images spanning blocks
+    # several pixel blocks and panel ranges per thread, images spanning blocks; 1x1 convs whose
+    # uint8 rows the GEMM reads in place (one group and two)
     for n, cin, hw, cout, k, s, g in [(3, 64, 15, 96, 3, 1, 1), (2, 32, 17, 64, 3, 2, 2), (1, 144, 19, 144, 3, 1, 144),
-                                      (2, 256, 9, 64, 1, 1, 1)]:
+                                      (2, 256, 9, 64, 1, 1, 1), (3, 128, 7, 96, 1, 1, 2), (1, 20, 11, 24, 1, 1, 1)]:
         x, scale, zp = make_input("uint8", n, cin, hw, hw)
         w, ws = make_weight(cout, cin // g, (k, k))
         bias = torch.randn(cout)
@@ -251,7 +252,7 @@ def test_nonfinite_dynamic_input():
         x[1, 2, 3, 4] = bad
         with pytest.raises(ValueError, match="NaN or infinite"):
             ops.int8_conv2d(x, w, ws)
-        with pytest.raises(RuntimeError, match="NaN or infinite"):
+        with pytest.raises(ValueError, match="NaN or infinite"):
             torch.ops.pycompress.int8_conv2d(x, None, None, w, ws, None, None, [1, 1], [0, 0], [1, 1], 1, "none",
                                              None, 1.0, 0)
 
@@ -358,7 +359,7 @@ def test_bad_input_binding():
         (dict(w_packed=torch.zeros(3, dtype=torch.int8)), "w_packed must be"),
         (dict(x=x.float(), x_scale=sc * 0), "x_scale must be > 0"),
     ]:
-        with pytest.raises((RuntimeError, TypeError), match=match):
+        with pytest.raises((RuntimeError, TypeError, ValueError), match=match):
             call(**over)
     with pytest.raises(RuntimeError, match="w must be 4-D"):
         torch.ops.pycompress.int8_conv2d_pack_weight(w[0], 1)
@@ -430,3 +431,39 @@ def test_amx_same_bits_as_avx512():
         assert torch.equal(outs[0], outs[1])
     finally:
         pycompress.set_cpu_isa(prev)
+
+
+def test_dynamic_quantization_halfway_values(cpu_isa):
+    # values at and next to the halfway points between quantization steps: where x * (1 / s) and
+    # x / s round differently, the kernel must give the rounding of x / s
+    lo, hi = -1.7, 3.1
+    s = (torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)) / 255
+    j = torch.arange(-88, 162, dtype=torch.float32)  # every value inside [lo, hi]
+    mid = (j + 0.5) * s
+    vals = torch.cat([mid, torch.nextafter(mid, torch.tensor(float("inf"))), torch.nextafter(mid, torch.tensor(-float("inf"))),
+                      j * s, torch.tensor([lo, hi])])
+    n = vals.numel() // 8 * 8
+    x = vals[:n].reshape(1, 8, n // 8, 1).repeat(1, 1, 1, 3)
+    x[0, 0, 0, 0], x[0, 1, 0, 0] = lo, hi
+    q, sc, zp = conv2d_quantize_ref(x)
+    assert torch.equal(sc, s.reshape(1))
+    w = torch.zeros(8, 1, 1, 1, dtype=torch.int8)
+    w[:, 0, 0, 0] = 1
+    y = ops.int8_conv2d(x, w, torch.ones(8), groups=8)  # depthwise 1x1: y = (q - zp) * s
+    assert_same(y, conv2d_ref(x, w, torch.ones(8), groups=8))
+    wd = torch.eye(8, dtype=torch.int8).reshape(8, 8, 1, 1)
+    assert_same(ops.int8_conv2d(x, wd, torch.ones(8)), conv2d_ref(x, wd, torch.ones(8)))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.uint8, torch.int8])
+def test_requantized_nan_and_huge_values_saturate(out_dtype, cpu_isa):
+    # a NaN bias gives the low end of the range on every path; huge values saturate
+    x = torch.randint(0, 256, (1, 4, 5, 5), dtype=torch.uint8)
+    w = torch.randint(-128, 128, (20, 4, 3, 3), dtype=torch.int8)
+    bias = torch.zeros(20)
+    bias[3], bias[5], bias[7] = float("nan"), 3e38, -3e38
+    y = ops.int8_conv2d(x, w, torch.full((20,), 1e-3), bias, x_scale=torch.ones(1),
+                        x_zero_point=torch.zeros(1, dtype=torch.int32), padding=1, out_dtype=out_dtype,
+                        out_scale=1e-3, out_zero_point=1)
+    info = torch.iinfo(out_dtype)
+    assert (y[:, 3] == info.min).all() and (y[:, 5] == info.max).all() and (y[:, 7] == info.min).all()

@@ -48,8 +48,8 @@ inline int64_t int8_conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t
 
 // Bytes of the packed weight (only Cout, C, kh, kw and groups matter).
 //   regular / grouped: groups blocks of int8_packed_bytes(Cout / groups, K), one after another;
-//   depthwise:         int32 [kh * kw][round_up(C, 16)], each weight in the low 16 bits (sign
-//                      extended to 16 bits), the high 16 bits zero; padding zero.
+//   depthwise:         the direct kernel's own layout (VNNI tap groups, per-channel weight sums,
+//                      int16 weights; see cpu/conv.cpp), valid for every ISA level.
 int64_t int8_conv_packed_bytes(const Int8ConvGeom& g);
 
 // Units of packing work (int8_conv_pack_weight covers units [u0, u1)).
@@ -85,6 +85,7 @@ struct Int8ConvPlan {
   int64_t chunks = 1;      // panel ranges per group
   int64_t chunk_panels = 0;
   int64_t tasks = 0;       // groups * blocks * chunks
+  bool direct_rows = false;  // 1x1 stride-1 unpadded conv whose uint8 input rows the GEMM reads as they are
   int64_t workspace_bytes = 0;
 };
 

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -23,7 +24,7 @@ ConvAct parse_activation(const std::string& s) {
   if (s == "relu6") return ConvAct::Relu6;
   if (s == "silu") return ConvAct::Silu;
   if (s == "hardswish") return ConvAct::Hardswish;
-  TORCH_CHECK(false, kOp, ": unknown activation '", s,
+  TORCH_CHECK_VALUE(false, kOp, ": unknown activation '", s,
               "' (expected none, relu, relu6, silu or hardswish)");
   return ConvAct::None;
 }
@@ -94,29 +95,30 @@ at::Tensor int8_conv2d_pack_weight_cpu(const at::Tensor& w, int64_t groups) {
                                        groups));
 }
 
-// Per-image float32 [N] from a [1] or [N] tensor.
-at::Tensor per_image(const at::Tensor& t, int64_t N, at::ScalarType dt, const char* name) {
+// Per-image values [N] from a [1] or [N] tensor (checked with raw loops: these are tiny and the
+// op is called once per layer, where a few small tensor ops would cost more than a small conv).
+template <typename T>
+std::vector<T> per_image(const at::Tensor& t, int64_t N, at::ScalarType dt, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() == dt, kOp, ": ", name, " must be ", dt, ", got ",
                    t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == N), kOp, ": ", name,
-              " must have shape [1] or [N] = [", N, "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == 1 && (t.size(0) == 1 || t.size(0) == N), kOp, ": ", name,
+                    " must have shape [1] or [N] = [", N, "], got ", t.sizes());
   TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be on the CPU like x");
-  at::Tensor c = t.contiguous();
-  if (c.size(0) != N) c = c.expand({N}).contiguous();
-  return c;
+  std::vector<T> v(static_cast<size_t>(std::max<int64_t>(N, 1)));
+  const T* p = t.data_ptr<T>();
+  const int64_t st = t.stride(0);
+  for (int64_t i = 0; i < static_cast<int64_t>(v.size()); ++i) v[i] = p[t.size(0) == 1 ? 0 : i * st];
+  return v;
 }
 
-void check_zero_points(const at::Tensor& zp, int64_t lo, int64_t hi, const char* what) {
-  if (zp.numel() == 0) return;
-  const int64_t mn = zp.min().item<int64_t>(), mx = zp.max().item<int64_t>();
-  TORCH_CHECK(mn >= lo && mx <= hi, kOp, ": x_zero_point must lie in [", lo, ", ", hi, "] for ",
-              what, ", got values in [", mn, ", ", mx, "]");
-}
-
-void check_finite(const at::Tensor& t, const char* name, bool positive) {
-  if (t.numel() == 0) return;
-  TORCH_CHECK(at::isfinite(t).all().item<bool>(), kOp, ": ", name, " must be finite");
-  if (positive) TORCH_CHECK((t > 0).all().item<bool>(), kOp, ": ", name, " must be > 0");
+void check_finite(const float* p, int64_t n, int64_t stride, const char* name, bool positive) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = p[i * stride];
+    TORCH_CHECK_VALUE(std::isfinite(v), kOp, ": ", name, " must be finite, got ", v, " at index ", i);
+    if (positive)
+      TORCH_CHECK_VALUE(v > 0.f && std::isfinite(1.0f / v), kOp, ": ", name,
+                        " must be > 0 (with a finite 1 / x_scale in fp32) to quantize a float x, got ", v);
+  }
 }
 
 at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& x_scale_in,
@@ -141,7 +143,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   TORCH_CHECK(w_scale_in.dim() == 1 && w_scale_in.size(0) == g.Cout, kOp,
               ": w_scale must have shape [Cout] = [", g.Cout, "], got ", w_scale_in.sizes());
   const at::Tensor w_scale = w_scale_in.contiguous();
-  check_finite(w_scale, "w_scale", false);
+  check_finite(w_scale.data_ptr<float>(), g.Cout, 1, "w_scale", false);
   at::Tensor bias;
   if (bias_in.has_value() && bias_in->defined()) {
     TORCH_CHECK_TYPE(is_supported_float(bias_in->scalar_type()), kOp,
@@ -167,10 +169,10 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   }
   const float oscale = static_cast<float>(out_scale);
   if (ok == ConvOut::U8 || ok == ConvOut::S8) {
-    TORCH_CHECK(std::isfinite(oscale) && oscale > 0.f && std::isfinite(1.0f / oscale), kOp,
+    TORCH_CHECK_VALUE(std::isfinite(oscale) && oscale > 0.f && std::isfinite(1.0f / oscale), kOp,
                 ": out_scale must be finite and > 0 for a quantized output, got ", out_scale);
     const int64_t lo = ok == ConvOut::U8 ? 0 : -128, hi = ok == ConvOut::U8 ? 255 : 127;
-    TORCH_CHECK(out_zero_point >= lo && out_zero_point <= hi, kOp, ": out_zero_point must lie in [",
+    TORCH_CHECK_VALUE(out_zero_point >= lo && out_zero_point <= hi, kOp, ": out_zero_point must lie in [",
                 lo, ", ", hi, "] for ", ot, " output, got ", out_zero_point);
   }
 
@@ -202,16 +204,17 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   const int64_t N = g.N;
   auto out = at::empty({N, g.Cout, g.Ho, g.Wo},
                        x_in.options().dtype(ot).memory_format(at::MemoryFormat::ChannelsLast));
-  at::Tensor x_scale, x_zp;
+  std::vector<float> x_scale;
+  std::vector<int32_t> x_zp;
   if (has_scale) {
-    x_scale = per_image(*x_scale_in, N, at::kFloat, "x_scale");
-    x_zp = per_image(*x_zp_in, N, at::kInt, "x_zero_point");
-    check_finite(x_scale, "x_scale", !x_quant);
-    if (xt == at::kChar) {
-      check_zero_points(x_zp, -128, 127, "int8 x");
-    } else {
-      check_zero_points(x_zp, 0, 255, x_quant ? "uint8 x" : "float x (quantized to uint8)");
-    }
+    x_scale = per_image<float>(*x_scale_in, N, at::kFloat, "x_scale");
+    x_zp = per_image<int32_t>(*x_zp_in, N, at::kInt, "x_zero_point");
+    check_finite(x_scale.data(), static_cast<int64_t>(x_scale.size()), 1, "x_scale", !x_quant);
+    const int32_t lo = xt == at::kChar ? -128 : 0, hi = xt == at::kChar ? 127 : 255;
+    for (int32_t z : x_zp)
+      TORCH_CHECK_VALUE(z >= lo && z <= hi, kOp, ": x_zero_point must lie in [", lo, ", ", hi,
+                        "] for ", xt == at::kChar ? "int8 x" : (x_quant ? "uint8 x" : "float x (quantized to uint8)"),
+                        ", got ", z);
   }
   if (N == 0) return out;
 
@@ -242,20 +245,21 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
           fin[u] = f;
         }
       });
-      x_scale = at::empty({N}, x.options().dtype(at::kFloat));
-      x_zp = at::empty({N}, x.options().dtype(at::kInt));
+      x_scale.resize(N);
+      x_zp.resize(N);
       for (int64_t n = 0; n < N; ++n) {
         float l = INFINITY, h = -INFINITY;
         for (int64_t u = n * pieces; u < (n + 1) * pieces; ++u) {
-          TORCH_CHECK(fin[u], kOp, ": x holds NaN or infinite values (image ", n, ")");
+          TORCH_CHECK_VALUE(fin[u], kOp, ": x holds NaN or infinite values (image ", n,
+                            "), which dynamic quantization cannot represent");
           l = std::min(l, lo[u]);
           h = std::max(h, hi[u]);
         }
-        int8_conv_dynamic_params(l, h, x_scale.data_ptr<float>() + n, x_zp.data_ptr<int32_t>() + n);
+        int8_conv_dynamic_params(l, h, &x_scale[n], &x_zp[n]);
       }
     }
-    const float* sp = x_scale.data_ptr<float>();
-    const int32_t* zp = x_zp.data_ptr<int32_t>();
+    const float* sp = x_scale.data();
+    const int32_t* zp = x_zp.data();
     const bool divide = !has_scale;
     at::parallel_for(0, N * pieces, 1, [&](int64_t b, int64_t e) {
       for (int64_t u = b; u < e; ++u) {
@@ -271,8 +275,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   Int8ConvArgs args;
   args.x = static_cast<const uint8_t*>(xq.data_ptr());
   args.x_signed = xq.scalar_type() == at::kChar;
-  args.x_zp = x_zp.data_ptr<int32_t>();
-  args.x_scale = x_scale.data_ptr<float>();
+  args.x_zp = x_zp.data();
+  args.x_scale = x_scale.data();
   args.w_scale = w_scale.data_ptr<float>();
   args.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   args.act = act;
@@ -285,8 +289,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   const int8_t* pk = packed.data_ptr<int8_t>();
   const Int8ConvPlan plan = int8_conv_plan(isa, g, pk, at::get_num_threads());
   parallel_for_dynamic(0, plan.tasks, 1, 4, [&](int64_t b, int64_t e) {
-    std::vector<uint8_t> buf(static_cast<size_t>(plan.workspace_bytes + 64));
-    void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    std::unique_ptr<uint8_t[]> buf(new uint8_t[static_cast<size_t>(plan.workspace_bytes + 64)]);
+    void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
     int8_conv_run(plan, g, pk, args, b, e, ws);
   });
   return out;

@@ -11,6 +11,7 @@ activation and writes float or requantized uint8/int8 output in channels_last me
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -36,6 +37,14 @@ _QUANT_DTYPES = (torch.uint8, torch.int8)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.int8)
 
 
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (inf where it overflows)."""
+    v = float(v)
+    if not math.isfinite(v) or abs(v) >= 3.4028235677973366e38:
+        return v if not math.isfinite(v) else math.copysign(math.inf, v)
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
 def _round_up(v, m):
     return (v + m - 1) // m * m
 
@@ -45,11 +54,12 @@ def int8_conv2d_packed_bytes(cout: int, cin_per_group: int, kh: int, kw: int, gr
     ``[cout, cin_per_group, kh, kw]``.
 
     Depthwise weights (``cin_per_group == 1`` and ``groups == cout``) get the depthwise kernel's
-    layout (int32 ``[kh * kw][round_up(cout, 16)]``); every other conv one packed int8 GEMM weight
+    layout (see ``csrc/int8/cpu/conv.cpp``); every other conv one packed int8 GEMM weight
     (``[cout / groups, kh * kw * cin_per_group]``, see :func:`int8_packed_bytes`) per group.
     """
     if cin_per_group == 1 and groups == cout:
-        return 4 * kh * kw * _round_up(cout, 16)
+        cp, taps = _round_up(cout, 64), kh * kw
+        return 4 * cp * ((kh + 3) // 4) * kw + 4 * cp + 2 * taps * cp
     n, k = cout // groups, kh * kw * cin_per_group
     kp, np_ = _round_up(k, 4), _round_up(n, 16)
     return groups * (np_ * kp + 4 * np_ + np_ // 4)
@@ -137,17 +147,6 @@ def int8_conv2d_pack_weight(w: torch.Tensor, groups: int = 1) -> torch.Tensor:
     if w.device.type not in ("cpu", "meta"):
         raise ValueError(f"int8_conv2d_pack_weight packs weights for the CPU kernels; w is on {w.device}")
     return torch.ops.pycompress.int8_conv2d_pack_weight(w, groups)
-
-
-def _tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    is_compiling = getattr(compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
-
-
-def _check_values(t: torch.Tensor) -> bool:
-    """Whether value checks (reading tensor data) are possible here."""
-    return t.device.type != "meta" and not _tracing()
 
 
 def int8_conv2d(
@@ -242,8 +241,8 @@ def int8_conv2d(
     if isinstance(out_zero_point, bool) or not isinstance(out_zero_point, int):
         raise TypeError(f"out_zero_point must be an int, got {out_zero_point!r}")
     if quant_out:
-        s32 = torch.tensor(float(out_scale), dtype=torch.float32).item() if math.isfinite(out_scale) else out_scale
-        if not (math.isfinite(s32) and s32 > 0 and math.isfinite(1.0 / s32) and 1.0 / s32 < 3.4e38):
+        s32 = _f32(out_scale)
+        if not (math.isfinite(s32) and s32 > 0 and math.isfinite(_f32(1.0 / s32))):
             raise ValueError(f"out_scale must be finite and > 0 for {out_dtype} output, got {out_scale}")
         lo, hi = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
         if not lo <= out_zero_point <= hi:
@@ -262,17 +261,6 @@ def int8_conv2d(
                 raise ValueError(f"{name} must have shape [1] or [N] = [{n}], got {tuple(t.shape)}")
     device = check_same_device(x=x, w=w, w_scale=w_scale, bias=bias, x_scale=x_scale, x_zero_point=x_zero_point)
     check_device_supported(device, "int8_conv2d")
-    if _check_values(w_scale) and not bool(torch.isfinite(w_scale).all()):
-        raise ValueError("w_scale must be finite")
-    if x_scale is not None and _check_values(x_scale):
-        if not bool(torch.isfinite(x_scale).all()):
-            raise ValueError("x_scale must be finite")
-        if not x_quant and not bool((x_scale > 0).all()):
-            raise ValueError("x_scale must be > 0 to quantize a float x")
-        lo, hi = (-128, 127) if x.dtype == torch.int8 else (0, 255)
-        if x_zero_point.numel() and not (lo <= int(x_zero_point.min()) and int(x_zero_point.max()) <= hi):
-            raise ValueError(f"x_zero_point must lie in [{lo}, {hi}] for {x.dtype} x")
-
     if w_packed is not None:
         check_tensor("w_packed", w_packed, dtypes=(torch.int8,), ndim=1)
         expect = int8_conv2d_packed_bytes(cout, cg, kh, kw, groups)
@@ -282,14 +270,9 @@ def int8_conv2d(
             raise ValueError(
                 f"w_packed must be int8_conv2d_pack_weight(w, groups={groups}) ({expect} bytes), got {w_packed.numel()}"
             )
-    try:
-        return torch.ops.pycompress.int8_conv2d(
-            x, x_scale, x_zero_point, w, w_scale, bias, w_packed, s, p, d, groups, activation, out_dtype,
-            float(out_scale), int(out_zero_point),
-        )
-    except RuntimeError as e:
-        if "NaN or infinite" in str(e):
-            raise ValueError(
-                "int8_conv2d: x holds NaN or infinite values, which dynamic quantization cannot represent"
-            ) from e
-        raise
+    # values inside tensors (finite scales, zero points in range, finite x for dynamic
+    # quantization) are checked by the kernel, which raises ValueError naming the problem
+    return torch.ops.pycompress.int8_conv2d(
+        x, x_scale, x_zero_point, w, w_scale, bias, w_packed, s, p, d, groups, activation, out_dtype,
+        float(out_scale), int(out_zero_point),
+    )
