@@ -211,6 +211,18 @@ def test_vgg_view_after_the_features_keeps_working():
         model(TEST[:2])
 
 
+def test_channels_last_outputs_only_where_the_layout_cannot_matter():
+    model = cm.resnet()
+    _quantize(model)
+    # every path ends at another conv or at torch.flatten before the classifier
+    assert all(m.channels_last_output for m in model.modules() if isinstance(m, Int8Conv2d))
+    seg = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    _quantize(seg)
+    assert seg[0].channels_last_output and not seg[2].channels_last_output  # the model's output
+    with torch.no_grad():
+        assert seg(TEST[:2]).is_contiguous()
+
+
 # ----------------------------------------------------------------------------- calibration
 def test_observers_and_qparams():
     assert observers.qparams(0.0, 2.55) == (pytest.approx(0.01), 0)

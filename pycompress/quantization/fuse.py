@@ -11,6 +11,10 @@ modules in place), so every rewrite must be expressible as a module swap:
   nowhere else it becomes ``nn.Identity``; a ReLU or ReLU6 module that is also called at other
   places (torchvision's blocks reuse one ``self.relu``) stays, since applying it again to its own
   output changes nothing (both are idempotent, bit for bit);
+* a conv's float output may stay channels-last (the op's layout) unless a path from it reaches
+  a ``.view`` or the model's output before another converted conv or a flattening op
+  (``flatten``, ``reshape``, a linear layer): there it is made contiguous, as ``nn.Conv2d``
+  would return it;
 * a conv's output can stay uint8 when every path from it ends at the input of another converted
   conv, through modules that are exact on uint8 tensors only: ``nn.Identity``, ``nn.MaxPool2d``
   (a maximum commutes with the monotonic quantization; used only where torch's ``max_pool2d``
@@ -151,9 +155,19 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
     def read_directly(name: str) -> bool:
         return name in plan.weight_read
 
+    def flattens(node: torch.fx.Node) -> bool:
+        """Whether ``node`` turns a feature map into rows (its output's layout is its own)."""
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            return isinstance(m, (nn.Linear, nn.Flatten)) or (
+                registry.is_pycompress_layer(m) and hasattr(m, "in_features"))
+        if node.op == "call_function":
+            return node.target in (torch.flatten, torch.reshape, torch.nn.functional.linear)
+        return node.op == "call_method" and node.target in ("flatten", "reshape")
+
     def reach(start: torch.fx.Node, feeds: set[str]) -> bool:
         """Collects the converted convs reached from ``start`` into ``feeds``; True when a path
-        reaches a ``.view`` or the model's output first."""
+        reaches a ``.view`` or the model's output before a conv or a flattening op."""
         stack, seen, layout = [start], set(), False
         while stack:
             node = stack.pop()
@@ -167,6 +181,8 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                     continue
                 if u.op == "call_module" and u.target in convertible:
                     feeds.add(u.target)
+                    continue
+                if flattens(u):
                     continue
                 stack.append(u)
         return layout
