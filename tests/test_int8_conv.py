@@ -132,6 +132,22 @@ def test_uint8_input_with_per_image_shapes_and_float_dtypes():
         assert torch.equal(y, _ref(q, x.to(dtype)))
 
 
+def test_float_dtype_of_uint8_fed_layers():
+    q = Int8Conv2d.from_float(_conv(CONFIGS[0]), input_quantization=(0.03, 128))
+    x = torch.randint(0, 256, (1, 3, 6, 6), dtype=torch.uint8)
+    assert q(x).dtype == torch.float32
+    q.float_dtype = torch.bfloat16
+    assert q(x).dtype == torch.bfloat16 and torch.equal(q(x), _ref(q, x, out_dtype=torch.bfloat16))
+    assert q(x.float() * 0.03).dtype == torch.float32  # float inputs answer in their own dtype
+    assert Int8Conv2d.from_config(q.config()).float_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="float_dtype must be"):
+        Int8Conv2d(3, 4, 3, float_dtype=torch.int8)
+    # casting the layer (with its model) sets it; moving it does not
+    assert copy.deepcopy(q).half().float_dtype == torch.float16
+    assert copy.deepcopy(q).float().float_dtype is None
+    assert copy.deepcopy(q).to("cpu").float_dtype == torch.bfloat16
+
+
 def test_float_output_layout():
     q = Int8Conv2d.from_float(_conv(CONFIGS[0]))
     x = torch.randn(2, 3, 8, 8)

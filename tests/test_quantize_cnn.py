@@ -324,6 +324,18 @@ def test_bias_correction_removes_the_systematic_error_of_every_conv_on_held_out_
     assert bias[True] < bias[False] / 4, bias
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_keeps_its_dtype(dtype):
+    ref = cm.mobilenet_v2().to(dtype)
+    model = copy.deepcopy(ref)
+    _, res = _quantize(model, calibration_data=[c.to(dtype) for c in CALIB])
+    assert res.uint8_edges
+    with torch.no_grad():
+        a, b = ref(TEST.to(dtype)), model(TEST.to(dtype))
+    assert b.dtype == dtype  # the uint8-fed convs answer in the model's dtype, not float32
+    assert F.cosine_similarity(a.float(), b.float(), dim=1).mean().item() > 0.999
+
+
 def test_generator_calibration_data_is_read_once_into_memory():
     model = cm.resnet()
     gen = (x for x in CALIB)

@@ -13,6 +13,7 @@ __all__ = ["Int8Conv2d", "ACTIVATIONS", "activation_module", "activation_functio
 ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
 _OUTPUT_DTYPES = {None: None, "uint8": torch.uint8}
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _Tensor = torch.Tensor
 
 
@@ -79,8 +80,8 @@ class Int8Conv2d(nn.Module):
     are summed exactly in int32 and dequantized in a fused fp32 epilogue that adds the bias and
     applies ``activation`` (``"none"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``; a
     BatchNorm folded into the weight and the activation that followed the conv are computed
-    here). The output is float (``output_dtype=None``: the input's float dtype, float32 for a
-    uint8 input) or, with ``output_dtype=torch.uint8``, requantized with ``output_scale`` /
+    here). The output is float (``output_dtype=None``: the input's float dtype; for a uint8 input
+    ``float_dtype``, float32 by default) or, with ``output_dtype=torch.uint8``, requantized with ``output_scale`` /
     ``output_zero_point`` so that the next ``Int8Conv2d`` (whose input quantization is the same)
     reads it without a float round trip.
 
@@ -125,6 +126,7 @@ class Int8Conv2d(nn.Module):
         output_dtype=None,
         channels_last_output: bool = False,
         fused_modules=(),
+        float_dtype=None,
         device=None,
     ) -> None:
         super().__init__()
@@ -147,6 +149,10 @@ class Int8Conv2d(nn.Module):
         self.groups = int(groups)
         self.activation = activation
         self.channels_last_output = bool(channels_last_output)
+        # the float dtype of the output for a uint8 input (a layer inside an fp16 / bf16 model)
+        self.float_dtype = _FLOAT_DTYPE_NAMES.get(float_dtype, float_dtype) if float_dtype is not None else None
+        if self.float_dtype is not None and self.float_dtype not in _FLOAT_INPUTS:
+            raise ValueError(f"float_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {float_dtype!r}")
         # names (in the model) of the modules whose computation this layer took over: a folded
         # BatchNorm, a fused activation; informational (reports compare against their output)
         self.fused_modules: tuple[str, ...] = tuple(str(n) for n in fused_modules)
@@ -298,6 +304,7 @@ class Int8Conv2d(nn.Module):
             "output_dtype": "uint8" if self.output_dtype is not None else None,
             "channels_last_output": self.channels_last_output,
             "fused_modules": list(self.fused_modules),
+            "float_dtype": str(self.float_dtype).replace("torch.", "") if self.float_dtype is not None else None,
         }
 
     @classmethod
@@ -308,7 +315,7 @@ class Int8Conv2d(nn.Module):
                    bias=cfg.get("bias", True), activation=cfg.get("activation", "none"),
                    static_input=bool(cfg.get("static_input", False)), output_dtype=cfg.get("output_dtype"),
                    channels_last_output=bool(cfg.get("channels_last_output", False)),
-                   fused_modules=tuple(cfg.get("fused_modules", ())))
+                   fused_modules=tuple(cfg.get("fused_modules", ())), float_dtype=cfg.get("float_dtype"))
 
     def dequantize_output(self, y: torch.Tensor) -> torch.Tensor:
         """The real values of an output of this layer: ``(y - output_zero_point) * output_scale``
@@ -366,6 +373,15 @@ class Int8Conv2d(nn.Module):
     def _apply(self, fn, recurse=True):
         before = {k: self._buffers[k] for k in ("weight_scale", "bias", "input_scale", "output_scale")}
         moved = super()._apply(fn, recurse)
+        # a cast of the whole model (.half(), .to(torch.bfloat16), .float()) sets the float dtype
+        # of the outputs of uint8 inputs: fn maps floats of both widths to one dtype only then
+        try:
+            a, b = fn(torch.zeros(1, dtype=torch.float16)), fn(torch.zeros(1, dtype=torch.float32))
+        except Exception:  # a function that takes only this layer's own tensors
+            a = b = None
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+                and a.dtype in _FLOAT_INPUTS:
+            self.float_dtype = None if a.dtype == torch.float32 else a.dtype
         # dtype casts (.half(), .to(bf16)) must not round the fp32 scales and bias the op reads,
         # and the packed copy is valid only next to a CPU weight
         for k, old in before.items():
@@ -414,7 +430,9 @@ class Int8Conv2d(nn.Module):
         y = torch.ops.pycompress.int8_conv2d(
             x, b["input_scale"], b["input_zero_point"], b["weight"], b["weight_scale"], b["bias"],
             packed if packed.numel() else None, list(self.stride), list(self.padding), list(self.dilation),
-            self.groups, self.activation, self.output_dtype, self._out_scale, self._out_zero_point)
+            self.groups, self.activation,
+            self.float_dtype if b["output_scale"] is None and x.dtype == torch.uint8 else self.output_dtype,
+            self._out_scale, self._out_zero_point)
         if not self.channels_last_output and b["output_scale"] is None:
             # code after the layer may .view() its output: contiguous, as torch's conv returns it
             # for a contiguous input (the input here may be channels-last because of the int8

@@ -381,6 +381,8 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         q.layer_name = n
         q.channels_last_output = n in plan.layout_free
         q.fused_modules = tuple(m for m in (g.bn, g.act) if m)
+        if src.weight.dtype in (torch.float16, torch.bfloat16):  # uint8-fed layers answer in the model's dtype
+            q.float_dtype = src.weight.dtype
         layers[n] = (folded, q)
 
     if bias_correction is None:
