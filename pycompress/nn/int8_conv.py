@@ -14,7 +14,6 @@ ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
 _OUTPUT_DTYPES = {None: None, "uint8": torch.uint8}
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_Tensor = torch.Tensor
 
 
 def activation_module(name: str) -> nn.Module:
