@@ -11,7 +11,7 @@ from pycompress.pruning.prune import prune
 from pycompress.pruning.gradual import GradualPruning
 from pycompress.pruning.deploy import deploy_pruned
 from pycompress.pruning.compact import CompactionReport, compact
-from pycompress.quantization.quantize import quantize
+from pycompress.quantization.quantize import QuantizationResult, quantize
 from pycompress.evaluation.validate import ValidationReport, validate
 from pycompress.evaluation.evaluate import EvaluationReport, compare, evaluate
 from pycompress.recipe import CompressionReport, compress
@@ -35,6 +35,7 @@ __all__ = [
     "compact",
     "CompactionReport",
     "quantize",
+    "QuantizationResult",
     "validate",
     "ValidationReport",
     "evaluate",

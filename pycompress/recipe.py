@@ -22,6 +22,11 @@ measured, the recipe applied, and while the metric dropped by more than ``max_dr
 sensitive compressed layer is put back to its original
 form, one layer at a time, re-measuring after each. A layer's sensitivity is the relative error of
 the model's output when only that layer is compressed (measured on the calibration inputs).
+A conv that ``quantize`` converted goes back together with the BatchNorm and activation modules
+folded into it, and the int8 convs feeding it then hand it float activations.
+
+``quantize`` steps get the calibration inputs as ``calibration_data``: the convs of a CNN get
+static activation ranges, int8 outputs between consecutive convs and bias correction.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ __all__ = ["compress", "load_recipe", "CompressionReport", "STEPS"]
 # step name -> (the public function it calls, summary)
 STEPS = {
     "prune": ("prune", "pycompress.prune: MaskedLinear with a sparsity pattern"),
-    "quantize": ("quantize", "pycompress.quantize: Int8Linear"),
+    "quantize": ("quantize", "pycompress.quantize: Int8Linear, Int8Conv2d"),
     "deploy": ("deploy_pruned", "pycompress.deploy_pruned: MaskedLinear → SparseLinear / Linear"),
     "compact": ("compact", "pycompress.compact: pruned neurons / heads removed, smaller dense layers"),
 }
@@ -389,11 +394,14 @@ def compress(
         measure, report.metric_name, report.higher_is_better = _make_metric(metric, calibration, progress)
         report.baseline_metric = float(measure(original))
 
+    convs = _ConvGroups()
     for name, kwargs in steps:
         fn = _step_function(name)
         before = copy.deepcopy(model) if len(steps) > 1 else original
         if name == "quantize":
-            _, qres = fn(model, **kwargs, return_result=True, warn=False)
+            # the calibration inputs set the static activation ranges of the convs
+            _, qres = fn(model, **kwargs, calibration_data=val_inputs, return_result=True, warn=False)
+            convs.add(qres)
             skipped = dict(qres.skipped)
         elif name == "compact":
             _, creport = fn(model, val_inputs[0], **kwargs, return_report=True)
@@ -422,14 +430,15 @@ def compress(
         if fixed:
             report.notes.append(f"layers whose width changed (compact) cannot be reverted one at a time and "
                                 f"stay compressed: {', '.join(fixed)}")
-        candidates = [n for n in report.compressed_layers if n not in fixed]
-        sensitivity = _sensitivity(original, model, candidates, val_inputs, progress)
+        # a BatchNorm or activation folded into a conv goes back together with that conv
+        candidates = [n for n in report.compressed_layers if n not in fixed and n not in convs.members_of]
+        sensitivity = _sensitivity(original, model, candidates, val_inputs, progress, convs)
         report.sensitivity = dict(sensitivity)
         order = sorted(candidates, key=lambda n: -sensitivity.get(n, math.inf))
         for layer in order:
             was = report.compressed_layers.pop(layer)
-            restored = copy.deepcopy(original.get_submodule(layer))
-            _utils.set_module(model, layer, restored)
+            for member in convs.revert(model, original, layer):
+                report.compressed_layers.pop(member, None)
             report.final_metric = float(measure(model))
             report.reverted.append({
                 "layer": layer,
@@ -455,10 +464,68 @@ def _width_changed(original: nn.Module, model: nn.Module, name: str) -> bool:
     return False
 
 
+class _ConvGroups:
+    """What the quantize steps did to convs, so that a conv goes back to float as a unit: the
+    modules folded / fused into it (replaced by ``nn.Identity``), the uint8 edges between convs
+    and which convs each conv's output reaches (a channels-last output relies on them)."""
+
+    def __init__(self):
+        self.members: dict[str, list[str]] = {}
+        self.edges: list[tuple[str, str]] = []
+        self.feeds: dict[str, list[str]] = {}
+
+    def add(self, qres) -> None:
+        for conv in getattr(qres, "convs", []):
+            self.members[conv] = qres.members(conv)
+        self.edges += list(getattr(qres, "uint8_edges", []))
+        for k, v in getattr(qres, "feeds", {}).items():
+            self.feeds[k] = sorted(set(self.feeds.get(k, [])) | set(v))
+
+    @property
+    def members_of(self) -> set[str]:
+        return {m for ms in self.members.values() for m in ms}
+
+    def _producers(self, layer: str) -> tuple[list[str], list[str]]:
+        uint8 = [p for p, c in self.edges if c == layer]
+        reaching = [p for p, cs in self.feeds.items() if layer in cs]
+        return uint8, reaching
+
+    def standalone(self, model: nn.Module, layer: str) -> nn.Module:
+        """A copy of the compressed ``layer`` that takes and returns what a float layer would
+        (float output in torch's memory format)."""
+        from pycompress.nn import Int8Conv2d
+
+        m = copy.deepcopy(model.get_submodule(layer))
+        if isinstance(m, Int8Conv2d):
+            m.set_output_quantization(None, None)
+            m.channels_last_output = False
+        return m
+
+    def revert(self, model: nn.Module, original: nn.Module, layer: str) -> list[str]:
+        """Puts ``layer`` and the modules folded into it back to their original form; the convs
+        feeding it switch to float (contiguous) outputs. Returns the members restored."""
+        from pycompress.nn import Int8Conv2d
+
+        _utils.set_module(model, layer, copy.deepcopy(original.get_submodule(layer)))
+        members = self.members.get(layer, [])
+        for m in members:
+            _utils.set_module(model, m, copy.deepcopy(original.get_submodule(m)))
+        uint8, reaching = self._producers(layer)
+        for p in set(uint8) | set(reaching):
+            mod = model.get_submodule(p)
+            if isinstance(mod, Int8Conv2d):
+                if p in uint8:
+                    mod.set_output_quantization(None, None)
+                mod.channels_last_output = False
+        return members
+
+
 def _sensitivity(original: nn.Module, model: nn.Module, layers: list[str], inputs: list,
-                 progress: bool | None) -> dict[str, float]:
+                 progress: bool | None, convs: _ConvGroups | None = None) -> dict[str, float]:
     """Per compressed layer: relative error of the *model output* when only that layer is
-    compressed (the original model with that one layer swapped in), on the calibration inputs."""
+    compressed (the original model with that one layer swapped in, and the modules folded into
+    it replaced by ``nn.Identity``), on the calibration inputs."""
+    convs = convs or _ConvGroups()
     out: dict[str, float] = {}
     training = original.training
     original.eval()
@@ -466,8 +533,11 @@ def _sensitivity(original: nn.Module, model: nn.Module, layers: list[str], input
         with torch.no_grad():
             expected = [_utils.output_tensor(_utils.call_model(original, b))[0].double() for b in inputs]
             for name in _utils.progress_bar(layers, "sensitivity", progress):
-                keep = original.get_submodule(name)
-                _utils.set_module(original, name, model.get_submodule(name))
+                swapped = {name: convs.standalone(model, name)}
+                swapped.update({m: nn.Identity() for m in convs.members.get(name, [])})
+                keep = {n: original.get_submodule(n) for n in swapped}
+                for n, mod in swapped.items():
+                    _utils.set_module(original, n, mod)
                 try:
                     diff = ref = 0.0
                     for b, e in zip(inputs, expected):
@@ -475,7 +545,8 @@ def _sensitivity(original: nn.Module, model: nn.Module, layers: list[str], input
                         diff += float(((got - e) ** 2).sum())
                         ref += float((e * e).sum())
                 finally:
-                    _utils.set_module(original, name, keep)
+                    for n, mod in keep.items():
+                        _utils.set_module(original, n, mod)
                 err = math.sqrt(diff / ref) if ref > 0 else math.sqrt(diff)
                 out[name] = err if math.isfinite(err) else math.inf
     finally:

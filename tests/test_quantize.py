@@ -61,18 +61,25 @@ def test_include_exclude_globs_regex_and_ancestors(int8_cls):
     assert isinstance(model.head[1], int8_cls) and type(model.head[3]) is nn.Linear
 
 
-def test_cnn_convolutions_stay_float(int8_cls):
+def test_cnn_convolutions_become_int8_and_stay_float_in_w8a16(int8_cls):
+    conv_cls = getattr(pycompress.nn, "Int8Conv2d", None)
+    if conv_cls is None or not hasattr(torch.ops.pycompress, "int8_conv2d"):
+        pytest.skip("this build has no Int8Conv2d")
     model = SmallCNN().eval()
     ref = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match="features.0: Conv2d"):
-        _, result = pycompress.quantize(model, return_result=True)
-    assert set(result.skipped) == {"features.0", "features.4"}  # listed, never silently left
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) == 2 and all(c.weight.dtype == torch.float32 for c in convs)
+    _, result = pycompress.quantize(model, return_result=True)
+    assert result.skipped == {} and result.convs == ["features.0", "features.4"]
+    assert isinstance(model.features[0], conv_cls) and isinstance(model.features[1], nn.Identity)  # BN folded
     assert isinstance(model.head[1], int8_cls) and isinstance(model.head[3], int8_cls)
     x = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert _cos(model(x), ref(x)) > 0.99
+    model = SmallCNN().eval()
+    with pytest.warns(UserWarning, match="features.0: Conv2d"):
+        _, result = pycompress.quantize(model, mode="w8a16", return_result=True)
+    assert set(result.skipped) == {"features.0", "features.4"}  # listed, never silently left
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2 and all(c.weight.dtype == torch.float32 for c in convs)
 
 
 class _SubLinear(nn.Linear):

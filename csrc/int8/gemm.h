@@ -84,6 +84,11 @@ struct Int8Epilogue {
   const float* a_scale = nullptr;
   const float* w_scale = nullptr;
   const float* bias = nullptr;  // may be null
+  // When set, replaces both outputs above: called with the int32 results of each finished tile,
+  // rows [m0, m0 + mr) and columns [n0, n0 + nc) (row stride ldt), on the thread that computed it.
+  void (*tile_fn)(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
+                  int64_t nc) = nullptr;
+  void* tile_ctx = nullptr;
 };
 
 // K block length the GEMM uses for this problem (== round_k(K): no K blocking).
@@ -93,9 +98,12 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K);
 // packed B, writing through the epilogue. Single thread. `workspace` (int32
 // [M, round_n(N)], may be shared by threads working on disjoint panels) is needed
 // when int8_gemm_kc(path, M, K) < round_k(K); with nullptr K is not blocked.
+// lda: the row stride of ap in bytes; 0 (the default) means int8_a_row_bytes(path, K). Another
+// stride is only valid on the paths that read bytes (2, 4, 5) with K a multiple of 4 (and of 64
+// on path 5), where the kernels read exactly K bytes of each row.
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
                       int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
-                      int32_t* workspace);
+                      int32_t* workspace, int64_t lda = 0);
 
 // Weight-only linear (w8a16) on the CPU: x fp32 [M, K] (row stride ldx), w int8 [N, K] (row stride ldw)
 // out[m, n] = (sum_k x[m, k] * (float)w[n, k]) * w_scale[n] + bias[n], fp32 accumulation,

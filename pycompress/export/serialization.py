@@ -10,8 +10,10 @@ A saved model is a directory with two files:
     that is a pycompress layer its class name and ``config()``; the shape of every plain
     ``nn.Linear``, ``nn.Conv2d`` and BatchNorm and the head counts of (BERT- and GPT-2-style)
     attention modules, so that layers made smaller by :func:`pycompress.compact` are rebuilt with
-    their new shapes inside a fresh model of the original architecture; the SHA-256 and size of
-    the weights file.
+    their new shapes inside a fresh model of the original architecture; the paths of the
+    ``nn.Identity`` modules (the BatchNorms and activations that :func:`pycompress.quantize`
+    folded into convs are replaced the same way on loading); the SHA-256 and size of the weights
+    file.
 
 Nothing is ever unpickled: tensors come from safetensors, everything else from JSON, and layer
 classes are looked up by name among the known pycompress layers only (never imported from a path
@@ -253,6 +255,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             "linear_shapes": linear_shapes,
             "channel_shapes": _channel_structure(model, [p for p in layers if p]),
             "attributes": head_attrs,
+            "identities": _identities(model, [p for p in layers if p]),
             "weights": {
                 "file": WEIGHTS_NAME,
                 "sha256": _sha256(Path(tmp_weights)),
@@ -477,8 +480,44 @@ def _plan_layers(manifest: dict, model: nn.Module, root: Path, plan: dict[str, n
                 raise ValueError(f"{root}: {entry['class']}.from_config returned a {type(new).__name__}, "
                                  "not an nn.Module")
             new = new.to(_utils.model_device(current))
+            if hasattr(new, "layer_name"):  # named in the layer's error messages
+                new.layer_name = name
             new.train(current.training)
             plan[name] = new
+
+
+# modules that quantize() replaces by nn.Identity (a BatchNorm folded into a conv, an activation
+# computed in its epilogue); load() replaces them the same way in a fresh model
+_IDENTITY_REPLACEABLE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)
+
+
+def _identities(model: nn.Module, skip: list[str]) -> list[str]:
+    """Paths of the ``nn.Identity`` modules of ``model`` (outside pycompress layers)."""
+    return [name for name, m in model.named_modules(remove_duplicate=False)
+            if name and type(m) is nn.Identity and not any(name.startswith(p + ".") for p in skip)]
+
+
+def _plan_identities(manifest: dict, model: nn.Module, root: Path, plan: dict[str, nn.Module]) -> None:
+    """Plans ``nn.Identity`` where one was saved and the fresh model has a BatchNorm or an
+    activation module (folded / fused into a conv by quantize)."""
+    names = manifest.get("identities", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{root}: corrupt manifest (identities)")
+    for name in names:
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{root}: architecture mismatch — the manifest names module {name!r}, which is "
+                             "not in the model (no such module)") from None
+        if type(current) is nn.Identity or name in plan:
+            continue
+        if type(current) not in _IDENTITY_REPLACEABLE:
+            raise ValueError(f"{root}: architecture mismatch — module {name!r} was saved as nn.Identity but the "
+                             f"model's is a {type(current).__name__} (only BatchNorm2d and activation modules are "
+                             "replaced by nn.Identity when a conv is quantized)")
+        new = nn.Identity()
+        new.train(current.training)
+        plan[name] = new
 
 
 def _weights_path(manifest: dict, root: Path) -> Path:
@@ -577,6 +616,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
     attr_plan: list[tuple[nn.Module, str, int]] = []
     _plan_structure(manifest, model, root, plan, attr_plan)
     _plan_layers(manifest, model, root, plan)
+    _plan_identities(manifest, model, root, plan)
 
     try:
         tensors = load_file(str(wpath), device="cpu")

@@ -1,56 +1,138 @@
-"""``pycompress.quantize``: swap ``nn.Linear`` layers for int8 ``Int8Linear`` layers in place.
+"""``pycompress.quantize``: swap linear layers and convolutions for int8 layers in place.
 
 What is converted
     Every selected ``nn.Linear`` (exact class; subclasses with their own ``forward`` are left
     alone and listed), every GPT-2-style ``Conv1D`` of transformers (weight stored ``[in, out]``;
     converted with the transposed weight, see :mod:`pycompress.nn.conv1d`) and every
     ``MaskedLinear`` (pruned layers: the masked weight is quantized, so pruned weights stay
-    exactly zero). Every other layer computing a linear map is left alone and listed with the
-    reason: ``nn.Linear`` inside ``nn.MultiheadAttention`` (it reads the weight directly instead
-    of calling the layer), ``SparseLinear`` (quantize before ``deploy_pruned``), convolutions
-    (``nn.Conv1d/2d/3d`` and their transposes) and ``nn.Bilinear`` (``Int8Linear`` is a matrix
-    product), a ``Conv1D`` subclass or one of unknown layout, the root module, and any layer the
-    ``Int8Linear`` constructor refuses. Embeddings and normalization layers are not linear
-    layers and are never touched.
+    exactly zero) become ``Int8Linear``. With ``mode="w8a8"`` every ``nn.Conv2d`` (any stride,
+    padding, dilation and groups; zero padding only) and ``MaskedConv2d`` becomes ``Int8Conv2d``.
+    Every other layer computing a linear map is left alone and listed with the reason:
+    ``nn.Linear`` inside ``nn.MultiheadAttention`` (it reads the weight directly instead of
+    calling the layer), ``SparseLinear`` (quantize before ``deploy_pruned``), ``nn.Conv1d/3d``
+    and the transposed convolutions, convs with another ``padding_mode`` or an asymmetric
+    ``"same"`` padding, ``nn.Bilinear``, a ``Conv1D`` subclass or one of unknown layout, the root
+    module, and any layer the int8 constructors refuse. Embeddings and normalization layers are
+    not linear layers and are never touched (a BatchNorm folded into a conv is replaced by
+    ``nn.Identity``, see below).
+
+Convolutional networks
+    The model is traced with ``torch.fx`` to find, without changing its module structure (see
+    :mod:`pycompress.quantization.fuse`): eval-mode ``BatchNorm2d`` layers after a conv (folded
+    into its weight and bias, the BatchNorm replaced by ``nn.Identity``), the ReLU / ReLU6 / SiLU /
+    Hardswish module after it (computed in the conv's epilogue), and the convs whose output only
+    ever feeds other converted convs (their output stays uint8: no float round trip). With
+    ``calibration_data`` the activations get static per-tensor uint8 quantization from
+    observers (:mod:`pycompress.quantization.observers`) and the biases are corrected by the
+    mean output error of each conv; without it, each image is quantized on the fly. A model that
+    cannot be traced is converted layer by layer (no folding, fusion or chains) with a warning.
+
+Everything is computed aside first; the model is modified only when every layer was converted
+and calibrated, so an exception leaves it exactly as it was.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
+from pycompress.nn.int8_conv import Int8Conv2d, activation_function, conv_padding
+from pycompress.quantization import fuse, observers
 
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
 
 QUANT_MODES = ("w8a8", "w8a16")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# layers computing a linear map that Int8Linear cannot replace: listed, never silently ignored
-_OTHER_LINEAR_MAPS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                      nn.ConvTranspose3d, nn.Bilinear)
+# layers computing a linear map that no int8 layer replaces: listed, never silently ignored
+_OTHER_LINEAR_MAPS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                      nn.Bilinear)
 
 
 @dataclass
 class QuantizationResult:
-    """What :func:`quantize` did: converted layer names and skipped layers with the reason."""
+    """What :func:`quantize` did.
+
+    Attributes:
+        mode: the quantization mode.
+        converted: names of the converted layers (linear layers and convs), in model order.
+        skipped: layers left in floating point, with the reason.
+        convs: the converted convs (a subset of ``converted``).
+        folded: conv -> the BatchNorm folded into it.
+        fused: conv -> ``{"module": name, "activation": kind, "replaced": bool}``: the activation
+            computed in the conv's epilogue (``replaced``: the module became ``nn.Identity``;
+            otherwise it is called elsewhere too and stays, a no-op on its own output).
+        identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations).
+        uint8_edges: ``(producer, consumer)`` pairs of convs between which the activations stay
+            uint8.
+        feeds: conv -> the converted convs its output reaches (directly or through other
+            operations); a conv whose output stays channels-last relies on them.
+        static: convs with static (calibrated) input quantization; the others quantize each image
+            on the fly.
+        bias_corrected: convs whose bias was corrected on the calibration data.
+        observer: the observer that set the static ranges (None without calibration data).
+        traced: whether ``torch.fx`` traced the model (False: convs converted one by one).
+        conv_macs: multiply-adds per image of every conv call (summed per module), measured on the
+            first calibration batch or ``example_inputs``; empty without inputs.
+        int8_mac_fraction: the fraction of ``conv_macs`` computed by int8 layers (None without
+            inputs).
+        notes: other remarks (e.g. why the model could not be traced).
+    """
 
     mode: str
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    convs: list[str] = field(default_factory=list)
+    folded: dict[str, str] = field(default_factory=dict)
+    fused: dict[str, dict] = field(default_factory=dict)
+    identities: list[str] = field(default_factory=list)
+    uint8_edges: list[tuple[str, str]] = field(default_factory=list)
+    feeds: dict[str, list[str]] = field(default_factory=dict)
+    static: list[str] = field(default_factory=list)
+    bias_corrected: list[str] = field(default_factory=list)
+    observer: str | None = None
+    traced: bool | None = None
+    conv_macs: dict[str, int] = field(default_factory=dict)
+    int8_mac_fraction: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def members(self, conv: str) -> list[str]:
+        """The modules that ``conv``'s conversion replaced by ``nn.Identity``."""
+        out = []
+        if conv in self.folded:
+            out.append(self.folded[conv])
+        f = self.fused.get(conv)
+        if f and f["replaced"]:
+            out.append(f["module"])
+        return out
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "converted": list(self.converted), "skipped": dict(self.skipped)}
+        return {"mode": self.mode, "converted": list(self.converted), "skipped": dict(self.skipped),
+                "convs": list(self.convs), "folded": dict(self.folded),
+                "fused": {k: dict(v) for k, v in self.fused.items()}, "identities": list(self.identities),
+                "uint8_edges": [list(e) for e in self.uint8_edges],
+                "feeds": {k: list(v) for k, v in self.feeds.items()}, "static": list(self.static),
+                "bias_corrected": list(self.bias_corrected), "observer": self.observer, "traced": self.traced,
+                "conv_macs": dict(self.conv_macs), "int8_mac_fraction": self.int8_mac_fraction,
+                "notes": list(self.notes)}
 
     def __repr__(self) -> str:
-        return (
-            f"QuantizationResult(mode={self.mode!r}, converted={len(self.converted)} layers, "
-            f"skipped={len(self.skipped)} layers)"
-        )
+        s = (f"QuantizationResult(mode={self.mode!r}, converted={len(self.converted)} layers, "
+             f"skipped={len(self.skipped)} layers")
+        if self.convs:
+            s += (f", convs={len(self.convs)} (folded {len(self.folded)}, fused {len(self.fused)}, "
+                  f"uint8 edges {len(self.uint8_edges)}, static {len(self.static)})")
+        if self.int8_mac_fraction is not None:
+            s += f", int8 conv MACs={self.int8_mac_fraction:.1%}"
+        return s + ")"
 
 
 def _int8_linear_class():
@@ -65,13 +147,39 @@ def _int8_linear_class():
     return cls
 
 
+def _is_conv2d(module: nn.Module) -> bool:
+    from pycompress import nn as pnn
+
+    masked = getattr(pnn, "MaskedConv2d", None)
+    return isinstance(module, nn.Conv2d) or (masked is not None and isinstance(module, masked))
+
+
+def _conv_skip_reason(module: nn.Module, mode: str) -> str | None:
+    """None when the conv can become an Int8Conv2d, else why not."""
+    if mode != "w8a8":
+        return (f"{type(module).__name__}: mode {mode!r} is a weight-only mode of linear layers; convolutions "
+                "are converted with mode='w8a8'")
+    if isinstance(module, nn.Conv2d) and type(module) is not nn.Conv2d:
+        return f"{type(module).__name__} is a subclass of nn.Conv2d with its own behaviour"
+    if module.padding_mode != "zeros":
+        return f"padding_mode={module.padding_mode!r}: Int8Conv2d pads with zeros only"
+    padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+    if padding == "same":
+        for d, k in zip(module.dilation, module.kernel_size):
+            if (d * (k - 1)) % 2:
+                return "padding='same' with an even receptive field pads asymmetrically; Int8Conv2d pads symmetrically"
+    if module.weight.dtype not in _FLOAT_DTYPES:
+        return f"weight dtype {module.weight.dtype} is not a floating type supported by Int8Conv2d"
+    return None
+
+
 def _skip_reason(model: nn.Module, name: str, module: nn.Module, layer_cls: type) -> str | None:
-    """None when the module can be converted, else why not. Non-linear modules return ''."""
+    """None when the linear module can be converted, else why not. Non-linear modules return ''."""
     from pycompress import nn as pnn
 
     masked = getattr(pnn, "MaskedLinear", None)
     sparse = getattr(pnn, "SparseLinear", None)
-    if isinstance(module, layer_cls):
+    if isinstance(module, (layer_cls, Int8Conv2d)):
         return ""  # already int8
     if sparse is not None and isinstance(module, sparse):
         return "SparseLinear (deployed sparse layer): quantize before deploy_pruned()"
@@ -85,8 +193,8 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module, layer_cls: type
             return f"weight dtype {module.weight.dtype} is not a floating type supported by Int8Linear"
         return None
     if isinstance(module, _OTHER_LINEAR_MAPS):
-        return (f"{type(module).__name__}: Int8Linear replaces matrix products (nn.Linear, Conv1D) "
-                "only; this layer stays in floating point")
+        return (f"{type(module).__name__}: no int8 layer replaces it (Int8Linear: matrix products, "
+                "Int8Conv2d: 2-D convolutions); it stays in floating point")
     if not isinstance(module, nn.Linear):
         return ""  # not a linear layer
     if isinstance(_utils.parent_of(model, name), nn.MultiheadAttention):
@@ -98,44 +206,284 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module, layer_cls: type
     return None
 
 
+def _check_finite(name: str, module: nn.Module) -> None:
+    for pname in ("weight", "bias"):
+        t = getattr(module, pname, None)
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and not torch.isfinite(t.detach()).all():
+            raise ValueError(f"quantize: layer {name!r} ({type(module).__name__}) has NaN or inf values in its "
+                             f"{pname}; nothing was converted")
+
+
+def _reiterable(data: Any) -> Any:
+    """Calibration data that can be iterated over several times (iterators are materialized)."""
+    batches = _utils.iter_batches(data, "calibration_data")
+    if isinstance(batches, Iterator):
+        batches = list(batches)
+    return batches
+
+
+def _first_batch(batches: Any) -> Any:
+    for b in batches:
+        return b
+    raise ValueError("calibration_data holds no batch")
+
+
+def _conv_macs(model: nn.Module, batch: Any) -> dict[str, int]:
+    """Multiply-adds per image of every 2-D convolution of ``model`` on ``batch`` (summed over
+    calls of the same module)."""
+    macs: dict[str, int] = {}
+    handles = []
+
+    def hook(name, module):
+        def fn(mod, args, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[0] > 0:
+                kh, kw = mod.kernel_size
+                per = (out.shape[1] * out.shape[2] * out.shape[3]) * (mod.in_channels // mod.groups) * kh * kw
+                macs[name] = macs.get(name, 0) + int(per)
+        return fn
+
+    for name, m in model.named_modules():
+        if name and (_is_conv2d(m) or isinstance(m, Int8Conv2d)):
+            handles.append(m.register_forward_hook(hook(name, m)))
+    _utils.run_calibration(model, [batch], handles)
+    return macs
+
+
+# --------------------------------------------------------------------------- calibration
+class _Calibration:
+    """Observers and bias-correction statistics of the convs to convert, gathered by forward
+    hooks on the float model (never modified)."""
+
+    def __init__(self, model: nn.Module, groups: dict[str, fuse.ConvGroup], chains: dict[str, fuse.Chain],
+                 observer: Any):
+        self.model = model
+        self.groups = groups
+        self.modules = dict(model.named_modules())
+        self.inputs = {n: observers.make_observer(observer, f"conv {n!r} input") for n in groups}
+        self.outputs = {n: observers.make_observer(observer, f"conv {n!r} output") for n in chains}
+
+    def _observer_hooks(self, method: str) -> list:
+        handles = []
+        for name, obs in self.inputs.items():
+            def pre(mod, args, obs=obs):
+                getattr(obs, method)(args[0])
+            handles.append(self.modules[name].register_forward_pre_hook(pre))
+        for name, obs in self.outputs.items():
+            g = self.groups[name]
+            act = activation_function(g.activation)
+
+            def post(mod, args, out, obs=obs, act=act):
+                getattr(obs, method)(act(out))
+            handles.append(self.modules[g.last_float_module].register_forward_hook(post))
+        return handles
+
+    def observe(self, batches: Any) -> None:
+        _utils.run_calibration(self.model, batches, self._observer_hooks("observe"))
+        if any(o.needs_histogram for o in (*self.inputs.values(), *self.outputs.values())):
+            _utils.run_calibration(self.model, batches, self._observer_hooks("observe_histogram"))
+
+    def bias_corrections(self, batches: Any, layers: dict[str, tuple[nn.Conv2d, Int8Conv2d]]) -> dict[str, torch.Tensor]:
+        """Per conv: the mean over the calibration data (per output channel) of the float output
+        (BatchNorm applied, before the activation: the output of the conv or of its BatchNorm
+        in the float model) minus the output of its quantized arithmetic (int8 weights, static
+        input quantization, the folded bias) on the same input."""
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        handles = []
+        for name, (folded, q) in layers.items():
+            dev = folded.weight.device
+            w_deq = q.dequantized_weight().to(dev)
+            bias = folded.bias.detach().float() if folded.bias is not None else None
+            scale = q.input_scale.float().to(dev)
+            inv = 1.0 / scale
+            zp = q.input_zero_point.float().to(dev)
+            cfg = dict(stride=folded.stride, padding=conv_padding(folded), dilation=folded.dilation,
+                       groups=folded.groups)
+            pending: list[torch.Tensor] = []
+
+            def pre(mod, args, w_deq=w_deq, bias=bias, inv=inv, zp=zp, scale=scale, cfg=cfg, pending=pending):
+                x = args[0].detach().float()
+                xq = (torch.clamp(torch.round(x * inv) + zp, 0, 255) - zp) * scale
+                pending.append(F.conv2d(xq, w_deq, bias, **cfg))
+
+            def post(mod, args, out, name=name, pending=pending):
+                yq = pending.pop()
+                d = (out.detach().float() - yq).sum(dim=(0, 2, 3), dtype=torch.float64)
+                sums[name] = d if name not in sums else sums[name] + d
+                counts[name] = counts.get(name, 0) + yq.shape[0] * yq.shape[2] * yq.shape[3]
+            g = self.groups[name]
+            handles.append(self.modules[name].register_forward_pre_hook(pre))
+            handles.append(self.modules[g.last_float_module].register_forward_hook(post))
+        _utils.run_calibration(self.model, batches, handles)
+        return {n: (sums[n] / counts[n]).float() for n in sums if counts.get(n)}
+
+
+# --------------------------------------------------------------------------- convs
+def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_data: Any, observer: Any,
+                   bias_correction: bool | None, result: QuantizationResult) -> dict[str, nn.Module]:
+    """Builds (aside) the Int8Conv2d of every conv of ``sources`` and the ``nn.Identity`` of
+    the modules folded / fused into them: name -> new module."""
+    modules = dict(model.named_modules())
+    device = _utils.model_device(model)
+    plan = fuse.analyse(model, sources, device)
+    result.traced = plan.traced
+    if not plan.traced:
+        result.notes.append(f"torch.fx could not trace the model ({plan.reason}); convs converted one by one "
+                            "without BatchNorm folding, activation fusion or uint8 chains")
+    for n in [n for n in sources if n in plan.weight_read]:
+        # the forward reads this conv's parameters directly: replacing the module would break it
+        result.skipped[n] = "its weight is read directly by the model's forward (not only called)"
+        sources = {k: v for k, v in sources.items() if k != n}
+    groups = {n: plan.groups.get(n, fuse.ConvGroup(conv=n)) for n in sources}
+    chains = dict(plan.chains)
+    calibrated = calibration_data is not None
+    calib = None
+    if calibrated:
+        batches = calibration_data
+        calib = _Calibration(model, groups, chains, observer)
+        calib.observe(batches)
+        result.observer = observer if isinstance(observer, str) else str(observer[0])
+
+    in_q: dict[str, tuple[float, int]] = {}
+    out_q: dict[str, tuple[float, int]] = {}
+    if calib is not None:
+        for n, obs in calib.inputs.items():
+            if obs.seen:
+                in_q[n] = obs.qparams()
+            else:
+                result.notes.append(f"conv {n!r} did not run on the calibration data: dynamic input quantization")
+        for n, chain in list(chains.items()):
+            obs = calib.outputs[n]
+            if not obs.seen or any(c not in in_q for c in chain.consumers):
+                del chains[n]
+                continue
+            qp = obs.qparams()
+            if chain.needs_zero_zp and qp[1] != 0:
+                del chains[n]
+                continue
+            out_q[n] = qp
+        for n, chain in chains.items():
+            for c in chain.consumers:
+                in_q[c] = out_q[n]
+    else:
+        chains = {}
+
+    layers: dict[str, tuple[nn.Conv2d, Int8Conv2d]] = {}
+    for n, src in sources.items():
+        g = groups[n]
+        bn = modules[g.bn] if g.bn else None
+        folded = fuse.fold_batchnorm(src, bn)
+        try:
+            q = Int8Conv2d.from_float(folded, activation=g.activation, input_quantization=in_q.get(n),
+                                      output_quantization=out_q.get(n))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"quantize: conv {n!r} cannot be converted: {e}; nothing was converted") from e
+        q.layer_name = n
+        q.channels_last_output = n in plan.layout_free
+        q.fused_modules = tuple(m for m in (g.bn, g.act) if m)
+        if src.weight.dtype in (torch.float16, torch.bfloat16):  # uint8-fed layers answer in the model's dtype
+            q.float_dtype = src.weight.dtype
+        layers[n] = (folded, q)
+
+    if bias_correction is None:
+        bias_correction = calibrated
+    if bias_correction:
+        if not calibrated:
+            raise ValueError("bias_correction=True needs calibration_data")
+        static_layers = {n: v for n, v in layers.items() if v[1].static_input}
+        corrections = calib.bias_corrections(batches, static_layers)
+        for n, c in corrections.items():
+            folded, q = layers[n]
+            if not torch.isfinite(c).all():
+                raise ValueError(f"quantize: the bias correction of conv {n!r} is not finite; nothing was converted")
+            with torch.no_grad():
+                if q.bias is None:
+                    q.bias = torch.zeros(q.out_channels, dtype=torch.float32, device=q.weight.device)
+                q.bias.add_(c.to(q.bias.device))
+            result.bias_corrected.append(n)
+
+    replacements: dict[str, nn.Module] = {}
+    for n, (folded, q) in layers.items():
+        q.train(modules[n].training)
+        replacements[n] = q
+        g = groups[n]
+        if g.bn:
+            result.folded[n] = g.bn
+        if g.act:
+            result.fused[n] = {"module": g.act, "activation": g.activation, "replaced": g.act_replaced}
+        for r in g.replaced:
+            ident = nn.Identity()
+            ident.train(modules[r].training)
+            replacements[r] = ident
+            result.identities.append(r)
+        if q.static_input:
+            result.static.append(n)
+    for n, chain in chains.items():
+        for c in chain.consumers:
+            result.uint8_edges.append((n, c))
+    result.feeds = {n: sorted(plan.feeds.get(n, ())) for n in sources if plan.feeds.get(n)}
+    return replacements
+
+
+# --------------------------------------------------------------------------- quantize
 def quantize(
     model: nn.Module,
     mode: str = "w8a8",
+    calibration_data: Any = None,
     include: Any = None,
     exclude: Any = None,
     act_bits: int = 8,
     weight_bits: int = 8,
     *,
+    observer: Any = "percentile",
+    bias_correction: bool | None = None,
+    example_inputs: Any = None,
     return_result: bool = False,
     warn: bool = True,
 ):
     """Replaces the selected linear layers of ``model`` (``nn.Linear``, transformers' ``Conv1D``,
-    ``MaskedLinear``) by ``pycompress.nn.Int8Linear``.
+    ``MaskedLinear``) by ``pycompress.nn.Int8Linear`` and, with ``mode="w8a8"``, its 2-D
+    convolutions (``nn.Conv2d``, ``MaskedConv2d``) by ``pycompress.nn.Int8Conv2d``.
 
     Weights are quantized symmetrically per output channel to int8. ``mode="w8a8"`` also
-    quantizes activations per token at run time (int8 × int8 GEMM); ``mode="w8a16"`` keeps
-    activations in floating point (weight-only int8). The model is modified in place and
+    quantizes activations (linear layers: per token at run time; convs: per tensor, uint8,
+    static with ``calibration_data``, else per image at run time); ``mode="w8a16"`` keeps
+    activations in floating point (weight-only int8, linear layers only). For convs, eval-mode
+    BatchNorms are folded in, the following activation is fused and int8 outputs flow between
+    consecutive convs (see the module documentation). The model is modified in place and
     returned. Layers that cannot be converted are left alone and listed (``warnings.warn``, and
     in the :class:`QuantizationResult` when ``return_result=True``).
 
     Args:
         model: the model to convert (modified in place).
         mode: ``"w8a8"`` or ``"w8a16"``.
+        calibration_data: a batch or an iterable of batches (see :mod:`pycompress._utils`) run
+            through the model (eval mode, no gradients) to set static activation ranges of the
+            convs and correct their biases. ``None``: dynamic per-image quantization.
         include: module-name glob(s) (or ``"re:<regex>"``) to convert; ``None`` = every layer.
             A pattern selects the module it names and everything inside it.
         exclude: module-name glob(s) to leave in floating point (e.g. ``"classifier"``).
         act_bits: ``8`` (default) or ``7``: bits of the per-token activation quantization of
-            ``w8a8`` layers (see ``Int8Linear``; 7 bits is faster on CPUs without VNNI).
+            ``w8a8`` linear layers (see ``Int8Linear``; 7 bits is faster on CPUs without VNNI).
         weight_bits: ``8`` (default) or ``7``: per-channel weight range ``[-63, 63]`` of ``w8a8``
-            layers; with ``act_bits=7`` AVX2 CPUs run a faster exact kernel (see ``Int8Linear``).
-        return_result: also return a :class:`QuantizationResult` (converted and skipped layers).
+            linear layers; with ``act_bits=7`` AVX2 CPUs run a faster exact kernel.
+        observer: how calibration sets an activation range: ``"percentile"`` (default: the
+            99.99th percentile, ``("percentile", p)`` for another), ``"minmax"`` or ``"mse"``.
+        bias_correction: correct each conv's bias by its mean output error on the calibration
+            data; ``None`` = on when ``calibration_data`` is given.
+        example_inputs: a batch to measure the conv multiply-adds on when no calibration data is
+            given (``QuantizationResult.int8_mac_fraction``).
+        return_result: also return a :class:`QuantizationResult`.
         warn: emit a warning listing the selected layers that could not be converted.
 
     Returns:
         ``model``, or ``(model, QuantizationResult)`` when ``return_result=True``.
 
     Raises:
-        ValueError: unknown ``mode``; a pattern that matches no module; an invalid regex.
+        ValueError: unknown ``mode`` or observer; a pattern that matches no module; an invalid
+            regex; NaN/inf weights (naming the layer); empty calibration data; calibration data
+            the model fails on or that produces NaN/inf activations (naming the layer). The model
+            is unchanged when anything is raised.
 
     Example:
         >>> import torch, copy, pycompress
@@ -143,6 +491,10 @@ def quantize(
         >>> q = pycompress.quantize(copy.deepcopy(model), mode="w8a8", exclude="2")
         >>> type(q[0]).__name__, type(q[2]).__name__
         ('Int8Linear', 'Linear')
+        >>> cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU()).eval()
+        >>> q = pycompress.quantize(cnn, calibration_data=[torch.randn(4, 3, 16, 16)])
+        >>> [type(m).__name__ for m in q]
+        ['Int8Conv2d', 'Identity', 'Identity']
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -150,7 +502,15 @@ def quantize(
         raise ValueError(f"mode must be one of {QUANT_MODES}, got {mode!r}")
     _utils.check_int8_bits("act_bits", act_bits, mode)
     _utils.check_int8_bits("weight_bits", weight_bits, mode)
+    observers.make_observer(observer)  # validates the name before anything runs
+    if bias_correction is not None and not isinstance(bias_correction, bool):
+        raise TypeError(f"bias_correction must be None, True or False, got {type(bias_correction).__name__}")
+    if bias_correction and calibration_data is None:
+        raise ValueError("bias_correction=True needs calibration_data")
     layer_cls = _int8_linear_class()
+    if calibration_data is not None:
+        calibration_data = _reiterable(calibration_data)
+        _first_batch(calibration_data)  # empty calibration data is an error, not "no calibration"
     extra = {"act_bits": act_bits} if act_bits != 8 else {}
     if weight_bits != 8:
         extra["weight_bits"] = weight_bits
@@ -160,13 +520,27 @@ def quantize(
     for n, m in model.named_modules(remove_duplicate=False):
         if n:
             aliases.setdefault(id(m), []).append(n)
-    for name, module in selected:
+
+    linear_new: dict[str, nn.Module] = {}
+    conv_sources: dict[str, nn.Conv2d] = {}
+    order: dict[str, int] = {}
+    for i, (name, module) in enumerate(selected):
+        order[name] = i
+        if _is_conv2d(module):
+            reason = _conv_skip_reason(module, mode)
+            if reason is not None:
+                result.skipped[name] = reason
+                continue
+            _check_finite(name, module)
+            conv_sources[name] = module if type(module) is nn.Conv2d else registry.dense_equivalent(module)
+            continue
         reason = _skip_reason(model, name, module, layer_cls)
         if reason == "":
             continue
         if reason is not None:
             result.skipped[name] = reason
             continue
+        _check_finite(name, module)
         source = module
         if conv1d.is_conv1d(module):  # weight stored [in, out]: quantize the transpose
             source = conv1d.to_linear(module, share_bias=False)
@@ -178,12 +552,39 @@ def quantize(
             result.skipped[name] = f"Int8Linear refused it: {e}"
             continue
         new.train(module.training)
-        for alias in aliases.get(id(module), [name]):  # a module registered under several names
-            _utils.set_module(model, alias, new)
-        result.converted.append(name)
-    if (isinstance(model, nn.Linear) or conv1d.is_conv1d(model)) and include is None:
+        linear_new[name] = new
+
+    conv_new: dict[str, nn.Module] = {}
+    if conv_sources:
+        conv_new = _convert_convs(model, conv_sources, calibration_data, observer, bias_correction, result)
+    if any(_is_conv2d(m) or isinstance(m, Int8Conv2d) for m in model.modules()):
+        batch = None
+        if calibration_data is not None:
+            batch = _first_batch(calibration_data)
+        elif example_inputs is not None:
+            batch = example_inputs
+        if batch is not None:
+            result.conv_macs = _conv_macs(model, batch)
+            total = sum(result.conv_macs.values())
+            int8 = sum(v for k, v in result.conv_macs.items()
+                       if k in conv_new and isinstance(conv_new[k], Int8Conv2d)
+                       or isinstance(model.get_submodule(k), Int8Conv2d))
+            result.int8_mac_fraction = int8 / total if total else None
+
+    # every replacement is ready: swap them in (all names a module is registered under)
+    replacements = {**linear_new, **conv_new}
+    for name in sorted(replacements, key=lambda n: n.count(".")):
+        module = model.get_submodule(name)
+        for alias in aliases.get(id(module), [name]):
+            _utils.set_module(model, alias, replacements[name])
+    result.converted = sorted((n for n, m in replacements.items() if not isinstance(m, nn.Identity)),
+                              key=lambda n: order.get(n, math.inf))
+    result.convs = [n for n in result.converted if isinstance(replacements[n], Int8Conv2d)]
+    if (isinstance(model, nn.Linear) or conv1d.is_conv1d(model) or _is_conv2d(model)) and include is None:
         result.skipped[""] = "the root module itself cannot be replaced in place; wrap it in a container"
     if warn and result.skipped:
         lines = "; ".join(f"{n or '<root>'}: {r}" for n, r in result.skipped.items())
         warnings.warn(f"quantize: {len(result.skipped)} layer(s) left in floating point: {lines}", stacklevel=2)
+    if warn and result.traced is False:
+        warnings.warn(f"quantize: {result.notes[0]}", stacklevel=2)
     return (model, result) if return_result else model

@@ -82,6 +82,7 @@ __attribute__((noinline)) void epilogue_large_row(const Int8Epilogue& ep, const 
 __attribute__((noinline)) void epilogue_scalar(const Int8Epilogue& ep, const int32_t* tile,
                                                int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
                                                int64_t nc) {
+  if (ep.tile_fn != nullptr) return ep.tile_fn(ep.tile_ctx, tile, ldt, m0, mr, n0, nc);
   for (int64_t r = 0; r < mr; ++r) {
     const int32_t* t = tile + r * ldt;
     const int64_t m = m0 + r;
@@ -709,14 +710,14 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
 
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
                       int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
-                      int32_t* workspace) {
+                      int32_t* workspace, int64_t lda) {
 #if PYC_HAVE_X86_SIMD
-  if (path == kInt8PathAmx) return int8_gemm_packed_amx(ap, packed, M, N, K, p0, p1, ep);
+  if (path == kInt8PathAmx) return int8_gemm_packed_amx(ap, packed, M, N, K, p0, p1, ep, lda);
 #endif
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
   const int32_t* panel_max = packed_panel_max(packed, N, K);
-  const int64_t rb = int8_a_row_bytes(path, K);
+  const int64_t rb = lda > 0 ? lda : int8_a_row_bytes(path, K);
   const int64_t a_elem = path >= 2 ? 1 : 2;  // bytes per prepared A element
   const int64_t kc = workspace ? int8_gemm_kc(path, M, K) : Kp;
   const bool blocked = kc < Kp;

@@ -137,7 +137,7 @@ void run_block(int mt, int nt, const uint8_t* a, int64_t lda, const int8_t* b, i
 }  // namespace
 
 void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64_t N, int64_t K,
-                          int64_t p0, int64_t p1, const Int8Epilogue& ep) {
+                          int64_t p0, int64_t p1, const Int8Epilogue& ep, int64_t lda) {
   if (M <= 0 || p1 <= p0) return;
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int64_t nq = Kp / 4;              // k-groups
@@ -145,7 +145,7 @@ void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64
   const int64_t ntail = nq - nfull * 16;  // k-groups of the last, partial step
   const int64_t panel_bytes = Kp * kInt8PanelCols;
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
-  const int64_t rb = int8_a_row_bytes(kInt8PathAmx, K);
+  const int64_t rb = lda > 0 ? lda : int8_a_row_bytes(kInt8PathAmx, K);
   const uint8_t* a = static_cast<const uint8_t*>(ap);
   // rows in whole tiles; none (all rows on the VNNI kernel, which reads the same prepared A)
   // if this process may not use AMX tile data

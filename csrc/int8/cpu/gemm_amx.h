@@ -25,8 +25,9 @@ constexpr int kInt8PathAmx = 5;
 // weight panels are in cache. ap: activations from int8_prepare_a(kInt8PathAmx, ...). Meant for
 // CPUs with AMX-INT8 (int8_gemm_path returned kInt8PathAmx); where this process may not use AMX
 // tile data, every row runs on the VNNI kernel.
+// lda: row stride of ap in bytes (0: int8_a_row_bytes(kInt8PathAmx, K)).
 void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64_t N, int64_t K,
-                          int64_t p0, int64_t p1, const Int8Epilogue& ep);
+                          int64_t p0, int64_t p1, const Int8Epilogue& ep, int64_t lda = 0);
 
 namespace int8_detail {
 // Defined in gemm.cpp (x86-64 only), shared with the AMX driver so that every path finishes

@@ -1,0 +1,467 @@
+"""``Int8Conv2d``: a drop-in replacement for ``nn.Conv2d`` with int8 weights and int8 arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["Int8Conv2d", "ACTIVATIONS", "activation_module", "activation_function"]
+
+# activations the op applies in its fp32 epilogue (after bias, before any requantization)
+ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
+_OUTPUT_DTYPES = {None: None, "uint8": torch.uint8}
+_FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
+_FLOAT_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def activation_module(name: str) -> nn.Module:
+    """The float ``nn`` module computing the activation called ``name`` (``nn.Identity`` for "none")."""
+    return {"none": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU,
+            "hardswish": nn.Hardswish}[name]()
+
+
+def activation_function(name: str):
+    """``fn(tensor) -> tensor`` applying the activation called ``name`` (out of place)."""
+    F = torch.nn.functional
+    return {"none": lambda t: t, "relu": torch.relu, "relu6": F.relu6, "silu": F.silu,
+            "hardswish": F.hardswish}[name]
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool) for a in v):
+        return (int(v[0]), int(v[1]))
+    raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """The symmetric (top = bottom, left = right) zero padding of ``conv`` as a pair, or None when
+    torch pads it asymmetrically (``padding="same"`` with an even receptive field)."""
+    p = conv.padding
+    if isinstance(p, str):
+        if p == "valid":
+            return (0, 0)
+        out = []
+        for d, k in zip(conv.dilation, conv.kernel_size):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            out.append(total // 2)
+        return (out[0], out[1])
+    return (int(p[0]), int(p[1]))
+
+
+def _check_qparams(what: str, scale, zero_point) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale fp32 [1], zero point int32 [1]) from numbers or one-element tensors, validated."""
+    s = float(scale.reshape(-1)[0]) if isinstance(scale, torch.Tensor) and scale.numel() == 1 else scale
+    z = int(zero_point.reshape(-1)[0]) if isinstance(zero_point, torch.Tensor) and zero_point.numel() == 1 else zero_point
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise TypeError(f"{what} scale must be a number or a one-element tensor, got {type(scale).__name__}")
+    s32 = torch.tensor([float(s)], dtype=torch.float32)
+    if not (math.isfinite(float(s)) and float(s32) > 0):
+        raise ValueError(f"{what} scale must be finite and > 0, got {s!r}")
+    if isinstance(z, bool) or not isinstance(z, int):
+        raise TypeError(f"{what} zero point must be an int or a one-element tensor, got {type(zero_point).__name__}")
+    if not 0 <= z <= 255:
+        raise ValueError(f"{what} zero point must be in [0, 255] (uint8), got {z}")
+    return s32, torch.tensor([z], dtype=torch.int32)
+
+
+class Int8Conv2d(nn.Module):
+    """2-D convolution with per-output-channel symmetric int8 weights and uint8 activations.
+
+    The input is quantized to uint8 (asymmetric, per tensor) at the entry of the op, either with
+    the static ``input_scale`` / ``input_zero_point`` found by calibration, or, when the layer has
+    none, dynamically per image (``scale = (max(0, max x) - min(0, min x)) / 255``). The products
+    are summed exactly in int32 and dequantized in a fused fp32 epilogue that adds the bias and
+    applies ``activation`` (``"none"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``; a
+    BatchNorm folded into the weight and the activation that followed the conv are computed
+    here). The output is float (``output_dtype=None``: the input's float dtype; for a uint8 input
+    ``float_dtype``, float32 by default) or, with ``output_dtype=torch.uint8``, requantized with ``output_scale`` /
+    ``output_zero_point`` so that the next ``Int8Conv2d`` (whose input quantization is the same)
+    reads it without a float round trip.
+
+    Inputs: float32 / float16 / bfloat16 ``[N, C, H, W]`` tensors, or uint8 tensors already
+    quantized with this layer's static input quantization.
+
+    Buffers (all in ``state_dict``): ``weight`` int8 ``[out, in / groups, kh, kw]``,
+    ``weight_scale`` fp32 ``[out]``, ``bias`` fp32 ``[out]`` or None, ``input_scale`` fp32 ``[1]``
+    and ``input_zero_point`` int32 ``[1]`` (None: dynamic quantization), ``output_scale`` fp32
+    ``[1]`` and ``output_zero_point`` int32 ``[1]`` (None: float output). Float outputs are
+    contiguous (``[N, C, H, W]`` memory order, what code written for torch's conv expects, e.g.
+    ``.view``) unless ``channels_last_output=True``: ``quantize`` sets it where the graph shows
+    that nothing after the layer depends on the layout (no ``.view``, not the model's output),
+    which saves a copy; uint8 outputs are always channels-last. On the CPU the weight
+    is also kept packed for the kernel in the non-persistent buffer ``weight_packed``, rebuilt
+    after ``load_state_dict``, after moving the layer to the CPU and by :meth:`repack` (call it
+    after editing buffers in place).
+
+    Example:
+        >>> import torch
+        >>> from pycompress.nn import Int8Conv2d
+        >>> conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+        >>> q = Int8Conv2d.from_float(conv)
+        >>> x = torch.randn(2, 8, 12, 12)
+        >>> y = q(x)
+        >>> y.shape, bool((y - conv(x)).norm() / conv(x).norm() < 0.02)
+        (torch.Size([2, 16, 12, 12]), True)
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        activation: str = "none",
+        static_input: bool = False,
+        output_dtype=None,
+        channels_last_output: bool = False,
+        fused_modules=(),
+        float_dtype=None,
+        device=None,
+    ) -> None:
+        super().__init__()
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
+            raise ValueError(f"kernel_size, stride, dilation must be >= 1 and padding >= 0, got kernel_size="
+                             f"{self.kernel_size}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.groups = int(groups)
+        self.activation = activation
+        self.channels_last_output = bool(channels_last_output)
+        # the float dtype of the output for a uint8 input (a layer inside an fp16 / bf16 model)
+        self.float_dtype = _FLOAT_DTYPE_NAMES.get(float_dtype, float_dtype) if float_dtype is not None else None
+        if self.float_dtype is not None and self.float_dtype not in _FLOAT_INPUTS:
+            raise ValueError(f"float_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {float_dtype!r}")
+        # names (in the model) of the modules whose computation this layer took over: a folded
+        # BatchNorm, a fused activation; informational (reports compare against their output)
+        self.fused_modules: tuple[str, ...] = tuple(str(n) for n in fused_modules)
+        self.layer_name: str | None = None  # the model's name for this layer, used in error messages
+        kh, kw = self.kernel_size
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, kh, kw, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, dtype=torch.float32, device=device) if bias else None)
+        self.register_buffer("input_scale", None)
+        self.register_buffer("input_zero_point", None)
+        self.register_buffer("output_scale", None)
+        self.register_buffer("output_zero_point", None)
+        self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
+        self._out_scale = 1.0
+        self._out_zero_point = 0
+        if static_input:
+            self.set_input_quantization(1.0, 0)
+        out = self._output_dtype_from(output_dtype)
+        if out is not None:
+            self.set_output_quantization(1.0, 0)
+        self.register_load_state_dict_post_hook(Int8Conv2d._after_load)
+        self.repack()
+
+    @staticmethod
+    def _output_dtype_from(output_dtype):
+        if output_dtype is torch.uint8:
+            return torch.uint8
+        if output_dtype in _OUTPUT_DTYPES and not isinstance(output_dtype, torch.dtype):
+            return _OUTPUT_DTYPES[output_dtype]
+        raise ValueError(f"output_dtype must be None (float output) or torch.uint8, got {output_dtype!r}")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def static_input(self) -> bool:
+        """Whether the input quantization is static (calibrated) rather than per image."""
+        return self.input_scale is not None
+
+    @property
+    def output_dtype(self):
+        """``None`` (float output) or ``torch.uint8`` (requantized output)."""
+        return torch.uint8 if self.output_scale is not None else None
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def _where(self) -> str:
+        return f"Int8Conv2d {self.layer_name!r}" if self.layer_name else f"Int8Conv2d({self.extra_repr()})"
+
+    # ------------------------------------------------------------------ quantization parameters
+    @torch.no_grad()
+    def set_input_quantization(self, scale, zero_point) -> None:
+        """Static uint8 input quantization (``real = (q - zero_point) * scale``); ``scale=None``
+        switches back to dynamic per-image quantization."""
+        if scale is None:
+            self.input_scale = None
+            self.input_zero_point = None
+            return
+        s, z = _check_qparams(f"{self._where()}: input", scale, zero_point)
+        dev = self.weight.device
+        self.input_scale = s.to(dev)
+        self.input_zero_point = z.to(dev)
+
+    @torch.no_grad()
+    def set_output_quantization(self, scale, zero_point) -> None:
+        """uint8 output requantized with ``scale`` / ``zero_point``; ``scale=None`` switches back to
+        float output."""
+        if scale is None:
+            self.output_scale = None
+            self.output_zero_point = None
+        else:
+            s, z = _check_qparams(f"{self._where()}: output", scale, zero_point)
+            dev = self.weight.device
+            self.output_scale = s.to(dev)
+            self.output_zero_point = z.to(dev)
+        self._sync_output_qparams()
+
+    def _sync_output_qparams(self) -> None:
+        # the op takes the output quantization as numbers: kept next to the buffers so that forward
+        # never reads a tensor value (no host sync, no graph break under torch.compile)
+        if self.output_scale is None:
+            self._out_scale, self._out_zero_point = 1.0, 0
+        else:
+            self._out_scale = float(self.output_scale.reshape(-1)[0])
+            self._out_zero_point = int(self.output_zero_point.reshape(-1)[0])
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, conv: nn.Conv2d, activation: str = "none", input_quantization=None,
+                   output_quantization=None) -> "Int8Conv2d":
+        """Quantizes ``conv`` (per output channel: ``scale = absmax / 127``, round half to even).
+
+        Args:
+            conv: an ``nn.Conv2d`` with zero padding (``padding_mode="zeros"``) and float weights.
+            activation: the activation to apply after the bias (see :data:`ACTIVATIONS`).
+            input_quantization: ``None`` (dynamic per image) or ``(scale, zero_point)``.
+            output_quantization: ``None`` (float output) or ``(scale, zero_point)`` for uint8 output.
+
+        Raises:
+            TypeError: not an ``nn.Conv2d`` or a weight that is not floating point.
+            ValueError: another padding mode, asymmetric ``"same"`` padding, NaN/inf weights or
+                bias, bad quantization parameters.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only zero padding)")
+        padding = conv_padding(conv)
+        if padding is None:
+            raise ValueError("padding='same' with an even receptive field pads asymmetrically; not supported")
+        if not conv.weight.dtype.is_floating_point:
+            raise TypeError(f"the weight dtype {conv.weight.dtype} is not a floating type")
+        w = conv.weight.detach().float()
+        if not torch.isfinite(w).all():
+            raise ValueError("from_float: the weight holds NaN or inf values")
+        if conv.bias is not None and not torch.isfinite(conv.bias.detach()).all():
+            raise ValueError("from_float: the bias holds NaN or inf values")
+        absmax = w.abs().amax(dim=(1, 2, 3))
+        scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        q = torch.round(w / scale[:, None, None, None]).clamp_(-127, 127).to(torch.int8)
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
+                conv.groups, bias=conv.bias is not None, activation=activation, device=w.device)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(scale)
+        if conv.bias is not None:
+            m.bias.copy_(conv.bias.detach().float())
+        if input_quantization is not None:
+            m.set_input_quantization(*input_quantization)
+        if output_quantization is not None:
+            m.set_output_quantization(*output_quantization)
+        m.repack()
+        return m
+
+    def config(self) -> dict:
+        """JSON-serializable description from which :meth:`from_config` rebuilds the layer."""
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "groups": self.groups,
+            "bias": self.bias is not None,
+            "activation": self.activation,
+            "static_input": self.static_input,
+            "output_dtype": "uint8" if self.output_dtype is not None else None,
+            "channels_last_output": self.channels_last_output,
+            "fused_modules": list(self.fused_modules),
+            "float_dtype": str(self.float_dtype).replace("torch.", "") if self.float_dtype is not None else None,
+        }
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Int8Conv2d":
+        """Builds a layer with buffers of the right shapes (values to be loaded with ``load_state_dict``)."""
+        return cls(cfg["in_channels"], cfg["out_channels"], tuple(cfg["kernel_size"]), tuple(cfg.get("stride", 1)),
+                   tuple(cfg.get("padding", 0)), tuple(cfg.get("dilation", 1)), cfg.get("groups", 1),
+                   bias=cfg.get("bias", True), activation=cfg.get("activation", "none"),
+                   static_input=bool(cfg.get("static_input", False)), output_dtype=cfg.get("output_dtype"),
+                   channels_last_output=bool(cfg.get("channels_last_output", False)),
+                   fused_modules=tuple(cfg.get("fused_modules", ())), float_dtype=cfg.get("float_dtype"))
+
+    def dequantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        """The real values of an output of this layer: ``(y - output_zero_point) * output_scale``
+        for a uint8 output, ``y`` itself for a float one."""
+        if y.dtype != torch.uint8 or self.output_scale is None:
+            return y
+        return (y.float() - self.output_zero_point.float()) * self.output_scale
+
+    @torch.no_grad()
+    def dequantized_weight(self) -> torch.Tensor:
+        """The fp32 weight ``weight * weight_scale`` (what the int8 weight stands for)."""
+        return self.weight.float() * self.weight_scale.float()[:, None, None, None]
+
+    @torch.no_grad()
+    def to_float(self, with_activation: bool = False) -> nn.Module:
+        """The dequantized equivalent ``nn.Conv2d`` (fp32, same device).
+
+        A fused activation (``self.activation != "none"``) is not part of a ``Conv2d``: with
+        ``with_activation=True`` the result is ``nn.Sequential(conv, activation)`` instead. The
+        activation quantization is not represented (the float layer computes in float).
+        """
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, self.groups, bias=self.bias is not None, device=self.weight.device)
+        conv.weight.copy_(self.dequantized_weight())
+        if self.bias is not None:
+            conv.bias.copy_(self.bias.float())
+        if with_activation and self.activation != "none":
+            return nn.Sequential(conv, activation_module(self.activation))
+        return conv
+
+    # ------------------------------------------------------------------ packing
+    @torch.no_grad()
+    def repack(self) -> None:
+        """Re-packs ``weight`` for the CPU kernel (an empty buffer off the CPU) and re-reads the
+        output quantization; call it after editing the buffers in place."""
+        self._sync_output_qparams()
+        pack = getattr(torch.ops.pycompress, "int8_conv2d_pack_weight", None) if _has_op() else None
+        if self.weight.device.type == "cpu" and pack is not None:
+            self.weight_packed = pack(self.weight, self.groups)
+        else:
+            self.weight_packed = torch.empty(0, dtype=torch.int8, device=self.weight.device)
+
+    def _packed_bytes(self) -> int:
+        import pycompress.ops as ops
+
+        size = getattr(ops, "int8_conv2d_packed_bytes", None)
+        if size is None:
+            return 0
+        return size(self.out_channels, self.in_channels // self.groups, *self.kernel_size, self.groups)
+
+    @staticmethod
+    def _after_load(module, incompatible_keys) -> None:
+        module.repack()
+
+    def _apply(self, fn, recurse=True):
+        before = {k: self._buffers[k] for k in ("weight_scale", "bias", "input_scale", "output_scale")}
+        moved = super()._apply(fn, recurse)
+        # a cast of the whole model (.half(), .to(torch.bfloat16), .float()) sets the float dtype
+        # of the outputs of uint8 inputs: fn maps floats of both widths to one dtype only then
+        try:
+            a, b = fn(torch.zeros(1, dtype=torch.float16)), fn(torch.zeros(1, dtype=torch.float32))
+        except Exception:  # a function that takes only this layer's own tensors
+            a = b = None
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+                and a.dtype in _FLOAT_INPUTS:
+            self.float_dtype = None if a.dtype == torch.float32 else a.dtype
+        # dtype casts (.half(), .to(bf16)) must not round the fp32 scales and bias the op reads,
+        # and the packed copy is valid only next to a CPU weight
+        for k, old in before.items():
+            cur = self._buffers.get(k)
+            if cur is not None and cur.dtype != torch.float32:
+                self._buffers[k] = old.to(device=cur.device, dtype=torch.float32)
+        if self.weight.device.type == "cpu" and (self.weight_packed.device.type != "cpu"
+                                                 or self.weight_packed.numel() != self._packed_bytes()):
+            self.repack()
+        elif self.weight.device.type != "cpu" and self.weight_packed.numel() != 0:
+            self.weight_packed = torch.empty(0, dtype=torch.int8, device=self.weight.device)
+        return moved
+
+    # ------------------------------------------------------------------ forward
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self._where()}: expects a tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{self._where()}: expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"{self._where()}: expects {self.in_channels} input channels, got an input of shape "
+                             f"{tuple(x.shape)} ({x.shape[1]} channels)")
+        if x.dtype == torch.uint8:
+            if self.input_scale is None:
+                raise ValueError(
+                    f"{self._where()}: got a uint8 (already quantized) input, but the layer has no static input "
+                    "quantization to read it with (dynamic layers take float inputs)")
+        elif x.dtype not in _FLOAT_INPUTS:
+            raise TypeError(f"{self._where()}: input dtype {x.dtype} is not supported (float32, float16, bfloat16, "
+                            "or uint8 quantized with the layer's input quantization)")
+        if x.device != self.weight.device:
+            raise ValueError(f"{self._where()}: input on {x.device} but the layer is on {self.weight.device}")
+        ho, wo = self.output_size(x.shape[2], x.shape[3])
+        if ho < 1 or wo < 1:
+            raise ValueError(f"{self._where()}: input of spatial size {tuple(x.shape[2:])} is too small for the "
+                             f"kernel {self.kernel_size} (dilation {self.dilation}, padding {self.padding})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        b = self._buffers
+        packed = b["weight_packed"]
+        y = torch.ops.pycompress.int8_conv2d(
+            x, b["input_scale"], b["input_zero_point"], b["weight"], b["weight_scale"], b["bias"],
+            packed if packed.numel() else None, list(self.stride), list(self.padding), list(self.dilation),
+            self.groups, self.activation,
+            self.float_dtype if b["output_scale"] is None and x.dtype == torch.uint8 else self.output_dtype,
+            self._out_scale, self._out_zero_point)
+        if not self.channels_last_output and b["output_scale"] is None:
+            # code after the layer may .view() its output: contiguous, as torch's conv returns it
+            # for a contiguous input (the input here may be channels-last because of the int8
+            # layers before it)
+            y = y.contiguous()
+        return y
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
+        if self.padding != (0, 0):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.activation != "none":
+            s += f", activation={self.activation}"
+        s += ", input=" + ("static" if self.static_input else "dynamic")
+        if self.output_dtype is not None:
+            s += ", output=uint8"
+        elif self.channels_last_output:
+            s += ", channels_last_output=True"
+        return s
+
+
+def _has_op() -> bool:
+    try:
+        from pycompress import _ext  # noqa: F401  (loads the kernels)
+    except Exception:  # pragma: no cover - the extension is part of every build
+        return False
+    return hasattr(torch.ops.pycompress, "int8_conv2d")

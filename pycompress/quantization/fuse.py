@@ -1,0 +1,295 @@
+"""Graph analysis for the int8 conversion of CNNs: BatchNorm folding, activation fusion and the
+int8 chains between convolutions, found with ``torch.fx``.
+
+The traced graph is only *read*: the model keeps its own module structure (``quantize`` replaces
+modules in place), so every rewrite must be expressible as a module swap:
+
+* an eval-mode ``nn.BatchNorm2d`` whose only input is a conv's output, and which is that output's
+  only user, is folded into the conv and replaced by ``nn.Identity``;
+* a ``nn.ReLU`` / ``nn.ReLU6`` / ``nn.SiLU`` / ``nn.Hardswish`` module that is the only user of the
+  conv (or folded BatchNorm) output is computed in the conv's epilogue. When that module is called
+  nowhere else it becomes ``nn.Identity``; a ReLU or ReLU6 module that is also called at other
+  places (torchvision's blocks reuse one ``self.relu``) stays, since applying it again to its own
+  output changes nothing (both are idempotent, bit for bit);
+* a conv's float output may stay channels-last (the op's layout) unless a path from it reaches
+  a ``.view`` or the model's output before another converted conv or a flattening op
+  (``flatten``, ``reshape``, a linear layer): there it is made contiguous, as ``nn.Conv2d``
+  would return it;
+* a conv's output can stay uint8 when every path from it ends at the input of another converted
+  conv, through modules that are exact on uint8 tensors only: ``nn.Identity``, ``nn.MaxPool2d``
+  (a maximum commutes with the monotonic quantization; used only where torch's ``max_pool2d``
+  takes uint8 on the model's device) and ``nn.ReLU`` when the zero point is 0 (then every uint8
+  value stands for a real value >= 0). Residual additions, concatenations, pooling by averages,
+  flattening and model outputs all need float values.
+
+A conv called at more than one place is converted but never folded, fused or chained (its
+neighbours differ per call).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pycompress.nn import conv1d, registry
+
+__all__ = ["ConvGroup", "GraphPlan", "analyse", "fold_batchnorm", "FUSABLE_ACTIVATIONS", "maxpool_takes_uint8"]
+
+# activation module type -> Int8Conv2d activation name
+FUSABLE_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu",
+                                        nn.Hardswish: "hardswish"}
+_IDEMPOTENT = ("relu", "relu6")
+
+
+@dataclass
+class ConvGroup:
+    """A conv and the modules computed in its epilogue after conversion."""
+
+    conv: str
+    bn: str | None = None
+    act: str | None = None
+    activation: str = "none"
+    act_replaced: bool = False  # the activation module becomes nn.Identity (else it stays: idempotent)
+
+    @property
+    def replaced(self) -> list[str]:
+        """Modules replaced by ``nn.Identity`` when the conv is converted."""
+        return [n for n in (self.bn, self.act if self.act_replaced else None) if n]
+
+    @property
+    def last_float_module(self) -> str:
+        """The module whose output, after ``activation``, is the group's output."""
+        return self.bn or self.conv
+
+
+@dataclass
+class Chain:
+    """A uint8 edge candidate: ``producer``'s output reaches each of ``consumers`` (as their only
+    input) through pass-through modules; ``needs_zero_zp``: a ReLU module is on the way."""
+
+    producer: str
+    consumers: list[str]
+    needs_zero_zp: bool = False
+
+
+@dataclass
+class GraphPlan:
+    traced: bool
+    reason: str | None = None
+    groups: dict[str, ConvGroup] = field(default_factory=dict)
+    chains: dict[str, Chain] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+    weight_read: set[str] = field(default_factory=set)  # convs whose parameters the forward reads directly
+    # convs whose float output may stay channels-last: no path from it reaches a ``.view`` or the
+    # model's output before another converted conv (which lays out its own output)
+    layout_free: set[str] = field(default_factory=set)
+    # conv -> the converted convs its output reaches (through any other operations)
+    feeds: dict[str, set[str]] = field(default_factory=dict)
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if registry.is_pycompress_layer(m) or conv1d.is_conv1d(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def maxpool_takes_uint8(pool: nn.MaxPool2d, device: torch.device) -> bool:
+    """Whether torch's max pooling with ``pool``'s settings accepts a uint8 channels-last tensor of
+    a realistic size on ``device`` and computes what it computes in float (some torch versions
+    refuse uint8, or channels-last uint8 maps of more than 255 values per image)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (2, 64, 40, 40), generator=g, dtype=torch.uint8).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        got = torch.nn.functional.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                             pool.ceil_mode)
+        want = torch.nn.functional.max_pool2d(x.float(), pool.kernel_size, pool.stride, pool.padding,
+                                              pool.dilation, pool.ceil_mode)
+        return got.dtype == torch.uint8 and torch.equal(got.float(), want)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+
+
+def _module_at(modules: dict[str, nn.Module], node: torch.fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return modules.get(node.target)
+
+
+def _single_input_call(node: torch.fx.Node, src: torch.fx.Node) -> bool:
+    return node.op == "call_module" and len(node.args) == 1 and node.args[0] is src and not node.kwargs
+
+
+def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.device | None = None) -> GraphPlan:
+    """Traces ``model`` with ``torch.fx`` (symbolically: no input needed) and plans the folding,
+    fusion and uint8 chains of the convs named in ``convertible`` (name -> the float conv it
+    stands for). A model that cannot be traced gets ``GraphPlan(traced=False, reason=...)``."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # any failure of symbolic tracing: data-dependent control flow, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return GraphPlan(traced=False, reason=f"{type(e).__name__}: {msg[:200]}")
+    modules = dict(model.named_modules())
+    plan = GraphPlan(traced=True)
+    ids = Counter()
+    name_of_id: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        name_of_id.setdefault(id(m), []).append(n)
+    for node in graph.nodes:
+        if node.op == "call_module":
+            ids[id(modules[node.target])] += 1
+        elif node.op == "get_attr":
+            owner = str(node.target).rpartition(".")[0]
+            plan.weight_read.add(owner)
+    plan.calls = {n: ids.get(id(m), 0) for n, m in modules.items()}
+    # a conv whose parameters the forward reads stays a float nn.Conv2d: not a convertible one
+    convertible = {n: c for n, c in convertible.items() if n not in plan.weight_read}
+
+    def calls(name: str) -> int:
+        return plan.calls.get(name, 0)
+
+    def read_directly(name: str) -> bool:
+        return name in plan.weight_read
+
+    def flattens(node: torch.fx.Node) -> bool:
+        """Whether ``node`` turns a feature map into rows (its output's layout is its own)."""
+        if node.op == "call_module":
+            m = modules.get(node.target)
+            return isinstance(m, (nn.Linear, nn.Flatten)) or (
+                registry.is_pycompress_layer(m) and hasattr(m, "in_features"))
+        if node.op == "call_function":
+            return node.target in (torch.flatten, torch.reshape, torch.nn.functional.linear)
+        return node.op == "call_method" and node.target in ("flatten", "reshape")
+
+    def reach(start: torch.fx.Node, feeds: set[str]) -> bool:
+        """Collects the converted convs reached from ``start`` into ``feeds``; True when a path
+        reaches a ``.view`` or the model's output before a conv or a flattening op."""
+        stack, seen, layout = [start], set(), False
+        while stack:
+            node = stack.pop()
+            for u in node.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u.op == "output" or (u.op == "call_method" and u.target == "view") or (
+                        u.op == "call_function" and u.target is torch.Tensor.view):
+                    layout = True
+                    continue
+                if u.op == "call_module" and u.target in convertible:
+                    feeds.add(u.target)
+                    continue
+                if flattens(u):
+                    continue
+                stack.append(u)
+        return layout
+
+    conv_nodes: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in convertible:
+            conv_nodes.setdefault(node.target, []).append(node)
+    for name, nodes in conv_nodes.items():
+        feeds: set[str] = set()
+        layout = [reach(n, feeds) for n in nodes]
+        plan.feeds[name] = feeds
+        if not any(layout):
+            plan.layout_free.add(name)
+
+    ends: dict[str, torch.fx.Node] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in convertible:
+            continue
+        name = node.target
+        conv = convertible[name]
+        group = ConvGroup(conv=name)
+        plan.groups[name] = group
+        if calls(name) != 1 or len(node.args) != 1 or node.kwargs or read_directly(name):
+            continue
+        cur = node
+        users = list(cur.users)
+        if len(users) == 1 and _single_input_call(users[0], cur):
+            bn = _module_at(modules, users[0])
+            if (type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats
+                    and bn.running_mean is not None and bn.running_var is not None
+                    and bn.num_features == conv.out_channels and calls(users[0].target) == 1
+                    and not read_directly(users[0].target)):
+                group.bn = users[0].target
+                cur = users[0]
+        users = list(cur.users)
+        if len(users) == 1 and _single_input_call(users[0], cur):
+            act = _module_at(modules, users[0])
+            kind = FUSABLE_ACTIVATIONS.get(type(act))
+            if kind is not None:
+                if calls(users[0].target) == 1:
+                    group.act, group.activation, group.act_replaced = users[0].target, kind, True
+                    cur = users[0]
+                elif kind in _IDEMPOTENT:
+                    group.act, group.activation, group.act_replaced = users[0].target, kind, False
+        ends[name] = cur
+
+    pools_ok: dict[str, bool] = {}
+    dev = device if device is not None else torch.device("cpu")
+    for name, end in ends.items():
+        consumers: list[str] = []
+        needs_zero_zp = False
+        ok = True
+        stack, seen = [end], set()
+        while stack and ok:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            users = list(node.users)
+            if not users:
+                ok = False
+            for u in users:
+                m = _module_at(modules, u)
+                if m is None or not _single_input_call(u, node):
+                    ok = False
+                    break
+                if u.target in convertible and u.target in plan.groups and calls(u.target) == 1 \
+                        and not read_directly(u.target):
+                    consumers.append(u.target)
+                elif type(m) is nn.Identity:
+                    stack.append(u)
+                elif type(m) is nn.MaxPool2d and not m.return_indices:
+                    if u.target not in pools_ok:
+                        pools_ok[u.target] = maxpool_takes_uint8(m, dev)
+                    if not pools_ok[u.target]:
+                        ok = False
+                        break
+                    stack.append(u)
+                elif type(m) is nn.ReLU:
+                    needs_zero_zp = True
+                    stack.append(u)
+                else:
+                    ok = False
+                    break
+        if ok and consumers:
+            plan.chains[name] = Chain(producer=name, consumers=sorted(set(consumers)), needs_zero_zp=needs_zero_zp)
+    return plan
+
+
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> nn.Conv2d:
+    """A new float32 ``nn.Conv2d`` computing ``bn(conv(x))`` (eval-mode BatchNorm statistics),
+    computed in float64; without ``bn``, an fp32 copy of ``conv``."""
+    w = conv.weight.detach().double()
+    b = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                                                device=w.device)
+    if bn is not None:
+        gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(b)
+        beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(b)
+        inv = gamma / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+        w = w * inv[:, None, None, None]
+        b = (b - bn.running_mean.detach().double()) * inv + beta
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, bias=conv.bias is not None or bn is not None,
+                    padding_mode=conv.padding_mode, device=w.device, dtype=torch.float32)
+    out.weight.copy_(w.float())
+    if out.bias is not None:
+        out.bias.copy_(b.float())
+    return out
