@@ -12,11 +12,13 @@ parameters) and every output kind.
 
 from __future__ import annotations
 
+import copy
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import pycompress.ops  # noqa: F401  (fake kernels of the pycompress ops)
 
@@ -303,6 +305,38 @@ def test_int8_conv2d_opcheck():
                                groups, "relu", None, 1.0, 0))
     torch.library.opcheck(P.int8_conv2d_pack_weight.default,
                           (torch.randint(-128, 128, (8, 3, 3, 3), dtype=torch.int8, device=DEV), 1))
+
+
+# ============================================================================ Int8Conv2d
+def test_int8conv2d_module_on_cuda_matches_cpu():
+    from pycompress.nn import Int8Conv2d
+
+    g = gen("module")
+    convs = [
+        (nn.Conv2d(3, 16, 3, stride=2, padding=1), "relu", None, None),
+        (nn.Conv2d(16, 16, 3, padding=1, groups=16), "relu6", (0.05, 0), (0.04, 3)),
+        (nn.Conv2d(16, 24, 1), "none", (0.04, 3), None),
+        (nn.Conv2d(16, 32, 3, padding=2, dilation=2, groups=2, bias=False), "hardswish", None, None),
+    ]
+    x = torch.randn(2, 3, 15, 13, generator=g)
+    for conv, act, inq, outq in convs:
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.2)
+        m = Int8Conv2d.from_float(conv, activation=act, input_quantization=inq, output_quantization=outq).eval()
+        md = copy.deepcopy(m).to(DEV)
+        xin = x if conv.in_channels == 3 else torch.randn(2, conv.in_channels, 9, 10, generator=g)
+        with torch.no_grad():
+            agree(md(xin.to(DEV)), m(xin), act)
+    # a uint8 chain: the requantized output of one layer is the next layer's quantized input
+    a = Int8Conv2d.from_float(nn.Conv2d(8, 16, 3, padding=1), "relu", (0.05, 0), (0.03, 0)).eval()
+    b = Int8Conv2d.from_float(nn.Conv2d(16, 16, 3, padding=1, groups=16), "relu6", (0.03, 0), None).eval()
+    ad, bd = copy.deepcopy(a).to(DEV), copy.deepcopy(b).to(DEV)
+    xin = torch.rand(3, 8, 11, 12, generator=g)
+    with torch.no_grad():
+        q = ad(xin.to(DEV))
+        assert q.dtype == torch.uint8 and q.device.type == "cuda"
+        exact(q, a(xin))
+        exact(bd(q), b(a(xin)))
 
 
 # ============================================================================ bad input
