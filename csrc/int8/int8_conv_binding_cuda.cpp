@@ -159,12 +159,12 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
   check_device(w_scale_in, x, "w_scale");
   at::Tensor bias;
   if (defined(bias_in)) {
-    TORCH_CHECK_TYPE(bias_in->scalar_type() == at::kFloat, kOp, ": bias must be float32, got ",
-                     bias_in->scalar_type());
+    TORCH_CHECK_TYPE(is_float_dtype(bias_in->scalar_type()), kOp,
+                     ": bias must be float32 (or float16 / bfloat16), got ", bias_in->scalar_type());
     TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == Cout, kOp,
                 ": bias must have shape [Cout] = [", Cout, "], got ", bias_in->sizes());
     check_device(*bias_in, x, "bias");
-    bias = bias_in->contiguous();
+    bias = bias_in->to(at::kFloat).contiguous();
   }
 
   const bool has_scale = defined(x_scale_in), has_zp = defined(x_zp_in);
@@ -191,11 +191,11 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
   int32_t ozp = 0;
   if (okind == cuda::ConvOut::U8 || okind == cuda::ConvOut::S8) {
     const float s = static_cast<float>(out_scale);
-    TORCH_CHECK(std::isfinite(s) && s > 0.f, kOp,
-                ": out_scale must be finite and > 0 for a requantized output, got ", out_scale);
+    TORCH_CHECK(std::isfinite(s) && s > 0.f && std::isfinite(1.0f / s), kOp,
+                ": out_scale must be finite and > 0 for a quantized output, got ", out_scale);
     const int64_t lo = okind == cuda::ConvOut::U8 ? 0 : -128;
     const int64_t hi = okind == cuda::ConvOut::U8 ? 255 : 127;
-    TORCH_CHECK(out_zero_point >= lo && out_zero_point <= hi, kOp, ": out_zero_point must be in [",
+    TORCH_CHECK(out_zero_point >= lo && out_zero_point <= hi, kOp, ": out_zero_point must lie in [",
                 lo, ", ", hi, "] for ", ost, " output, got ", out_zero_point);
     out_inv = 1.0f / s;
     ozp = static_cast<int32_t>(out_zero_point);
@@ -253,23 +253,25 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
     xs = x_scale_in->expand({N}).contiguous();
     xzp = x_zp_in->expand({N}).contiguous();
     checks.add(any_nonfinite(xs), "x_scale must be finite");
+    if (!quantized) checks.add(xs.le(0).any(), "x_scale must be > 0");
+    const std::string what = x.scalar_type() == at::kChar   ? "int8 x"
+                             : x.scalar_type() == at::kByte ? "uint8 x"
+                                                            : "float x (quantized to uint8)";
     checks.add(xzp.lt(zp_lo).logical_or(xzp.gt(zp_hi)).any(),
-               "x_zero_point must be in [" + std::to_string(zp_lo) + ", " + std::to_string(zp_hi) +
-                   "] for " + std::string(c10::toString(x.scalar_type())) + " x");
+               "x_zero_point must lie in [" + std::to_string(zp_lo) + ", " +
+                   std::to_string(zp_hi) + "] for " + what);
   }
-  if (!quantized) {
-    // float x: per-image min / max (the dynamic parameters, and the finiteness check either way)
-    at::Tensor nonfinite = at::empty({N}, x.options().dtype(at::kInt));
-    if (dynamic) {
-      xs = at::empty({N}, x.options().dtype(at::kFloat));
-      xzp = at::empty({N}, x.options().dtype(at::kInt));
-    }
+  if (dynamic) {
+    // per-image min / max: the quantization parameters, and the finiteness check
+    xs = at::empty({N}, x.options().dtype(at::kFloat));
+    xzp = at::empty({N}, x.options().dtype(at::kInt));
+    const at::Tensor nonfinite = at::empty({N}, x.options().dtype(at::kInt));
     const cudaError_t err = cuda::int8_conv2d_dynamic_params(
-        a, dynamic ? xs.data_ptr<float>() : nullptr, dynamic ? xzp.data_ptr<int32_t>() : nullptr,
-        nonfinite.data_ptr<int32_t>(), workspace.data_ptr(), stream);
+        a, xs.data_ptr<float>(), xzp.data_ptr<int32_t>(), nonfinite.data_ptr<int32_t>(),
+        workspace.data_ptr(), stream);
     TORCH_CHECK(err == cudaSuccess, kOp, " CUDA kernel (input range) failed: ",
                 cudaGetErrorString(err));
-    checks.add(nonfinite.ne(0).any(), "x must be finite (it holds NaN or infinity)");
+    checks.add(nonfinite.ne(0).any(), "x holds NaN or infinite values");
   }
   checks.run(stream);
 

@@ -133,23 +133,31 @@ struct Epi {
 __device__ __forceinline__ float activate(float y, ConvAct act) {
   switch (act) {
     case ConvAct::None: return y;
-    case ConvAct::Relu: return fmaxf(y, 0.f);
-    case ConvAct::Relu6: return fminf(fmaxf(y, 0.f), 6.f);
+    // comparisons written as the CPU kernels write them: the same result for -0 and NaN too
+    case ConvAct::Relu: return y < 0.f ? 0.f : y;
+    case ConvAct::Relu6: {
+      const float t = y < 0.f ? 0.f : y;
+      return t > 6.f ? 6.f : t;
+    }
     case ConvAct::Silu: return __fdiv_rn(y, __fadd_rn(1.f, expf(-y)));
     case ConvAct::Hardswish: {
-      const float t = fminf(fmaxf(__fadd_rn(y, 3.f), 0.f), 6.f);
+      float t = __fadd_rn(y, 3.f);
+      t = t < 0.f ? 0.f : t;
+      t = t > 6.f ? 6.f : t;
       return __fdiv_rn(__fmul_rn(y, t), 6.f);
     }
   }
   return y;
 }
 
-// clamp(nearbyint(y * inv) + zp, lo, hi). rintf rounds half to even; the fp32 add of the zero
-// point is exact while |rint| < 2^24, and beyond that both sides clamp to the same bound.
+// clamp(nearbyint(y * inv) + zp, lo, hi), NaN -> 0 (as on the CPU). rintf rounds half to even;
+// the fp32 add of the zero point is exact while |rint| < 2^24, and beyond that the result clamps
+// to the same bound as the exact sum would.
 __device__ __forceinline__ int requantize(float y, float inv, float zp, float lo, float hi) {
   float r = __fadd_rn(rintf(__fmul_rn(y, inv)), zp);
-  r = fminf(fmaxf(r, lo), hi);
-  return __float2int_rn(r);
+  r = r < lo ? lo : r;
+  r = r > hi ? hi : r;
+  return r == r ? __float2int_rn(r) : 0;
 }
 
 // Writes output element `off` (= pixel * Cout + co) of image n from the exact accumulator.
@@ -265,7 +273,6 @@ __global__ void __launch_bounds__(kThreads1D)
     bad |= part_bad[n * parts + p];
   }
   nonfinite[n] = bad;
-  if (scale == nullptr) return;
   const float s = hi == lo ? 1.f : __fdiv_rn(__fsub_rn(hi, lo), 255.f);
   float z = rintf(__fdiv_rn(-lo, s));
   z = fminf(fmaxf(z, 0.f), 255.f);

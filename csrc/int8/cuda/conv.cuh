@@ -59,7 +59,8 @@ size_t int8_conv2d_workspace_bytes(const Int8Conv2dArgs& a);
 // Dynamic quantization parameters of float x, per image n over all of x[n]:
 //   lo = min(0, min x), hi = max(0, max x), scale = (hi - lo) / 255 (1 when hi == lo),
 //   zp = clamp(nearbyint(-lo / scale), 0, 255);
-// nonfinite[n] = 1 where x[n] holds a NaN or an infinity (0 otherwise). Only x* fields are read.
+// nonfinite[n] = 1 where x[n] holds a NaN or an infinity (0 otherwise). Only the x fields and
+// the shape fields that size the workspace are read.
 cudaError_t int8_conv2d_dynamic_params(const Int8Conv2dArgs& a, float* scale, int32_t* zp,
                                        int32_t* nonfinite, void* workspace, cudaStream_t stream);
 
