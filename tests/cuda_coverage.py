@@ -27,6 +27,7 @@ MODULE_PATHS: dict[str, tuple[str, ...]] = {
     "nn.SemiSparseLinear": ("SemiSparseLinear",),
     "nn.MaskedLinear": ("MaskedLinear",),
     "nn.MaskedConv2d": ("MaskedConv2d",),
+    "nn.Int8Conv2d": ("Int8Conv2d",),
     "nn.KDLoss": ("KDLoss",),
     "ops.kd_kl_div": ("kd_kl_div",),
 }
