@@ -294,11 +294,19 @@ def _width_change(rmod: nn.Module, cmod: nn.Module) -> str | None:
     return ", ".join(diff) or None
 
 
+def _fused_into(candidate: nn.Module) -> set[str]:
+    """Names of the modules a converted layer computes itself (a BatchNorm folded into an int8
+    conv, its fused activation): the candidate holds an ``nn.Identity`` (or the unchanged shared
+    module) there, and the converted layer is compared against the reference's whole chain."""
+    return {n for m in candidate.modules() for n in getattr(m, "fused_modules", ())}
+
+
 def _replaced_layers(reference: nn.Module, candidate: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
     ref_modules = dict(reference.named_modules())
+    fused = _fused_into(candidate)
     out = []
     for name, cmod in candidate.named_modules():
-        if not name or name not in ref_modules:
+        if not name or name not in ref_modules or name in fused:
             continue
         rmod = ref_modules[name]
         if type(rmod) is not type(cmod) or (registry.is_pycompress_layer(cmod) and rmod is not cmod) \
@@ -310,9 +318,15 @@ def _replaced_layers(reference: nn.Module, candidate: nn.Module) -> list[tuple[s
 
 
 class _LayerProbe:
-    def __init__(self, name: str, rmod: nn.Module, cmod: nn.Module):
+    def __init__(self, name: str, rmod: nn.Module, cmod: nn.Module, ref_modules: dict[str, nn.Module] | None = None):
         self.err = LayerError(name, type(rmod).__name__, type(cmod).__name__)
         self.cmod = cmod
+        # the reference modules a converted layer absorbed (folded BatchNorm, fused activation),
+        # applied to the reference layer's output so both sides compute the same function
+        fused = getattr(cmod, "fused_modules", ())
+        self.ref_chain = [ref_modules[n] for n in fused if ref_modules is not None and n in ref_modules]
+        if len(self.ref_chain) != len(fused):
+            self.ref_chain = None
         self.acc = _Acc()
         self.failure: str | None = None
         change = _width_change(rmod, cmod)
@@ -327,12 +341,18 @@ class _LayerProbe:
             return
         ref_out = output
         try:
+            if self.ref_chain is None:
+                raise ValueError(f"its fused modules {list(self.cmod.fused_modules)} are not all in the reference")
+            for m in self.ref_chain:
+                ref_out = m(ref_out)
             dev = _utils.model_device(self.cmod)
             cargs = _utils.batch_to(tuple(args), dev)
             ckw = _utils.batch_to(dict(kwargs), dev)
             cand_out = self.cmod(*cargs, **ckw)
             r, _ = _utils.output_tensor(ref_out)
             c, _ = _utils.output_tensor(cand_out)
+            if hasattr(self.cmod, "dequantize_output"):  # an int8 output is compared by its real values
+                c = self.cmod.dequantize_output(c)
             if r.shape != c.shape:
                 if self.change is not None:  # a compacted layer: its output is narrower by design
                     self.skipped = (f"output shape {tuple(c.shape)} differs from the reference's "
@@ -427,9 +447,11 @@ def validate(
     probes: list[_LayerProbe] = []
     handles = []
     if layers:
-        pairs = _replaced_layers(_utils.unwrap_compiled(reference), _utils.unwrap_compiled(candidate))
+        ref_root = _utils.unwrap_compiled(reference)
+        pairs = _replaced_layers(ref_root, _utils.unwrap_compiled(candidate))
+        ref_modules = dict(ref_root.named_modules())
         for name, rmod, cmod in pairs:
-            probe = _LayerProbe(name, rmod, cmod)
+            probe = _LayerProbe(name, rmod, cmod, ref_modules)
             probes.append(probe)
             handles.append(rmod.register_forward_hook(probe, with_kwargs=True))
 
