@@ -348,8 +348,11 @@ _LABELS = {
 }
 
 
-def t_sentences(results, link_base: str, t: dict) -> str:
+def t_sentences(results, link_base: str = "") -> str:
     """Sentence encoders in ONNX Runtime: latency, file size, per-sentence cosines, verify."""
+    import runpy
+
+    t = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tables.py"))
     res = t["_one"]("onnx-sentences", results)
     rows = res.rows("onnx")
     out, last = [], None

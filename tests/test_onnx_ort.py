@@ -163,7 +163,7 @@ def _break(path, out, how):
             t = inits[n.input[3]]
             t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 2, t.name))
     elif how == "one-scale":  # one layer's weight scales 1.5x: the first FFN output projection
-        n = next(n for n in mms if inits[n.input[1]].dims[0] > inits[n.input[1]].dims[1])
+        n = ([n for n in mms if inits[n.input[1]].dims[0] > inits[n.input[1]].dims[1]] or mms[-1:])[0]
         t = inits[n.input[3]]
         t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.5, t.name))
     elif how == "transposed":  # a square weight stored [out, in] instead of [in, out]: the first

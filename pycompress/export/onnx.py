@@ -1,36 +1,29 @@
-"""``pycompress.export_onnx``: compressed models as ONNX files with standard int8 operators.
+"""``pycompress.export_onnx``: compressed models as ONNX files with int8 operators for ONNX Runtime.
 
 What each layer becomes
-    * ``Int8Linear`` (``w8a8``), standard operators only (opset >= 15)::
+    * ``Int8Linear`` (``w8a8``), default form (``int8_format="auto"``, opset >= 15)::
 
-          x2     = Reshape(x, [-1, K])                              # tokens as rows [M, K]
-          absmax = Max(ReduceMax(Abs(x2), axes=[-1]), 1e-30)        # [M]
-          xs     = absmax / qmax                                    # qmax = 127 (63: act_bits=7)
-          xq     = QuantizeLinear(x2, xs, zero_point, axis=0)       # per token, uint8
-          acc    = MatMulInteger(xq, W, zero_point, w_zero_point)   # int32 [M, N]
-          y      = DequantizeLinear(acc, xs, axis=0) * w_scale + bias
-          y      = Reshape(y, [..., N])
+          x2     = Reshape(x, [-1, K])                               # tokens as rows [M, K]
+          absmax = Max(ReduceMax(x2), -ReduceMin(x2), 1e-30)         # [M, 1], no |x| tensor
+          xs     = absmax / qmax                                     # qmax = 127 (63: act_bits=7)
+          xq     = QuantizeLinear(x2, xs[M], 128, axis=0)            # per token, uint8 (64: act_bits=7)
+          y      = com.microsoft.MatMulIntegerToFloat(xq, W, xs[M,1], w_scale[N], 128)
+          y      = Reshape(y, [..., N]) + bias
 
-      ``W`` is stored as an 8-bit initializer ``[in, out]``. The quantized activations are the
-      integers of the PyTorch kernel (round half to even of ``x / xs``) shifted by a zero point
-      (128, or 64 with ``act_bits=7``) because ONNX Runtime's x86 integer kernels for uint8
-      activations are several times faster than its int8 x int8 ones on CPUs without VNNI.
-      ``int8_format`` picks the integer types (``"auto"`` = exact products with the fast kernels):
-
-      - ``"u8u8"`` (auto for 8-bit activations): weights stored as uint8 = int8 + 128 with zero
-        point 128 — the same integers; ONNX Runtime multiplies u8 x u8 in 16 bits, exactly.
-      - ``"u8s8"`` (auto for ``act_bits=7``): int8 weights. ONNX Runtime's u8 x s8 AVX2 kernel
-        (``vpmaddubsw``) adds pairs of products in saturating 16-bit lanes: exact for 7-bit
-        activations (shifted values <= 127), but 8-bit activations (up to 255) can saturate on
-        CPUs without VNNI, and then results are wrong (a ReLU MLP drops to cosine 0.89).
-      - ``"s8s8"``: int8 activations and weights, exact everywhere, slow in ONNX Runtime on AVX2.
-      - ``"contrib"`` / ``"contrib-<types>"``: ``MatMulInteger → DequantizeLinear → Mul(w_scale)``
-        replaced by ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat`` (the per-token scale
-        stays a ``Mul``); runs only in ONNX Runtime.
-
-      ``QuantizeLinear`` divides by the scale where the PyTorch kernel multiplies by
-      ``qmax / absmax``: an activation can land on the other side of a rounding tie in rare
-      cases (one unit of one activation), otherwise the integers are identical.
+      ``W`` is the int8 weight ``[in, out]``. ONNX Runtime runs its u8 x s8 kernel (VNNI / AMX,
+      ``vpmaddubsw`` on AVX2), scales by ``w_scale`` in the GEMM's output stage and by the
+      per-token scale in the same kernel. The bias stays a separate ``Add``: the kernel's own
+      bias input would be scaled by the per-token scale. The integers are the PyTorch kernel's
+      (round half to even, + zero point) except that ``QuantizeLinear`` divides by the scale
+      where the kernel multiplies by ``qmax / absmax`` (an activation within one float rounding
+      of a tie can land one step apart). The products are exact on CPUs with VNNI or AMX; on
+      AVX2 alone ``vpmaddubsw`` adds pairs of u8 x s8 products in saturating int16, exact for
+      7-bit activations (``act_bits=7``) or weights within [-64, 64] (``weight_bits=7``).
+      ``int8_format="standard"`` writes standard operators only: ``MatMulInteger`` (u8 x u8
+      with weights stored uint8 = int8 + 128 for 8-bit layers, exact everywhere; u8 x s8 for
+      7-bit ones) → ``DequantizeLinear(acc, xs, axis=0)`` → ``Mul(w_scale)`` → ``Add(bias)``;
+      ``"u8u8"`` / ``"u8s8"`` / ``"s8s8"`` force the types of that form and ``"contrib-*"`` those
+      of the default form.
     * ``Int8Linear`` (``w8a16``): ``DequantizeLinear`` (per output channel, int8 initializer)
       ``→ MatMul → Add(bias)``. ONNX Runtime (>= 1.2x) fuses this pair into its ``MatMulNBits``
       kernel, which by default quantizes the activations to int8 internally (session option
@@ -38,6 +31,9 @@ What each layer becomes
     * ``MaskedLinear`` / ``SparseLinear``: a dense ``nn.Linear`` holding the weights with their
       zeros (``to_dense()``), exported as torch exports ``nn.Linear`` (``MatMul``/``Gemm``);
       ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
+    * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
+      another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
+      row, ``Gather`` of both → ``Cast`` → ``Mul``.
     * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged.
 
 How
@@ -871,7 +867,9 @@ def export_onnx(
 ) -> str:
     """Exports ``model`` (with pycompress layers) to an ONNX file runnable by ONNX Runtime.
 
-    ``Int8Linear`` layers become standard int8 operators (``MatMulInteger`` on int8 weights),
+    ``Int8Linear`` layers become per-token ``QuantizeLinear`` + ONNX Runtime's integer
+    ``MatMulIntegerToFloat`` on int8 weights (standard ``MatMulInteger`` with
+    ``int8_format="standard"``), large embedding tables int8 rows,
     ``w8a16`` layers ``DequantizeLinear + MatMul``, ``MaskedLinear`` / ``SparseLinear`` dense
     ``MatMul`` / ``Gemm`` with their zeros (see the module docstring). ``model`` is not modified.
 
@@ -892,19 +890,34 @@ def export_onnx(
             and 1); ``{}`` exports static shapes.
         opset: ONNX opset (default 18; >= 15).
         verify: run the file in ONNX Runtime on ``example_inputs`` (and on the 2-row tracing
-            example when the example had one row) and compare with the PyTorch model: every
-            output needs cosine >= 0.999 and max abs difference <= 0.05 x its largest magnitude,
-            else :class:`OnnxVerificationError` (a ValueError) with both numbers, and ``path``
-            is not written (a previous file there is kept). ``onnx.checker`` always runs.
+            example when the example had one row) and compare with the PyTorch model (with its
+            embedding tables as the file stores them). Per output, ONNX Runtime's L2 distance
+            from the PyTorch model may be at most ``VERIFY_RATIO`` (2) x the PyTorch model's own
+            distance from its float version (every ``Int8Linear`` replaced by its dequantized
+            ``nn.Linear``: the quantization error of the activations) + ``VERIFY_FLOAT_TOL``
+            (1e-4) x the output's norm. Two engines whose float arithmetic differs in the last
+            bit requantize some activations one step apart, and deep models carry such steps
+            through every layer, so their outputs differ by up to the order of the quantization
+            error itself (two independent roundings: sqrt(2) x one); a wrong scale, a transposed
+            weight or a saturating kernel lands far beyond. Otherwise
+            :class:`OnnxVerificationError` (a ValueError) names the output, its relative distance,
+            cosine, the ratio and the worst row, and ``path`` is not written (a previous file
+            there is kept). ``onnx.checker`` always runs. :func:`verify_onnx` applies the same
+            check to an existing file.
+        int8_format: form of the ``w8a8`` layers: ``"auto"`` (default) = ``"contrib-u8s8"``:
+            per-token ``QuantizeLinear`` to u8 and ONNX Runtime's
+            ``com.microsoft.MatMulIntegerToFloat`` on int8 weights, its fastest x86 kernels;
+            exact on CPUs with VNNI or AMX, and on AVX2 alone for models quantized with
+            ``weight_bits=7`` or ``act_bits=7`` (8-bit x 8-bit pairs can saturate there, as in
+            ONNX Runtime's own int8 models). ``"standard"``: standard operators only
+            (``MatMulInteger``; u8 x u8 for 8-bit layers: exact everywhere, slower; u8 x s8 for
+            7-bit ones). ``"u8u8"``, ``"u8s8"``, ``"s8s8"`` (standard operators with those
+            types), ``"contrib"`` (= ``"contrib-u8s8"``), ``"contrib-u8u8"``, ``"contrib-s8s8"``.
+        int8_embeddings: store every ``nn.Embedding`` table of at least 16384 values that no
+            other module shares (and without ``max_norm``) as int8 with one fp32 scale per row
+            (``Gather`` + ``Cast`` + ``Mul``; default True). The PyTorch model is not changed;
+            ``verify`` compares with it using the same dequantized tables.
 
-    The file is written atomically: exported to a temporary file in the same folder, checked
-    (and verified), then renamed to ``path``; on any error ``path`` is left as it was.
-        int8_format: integer types of the ``w8a8`` layers: ``"auto"`` (default: ``"u8u8"`` for
-            8-bit activations, ``"u8s8"`` for ``act_bits=7``; exact integer products with ONNX
-            Runtime's fast x86 kernels), ``"u8u8"``, ``"u8s8"`` (may saturate with 8-bit
-            activations on x86 CPUs without VNNI), ``"s8s8"`` (slow in ONNX Runtime on AVX2),
-            ``"contrib"`` or ``"contrib-u8u8"`` / ``"contrib-u8s8"`` / ``"contrib-s8s8"``
-            (``com.microsoft.MatMulIntegerToFloat``; ONNX Runtime only). See the module docstring.
         exporter: ``"auto"`` (torch.export-based exporter when this torch has
             ``custom_translation_table`` (2.6+) and onnxscript is installed, else TorchScript),
             ``"dynamo"`` or ``"torchscript"``.
