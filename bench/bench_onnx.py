@@ -30,7 +30,8 @@ Columns: ``ms`` (median of the interleaved calls; ``ms_lo`` / ``ms_hi`` their fa
 the last hidden state over the sentence's tokens) with ``torch fp32``; ``cos_int8_min`` /
 ``cos_int8_mean``: the same with the PyTorch int8 model that was exported (``pycompress int8
 eager``; the ``weight_bits=7`` model for its row);
-``cos_self_min`` (on the ``pycompress int8 eager`` row): the same model against itself with every
+``ort_profile_ms`` (ours and ORT's): ONNX Runtime's profiler, kernel ms per call of the eight
+costliest operator types; ``cos_self_min`` (on the ``pycompress int8 eager`` row): the same model against itself with every
 embedding value moved by one float rounding step (the disagreement two engines' float arithmetic
 alone produces); ``verify``: ``export_onnx(verify=True)``'s verdict and ``verify_ratio``, its
 measure (distance from the PyTorch model / the PyTorch model's distance from its float version).
@@ -169,6 +170,40 @@ def _ort_session(path: str, threads: int):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def ort_profile(path: str, feed: dict, threads: int, repeats: int = 2) -> dict[str, float]:
+    """ONNX Runtime's profiler: kernel time per operator type, ms per call, largest first."""
+    import json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(tempfile.gettempdir(), f"pycompress-ort-profile-{os.getpid()}")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    for _ in range(repeats + 1):
+        sess.run(None, feed)
+    prof = sess.end_profiling()
+    try:
+        with open(prof) as f:
+            events = json.load(f)
+    finally:
+        os.remove(prof)
+    # the first call (allocations, first touches of memory) is not counted
+    runs = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    first_end = runs[0] if runs else -1
+    events = [e for e in events if e.get("ts", 0) > first_end]
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"] / 1e3 / repeats
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
 def _interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
     for fn in fns.values():
         for _ in range(warmup):
@@ -269,6 +304,11 @@ def _case(name: str, model, weights: str, tok_dir: str | None, quick: bool, tmp:
     rounds = (3 if quick else 5) if name == "BERT-base" else (4 if quick else 7)
     with torch.no_grad():
         timings = _interleaved({k: v[0] for k, v in runs.items()}, rounds)
+    for impl in (OURS, ORT_PC):  # where the time goes (after the timings: profiling slows a session)
+        prof = ort_profile(runs[impl][2], {k: v for k, v in feed_np.items()
+                                           if k in {i.name for i in _ort_session(runs[impl][2], threads).get_inputs()}},
+                           threads)
+        extra.setdefault(impl, {})["ort_profile_ms"] = {k: round(v, 2) for k, v in list(prof.items())[:8]}
     ref = _sentence_embeddings(runs[TORCH_FP32][1], mask)
     rows = []
     for impl, (_, last, path) in runs.items():
