@@ -176,11 +176,19 @@ def _break(path, out, how):
     return out
 
 
-@pytest.mark.parametrize("how", ["scale", "one-scale", "transposed"])
-def test_verify_rejects_a_broken_bert_export(tmp_path, how):
+@pytest.fixture(scope="module")
+def exported_bert(tmp_path_factory):
+    """A 4-layer BERT, quantized and exported (verified) once for the tests that break its file."""
     q = pycompress.quantize(bert(layers=4, hidden=64), "w8a8", warn=False)
     b = batch(n=8, seq=16)
-    good = pycompress.export_onnx(q, b, tmp_path / "good.onnx", output_names=["last_hidden_state", "pooler_output"])
+    path = tmp_path_factory.mktemp("bert") / "good.onnx"
+    pycompress.export_onnx(q, b, path, output_names=["last_hidden_state", "pooler_output"])
+    return q, b, path
+
+
+@pytest.mark.parametrize("how", ["scale", "one-scale", "transposed"])
+def test_verify_rejects_a_broken_bert_export(tmp_path, exported_bert, how):
+    q, b, good = exported_bert
     onnx_export.verify_onnx(good, q, b)
     bad = _break(good, tmp_path / "bad.onnx", how)
     with pytest.raises(onnx_export.OnnxVerificationError,
