@@ -613,6 +613,7 @@ KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "kd": t_kd,
     "compact": t_compact,
     "onnx": t_onnx,
+    "onnx-sentences": __import__("runpy").run_path(os.path.join(ROOT, "bench", "bench_onnx.py"))["t_sentences"],
 }
 
 

@@ -48,6 +48,11 @@ def op_types(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
+def int_matmuls(path):
+    """Integer matrix products: standard MatMulInteger or ONNX Runtime's MatMulIntegerToFloat."""
+    return sum(o in ("MatMulInteger", "MatMulIntegerToFloat") for o in op_types(path))
+
+
 def initializers(path):
     return {i.name: i for i in onnx.load(str(path)).graph.initializer}
 
@@ -59,9 +64,12 @@ def test_mlp_w8a8_matches_pytorch_and_dynamic_batch(tmp_path, exporter):
     path = pycompress.export_onnx(q, x, tmp_path / "m.onnx", exporter=exporter)
     assert path == str(tmp_path / "m.onnx")
     ops = op_types(path)
-    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops and "Gemm" not in ops
-    assert all(n.domain in ("", "ai.onnx") for n in onnx.load(path).graph.node)
-    # default form u8 x u8: exact integer products, so ONNX Runtime matches the kernel closely
+    assert int_matmuls(path) == 2 and "MatMul" not in ops and "Gemm" not in ops
+    # default form: ONNX Runtime's MatMulIntegerToFloat; "standard": standard operators only
+    assert [n.domain for n in onnx.load(path).graph.node if n.domain] == ["com.microsoft"] * 2
+    std = pycompress.export_onnx(q, x, tmp_path / "std.onnx", exporter=exporter, int8_format="standard")
+    assert op_types(std).count("MatMulInteger") == 2
+    assert all(n.domain in ("", "ai.onnx") for n in onnx.load(std).graph.node)
     x5 = torch.randn(5, 16) * 3
     (y,) = run_ort(path, x5)
     assert y.shape == (5, 4)
@@ -86,9 +94,12 @@ def test_weights_stay_8_bit_in_the_file(tmp_path):
 @pytest.mark.parametrize("fmt,act_bits,weight_bits,exporter", [
     ("s8s8", 8, 8, "torchscript"),
     ("contrib", 8, 8, "torchscript"),
+    ("standard", 7, 8, "torchscript"),  # 7-bit activations: u8 x s8 cannot saturate
     ("auto", 7, 8, "torchscript"),
     ("contrib-u8s8", 7, 8, EXPORTERS[0]),
     ("auto", 8, 7, "torchscript"),  # weights in [-63, 63]: u8 x s8 cannot saturate either
+    ("standard", 8, 7, EXPORTERS[0]),
+    ("u8u8", 8, 8, "torchscript"),
     ("contrib", 8, 7, EXPORTERS[0]),
 ])
 def test_int8_forms(tmp_path, fmt, act_bits, weight_bits, exporter):
@@ -96,13 +107,13 @@ def test_int8_forms(tmp_path, fmt, act_bits, weight_bits, exporter):
     x = torch.randn(6, 16) * 4  # activations reach the ends of the 8-bit range
     path = pycompress.export_onnx(q, x, tmp_path / "m.onnx", int8_format=fmt, exporter=exporter)
     graph = onnx.load(path).graph
-    if fmt.startswith("contrib"):
+    if fmt.startswith("contrib") or fmt == "auto":
         assert [n.domain for n in graph.node if n.op_type == "MatMulIntegerToFloat"] == ["com.microsoft"] * 2
     else:
         assert op_types(path).count("MatMulInteger") == 2
     weights = [i for i in graph.initializer if len(i.dims) == 2]
-    want = (onnx.TensorProto.INT8 if fmt in ("s8s8",) or act_bits == 7 or weight_bits == 7
-            else onnx.TensorProto.UINT8)
+    # every form but u8u8 stores int8 weights ("standard" is u8u8 for 8-bit x 8-bit layers)
+    want = onnx.TensorProto.UINT8 if fmt == "u8u8" else onnx.TensorProto.INT8
     assert {i.data_type for i in weights} == {want}
     (y,) = run_ort(path, x)
     assert_matches(y, q(x))
@@ -126,7 +137,7 @@ def test_small_cnn(tmp_path):
     assert isinstance(q.fc1, Int8Linear)
     x = torch.randn(3, 1, 8, 8)
     path = pycompress.export_onnx(q, (x,), tmp_path / "cnn.onnx", exporter="torchscript")
-    assert "Conv" in op_types(path) and op_types(path).count("MatMulInteger") == 2
+    assert "Conv" in op_types(path) and int_matmuls(path) == 2
     (y,) = run_ort(path, x)
     assert_matches(y, q(x))
 
@@ -139,7 +150,7 @@ def test_bert_encoder_dict_inputs(tmp_path):
     graph = onnx.load(path).graph
     assert [i.name for i in graph.input] == ["input_ids", "attention_mask"]
     assert [o.name for o in graph.output] == ["last_hidden_state", "pooler_output"]
-    assert op_types(path).count("MatMulInteger") == 2 * 6 + 1  # q, k, v, o, ffn1, ffn2 + pooler
+    assert int_matmuls(path) == 2 * 6 + 1  # q, k, v, o, ffn1, ffn2 + pooler
     ids5 = torch.randint(0, 64, (5, 8))
     mask5 = torch.ones(5, 8, dtype=torch.long)
     mask5[2:, 6:] = 0
@@ -263,7 +274,7 @@ def test_cli_export(saved_model, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "wrote" in out and "verified" in out
-    assert op_types(saved_model / "out.onnx").count("MatMulInteger") == 2
+    assert int_matmuls(saved_model / "out.onnx") == 2
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -322,7 +333,7 @@ def test_compacted_bert_exports(tmp_path):
     path = pycompress.export_onnx(q, batch, tmp_path / "compact.onnx")  # verify=True checks ORT vs torch
     shapes = sorted(tuple(i.dims) for i in initializers(path).values() if len(i.dims) == 2)
     assert (32, 32) in shapes and (16, 32) in shapes  # ffn weights [32, 32]; q/k/v [16, 32]
-    assert op_types(path).count("MatMulInteger") == 2 * 6
+    assert int_matmuls(path) == 2 * 6
     last, _ = run_ort(path, ids, mask)
     with torch.no_grad():
         ref = q(**batch).last_hidden_state

@@ -1,36 +1,29 @@
-"""``pycompress.export_onnx``: compressed models as ONNX files with standard int8 operators.
+"""``pycompress.export_onnx``: compressed models as ONNX files with int8 operators for ONNX Runtime.
 
 What each layer becomes
-    * ``Int8Linear`` (``w8a8``), standard operators only (opset >= 15)::
+    * ``Int8Linear`` (``w8a8``), default form (``int8_format="auto"``, opset >= 15)::
 
-          x2     = Reshape(x, [-1, K])                              # tokens as rows [M, K]
-          absmax = Max(ReduceMax(Abs(x2), axes=[-1]), 1e-30)        # [M]
-          xs     = absmax / qmax                                    # qmax = 127 (63: act_bits=7)
-          xq     = QuantizeLinear(x2, xs, zero_point, axis=0)       # per token, uint8
-          acc    = MatMulInteger(xq, W, zero_point, w_zero_point)   # int32 [M, N]
-          y      = DequantizeLinear(acc, xs, axis=0) * w_scale + bias
-          y      = Reshape(y, [..., N])
+          x2     = Reshape(x, [-1, K])                               # tokens as rows [M, K]
+          absmax = Max(ReduceMax(x2), -ReduceMin(x2), 1e-30)         # [M, 1], no |x| tensor
+          xs     = absmax / qmax                                     # qmax = 127 (63: act_bits=7)
+          xq     = QuantizeLinear(x2, xs[M], 128, axis=0)            # per token, uint8 (64: act_bits=7)
+          y      = com.microsoft.MatMulIntegerToFloat(xq, W, xs[M,1], w_scale[N], 128)
+          y      = Reshape(y, [..., N]) + bias
 
-      ``W`` is stored as an 8-bit initializer ``[in, out]``. The quantized activations are the
-      integers of the PyTorch kernel (round half to even of ``x / xs``) shifted by a zero point
-      (128, or 64 with ``act_bits=7``) because ONNX Runtime's x86 integer kernels for uint8
-      activations are several times faster than its int8 x int8 ones on CPUs without VNNI.
-      ``int8_format`` picks the integer types (``"auto"`` = exact products with the fast kernels):
-
-      - ``"u8u8"`` (auto for 8-bit activations): weights stored as uint8 = int8 + 128 with zero
-        point 128 — the same integers; ONNX Runtime multiplies u8 x u8 in 16 bits, exactly.
-      - ``"u8s8"`` (auto for ``act_bits=7``): int8 weights. ONNX Runtime's u8 x s8 AVX2 kernel
-        (``vpmaddubsw``) adds pairs of products in saturating 16-bit lanes: exact for 7-bit
-        activations (shifted values <= 127), but 8-bit activations (up to 255) can saturate on
-        CPUs without VNNI, and then results are wrong (a ReLU MLP drops to cosine 0.89).
-      - ``"s8s8"``: int8 activations and weights, exact everywhere, slow in ONNX Runtime on AVX2.
-      - ``"contrib"`` / ``"contrib-<types>"``: ``MatMulInteger → DequantizeLinear → Mul(w_scale)``
-        replaced by ONNX Runtime's ``com.microsoft.MatMulIntegerToFloat`` (the per-token scale
-        stays a ``Mul``); runs only in ONNX Runtime.
-
-      ``QuantizeLinear`` divides by the scale where the PyTorch kernel multiplies by
-      ``qmax / absmax``: an activation can land on the other side of a rounding tie in rare
-      cases (one unit of one activation), otherwise the integers are identical.
+      ``W`` is the int8 weight ``[in, out]``. ONNX Runtime runs its u8 x s8 kernel (VNNI / AMX,
+      ``vpmaddubsw`` on AVX2), scales by ``w_scale`` in the GEMM's output stage and by the
+      per-token scale in the same kernel. The bias stays a separate ``Add``: the kernel's own
+      bias input would be scaled by the per-token scale. The integers are the PyTorch kernel's
+      (round half to even, + zero point) except that ``QuantizeLinear`` divides by the scale
+      where the kernel multiplies by ``qmax / absmax`` (an activation within one float rounding
+      of a tie can land one step apart). The products are exact on CPUs with VNNI or AMX; on
+      AVX2 alone ``vpmaddubsw`` adds pairs of u8 x s8 products in saturating int16, exact for
+      7-bit activations (``act_bits=7``) or weights within [-64, 64] (``weight_bits=7``).
+      ``int8_format="standard"`` writes standard operators only: ``MatMulInteger`` (u8 x u8
+      with weights stored uint8 = int8 + 128 for 8-bit layers, exact everywhere; u8 x s8 for
+      7-bit ones) → ``DequantizeLinear(acc, xs, axis=0)`` → ``Mul(w_scale)`` → ``Add(bias)``;
+      ``"u8u8"`` / ``"u8s8"`` / ``"s8s8"`` force the types of that form and ``"contrib-*"`` those
+      of the default form.
     * ``Int8Linear`` (``w8a16``): ``DequantizeLinear`` (per output channel, int8 initializer)
       ``→ MatMul → Add(bias)``. ONNX Runtime (>= 1.2x) fuses this pair into its ``MatMulNBits``
       kernel, which by default quantizes the activations to int8 internally (session option
@@ -38,6 +31,9 @@ What each layer becomes
     * ``MaskedLinear`` / ``SparseLinear``: a dense ``nn.Linear`` holding the weights with their
       zeros (``to_dense()``), exported as torch exports ``nn.Linear`` (``MatMul``/``Gemm``);
       ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
+    * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
+      another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
+      row, ``Gather`` of both → ``Cast`` → ``Mul``.
     * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged.
 
 How
@@ -71,15 +67,20 @@ from torch import nn
 
 from pycompress import _optional, _utils
 
-__all__ = ["export_onnx", "OnnxVerificationError", "INT8_FORMATS"]
+__all__ = ["export_onnx", "verify_onnx", "OnnxVerificationError", "INT8_FORMATS"]
 
-INT8_FORMATS = ("auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8", "contrib-u8s8", "contrib-s8s8")
+INT8_FORMATS = ("auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8", "contrib-u8s8", "contrib-s8s8", "standard")
 _FORMAT_CODE = {name: i for i, name in enumerate(INT8_FORMATS)}
 DEFAULT_OPSET = 18
 MIN_OPSET = 15
-# verification thresholds (see export_onnx)
-VERIFY_MIN_COSINE = 0.999
-VERIFY_MAX_ABS_REL = 0.05
+# verification (see export_onnx): ONNX Runtime's distance from the PyTorch model may be at most
+# VERIFY_RATIO x the PyTorch model's own distance from its float version (two independent
+# roundings of the same activations are sqrt(2) x one apart), plus VERIFY_FLOAT_TOL x its norm
+# for the float arithmetic of the two engines
+VERIFY_RATIO = 2.0
+VERIFY_FLOAT_TOL = 1e-4
+# embedding tables with at least this many elements are stored int8 (per row) by default
+EMBEDDING_MIN_ELEMENTS = 16384
 # absmax floor of the per-token quantization: keeps the scale non-zero for all-zero rows
 # (they quantize to 0, as in the PyTorch kernel)
 _TINY = 1e-30
@@ -132,7 +133,40 @@ def _define_ops() -> None:
     def _(x, w_t, w_scale, bias):
         return x.new_empty((*x.shape[:-1], w_t.shape[1]))
 
+    @torch.library.custom_op("pycompress_onnx::int8_embedding", mutates_args=())
+    def int8_embedding(ids: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return _dequantize_rows(weight, scale)[ids]
+
+    @int8_embedding.register_fake
+    def _(ids, weight, scale):
+        return scale.new_empty((*ids.shape, weight.shape[1]))
+
     _OPS_DEFINED = True
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (scale = absmax / 127, round half to even; 1 for all-zero rows)."""
+    w = w.detach().float().cpu()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def _dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+class _ExportInt8Embedding(nn.Module):
+    """Export-only stand-in for an ``nn.Embedding`` whose table is stored int8 per row."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        q, scale = _quantize_rows(emb.weight)
+        self.register_buffer("weight_q", q)
+        self.register_buffer("weight_scale", scale.contiguous())
+
+    def forward(self, ids):
+        return torch.ops.pycompress_onnx.int8_embedding(ids, self.weight_q, self.weight_scale)
 
 
 class _ExportInt8Linear(nn.Module):
@@ -180,10 +214,10 @@ class _Builder:
     def const(self, array: np.ndarray):
         raise NotImplementedError
 
-    def reduce_max_last(self, x, keepdims: int = 1):
+    def reduce_last(self, x, op: str, keepdims: int = 1):
         if self.opset >= 18:
-            return self.op("ReduceMax", x, self.const(np.array([-1], np.int64)), keepdims=keepdims)
-        return self.op("ReduceMax", x, axes=[-1], keepdims=keepdims)
+            return self.op(op, x, self.const(np.array([-1], np.int64)), keepdims=keepdims)
+        return self.op(op, x, axes=[-1], keepdims=keepdims)
 
 
 class _ScriptBuilder(_Builder):
@@ -250,17 +284,19 @@ class _TorchScriptBuilder(_Builder):
 
 
 def _resolve_format(fmt: str, act_bits: int, narrow: bool = False) -> str:
-    """``auto`` / ``contrib`` -> the concrete integer types for this layer (``narrow``: every
+    """``auto`` / ``contrib`` / ``standard`` -> the concrete form of this layer (``narrow``: every
     weight in [-64, 64])."""
-    # "auto": exact integer products on every CPU with ONNX Runtime's fast kernels: 7-bit
-    # activations shifted by 64 stay <= 127, and weights within [-64, 64] keep even 8-bit
-    # activations' pairs <= 2 * 255 * 64, so u8 x s8 pair sums cannot saturate; other 8-bit
-    # layers take u8 x u8 (16-bit products, no saturating step)
-    auto = "u8s8" if act_bits == 7 or narrow else "u8u8"
+    # u8 activations x s8 weights run ONNX Runtime's fastest x86 kernels (VNNI / AMX, and
+    # vpmaddubsw on AVX2). They are exact wherever the CPU has VNNI or AMX; on AVX2 alone the
+    # int16 pair sums of vpmaddubsw stay exact only for 7-bit activations (shifted values
+    # <= 127) or weights within [-64, 64] (2 * 255 * 64 < 32768)
     if fmt == "auto":
-        return auto
+        return "contrib-u8s8"
     if fmt == "contrib":
-        return "contrib-" + auto
+        return "contrib-u8s8"
+    if fmt == "standard":
+        # standard operators only: u8 x u8 keeps 8-bit x 8-bit products exact on every CPU
+        return "u8s8" if act_bits == 7 or narrow else "u8u8"
     return fmt
 
 
@@ -276,36 +312,39 @@ def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: in
     qmax = 127.0 if act_bits == 8 else 63.0
     # tokens as rows: [..., K] -> [M, K] (Reshape is copy-free in ONNX Runtime)
     x2 = b.op("Reshape", x, b.const(np.array([-1, k], np.int64)))
-    absmax = b.op("Max", b.reduce_max_last(b.op("Abs", x2), keepdims=0),
-                  b.const(np.array(_TINY, np.float32)))                       # [M]
-    x_scale = b.op("Div", absmax, b.const(np.array(qmax, np.float32)))       # [M]
-    if kind == "s8s8":
-        zero = b.op("Expand", b.const(np.array([0], np.int8)), b.op("Shape", x_scale))
-    else:
-        zero = b.op("Expand", b.const(np.array([128 if act_bits == 8 else 64], np.uint8)),
-                    b.op("Shape", x_scale))
+    # absmax = max(max(x), -min(x)): two reading passes, no |x| tensor written
+    absmax = b.op("Max", b.reduce_last(x2, "ReduceMax"), b.op("Neg", b.reduce_last(x2, "ReduceMin")),
+                  b.const(np.array(_TINY, np.float32)))                       # [M, 1]
+    x_scale = b.op("Div", absmax, b.const(np.array(qmax, np.float32)))       # [M, 1]
+    x_scale1 = b.op("Reshape", x_scale, b.const(np.array([-1], np.int64)))   # [M]
+    zp = 0 if kind == "s8s8" else (128 if act_bits == 8 else 64)
+    zero = b.op("Expand", b.const(np.array([zp], np.int8 if kind == "s8s8" else np.uint8)), b.op("Shape", x_scale1))
     # per-token (axis 0) QuantizeLinear: round half to even of x / x_scale, + zero point, saturated
-    xq = b.op("QuantizeLinear", x2, x_scale, zero, axis=0)
-    ins = [xq, w_t]
-    if kind != "s8s8":
-        ins.append(b.const(np.array(128 if act_bits == 8 else 64, np.uint8)))
-    if kind == "u8u8":
-        ins.append(b.const(np.array(128, np.uint8)))
+    xq = b.op("QuantizeLinear", x2, x_scale1, zero, axis=0)
+    a_zp = [] if kind == "s8s8" else [b.const(np.array(zp, np.uint8))]
+    b_zp = [b.const(np.array(128, np.uint8))] if kind == "u8u8" else []
     if contrib:
-        # MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zero_point, b_zero_point): its a_scale is
-        # per column of A, so the per-token scale stays a separate Mul
-        y = b.op("MatMulIntegerToFloat", ins[0], ins[1], b.const(np.array(1.0, np.float32)), w_scale, *ins[2:],
-                 domain="com.microsoft")
-        y = b.op("Mul", y, b.op("Unsqueeze", x_scale, b.const(np.array([1], np.int64))))
+        # com.microsoft.MatMulIntegerToFloat: the integer product, times w_scale per column in
+        # the GEMM's output stage, times the [M, 1] per-token scale in the same kernel. Its bias
+        # input is added before that per-token scaling, so the bias stays a separate Add
+        y = b.op("MatMulIntegerToFloat", xq, w_t, x_scale, w_scale, *a_zp, *b_zp, domain="com.microsoft")
     else:
-        acc = b.op("MatMulInteger", *ins)                                     # int32 [M, N]
+        acc = b.op("MatMulInteger", xq, w_t, *a_zp, *b_zp)                    # int32 [M, N]
         # (acc * x_scale[m]) * w_scale[n]: the int32 -> float cast and the per-token scale in one op
-        y = b.op("Mul", b.op("DequantizeLinear", acc, x_scale, axis=0), w_scale)
+        y = b.op("Mul", b.op("DequantizeLinear", acc, x_scale1, axis=0), w_scale)
     if bias is not None:
         y = b.op("Add", y, bias)
     lead = b.op("Slice", b.op("Shape", x), b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
     out_shape = b.op("Concat", lead, b.const(np.array([-1], np.int64)), axis=0)
     return b.op("Reshape", y, out_shape)
+
+
+def _emit_int8_embedding(b: _Builder, ids, weight, scale):
+    """Embedding rows stored int8 with one fp32 scale per row: ``Gather`` of both, ``Cast``,
+    ``Mul`` — the same fp32 products as the dequantized table in PyTorch."""
+    rows = b.op("Cast", b.op("Gather", weight, ids, axis=0), to=1)           # float32 [..., H]
+    s = b.op("Unsqueeze", b.op("Gather", scale, ids, axis=0), b.const(np.array([-1], np.int64)))
+    return b.op("Mul", rows, s)
 
 
 def _emit_w8a16_linear(b: _Builder, x, w_t, w_scale, bias):
@@ -323,9 +362,13 @@ def _translation_table(opset: int) -> dict:
     def w8a16_linear(x, w_t, w_scale, bias=None):
         return _emit_w8a16_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias)
 
+    def int8_embedding(ids, weight, scale):
+        return _emit_int8_embedding(_ScriptBuilder(opset), ids, weight, scale)
+
     return {
         torch.ops.pycompress_onnx.int8_linear.default: int8_linear,
         torch.ops.pycompress_onnx.w8a16_linear.default: w8a16_linear,
+        torch.ops.pycompress_onnx.int8_embedding.default: int8_embedding,
     }
 
 
@@ -352,12 +395,70 @@ def _register_symbolics() -> None:
     def w8a16_linear(g, x, w_t, w_scale, bias):
         return _emit_w8a16_linear(_TorchScriptBuilder(g, _opset()), x, w_t, w_scale, _opt(bias))
 
+    @symbolic_helper.parse_args("v", "v", "v")
+    def int8_embedding(g, ids, weight, scale):
+        return _emit_int8_embedding(_TorchScriptBuilder(g, _opset()), ids, weight, scale)
+
+    torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_embedding", int8_embedding, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_linear", int8_linear, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::w8a16_linear", w8a16_linear, MIN_OPSET)
     _SYMBOLICS_REGISTERED = True
 
 
 # --------------------------------------------------------------------------- model preparation
+
+
+def _int8_embedding_names(model: nn.Module) -> list[str]:
+    """The ``nn.Embedding`` modules whose table is stored int8: at least
+    ``EMBEDDING_MIN_ELEMENTS`` values, no ``max_norm`` (it rewrites the table), and a weight that
+    no other module uses (a table tied to an output layer stays float)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    names = []
+    for name, m in model.named_modules():
+        if (type(m) is nn.Embedding and m.max_norm is None and m.weight.dim() == 2
+                and m.weight.numel() >= EMBEDDING_MIN_ELEMENTS and uses.get(id(m.weight), 0) == 1
+                and m.weight.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+            names.append(name)
+    return names
+
+
+def _with_embeddings(model: nn.Module, names: list[str], how: str) -> nn.Module:
+    """``model`` (copied when ``names``) with the tables of ``names`` replaced: ``"dequantized"``
+    (the float values the file computes, for the PyTorch reference) or ``"export"``
+    (``_ExportInt8Embedding``)."""
+    if not names:
+        return model
+    out = copy.deepcopy(model)
+    for name in names:
+        emb = out.get_submodule(name)
+        if how == "export":
+            _utils.set_module(out, name, _ExportInt8Embedding(emb))
+        else:
+            with torch.no_grad():
+                q, scale = _quantize_rows(emb.weight)
+                emb.weight.copy_(_dequantize_rows(q, scale).to(emb.weight.device, emb.weight.dtype))
+    return out
+
+
+def _float_twin(model: nn.Module) -> nn.Module:
+    """``model`` with every ``Int8Linear`` replaced by its dequantized ``nn.Linear``: the float
+    model whose distance from ``model`` is the quantization error of its activations."""
+    from pycompress import nn as pnn
+
+    int8_cls = getattr(pnn, "Int8Linear", None)
+    if int8_cls is None:
+        return model
+    if isinstance(model, int8_cls):
+        return model.to_float()
+    if not any(isinstance(m, int8_cls) for m in model.modules()):
+        return model
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if name and isinstance(m, int8_cls):
+            _utils.set_module(out, name, m.to_float())
+    return out
 
 
 def _export_copy(model: nn.Module, fmt: str) -> tuple[nn.Module, dict[str, int]]:
@@ -382,7 +483,7 @@ def _export_copy(model: nn.Module, fmt: str) -> tuple[nn.Module, dict[str, int]]
         return root.eval(), counts
     out = copy.deepcopy(model).cpu().eval()
     for name, m in list(out.named_modules()):
-        if not name:
+        if not name or isinstance(m, _ExportInt8Embedding):
             continue
         new = convert(m)
         if new is not None:
@@ -599,6 +700,9 @@ def _run_ort(path: str, tensors: list[torch.Tensor], threads: int | None = None)
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # w8a16 layers (DequantizeLinear -> MatMul) become MatMulNBits, which by default quantizes
+    # its activations to int8; the check compares the file's fp32 arithmetic with PyTorch's
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if threads:
         so.intra_op_num_threads = threads
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -609,8 +713,17 @@ def _run_ort(path: str, tensors: list[torch.Tensor], threads: int | None = None)
     return sess.run(None, feed)
 
 
-def compare_outputs(reference: list[torch.Tensor], outputs: list[np.ndarray]) -> list[dict]:
-    """Cosine similarity and max-abs difference per output (reference = PyTorch)."""
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / denom) if denom > 0 else (1.0 if np.array_equal(a, b) else 0.0)
+
+
+def compare_outputs(reference: list[torch.Tensor], outputs: list[np.ndarray],
+                    float_reference: list[torch.Tensor] | None = None) -> list[dict]:
+    """Per output: ``cosine`` and ``max_abs`` difference of ``outputs`` from ``reference``
+    (PyTorch), ``scale`` (its largest magnitude), ``err`` = ||output - reference||; with
+    ``float_reference`` (the float model) also ``quant_err`` = ||reference - float_reference||,
+    ``quant_cosine`` and ``worst`` = (row, err / quant_err of that row) along dim 0."""
     if len(reference) != len(outputs):
         raise OnnxVerificationError(
             f"the exported model returns {len(outputs)} output(s), PyTorch returned {len(reference)}")
@@ -621,27 +734,94 @@ def compare_outputs(reference: list[torch.Tensor], outputs: list[np.ndarray]) ->
         if r64.shape != o64.shape:
             raise OnnxVerificationError(f"output {i}: shape {o64.shape} in ONNX Runtime, {r64.shape} in PyTorch")
         a, b = r64.ravel(), o64.ravel()
-        denom = np.linalg.norm(a) * np.linalg.norm(b)
-        cos = float(a @ b / denom) if denom > 0 else (1.0 if np.array_equal(a, b) else 0.0)
-        res.append({"cosine": cos, "max_abs": float(np.abs(a - b).max()) if a.size else 0.0,
-                    "scale": float(np.abs(a).max()) if a.size else 0.0})
+        st = {"cosine": _cos(a, b), "max_abs": float(np.abs(a - b).max()) if a.size else 0.0,
+              "scale": float(np.abs(a).max()) if a.size else 0.0,
+              "err": float(np.linalg.norm(a - b)), "norm": float(np.linalg.norm(a))}
+        if float_reference is not None:
+            f64 = float_reference[i].detach().cpu().double().numpy()
+            st["quant_err"] = float(np.linalg.norm(r64 - f64))
+            st["quant_cosine"] = _cos(a, f64.ravel())
+            if r64.ndim >= 1 and r64.shape[0] > 1:
+                n = r64.shape[0]
+                e_row = np.linalg.norm((o64 - r64).reshape(n, -1), axis=1)
+                q_row = np.linalg.norm((r64 - f64).reshape(n, -1), axis=1)
+                ratio = e_row / np.maximum(q_row, 1e-30)
+                w = int(np.argmax(ratio))
+                st["worst"] = (w, float(ratio[w]))
+        res.append(st)
     return res
 
 
-def _verify(path: str, tensors: list[torch.Tensor], reference: list[torch.Tensor], name: str | None = None) -> list[dict]:
+def _check_stats(stats: list[dict], output_names: list[str], name: str) -> None:
+    """Raises OnnxVerificationError for the first output outside the allowance (see export_onnx)."""
+    for i, s in enumerate(stats):
+        quant = s.get("quant_err", 0.0)
+        bound = VERIFY_RATIO * quant + VERIFY_FLOAT_TOL * s["norm"] + 1e-6
+        if s["err"] <= bound:  # NaN fails
+            continue
+        out = output_names[i] if i < len(output_names) else f"output {i}"
+        rel = s["err"] / s["norm"] if s["norm"] > 0 else float("inf")
+        msg = (f"{name}: output {i} ({out!r}) in ONNX Runtime is {rel:.3g} (relative L2) from the PyTorch "
+               f"model, cosine {s['cosine']:.6f}, max abs difference {s['max_abs']:.4g}")
+        if quant > 0:
+            msg += (f"; that is {s['err'] / quant:.2f}x the PyTorch model's own quantization error "
+                    f"({quant / s['norm']:.3g} relative L2 from its float version, cosine "
+                    f"{s['quant_cosine']:.6f}); allowed: {VERIFY_RATIO:g}x + {VERIFY_FLOAT_TOL:g} x |output|")
+            if "worst" in s:
+                msg += f"; worst row {s['worst'][0]}: {s['worst'][1]:.2f}x its own quantization error"
+        else:
+            msg += f"; allowed: {VERIFY_FLOAT_TOL:g} x |output| (the model has no quantized activations)"
+        raise OnnxVerificationError(msg)
+
+
+def _verify(path: str, tensors: list[torch.Tensor], reference: list[torch.Tensor], name: str | None = None,
+            float_reference: list[torch.Tensor] | None = None,
+            output_names: list[str] | None = None) -> list[dict]:
     """Runs the file at ``path`` in ONNX Runtime on ``tensors`` and compares with ``reference``
+    (the PyTorch model), allowing ``VERIFY_RATIO`` x its distance from ``float_reference``
     (``name``: the file name to report)."""
     name = path if name is None else name
-    stats = compare_outputs(reference, _run_ort(path, tensors))
-    for i, s in enumerate(stats):
-        bound = VERIFY_MAX_ABS_REL * s["scale"] + 1e-6
-        if not (s["cosine"] >= VERIFY_MIN_COSINE and s["max_abs"] <= bound):
-            raise OnnxVerificationError(
-                f"{name}: output {i} in ONNX Runtime disagrees with the PyTorch model: cosine "
-                f"{s['cosine']:.6f} (needs >= {VERIFY_MIN_COSINE}), max abs difference "
-                f"{s['max_abs']:.4g} (needs <= {bound:.4g} = {VERIFY_MAX_ABS_REL} x max |output| "
-                f"{s['scale']:.4g})")
+    stats = compare_outputs(reference, _run_ort(path, tensors), float_reference)
+    _check_stats(stats, list(output_names or []), name)
     return stats
+
+
+def verify_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: Any, *,
+                int8_embeddings: bool = True) -> list[dict]:
+    """Checks an ONNX file written by :func:`export_onnx` from ``model`` against it on
+    ``example_inputs``, by the rule of ``export_onnx(verify=True)`` (``int8_embeddings`` as given
+    to the export); returns the per-output statistics of :func:`compare_outputs` and raises
+    :class:`OnnxVerificationError` naming the output and how far it is."""
+    _require("onnxruntime")
+    onnx = _require("onnx")
+    args, kwargs = _normalize_inputs(example_inputs)
+    tensors = ([a.detach().cpu() for a in args if isinstance(a, torch.Tensor)]
+               + [v.detach().cpu() for v in kwargs.values() if isinstance(v, torch.Tensor)])
+    names = [o.name for o in onnx.load(os.fspath(path), load_external_data=False).graph.output]
+    emb = _int8_embedding_names(model) if int8_embeddings else []
+    reference, float_reference = _references(model, args, kwargs, tensors, emb)
+    return _verify(os.fspath(path), tensors, reference, float_reference=float_reference, output_names=names)
+
+
+def _references(model: nn.Module, args: tuple, kwargs: dict, tensors: list[torch.Tensor],
+                emb_names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """PyTorch outputs of ``model`` with the tables of ``emb_names`` as the file stores them
+    (the reference), and of its float twin (the yardstick of the quantization error)."""
+    ref_model = _with_embeddings(model, emb_names, "dequantized")
+    twin = _float_twin(ref_model)
+
+    def run(m):
+        was = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                out = _utils.call_model(m, _rebuild_batch(args, kwargs, tensors), what="model")
+        finally:
+            m.train(was)
+        return [t.detach().float().cpu() for t in _flatten_tensors(out)]
+
+    ref = run(ref_model)
+    return ref, (ref if twin is ref_model else run(twin))
 
 
 def _temp_path(path: str) -> str:
@@ -682,11 +862,14 @@ def export_onnx(
     verify: bool = True,
     *,
     int8_format: str = "auto",
+    int8_embeddings: bool = True,
     exporter: str = "auto",
 ) -> str:
     """Exports ``model`` (with pycompress layers) to an ONNX file runnable by ONNX Runtime.
 
-    ``Int8Linear`` layers become standard int8 operators (``MatMulInteger`` on int8 weights),
+    ``Int8Linear`` layers become per-token ``QuantizeLinear`` + ONNX Runtime's integer
+    ``MatMulIntegerToFloat`` on int8 weights (standard ``MatMulInteger`` with
+    ``int8_format="standard"``), large embedding tables int8 rows,
     ``w8a16`` layers ``DequantizeLinear + MatMul``, ``MaskedLinear`` / ``SparseLinear`` dense
     ``MatMul`` / ``Gemm`` with their zeros (see the module docstring). ``model`` is not modified.
 
@@ -707,19 +890,34 @@ def export_onnx(
             and 1); ``{}`` exports static shapes.
         opset: ONNX opset (default 18; >= 15).
         verify: run the file in ONNX Runtime on ``example_inputs`` (and on the 2-row tracing
-            example when the example had one row) and compare with the PyTorch model: every
-            output needs cosine >= 0.999 and max abs difference <= 0.05 x its largest magnitude,
-            else :class:`OnnxVerificationError` (a ValueError) with both numbers, and ``path``
-            is not written (a previous file there is kept). ``onnx.checker`` always runs.
+            example when the example had one row) and compare with the PyTorch model (with its
+            embedding tables as the file stores them). Per output, ONNX Runtime's L2 distance
+            from the PyTorch model may be at most ``VERIFY_RATIO`` (2) x the PyTorch model's own
+            distance from its float version (every ``Int8Linear`` replaced by its dequantized
+            ``nn.Linear``: the quantization error of the activations) + ``VERIFY_FLOAT_TOL``
+            (1e-4) x the output's norm. Two engines whose float arithmetic differs in the last
+            bit requantize some activations one step apart, and deep models carry such steps
+            through every layer, so their outputs differ by up to the order of the quantization
+            error itself (two independent roundings: sqrt(2) x one); a wrong scale, a transposed
+            weight or a saturating kernel lands far beyond. Otherwise
+            :class:`OnnxVerificationError` (a ValueError) names the output, its relative distance,
+            cosine, the ratio and the worst row, and ``path`` is not written (a previous file
+            there is kept). ``onnx.checker`` always runs. :func:`verify_onnx` applies the same
+            check to an existing file.
+        int8_format: form of the ``w8a8`` layers: ``"auto"`` (default) = ``"contrib-u8s8"``:
+            per-token ``QuantizeLinear`` to u8 and ONNX Runtime's
+            ``com.microsoft.MatMulIntegerToFloat`` on int8 weights, its fastest x86 kernels;
+            exact on CPUs with VNNI or AMX, and on AVX2 alone for models quantized with
+            ``weight_bits=7`` or ``act_bits=7`` (8-bit x 8-bit pairs can saturate there, as in
+            ONNX Runtime's own int8 models). ``"standard"``: standard operators only
+            (``MatMulInteger``; u8 x u8 for 8-bit layers: exact everywhere, slower; u8 x s8 for
+            7-bit ones). ``"u8u8"``, ``"u8s8"``, ``"s8s8"`` (standard operators with those
+            types), ``"contrib"`` (= ``"contrib-u8s8"``), ``"contrib-u8u8"``, ``"contrib-s8s8"``.
+        int8_embeddings: store every ``nn.Embedding`` table of at least 16384 values that no
+            other module shares (and without ``max_norm``) as int8 with one fp32 scale per row
+            (``Gather`` + ``Cast`` + ``Mul``; default True). The PyTorch model is not changed;
+            ``verify`` compares with it using the same dequantized tables.
 
-    The file is written atomically: exported to a temporary file in the same folder, checked
-    (and verified), then renamed to ``path``; on any error ``path`` is left as it was.
-        int8_format: integer types of the ``w8a8`` layers: ``"auto"`` (default: ``"u8u8"`` for
-            8-bit activations, ``"u8s8"`` for ``act_bits=7``; exact integer products with ONNX
-            Runtime's fast x86 kernels), ``"u8u8"``, ``"u8s8"`` (may saturate with 8-bit
-            activations on x86 CPUs without VNNI), ``"s8s8"`` (slow in ONNX Runtime on AVX2),
-            ``"contrib"`` or ``"contrib-u8u8"`` / ``"contrib-u8s8"`` / ``"contrib-s8s8"``
-            (``com.microsoft.MatMulIntegerToFloat``; ONNX Runtime only). See the module docstring.
         exporter: ``"auto"`` (torch.export-based exporter when this torch has
             ``custom_translation_table`` (2.6+) and onnxscript is installed, else TorchScript),
             ``"dynamo"`` or ``"torchscript"``.
@@ -776,19 +974,29 @@ def export_onnx(
             raise ValueError(f"example_inputs: input {name!r} has 0 rows (shape {tuple(t.shape)}); the export "
                              "runs the model on the example, which needs at least one row")
 
-    def run_model(batch_tensors: list[torch.Tensor]) -> Any:
-        was_training = model.training
-        model.eval()
+    # the file stores large embedding tables int8 per row: the PyTorch reference is the model
+    # with those tables dequantized (the float values the file computes)
+    emb_names = _int8_embedding_names(model) if int8_embeddings else []
+    ref_model = _with_embeddings(model, emb_names, "dequantized")
+    twin = _float_twin(ref_model)
+
+    def run_model(batch_tensors: list[torch.Tensor], m: nn.Module = ref_model) -> Any:
+        was_training = m.training
+        m.eval()
         try:
             with torch.no_grad():
-                return _utils.call_model(model, _rebuild_batch(args, kwargs, batch_tensors), what="model")
+                return _utils.call_model(m, _rebuild_batch(args, kwargs, batch_tensors), what="model")
         finally:
-            model.train(was_training)
+            m.train(was_training)
+
+    def floats(out: Any) -> list[torch.Tensor]:
+        return [t.detach().float().cpu() for t in _flatten_tensors(out)]
 
     ref_out = run_model(tensors)
-    reference = [t.detach().float().cpu() for t in _flatten_tensors(ref_out)]
+    reference = floats(ref_out)
     if not reference:
         raise ValueError(f"{type(model).__name__} returned no tensor")
+    float_reference = reference if twin is ref_model or not verify else floats(run_model(tensors, twin))
     if output_names is None:
         output_names = _output_names(ref_out)
         if len(set(output_names)) != len(output_names) or len(output_names) != len(reference):
@@ -813,10 +1021,11 @@ def export_onnx(
             raise ValueError(f"{e} — the export traces the model on the example repeated to 2 along its "
                              "dynamic axes of size 1; pass a larger example, or dynamic_axes={} for a "
                              "static export") from e
-        trace_reference = [t.detach().float().cpu() for t in _flatten_tensors(trace_out)]
+        trace_reference = floats(trace_out)
+        trace_float = (trace_reference if twin is ref_model or not verify else floats(run_model(trace, twin)))
 
     _define_ops()
-    export_model, _ = _export_copy(model, int8_format)
+    export_model, _ = _export_copy(_with_embeddings(model, emb_names, "export"), int8_format)
     cpu_args = tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
     cpu_kwargs = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
     wrapper = _FlatIO(export_model, cpu_args, cpu_kwargs).eval()
@@ -877,9 +1086,11 @@ def export_onnx(
         _warn_specialized(onnx.load(tmp, load_external_data=False), dynamic_axes)
         if verify:
             try:
-                _verify(tmp, tensors, reference, name=path)
+                _verify(tmp, tensors, reference, name=path, float_reference=float_reference,
+                        output_names=output_names)
                 if trace_reference is not None:
-                    _verify(tmp, trace, trace_reference, name=path)
+                    _verify(tmp, trace, trace_reference, name=path, float_reference=trace_float,
+                            output_names=output_names)
             except OnnxVerificationError as e:
                 raise OnnxVerificationError(
                     f"{e}; {path} was not written (a previous file there is kept); export with "
