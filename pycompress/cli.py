@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--input-names", help="comma-separated graph input names")
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     x.add_argument("--int8-format", default="auto",
-                   choices=["auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8",
+                   choices=["auto", "standard", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8",
                             "contrib-u8s8", "contrib-s8s8"],
                    help="integer form of Int8Linear layers (default auto)")
     x.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
