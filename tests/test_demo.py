@@ -108,7 +108,7 @@ def test_saved_models_reload(quick_run):
 def test_torchrun_two_processes(quick_run, tmp_path):
     _, single = quick_run
     out = tmp_path / "ddp"
-    res = torchrun_util.run(["-m", "pycompress", "demo", "--quick", "--no-progress",
+    res = torchrun_util.run(["-m", "pycompress", "demo", "--task", "digits-mlp", "--quick", "--no-progress",
                              "--out", str(out)], timeout=180)
     assert res.returncode == 0, res.stdout[-4000:]
     assert res.stdout.count("wrote ") == 1  # rank 0 alone prints and writes
