@@ -12,6 +12,9 @@ method, from the same transferred model:
   the head's 1280; the residual stream keeps its channels) or on every group but the classifier's
   outputs (``all groups``), with the first 64 training images as calibration data, then
   ``compact``; ``accuracy``: top-1 on the test set;
+* every method twice: as pruned (``compensate=False``: the pruned channels read as zero) and
+  ``+comp`` (``compensate="mean"``: each pruned channel's mean over the calibration images folded
+  into the biases / BatchNorm means of the layers reading it);
 * ``pycompress.finetune`` of the whole compacted network for ``ft epochs`` (Adam, lr 1e-3, the
   same seed for every method); ``accuracy +ft``.
 
@@ -34,8 +37,11 @@ import time
 import torch
 
 import pycompress
+from pycompress.pruning.channels import prune_channels
+
 KERNEL = "prune_accuracy"
 METHODS = ("activation", "magnitude", "mixed")
+COMPENSATE = (False, "mean")  # impl suffix " +comp": the pruned channels' mean folded into their readers
 
 
 def _cases(quick: bool):
@@ -45,6 +51,17 @@ def _cases(quick: bool):
     if quick:
         return [("inner", inner, 0.5)], 1
     return [("inner", inner, r) for r in (0.1, 0.3, 0.5)] + [("all groups", None, 0.5)], 2
+
+
+def _prune_and_compact(model, method, ratio, calib, include, compensate):
+    """``vision.prune_and_compact`` with the compensation chosen (the calibration images serve the
+    compensation of every method, also ``magnitude``, which does not use them for its scores)."""
+    m = copy.deepcopy(model)
+    example = calib[:4]
+    prune_channels(m, ratio, scope="layer", method=method, include=list(include) if include is not None else None,
+                   exclude="classifier" if include is None else None, calibration_data=[calib],
+                   example_inputs=example, compensate=compensate)
+    return pycompress.compact(m, example).eval()
 
 
 @torch.no_grad()
@@ -98,21 +115,22 @@ def _run(quick: bool) -> list[dict]:
     cases, ft_epochs = _cases(quick)
     for label, include, ratio in cases:
         case = f"{label} {round(100 * ratio)}%"
-        for method in METHODS:
+        for method, compensate in [(m, c) for m in METHODS for c in COMPENSATE]:
             t = time.perf_counter()
-            small, pinfo = vision.prune_and_compact(model, method, ratio, calib, include)
+            small = _prune_and_compact(model, method, ratio, calib, include, compensate)
             acc = vision.accuracy(small, data["test"])
             mflop = _mflop(small, x)
             tuned, _ = pycompress.finetune(copy.deepcopy(small), data["train"], freeze=None, epochs=ft_epochs,
                                            lr=1e-3, batch_size=cfg.train_batch, seed=2, progress=False)
             params = sum(p.numel() for p in small.parameters())
-            rows.append({"kernel": KERNEL, "case": case, "impl": method, "MFLOP": mflop,
+            impl = f"{method} +comp" if compensate else method
+            rows.append({"kernel": KERNEL, "case": case, "impl": impl, "compensate": compensate, "MFLOP": mflop,
                          "FLOP ratio": mflop / dense_mflop, "accuracy": acc,
                          "accuracy +ft": vision.accuracy(tuned, data["test"]), "ft epochs": ft_epochs,
                          "dense accuracy": dense_acc, "params (M)": params / 1e6,
                          "param ratio": params / dense_params, "threads": torch.get_num_threads(),
                          "seconds": time.perf_counter() - t})
-            print(f"  {case} {method}: {100 * acc:.1f}% -> {100 * rows[-1]['accuracy +ft']:.1f}% after "
+            print(f"  {case} {impl}: {100 * acc:.1f}% -> {100 * rows[-1]['accuracy +ft']:.1f}% after "
                   f"{ft_epochs} epoch(s)", flush=True)
     return rows
 
