@@ -153,3 +153,23 @@ def test_errors_leave_the_model_unchanged(case):
         with pytest.raises(ValueError, match="5 channels"):
             prune_channels(model, 0.5, example_inputs=x, calibration_data=[torch.randn(2, 5, 16, 16)])
     _assert_unchanged(model, snap)
+
+
+def test_prune_passes_compensate_through_and_checks_it():
+    model = cm.MODELS["resnet"]()
+    calib = [cm.images(16, seed=s) for s in (2, 3)]  # as _pruned
+    kw = dict(pattern="channel", scope="layer", method="magnitude", calibration_data=calib, example_inputs=cm.images(8))
+    plain = pycompress.prune(copy.deepcopy(model), 0.3, compensate=False, **kw)
+    comp = pycompress.prune(copy.deepcopy(model), 0.3, **kw)  # default: the mean is folded in
+    direct, _ = _pruned(model, True)
+    x = cm.images(8, seed=5)
+    with torch.no_grad():
+        assert torch.equal(comp(x), direct(x))
+        assert not torch.equal(plain(x), comp(x))
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="compensate"):
+        pycompress.prune(model, 0.3, compensate="median", **kw)
+    _assert_unchanged(model, snap)
+    lin = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="compensate"):
+        pycompress.prune(lin, 0.5, compensate="median")

@@ -531,7 +531,8 @@ def _check_method(method, mix):
 
 def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured", scope: str = "global",
           method: str = "magnitude", include=None, exclude=None, calibration_data=None,
-          mix: float = 0.5, activation_score: str = "mean_abs", example_inputs=None) -> nn.Module:
+          mix: float = 0.5, activation_score: str = "mean_abs", example_inputs=None,
+          compensate: bool | str | None = True) -> nn.Module:
     """Prunes the selected ``nn.Linear`` layers of ``model`` in place, replacing them by
     :class:`~pycompress.nn.MaskedLinear` (already masked layers are re-pruned), and returns it.
     The new layers keep the original ``Parameter`` objects, so existing optimizers stay valid;
@@ -565,6 +566,10 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
             unstructured / N:M keep their scores, see the module docstring).
         example_inputs: a batch the model runs on; needed by ``pattern="channel"`` when the
             selection holds convolutions (default: the first batch of ``calibration_data``).
+        compensate: channel pruning of convolutions only: ``True`` / ``"mean"`` (default) adds
+            the pruned channels' mean contribution to their readers' biases (or the BatchNorm
+            after them), ``"masked"`` the contribution once their producers are masked,
+            ``False`` / ``None`` drops it (see :func:`~pycompress.pruning.channels.prune_channels`).
 
     Convolutions (``nn.Conv2d``, becoming :class:`~pycompress.nn.MaskedConv2d`): the
     unstructured and ``N:M`` patterns prune their weights like those of linear layers (``N:M``
@@ -591,7 +596,9 @@ def prune(model: nn.Module, sparsity: float | None, pattern: str = "unstructured
     if pattern == "channel" and has_convs(model, include, exclude):
         return prune_channels(model, sparsity, scope=scope, method=method, include=include, exclude=exclude,
                               calibration_data=calibration_data, mix=mix, activation_score=activation_score,
-                              example_inputs=example_inputs)
+                              example_inputs=example_inputs, compensate=compensate)
+    if compensate not in (True, False, None, "mean", "masked"):
+        raise ValueError(f"compensate must be True/'mean', 'masked' or False/None, got {compensate!r}")
     heads = pattern == "head"
     kind, nm = ("head", None) if heads else _parse_pattern(pattern)
     _check_scope(scope)
