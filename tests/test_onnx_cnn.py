@@ -139,3 +139,20 @@ def test_broken_conv_export_fails_verify(tmp_path, calibrated, monkeypatch):
     pycompress.export_onnx(q, cnn_models.images(4), out, exporter=EXPORTERS[-1], verify=False)
     with pytest.raises(onnx_export.OnnxVerificationError):
         onnx_export.verify_onnx(out, q, cnn_models.images(4, seed=9))
+
+
+def test_single_layer_model(tmp_path):
+    """An Int8Conv2d exported on its own (the model's root), dynamic per-image quantization:
+    images of very different ranges in one batch keep their own scales."""
+    torch.manual_seed(0)
+    q = Int8Conv2d.from_float(nn.Conv2d(4, 6, 3, stride=2, padding=1), activation="relu")
+    x = torch.randn(2, 4, 9, 9)
+    path = pycompress.export_onnx(q, x, tmp_path / "one.onnx", exporter=EXPORTERS[0])
+    assert op_types(path).count("ConvInteger") == 2
+    mixed = torch.cat([torch.randn(1, 4, 9, 9) * 100, torch.rand(1, 4, 9, 9) + 1, torch.randn(1, 4, 9, 9) * 1e-3])
+    y = run_ort(path, mixed)
+    with torch.no_grad():
+        for i in range(3):  # each image as the PyTorch op computes it alone
+            ref = q(mixed[i:i + 1])
+            (st,) = onnx_export.compare_outputs([ref], [y[i:i + 1]])
+            assert st["cosine"] >= 0.99999 and st["max_abs"] <= 1e-5 * st["scale"], (i, st)

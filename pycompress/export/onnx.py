@@ -31,6 +31,13 @@ What each layer becomes
     * ``MaskedLinear`` / ``SparseLinear``: a dense ``nn.Linear`` holding the weights with their
       zeros (``to_dense()``), exported as torch exports ``nn.Linear`` (``MatMul``/``Gemm``);
       ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
+    * ``Int8Conv2d``: ``QuantizeLinear`` to uint8 (calibrated layers: their input scale and zero
+      point; dynamic layers: per image, as the PyTorch op, see ``_emit_int8_conv2d``) →
+      ``ConvInteger`` (int8 weights; uint8 + 128 for the u8u8 forms) → ``Cast`` → ``Mul(x_scale)``
+      → ``Mul(w_scale [1, C, 1, 1])`` → ``Add(bias)`` → the fused activation (``Relu``,
+      ``Clip(0, 6)``, ``Mul(y, Sigmoid(y))``, ``HardSwish``); a uint8 output is
+      ``QuantizeLinear → DequantizeLinear`` with the layer's output scale and zero point, from
+      which the next layer's ``QuantizeLinear`` recovers the same integers.
     * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
       another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
       row, ``Gather`` of both → ``Cast`` → ``Mul``.
@@ -577,8 +584,8 @@ def _with_embeddings(model: nn.Module, names: list[str], how: str) -> nn.Module:
 
 
 def _float_twin(model: nn.Module) -> nn.Module:
-    """``model`` with every ``Int8Linear`` replaced by its dequantized ``nn.Linear``: the float
-    model whose distance from ``model`` is the quantization error of its activations."""
+    """``model`` with every ``Int8Linear`` / ``Int8Conv2d`` replaced by its dequantized float layer
+    (a conv with its fused activation): the float model whose distance from ``model`` is the quantization error of its activations."""
     from pycompress import nn as pnn
 
     int8_cls = tuple(c for c in (getattr(pnn, "Int8Linear", None), getattr(pnn, "Int8Conv2d", None)) if c)
@@ -1011,7 +1018,8 @@ def export_onnx(
 
     ``Int8Linear`` layers become per-token ``QuantizeLinear`` + ONNX Runtime's integer
     ``MatMulIntegerToFloat`` on int8 weights (standard ``MatMulInteger`` with
-    ``int8_format="standard"``), large embedding tables int8 rows,
+    ``int8_format="standard"``), ``Int8Conv2d`` layers ``QuantizeLinear`` + ``ConvInteger`` + their
+    fp32 epilogue, large embedding tables int8 rows,
     ``w8a16`` layers ``DequantizeLinear + MatMul``, ``MaskedLinear`` / ``SparseLinear`` dense
     ``MatMul`` / ``Gemm`` with their zeros (see the module docstring). ``model`` is not modified.
 
@@ -1035,8 +1043,9 @@ def export_onnx(
             example when the example had one row) and compare with the PyTorch model (with its
             embedding tables as the file stores them). Per output, ONNX Runtime's L2 distance
             from the PyTorch model may be at most ``VERIFY_RATIO`` (2) x the PyTorch model's own
-            distance from its float version (every ``Int8Linear`` replaced by its dequantized
-            ``nn.Linear``: the quantization error of the activations) + ``VERIFY_FLOAT_TOL``
+            distance from its float version (every ``Int8Linear`` / ``Int8Conv2d`` replaced by its
+            dequantized ``nn.Linear`` / ``nn.Conv2d`` and fused activation: the quantization error
+            of the activations) + ``VERIFY_FLOAT_TOL``
             (1e-4) x the output's norm. Two engines whose float arithmetic differs in the last
             bit requantize some activations one step apart, and deep models carry such steps
             through every layer, so their outputs differ by up to the order of the quantization
