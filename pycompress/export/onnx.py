@@ -31,6 +31,13 @@ What each layer becomes
     * ``MaskedLinear`` / ``SparseLinear``: a dense ``nn.Linear`` holding the weights with their
       zeros (``to_dense()``), exported as torch exports ``nn.Linear`` (``MatMul``/``Gemm``);
       ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
+    * ``Int8Conv2d``: ``QuantizeLinear`` to uint8 (calibrated layers: their input scale and zero
+      point; dynamic layers: per image, as the PyTorch op, see ``_emit_int8_conv2d``) →
+      ``ConvInteger`` (int8 weights; uint8 + 128 for the u8u8 forms) → ``Cast`` → ``Mul(x_scale)``
+      → ``Mul(w_scale [1, C, 1, 1])`` → ``Add(bias)`` → the fused activation (``Relu``,
+      ``Clip(0, 6)``, ``Mul(y, Sigmoid(y))``, ``HardSwish``); a uint8 output is
+      ``QuantizeLinear → DequantizeLinear`` with the layer's output scale and zero point, from
+      which the next layer's ``QuantizeLinear`` recovers the same integers.
     * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
       another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
       row, ``Gather`` of both → ``Cast`` → ``Mul``.
@@ -141,7 +148,33 @@ def _define_ops() -> None:
     def _(ids, weight, scale):
         return scale.new_empty((*ids.shape, weight.shape[1]))
 
+    @torch.library.custom_op("pycompress_onnx::int8_conv2d", mutates_args=())
+    def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    in_scale: Optional[torch.Tensor], in_zp: Optional[torch.Tensor],
+                    out_scale: Optional[torch.Tensor], out_zp: Optional[torch.Tensor],
+                    params: list[int], act: int, fmt: int) -> torch.Tensor:
+        stride, padding, dilation, groups = params[0:2], params[2:4], params[4:6], params[6]
+        out_dtype = torch.uint8 if out_scale is not None else None
+        y = torch.ops.pycompress.int8_conv2d(
+            x, None if in_scale is None else in_scale.reshape(1), None if in_zp is None else in_zp.reshape(1), _signed(w), w_scale.reshape(-1), None if bias is None else bias.reshape(-1),
+            None, stride, padding, dilation, groups, _CONV_ACTIVATIONS[act], out_dtype,
+            float(out_scale) if out_scale is not None else 1.0, int(out_zp) if out_zp is not None else 0)
+        if out_scale is not None:  # the file dequantizes uint8 outputs (QuantizeLinear -> DequantizeLinear)
+            y = (y.float() - out_zp.float()) * out_scale
+        return y.float().contiguous()
+
+    @int8_conv2d.register_fake
+    def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
+        (sh, sw), (ph, pw), (dh, dw) = params[0:2], params[2:4], params[4:6]
+        kh, kw = w.shape[2], w.shape[3]
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return x.new_empty((x.shape[0], w.shape[0], ho, wo), dtype=torch.float32)
+
     _OPS_DEFINED = True
+
+
+_CONV_ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
 
 
 def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,6 +231,37 @@ class _ExportInt8Linear(nn.Module):
             return torch.ops.pycompress_onnx.w8a16_linear(x, self.weight_t, self.weight_scale, self.bias)
         return torch.ops.pycompress_onnx.int8_linear(x, self.weight_t, self.weight_scale, self.bias,
                                                     self.act_bits, self.fmt, self.weight_t.shape[0])
+
+
+class _ExportInt8Conv2d(nn.Module):
+    """Export-only stand-in for ``Int8Conv2d``: buffers as stored in the ONNX file (scales and
+    bias as ``[1, C, 1, 1]``; the weight uint8 = int8 + 128 for the u8u8 form)."""
+
+    def __init__(self, layer: nn.Module, fmt: str) -> None:
+        super().__init__()
+        w = layer.weight.detach().cpu()
+        narrow = int(w.to(torch.int16).abs().max()) <= 64 if w.numel() else True
+        kind = _resolve_format(fmt, 8, narrow).split("-")[-1]
+        # ConvInteger takes uint8 activations; int8 weights (u8s8) unless the form asks for u8u8
+        self.fmt = _FORMAT_CODE["u8u8" if kind == "u8u8" else "u8s8"]
+        if kind == "u8u8":
+            w = (w.to(torch.int16) + 128).to(torch.uint8)
+        self.register_buffer("weight", w.contiguous())
+        self.register_buffer("weight_scale", layer.weight_scale.detach().float().cpu().reshape(1, -1, 1, 1).contiguous())
+        self.register_buffer("bias", None if layer.bias is None
+                             else layer.bias.detach().float().cpu().reshape(1, -1, 1, 1).contiguous())
+        for name in ("input_scale", "input_zero_point", "output_scale", "output_zero_point"):
+            v = getattr(layer, name)
+            self.register_buffer(name, None if v is None else v.detach().cpu().reshape(()).clone())  # scalars
+        self.params = [*layer.stride, *layer.padding, *layer.dilation, int(layer.groups)]
+        self.act = _CONV_ACTIVATIONS.index(layer.activation)
+
+    def forward(self, x):
+        if x.dtype != torch.float32:
+            x = x.float()
+        return torch.ops.pycompress_onnx.int8_conv2d(
+            x, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
+            self.output_scale, self.output_zero_point, self.params, self.act, self.fmt)
 
 
 # --------------------------------------------------------------------------- graph builders
@@ -355,6 +419,71 @@ def _emit_w8a16_linear(b: _Builder, x, w_t, w_scale, bias):
     return y
 
 
+def _reduce_chw(b: _Builder, x, op: str):
+    """``op`` over the C, H, W axes of ``x`` [N, C, H, W] -> [N]."""
+    if b.opset >= 18:
+        return b.op(op, x, b.const(np.array([1, 2, 3], np.int64)), keepdims=0)
+    return b.op(op, x, axes=[1, 2, 3], keepdims=0)
+
+
+def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
+                      params, act: int, fmt: int):
+    """Quantization to uint8 + ``ConvInteger`` + the op's fp32 epilogue (see the module doc)."""
+    stride, padding, dilation, groups = list(params[0:2]), list(params[2:4]), list(params[4:6]), int(params[6])
+    conv_attrs = dict(strides=stride, pads=[padding[0], padding[1], padding[0], padding[1]],
+                      dilations=dilation, group=groups)
+    w_zp = [b.const(np.array(128, np.uint8))] if INT8_FORMATS[fmt] == "u8u8" else []
+    f32, i32, u8 = 1, 6, 2
+    if in_scale is not None:
+        # static: one scale and zero point; ConvInteger pads with the zero point (real value 0)
+        zp8 = b.op("Cast", in_zp, to=u8)
+        xq = b.op("QuantizeLinear", x, in_scale, zp8)
+        acc = b.op("ConvInteger", xq, w, zp8, *w_zp, **conv_attrs)
+        y = b.op("Mul", b.op("Cast", acc, to=f32), in_scale)
+    else:
+        # dynamic, per image as the PyTorch op: scale = (hi - lo) / 255 over [min(0, min x),
+        # max(0, max x)], zp = clamp(round(-lo / scale), 0, 255). ConvInteger takes one zero point
+        # per tensor, so the images are convolved with zero point 0 and zp[n] x (the weights'
+        # sum over each window's in-image positions) is subtracted: the same exact int32 sums
+        zero = b.const(np.array(0.0, np.float32))
+        lo = b.op("Min", _reduce_chw(b, x, "ReduceMin"), zero)
+        hi = b.op("Max", _reduce_chw(b, x, "ReduceMax"), zero)
+        scale = b.op("Div", b.op("Sub", hi, lo), b.const(np.array(255.0, np.float32)))
+        scale = b.op("Where", b.op("Equal", hi, lo), b.const(np.array(1.0, np.float32)), scale)    # [N]
+        zpf = b.op("Clip", b.op("Round", b.op("Div", b.op("Neg", lo), scale)), zero,
+                   b.const(np.array(255.0, np.float32)))
+        zp8 = b.op("Cast", zpf, to=u8)                                                          # [N]
+        xq = b.op("QuantizeLinear", x, scale, zp8, axis=0)
+        u8zero = b.const(np.array(0, np.uint8))
+        acc0 = b.op("ConvInteger", xq, w, u8zero, *w_zp, **conv_attrs)
+        one_shape = b.op("Concat", b.const(np.array([1], np.int64)),
+                         b.op("Slice", b.op("Shape", x), b.const(np.array([1], np.int64)),
+                              b.const(np.array([4], np.int64))), axis=0)
+        ones = b.op("Expand", b.const(np.array([1], np.uint8)), one_shape)                     # [1, C, H, W]
+        wsum = b.op("ConvInteger", ones, w, u8zero, *w_zp, **conv_attrs)                        # [1, Co, Ho, Wo]
+        per_image = b.const(np.array([-1, 1, 1, 1], np.int64))
+        acc = b.op("Sub", acc0, b.op("Mul", b.op("Reshape", b.op("Cast", zp8, to=i32), per_image), wsum))
+        y = b.op("Mul", b.op("Cast", acc, to=f32), b.op("Reshape", scale, per_image))
+    y = b.op("Mul", y, w_scale)
+    if bias is not None:
+        y = b.op("Add", y, bias)
+    name = _CONV_ACTIVATIONS[act]
+    if name == "relu":
+        y = b.op("Relu", y)
+    elif name == "relu6":
+        y = b.op("Clip", y, b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32)))
+    elif name == "silu":
+        y = b.op("Mul", y, b.op("Sigmoid", y))
+    elif name == "hardswish":
+        y = b.op("HardSwish", y)
+    if out_scale is not None:
+        # requantized output: the same uint8 values, passed on dequantized (the next layer's
+        # QuantizeLinear with the same scale and zero point gives them back exactly)
+        zp8 = b.op("Cast", out_zp, to=u8)
+        y = b.op("DequantizeLinear", b.op("QuantizeLinear", y, out_scale, zp8), out_scale, zp8)
+    return y
+
+
 def _translation_table(opset: int) -> dict:
     def int8_linear(x, w_t, w_scale, bias=None, act_bits: int = 8, fmt: int = 0, k: int = 0):
         return _emit_int8_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias, int(act_bits), int(fmt), int(k))
@@ -365,7 +494,13 @@ def _translation_table(opset: int) -> dict:
     def int8_embedding(ids, weight, scale):
         return _emit_int8_embedding(_ScriptBuilder(opset), ids, weight, scale)
 
+    def int8_conv2d(x, w, w_scale, bias=None, in_scale=None, in_zp=None, out_scale=None, out_zp=None,
+                    params=(), act: int = 0, fmt: int = 0):
+        return _emit_int8_conv2d(_ScriptBuilder(opset), x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
+                                 [int(p) for p in params], int(act), int(fmt))
+
     return {
+        torch.ops.pycompress_onnx.int8_conv2d.default: int8_conv2d,
         torch.ops.pycompress_onnx.int8_linear.default: int8_linear,
         torch.ops.pycompress_onnx.w8a16_linear.default: w8a16_linear,
         torch.ops.pycompress_onnx.int8_embedding.default: int8_embedding,
@@ -399,6 +534,12 @@ def _register_symbolics() -> None:
     def int8_embedding(g, ids, weight, scale):
         return _emit_int8_embedding(_TorchScriptBuilder(g, _opset()), ids, weight, scale)
 
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i")
+    def int8_conv2d(g, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
+        return _emit_int8_conv2d(_TorchScriptBuilder(g, _opset()), x, w, w_scale, _opt(bias), _opt(in_scale),
+                                 _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt)
+
+    torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_conv2d", int8_conv2d, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_embedding", int8_embedding, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_linear", int8_linear, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::w8a16_linear", w8a16_linear, MIN_OPSET)
@@ -443,21 +584,25 @@ def _with_embeddings(model: nn.Module, names: list[str], how: str) -> nn.Module:
 
 
 def _float_twin(model: nn.Module) -> nn.Module:
-    """``model`` with every ``Int8Linear`` replaced by its dequantized ``nn.Linear``: the float
-    model whose distance from ``model`` is the quantization error of its activations."""
+    """``model`` with every ``Int8Linear`` / ``Int8Conv2d`` replaced by its dequantized float layer
+    (a conv with its fused activation): the float model whose distance from ``model`` is the quantization error of its activations."""
     from pycompress import nn as pnn
 
-    int8_cls = getattr(pnn, "Int8Linear", None)
-    if int8_cls is None:
+    int8_cls = tuple(c for c in (getattr(pnn, "Int8Linear", None), getattr(pnn, "Int8Conv2d", None)) if c)
+    if not int8_cls:
         return model
+
+    def twin(m):  # a conv's fused activation stays: the twin differs only by the quantization
+        return m.to_float(with_activation=True) if hasattr(m, "activation") else m.to_float()
+
     if isinstance(model, int8_cls):
-        return model.to_float()
+        return twin(model)
     if not any(isinstance(m, int8_cls) for m in model.modules()):
         return model
     out = copy.deepcopy(model)
     for name, m in list(out.named_modules()):
         if name and isinstance(m, int8_cls):
-            _utils.set_module(out, name, m.to_float())
+            _utils.set_module(out, name, twin(m))
     return out
 
 
@@ -467,9 +612,13 @@ def _export_copy(model: nn.Module, fmt: str) -> tuple[nn.Module, dict[str, int]]
 
     int8_cls = getattr(pnn, "Int8Linear", None)
     dense_cls = tuple(c for c in (getattr(pnn, "MaskedLinear", None), getattr(pnn, "SparseLinear", None)) if c)
-    counts = {"int8_w8a8": 0, "int8_w8a16": 0, "dense_from_sparse": 0}
+    conv_cls = getattr(pnn, "Int8Conv2d", None)
+    counts = {"int8_w8a8": 0, "int8_w8a16": 0, "dense_from_sparse": 0, "int8_conv": 0}
 
     def convert(m: nn.Module) -> nn.Module | None:
+        if conv_cls is not None and isinstance(m, conv_cls):
+            counts["int8_conv"] += 1
+            return _ExportInt8Conv2d(m, fmt)
         if int8_cls is not None and isinstance(m, int8_cls):
             counts["int8_" + m.mode] += 1
             return _ExportInt8Linear(m, fmt)
@@ -869,7 +1018,8 @@ def export_onnx(
 
     ``Int8Linear`` layers become per-token ``QuantizeLinear`` + ONNX Runtime's integer
     ``MatMulIntegerToFloat`` on int8 weights (standard ``MatMulInteger`` with
-    ``int8_format="standard"``), large embedding tables int8 rows,
+    ``int8_format="standard"``), ``Int8Conv2d`` layers ``QuantizeLinear`` + ``ConvInteger`` + their
+    fp32 epilogue, large embedding tables int8 rows,
     ``w8a16`` layers ``DequantizeLinear + MatMul``, ``MaskedLinear`` / ``SparseLinear`` dense
     ``MatMul`` / ``Gemm`` with their zeros (see the module docstring). ``model`` is not modified.
 
@@ -893,8 +1043,9 @@ def export_onnx(
             example when the example had one row) and compare with the PyTorch model (with its
             embedding tables as the file stores them). Per output, ONNX Runtime's L2 distance
             from the PyTorch model may be at most ``VERIFY_RATIO`` (2) x the PyTorch model's own
-            distance from its float version (every ``Int8Linear`` replaced by its dequantized
-            ``nn.Linear``: the quantization error of the activations) + ``VERIFY_FLOAT_TOL``
+            distance from its float version (every ``Int8Linear`` / ``Int8Conv2d`` replaced by its
+            dequantized ``nn.Linear`` / ``nn.Conv2d`` and fused activation: the quantization error
+            of the activations) + ``VERIFY_FLOAT_TOL``
             (1e-4) x the output's norm. Two engines whose float arithmetic differs in the last
             bit requantize some activations one step apart, and deep models carry such steps
             through every layer, so their outputs differ by up to the order of the quantization

@@ -1,0 +1,158 @@
+"""export_onnx of quantized CNNs: Int8Conv2d as QuantizeLinear + ConvInteger + the op's fp32
+epilogue, run by ONNX Runtime and checked against the PyTorch int8 model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import cnn_models  # noqa: E402
+import pycompress  # noqa: E402
+from pycompress.export import onnx as onnx_export  # noqa: E402
+from pycompress.nn import Int8Conv2d  # noqa: E402
+
+HAS_DYNAMO = onnx_export._exporter_supports_dynamo()
+try:
+    import onnxscript  # noqa: F401
+except ImportError:
+    HAS_DYNAMO = False
+EXPORTERS = ["dynamo", "torchscript"] if HAS_DYNAMO else ["torchscript"]
+
+
+def run_ort(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def op_types(path):
+    return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def quantized(name, calibrated, seed=0):
+    model = cnn_models.MODELS[name](seed)
+    calib = [cnn_models.images(8, seed=3)] if calibrated else None
+    return pycompress.quantize(model, calibration_data=calib)
+
+
+def assert_close_to_pytorch(path, q, x):
+    """ONNX Runtime computes the same int32 sums as the PyTorch op (same uint8 activations,
+    same weights); the fp32 epilogues differ only where ONNX Runtime's QuantizeLinear divides by
+    the scale where the static PyTorch path multiplies by its fp32 reciprocal (and in SiLU's
+    formula), which can move an activation exactly at a rounding tie by one quantization step.
+    Such a step changes the output by far less than 1e-3 of its largest value in these models;
+    a wrong scale, zero point or weight layout changes it by the order of the output itself."""
+    y = run_ort(path, x)
+    with torch.no_grad():
+        ref = q(x)
+    (st,) = onnx_export.compare_outputs([ref], [y])
+    assert st["cosine"] >= 0.99999 and st["max_abs"] <= 1e-3 * st["scale"], st
+    return st
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("calibrated", [False, True], ids=["dynamic", "static"])
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "vgg"])
+def test_cnn_models(tmp_path, name, calibrated, exporter):
+    q = quantized(name, calibrated)
+    convs = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
+    assert convs and all(m.static_input == calibrated for m in convs)
+    assert any(m.output_dtype is torch.uint8 for m in convs) == calibrated
+    path = pycompress.export_onnx(q, cnn_models.images(4), tmp_path / f"{name}.onnx", exporter=exporter)
+    ops = op_types(path)
+    # every conv runs in integers: no float Conv is left
+    assert "Conv" not in ops
+    n_int = ops.count("ConvInteger")
+    # dynamic layers add one ConvInteger on a [1, C, H, W] ones tensor for the zero-point correction
+    assert n_int == (len(convs) if calibrated else 2 * len(convs)), (n_int, len(convs))
+    # dynamic batch axis: other batch sizes than the example's
+    for n in (1, 5):
+        assert_close_to_pytorch(path, q, cnn_models.images(n, seed=10 + n))
+    # and the verification rule accepts it on a fresh batch; the float twin differs (the yardstick)
+    (st,) = onnx_export.verify_onnx(path, q, cnn_models.images(3, seed=20))
+    assert st["quant_err"] > 0 and st["err"] <= 0.1 * st["quant_err"], st
+
+
+def test_standard_format_u8u8(tmp_path):
+    q = quantized("resnet", True)
+    path = pycompress.export_onnx(q, cnn_models.images(2), tmp_path / "r.onnx", int8_format="standard",
+                                  exporter=EXPORTERS[-1])
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    conv_w = [inits[n.input[1]] for n in model.graph.node if n.op_type == "ConvInteger" and n.input[1] in inits]
+    assert conv_w and all(w.data_type == onnx.TensorProto.UINT8 for w in conv_w)
+    assert_close_to_pytorch(path, q, cnn_models.images(3, seed=5))
+
+
+class ActNet(nn.Module):
+    """Strided, dilated, grouped and depthwise convs with SiLU and Hardswish, padding off-centre."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.a1 = nn.SiLU()
+        self.c2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2)
+        self.a2 = nn.Hardswish()
+        self.c3 = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.a3 = nn.ReLU6()
+        self.c4 = nn.Conv2d(8, 6, (1, 3), padding=(0, 1), bias=False)
+
+    def forward(self, x):
+        return self.c4(self.a3(self.c3(self.a2(self.c2(self.a1(self.c1(x)))))))
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["dynamic", "static"])
+def test_activations_and_conv_shapes(tmp_path, calibrated):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 11, 13)
+    q = pycompress.quantize(ActNet().eval(), calibration_data=[torch.randn(8, 3, 11, 13)] if calibrated else None)
+    acts = {m.activation for m in q.modules() if isinstance(m, Int8Conv2d)}
+    assert {"silu", "hardswish", "relu6"} <= acts, acts
+    path = pycompress.export_onnx(q, x, tmp_path / "act.onnx", exporter=EXPORTERS[0])
+    ops = op_types(path)
+    assert "HardSwish" in ops and "Sigmoid" in ops and "Clip" in ops and "Conv" not in ops
+    assert_close_to_pytorch(path, q, torch.randn(2, 3, 11, 13))
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["dynamic", "static"])
+def test_broken_conv_export_fails_verify(tmp_path, calibrated, monkeypatch):
+    """A file with one conv's weight scales doubled must be rejected, and not written."""
+    q = quantized("resnet", calibrated)
+    orig = onnx_export._ExportInt8Conv2d.__init__
+    seen = []
+
+    def doubled(self, layer, fmt):  # the export works on a copy: the third conv converted
+        orig(self, layer, fmt)
+        seen.append(layer)
+        if len(seen) % len([m for m in q.modules() if isinstance(m, Int8Conv2d)]) == 3:
+            self.weight_scale.mul_(2)
+
+    monkeypatch.setattr(onnx_export._ExportInt8Conv2d, "__init__", doubled)
+    out = tmp_path / "broken.onnx"
+    with pytest.raises(onnx_export.OnnxVerificationError, match="quantization error"):
+        pycompress.export_onnx(q, cnn_models.images(4), out, exporter=EXPORTERS[-1])
+    assert not out.exists()
+    # the same file written without the check is rejected by verify_onnx
+    pycompress.export_onnx(q, cnn_models.images(4), out, exporter=EXPORTERS[-1], verify=False)
+    with pytest.raises(onnx_export.OnnxVerificationError):
+        onnx_export.verify_onnx(out, q, cnn_models.images(4, seed=9))
+
+
+def test_single_layer_model(tmp_path):
+    """An Int8Conv2d exported on its own (the model's root), dynamic per-image quantization:
+    images of very different ranges in one batch keep their own scales."""
+    torch.manual_seed(0)
+    q = Int8Conv2d.from_float(nn.Conv2d(4, 6, 3, stride=2, padding=1), activation="relu")
+    x = torch.randn(2, 4, 9, 9)
+    path = pycompress.export_onnx(q, x, tmp_path / "one.onnx", exporter=EXPORTERS[0])
+    assert op_types(path).count("ConvInteger") == 2
+    mixed = torch.cat([torch.randn(1, 4, 9, 9) * 100, torch.rand(1, 4, 9, 9) + 1, torch.randn(1, 4, 9, 9) * 1e-3])
+    y = run_ort(path, mixed)
+    with torch.no_grad():
+        for i in range(3):  # each image as the PyTorch op computes it alone
+            ref = q(mixed[i:i + 1])
+            (st,) = onnx_export.compare_outputs([ref], [y[i:i + 1]])
+            assert st["cosine"] >= 0.99999 and st["max_abs"] <= 1e-5 * st["scale"], (i, st)
