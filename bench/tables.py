@@ -601,6 +601,35 @@ def t_runs(results: list[Results], link_base: str = "") -> str:
                   "OpenMP"], rows, ["l", "l", "l", "l", "l", "l", "r", "l"])
 
 
+def t_prune_accuracy(results: list[Results], link_base: str = "") -> str:
+    """Channel pruning of the transferred pretrained CNN: accuracy by importance method, with and
+    without compensation, before and after a short fine-tune."""
+    res = _one("prune-accuracy", results)
+    rows = res.rows("prune_accuracy")
+    dense = next((r for r in rows if r["impl"] == "dense"), None)
+    out, last = [], None
+    for r in rows:
+        if r["impl"] == "dense":
+            continue
+        case = r["case"] if r["case"] != last else ""
+        last = r["case"]
+        comp = r.get("compensate")
+        out.append([case, r["impl"].replace(" +comp", ""), str(comp) if comp else "–",
+                    f"{r['param ratio']:.3f}", f"{r['FLOP ratio']:.3f}", pct(r["accuracy"]),
+                    pct(r.get("accuracy +ft"))])
+    head = ""
+    if dense is not None:
+        head = (f" {dense['case']}; dense model {pct(dense['accuracy'])} on the test set, "
+                f"{dense['params (M)']:.2f} M parameters, {dense['MFLOP']:.1f} MFLOP per image.")
+    ft = next((r.get("ft epochs") for r in rows if r.get("ft epochs")), None)
+    return (caption(res, "prune_accuracy", "python bench/run.py --kernels prune_accuracy") + head
+            + " Channels pruned by `prune_channels` (inner: the expanded channels of every block and the "
+            "head conv; all groups: every prunable group), then `compact`; accuracy without fine-tuning"
+            + (f" and after {ft} epochs of fine-tuning" if ft else "") + "; params and FLOP as ratios to dense.\n\n"
+            + table(["pruned", "method", "compensation", "params", "FLOP", "accuracy", "after fine-tune"], out,
+                    ["l", "l", "l", "r", "r", "r", "r"]))
+
+
 KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "summary": t_summary,
     "runs": t_runs,
@@ -613,6 +642,7 @@ KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "kd": t_kd,
     "compact": t_compact,
     "onnx": t_onnx,
+    "prune-accuracy": t_prune_accuracy,
     "onnx-sentences": __import__("runpy").run_path(os.path.join(ROOT, "bench", "bench_onnx.py"))["t_sentences"],
 }
 
