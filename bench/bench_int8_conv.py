@@ -12,6 +12,11 @@ Our rows:
 
 ``GOPS`` counts 2 operations per multiply-add of the conv (the int8 rate for our rows).
 Every row has ``rel err`` against the fp32 conv of the same real-valued weights and input.
+
+Each case also has rows timed on one thread by CPU time (``[1 thread, CPU time]``, best of the
+repeats, see ``common.per_core_ms``): on a shared machine the wall-clock medians of two threads
+follow the scheduler (a parallel region waits for whichever thread was descheduled), while one
+thread's CPU time stays comparable between runs.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import pycompress.ops as ops
-from common import time_fn
+from common import PER_CORE, per_core_ms, time_fn
 
 KERNEL = "int8_conv"
 FP32 = "torch fp32 conv (channels_last)"
@@ -85,6 +90,11 @@ def run(device: str, quick: bool = False) -> list[dict]:
             ]
             base = None
             case = f"{name} N={n}"
+            rep_pc = 5 if quick else 10
+            pc = per_core_ms([(impl, fn) for impl, fn, _ in impls], rep_pc)
+            for impl, ms in pc.items():
+                rows.append({"kernel": KERNEL, "case": case, "impl": f"{impl} {PER_CORE}", "N": n, "ms": ms,
+                             "GOPS": 2.0 * macs / (ms * 1e-3) / 1e9, "x fp32": pc[FP32] / ms})
             with torch.no_grad():
                 for impl, fn, deq in impls:
                     target = ref.relu() if impl == U8U8 else ref
@@ -109,14 +119,15 @@ def summarize(rows: list[dict]) -> list[str]:
     for r in rows:
         by.setdefault(r["case"], {})[r["impl"]] = r
     for case, impls in by.items():
-        if FP32 not in impls:
-            continue
-        base = impls[FP32]["ms"]
-        parts = [f"fp32 {base:.3f} ms"]
-        for impl in (U8F32, U8U8, DYN):
-            if impl in impls:
-                r = impls[impl]
-                parts.append(f"{impl.replace('pycompress int8 ', '')} {r['ms']:.3f} ms = {base / r['ms']:.2f}x, "
-                             f"{r['GOPS']:.0f} GOPS")
-        out.append(f"{case}: " + "; ".join(parts))
+        for suffix, label in (("", "2 threads, median"), (f" {PER_CORE}", "1 thread, CPU time")):
+            if FP32 + suffix not in impls:
+                continue
+            base = impls[FP32 + suffix]["ms"]
+            parts = [f"fp32 {base:.3f} ms"]
+            for impl in (U8F32, U8U8, DYN):
+                if impl + suffix in impls:
+                    r = impls[impl + suffix]
+                    parts.append(f"{impl.replace('pycompress int8 ', '')} {r['ms']:.3f} ms = "
+                                 f"{base / r['ms']:.2f}x, {r['GOPS']:.0f} GOPS")
+            out.append(f"{case} [{label}]: " + "; ".join(parts))
     return out

@@ -23,7 +23,6 @@ namespace {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
-
 // GEMM paths whose prepared A is x + 128 as uint8 (the others read int16 x - zp)
 inline bool path_reads_u8(int path) { return path == 2 || path == 4 || path == kInt8PathAmx; }
 
@@ -222,12 +221,128 @@ EpilogueFn pick_avx512(ConvAct act, ConvOut o) {
   return pick_out_avx512<ConvAct::None>(o);
 }
 
+template <ConvAct A>
+PYC_TARGET_AVX2 inline __m256 act_avx2(__m256 y) {
+  const __m256 zero = _mm256_setzero_ps();
+  if (A == ConvAct::Relu) return _mm256_max_ps(zero, y);
+  if (A == ConvAct::Relu6) return _mm256_min_ps(_mm256_set1_ps(6.f), _mm256_max_ps(zero, y));
+  if (A == ConvAct::Hardswish) {
+    __m256 t = _mm256_add_ps(y, _mm256_set1_ps(3.f));
+    t = _mm256_min_ps(_mm256_set1_ps(6.f), _mm256_max_ps(zero, t));
+    return _mm256_div_ps(_mm256_mul_ps(y, t), _mm256_set1_ps(6.f));
+  }
+  if (A == ConvAct::Silu) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, y);
+    silu_lanes(t, 8);
+    return _mm256_load_ps(t);
+  }
+  return y;
+}
+
+template <ConvOut O>
+PYC_TARGET_AVX2 inline void store_out_avx2(const Int8ConvArgs& a, int64_t i, __m256 y) {
+  if (O == ConvOut::F32) {
+    _mm256_storeu_ps(static_cast<float*>(a.out) + i, y);
+  } else if (O == ConvOut::F16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + i),
+                     _mm256_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else if (O == ConvOut::BF16) {
+    const __m256i u = _mm256_castps_si256(y);
+    const __m256i hi = _mm256_srli_epi32(u, 16);
+    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+    const __m256i absu = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i nan = _mm256_cmpgt_epi32(absu, _mm256_set1_epi32(0x7f800000));
+    r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(a.out) + i),
+                     _mm256_castsi256_si128(p));
+  } else {
+    constexpr bool u8 = O == ConvOut::U8;
+    __m256 r = _mm256_round_ps(_mm256_mul_ps(y, _mm256_set1_ps(a.out_inv)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_add_ps(r, _mm256_set1_ps(static_cast<float>(a.out_zp)));
+    // NaN -> the low end (max returns its second operand), as the scalar code
+    r = _mm256_max_ps(r, _mm256_set1_ps(u8 ? 0.f : -128.f));
+    r = _mm256_min_ps(r, _mm256_set1_ps(u8 ? 255.f : 127.f));
+    const __m256i q = _mm256_cvtps_epi32(r);
+    const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    const __m128i q8 = u8 ? _mm_packus_epi16(q16, q16) : _mm_packs_epi16(q16, q16);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(static_cast<uint8_t*>(a.out) + i), q8);
+  }
+}
+
+// Whole groups of 8 columns in registers; the remaining columns go through the scalar code
+// (kept out of line: inside this function the compiler could fuse its multiply-add).
+template <ConvAct A, ConvOut O>
+PYC_TARGET_AVX2 void epilogue_tile_avx2(const EpTile& t, int64_t HoWo, int64_t Cout,
+                                        const Int8ConvArgs& a) {
+  const int64_t nv = t.nc / 8 * 8;
+  for (int64_t j = 0; j < nv; j += 8) {
+    const int64_t co = t.co0 + j;
+    const __m256 ws = _mm256_loadu_ps(a.w_scale + co);
+    const __m256 bias = a.bias ? _mm256_loadu_ps(a.bias + co) : _mm256_setzero_ps();
+    const __m256i cs = t.colsum ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.colsum + j))
+                                : _mm256_setzero_si256();
+    int64_t n = t.m_first / HoWo, next = (n + 1) * HoWo;
+    __m256 xs = _mm256_set1_ps(a.x_scale[n]);
+    __m256i comp = _mm256_mullo_epi32(cs, _mm256_set1_epi32(t.corr_base - byte_zero_point(a, n)));
+    const int32_t* src = t.tile + j;
+    for (int64_t m = t.m_first; m < t.m_first + t.mr; ++m, src += t.ldt) {
+      if (m == next) {
+        ++n;
+        next += HoWo;
+        xs = _mm256_set1_ps(a.x_scale[n]);
+        comp = _mm256_mullo_epi32(cs, _mm256_set1_epi32(t.corr_base - byte_zero_point(a, n)));
+      }
+      const __m256i v = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), comp);
+      __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), xs), ws);
+      if (a.bias) y = _mm256_add_ps(y, bias);
+      store_out_avx2<O>(a, m * Cout + co, act_avx2<A>(y));
+    }
+  }
+  if (nv < t.nc) {
+    EpTile rest = t;
+    rest.tile = t.tile + nv;
+    rest.co0 = t.co0 + nv;
+    rest.nc = t.nc - nv;
+    if (t.colsum) rest.colsum = t.colsum + nv;
+    epilogue_tile_scalar(rest, HoWo, Cout, a);
+  }
+}
+
+template <ConvAct A>
+EpilogueFn pick_out_avx2(ConvOut o) {
+  switch (o) {
+    case ConvOut::F32: return epilogue_tile_avx2<A, ConvOut::F32>;
+    case ConvOut::F16: return epilogue_tile_avx2<A, ConvOut::F16>;
+    case ConvOut::BF16: return epilogue_tile_avx2<A, ConvOut::BF16>;
+    case ConvOut::U8: return epilogue_tile_avx2<A, ConvOut::U8>;
+    case ConvOut::S8: return epilogue_tile_avx2<A, ConvOut::S8>;
+  }
+  return epilogue_tile_avx2<A, ConvOut::F32>;
+}
+
+EpilogueFn pick_avx2(ConvAct act, ConvOut o) {
+  switch (act) {
+    case ConvAct::None: return pick_out_avx2<ConvAct::None>(o);
+    case ConvAct::Relu: return pick_out_avx2<ConvAct::Relu>(o);
+    case ConvAct::Relu6: return pick_out_avx2<ConvAct::Relu6>(o);
+    case ConvAct::Silu: return pick_out_avx2<ConvAct::Silu>(o);
+    case ConvAct::Hardswish: return pick_out_avx2<ConvAct::Hardswish>(o);
+  }
+  return pick_out_avx2<ConvAct::None>(o);
+}
+
 #endif  // PYC_HAVE_X86_SIMD
 
 // The epilogue for a level (picked once per op call).
 EpilogueFn pick_epilogue(int level, const Int8ConvArgs& a) {
 #if PYC_HAVE_X86_SIMD
   if (level >= 2) return pick_avx512(a.act, a.out_kind);
+  if (level == 1) return pick_avx2(a.act, a.out_kind);
 #endif
   (void)level;
   (void)a;
@@ -795,7 +910,9 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
 void int8_conv_run(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
                    const Int8ConvArgs& args, int64_t t0, int64_t t1, void* workspace) {
   if (t1 <= t0) return;
-  int level = plan.depthwise ? plan.path : (plan.path == 0 ? 0 : (plan.path == 1 || plan.path == 3 || plan.path == 4 ? 1 : 2));
+  // the ISA level of the code around the GEMM (gather, epilogue): that of its path
+  const int level = plan.depthwise ? plan.path
+                                   : (plan.path == 0 ? 0 : (plan.path == 2 || plan.path == kInt8PathAmx ? 2 : 1));
   if (plan.depthwise)
     run_depthwise_tasks(plan, g, packed, args, t0, t1, workspace, level);
   else
