@@ -630,6 +630,37 @@ def t_prune_accuracy(results: list[Results], link_base: str = "") -> str:
                     ["l", "l", "l", "r", "r", "r", "r"]))
 
 
+def t_int8_conv(results: list[Results], link_base: str = "") -> str:
+    """int8 convolution layers against torch's fp32 conv (channels_last), wall clock and per core."""
+    res = _one("int8-conv", results)
+    rows = res.rows("int8_conv")
+    by = {}
+    for r in rows:
+        by.setdefault(r["case"], {})[r["impl"]] = r
+    cols = ["pycompress int8 u8->f32", "pycompress int8 u8->u8 relu", "pycompress int8 f32->f32 (dynamic)"]
+    base, one = "torch fp32 conv (channels_last)", " [1 thread, CPU time]"
+    out = []
+    for case, impls in by.items():
+        b = impls.get(base)
+        if b is None:
+            continue
+        cells = [case, ms(b["ms"])]
+        for c in cols:
+            r = impls.get(c)
+            cells.append("–" if r is None else f"{ms(r['ms'])} ({x(r['x fp32'])})")
+        r1 = impls.get(cols[0] + one)
+        cells.append("–" if r1 is None else f"{ms(r1['ms'])} ({x(r1['x fp32'])})")
+        out.append(cells)
+    return (caption(res, "int8_conv", "python bench/run.py --kernels int8_conv" +
+                    (f" --runs {res.runs('int8_conv')}" if res.runs("int8_conv") > 1 else ""))
+            + " One conv layer, ms (speed-up over torch's fp32 conv on channels_last input in the same "
+            "run); u8: uint8 input with its static scale; dynamic: float input quantized per image "
+            "inside the op; last column: one thread, CPU time.\n\n"
+            + table(["layer, batch", "torch fp32 ms", "int8 u8 → fp32", "int8 u8 → u8 + ReLU",
+                     "int8 fp32 → fp32 (dynamic)", "u8 → fp32, 1 thread"], out,
+                    ["l", "r", "r", "r", "r", "r"]))
+
+
 KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "summary": t_summary,
     "runs": t_runs,
@@ -643,6 +674,7 @@ KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "compact": t_compact,
     "onnx": t_onnx,
     "prune-accuracy": t_prune_accuracy,
+    "int8-conv": t_int8_conv,
     "onnx-sentences": __import__("runpy").run_path(os.path.join(ROOT, "bench", "bench_onnx.py"))["t_sentences"],
 }
 
