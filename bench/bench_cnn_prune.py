@@ -19,7 +19,8 @@ the wall-clock medians of the 2-thread rows.
 Columns: ``GFLOP`` (multiply-adds x 2 of every conv and linear layer on this input, counted with
 forward hooks from the layer shapes), ``FLOP ratio``, ``params (M)``, ``param ratio`` (variant /
 dense) and, for pycompress, ``rel err``: the relative max difference between the compacted and the
-masked model's outputs.
+masked model's outputs, and ``same shapes as Torch-Pruning``: whether every conv, linear and
+BatchNorm layer has the shape of Torch-Pruning's result (then their latencies differ by noise only).
 """
 
 from __future__ import annotations
@@ -76,6 +77,12 @@ def _torch_pruning(model, x):
     return model
 
 
+def _shapes(model) -> list[tuple]:
+    """The weight shapes of the conv, linear and BatchNorm layers, in module order."""
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)
+    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, kinds)]
+
+
 def _interleaved(fns: dict, rounds: int) -> dict:
     with torch.no_grad():
         for fn in fns.values():
@@ -119,6 +126,8 @@ def run(device: str, quick: bool = False) -> list[dict]:
                    "threads": torch.get_num_threads()}
             if impl.startswith("pycompress"):
                 row["rel err"] = rel
+                if tp_model is not None:
+                    row["same shapes as Torch-Pruning"] = _shapes(small) == _shapes(tp_model)
             rows.append(row)
             rows.append({**row, "impl": f"{impl} {PER_CORE}", "ms": per_core[impl], "ms_min": per_core[impl],
                          "repeats": 2 if quick else 3, "threads": 1})
