@@ -477,6 +477,9 @@ def t_cnn_prune(results: list[Results], link_base: str = "") -> str:
                 targets = "wall: " + _prune_targets(dense, r, tp)
                 if c is not None and cd is not None:
                     targets += "; 1 thread: " + _prune_targets(cd, {**c, "rel err": r.get("rel err")}, ctp)
+                same = r.get("same shapes as Torch-Pruning")
+                if same is not None:
+                    targets += "; " + ("layer shapes = Torch-Pruning's" if same else "layer shapes ≠ Torch-Pruning's")
             out.append([model if r is dense else "", impl, ms(r["ms"]),
                         "1" if r is dense else speedup(dense, r),
                         speedup(tp, r) if ours and tp else "–", one,

@@ -235,10 +235,14 @@ def test_cnn_prune_table_judges_the_targets_on_both_timings(tmp_path):
     # wall: 21 / 10 = 2.10x dense, 11 / 10 = 1.10x Torch-Pruning; 1 thread: 3.00x, 1.12x
     assert ("| pycompress 50% compact | 10.0 | 2.10× (2.00–2.20) | 1.10× (1.10–1.10) | 4.00 (3.00×, 1.12× TP) | 3.04 (0.260) "
             "| 7.83 (0.270) | 2.0e-07 | wall: 4/4; 1 thread: 4/4 |") in out
-    _write_kernel(tmp_path, "cnn_prune", _cnn_prune_rows(ours_ms=(15.0, 5.0), rel=3e-5, ratio=0.7))
+    assert "Torch-Pruning's" not in out.split("targets held")[1]  # no shape comparison recorded
+    rows = _cnn_prune_rows(ours_ms=(15.0, 5.0), rel=3e-5, ratio=0.7)
+    rows[1]["same shapes as Torch-Pruning"] = False
+    _write_kernel(tmp_path, "cnn_prune", rows)
     out = tables.render("cnn-prune@testbox", str(tmp_path))
     assert ("wall: 0/4 (missed: rel. error ≤ 1e-5, params ≤ 0.6×, ≥ 1.6× dense, ≥ 1× Torch-Pruning); "
-            "1 thread: 1/4 (missed: rel. error ≤ 1e-5, params ≤ 0.6×, ≥ 1× Torch-Pruning)") in out
+            "1 thread: 1/4 (missed: rel. error ≤ 1e-5, params ≤ 0.6×, ≥ 1× Torch-Pruning); "
+            "layer shapes ≠ Torch-Pruning's |") in out
 
 
 def test_zoo_prune_table_shows_failures_and_reasons(tmp_path):
