@@ -543,21 +543,27 @@ def t_decoder(results: list[Results], link_base: str = "") -> str:
             continue  # the KD rows: table kind decoder-kd
         ao = d.get(DEC_AO)
         label = case.split(": ", 1)[-1]
+        def cpu(a, b):
+            return x(a["cpu_ms_1t"] / b["cpu_ms_1t"]) if a and a.get("cpu_ms_1t") and b.get("cpu_ms_1t") else "–"
+
         for impl, r in d.items():
-            cpu = (x(base["cpu_ms_1t"] / r["cpu_ms_1t"]) if r.get("cpu_ms_1t") and base.get("cpu_ms_1t") else "–")
             out.append([label if r is base else "", impl, ms(r["ms"]), f"{r['tokens/s']:.0f}",
                         "1" if r is base else speedup(base, r),
-                        speedup(ao, r) if ao and r is not ao and r is not base else "–", cpu,
+                        speedup(ao, r) if ao and r is not ao and r is not base else "–",
+                        f"{ms(r['cpu_ms_1t'])}: {cpu(base, r)}" + (f" / {cpu(ao, r)}" if ao and r is not ao
+                                                                   and r is not base else "")
+                        if r.get("cpu_ms_1t") else "–",
                         "–" if r is base else f"{r['ppl change %']:+.3f} %",
                         "–" if r is base else f"{r['KL/token']:.1e}"])
     if not out:
         raise TableError(f"{res.stem}.json: no decoder model rows (impl '{DEC_FP32}')")
     model = next(r["case"].split(": ")[0] for r in res.rows("decoder") if r["impl"] == DEC_FP32)
     return (caption(res, "decoder", "python bench/run.py --kernels decoder")
-            + f" `{model}` (transformers `GPT2LMHeadModel` from a config, random weights); median ms per forward "
-            "pass; speed-ups are ratios of medians (1 thread = best single-thread CPU time per call); ppl change and "
-            "KL(fp32 ‖ variant) per token of the next-token distributions on held-out random tokens.\n\n"
-            + table(["case", "variant", "ms", "tokens/s", "vs fp32", "vs torch.ao", "vs fp32 (1 thread)",
+            + f" `{model}` (transformers `GPT2LMHeadModel` from a config, random weights); median wall ms per "
+            "forward pass, speed-ups are ratios of medians (each run's in brackets); 1 thread = best single-thread "
+            "CPU time per call, ms: speed-up vs fp32 / vs torch.ao; ppl change and KL(fp32 ‖ variant) per token of "
+            "the next-token distributions on held-out random tokens.\n\n"
+            + table(["case", "variant", "ms", "tokens/s", "vs fp32", "vs torch.ao", "1 thread",
                      "ppl change", "KL / token"], out, ["l", "l", "r", "r", "l", "l", "l", "r", "r"]))
 
 
