@@ -1,9 +1,11 @@
 """Benchmark: int8 CNN inference on the CPU, pycompress against the tools users pick instead.
 
 Models: ResNet-18, ResNet-50 and MobileNetV2 built by ``tests/cnn_models.py`` (torchvision's
-architectures layer for layer) and EfficientNet-Lite0 (``pycompress.demo.efficientnet`` when the
-package has it, else the definition below); random weights (seed 0) and random BatchNorm
-statistics, eval mode, 1000 classes, 3 x 224 x 224 inputs (``--quick``: ResNet-18 at 64 x 64).
+architectures layer for layer) with random weights (seed 0) and random BatchNorm statistics, and
+EfficientNet-Lite0: ``pycompress.demo.efficientnet``'s with its ImageNet weights where the package
+has that module and the weights package is installed, else the definition below with random
+weights; a row's ``weights`` says which. All in eval mode, 1000 classes, 3 x 224 x 224 inputs
+(``--quick``: ResNet-18 at 64 x 64).
 Implementations, each used as a new user would, with the process's threads (2 here):
 
 * ``torch fp32``: the model in ``channels_last`` memory format, channels-last inputs, no grad;
@@ -103,12 +105,17 @@ class _EfficientNetLite0(nn.Module):
 
 
 def efficientnet_lite0(seed=0, num_classes=1000):
+    """The package's EfficientNet-Lite0 with its ImageNet weights where ``pycompress.demo`` has it
+    and the weights package is installed (the accuracy figures then come from a trained network);
+    else the definition above with random weights."""
     try:
         from pycompress.demo.efficientnet import efficientnet_lite0 as make
-    except ImportError:
+
+        model = make(pretrained=True, num_classes=num_classes).eval()
+        model.bench_weights = "ImageNet"
+        return model
+    except ImportError:  # no such module, or its weights package (MissingDependencyError) is absent
         return cnn_models._build(_EfficientNetLite0, seed, num_classes=num_classes)
-    torch.manual_seed(seed)
-    return cnn_models.randomize_batchnorm(make(num_classes=num_classes), seed).eval()
 
 
 MODELS = {"ResNet-18": cnn_models.resnet18, "ResNet-50": cnn_models.resnet50,
@@ -346,7 +353,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
                 case = f"{name} B={batch} {side}x{side}"
                 for impl in fns:
                     row = {"kernel": KERNEL, "case": case, "impl": impl, **timed[impl], **extra[impl],
-                           "threads": torch.get_num_threads()}
+                           "weights": getattr(model, "bench_weights", "random"), "threads": torch.get_num_threads()}
                     rows.append(row)
                     rows.append({**row, "impl": f"{impl} {PER_CORE}", "ms": core[impl], "ms_min": core[impl],
                                  "repeats": 2 if quick else (5 if batch == 1 else 3), "threads": 1})

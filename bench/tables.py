@@ -624,7 +624,7 @@ def t_cnn_int8(results: list[Results], link_base: str = "") -> str:
         cells.append(pct(ours.get("conv MACs int8")) if ours else "–")
         out.append(cells)
     return (caption(res, "cnn_int8", "python bench/run.py --kernels cnn_int8")
-            + " Random weights, 3×224×224; median wall ms per forward pass (speed-up over torch fp32); pycompress "
+            + " 3×224×224; median wall ms per forward pass (speed-up over torch fp32); pycompress "
             "vs OpenVINO = OpenVINO ms / pycompress ms (each run's ratio in brackets); 1 thread = best CPU time "
             "per call of torch fp32 on one thread, ms, and the speed-up over it of ONNX Runtime / OpenVINO / "
             "pycompress on one thread; conv MACs int8 = share of the conv multiply-adds in pycompress int8 "
@@ -647,12 +647,13 @@ def t_cnn_int8_accuracy(results: list[Results], link_base: str = "") -> str:
             r = d.get(impl)
             if r is None:
                 continue
-            out.append([model if impl == INT8_TOOLS[1][0] else "", label, pct(r.get("top1 agree")),
+            name = model + (f" ({r['weights']} weights)" if r.get("weights", "random") != "random" else "")
+            out.append([name if impl == INT8_TOOLS[1][0] else "", label, pct(r.get("top1 agree")),
                         pct(r.get("top1 agree (confident)")), cos(r.get("cos")),
                         f"{r['prepare_s']:.1f}" if r.get("prepare_s") is not None else "–"])
     return (caption(res, "cnn_int8", "python bench/run.py --kernels cnn_int8")
             + " Against torch fp32 on 64 structured images (smooth colour fields, gradients, rectangles; "
-            "random weights): top-1 agreement over all images and over the half with the largest fp32 top-1 "
+            "random weights unless the model says otherwise): top-1 agreement over all images and over the half with the largest fp32 top-1 "
             "margin, mean cosine of the logit vectors; conversion time (export, calibration, compilation) in "
             "seconds.\n\n"
             + table(["model", "implementation", "top-1 agreement", "(confident half)", "logit cosine",
