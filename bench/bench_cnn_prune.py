@@ -12,10 +12,15 @@ call of each variant per round, median over the rounds):
 * ``Torch-Pruning 50%`` (when ``torch-pruning`` is installed): ``MagnitudePruner`` with
   ``MagnitudeImportance(p=2)``, ``pruning_ratio=0.5``, the classifier in ``ignored_layers``.
 
+Every variant also gets a ``[1 thread, CPU time]`` row: the best CPU time of one forward pass on
+one thread (``common.per_core_ms``), which other load on a shared machine barely moves, unlike
+the wall-clock medians of the 2-thread rows.
+
 Columns: ``GFLOP`` (multiply-adds x 2 of every conv and linear layer on this input, counted with
 forward hooks from the layer shapes), ``FLOP ratio``, ``params (M)``, ``param ratio`` (variant /
 dense) and, for pycompress, ``rel err``: the relative max difference between the compacted and the
-masked model's outputs.
+masked model's outputs, and ``same shapes as Torch-Pruning``: whether every conv, linear and
+BatchNorm layer has the shape of Torch-Pruning's result (then their latencies differ by noise only).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import time
 import torch
 
 import pycompress
-from common import rows_by_case
+from common import PER_CORE, per_core_ms, rows_by_case
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import cnn_models  # noqa: E402
@@ -72,6 +77,12 @@ def _torch_pruning(model, x):
     return model
 
 
+def _shapes(model) -> list[tuple]:
+    """The weight shapes of the conv, linear and BatchNorm layers, in module order."""
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d)
+    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, kinds)]
+
+
 def _interleaved(fns: dict, rounds: int) -> dict:
     with torch.no_grad():
         for fn in fns.values():
@@ -104,6 +115,7 @@ def run(device: str, quick: bool = False) -> list[dict]:
         if tp_model is not None:
             variants["Torch-Pruning 50%"] = tp_model
         timed = _interleaved({k: (lambda m=m: m(x)) for k, m in variants.items()}, rounds)
+        per_core = per_core_ms([(k, lambda m=m: m(x)) for k, m in variants.items()], repeats=2 if quick else 3)
         base_flops, base_params = _flops(dense, x), sum(p.numel() for p in dense.parameters())
         case = f"{name} B={batch} {side}x{side}"
         for impl, model in variants.items():
@@ -114,7 +126,11 @@ def run(device: str, quick: bool = False) -> list[dict]:
                    "threads": torch.get_num_threads()}
             if impl.startswith("pycompress"):
                 row["rel err"] = rel
+                if tp_model is not None:
+                    row["same shapes as Torch-Pruning"] = _shapes(small) == _shapes(tp_model)
             rows.append(row)
+            rows.append({**row, "impl": f"{impl} {PER_CORE}", "ms": per_core[impl], "ms_min": per_core[impl],
+                         "repeats": 2 if quick else 3, "threads": 1})
         del dense, masked, small, tp_model, variants
     return rows
 
@@ -123,14 +139,21 @@ def summarize(rows: list[dict]) -> list[str]:
     """Speed-up and parameter ratio of each pruned variant against dense, per model."""
     lines = []
     for case, d in rows_by_case(rows).items():
-        base = d.get("dense")
-        if base is None:
+        for suffix in ("", f" {PER_CORE}"):
+            lines += _summary_lines(case, d, suffix)
+    return lines
+
+
+def _summary_lines(case: str, d: dict, suffix: str) -> list[str]:
+    lines = []
+    base = d.get("dense" + suffix)
+    if base is None:
+        return lines
+    for impl, r in d.items():
+        if impl == "dense" + suffix or not impl.endswith(suffix) or (not suffix and impl.endswith(PER_CORE)):
             continue
-        for impl, r in d.items():
-            if impl == "dense":
-                continue
-            extra = f"; compacted vs masked rel err {r['rel err']:.1e}" if "rel err" in r else ""
-            lines.append(f"{case}: {impl}: {r['ms']:.1f} ms vs dense {base['ms']:.1f} ms = "
-                         f"{base['ms'] / r['ms']:.2f}x faster; params x{r['param ratio']:.3f}, "
-                         f"FLOP ratio {r['FLOP ratio']:.3f}{extra}")
+        extra = f"; compacted vs masked rel err {r['rel err']:.1e}" if "rel err" in r else ""
+        lines.append(f"{case}: {impl}: {r['ms']:.1f} ms vs dense {base['ms']:.1f} ms = "
+                     f"{base['ms'] / r['ms']:.2f}x faster; params x{r['param ratio']:.3f}, "
+                     f"FLOP ratio {r['FLOP ratio']:.3f}{extra}")
     return lines

@@ -28,6 +28,8 @@ tokens).
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import warnings
 
 import torch
@@ -36,19 +38,12 @@ import torch.nn.functional as F
 from common import per_core_ms, rows_by_case, time_fn
 
 import pycompress
-from pycompress.nn import conv1d
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from decoder_reference import linearized  # noqa: E402
 
 KERNEL = "decoder"
 V = 50257
-
-
-def _linearized(model):
-    out = copy.deepcopy(model)
-    for name, m in list(out.named_modules()):
-        if conv1d.is_conv1d(m):
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent), child, conv1d.to_linear(m, share_bias=False))
-    return out
 
 
 def _variants(model):
@@ -59,7 +54,7 @@ def _variants(model):
         yield f"pycompress {mode}", q
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ao = torch.ao.quantization.quantize_dynamic(_linearized(model), {torch.nn.Linear}, dtype=torch.qint8)
+        ao = torch.ao.quantization.quantize_dynamic(linearized(model), {torch.nn.Linear}, dtype=torch.qint8)
     yield "torch.ao dynamic int8", ao
 
 

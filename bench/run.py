@@ -12,6 +12,10 @@ memory layout and neighbours on a shared machine differ between processes), and 
 (case, impl) the row of the median run, with every run's median in ``ms_runs``; the printed table
 and the summary use those median rows.
 
+Per kernel the file records when it finished (``kernel_dates``), its threading variables
+(``kernel_env``) and the machine's 1-minute load average when it started and finished
+(``kernel_load``): on a shared machine the other load is part of the result.
+
 ``--check`` imports the selected benchmark modules and checks their entry points (``KERNEL``,
 ``run``) without running or writing anything (the GPU check's dry run uses it on the CPU).
 
@@ -95,7 +99,10 @@ def combine_runs(runs: list[list[dict]]) -> list[dict]:
             groups[key].append(r)
     out = []
     for key in order:
-        group = groups[key]
+        group = [r for r in groups[key] if r.get("ms") is not None]
+        if not group:  # a row without a timing (a step that failed): the first run's
+            out.append(groups[key][0])
+            continue
         ranked = sorted(group, key=lambda r: r["ms"])
         row = dict(ranked[(len(ranked) - 1) // 2])
         row["ms_runs"] = [r["ms"] for r in group]
@@ -210,6 +217,7 @@ def main(argv=None) -> int:
     failed = {}
     for k in kernels:
         mod = importlib.import_module(f"bench_{k}")
+        load_before = os.getloadavg()[0]
         try:
             rows = mod.run(args.device, args.quick) if args.runs == 1 else _run_in_processes(k, args, args.runs)
         except Exception as e:  # one failing benchmark must not discard the others' results
@@ -220,6 +228,8 @@ def main(argv=None) -> int:
         results.setdefault("kernel_dates", {})[k] = _dt.datetime.now(_dt.timezone.utc).isoformat(
             timespec="seconds")
         results.setdefault("kernel_env", {})[k] = meta["threading_env"]
+        # other load on the machine (1-minute load average) when the kernel started and finished
+        results.setdefault("kernel_load", {})[k] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         print(f"\n## {k}\n" + format_table(rows))
         if hasattr(mod, "summarize"):
             summary = mod.summarize(rows)
@@ -254,7 +264,7 @@ def main(argv=None) -> int:
     results["kernels"] = merged
     # when each kernel's rows were measured (meta["date"] is this run's start) and with which
     # threading variables
-    for key in ("kernel_dates", "kernel_env"):
+    for key in ("kernel_dates", "kernel_env", "kernel_load"):
         per_kernel = dict(prev.get(key, {})) if same_device else {}
         per_kernel.update(results.get(key, {}))
         results[key] = per_kernel

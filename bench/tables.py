@@ -86,6 +86,10 @@ class Results:
         """When ``kernel`` finished (ISO 8601), else when the run started."""
         return self.data.get("kernel_dates", {}).get(kernel) or self.meta.get("date", "")
 
+    def load(self, kernel: str) -> list | None:
+        """The 1-minute load average when ``kernel`` started and finished, where recorded."""
+        return self.data.get("kernel_load", {}).get(kernel)
+
     def env(self, kernel: str) -> dict:
         return self.data.get("kernel_env", {}).get(kernel, self.meta.get("threading_env", {})) or {}
 
@@ -204,8 +208,10 @@ def _env_note(env: dict) -> str:
 def caption(res: Results, kernel: str, command: str) -> str:
     n = res.runs(kernel)
     how = f"median of {n} fresh-process runs, each run's ratio range in brackets" if n > 1 else "one run"
+    load = res.load(kernel)
+    load_note = f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
     return (f"*{res.device()}, {_env_note(res.env(kernel))}; `{command}`, {how}; "
-            f"finished {_when(res.date(kernel))}; `bench/results/{res.stem}.json`.*")
+            f"finished {_when(res.date(kernel))}{load_note}; `bench/results/{res.stem}.json`.*")
 
 
 def table(header: list[str], rows: list[list[str]], align: list[str] | None = None) -> str:
@@ -416,6 +422,242 @@ def t_compact(results: list[Results], link_base: str = "") -> str:
             + f" `{dense['case']}`: one forward pass, median ms.\n\n"
             + table(["variant", "ms", "GFLOP", "FLOP ratio", "speed-up", "params (M)"], out,
                     ["l", "r", "r", "r", "r", "r"]))
+
+
+def _by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault(r["case"], {})[r["impl"]] = r
+    return by
+
+
+def _sci(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1e}"
+
+
+# the targets of channel pruning + compact at 50% (docs/pruning.md)
+PRUNE_TARGETS = (("exact", "rel. error ≤ 1e-5"), ("params", "params ≤ 0.6×"), ("speed", "≥ 1.6× dense"),
+                 ("peer", "≥ 1× Torch-Pruning"))
+
+
+def _prune_targets(dense: dict, ours: dict, tp: dict | None) -> str:
+    met = {"exact": ours.get("rel err") is not None and ours["rel err"] <= 1e-5,
+           "params": ours["param ratio"] <= 0.6,
+           "speed": dense["ms"] / ours["ms"] >= 1.6,
+           "peer": None if tp is None else tp["ms"] / ours["ms"] >= 1.0}
+    missed = [label for key, label in PRUNE_TARGETS if met[key] is False]
+    held = sum(1 for v in met.values() if v)
+    return f"{held}/{sum(1 for v in met.values() if v is not None)}" + (f" (missed: {', '.join(missed)})"
+                                                                         if missed else "")
+
+
+def t_cnn_prune(results: list[Results], link_base: str = "") -> str:
+    """CNN channel pruning + ``compact`` at 50% against dense and Torch-Pruning, same run."""
+    res = _one("cnn-prune", results)
+    out, first_case = [], None
+    for case, d in _by_case(res.rows("cnn_prune")).items():
+        dense = d.get("dense")
+        if dense is None:
+            raise TableError(f"{res.stem}.json: no 'cnn_prune' row with case '{case}' and impl 'dense'")
+        first_case = first_case or case
+        tp_impl = next((i for i in d if i.startswith("Torch-Pruning") and not i.endswith(PER_CORE)), None)
+        tp = d.get(tp_impl) if tp_impl else None
+        core = {i: d.get(f"{i} {PER_CORE}") for i in d}
+        model = case.split(" B=")[0]
+        for impl, r in d.items():
+            if impl.endswith(PER_CORE):
+                continue
+            ours = impl.startswith("pycompress")
+            c, cd = core[impl], core["dense"]
+            ctp = core.get(tp_impl) if tp_impl else None
+            one = "–" if c is None else ms(c["ms"]) + ("" if r is dense or cd is None else f" ({x(cd['ms'] / c['ms'])}"
+                                                       + (f", {x(ctp['ms'] / c['ms'])} TP)" if ours and ctp else ")"))
+            targets = ""
+            if ours:
+                targets = "wall: " + _prune_targets(dense, r, tp)
+                if c is not None and cd is not None:
+                    targets += "; 1 thread: " + _prune_targets(cd, {**c, "rel err": r.get("rel err")}, ctp)
+                same = r.get("same shapes as Torch-Pruning")
+                if same is not None:
+                    targets += "; " + ("layer shapes = Torch-Pruning's" if same else "layer shapes ≠ Torch-Pruning's")
+            out.append([model if r is dense else "", impl, ms(r["ms"]),
+                        "1" if r is dense else speedup(dense, r),
+                        speedup(tp, r) if ours and tp else "–", one,
+                        f"{r['params (M)']:.2f} ({r['param ratio']:.3f})", f"{r['GFLOP']:.2f} ({r['FLOP ratio']:.3f})",
+                        _sci(r.get("rel err")) if ours else "–", targets])
+    shape = first_case.split(" ", 1)[1] if first_case and " " in first_case else ""
+    return (caption(res, "cnn_prune", "python bench/run.py --kernels cnn_prune")
+            + f" `{shape}`, one forward pass: median wall ms with the process's threads, speed-up = dense ms / "
+            "variant ms (vs Torch-Pruning: its ms / pycompress's), each run's ratio in brackets; 1 thread = best "
+            "CPU time of one thread, ms (speed-up vs dense, vs Torch-Pruning); params in millions and GFLOP with "
+            "the ratio to dense in brackets; rel. error = max |compacted − masked| / max |masked| of the logits; "
+            "targets: " + ", ".join(label for _, label in PRUNE_TARGETS) + ".\n\n"
+            + table(["model", "variant", "ms", "vs dense", "vs Torch-Pruning", "1 thread", "params (M)", "GFLOP",
+                     "rel. error", "targets held"], out, ["l", "l", "r", "l", "l", "l", "r", "r", "r", "l"]))
+
+
+def t_zoo_prune(results: list[Results], link_base: str = "") -> str:
+    """The prunability table: torchvision / timm CNNs through channel pruning (50%) and ``compact``."""
+    res = _one("zoo-prune", results)
+    out = []
+    for case, d in _by_case(res.rows("zoo_prune")).items():
+        dense = d.get("dense")
+        ours = next((r for i, r in d.items() if i != "dense"), None)
+        if ours is None:
+            raise TableError(f"{res.stem}.json: no pruned 'zoo_prune' row for '{case}'")
+        model = f"{case} (`{ours.get('model', '')}`)"
+        if ours.get("status") != "ok":
+            out.append([model, f"**{ours.get('status', 'failed')}**: `{ours.get('error', '')[:300]}`"]
+                       + ["–"] * 6)
+            continue
+        kept = list(ours.get("kept_reasons", [])) + [f"compact: {r}" for r in ours.get("compact_reasons", [])]
+        out.append([model,
+                    f"{ours['groups_pruned']} / {ours['groups']} groups, {ours['channels_pruned']} / "
+                    f"{ours['channels']} channels",
+                    _sci(ours.get("rel err")), f"{ours['param ratio']:.3f}", f"{ours['MAC ratio']:.3f}",
+                    f"{ms(dense['ms'])} → {ms(ours['ms'])}" if dense else ms(ours["ms"]),
+                    speedup(dense, ours) if dense else "–",
+                    "; ".join(kept).replace("|", "\\|") or "–"])
+    m = res.meta
+    libs = ", ".join(f"{k} {m[k]}" for k in ("torchvision", "timm") if m.get(k))
+    batch = next((r.get("batch") for r in res.rows("zoo_prune") if r.get("batch")), None)
+    return (caption(res, "zoo_prune", "python bench/zoo_prune.py") + f" {libs}; random weights, "
+            f"`prune_channels(model, 0.5, scope=\"layer\", method=\"magnitude_l2\")` + `compact`; "
+            f"latency of one forward pass at batch {batch} × 3×224×224, median ms, dense → compacted; rel. "
+            "error = max |compacted − masked| / max |masked| of the logits; params and MACs as ratios to dense; "
+            "last column: why channels were kept (× number of dependency groups or layers).\n\n"
+            + table(["architecture", "pruned", "rel. error", "params", "MACs", "ms", "speed-up",
+                     "channels kept because"], out, ["l", "l", "r", "r", "r", "r", "l", "l"]))
+
+
+DEC_FP32, DEC_AO = "fp32", "torch.ao dynamic int8"
+
+
+def t_decoder(results: list[Results], link_base: str = "") -> str:
+    """A GPT-2-small-sized decoder: pycompress w8a8 / w8a16 against fp32 and torch.ao dynamic int8."""
+    res = _one("decoder", results)
+    out = []
+    for case, d in _by_case(res.rows("decoder")).items():
+        base = d.get(DEC_FP32)
+        if base is None:
+            continue  # the KD rows: table kind decoder-kd
+        ao = d.get(DEC_AO)
+        label = case.split(": ", 1)[-1]
+        def cpu(a, b):
+            return x(a["cpu_ms_1t"] / b["cpu_ms_1t"]) if a and a.get("cpu_ms_1t") and b.get("cpu_ms_1t") else "–"
+
+        for impl, r in d.items():
+            out.append([label if r is base else "", impl, ms(r["ms"]), f"{r['tokens/s']:.0f}",
+                        "1" if r is base else speedup(base, r),
+                        speedup(ao, r) if ao and r is not ao and r is not base else "–",
+                        f"{ms(r['cpu_ms_1t'])}: {cpu(base, r)}" + (f" / {cpu(ao, r)}" if ao and r is not ao
+                                                                   and r is not base else "")
+                        if r.get("cpu_ms_1t") else "–",
+                        "–" if r is base else f"{r['ppl change %']:+.3f} %",
+                        "–" if r is base else f"{r['KL/token']:.1e}"])
+    if not out:
+        raise TableError(f"{res.stem}.json: no decoder model rows (impl '{DEC_FP32}')")
+    model = next(r["case"].split(": ")[0] for r in res.rows("decoder") if r["impl"] == DEC_FP32)
+    return (caption(res, "decoder", "python bench/run.py --kernels decoder")
+            + f" `{model}` (transformers `GPT2LMHeadModel` from a config, random weights); median wall ms per "
+            "forward pass, speed-ups are ratios of medians (each run's in brackets); 1 thread = best single-thread "
+            "CPU time per call, ms: speed-up vs fp32 / vs torch.ao; ppl change and KL(fp32 ‖ variant) per token of "
+            "the next-token distributions on held-out random tokens.\n\n"
+            + table(["case", "variant", "ms", "tokens/s", "vs fp32", "vs torch.ao", "1 thread",
+                     "ppl change", "KL / token"], out, ["l", "l", "r", "r", "l", "l", "l", "r", "r"]))
+
+
+def t_decoder_kd(results: list[Results], link_base: str = "") -> str:
+    """The KD loss at GPT-2's vocabulary, forward + backward, against eager and torch.compile."""
+    res = _one("decoder-kd", results)
+    out = []
+    for case, d in _by_case(res.rows("decoder")).items():
+        if "torch eager" not in d:
+            continue
+        e, c, o = d["torch eager"], d.get("torch.compile"), d.get("pycompress")
+        if o is None:
+            raise TableError(f"{res.stem}.json: no 'decoder' row with case '{case}' and impl 'pycompress'")
+        out.append([case.replace("KD loss fwd+bwd ", ""), ms(e["ms"]), ms(c["ms"]) if c else "–", ms(o["ms"]),
+                    speedup(e, o), speedup(c, o) if c else "–"])
+    if not out:
+        raise TableError(f"{res.stem}.json: no decoder KD rows (impl 'torch eager')")
+    return (caption(res, "decoder", "python bench/run.py --kernels decoder")
+            + " `KDLoss`-style loss (T = 2, batchmean), forward + backward, fp32 logits; median ms.\n\n"
+            + table(["tokens × V", "eager", "torch.compile", "pycompress", "vs eager", "vs torch.compile"], out,
+                    ["l", "r", "r", "r", "l", "l"]))
+
+
+INT8_TOOLS = (("torch fp32", "torch fp32"), ("ONNX Runtime int8", "ONNX Runtime int8 (static QDQ)"),
+              ("OpenVINO int8", "OpenVINO int8 (NNCF)"), ("pycompress", "pycompress `quantize`"))
+
+
+def _cnn_int8_cases(res: Results) -> dict[str, dict[str, dict]]:
+    cases = _by_case(res.rows("cnn_int8"))
+    if not cases:
+        raise TableError(f"{res.stem}.json: no 'cnn_int8' rows")
+    return cases
+
+
+def t_cnn_int8(results: list[Results], link_base: str = "") -> str:
+    """Int8 CNN latency: torch fp32, ONNX Runtime int8, OpenVINO int8 and pycompress, batch 1 and 8."""
+    res = _one("cnn-int8", results)
+    out = []
+    for case, d in _cnn_int8_cases(res).items():
+        base = d.get("torch fp32")
+        ov = d.get("OpenVINO int8")
+        model, _, rest = case.partition(" B=")
+        cells = [model, rest.split()[0]]
+        for impl, _ in INT8_TOOLS:
+            r = d.get(impl)
+            if r is None:
+                cells.append("–")
+            elif r is base:
+                cells.append(ms(r["ms"]))
+            else:
+                cells.append(f"{ms(r['ms'])} ({speedup(base, r, ranged=False)})" if base else ms(r["ms"]))
+        ours = d.get("pycompress")
+        cells.append(speedup(ov, ours) if ov and ours else "–")
+        core = {impl: d.get(f"{impl} {PER_CORE}") for impl, _ in INT8_TOOLS}
+        cb = core["torch fp32"]
+        cells.append("–" if cb is None else ms(cb["ms"]) + " / " + " / ".join(
+            "–" if core[impl] is None else x(cb["ms"] / core[impl]["ms"]) for impl, _ in INT8_TOOLS[1:]))
+        cells.append(pct(ours.get("conv MACs int8")) if ours else "–")
+        out.append(cells)
+    return (caption(res, "cnn_int8", "python bench/run.py --kernels cnn_int8")
+            + " 3×224×224; median wall ms per forward pass (speed-up over torch fp32); pycompress "
+            "vs OpenVINO = OpenVINO ms / pycompress ms (each run's ratio in brackets); 1 thread = best CPU time "
+            "per call of torch fp32 on one thread, ms, and the speed-up over it of ONNX Runtime / OpenVINO / "
+            "pycompress on one thread; conv MACs int8 = share of the conv multiply-adds in pycompress int8 "
+            "layers.\n\n"
+            + table(["model", "batch"] + [label for _, label in INT8_TOOLS] + [
+                "pycompress vs OpenVINO", "1 thread: fp32 ms / ORT / OpenVINO / pycompress", "conv MACs int8"],
+                    out, ["l", "r", "r", "r", "r", "r", "l", "l", "r"]))
+
+
+def t_cnn_int8_accuracy(results: list[Results], link_base: str = "") -> str:
+    """Int8 CNN accuracy against torch fp32: top-1 agreement and logit cosine of every tool."""
+    res = _one("cnn-int8-accuracy", results)
+    out, seen = [], set()
+    for case, d in _cnn_int8_cases(res).items():
+        model = case.split(" B=")[0]
+        if model in seen:
+            continue
+        seen.add(model)
+        for impl, label in INT8_TOOLS[1:]:
+            r = d.get(impl)
+            if r is None:
+                continue
+            name = model + (f" ({r['weights']} weights)" if r.get("weights", "random") != "random" else "")
+            out.append([name if impl == INT8_TOOLS[1][0] else "", label, pct(r.get("top1 agree")),
+                        pct(r.get("top1 agree (confident)")), cos(r.get("cos")),
+                        f"{r['prepare_s']:.1f}" if r.get("prepare_s") is not None else "–"])
+    return (caption(res, "cnn_int8", "python bench/run.py --kernels cnn_int8")
+            + " Against torch fp32 on 64 structured images (smooth colour fields, gradients, rectangles; "
+            "random weights unless the model says otherwise): top-1 agreement over all images and over the half with the largest fp32 top-1 "
+            "margin, mean cosine of the logit vectors; conversion time (export, calibration, compilation) in "
+            "seconds.\n\n"
+            + table(["model", "implementation", "top-1 agreement", "(confident half)", "logit cosine",
+                     "conversion s"], out, ["l", "l", "r", "r", "r", "r"]))
 
 
 ONNX_MODELS = {"encoder-6x384 b64x16": "6 × 384 (FFN 1536)", "bert-base b64x16": "BERT-base (12 × 768)"}
@@ -676,6 +918,12 @@ KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "prune-accuracy": t_prune_accuracy,
     "int8-conv": t_int8_conv,
     "onnx-sentences": __import__("runpy").run_path(os.path.join(ROOT, "bench", "bench_onnx.py"))["t_sentences"],
+    "cnn-prune": t_cnn_prune,
+    "zoo-prune": t_zoo_prune,
+    "decoder": t_decoder,
+    "decoder-kd": t_decoder_kd,
+    "cnn-int8": t_cnn_int8,
+    "cnn-int8-accuracy": t_cnn_int8_accuracy,
 }
 
 

@@ -196,3 +196,67 @@ def test_summary_links_are_relative_to_the_page(tmp_path):
     _write(tmp_path)
     assert "](docs/sparse.md)" in tables.render("summary@testbox", str(tmp_path), "")
     assert "](sparse.md)" in tables.render("summary@testbox", str(tmp_path), "docs")
+
+
+# ---------------------------------------------------------------------------------------------
+# the CNN pruning tables: the targets column and the prunability table's failures
+
+
+def _cnn_prune_rows(ours_ms=(10.0, 4.0), tp_ms=(11.0, 4.5), rel=2e-7, ratio=0.26):
+    rows = []
+    for impl, runs, extra in (("dense", [20.0, 22.0, 21.0], {"param ratio": 1.0, "FLOP ratio": 1.0}),
+                              ("pycompress 50% compact", [ours_ms[0]] * 3, {"param ratio": ratio, "FLOP ratio": 0.27,
+                                                                            "rel err": rel}),
+                              ("Torch-Pruning 50%", [tp_ms[0]] * 3, {"param ratio": ratio, "FLOP ratio": 0.27})):
+        row = {"kernel": "cnn_prune", "case": "ResNet-18 B=8 224x224", "impl": impl, "ms": sorted(runs)[1],
+               "ms_runs": runs, "params (M)": 11.7 * extra["param ratio"], "GFLOP": 29.0 * extra["FLOP ratio"],
+               **extra}
+        rows.append(row)
+    core = {"dense": 12.0, "pycompress 50% compact": ours_ms[1], "Torch-Pruning 50%": tp_ms[1]}
+    rows += [{**r, "impl": f"{r['impl']} {tables.PER_CORE}", "ms": core[r["impl"]], "ms_runs": None}
+             for r in list(rows)]
+    return rows
+
+
+def _write_kernel(results_dir, kernel, rows, stem="testbox", **meta):
+    data = {"meta": {"device": "Test CPU", "device_type": "cpu", "torch": "2.13.0+cpu", "cpu_isa": "avx2",
+                     "threads": 2, "date": "2026-12-01T10:00:00+00:00", **meta},
+            "kernels": {kernel: rows}, "kernel_dates": {kernel: "2026-12-01T10:05:00+00:00"},
+            "kernel_load": {kernel: [0.5, 3.25]}}
+    os.makedirs(results_dir, exist_ok=True)
+    with open(os.path.join(results_dir, stem + ".json"), "w") as f:
+        json.dump(data, f)
+
+
+def test_cnn_prune_table_judges_the_targets_on_both_timings(tmp_path):
+    _write_kernel(tmp_path, "cnn_prune", _cnn_prune_rows())
+    out = tables.render("cnn-prune@testbox", str(tmp_path))
+    assert "load average 0.5 at the start, 3.2 at the end" in out
+    # wall: 21 / 10 = 2.10x dense, 11 / 10 = 1.10x Torch-Pruning; 1 thread: 3.00x, 1.12x
+    assert ("| pycompress 50% compact | 10.0 | 2.10× (2.00–2.20) | 1.10× (1.10–1.10) | 4.00 (3.00×, 1.12× TP) | 3.04 (0.260) "
+            "| 7.83 (0.270) | 2.0e-07 | wall: 4/4; 1 thread: 4/4 |") in out
+    assert "Torch-Pruning's" not in out.split("targets held")[1]  # no shape comparison recorded
+    rows = _cnn_prune_rows(ours_ms=(15.0, 5.0), rel=3e-5, ratio=0.7)
+    rows[1]["same shapes as Torch-Pruning"] = False
+    _write_kernel(tmp_path, "cnn_prune", rows)
+    out = tables.render("cnn-prune@testbox", str(tmp_path))
+    assert ("wall: 0/4 (missed: rel. error ≤ 1e-5, params ≤ 0.6×, ≥ 1.6× dense, ≥ 1× Torch-Pruning); "
+            "1 thread: 1/4 (missed: rel. error ≤ 1e-5, params ≤ 0.6×, ≥ 1× Torch-Pruning); "
+            "layer shapes ≠ Torch-Pruning's |") in out
+
+
+def test_zoo_prune_table_shows_failures_and_reasons(tmp_path):
+    base = {"kernel": "zoo_prune", "batch": 8}
+    rows = [{**base, "case": "Net-A", "impl": "dense", "model": "torchvision.a", "ms": 8.0},
+            {**base, "case": "Net-A", "impl": "pycompress 50% compact", "model": "torchvision.a", "status": "ok",
+             "ms": 4.0, "groups": 10, "groups_pruned": 8, "channels": 100, "channels_pruned": 40, "rel err": 1e-7,
+             "param ratio": 0.3, "MAC ratio": 0.28, "kept_reasons": ["model input (×1)", "a | b (×2)"],
+             "compact_reasons": []},
+            {**base, "case": "Net-B", "impl": "pycompress 50% compact", "model": "timm.b", "status": "prune failed",
+             "error": "ValueError: cannot trace"}]
+    _write_kernel(tmp_path, "zoo_prune", rows, torchvision="0.29.1", timm="1.0.31")
+    out = tables.render("zoo-prune@testbox", str(tmp_path))
+    assert "torchvision 0.29.1, timm 1.0.31" in out and "batch 8" in out
+    assert ("| Net-A (`torchvision.a`) | 8 / 10 groups, 40 / 100 channels | 1.0e-07 | 0.300 | 0.280 | 8.00 → 4.00 "
+            "| 2.00× | model input (×1); a \\| b (×2) |") in out
+    assert "| Net-B (`timm.b`) | **prune failed**: `ValueError: cannot trace` |" in out

@@ -16,6 +16,7 @@ from torch import nn
 import pycompress
 from pycompress.nn import conv1d
 from _pylayer_models import HAS_INT8
+from decoder_reference import linearized
 
 transformers = pytest.importorskip("transformers")
 needs_int8 = pytest.mark.skipif(not HAS_INT8, reason="this build has no pycompress.nn.Int8Linear")
@@ -154,16 +155,6 @@ def test_quantize_lists_layers_it_cannot_convert():
 
 
 # --------------------------------------------------------------------------- prune / compact
-def linearized(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every Conv1D replaced by the equal nn.Linear."""
-    out = copy.deepcopy(model)
-    for name, m in list(out.named_modules()):
-        if conv1d.is_conv1d(m):
-            parent, _, child = name.rpartition(".")
-            setattr(out.get_submodule(parent), child, conv1d.to_linear(m, share_bias=False))
-    return out
-
-
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "channel"])
 @pytest.mark.parametrize("method", ["magnitude", "activation", "mixed"])
 def test_prune_gpt2_conv1d_as_the_equal_linear_model(pattern, method):
