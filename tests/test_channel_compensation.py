@@ -11,24 +11,15 @@ from torch import nn
 import cnn_models as cm
 import pycompress
 from pycompress.pruning.channels import prune_channels
+from test_cnn_prune import _assert_unchanged as _assert_state_unchanged, _snapshot
 
 
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def _snapshot(model):
-    return ([(n, type(m)) for n, m in model.named_modules()],
-            {k: v.detach().clone() for k, v in model.state_dict().items()})
-
-
 def _assert_unchanged(model, snap):
-    types, state = snap
-    assert [(n, type(m)) for n, m in model.named_modules()] == types
-    now = model.state_dict()
-    assert set(now) == set(state)
-    for k, v in state.items():
-        assert torch.equal(now[k], v), k
+    _assert_state_unchanged(model, snap)
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
 

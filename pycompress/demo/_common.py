@@ -102,6 +102,12 @@ def markdown_table(rows: list[dict]) -> list[str]:
     return md
 
 
+def notes_and_plot(rows: list[dict]) -> list[str]:
+    """The report's closing markdown lines: each row's note, then the plot."""
+    return [f"- **{r['model']}**: {r['note']}" for r in rows if r.get("note")] + [
+        "", "![accuracy vs size and latency](compare.png)"]
+
+
 def write_plot(rows: list[dict], out: str) -> str:
     """The accuracy vs size / latency plot of :func:`pycompress.compare` (``compare.png`` in
     ``out``), from the rows' stored evaluation reports. Returns the file name."""

@@ -144,12 +144,7 @@ def render_markdown(report: dict) -> str:
               "latency here is mostly per-call overhead; `pycompress bench` measures the "
               "kernels at realistic sizes.")
     md.append("")
-    for r in rows:
-        if r.get("note"):
-            md.append(f"- **{r['model']}**: {r['note']}")
-    md.append("")
-    md.append("![accuracy vs size and latency](compare.png)")
-    return "\n".join(md) + "\n"
+    return "\n".join(md + _common.notes_and_plot(rows)) + "\n"
 
 
 def _layer_kinds(model: nn.Module) -> str:

@@ -304,7 +304,7 @@ def _int8_note(info: dict) -> str:
     kinds = " + ".join(f"{n} {k}" for k, n in info["int8_layers"].items()) or "no layer"
     how = ("static activation scales from calibration images" if info["calibrated"] else
            "activations quantized at run time (this pycompress.quantize takes no calibration_data)")
-    return (f"pycompress.quantize(mode='w8a8'): {kinds} in int8 ({100 * info['int8_macs_share']:.2g}% of the "
+    return (f"pycompress.quantize(mode='w8a8'): {kinds} in int8 ({100 * info['int8_macs_share']:.1f}% of the "
             f"multiply-adds), {info['float_convs']} Conv2d left in float; {how}")
 
 
@@ -375,12 +375,7 @@ def render_markdown(report: dict) -> str:
               f"{cfg['batch']}; compression = reference bytes / bytes; speed-up = reference latency / "
               "latency.")
     md.append("")
-    for r in rows:
-        if r.get("note"):
-            md.append(f"- **{r['model']}**: {r['note']}")
-    md.append("")
-    md.append("![accuracy vs size and latency](compare.png)")
-    return "\n".join(md) + "\n"
+    return "\n".join(md + _common.notes_and_plot(rows)) + "\n"
 
 
 # --------------------------------------------------------------------------- the scenario
