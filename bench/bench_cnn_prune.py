@@ -88,8 +88,11 @@ def _interleaved(fns: dict, rounds: int) -> dict:
         for fn in fns.values():
             fn()
         times = {k: [] for k in fns}
-        for _ in range(rounds):
-            for k, fn in fns.items():
+        order = list(fns)
+        for i in range(rounds):
+            # each variant is timed in every position of the round in turn (caches, allocator)
+            for k in order[i % len(order):] + order[:i % len(order)]:
+                fn = fns[k]
                 t = time.perf_counter()
                 fn()
                 times[k].append((time.perf_counter() - t) * 1e3)
