@@ -19,3 +19,19 @@
 #define PYC_TARGET_AVX512VNNI
 #define PYC_TARGET_AMX
 #endif
+
+#if PYC_HAVE_X86_SIMD
+// 8 fp32 lanes -> 8 bf16 values (low 128 bits), rounded to nearest even; a NaN stays a
+// quiet NaN (the rounding add must not carry it into infinity).
+PYC_TARGET_AVX2 inline __m128i pyc_cvt_f32_bf16_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i hi = _mm256_srli_epi32(u, 16);
+  const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  const __m256i absu = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(absu, _mm256_set1_epi32(0x7f800000));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8));
+}
+#endif
