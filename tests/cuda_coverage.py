@@ -28,6 +28,7 @@ MODULE_PATHS: dict[str, tuple[str, ...]] = {
     "nn.MaskedLinear": ("MaskedLinear",),
     "nn.MaskedConv2d": ("MaskedConv2d",),
     "nn.Int8Conv2d": ("Int8Conv2d",),
+    "nn.Int8MaxPool2d": ("Int8MaxPool2d",),
     "nn.KDLoss": ("KDLoss",),
     "ops.kd_kl_div": ("kd_kl_div",),
 }

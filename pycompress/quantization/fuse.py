@@ -17,8 +17,9 @@ modules in place), so every rewrite must be expressible as a module swap:
   would return it;
 * a conv's output can stay uint8 when every path from it ends at the input of another converted
   conv, through modules that are exact on uint8 tensors only: ``nn.Identity``, ``nn.MaxPool2d``
-  (a maximum commutes with the monotonic quantization; used only where torch's ``max_pool2d``
-  takes uint8 on the model's device) and ``nn.ReLU`` when the zero point is 0 (then every uint8
+  (a maximum commutes with the monotonic quantization; such a pool becomes
+  :class:`pycompress.nn.Int8MaxPool2d`, which pools uint8 maps with the pycompress kernel, where
+  that kernel runs on the model's device) and ``nn.ReLU`` when the zero point is 0 (then every uint8
   value stands for a real value >= 0). Residual additions, concatenations, pooling by averages,
   flattening and model outputs all need float values.
 
@@ -73,6 +74,7 @@ class Chain:
     producer: str
     consumers: list[str]
     needs_zero_zp: bool = False
+    pools: list[str] = field(default_factory=list)  # nn.MaxPool2d modules on the way (uint8 pooling)
 
 
 @dataclass
@@ -98,17 +100,21 @@ class _Tracer(torch.fx.Tracer):
 
 
 def maxpool_takes_uint8(pool: nn.MaxPool2d, device: torch.device) -> bool:
-    """Whether torch's max pooling with ``pool``'s settings accepts a uint8 channels-last tensor of
-    a realistic size on ``device`` and computes what it computes in float (some torch versions
-    refuse uint8, or channels-last uint8 maps of more than 255 values per image)."""
+    """Whether ``pool`` can pool uint8 channels-last maps on ``device`` as
+    :class:`pycompress.nn.Int8MaxPool2d` (its kernel runs there and gives what max pooling of the
+    float values gives; ``return_indices`` pools cannot)."""
+    from pycompress.nn.int8_pool import Int8MaxPool2d
+
+    if pool.return_indices:
+        return False
     try:
+        q = Int8MaxPool2d.from_float(pool).to(device)
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (2, 64, 40, 40), generator=g, dtype=torch.uint8).to(device)
         x = x.contiguous(memory_format=torch.channels_last)
-        got = torch.nn.functional.max_pool2d(x, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                                             pool.ceil_mode)
-        want = torch.nn.functional.max_pool2d(x.float(), pool.kernel_size, pool.stride, pool.padding,
-                                              pool.dilation, pool.ceil_mode)
+        got = q(x)
+        want = torch.nn.functional.max_pool2d(x.float(), pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                              pool.ceil_mode)
         return got.dtype == torch.uint8 and torch.equal(got.float(), want)
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
@@ -234,6 +240,7 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
     dev = device if device is not None else torch.device("cpu")
     for name, end in ends.items():
         consumers: list[str] = []
+        pools: list[str] = []
         needs_zero_zp = False
         ok = True
         stack, seen = [end], set()
@@ -261,6 +268,7 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                     if not pools_ok[u.target]:
                         ok = False
                         break
+                    pools.append(u.target)
                     stack.append(u)
                 elif type(m) is nn.ReLU:
                     needs_zero_zp = True
@@ -269,7 +277,8 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                     ok = False
                     break
         if ok and consumers:
-            plan.chains[name] = Chain(producer=name, consumers=sorted(set(consumers)), needs_zero_zp=needs_zero_zp)
+            plan.chains[name] = Chain(producer=name, consumers=sorted(set(consumers)), needs_zero_zp=needs_zero_zp,
+                                      pools=sorted(set(pools)))
     return plan
 
 

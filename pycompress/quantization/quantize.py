@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
 from pycompress.nn.int8_conv import Int8Conv2d, activation_function, conv_padding
+from pycompress.nn.int8_pool import Int8MaxPool2d
 from pycompress.quantization import fuse, observers
 
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
@@ -73,6 +74,8 @@ class QuantizationResult:
         identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations).
         uint8_edges: ``(producer, consumer)`` pairs of convs between which the activations stay
             uint8.
+        pools: the ``nn.MaxPool2d`` modules on those uint8 edges, now
+            :class:`~pycompress.nn.Int8MaxPool2d` (they pool the uint8 maps).
         feeds: conv -> the converted convs its output reaches (directly or through other
             operations); a conv whose output stays channels-last relies on them.
         static: convs with static (calibrated) input quantization; the others quantize each image
@@ -95,6 +98,7 @@ class QuantizationResult:
     fused: dict[str, dict] = field(default_factory=dict)
     identities: list[str] = field(default_factory=list)
     uint8_edges: list[tuple[str, str]] = field(default_factory=list)
+    pools: list[str] = field(default_factory=list)
     feeds: dict[str, list[str]] = field(default_factory=dict)
     static: list[str] = field(default_factory=list)
     bias_corrected: list[str] = field(default_factory=list)
@@ -118,7 +122,7 @@ class QuantizationResult:
         return {"mode": self.mode, "converted": list(self.converted), "skipped": dict(self.skipped),
                 "convs": list(self.convs), "folded": dict(self.folded),
                 "fused": {k: dict(v) for k, v in self.fused.items()}, "identities": list(self.identities),
-                "uint8_edges": [list(e) for e in self.uint8_edges],
+                "uint8_edges": [list(e) for e in self.uint8_edges], "pools": list(self.pools),
                 "feeds": {k: list(v) for k, v in self.feeds.items()}, "static": list(self.static),
                 "bias_corrected": list(self.bias_corrected), "observer": self.observer, "traced": self.traced,
                 "conv_macs": dict(self.conv_macs), "int8_mac_fraction": self.int8_mac_fraction,
@@ -421,6 +425,12 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
     for n, chain in chains.items():
         for c in chain.consumers:
             result.uint8_edges.append((n, c))
+        for p in chain.pools:
+            if p not in replacements:
+                pool = Int8MaxPool2d.from_float(modules[p])
+                pool.train(modules[p].training)
+                replacements[p] = pool
+                result.pools.append(p)
     result.feeds = {n: sorted(plan.feeds.get(n, ())) for n in sources if plan.feeds.get(n)}
     return replacements
 
