@@ -8,6 +8,7 @@ from torch import nn
 
 from pycompress.nn.int8_conv import Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear
+from pycompress.nn.int8_mha import Int8MultiheadAttention
 from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.semi_sparse_linear import SemiSparseLinear
@@ -20,7 +21,7 @@ COMPACTED_ATTR = "_pycompress_compacted"
 
 
 # The built-in layers with config() / from_config(), in the order reports list them.
-_BUILTIN_LAYERS: tuple[type, ...] = (Int8Linear, Int8Conv2d, MaskedLinear, MaskedConv2d, SparseLinear, SemiSparseLinear)
+_BUILTIN_LAYERS: tuple[type, ...] = (Int8Linear, Int8Conv2d, Int8MultiheadAttention, MaskedLinear, MaskedConv2d, SparseLinear, SemiSparseLinear)
 
 
 def pycompress_layer_classes() -> dict[str, type]:
