@@ -100,7 +100,7 @@ def one(name: str, batch: int, mode: str) -> dict:
     h2.remove()
     cos = _cos_rows(out, ref)
     fcos = _cos_rows(feats["q"], feats["ref"])
-    rep = pycompress.validate(q, model, [x])
+    rep = pycompress.validate(model, q, [x])
     worst = min(rep.layers.items(), key=lambda kv: kv[1].cosine)
     return {
         "case": name, "model": f"{lib}.{ctor}", "mode": mode, "batch": batch,
