@@ -540,3 +540,45 @@ def test_torch_compile():
     with torch.no_grad():
         for kw in ({"need_weights": False}, {"key_padding_mask": kpm}):
             torch.testing.assert_close(compiled(x, x, x, **kw)[0], qm(x, x, x, **kw)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_transformer_decoder_cross_attention_on_memory():
+    torch.manual_seed(0)
+    dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, H, 64, dropout=0.0, batch_first=True), 2).eval()
+    q, res = pycompress.quantize(copy.deepcopy(dec), return_result=True)
+    assert {"layers.0.self_attn", "layers.0.multihead_attn", "layers.1.multihead_attn"} <= set(res.converted)
+    tgt, mem = torch.randn(2, 5, E), torch.randn(2, 8, E)
+    causal = nn.Transformer.generate_square_subsequent_mask(5)
+    mpm = torch.zeros(2, 8, dtype=torch.bool)
+    mpm[1, 6:] = True
+    with torch.no_grad():
+        for kw in ({}, {"tgt_mask": causal, "tgt_is_causal": True, "memory_key_padding_mask": mpm}):
+            assert _cos(q(tgt, mem, **kw), dec(tgt, mem, **kw)) > 0.999
+
+
+@pytest.mark.slow
+def test_export_onnx_runs_in_onnx_runtime(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = _encoder(True, layers=1)
+            self.cross = nn.MultiheadAttention(E, H, batch_first=True)  # packed, key is value
+            self.cross2 = nn.MultiheadAttention(E, H, kdim=24, vdim=24, batch_first=True)
+
+        def forward(self, x, mem):
+            h = self.enc(x)
+            h = self.cross(h, x, x, need_weights=False)[0]
+            return self.cross2(h, mem, mem)[0]
+
+    q = pycompress.quantize(Net().eval())
+    x, mem = torch.randn(2, 5, E), torch.randn(2, 3, 24)
+    # verify=True: ONNX Runtime's outputs are compared with the model's (raises otherwise)
+    path = pycompress.export_onnx(q, (x, mem), str(tmp_path / "m.onnx"))
+    assert isinstance(q.cross, Int8MultiheadAttention) and isinstance(q.cross.in_proj, Int8Linear)  # not modified
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert ops & {"MatMulIntegerToFloat", "MatMulInteger", "DequantizeLinear"}

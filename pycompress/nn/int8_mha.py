@@ -228,6 +228,8 @@ class Int8MultiheadAttention(nn.Module):
     def _rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """``x`` times the rows ``start:stop`` of the packed input projection."""
         p = self.in_proj
+        if type(p) is not Int8Linear:  # swapped for a float or export layer (export_onnx): slice its output
+            return p(x)[..., start:stop]
         bias = None if p.bias is None else p.bias[start:stop]
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
