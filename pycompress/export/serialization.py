@@ -35,7 +35,6 @@ from torch import nn
 
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
-from pycompress.nn.int8_mha import disable_transformer_fast_paths
 from pycompress.nn.registry import COMPACTED_ATTR, register_layer
 
 __all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
@@ -677,7 +676,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
             _utils.set_module(model, name, replaced[name])
         raise
     if plan:  # torch's fused transformer paths read float weights the pycompress layers lack
-        disable_transformer_fast_paths(model)
+        registry.disable_transformer_fast_paths(model)
     if manifest.get("compacted"):
         setattr(model, COMPACTED_ATTR, True)
     return outer

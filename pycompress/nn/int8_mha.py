@@ -21,7 +21,7 @@ from pycompress._utils import check_int8_bits
 from pycompress.nn._common import linear_from_weight
 from pycompress.nn.int8_linear import Int8Linear
 
-__all__ = ["Int8MultiheadAttention", "mha_unsupported_reason", "disable_transformer_fast_paths"]
+__all__ = ["Int8MultiheadAttention", "mha_unsupported_reason"]
 
 _MODES = ("w8a8", "w8a16")
 
@@ -370,25 +370,3 @@ class Int8MultiheadAttention(nn.Module):
             s += f", dropout={self.dropout}"
         return s + f", batch_first={self.batch_first}, mode={self.mode}"
 
-
-def disable_transformer_fast_paths(model: nn.Module) -> list[str]:
-    """Makes the ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` modules of ``model``
-    that hold pycompress layers run module by module. Their eval-mode fast paths read the float
-    weights of the attention, ``linear1`` / ``linear2`` and the norms directly (fused kernels, and
-    nested tensors for padded batches), which int8 or sparse layers do not have. Returns the
-    names of the modules changed."""
-    from pycompress.nn import registry
-
-    changed = []
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
-            continue
-        if not any(registry.is_pycompress_layer(c) for c in m.modules()):
-            continue
-        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
-            m.use_nested_tensor = False  # read by TransformerEncoder.forward only
-            changed.append(name)
-        elif isinstance(m, nn.TransformerEncoderLayer) and getattr(m, "activation_relu_or_gelu", 0):
-            m.activation_relu_or_gelu = 0  # read by the fast-path checks only
-            changed.append(name)
-    return changed

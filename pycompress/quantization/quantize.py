@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
 from pycompress.nn.int8_conv import Int8Conv2d, activation_function, conv_padding
-from pycompress.nn.int8_mha import Int8MultiheadAttention, disable_transformer_fast_paths, mha_unsupported_reason
+from pycompress.nn.int8_mha import Int8MultiheadAttention, mha_unsupported_reason
 from pycompress.quantization import fuse, observers
 
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
@@ -620,7 +620,7 @@ def quantize(
         for alias in aliases.get(id(module), [name]):
             _utils.set_module(model, alias, replacements[name])
     if replacements:  # torch's fused transformer paths read float weights the int8 layers lack
-        disable_transformer_fast_paths(model)
+        registry.disable_transformer_fast_paths(model)
     result.converted = sorted((n for n, m in replacements.items() if not isinstance(m, nn.Identity)),
                               key=lambda n: order.get(n, math.inf))
     result.convs = [n for n in result.converted if isinstance(replacements[n], Int8Conv2d)]
