@@ -66,7 +66,8 @@ class QuantizationResult:
 
     Attributes:
         mode: the quantization mode.
-        converted: names of the converted layers (linear layers and convs), in model order.
+        converted: names of the converted layers (linear layers, attention modules and convs), in
+            model order.
         skipped: layers left in floating point, with the reason.
         convs: the converted convs (a subset of ``converted``).
         folded: conv -> the BatchNorm folded into it.
