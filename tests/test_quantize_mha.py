@@ -366,6 +366,15 @@ def test_quantize_options_include_exclude_and_unsupported_attention():
     assert type(m.attn) is nn.MultiheadAttention and type(m.attn.out_proj) is not Int8Linear
 
 
+def test_quantize_of_a_bare_attention_module_says_to_wrap_it():
+    mha = nn.MultiheadAttention(E, H)
+    with pytest.warns(UserWarning, match="root module"):
+        _, res = pycompress.quantize(mha, return_result=True)
+    assert res.converted == [] and "" in res.skipped and type(mha.out_proj) is not Int8Linear
+    wrapped = pycompress.quantize(nn.ModuleDict({"attn": mha}))
+    assert isinstance(wrapped["attn"], Int8MultiheadAttention)
+
+
 def test_quantize_refuses_nan_attention_weights_and_leaves_the_model():
     model = _Tagger().eval()
     with torch.no_grad():

@@ -625,7 +625,8 @@ def quantize(
     result.converted = sorted((n for n, m in replacements.items() if not isinstance(m, nn.Identity)),
                               key=lambda n: order.get(n, math.inf))
     result.convs = [n for n in result.converted if isinstance(replacements[n], Int8Conv2d)]
-    if (isinstance(model, nn.Linear) or conv1d.is_conv1d(model) or _is_conv2d(model)) and include is None:
+    if (isinstance(model, (nn.Linear, nn.MultiheadAttention)) or conv1d.is_conv1d(model) or _is_conv2d(model)) \
+            and include is None:
         result.skipped[""] = "the root module itself cannot be replaced in place; wrap it in a container"
     if warn and result.skipped:
         lines = "; ".join(f"{n or '<root>'}: {r}" for n, r in result.skipped.items())
