@@ -1,7 +1,7 @@
 """Model-zoo check of int8 attention: torchvision / timm vision transformers through ``quantize``.
 
     python bench/zoo_quant_attention.py --ext build/cuda/lib [--models ViT-B/16,ViT-tiny]
-                                        [--batch 4] [--mode w8a8] [--json FILE]
+                                        [--batch 4] [--mode w8a8] [--exclude PATTERN] [--json FILE]
 
 Runs in a Python environment that has torchvision and timm (the CUDA-torch venv of
 ``make cuda-build``, whose torch runs on the CPU too); ``--ext DIR`` names the folder holding a
@@ -65,7 +65,7 @@ def _cos_rows(a, b):
     return torch.nn.functional.cosine_similarity(a.double().flatten(1), b.double().flatten(1), dim=1)
 
 
-def one(name: str, batch: int, mode: str) -> dict:
+def one(name: str, batch: int, mode: str, exclude: str | None = None) -> dict:
     import copy
     import warnings
 
@@ -86,7 +86,7 @@ def one(name: str, batch: int, mode: str) -> dict:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        q, res = pycompress.quantize(copy.deepcopy(model), mode=mode, return_result=True)
+        q, res = pycompress.quantize(copy.deepcopy(model), mode=mode, exclude=exclude, return_result=True)
     classes: dict[str, int] = {}
     for n in res.converted:
         c = type(q.get_submodule(n)).__name__
@@ -103,7 +103,7 @@ def one(name: str, batch: int, mode: str) -> dict:
     rep = pycompress.validate(model, q, [x])
     worst = min(rep.layers.items(), key=lambda kv: kv[1].cosine)
     return {
-        "case": name, "model": f"{lib}.{ctor}", "mode": mode, "batch": batch,
+        "case": name, "model": f"{lib}.{ctor}", "mode": mode, "exclude": exclude, "batch": batch,
         "torch": torch.__version__,
         "converted": classes, "skipped": res.skipped,
         "quantize_warnings": [str(w.message)[:300] for w in caught],
@@ -120,11 +120,12 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(ARCHS), help="comma-separated: " + ", ".join(ARCHS))
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--mode", default="w8a8", choices=("w8a8", "w8a16"))
+    ap.add_argument("--exclude", default=None, help="quantize's exclude pattern (e.g. '*.self_attention')")
     ap.add_argument("--json", default=None)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one, args.batch, args.mode)))
+        print(json.dumps(one(args.one, args.batch, args.mode, args.exclude)))
         return 0
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in ARCHS]
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
             env["PYTHONPATH"] = _stage_package(os.path.abspath(args.ext), tmp) + os.pathsep + env.get("PYTHONPATH", "")
         for name in names:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--batch", str(args.batch),
-                   "--mode", args.mode]
+                   "--mode", args.mode] + (["--exclude", args.exclude] if args.exclude else [])
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
             if p.returncode != 0:
                 row = {"case": name, "status": "failed", "error": p.stderr.strip()[-2000:]}
