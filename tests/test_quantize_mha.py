@@ -591,3 +591,19 @@ def test_export_onnx_runs_in_onnx_runtime(tmp_path):
 
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert ops & {"MatMulIntegerToFloat", "MatMulInteger", "DequantizeLinear"}
+
+
+def test_torch_export_self_and_cross_attention():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Int8MultiheadAttention.from_float(nn.MultiheadAttention(E, H, batch_first=True)).eval()
+
+        def forward(self, x, mem):
+            return self.attn(x, x, x, need_weights=False)[0] + self.attn(x, mem, mem, need_weights=False)[0]
+
+    net = Net().eval()
+    x, mem = torch.randn(2, 5, E), torch.randn(2, 7, E)
+    ep = torch.export.export(net, (x, mem))
+    with torch.no_grad():
+        assert torch.equal(ep.module()(x, mem), net(x, mem))
