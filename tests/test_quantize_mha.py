@@ -607,3 +607,12 @@ def test_torch_export_self_and_cross_attention():
     ep = torch.export.export(net, (x, mem))
     with torch.no_grad():
         assert torch.equal(ep.module()(x, mem), net(x, mem))
+
+
+def test_docstring_examples():
+    import doctest
+
+    import pycompress.nn.int8_mha as mod
+
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
