@@ -29,6 +29,7 @@ MODULE_PATHS: dict[str, tuple[str, ...]] = {
     "nn.MaskedConv2d": ("MaskedConv2d",),
     "nn.Int8Conv2d": ("Int8Conv2d",),
     "nn.Int8MaxPool2d": ("Int8MaxPool2d",),
+    "nn.Int8MultiheadAttention": ("Int8MultiheadAttention",),
     "nn.KDLoss": ("KDLoss",),
     "ops.kd_kl_div": ("kd_kl_div",),
 }

@@ -675,6 +675,8 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
         for name in sorted(replaced, key=lambda n: -n.count(".")):
             _utils.set_module(model, name, replaced[name])
         raise
+    if plan:  # torch's fused transformer paths read float weights the pycompress layers lack
+        registry.disable_transformer_fast_paths(model)
     if manifest.get("compacted"):
         setattr(model, COMPACTED_ATTR, True)
     return outer

@@ -9,19 +9,21 @@ from torch import nn
 from pycompress.nn.int8_conv import Int8Conv2d
 from pycompress.nn.int8_linear import Int8Linear
 from pycompress.nn.int8_pool import Int8MaxPool2d
+from pycompress.nn.int8_mha import Int8MultiheadAttention
 from pycompress.nn.masked_conv import MaskedConv2d
 from pycompress.nn.masked_linear import MaskedLinear
 from pycompress.nn.semi_sparse_linear import SemiSparseLinear
 from pycompress.nn.sparse_linear import SparseLinear
 
-__all__ = ["register_layer", "pycompress_layer_classes", "is_pycompress_layer", "dense_equivalent", "COMPACTED_ATTR"]
+__all__ = ["register_layer", "pycompress_layer_classes", "is_pycompress_layer", "dense_equivalent", "COMPACTED_ATTR",
+           "disable_transformer_fast_paths"]
 
 # Set on a model by ``compact``: its layers are narrower than the architecture's, so ``load`` rebuilds them.
 COMPACTED_ATTR = "_pycompress_compacted"
 
 
 # The built-in layers with config() / from_config(), in the order reports list them.
-_BUILTIN_LAYERS: tuple[type, ...] = (Int8Linear, Int8Conv2d, Int8MaxPool2d, MaskedLinear, MaskedConv2d, SparseLinear, SemiSparseLinear)
+_BUILTIN_LAYERS: tuple[type, ...] = (Int8Linear, Int8Conv2d, Int8MaxPool2d, Int8MultiheadAttention, MaskedLinear, MaskedConv2d, SparseLinear, SemiSparseLinear)
 
 
 def pycompress_layer_classes() -> dict[str, type]:
@@ -76,3 +78,24 @@ def dense_equivalent(module: nn.Module) -> nn.Module:
         if callable(fn):
             return fn()
     return module
+
+
+def disable_transformer_fast_paths(model: nn.Module) -> list[str]:
+    """Makes the ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer`` modules of ``model``
+    that hold pycompress layers run module by module. Their eval-mode fast paths read the float
+    weights of the attention, ``linear1`` / ``linear2`` and the norms directly (fused kernels, and
+    nested tensors for padded batches), which int8 or sparse layers do not have. Returns the
+    names of the modules changed."""
+    changed = []
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+            continue
+        if not any(is_pycompress_layer(c) for c in m.modules()):
+            continue
+        if isinstance(m, nn.TransformerEncoder) and getattr(m, "use_nested_tensor", False):
+            m.use_nested_tensor = False  # read by TransformerEncoder.forward only
+            changed.append(name)
+        elif isinstance(m, nn.TransformerEncoderLayer) and getattr(m, "activation_relu_or_gelu", 0):
+            m.activation_relu_or_gelu = 0  # read by the fast-path checks only
+            changed.append(name)
+    return changed

@@ -5,11 +5,13 @@ What is converted
     alone and listed), every GPT-2-style ``Conv1D`` of transformers (weight stored ``[in, out]``;
     converted with the transposed weight, see :mod:`pycompress.nn.conv1d`) and every
     ``MaskedLinear`` (pruned layers: the masked weight is quantized, so pruned weights stay
-    exactly zero) become ``Int8Linear``. With ``mode="w8a8"`` every ``nn.Conv2d`` (any stride,
+    exactly zero) become ``Int8Linear``. Every ``nn.MultiheadAttention`` (which reads its
+    projection weights directly instead of calling them) becomes ``Int8MultiheadAttention`` as a
+    whole: int8 projections, float attention (not with ``add_bias_kv`` / ``add_zero_attn``: left
+    alone and listed). With ``mode="w8a8"`` every ``nn.Conv2d`` (any stride,
     padding, dilation and groups; zero padding only) and ``MaskedConv2d`` becomes ``Int8Conv2d``.
     Every other layer computing a linear map is left alone and listed with the reason:
-    ``nn.Linear`` inside ``nn.MultiheadAttention`` (it reads the weight directly instead of
-    calling the layer), ``SparseLinear`` (quantize before ``deploy_pruned``), ``nn.Conv1d/3d``
+    a projection of a float ``nn.MultiheadAttention``, ``SparseLinear`` (quantize before ``deploy_pruned``), ``nn.Conv1d/3d``
     and the transposed convolutions, convs with another ``padding_mode`` or an asymmetric
     ``"same"`` padding, ``nn.Bilinear``, a ``Conv1D`` subclass or one of unknown layout, the root
     module, and any layer the int8 constructors refuse. Embeddings and normalization layers are
@@ -47,6 +49,7 @@ from pycompress import _utils
 from pycompress.nn import conv1d, registry
 from pycompress.nn.int8_conv import Int8Conv2d, activation_function, conv_padding
 from pycompress.nn.int8_pool import Int8MaxPool2d
+from pycompress.nn.int8_mha import Int8MultiheadAttention, mha_unsupported_reason
 from pycompress.quantization import fuse, observers
 
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
@@ -64,7 +67,8 @@ class QuantizationResult:
 
     Attributes:
         mode: the quantization mode.
-        converted: names of the converted layers (linear layers and convs), in model order.
+        converted: names of the converted layers (linear layers, attention modules and convs), in
+            model order.
         skipped: layers left in floating point, with the reason.
         convs: the converted convs (a subset of ``converted``).
         folded: conv -> the BatchNorm folded into it.
@@ -183,7 +187,7 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module, layer_cls: type
 
     masked = getattr(pnn, "MaskedLinear", None)
     sparse = getattr(pnn, "SparseLinear", None)
-    if isinstance(module, (layer_cls, Int8Conv2d)):
+    if isinstance(module, (layer_cls, Int8Conv2d, Int8MultiheadAttention)):
         return ""  # already int8
     if sparse is not None and isinstance(module, sparse):
         return "SparseLinear (deployed sparse layer): quantize before deploy_pruned()"
@@ -208,6 +212,25 @@ def _skip_reason(model: nn.Module, name: str, module: nn.Module, layer_cls: type
     if module.weight.dtype not in _FLOAT_DTYPES:
         return f"weight dtype {module.weight.dtype} is not a floating type supported by Int8Linear"
     return None
+
+
+def _mha_skip_reason(name: str, module: nn.MultiheadAttention, selected: set[str]) -> str | None:
+    """None when the attention module can become an Int8MultiheadAttention, else why not."""
+    reason = mha_unsupported_reason(module)
+    if reason is not None:
+        return f"nn.MultiheadAttention left in floating point: {reason}"
+    excluded = [c for c, _ in module.named_modules(prefix=name) if c != name and c not in selected]
+    if excluded:
+        return (f"its projection {excluded[0]!r} is excluded; an attention module is converted as a whole "
+                "(exclude the attention module itself to keep it in floating point)")
+    return None
+
+
+def _check_finite_mha(name: str, module: nn.MultiheadAttention) -> None:
+    for pname, t in module.named_parameters():
+        if t.dtype.is_floating_point and not torch.isfinite(t.detach()).all():
+            raise ValueError(f"quantize: layer {name!r} ({type(module).__name__}) has NaN or inf values in its "
+                             f"{pname}; nothing was converted")
 
 
 def _check_finite(name: str, module: nn.Module) -> None:
@@ -452,7 +475,8 @@ def quantize(
     warn: bool = True,
 ):
     """Replaces the selected linear layers of ``model`` (``nn.Linear``, transformers' ``Conv1D``,
-    ``MaskedLinear``) by ``pycompress.nn.Int8Linear`` and, with ``mode="w8a8"``, its 2-D
+    ``MaskedLinear``) by ``pycompress.nn.Int8Linear``, its ``nn.MultiheadAttention`` modules by
+    ``pycompress.nn.Int8MultiheadAttention`` and, with ``mode="w8a8"``, its 2-D
     convolutions (``nn.Conv2d``, ``MaskedConv2d``) by ``pycompress.nn.Int8Conv2d``.
 
     Weights are quantized symmetrically per output channel to int8. ``mode="w8a8"`` also
@@ -534,8 +558,27 @@ def quantize(
     linear_new: dict[str, nn.Module] = {}
     conv_sources: dict[str, nn.Conv2d] = {}
     order: dict[str, int] = {}
+    selected_names = {n for n, _ in selected}
+    attention: list[str] = []  # MultiheadAttention modules handled as a whole (converted or listed)
     for i, (name, module) in enumerate(selected):
         order[name] = i
+        if any(name.startswith(a + ".") for a in attention):
+            continue  # a projection of an attention module handled above
+        if isinstance(module, nn.MultiheadAttention):
+            attention.append(name)
+            reason = _mha_skip_reason(name, module, selected_names)
+            if reason is not None:
+                result.skipped[name] = reason
+                continue
+            _check_finite_mha(name, module)
+            try:
+                new = Int8MultiheadAttention.from_float(module, mode=mode, **extra)
+            except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+                result.skipped[name] = f"Int8MultiheadAttention refused it: {e}"
+                continue
+            new.train(module.training)
+            linear_new[name] = new
+            continue
         if _is_conv2d(module):
             reason = _conv_skip_reason(module, mode)
             if reason is not None:
@@ -587,10 +630,13 @@ def quantize(
         module = model.get_submodule(name)
         for alias in aliases.get(id(module), [name]):
             _utils.set_module(model, alias, replacements[name])
+    if replacements:  # torch's fused transformer paths read float weights the int8 layers lack
+        registry.disable_transformer_fast_paths(model)
     result.converted = sorted((n for n, m in replacements.items() if not isinstance(m, nn.Identity)),
                               key=lambda n: order.get(n, math.inf))
     result.convs = [n for n in result.converted if isinstance(replacements[n], Int8Conv2d)]
-    if (isinstance(model, nn.Linear) or conv1d.is_conv1d(model) or _is_conv2d(model)) and include is None:
+    if (isinstance(model, (nn.Linear, nn.MultiheadAttention)) or conv1d.is_conv1d(model) or _is_conv2d(model)) \
+            and include is None:
         result.skipped[""] = "the root module itself cannot be replaced in place; wrap it in a container"
     if warn and result.skipped:
         lines = "; ".join(f"{n or '<root>'}: {r}" for n, r in result.skipped.items())
