@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import pycompress.ops as ops
-from pycompress.nn import Int8Linear, KDLoss, MaskedConv2d, MaskedLinear, SemiSparseLinear, SparseLinear
+from pycompress.nn import Int8Linear, Int8MultiheadAttention, KDLoss, MaskedConv2d, MaskedLinear, SemiSparseLinear, SparseLinear
 from reference import linear_ref, quantize_per_token_ref
 
 pytestmark = pytest.mark.cuda
@@ -267,6 +267,26 @@ def test_int8linear_module(mode, act_bits, weight_bits, dtype):
     back = moved.to("cpu")
     x = torch.randn(4, 67).to(dtype)
     exact(back(x), q_cpu(x))
+
+
+# ============================================================================ Int8MultiheadAttention
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_int8_multihead_attention_module(batch_first):
+    torch.manual_seed(2)
+    mha = nn.MultiheadAttention(64, 4, batch_first=batch_first).eval()
+    q_cpu = Int8MultiheadAttention.from_float(mha)
+    moved = copy.deepcopy(q_cpu).to(DEV)
+    shape = (3, 9, 64) if batch_first else (9, 3, 64)
+    x = torch.randn(shape)
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    with torch.no_grad():
+        ref, ref_w = q_cpu(x, x, x, key_padding_mask=mask)
+        y, w = moved(x.to(DEV), x.to(DEV), x.to(DEV), key_padding_mask=mask.to(DEV))
+    on_dev(y)
+    # int8 projections give the CPU's bits; the float attention may differ in the last bits
+    close(y, ref, 1e-4)
+    close(w, ref_w, 1e-5)
 
 
 # ============================================================================ sparse_linear (CSR)
