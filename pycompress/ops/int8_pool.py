@@ -14,28 +14,11 @@ import torch
 
 from pycompress import _ext  # noqa: F401  (loads the kernels)
 from pycompress.ops._validation import check_device_supported, check_tensor, same_device_fake
+from pycompress.ops.int8_conv import _pair
 
 __all__ = ["int8_max_pool2d", "int8_max_pool2d_output_size"]
 
 _QUANT_DTYPES = (torch.uint8, torch.int8)
-
-
-def _pair(name, v, minimum):
-    if isinstance(v, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if isinstance(v, int):
-        v = (v, v)
-    try:
-        v = tuple(v)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
-    if len(v) == 1:
-        v = (v[0], v[0])
-    if len(v) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if min(v) < minimum:
-        raise ValueError(f"{name} values must be >= {minimum}, got {v}")
-    return [int(v[0]), int(v[1])]
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
