@@ -18,9 +18,11 @@ modules in place), so every rewrite must be expressible as a module swap:
 * a conv's output can stay uint8 when every path from it ends at the input of another converted
   conv, through modules that are exact on uint8 tensors only: ``nn.Identity``, ``nn.MaxPool2d``
   (a maximum commutes with the monotonic quantization; used only where torch's ``max_pool2d``
-  takes uint8 on the model's device) and ``nn.ReLU`` when the zero point is 0 (then every uint8
-  value stands for a real value >= 0). Residual additions, concatenations, pooling by averages,
-  flattening and model outputs all need float values.
+  takes uint8 on the model's device), and, when the zero point is 0, ``nn.ReLU`` (every uint8
+  value stands for a real value >= 0) and the zero-padding modules ``nn.ZeroPad2d`` and
+  ``nn.ConstantPad2d`` with value 0 (a padded 0 byte stands for the real value 0). Residual
+  additions, concatenations, pooling by averages, flattening and model outputs all need float
+  values.
 
 A conv called at more than one place is converted but never folded, fused or chained (its
 neighbours differ per call).
@@ -36,7 +38,8 @@ from torch import nn
 
 from pycompress.nn import conv1d, registry
 
-__all__ = ["ConvGroup", "GraphPlan", "analyse", "fold_batchnorm", "FUSABLE_ACTIVATIONS", "maxpool_takes_uint8"]
+__all__ = ["ConvGroup", "GraphPlan", "analyse", "fold_batchnorm", "FUSABLE_ACTIVATIONS", "maxpool_takes_uint8",
+           "is_zero_pad"]
 
 # activation module type -> Int8Conv2d activation name
 FUSABLE_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu",
@@ -68,7 +71,8 @@ class ConvGroup:
 @dataclass
 class Chain:
     """A uint8 edge candidate: ``producer``'s output reaches each of ``consumers`` (as their only
-    input) through pass-through modules; ``needs_zero_zp``: a ReLU module is on the way."""
+    input) through pass-through modules; ``needs_zero_zp``: a ReLU or a zero-padding module is
+    on the way."""
 
     producer: str
     consumers: list[str]
@@ -112,6 +116,12 @@ def maxpool_takes_uint8(pool: nn.MaxPool2d, device: torch.device) -> bool:
         return got.dtype == torch.uint8 and torch.equal(got.float(), want)
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
+
+
+def is_zero_pad(m: nn.Module | None) -> bool:
+    """Whether ``m`` is a 2-D padding module that pads with the value 0 (``nn.ZeroPad2d``, or
+    ``nn.ConstantPad2d`` with value 0; negative padding crops)."""
+    return type(m) is nn.ZeroPad2d or (type(m) is nn.ConstantPad2d and float(m.value) == 0.0)
 
 
 def _module_at(modules: dict[str, nn.Module], node: torch.fx.Node) -> nn.Module | None:
@@ -262,7 +272,7 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                         ok = False
                         break
                     stack.append(u)
-                elif type(m) is nn.ReLU:
+                elif type(m) is nn.ReLU or is_zero_pad(m):
                     needs_zero_zp = True
                     stack.append(u)
                 else:
