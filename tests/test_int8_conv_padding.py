@@ -123,3 +123,155 @@ def test_no_uint8_chain_through_padding_that_is_not_exact(case):
     _, res = pycompress.quantize(model, calibration_data=CALIB, return_result=True, warn=False)
     assert not any(p == "conv0" for p, _ in res.uint8_edges)
     assert _uint8_inputs(model, TEST) == []
+
+
+# --------------------------------------------------------------------------- the op's asymmetric padding
+# (N, Cin, H, W, Cout, k, stride, (top, bottom, left, right), dilation, groups)
+PAD_CASES = [
+    (2, 5, 9, 11, 7, (3, 3), 1, (0, 1, 0, 1), 1, 1),       # regular 3x3, TF "SAME" of an even map
+    (1, 19, 8, 10, 33, (3, 3), 2, (0, 1, 0, 1), 1, 1),     # regular 3x3 stride 2 (EfficientNet stem)
+    (1, 16, 7, 9, 20, (3, 3), 2, (2, 0, 1, 3), 1, 1),      # every side different, one side 0
+    (3, 16, 6, 9, 16, (1, 1), 1, (0, 1, 0, 2), 1, 1),      # 1x1 stride 1 padded only after: not plain rows
+    (2, 64, 5, 6, 32, (1, 1), 1, (0, 2, 0, 1), 1, 1),      # 1x1, channels a multiple of 64 (AMX rows)
+    (1, 67, 5, 5, 20, (1, 1), 2, (1, 0, 0, 1), 1, 1),      # 1x1 stride 2
+    (2, 8, 10, 9, 12, (3, 3), 1, (1, 3, 2, 0), 2, 2),      # groups 2, dilation 2
+    (1, 12, 7, 8, 20, (3, 2), (2, 1), (0, 1, 1, 0), 1, 4),  # groups 4, asymmetric kernel and stride
+    (2, 24, 9, 10, 24, (3, 3), 1, (0, 1, 0, 1), 1, 24),    # depthwise 3x3
+    (1, 37, 12, 10, 37, (3, 3), 2, (0, 1, 0, 1), 1, 37),   # depthwise 3x3 stride 2 (EfficientNet)
+    (1, 64, 11, 13, 64, (3, 3), 2, (2, 0, 0, 2), 1, 64),   # depthwise 3x3 stride 2, one side only
+    (2, 18, 12, 11, 18, (5, 5), 1, (1, 3, 3, 1), 1, 18),   # depthwise 5x5
+    (1, 40, 14, 16, 40, (5, 5), 2, (1, 2, 1, 2), 1, 40),   # depthwise 5x5 stride 2 (EfficientNet)
+    (1, 9, 13, 12, 9, (5, 5), 2, (4, 1, 0, 5), 2, 9),      # depthwise 5x5 stride 2 dilation 2
+    (1, 21, 3, 4, 21, (5, 5), 1, (3, 2, 1, 4), 1, 21),     # depthwise, kernel wider than the image
+]
+
+
+def _pad_case(case):
+    n, cin, h, w, cout, k, s, p, d, g = case
+    return dict(n=n, cin=cin, h=h, w=w, cout=cout, k=k, stride=s, padding=p, dilation=d, groups=g)
+
+
+def _padded_reference_input(x, scale, zp, pads):
+    """``x`` padded (top, bottom, left, right) with the value that stands for 0: the zero point
+    of each image for quantized ``x``, 0.0 for float ``x`` (quantized to the zero point)."""
+    t, b, l, r = pads
+    if x.is_floating_point():
+        return F.pad(x, (l, r, t, b), value=0.0)
+    z = zp.reshape(-1, 1, 1, 1).to(torch.int32)
+    return (F.pad(x.to(torch.int32) - z, (l, r, t, b)) + z).to(x.dtype)
+
+
+def _check_against_padded_reference(c, kind, act, out_dtype=None):
+    from reference import conv2d_ref
+    from test_int8_conv_ops import make_input, make_weight
+
+    import pycompress.ops as ops
+
+    x, scale, zp = make_input(kind, c["n"], c["cin"], c["h"], c["w"])
+    w, ws = make_weight(c["cout"], c["cin"] // c["groups"], c["k"])
+    bias = torch.randn(c["cout"])
+    kw = dict(x_scale=scale, x_zero_point=zp, stride=c["stride"], dilation=c["dilation"], groups=c["groups"],
+              activation=act, out_dtype=out_dtype, out_scale=0.05, out_zero_point=3)
+    y = ops.int8_conv2d(x, w, ws, bias, padding=c["padding"], w_packed=ops.int8_conv2d_pack_weight(w, c["groups"]),
+                        **kw)
+    ref = conv2d_ref(_padded_reference_input(x, scale, zp, c["padding"]), w, ws, bias, padding=0, **kw)
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if y.dtype.is_floating_point:
+        torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    else:
+        assert torch.equal(y, ref)
+    return y
+
+
+@pytest.mark.parametrize("case", PAD_CASES, ids=[f"p{i}" for i in range(len(PAD_CASES))])
+@pytest.mark.parametrize("kind", ["uint8", "int8", "float_dynamic", "float_static"])
+def test_asymmetric_padding_exact(case, kind, cpu_isa):
+    c = _pad_case(case)
+    for act in ("none", "relu6"):
+        _check_against_padded_reference(c, kind, act)
+    _check_against_padded_reference(c, kind, "relu", out_dtype=torch.uint8)
+
+
+def test_two_and_four_value_padding_agree():
+    import pycompress.ops as ops
+
+    x = torch.randint(0, 256, (2, 6, 9, 8), dtype=torch.uint8)
+    w = torch.randint(-128, 128, (10, 6, 3, 3), dtype=torch.int8)
+    ws, sc, zp = torch.rand(10), torch.tensor([0.1]), torch.tensor([7], dtype=torch.int32)
+    for p2, p4 in ((1, (1, 1, 1, 1)), ((2, 0), (2, 2, 0, 0)), ((0, 3), [0, 0, 3, 3])):
+        a = ops.int8_conv2d(x, w, ws, x_scale=sc, x_zero_point=zp, padding=p2)
+        b = ops.int8_conv2d(x, w, ws, x_scale=sc, x_zero_point=zp, padding=p4)
+        assert torch.equal(a, b)
+    assert ops.int8_conv2d_output_size((9, 8), (3, 3), 2, (0, 1, 0, 1)) == (4, 4)
+    assert ops.int8_conv2d_output_size((9, 8), (3, 3), 2, (1, 1)) == (5, 4)
+
+
+def test_bad_padding_is_refused_clearly():
+    import pycompress.ops as ops
+
+    x = torch.randint(0, 256, (1, 4, 6, 6), dtype=torch.uint8)
+    w = torch.randint(-128, 128, (4, 4, 3, 3), dtype=torch.int8)
+    sc, zp = torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)
+    for bad in ((1, 2, 3), (1, 1, 1, 1, 1), ()):
+        with pytest.raises(TypeError, match="padding must be"):
+            ops.int8_conv2d(x, w, torch.ones(4), x_scale=sc, x_zero_point=zp, padding=bad)
+        with pytest.raises(ValueError, match="padding must have 2 values .* or 4"):
+            torch.ops.pycompress.int8_conv2d(x, sc, zp, w, torch.ones(4), None, None, [1, 1], list(bad), [1, 1], 1,
+                                             "none", None, 1.0, 0)
+    with pytest.raises(ValueError, match="padding values must be >= 0"):
+        ops.int8_conv2d(x, w, torch.ones(4), x_scale=sc, x_zero_point=zp, padding=(0, -1, 0, 1))
+    with pytest.raises(ValueError, match="padding values must be >= 0"):
+        torch.ops.pycompress.int8_conv2d(x, sc, zp, w, torch.ones(4), None, None, [1, 1], [0, -1, 0, 1], [1, 1], 1,
+                                         "none", None, 1.0, 0)
+    with pytest.raises(ValueError, match="output would be empty"):
+        ops.int8_conv2d(x[:, :, :1, :1], w, torch.ones(4), x_scale=sc, x_zero_point=zp, padding=(0, 1, 1, 0))
+
+
+def test_fake_kernel_and_opcheck_with_four_value_padding():
+    import pycompress.ops as ops
+
+    x = torch.randint(0, 256, (2, 6, 7, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (6, 1, 3, 3), dtype=torch.int8)
+    ws, bias = torch.rand(6), torch.randn(6)
+    sc, zp = torch.rand(2) + 0.1, torch.randint(0, 256, (2,), dtype=torch.int32)
+    args = (x, sc, zp, w, ws, bias, ops.int8_conv2d_pack_weight(w, 6), [2, 2], [0, 1, 2, 0], [1, 1], 6, "relu6",
+            None, 1.0, 0)
+    torch.library.opcheck(torch.ops.pycompress.int8_conv2d.default, args)
+    with torch._subclasses.fake_tensor.FakeTensorMode():
+        y = torch.ops.pycompress.int8_conv2d(torch.empty(3, 6, 8, 8, dtype=torch.uint8), torch.ones(1),
+                                             torch.zeros(1, dtype=torch.int32), torch.empty(6, 1, 5, 5, dtype=torch.int8),
+                                             torch.ones(6), None, None, [2, 2], [1, 2, 1, 2], [1, 1], 6, "none",
+                                             None, 1.0, 0)
+        assert y.shape == (3, 6, 4, 4)
+
+
+# --------------------------------------------------------------------------- Int8Conv2d with a padding module
+def test_from_float_takes_the_padding_module_and_to_float_gives_it_back():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 6, 3, stride=2, groups=6)
+    pad = nn.ZeroPad2d((0, 1, 0, 1))
+    q = Int8Conv2d.from_float(conv, activation="relu6", pad=pad)
+    assert q.padding == (0, 1, 0, 1) and q.padding4 == (0, 1, 0, 1)
+    x = torch.randn(2, 6, 10, 10)
+    want = F.relu6(conv(pad(x)))
+    y = q(x)
+    assert y.shape == want.shape and (y - want).norm() / want.norm() < 0.02
+    twin = q.to_float(with_activation=True)
+    assert [type(m) for m in twin] == [nn.ZeroPad2d, nn.Conv2d, nn.ReLU6]
+    assert twin[0].padding == (0, 1, 0, 1) and twin[1].padding == (0, 0)
+    with torch.no_grad():
+        deq = F.relu6(F.conv2d(pad(x), q.dequantized_weight(), q.bias, stride=2, groups=6))
+        torch.testing.assert_close(twin(x), deq)
+    # symmetric totals stay a pair; the conv's own padding adds up with the module's
+    q2 = Int8Conv2d.from_float(nn.Conv2d(4, 4, 3, padding=1), pad=nn.ConstantPad2d((1, 1, 2, 2), 0.0))
+    assert q2.padding == (3, 2) and isinstance(q2.to_float(), nn.Conv2d)
+    # config round trip
+    r = Int8Conv2d.from_config(q.config())
+    r.load_state_dict(q.state_dict())
+    assert r.padding == q.padding and torch.equal(r(x), y)
+    assert "padding=(0, 1, 0, 1)" in repr(q)
+    for bad in (nn.ConstantPad2d(1, 0.5), nn.ZeroPad2d((-1, 1, 0, 0)), nn.ReflectionPad2d(1)):
+        with pytest.raises(ValueError, match="pad must be an nn.ZeroPad2d"):
+            Int8Conv2d.from_float(conv, pad=bad)
+
