@@ -275,3 +275,148 @@ def test_from_float_takes_the_padding_module_and_to_float_gives_it_back():
         with pytest.raises(ValueError, match="pad must be an nn.ZeroPad2d"):
             Int8Conv2d.from_float(conv, pad=bad)
 
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+EFF_SHAPE = (3, 64, 64)  # sides a multiple of 32: the demo's TF "SAME" padding is exact
+EFF_CALIB = [structured(4, s, EFF_SHAPE) for s in (30, 31)]
+EFF_TEST = structured(6, 77, EFF_SHAPE)
+
+
+def _effnet(seed=0):
+    from pycompress.demo.efficientnet import EfficientNetLite0
+
+    torch.manual_seed(seed)
+    return _randomize_bn(EfficientNetLite0(num_classes=10, dropout=0.0), seed)
+
+
+@pytest.fixture(scope="module")
+def effnet_pair():
+    torch.set_num_threads(1)
+    ref = _effnet()
+    model = copy.deepcopy(ref)
+    _, res = pycompress.quantize(model, calibration_data=EFF_CALIB, return_result=True, warn=False)
+    return ref, model, res
+
+
+def _pads(model):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, (nn.ZeroPad2d, nn.ConstantPad2d)))
+
+
+def test_effnet_padding_is_computed_by_the_int8_convs(effnet_pair):
+    ref, model, res = effnet_pair
+    pads = _pads(ref)
+    assert len(pads) == 5  # the stem and the first block of four stride-2 stages
+    assert _pads(model) == []
+    assert sorted(res.padded.values()) == pads and all(p in res.identities for p in pads)
+    for conv, pad in res.padded.items():
+        q = model.get_submodule(conv)
+        assert isinstance(q, Int8Conv2d) and q.fused_modules[0] == pad
+        assert len(q.padding) == 4 and q.padding4[1] == q.padding4[0] + 1  # TF "SAME": one more after
+        assert pad in res.members(conv)
+    # no padding copy runs in float (nor at all) in the converted model
+    from torch.profiler import profile
+
+    with torch.no_grad(), profile() as prof:
+        model(EFF_TEST[:1])
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::constant_pad_nd" not in names and "aten::pad" not in names
+    # the padded depthwise convs of the stride-2 blocks read their expansion conv's uint8 output
+    padded_dw = [c for c in res.padded if c.endswith("dw_conv")]
+    assert len(padded_dw) == 4
+    for c in padded_dw:
+        assert (c.replace("dw_conv", "expand_conv"), c) in res.uint8_edges
+    assert _uint8_inputs(model, EFF_TEST[:1]) == sorted(c for _, c in res.uint8_edges)
+    with torch.no_grad():
+        want, got = ref(EFF_TEST), model(EFF_TEST)
+    cos = F.cosine_similarity(got, want, dim=1)
+    assert cos.min() > 0.99, cos
+
+
+def test_effnet_absorbed_padding_is_exact(effnet_pair):
+    """Each conv that computes its padding module gives the bits of the same layer (same
+    quantization) without padding, run on the padding module's output."""
+    ref, model, res = effnet_pair
+    inputs = {}
+    handles = [model.get_submodule(c).register_forward_pre_hook(
+        lambda m, a, c=c: inputs.__setitem__(c, a[0])) for c in res.padded]
+    with torch.no_grad():
+        model(EFF_TEST[:2])
+    for h in handles:
+        h.remove()
+    for conv, pad in res.padded.items():
+        q = model.get_submodule(conv)
+        plain = copy.deepcopy(q)
+        plain.padding = (0, 0)
+        x = inputs[conv]
+        if x.dtype == torch.uint8:  # pad the bytes with the zero point, the value 0
+            zp = int(q.input_zero_point)
+            xp = (F.pad(x.to(torch.int32) - zp, _torch_pad(q.padding4)) + zp).to(torch.uint8)
+        else:
+            xp = F.pad(x, _torch_pad(q.padding4))
+        with torch.no_grad():
+            a, b = q(x), plain(xp)
+        assert a.dtype == b.dtype and torch.equal(a, b), conv
+
+
+def _torch_pad(p4):
+    t, b, l, r = p4
+    return (l, r, t, b)
+
+
+def test_effnet_save_load_is_exact(effnet_pair, tmp_path):
+    import json
+
+    _, model, res = effnet_pair
+    out = pycompress.save(model, tmp_path / "effnet")
+    manifest = json.loads((out / "pycompress.json").read_text())
+    assert set(res.padded.values()) <= set(manifest["identities"])
+    fresh = pycompress.load(out, _effnet(seed=5))
+    assert _pads(fresh) == []
+    assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
+    assert fresh.stem_conv.padding == model.stem_conv.padding
+    with torch.no_grad():
+        assert torch.equal(fresh(EFF_TEST), model(EFF_TEST))
+
+
+def test_effnet_validate_compares_pad_conv_bn_act(effnet_pair):
+    ref, model, res = effnet_pair
+    report = pycompress.validate(ref, model, [EFF_TEST], layers=True, progress=False,
+                                 tolerance={"layer_cosine": 0.98})
+    assert report.passed, report.failures
+    for conv in res.padded:
+        assert report.layers[conv].calls == 1 and report.layers[conv].cosine > 0.99, conv
+    assert not set(report.layers) & set(res.padded.values())
+
+
+def test_effnet_recipe_revert_restores_the_float_model():
+    ref = _effnet()
+
+    def metric(m):
+        with torch.no_grad():
+            want = ref(EFF_TEST)
+            return -((m(EFF_TEST) - want).norm() / want.norm()).item()
+
+    model, report = pycompress.compress(copy.deepcopy(ref), {"steps": [{"quantize": {"exclude": "classifier"}}]},
+                                        EFF_CALIB, metric=metric, max_drop=0.0)
+    assert report.within_budget and not report.compressed_layers
+    assert _pads(model) == _pads(ref)
+    assert [type(m) for m in model.modules()] == [type(m) for m in ref.modules()]
+    with torch.no_grad():
+        assert torch.equal(model(EFF_TEST), ref(EFF_TEST))
+
+
+def test_effnet_onnx_export_verifies(effnet_pair, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from pycompress.export import onnx as onnx_export
+    import onnx
+
+    _, model, res = effnet_pair
+    path = pycompress.export_onnx(model, EFF_TEST[:2], tmp_path / "effnet.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    assert "Pad" not in [n.op_type for n in nodes] and "Conv" not in [n.op_type for n in nodes]
+    pads = [list(a.ints) for n in nodes if n.op_type == "ConvInteger" for a in n.attribute if a.name == "pads"]
+    # ONNX order [top, left, bottom, right]: the stride-2 convs pad one more after the image
+    assert [0, 0, 1, 1] in pads and [1, 1, 2, 2] in pads
+    (st,) = onnx_export.verify_onnx(path, model, EFF_TEST[2:5])
+    assert st["cosine"] > 0.9999, st

@@ -18,7 +18,8 @@ What is converted
 
 Convolutional networks
     The model is traced with ``torch.fx`` to find, without changing its module structure (see
-    :mod:`pycompress.quantization.fuse`): eval-mode ``BatchNorm2d`` layers after a conv (folded
+    :mod:`pycompress.quantization.fuse`): zero-padding modules whose output only a conv reads
+    (computed by the conv, replaced by ``nn.Identity``), eval-mode ``BatchNorm2d`` layers after a conv (folded
     into its weight and bias, the BatchNorm replaced by ``nn.Identity``), the ReLU / ReLU6 / SiLU /
     Hardswish module after it (computed in the conv's epilogue), and the convs whose output only
     ever feeds other converted convs (their output stays uint8: no float round trip). With
@@ -67,10 +68,13 @@ class QuantizationResult:
         skipped: layers left in floating point, with the reason.
         convs: the converted convs (a subset of ``converted``).
         folded: conv -> the BatchNorm folded into it.
+        padded: conv -> the zero-padding module before it that it computes (its padding added to
+            the conv's own).
         fused: conv -> ``{"module": name, "activation": kind, "replaced": bool}``: the activation
             computed in the conv's epilogue (``replaced``: the module became ``nn.Identity``;
             otherwise it is called elsewhere too and stays, a no-op on its own output).
-        identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations).
+        identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations,
+            padding modules computed by a conv).
         uint8_edges: ``(producer, consumer)`` pairs of convs between which the activations stay
             uint8.
         feeds: conv -> the converted convs its output reaches (directly or through other
@@ -92,6 +96,7 @@ class QuantizationResult:
     skipped: dict[str, str] = field(default_factory=dict)
     convs: list[str] = field(default_factory=list)
     folded: dict[str, str] = field(default_factory=dict)
+    padded: dict[str, str] = field(default_factory=dict)
     fused: dict[str, dict] = field(default_factory=dict)
     identities: list[str] = field(default_factory=list)
     uint8_edges: list[tuple[str, str]] = field(default_factory=list)
@@ -107,6 +112,8 @@ class QuantizationResult:
     def members(self, conv: str) -> list[str]:
         """The modules that ``conv``'s conversion replaced by ``nn.Identity``."""
         out = []
+        if conv in self.padded:
+            out.append(self.padded[conv])
         if conv in self.folded:
             out.append(self.folded[conv])
         f = self.fused.get(conv)
@@ -116,7 +123,7 @@ class QuantizationResult:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "converted": list(self.converted), "skipped": dict(self.skipped),
-                "convs": list(self.convs), "folded": dict(self.folded),
+                "convs": list(self.convs), "folded": dict(self.folded), "padded": dict(self.padded),
                 "fused": {k: dict(v) for k, v in self.fused.items()}, "identities": list(self.identities),
                 "uint8_edges": [list(e) for e in self.uint8_edges],
                 "feeds": {k: list(v) for k, v in self.feeds.items()}, "static": list(self.static),
@@ -375,12 +382,12 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         folded = fuse.fold_batchnorm(src, bn)
         try:
             q = Int8Conv2d.from_float(folded, activation=g.activation, input_quantization=in_q.get(n),
-                                      output_quantization=out_q.get(n))
+                                      output_quantization=out_q.get(n), pad=modules[g.pad] if g.pad else None)
         except (ValueError, TypeError) as e:
             raise ValueError(f"quantize: conv {n!r} cannot be converted: {e}; nothing was converted") from e
         q.layer_name = n
         q.channels_last_output = n in plan.layout_free
-        q.fused_modules = tuple(m for m in (g.bn, g.act) if m)
+        q.fused_modules = tuple(m for m in (g.pad, g.bn, g.act) if m)
         if src.weight.dtype in (torch.float16, torch.bfloat16):  # uint8-fed layers answer in the model's dtype
             q.float_dtype = src.weight.dtype
         layers[n] = (folded, q)
@@ -407,6 +414,8 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         q.train(modules[n].training)
         replacements[n] = q
         g = groups[n]
+        if g.pad:
+            result.padded[n] = g.pad
         if g.bn:
             result.folded[n] = g.bn
         if g.act:
