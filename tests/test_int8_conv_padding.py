@@ -420,3 +420,80 @@ def test_effnet_onnx_export_verifies(effnet_pair, tmp_path):
     assert [0, 0, 1, 1] in pads and [1, 1, 2, 2] in pads
     (st,) = onnx_export.verify_onnx(path, model, EFF_TEST[2:5])
     assert st["cosine"] > 0.9999, st
+
+
+# --------------------------------------------------------------------------- where a padding module stays
+class PadConvNet(nn.Module):
+    """stem: pad -> conv (stride 2) -> BN -> ReLU6; then pad -> depthwise 5x5 stride 2 -> BN ->
+    ReLU6 -> 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad0 = nn.ZeroPad2d((0, 1, 0, 1))
+        self.conv0 = nn.Conv2d(3, 16, 3, 2, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.act0 = nn.ReLU6()
+        self.pad1 = nn.ConstantPad2d((1, 2, 1, 2), 0.0)
+        self.dw = nn.Conv2d(16, 16, 5, 2, groups=16, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act1 = nn.ReLU6()
+        self.pw = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.act0(self.bn0(self.conv0(self.pad0(x))))
+        y = self.act1(self.bn1(self.dw(self.pad1(y))))
+        return self.pw(y)
+
+
+def test_padding_modules_of_excluded_or_unconverted_convs_stay():
+    torch.manual_seed(0)
+    ref = _randomize_bn(PadConvNet())
+    model = copy.deepcopy(ref)
+    _, res = pycompress.quantize(model, calibration_data=CALIB, exclude="dw", return_result=True, warn=False)
+    assert res.padded == {"conv0": "pad0"} and type(model.pad1) is nn.ConstantPad2d
+    assert type(model.pad0) is nn.Identity and isinstance(model.dw, nn.Conv2d)
+    with torch.no_grad():
+        assert (model(TEST) - ref(TEST)).norm() / ref(TEST).norm() < 0.05
+    # dynamic quantization (no calibration data) absorbs the padding as well
+    model = copy.deepcopy(ref)
+    _, res = pycompress.quantize(model, return_result=True, warn=False)
+    assert res.padded == {"conv0": "pad0", "dw": "pad1"} and not res.uint8_edges
+    assert model.dw.padding == (1, 2, 1, 2)
+    with torch.no_grad():
+        assert (model(TEST) - ref(TEST)).norm() / ref(TEST).norm() < 0.05
+
+
+def test_absorbed_padding_under_torch_export_and_compile():
+    torch.manual_seed(0)
+    model = _randomize_bn(PadConvNet())
+    _, res = pycompress.quantize(model, calibration_data=CALIB, return_result=True, warn=False)
+    assert res.padded == {"conv0": "pad0", "dw": "pad1"} and ("conv0", "dw") in res.uint8_edges
+    x = TEST[:3]
+    with torch.no_grad():
+        want = model(x)
+        assert torch.equal(torch.export.export(model, (x,)).module()(x), want)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_export_of_asymmetric_padding_runs_in_onnxruntime(tmp_path, exporter):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from pycompress.export import onnx as onnx_export
+
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+        if not onnx_export._exporter_supports_dynamo():
+            pytest.skip("this torch.onnx has no dynamo exporter with custom translation tables")
+    torch.manual_seed(0)
+    for calibrated in (True, False):
+        model = _randomize_bn(PadConvNet())
+        pycompress.quantize(model, calibration_data=CALIB if calibrated else None, warn=False)
+        path = pycompress.export_onnx(model, TEST[:2], tmp_path / f"m{calibrated}.onnx", exporter=exporter)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        x = TEST[4:9]
+        y = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        with torch.no_grad():
+            ref = model(x)
+        (st,) = onnx_export.compare_outputs([ref], [y.numpy()])
+        assert st["cosine"] >= 0.99999 and st["max_abs"] <= 1e-3 * st["scale"], st
