@@ -497,3 +497,31 @@ def test_onnx_export_of_asymmetric_padding_runs_in_onnxruntime(tmp_path, exporte
             ref = model(x)
         (st,) = onnx_export.compare_outputs([ref], [y.numpy()])
         assert st["cosine"] >= 0.99999 and st["max_abs"] <= 1e-3 * st["scale"], st
+
+
+# --------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", PAD_CASES + [(2, 32, 9, 12, 48, (3, 3), 2, (0, 1, 0, 1), 1, 1),
+                                              (1, 64, 10, 9, 64, (3, 3), 1, (2, 0, 1, 2), 1, 2)],
+                         ids=[f"p{i}" for i in range(len(PAD_CASES))] + ["gemm_s2", "gemm_groups"])
+@pytest.mark.parametrize("kind", ["uint8", "float_dynamic"])
+def test_cuda_asymmetric_padding_same_bits_as_cpu(case, kind):
+    """The CUDA kernels place taps by the top / left padding and take Ho / Wo from the binding:
+    the CPU kernels' bits (checked there against F.pad + F.conv2d) for every padding."""
+    from test_int8_conv_ops import make_input, make_weight
+
+    import pycompress.ops as ops
+
+    c = _pad_case(case)
+    x, scale, zp = make_input(kind, c["n"], c["cin"], c["h"], c["w"])
+    w, ws = make_weight(c["cout"], c["cin"] // c["groups"], c["k"])
+    bias = torch.randn(c["cout"])
+    for act, out_dtype in (("none", None), ("relu6", None), ("relu", torch.uint8)):
+        kw = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"],
+                  activation=act, out_dtype=out_dtype, out_scale=0.05, out_zero_point=3)
+        want = ops.int8_conv2d(x, w, ws, bias, x_scale=scale, x_zero_point=zp, **kw)
+        cuda = (lambda t: None if t is None else t.cuda())
+        got = ops.int8_conv2d(x.cuda(), w.cuda(), ws.cuda(), bias.cuda(), x_scale=cuda(scale),
+                              x_zero_point=cuda(zp), **kw)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert torch.equal(got.cpu(), want), (act, (got.cpu().float() - want.float()).abs().max())
