@@ -525,3 +525,32 @@ def test_cuda_asymmetric_padding_same_bits_as_cpu(case, kind):
                               x_zero_point=cuda(zp), **kw)
         assert got.shape == want.shape and got.dtype == want.dtype
         assert torch.equal(got.cpu(), want), (act, (got.cpu().float() - want.float()).abs().max())
+
+
+# --------------------------------------------------------------------------- torch's asymmetric "same"
+@pytest.mark.parametrize("k,dilation,groups", [((4, 4), 1, 1), ((2, 3), (1, 2), 1), ((4, 4), 1, 8), ((3, 3), 1, 1)])
+def test_same_padding_with_an_even_receptive_field(k, dilation, groups):
+    """torch pads "same" with the extra row / column after the image: so does Int8Conv2d, bit
+    for bit against the unpadded layer on torch's padded input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, k, padding="same", dilation=dilation, groups=groups)
+    q = Int8Conv2d.from_float(conv, input_quantization=(0.05, 100))
+    tot = [d * (kk - 1) for d, kk in zip(conv.dilation, conv.kernel_size)]
+    p4 = (tot[0] // 2, tot[0] - tot[0] // 2, tot[1] // 2, tot[1] - tot[1] // 2)
+    assert q.padding4 == p4 and (len(q.padding) == 4) == (tot[0] % 2 == 1 or tot[1] % 2 == 1)
+    x = torch.randn(2, 8, 9, 10)
+    plain = copy.deepcopy(q)
+    plain.padding = (0, 0)
+    with torch.no_grad():
+        y = q(x)
+        assert y.shape == conv(x).shape
+        assert torch.equal(y, plain(F.pad(x, (p4[2], p4[3], p4[0], p4[1]))))
+        assert (y - conv(x)).norm() / conv(x).norm() < 0.02
+        torch.testing.assert_close(q.to_float()(x), F.conv2d(x, q.dequantized_weight(), q.bias, padding="same",
+                                                             dilation=conv.dilation, groups=groups))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), copy.deepcopy(conv))
+    ref = copy.deepcopy(model)
+    _, res = pycompress.quantize(model, calibration_data=CALIB, return_result=True, warn=False)
+    assert res.convs == ["0", "2"] and not res.skipped and res.bias_corrected == ["0", "2"]
+    with torch.no_grad():
+        assert (model(TEST) - ref(TEST)).norm() / ref(TEST).norm() < 0.05

@@ -62,20 +62,19 @@ def pad_module_padding(pad: nn.Module) -> tuple[int, int, int, int] | None:
     return None
 
 
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The symmetric (top = bottom, left = right) zero padding of ``conv`` as a pair, or None when
-    torch pads it asymmetrically (``padding="same"`` with an even receptive field)."""
+def conv_padding(conv: nn.Conv2d) -> tuple[int, ...]:
+    """The zero padding of ``conv``: ``(ph, pw)`` on both sides, or ``(top, bottom, left, right)``
+    where torch pads asymmetrically (``padding="same"`` with an even receptive field ``d * (k - 1)``:
+    the extra row / column goes after the image, as torch's own ``"same"`` does)."""
     p = conv.padding
     if isinstance(p, str):
         if p == "valid":
             return (0, 0)
-        out = []
+        sides = []
         for d, k in zip(conv.dilation, conv.kernel_size):
             total = d * (k - 1)
-            if total % 2:
-                return None
-            out.append(total // 2)
-        return (out[0], out[1])
+            sides += [total // 2, total - total // 2]
+        return _padding(tuple(sides))
     return (int(p[0]), int(p[1]))
 
 
@@ -295,23 +294,21 @@ class Int8Conv2d(nn.Module):
 
         Raises:
             TypeError: not an ``nn.Conv2d`` or a weight that is not floating point.
-            ValueError: another padding mode, asymmetric ``"same"`` padding, NaN/inf weights or
-                bias, bad quantization parameters.
+            ValueError: another padding mode, NaN/inf weights or bias, bad quantization
+                parameters.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only zero padding)")
         padding = conv_padding(conv)
-        if padding is None:
-            raise ValueError("padding='same' with an even receptive field pads asymmetrically; not supported")
         if pad is not None:
             extra = pad_module_padding(pad)
             if extra is None:
                 raise ValueError(f"from_float: pad must be an nn.ZeroPad2d or an nn.ConstantPad2d with value 0 "
                                  f"and padding >= 0, got {pad!r}")
-            t, b, l, r = extra
-            padding = _padding((padding[0] + t, padding[0] + b, padding[1] + l, padding[1] + r))
+            own = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
+            padding = _padding(tuple(a + b for a, b in zip(own, extra)))
         if not conv.weight.dtype.is_floating_point:
             raise TypeError(f"the weight dtype {conv.weight.dtype} is not a floating type")
         w = conv.weight.detach().float()

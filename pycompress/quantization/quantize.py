@@ -10,9 +10,8 @@ What is converted
     Every other layer computing a linear map is left alone and listed with the reason:
     ``nn.Linear`` inside ``nn.MultiheadAttention`` (it reads the weight directly instead of
     calling the layer), ``SparseLinear`` (quantize before ``deploy_pruned``), ``nn.Conv1d/3d``
-    and the transposed convolutions, convs with another ``padding_mode`` or an asymmetric
-    ``"same"`` padding, ``nn.Bilinear``, a ``Conv1D`` subclass or one of unknown layout, the root
-    module, and any layer the int8 constructors refuse. Embeddings and normalization layers are
+    and the transposed convolutions, convs with another ``padding_mode``, ``nn.Bilinear``, a
+    ``Conv1D`` subclass or one of unknown layout, the root module, and any layer the int8 constructors refuse. Embeddings and normalization layers are
     not linear layers and are never touched (a BatchNorm folded into a conv is replaced by
     ``nn.Identity``, see below).
 
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
-from pycompress.nn.int8_conv import Int8Conv2d, activation_function, conv_padding
+from pycompress.nn.int8_conv import Int8Conv2d, activation_function
 from pycompress.quantization import fuse, observers
 
 __all__ = ["quantize", "QuantizationResult", "QUANT_MODES"]
@@ -170,11 +169,6 @@ def _conv_skip_reason(module: nn.Module, mode: str) -> str | None:
         return f"{type(module).__name__} is a subclass of nn.Conv2d with its own behaviour"
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r}: Int8Conv2d pads with zeros only"
-    padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
-    if padding == "same":
-        for d, k in zip(module.dilation, module.kernel_size):
-            if (d * (k - 1)) % 2:
-                return "padding='same' with an even receptive field pads asymmetrically; Int8Conv2d pads symmetrically"
     if module.weight.dtype not in _FLOAT_DTYPES:
         return f"weight dtype {module.weight.dtype} is not a floating type supported by Int8Conv2d"
     return None
@@ -304,7 +298,7 @@ class _Calibration:
             scale = q.input_scale.float().to(dev)
             inv = 1.0 / scale
             zp = q.input_zero_point.float().to(dev)
-            cfg = dict(stride=folded.stride, padding=conv_padding(folded), dilation=folded.dilation,
+            cfg = dict(stride=folded.stride, padding=folded.padding, dilation=folded.dilation,
                        groups=folded.groups)
             pending: list[torch.Tensor] = []
 
