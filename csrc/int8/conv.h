@@ -8,7 +8,10 @@
 //   y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co], then the activation in fp32,
 //   then fp32 / fp16 / bf16 out, or requantized: clamp(nearbyint(y * out_inv) + out_zp).
 //
-// Padding positions hold the zero point (they add nothing to acc).
+// Padding positions hold the zero point (they add nothing to acc). Padding may be asymmetric:
+// ph / pw are the rows above / columns left of the image, which place every tap
+// (iy = oy * sh - ph + ky * dh, ix = ox * sw - pw + kx * dw); pb / pr (below / right) only set
+// Ho / Wo, since every tap outside [0, H) x [0, W) is padding whichever side it lies on.
 //
 // Regular and grouped convs are implicit GEMMs on the packed int8 GEMM (int8/gemm.h): per group,
 // the weight is the [Cout / groups, K] matrix with K = kh * kw * (Cin / groups) in (ky, kx, c)
@@ -29,7 +32,8 @@ namespace pyc {
 struct Int8ConvGeom {
   int64_t N = 0, C = 0, H = 0, W = 0;  // input [N, C, H, W], NHWC memory
   int64_t Cout = 0, kh = 1, kw = 1;
-  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;
+  int64_t sh = 1, sw = 1, ph = 0, pw = 0, dh = 1, dw = 1;  // ph, pw: top and left padding
+  int64_t pb = 0, pr = 0;  // bottom and right padding (only Ho / Wo depend on them)
   int64_t groups = 1;
   int64_t Ho = 0, Wo = 0;  // from int8_conv_out_size
 
@@ -39,11 +43,18 @@ struct Int8ConvGeom {
   bool depthwise() const { return groups == C && groups == Cout; }
 };
 
-// (in + 2 * pad - dil * (k - 1) - 1) / stride + 1, or a value <= 0 when the kernel does not fit.
+// (in + pad_lo + pad_hi - dil * (k - 1) - 1) / stride + 1, or a value <= 0 when the kernel does
+// not fit.
+inline int64_t int8_conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad_lo,
+                                  int64_t pad_hi, int64_t dil) {
+  const int64_t span = in + pad_lo + pad_hi - dil * (k - 1) - 1;
+  return span < 0 ? 0 : span / stride + 1;
+}
+
+// The same with pad on both sides.
 inline int64_t int8_conv_out_size(int64_t in, int64_t k, int64_t stride, int64_t pad,
                                   int64_t dil) {
-  const int64_t span = in + 2 * pad - dil * (k - 1) - 1;
-  return span < 0 ? 0 : span / stride + 1;
+  return int8_conv_out_size(in, k, stride, pad, pad, dil);
 }
 
 // Bytes of the packed weight (only Cout, C, kh, kw and groups matter).

@@ -36,13 +36,23 @@ std::vector<int64_t> pair_arg(at::IntArrayRef v, const char* name, int64_t min) 
   return {v[0], v[1]};
 }
 
+// padding: [ph, pw] (both sides) or [top, bottom, left, right]; returns {top, bottom, left, right}.
+std::vector<int64_t> padding_arg(at::IntArrayRef v) {
+  TORCH_CHECK_VALUE(v.size() == 2 || v.size() == 4, kOp,
+                    ": padding must have 2 values [ph, pw] or 4 [top, bottom, left, right], got ",
+                    v.size(), " (", v, ")");
+  for (int64_t e : v) TORCH_CHECK_VALUE(e >= 0, kOp, ": padding values must be >= 0, got ", v);
+  if (v.size() == 2) return {v[0], v[0], v[1], v[1]};
+  return {v[0], v[1], v[2], v[3]};
+}
+
 // Geometry from w [Cout, Cin / groups, kh, kw] and the conv arguments (x sizes N, C, H, W).
 Int8ConvGeom make_geom(at::IntArrayRef xs, const at::Tensor& w, at::IntArrayRef stride,
                        at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   TORCH_CHECK(w.dim() == 4, kOp, ": w must be 4-D [Cout, Cin/groups, kh, kw], got ", w.dim(), "-D");
   TORCH_CHECK_TYPE(w.scalar_type() == at::kChar, kOp, ": w must be int8, got ", w.scalar_type());
   TORCH_CHECK(groups >= 1, kOp, ": groups must be >= 1, got ", groups);
-  const auto s = pair_arg(stride, "stride", 1), p = pair_arg(padding, "padding", 0),
+  const auto s = pair_arg(stride, "stride", 1), p = padding_arg(padding),
              d = pair_arg(dilation, "dilation", 1);
   Int8ConvGeom g;
   g.N = xs[0];
@@ -63,12 +73,14 @@ Int8ConvGeom make_geom(at::IntArrayRef xs, const at::Tensor& w, at::IntArrayRef 
   g.sh = s[0];
   g.sw = s[1];
   g.ph = p[0];
-  g.pw = p[1];
+  g.pb = p[1];
+  g.pw = p[2];
+  g.pr = p[3];
   g.dh = d[0];
   g.dw = d[1];
   g.groups = groups;
-  g.Ho = int8_conv_out_size(g.H, g.kh, g.sh, g.ph, g.dh);
-  g.Wo = int8_conv_out_size(g.W, g.kw, g.sw, g.pw, g.dw);
+  g.Ho = int8_conv_out_size(g.H, g.kh, g.sh, g.ph, g.pb, g.dh);
+  g.Wo = int8_conv_out_size(g.W, g.kw, g.sw, g.pw, g.pr, g.dw);
   TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, kOp, ": the output would be empty: input ", g.H, "x", g.W,
               " with padding ", padding, " is smaller than the dilated kernel ",
               g.dh * (g.kh - 1) + 1, "x", g.dw * (g.kw - 1) + 1);
@@ -303,7 +315,7 @@ TORCH_LIBRARY_FRAGMENT(pycompress, m) {
   m.def("int8_conv2d_pack_weight(Tensor w, int groups) -> Tensor");
   m.def(
       "int8_conv2d(Tensor x, Tensor? x_scale, Tensor? x_zero_point, Tensor w, Tensor w_scale, "
-      "Tensor? bias, Tensor? w_packed, int[2] stride, int[2] padding, int[2] dilation, int groups, "
+      "Tensor? bias, Tensor? w_packed, int[2] stride, int[] padding, int[2] dilation, int groups, "
       "str activation, ScalarType? out_dtype, float out_scale, int out_zero_point) -> Tensor");
 }
 

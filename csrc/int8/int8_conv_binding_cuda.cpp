@@ -141,10 +141,19 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
   TORCH_CHECK(C == w_in.size(1) * groups, kOp, ": x has ", C, " channels but w ", w_in.sizes(),
               " with groups = ", groups, " expects ", w_in.size(1) * groups);
   const auto stride = pair_arg(stride_in, "stride", 1);
-  const auto padding = pair_arg(padding_in, "padding", 0);
+  // padding: [ph, pw] (both sides) or [top, bottom, left, right]; the kernels place the taps
+  // by the top / left padding, the bottom / right padding only sets Ho / Wo
+  TORCH_CHECK_VALUE(padding_in.size() == 2 || padding_in.size() == 4, kOp,
+                    ": padding must have 2 values [ph, pw] or 4 [top, bottom, left, right], got ",
+                    padding_in.size(), " (", padding_in, ")");
+  for (int64_t e : padding_in)
+    TORCH_CHECK_VALUE(e >= 0, kOp, ": padding values must be >= 0, got ", padding_in);
+  const bool pad4 = padding_in.size() == 4;
+  const int64_t pad_t = padding_in[0], pad_b = pad4 ? padding_in[1] : padding_in[0];
+  const int64_t pad_l = pad4 ? padding_in[2] : padding_in[1], pad_r = pad4 ? padding_in[3] : padding_in[1];
   const auto dilation = pair_arg(dilation_in, "dilation", 1);
-  const int64_t span_h = H + 2 * padding[0] - dilation[0] * (kh - 1) - 1;
-  const int64_t span_w = W + 2 * padding[1] - dilation[1] * (kw - 1) - 1;
+  const int64_t span_h = H + pad_t + pad_b - dilation[0] * (kh - 1) - 1;
+  const int64_t span_w = W + pad_l + pad_r - dilation[1] * (kw - 1) - 1;
   TORCH_CHECK(span_h >= 0 && span_w >= 0, kOp, ": the output would be empty: input ", H, "x", W,
               ", kernel ", kh, "x", kw, ", padding ", padding_in, ", dilation ", dilation_in);
   const int64_t Ho = span_h / stride[0] + 1, Wo = span_w / stride[1] + 1;
@@ -230,8 +239,8 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
   a.kw = kw;
   a.stride_h = stride[0];
   a.stride_w = stride[1];
-  a.pad_h = padding[0];
-  a.pad_w = padding[1];
+  a.pad_h = pad_t;
+  a.pad_w = pad_l;
   a.dil_h = dilation[0];
   a.dil_w = dilation[1];
   a.groups = groups;

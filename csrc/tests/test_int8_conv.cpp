@@ -19,6 +19,7 @@ int failures = 0;
 
 struct Case {
   int64_t N, C, H, W, Cout, kh, kw, s, p, d, groups;
+  int64_t pb = -1, pr = -1;  // bottom / right padding when it differs from p (top / left)
 };
 
 // The expected output (fp32 or requantized bytes) of one element, the kernel's expression order.
@@ -40,10 +41,12 @@ void check_case(int isa, const Case& cs, bool x_signed, bool quant_out, std::mt1
   g.kw = cs.kw;
   g.sh = g.sw = cs.s;
   g.ph = g.pw = cs.p;
+  g.pb = cs.pb < 0 ? cs.p : cs.pb;
+  g.pr = cs.pr < 0 ? cs.p : cs.pr;
   g.dh = g.dw = cs.d;
   g.groups = cs.groups;
-  g.Ho = pyc::int8_conv_out_size(g.H, g.kh, g.sh, g.ph, g.dh);
-  g.Wo = pyc::int8_conv_out_size(g.W, g.kw, g.sw, g.pw, g.dw);
+  g.Ho = pyc::int8_conv_out_size(g.H, g.kh, g.sh, g.ph, g.pb, g.dh);
+  g.Wo = pyc::int8_conv_out_size(g.W, g.kw, g.sw, g.pw, g.pr, g.dw);
   const int64_t Cg = g.cin_g(), Coutg = g.cout_g(), taps = g.kh * g.kw;
   std::uniform_int_distribution<int> byte(0, 255), wdist(-128, 127);
   std::vector<uint8_t> x(g.N * g.H * g.W * g.C);
@@ -182,6 +185,10 @@ int main() {
       {1, 18, 12, 11, 18, 5, 5, 2, 2, 1, 18},  // depthwise 5x5 stride 2
       {1, 3, 5, 5, 6, 5, 5, 1, 0, 1, 1},       // output 1x1
       {1, 160, 7, 7, 48, 3, 3, 1, 1, 1, 1},    // K = 1440 (several 64-k steps, tail)
+      {1, 19, 8, 10, 33, 3, 3, 2, 0, 1, 1, 1, 1},     // TF "SAME" stride 2: padding only after
+      {2, 64, 5, 6, 32, 1, 1, 1, 0, 1, 1, 2, 1},      // 1x1 stride 1 padded after: not in place
+      {1, 40, 14, 16, 40, 5, 5, 2, 1, 1, 40, 2, 2},   // depthwise 5x5 stride 2, 1 before, 2 after
+      {2, 24, 9, 10, 24, 3, 3, 1, 2, 1, 24, 0, 1},    // depthwise 3x3, more before than after
   };
   const int max_isa = static_cast<int>(pyc::max_cpu_isa());
   for (int isa = 0; isa <= max_isa; ++isa) {

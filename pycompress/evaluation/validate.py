@@ -22,6 +22,7 @@ from torch import nn
 
 from pycompress import _utils
 from pycompress.nn import registry
+from pycompress.nn.int8_conv import pad_module_padding
 
 __all__ = ["validate", "ValidationReport", "LayerError", "DEFAULT_TOLERANCE", "TOLERANCE_KEYS"]
 
@@ -321,12 +322,18 @@ class _LayerProbe:
     def __init__(self, name: str, rmod: nn.Module, cmod: nn.Module, ref_modules: dict[str, nn.Module] | None = None):
         self.err = LayerError(name, type(rmod).__name__, type(cmod).__name__)
         self.cmod = cmod
-        # the reference modules a converted layer absorbed (folded BatchNorm, fused activation),
-        # applied to the reference layer's output so both sides compute the same function
+        # the reference modules a converted layer absorbed: a zero-padding module before it (the
+        # converted layer takes that module's input, captured by a pre-hook), and a folded
+        # BatchNorm and fused activation applied to the reference layer's output, so that both
+        # sides compute the same function (pad -> conv -> BN -> activation)
         fused = getattr(cmod, "fused_modules", ())
-        self.ref_chain = [ref_modules[n] for n in fused if ref_modules is not None and n in ref_modules]
-        if len(self.ref_chain) != len(fused):
+        chain = [ref_modules[n] for n in fused if ref_modules is not None and n in ref_modules]
+        self.pads = [ref_modules[n] for n in fused if ref_modules is not None and n in ref_modules
+                     and pad_module_padding(ref_modules[n]) is not None]
+        self.ref_chain = [m for m in chain if not any(m is p for p in self.pads)]
+        if len(chain) != len(fused) or any(m is not p for m, p in zip(chain, self.pads)) or len(self.pads) > 1:
             self.ref_chain = None
+        self.pad_inputs: list[tuple] = []  # the inputs of the padding module, one per call
         self.acc = _Acc()
         self.failure: str | None = None
         change = _width_change(rmod, cmod)
@@ -336,13 +343,23 @@ class _LayerProbe:
             self.skipped = f"shape differs from the reference ({change}): not compared"
         self.change = change
 
+    def capture_pad_input(self, module, args):
+        self.pad_inputs.append(tuple(args))
+
     def __call__(self, module, args, kwargs, output):
         if self.failure is not None or self.skipped is not None:
+            self.pad_inputs.clear()
             return
         ref_out = output
         try:
             if self.ref_chain is None:
-                raise ValueError(f"its fused modules {list(self.cmod.fused_modules)} are not all in the reference")
+                raise ValueError(f"its fused modules {list(self.cmod.fused_modules)} are not all in the reference "
+                                 "(or not as a padding module before it and modules after it)")
+            if self.pads:
+                if not self.pad_inputs:
+                    raise ValueError("the padding module it computes did not run before it")
+                args = self.pad_inputs.pop()
+                self.pad_inputs.clear()
             for m in self.ref_chain:
                 ref_out = m(ref_out)
             dev = _utils.model_device(self.cmod)
@@ -454,6 +471,8 @@ def validate(
             probe = _LayerProbe(name, rmod, cmod, ref_modules)
             probes.append(probe)
             handles.append(rmod.register_forward_hook(probe, with_kwargs=True))
+            for pad in probe.pads:
+                handles.append(pad.register_forward_pre_hook(probe.capture_pad_input))
 
     acc = _Acc()
     where = None

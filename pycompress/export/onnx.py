@@ -153,7 +153,7 @@ def _define_ops() -> None:
                     in_scale: Optional[torch.Tensor], in_zp: Optional[torch.Tensor],
                     out_scale: Optional[torch.Tensor], out_zp: Optional[torch.Tensor],
                     params: list[int], act: int, fmt: int) -> torch.Tensor:
-        stride, padding, dilation, groups = params[0:2], params[2:4], params[4:6], params[6]
+        stride, padding, dilation, groups = params[0:2], params[2:6], params[6:8], params[8]
         out_dtype = torch.uint8 if out_scale is not None else None
         y = torch.ops.pycompress.int8_conv2d(
             x, None if in_scale is None else in_scale.reshape(1), None if in_zp is None else in_zp.reshape(1), _signed(w), w_scale.reshape(-1), None if bias is None else bias.reshape(-1),
@@ -165,10 +165,10 @@ def _define_ops() -> None:
 
     @int8_conv2d.register_fake
     def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
-        (sh, sw), (ph, pw), (dh, dw) = params[0:2], params[2:4], params[4:6]
+        (sh, sw), (pt, pb, pl, pr), (dh, dw) = params[0:2], params[2:6], params[6:8]
         kh, kw = w.shape[2], w.shape[3]
-        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
         return x.new_empty((x.shape[0], w.shape[0], ho, wo), dtype=torch.float32)
 
     _OPS_DEFINED = True
@@ -253,7 +253,8 @@ class _ExportInt8Conv2d(nn.Module):
         for name in ("input_scale", "input_zero_point", "output_scale", "output_zero_point"):
             v = getattr(layer, name)
             self.register_buffer(name, None if v is None else v.detach().cpu().reshape(()).clone())  # scalars
-        self.params = [*layer.stride, *layer.padding, *layer.dilation, int(layer.groups)]
+        # stride, padding (top, bottom, left, right), dilation, groups
+        self.params = [*layer.stride, *layer.padding4, *layer.dilation, int(layer.groups)]
         self.act = _CONV_ACTIVATIONS.index(layer.activation)
 
     def forward(self, x):
@@ -429,9 +430,9 @@ def _reduce_chw(b: _Builder, x, op: str):
 def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
                       params, act: int, fmt: int):
     """Quantization to uint8 + ``ConvInteger`` + the op's fp32 epilogue (see the module doc)."""
-    stride, padding, dilation, groups = list(params[0:2]), list(params[2:4]), list(params[4:6]), int(params[6])
-    conv_attrs = dict(strides=stride, pads=[padding[0], padding[1], padding[0], padding[1]],
-                      dilations=dilation, group=groups)
+    stride, padding, dilation, groups = list(params[0:2]), list(params[2:6]), list(params[6:8]), int(params[8])
+    top, bottom, left, right = padding  # ONNX pads: [top, left, bottom, right]
+    conv_attrs = dict(strides=stride, pads=[top, left, bottom, right], dilations=dilation, group=groups)
     w_zp = [b.const(np.array(128, np.uint8))] if INT8_FORMATS[fmt] == "u8u8" else []
     f32, i32, u8 = 1, 6, 2
     if in_scale is not None:

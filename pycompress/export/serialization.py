@@ -487,8 +487,9 @@ def _plan_layers(manifest: dict, model: nn.Module, root: Path, plan: dict[str, n
 
 
 # modules that quantize() replaces by nn.Identity (a BatchNorm folded into a conv, an activation
-# computed in its epilogue); load() replaces them the same way in a fresh model
-_IDENTITY_REPLACEABLE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish)
+# computed in its epilogue, a zero-padding module computed by the conv); load() replaces them the
+# same way in a fresh model
+_IDENTITY_REPLACEABLE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.ZeroPad2d, nn.ConstantPad2d)
 
 
 def _identities(model: nn.Module, skip: list[str]) -> list[str]:
@@ -513,8 +514,8 @@ def _plan_identities(manifest: dict, model: nn.Module, root: Path, plan: dict[st
             continue
         if type(current) not in _IDENTITY_REPLACEABLE:
             raise ValueError(f"{root}: architecture mismatch — module {name!r} was saved as nn.Identity but the "
-                             f"model's is a {type(current).__name__} (only BatchNorm2d and activation modules are "
-                             "replaced by nn.Identity when a conv is quantized)")
+                             f"model's is a {type(current).__name__} (only BatchNorm2d, activation and zero-padding "
+                             "modules are replaced by nn.Identity when a conv is quantized)")
         new = nn.Identity()
         new.train(current.training)
         plan[name] = new

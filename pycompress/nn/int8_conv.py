@@ -37,20 +37,44 @@ def _pair(v, name: str) -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
 
 
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """The symmetric (top = bottom, left = right) zero padding of ``conv`` as a pair, or None when
-    torch pads it asymmetrically (``padding="same"`` with an even receptive field)."""
+def _padding(v) -> tuple[int, ...]:
+    """``(ph, pw)`` (both sides) or, when the sides differ, ``(top, bottom, left, right)``."""
+    if isinstance(v, (tuple, list)) and len(v) == 4 and all(isinstance(a, int) and not isinstance(a, bool) for a in v):
+        t, b, l, r = (int(a) for a in v)
+        return (t, l) if t == b and l == r else (t, b, l, r)
+    try:
+        return _pair(v, "padding")
+    except ValueError:
+        raise ValueError(f"padding must be an int, a pair of ints or 4 ints (top, bottom, left, right), "
+                         f"got {v!r}") from None
+
+
+def pad_module_padding(pad: nn.Module) -> tuple[int, int, int, int] | None:
+    """``(top, bottom, left, right)`` of a zero-padding module (``nn.ZeroPad2d``, or
+    ``nn.ConstantPad2d`` with value 0) that only adds rows and columns, else None."""
+    if type(pad) is nn.ZeroPad2d or (type(pad) is nn.ConstantPad2d and float(pad.value) == 0.0):
+        p = pad.padding
+        if isinstance(p, int):
+            p = (p, p, p, p)
+        if len(p) == 4 and all(isinstance(a, int) and not isinstance(a, bool) and a >= 0 for a in p):
+            left, right, top, bottom = (int(a) for a in p)
+            return (top, bottom, left, right)
+    return None
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, ...]:
+    """The zero padding of ``conv``: ``(ph, pw)`` on both sides, or ``(top, bottom, left, right)``
+    where torch pads asymmetrically (``padding="same"`` with an even receptive field ``d * (k - 1)``:
+    the extra row / column goes after the image, as torch's own ``"same"`` does)."""
     p = conv.padding
     if isinstance(p, str):
         if p == "valid":
             return (0, 0)
-        out = []
+        sides = []
         for d, k in zip(conv.dilation, conv.kernel_size):
             total = d * (k - 1)
-            if total % 2:
-                return None
-            out.append(total // 2)
-        return (out[0], out[1])
+            sides += [total // 2, total - total // 2]
+        return _padding(tuple(sides))
     return (int(p[0]), int(p[1]))
 
 
@@ -86,6 +110,11 @@ class Int8Conv2d(nn.Module):
 
     Inputs: float32 / float16 / bfloat16 ``[N, C, H, W]`` tensors, or uint8 tensors already
     quantized with this layer's static input quantization.
+
+    Padding (with the input's zero point, the real value 0) is ``padding = (ph, pw)`` on both
+    sides, or ``(top, bottom, left, right)`` when the sides differ: ``from_float(conv, pad=...)``
+    adds a zero-padding module that ran before the conv (TensorFlow's "SAME" padding of stride-2
+    convs, one more row and column after the image), so that the module's float copy never runs.
 
     Buffers (all in ``state_dict``): ``weight`` int8 ``[out, in / groups, kh, kw]``,
     ``weight_scale`` fp32 ``[out]``, ``bias`` fp32 ``[out]`` or None, ``input_scale`` fp32 ``[1]``
@@ -136,7 +165,8 @@ class Int8Conv2d(nn.Module):
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.kernel_size = _pair(kernel_size, "kernel_size")
         self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
+        # (ph, pw) on both sides, or (top, bottom, left, right) when the sides differ
+        self.padding = _padding(padding)
         self.dilation = _pair(dilation, "dilation")
         if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"kernel_size, stride, dilation must be >= 1 and padding >= 0, got kernel_size="
@@ -196,6 +226,12 @@ class Int8Conv2d(nn.Module):
         return torch.uint8 if self.output_scale is not None else None
 
     @property
+    def padding4(self) -> tuple[int, int, int, int]:
+        """The zero-point padding as ``(top, bottom, left, right)``."""
+        p = self.padding
+        return tuple(p) if len(p) == 4 else (p[0], p[0], p[1], p[1])
+
+    @property
     def weight_shape(self) -> tuple[int, int, int, int]:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
 
@@ -243,27 +279,36 @@ class Int8Conv2d(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_float(cls, conv: nn.Conv2d, activation: str = "none", input_quantization=None,
-                   output_quantization=None) -> "Int8Conv2d":
+                   output_quantization=None, pad: nn.Module | None = None) -> "Int8Conv2d":
         """Quantizes ``conv`` (per output channel: ``scale = absmax / 127``, round half to even).
 
         Args:
             conv: an ``nn.Conv2d`` with zero padding (``padding_mode="zeros"``) and float weights.
+            pad: a zero-padding module applied before ``conv`` (``nn.ZeroPad2d``, or
+                ``nn.ConstantPad2d`` with value 0, non-negative padding) that the layer computes as
+                well: its padding is added to the conv's own (possibly asymmetric, stored as
+                ``(top, bottom, left, right)``); the caller replaces the module by ``nn.Identity``.
             activation: the activation to apply after the bias (see :data:`ACTIVATIONS`).
             input_quantization: ``None`` (dynamic per image) or ``(scale, zero_point)``.
             output_quantization: ``None`` (float output) or ``(scale, zero_point)`` for uint8 output.
 
         Raises:
             TypeError: not an ``nn.Conv2d`` or a weight that is not floating point.
-            ValueError: another padding mode, asymmetric ``"same"`` padding, NaN/inf weights or
-                bias, bad quantization parameters.
+            ValueError: another padding mode, NaN/inf weights or bias, bad quantization
+                parameters.
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_float expects an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported (only zero padding)")
         padding = conv_padding(conv)
-        if padding is None:
-            raise ValueError("padding='same' with an even receptive field pads asymmetrically; not supported")
+        if pad is not None:
+            extra = pad_module_padding(pad)
+            if extra is None:
+                raise ValueError(f"from_float: pad must be an nn.ZeroPad2d or an nn.ConstantPad2d with value 0 "
+                                 f"and padding >= 0, got {pad!r}")
+            own = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
+            padding = _padding(tuple(a + b for a, b in zip(own, extra)))
         if not conv.weight.dtype.is_floating_point:
             raise TypeError(f"the weight dtype {conv.weight.dtype} is not a floating type")
         w = conv.weight.detach().float()
@@ -333,17 +378,26 @@ class Int8Conv2d(nn.Module):
         """The dequantized equivalent ``nn.Conv2d`` (fp32, same device).
 
         A fused activation (``self.activation != "none"``) is not part of a ``Conv2d``: with
-        ``with_activation=True`` the result is ``nn.Sequential(conv, activation)`` instead. The
-        activation quantization is not represented (the float layer computes in float).
+        ``with_activation=True`` the result is ``nn.Sequential(conv, activation)`` instead. An
+        asymmetric padding is not either: the result is then ``nn.Sequential(nn.ZeroPad2d, conv)``
+        (the conv unpadded; the activation last with ``with_activation=True``). The activation
+        quantization is not represented (the float layer computes in float).
         """
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, self.groups, bias=self.bias is not None, device=self.weight.device)
+        asym = len(self.padding) == 4
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         (0, 0) if asym else self.padding, self.dilation, self.groups, bias=self.bias is not None,
+                         device=self.weight.device)
         conv.weight.copy_(self.dequantized_weight())
         if self.bias is not None:
             conv.bias.copy_(self.bias.float())
+        parts: list[nn.Module] = []
+        if asym:
+            t, b, l, r = self.padding4
+            parts.append(nn.ZeroPad2d((l, r, t, b)))
+        parts.append(conv)
         if with_activation and self.activation != "none":
-            return nn.Sequential(conv, activation_module(self.activation))
-        return conv
+            parts.append(activation_module(self.activation))
+        return parts[0] if len(parts) == 1 else nn.Sequential(*parts)
 
     # ------------------------------------------------------------------ packing
     @torch.no_grad()
@@ -396,8 +450,9 @@ class Int8Conv2d(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        pt, pb, pl, pr = self.padding4
+        return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -441,7 +496,7 @@ class Int8Conv2d(nn.Module):
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}")
-        if self.padding != (0, 0):
+        if any(self.padding):
             s += f", padding={self.padding}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"

@@ -81,12 +81,39 @@ def _pair(name, v, minimum):
     return [int(v[0]), int(v[1])]
 
 
+def _padding(v) -> list[int]:
+    """``[top, bottom, left, right]`` from an int, a pair ``(ph, pw)`` (both sides) or four values
+    ``(top, bottom, left, right)``."""
+    if isinstance(v, bool):
+        raise TypeError(f"padding must be an int, a pair or 4 ints (top, bottom, left, right), got {v!r}")
+    if isinstance(v, int):
+        v = (v, v)
+    try:
+        v = tuple(v)
+    except TypeError:
+        raise TypeError(f"padding must be an int, a pair or 4 ints (top, bottom, left, right), got {v!r}") from None
+    if len(v) not in (2, 4) or not all(isinstance(e, int) and not isinstance(e, bool) for e in v):
+        raise TypeError(f"padding must be an int, a pair or 4 ints (top, bottom, left, right), got {v!r}")
+    if min(v) < 0:
+        raise ValueError(f"padding values must be >= 0, got {v}")
+    if len(v) == 2:
+        return [int(v[0]), int(v[0]), int(v[1]), int(v[1])]
+    return [int(e) for e in v]
+
+
+def _op_padding(p4: list[int]) -> list[int]:
+    """The op's padding argument: ``[ph, pw]`` when symmetric, else ``[top, bottom, left, right]``."""
+    return [p4[0], p4[2]] if p4[0] == p4[1] and p4[2] == p4[3] else list(p4)
+
+
 def int8_conv2d_output_size(size, kernel, stride=1, padding=0, dilation=1) -> tuple[int, int]:
-    """``(Ho, Wo)`` of a conv over an ``(H, W)`` input; a value < 1 means the kernel does not fit."""
-    s, p, d = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    """``(Ho, Wo)`` of a conv over an ``(H, W)`` input; a value < 1 means the kernel does not fit.
+    ``padding``: an int, ``(ph, pw)`` (both sides) or ``(top, bottom, left, right)``."""
+    s, p, d = _pair("stride", stride, 1), _padding(padding), _pair("dilation", dilation, 1)
     h, w = size
     kh, kw = kernel
-    return ((h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1, (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1)
+    return ((h + p[0] + p[1] - d[0] * (kh - 1) - 1) // s[0] + 1,
+            (w + p[2] + p[3] - d[1] * (kw - 1) - 1) // s[1] + 1)
 
 
 def _check_weight(w, groups):
@@ -119,8 +146,10 @@ def _int8_conv2d_fake(x, x_scale, x_zero_point, w, w_scale, bias, w_packed, stri
     same_device_fake("int8_conv2d", x, w, w_scale, bias)
     n, _, h, wd = x.shape
     cout, _, kh, kw = w.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    torch._check(len(padding) in (2, 4), lambda: "int8_conv2d: padding must have 2 or 4 values")
+    pt, pb, pl, pr = padding if len(padding) == 4 else (padding[0], padding[0], padding[1], padding[1])
+    ho = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (wd + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     torch._check(ho >= 1 and wo >= 1, lambda: "int8_conv2d: the output would be empty")
     if out_dtype is None:
         out_dtype = torch.float32 if x.dtype in _QUANT_DTYPES else x.dtype
@@ -185,7 +214,10 @@ def int8_conv2d(
         w_scale: float32 ``[Cout]`` symmetric per-output-channel scales.
         bias: optional float ``[Cout]``.
         w_packed: optional :func:`int8_conv2d_pack_weight` ``(w, groups)`` (CPU; ignored on CUDA).
-        stride, padding, dilation: ints or pairs (>= 1, >= 0, >= 1).
+        stride, dilation: ints or pairs (>= 1).
+        padding: zero-point padding (>= 0): an int, a pair ``(ph, pw)`` for both sides, or four
+            values ``(top, bottom, left, right)`` (TensorFlow's "SAME" padding of stride-2 convs
+            pads one more row and column after the image than before it).
         groups: divides ``Cin`` and ``Cout``; ``groups == Cin == Cout`` is a depthwise conv.
         activation: ``"none"``, ``"relu"``, ``"relu6"``, ``"silu"`` or ``"hardswish"``.
         out_dtype: ``None`` (float32 for quantized ``x``, ``x.dtype`` for float ``x``), a float
@@ -210,7 +242,7 @@ def int8_conv2d(
     check_tensor("w_scale", w_scale, dtypes=(torch.float32,), ndim=1)
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
-    s, p, d = _pair("stride", stride, 1), _pair("padding", padding, 0), _pair("dilation", dilation, 1)
+    s, p, d = _pair("stride", stride, 1), _padding(padding), _pair("dilation", dilation, 1)
     n, cin, h, wd = x.shape
     cout, cg, kh, kw = w.shape
     if cin % groups != 0:
@@ -222,7 +254,7 @@ def int8_conv2d(
     ho, wo = int8_conv2d_output_size((h, wd), (kh, kw), s, p, d)
     if ho < 1 or wo < 1:
         raise ValueError(
-            f"the output would be empty: input {h}x{wd} with padding {tuple(p)} is smaller than the dilated "
+            f"the output would be empty: input {h}x{wd} with padding {tuple(_op_padding(p))} is smaller than the dilated "
             f"kernel {d[0] * (kh - 1) + 1}x{d[1] * (kw - 1) + 1}"
         )
     if w_scale.shape[0] != cout:
@@ -273,6 +305,6 @@ def int8_conv2d(
     # values inside tensors (finite scales, zero points in range, finite x for dynamic
     # quantization) are checked by the kernel, which raises ValueError naming the problem
     return torch.ops.pycompress.int8_conv2d(
-        x, x_scale, x_zero_point, w, w_scale, bias, w_packed, s, p, d, groups, activation, out_dtype,
+        x, x_scale, x_zero_point, w, w_scale, bias, w_packed, s, _op_padding(p), d, groups, activation, out_dtype,
         float(out_scale), int(out_zero_point),
     )

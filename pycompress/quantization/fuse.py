@@ -4,6 +4,10 @@ int8 chains between convolutions, found with ``torch.fx``.
 The traced graph is only *read*: the model keeps its own module structure (``quantize`` replaces
 modules in place), so every rewrite must be expressible as a module swap:
 
+* a zero-padding module (``nn.ZeroPad2d``, or ``nn.ConstantPad2d`` with value 0, adding rows
+  and columns only) called once, whose output only the conv reads, is computed by the conv
+  (its zero-point padding, asymmetric where the module's is: TensorFlow's "SAME" padding of
+  stride-2 convs) and replaced by ``nn.Identity``;
 * an eval-mode ``nn.BatchNorm2d`` whose only input is a conv's output, and which is that output's
   only user, is folded into the conv and replaced by ``nn.Identity``;
 * a ``nn.ReLU`` / ``nn.ReLU6`` / ``nn.SiLU`` / ``nn.Hardswish`` module that is the only user of the
@@ -19,9 +23,12 @@ modules in place), so every rewrite must be expressible as a module swap:
   conv, through modules that are exact on uint8 tensors only: ``nn.Identity``, ``nn.MaxPool2d``
   (a maximum commutes with the monotonic quantization; such a pool becomes
   :class:`pycompress.nn.Int8MaxPool2d`, which pools uint8 maps with the pycompress kernel, where
-  that kernel runs on the model's device) and ``nn.ReLU`` when the zero point is 0 (then every uint8
-  value stands for a real value >= 0). Residual additions, concatenations, pooling by averages,
-  flattening and model outputs all need float values.
+  that kernel runs on the model's device), and, when the zero point is 0, ``nn.ReLU`` (every uint8
+  value stands for a real value >= 0) and the zero-padding modules ``nn.ZeroPad2d`` and
+  ``nn.ConstantPad2d`` with value 0 (a padded 0 byte stands for the real value 0); a padding
+  module that the consumer computes needs neither (the op pads with the zero point). Residual
+  additions, concatenations, pooling by averages, flattening and model outputs all need float
+  values.
 
 A conv called at more than one place is converted but never folded, fused or chained (its
 neighbours differ per call).
@@ -36,8 +43,10 @@ import torch
 from torch import nn
 
 from pycompress.nn import conv1d, registry
+from pycompress.nn.int8_conv import pad_module_padding
 
-__all__ = ["ConvGroup", "GraphPlan", "analyse", "fold_batchnorm", "FUSABLE_ACTIVATIONS", "maxpool_takes_uint8"]
+__all__ = ["ConvGroup", "GraphPlan", "analyse", "fold_batchnorm", "FUSABLE_ACTIVATIONS", "maxpool_takes_uint8",
+           "is_zero_pad"]
 
 # activation module type -> Int8Conv2d activation name
 FUSABLE_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu",
@@ -47,9 +56,11 @@ _IDEMPOTENT = ("relu", "relu6")
 
 @dataclass
 class ConvGroup:
-    """A conv and the modules computed in its epilogue after conversion."""
+    """A conv, the zero-padding module before it and the modules computed in its epilogue after
+    conversion."""
 
     conv: str
+    pad: str | None = None  # a zero-padding module whose output only the conv reads
     bn: str | None = None
     act: str | None = None
     activation: str = "none"
@@ -58,7 +69,7 @@ class ConvGroup:
     @property
     def replaced(self) -> list[str]:
         """Modules replaced by ``nn.Identity`` when the conv is converted."""
-        return [n for n in (self.bn, self.act if self.act_replaced else None) if n]
+        return [n for n in (self.pad, self.bn, self.act if self.act_replaced else None) if n]
 
     @property
     def last_float_module(self) -> str:
@@ -69,7 +80,8 @@ class ConvGroup:
 @dataclass
 class Chain:
     """A uint8 edge candidate: ``producer``'s output reaches each of ``consumers`` (as their only
-    input) through pass-through modules; ``needs_zero_zp``: a ReLU module is on the way."""
+    input) through pass-through modules; ``needs_zero_zp``: a ReLU or a zero-padding module is
+    on the way."""
 
     producer: str
     consumers: list[str]
@@ -118,6 +130,12 @@ def maxpool_takes_uint8(pool: nn.MaxPool2d, device: torch.device) -> bool:
         return got.dtype == torch.uint8 and torch.equal(got.float(), want)
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
+
+
+def is_zero_pad(m: nn.Module | None) -> bool:
+    """Whether ``m`` is a 2-D padding module that pads with the value 0 (``nn.ZeroPad2d``, or
+    ``nn.ConstantPad2d`` with value 0; negative padding crops)."""
+    return type(m) is nn.ZeroPad2d or (type(m) is nn.ConstantPad2d and float(m.value) == 0.0)
 
 
 def _module_at(modules: dict[str, nn.Module], node: torch.fx.Node) -> nn.Module | None:
@@ -205,6 +223,7 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
             plan.layout_free.add(name)
 
     ends: dict[str, torch.fx.Node] = {}
+    pad_of: dict[str, str] = {}  # padding module -> the conv that computes it
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in convertible:
             continue
@@ -214,6 +233,13 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
         plan.groups[name] = group
         if calls(name) != 1 or len(node.args) != 1 or node.kwargs or read_directly(name):
             continue
+        src = node.args[0]
+        if isinstance(src, torch.fx.Node) and len(src.users) == 1 and src.op == "call_module" \
+                and len(src.args) == 1 and isinstance(src.args[0], torch.fx.Node) and not src.kwargs \
+                and pad_module_padding(_module_at(modules, src)) is not None and calls(src.target) == 1 \
+                and not read_directly(src.target):
+            group.pad = src.target
+            pad_of[src.target] = name
         cur = node
         users = list(cur.users)
         if len(users) == 1 and _single_input_call(users[0], cur):
@@ -260,6 +286,8 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                 if u.target in convertible and u.target in plan.groups and calls(u.target) == 1 \
                         and not read_directly(u.target):
                     consumers.append(u.target)
+                elif u.target in pad_of:  # computed by its conv, with the zero point
+                    consumers.append(pad_of[u.target])
                 elif type(m) is nn.Identity:
                     stack.append(u)
                 elif type(m) is nn.MaxPool2d and not m.return_indices:
@@ -270,7 +298,7 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                         break
                     pools.append(u.target)
                     stack.append(u)
-                elif type(m) is nn.ReLU:
+                elif type(m) is nn.ReLU or is_zero_pad(m):
                     needs_zero_zp = True
                     stack.append(u)
                 else:

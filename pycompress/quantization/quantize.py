@@ -12,15 +12,15 @@ What is converted
     padding, dilation and groups; zero padding only) and ``MaskedConv2d`` becomes ``Int8Conv2d``.
     Every other layer computing a linear map is left alone and listed with the reason:
     a projection of a float ``nn.MultiheadAttention``, ``SparseLinear`` (quantize before ``deploy_pruned``), ``nn.Conv1d/3d``
-    and the transposed convolutions, convs with another ``padding_mode`` or an asymmetric
-    ``"same"`` padding, ``nn.Bilinear``, a ``Conv1D`` subclass or one of unknown layout, the root
+    and the transposed convolutions, convs with another ``padding_mode``, ``nn.Bilinear``, a ``Conv1D`` subclass or one of unknown layout, the root
     module, and any layer the int8 constructors refuse. Embeddings and normalization layers are
     not linear layers and are never touched (a BatchNorm folded into a conv is replaced by
     ``nn.Identity``, see below).
 
 Convolutional networks
     The model is traced with ``torch.fx`` to find, without changing its module structure (see
-    :mod:`pycompress.quantization.fuse`): eval-mode ``BatchNorm2d`` layers after a conv (folded
+    :mod:`pycompress.quantization.fuse`): zero-padding modules whose output only a conv reads
+    (computed by the conv, replaced by ``nn.Identity``), eval-mode ``BatchNorm2d`` layers after a conv (folded
     into its weight and bias, the BatchNorm replaced by ``nn.Identity``), the ReLU / ReLU6 / SiLU /
     Hardswish module after it (computed in the conv's epilogue), and the convs whose output only
     ever feeds other converted convs (their output stays uint8: no float round trip). With
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
-from pycompress.nn.int8_conv import Int8Conv2d, activation_function, conv_padding
+from pycompress.nn.int8_conv import Int8Conv2d, activation_function
 from pycompress.nn.int8_pool import Int8MaxPool2d
 from pycompress.nn.int8_mha import Int8MultiheadAttention, mha_unsupported_reason
 from pycompress.quantization import fuse, observers
@@ -72,10 +72,13 @@ class QuantizationResult:
         skipped: layers left in floating point, with the reason.
         convs: the converted convs (a subset of ``converted``).
         folded: conv -> the BatchNorm folded into it.
+        padded: conv -> the zero-padding module before it that it computes (its padding added to
+            the conv's own).
         fused: conv -> ``{"module": name, "activation": kind, "replaced": bool}``: the activation
             computed in the conv's epilogue (``replaced``: the module became ``nn.Identity``;
             otherwise it is called elsewhere too and stays, a no-op on its own output).
-        identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations).
+        identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations,
+            padding modules computed by a conv).
         uint8_edges: ``(producer, consumer)`` pairs of convs between which the activations stay
             uint8.
         pools: the ``nn.MaxPool2d`` modules on those uint8 edges, now
@@ -99,6 +102,7 @@ class QuantizationResult:
     skipped: dict[str, str] = field(default_factory=dict)
     convs: list[str] = field(default_factory=list)
     folded: dict[str, str] = field(default_factory=dict)
+    padded: dict[str, str] = field(default_factory=dict)
     fused: dict[str, dict] = field(default_factory=dict)
     identities: list[str] = field(default_factory=list)
     uint8_edges: list[tuple[str, str]] = field(default_factory=list)
@@ -115,6 +119,8 @@ class QuantizationResult:
     def members(self, conv: str) -> list[str]:
         """The modules that ``conv``'s conversion replaced by ``nn.Identity``."""
         out = []
+        if conv in self.padded:
+            out.append(self.padded[conv])
         if conv in self.folded:
             out.append(self.folded[conv])
         f = self.fused.get(conv)
@@ -124,7 +130,7 @@ class QuantizationResult:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "converted": list(self.converted), "skipped": dict(self.skipped),
-                "convs": list(self.convs), "folded": dict(self.folded),
+                "convs": list(self.convs), "folded": dict(self.folded), "padded": dict(self.padded),
                 "fused": {k: dict(v) for k, v in self.fused.items()}, "identities": list(self.identities),
                 "uint8_edges": [list(e) for e in self.uint8_edges], "pools": list(self.pools),
                 "feeds": {k: list(v) for k, v in self.feeds.items()}, "static": list(self.static),
@@ -171,11 +177,6 @@ def _conv_skip_reason(module: nn.Module, mode: str) -> str | None:
         return f"{type(module).__name__} is a subclass of nn.Conv2d with its own behaviour"
     if module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r}: Int8Conv2d pads with zeros only"
-    padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
-    if padding == "same":
-        for d, k in zip(module.dilation, module.kernel_size):
-            if (d * (k - 1)) % 2:
-                return "padding='same' with an even receptive field pads asymmetrically; Int8Conv2d pads symmetrically"
     if module.weight.dtype not in _FLOAT_DTYPES:
         return f"weight dtype {module.weight.dtype} is not a floating type supported by Int8Conv2d"
     return None
@@ -324,7 +325,7 @@ class _Calibration:
             scale = q.input_scale.float().to(dev)
             inv = 1.0 / scale
             zp = q.input_zero_point.float().to(dev)
-            cfg = dict(stride=folded.stride, padding=conv_padding(folded), dilation=folded.dilation,
+            cfg = dict(stride=folded.stride, padding=folded.padding, dilation=folded.dilation,
                        groups=folded.groups)
             pending: list[torch.Tensor] = []
 
@@ -402,12 +403,12 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         folded = fuse.fold_batchnorm(src, bn)
         try:
             q = Int8Conv2d.from_float(folded, activation=g.activation, input_quantization=in_q.get(n),
-                                      output_quantization=out_q.get(n))
+                                      output_quantization=out_q.get(n), pad=modules[g.pad] if g.pad else None)
         except (ValueError, TypeError) as e:
             raise ValueError(f"quantize: conv {n!r} cannot be converted: {e}; nothing was converted") from e
         q.layer_name = n
         q.channels_last_output = n in plan.layout_free
-        q.fused_modules = tuple(m for m in (g.bn, g.act) if m)
+        q.fused_modules = tuple(m for m in (g.pad, g.bn, g.act) if m)
         if src.weight.dtype in (torch.float16, torch.bfloat16):  # uint8-fed layers answer in the model's dtype
             q.float_dtype = src.weight.dtype
         layers[n] = (folded, q)
@@ -434,6 +435,8 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         q.train(modules[n].training)
         replacements[n] = q
         g = groups[n]
+        if g.pad:
+            result.padded[n] = g.pad
         if g.bn:
             result.folded[n] = g.bn
         if g.act:

@@ -893,6 +893,7 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   // the byte paths read exactly K bytes of each row when K is a multiple of 4 (AMX: of 64)
   const int64_t Cg = g.cin_g();
   p.direct_rows = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
+                  g.pb == 0 && g.pr == 0 &&
                   ((p.path == 2 && Cg % 4 == 0) || (p.path == kInt8PathAmx && Cg % 64 == 0));
   return p;
 }

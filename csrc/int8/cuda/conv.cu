@@ -14,6 +14,10 @@
 // * Float x: a min/max pass per image (dynamic quantization; also the finiteness check), then a
 //   pass that quantizes into a temporary NHWC uint8 buffer, then one of the two paths above.
 //
+// Padding may be asymmetric: pad_h / pad_w are the rows above / columns left of the image and
+// place every tap (iy = oy * stride_h - pad_h + ky * dil_h); the bottom / right padding enters
+// only Ho / Wo (computed by the caller), since every tap outside the image is padding.
+//
 // Exactness of the tensor-core path. The MMA multiplies the stored bytes x_q (u8 or s8, as the
 // instruction reads them) by w, so it yields raw = sum over K of x_q * w. Padding positions and
 // pixel rows of a tile that hold padding are filled with the image's zero point byte zp (not with
