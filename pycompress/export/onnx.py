@@ -278,6 +278,11 @@ class _Builder:
     def const(self, array: np.ndarray):
         raise NotImplementedError
 
+    def set_shape_like(self, value, like, last: int) -> None:
+        """Records ``value``'s shape as ``like``'s with the last dimension ``last`` (float32),
+        where the exporter knows ``like``'s: ONNX Runtime's fusions check the shapes of their
+        inputs, and a ``Reshape`` to a computed shape leaves them unknown to its shape inference."""
+
     def reduce_last(self, x, op: str, keepdims: int = 1):
         if self.opset >= 18:
             return self.op(op, x, self.const(np.array([-1], np.int64)), keepdims=keepdims)
@@ -297,6 +302,19 @@ class _ScriptBuilder(_Builder):
 
             return values.Op(self._domains[domain], name, _contrib_schema(name))(*inputs, **attrs)
         return getattr(self._domains[domain], name)(*inputs, **attrs)
+
+    def set_shape_like(self, value, like, last):
+        shape = getattr(like, "shape", None)
+        if shape is None or not hasattr(value, "shape"):
+            return
+        from onnxscript import ir
+
+        try:
+            value.shape = ir.Shape([*list(shape)[:-1], int(last)])
+            if getattr(value, "dtype", None) is None:
+                value.dtype = ir.DataType.FLOAT
+        except (TypeError, ValueError, AttributeError):
+            pass
 
     def const(self, array):
         import onnx.numpy_helper
@@ -396,11 +414,18 @@ def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: in
         acc = b.op("MatMulInteger", xq, w_t, *a_zp, *b_zp)                    # int32 [M, N]
         # (acc * x_scale[m]) * w_scale[n]: the int32 -> float cast and the per-token scale in one op
         y = b.op("Mul", b.op("DequantizeLinear", acc, x_scale1, axis=0), w_scale)
-    if bias is not None:
-        y = b.op("Add", y, bias)
     lead = b.op("Slice", b.op("Shape", x), b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
     out_shape = b.op("Concat", lead, b.const(np.array([-1], np.int64)), axis=0)
-    return b.op("Reshape", y, out_shape)
+    y = b.op("Reshape", y, out_shape)
+    n = getattr(w_t, "shape", None)
+    if n is not None and len(n) == 2 and isinstance(n[1], int):
+        b.set_shape_like(y, x, n[1])
+    if bias is not None:
+        # after the Reshape: ONNX Runtime folds Add(bias) -> Add(residual) -> LayerNormalization
+        # into one SkipLayerNormalization with the bias as its input (a Reshape in between
+        # blocks that fusion)
+        y = b.op("Add", y, bias)
+    return y
 
 
 def _emit_int8_embedding(b: _Builder, ids, weight, scale):
