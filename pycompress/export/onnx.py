@@ -8,15 +8,23 @@ What each layer becomes
           xs     = absmax / qmax                                     # qmax = 127 (63: act_bits=7)
           xq     = QuantizeLinear(x2, xs[M], 128, axis=0)            # per token, uint8 (64: act_bits=7)
           y      = com.microsoft.MatMulIntegerToFloat(xq, W, xs[M,1], w_scale[N], 128)
-          y      = Reshape(y, [..., N]) + bias
+          y      = Reshape(y, [..., N]) + bias                        # shape [..., N] recorded
 
       ``W`` is the int8 weight ``[in, out]``. ONNX Runtime runs its u8 x s8 kernel (VNNI / AMX,
       ``vpmaddubsw`` on AVX2), scales by ``w_scale`` in the GEMM's output stage and by the
-      per-token scale in the same kernel. The bias stays a separate ``Add``: the kernel's own
-      bias input would be scaled by the per-token scale. The integers are the PyTorch kernel's
+      per-token scale in a second pass over the output inside the same operator. The kernel's
+      own bias input is added before that pass (it would be scaled by the per-token scale), so
+      the bias is an ``Add`` after the output ``Reshape``: ONNX Runtime folds it into
+      ``SkipLayerNormalization`` where a residual ``Add`` and a ``LayerNormalization`` follow
+      (attention-output and FFN-down projections of BERT-like models); the output's shape is
+      recorded for that fusion's shape checks. ONNX Runtime's common-subexpression pass quantizes
+      an input shared by several layers (query, key, value) once; the PyTorch kernels quantize it
+      once per layer, to the same integers. The integers are the PyTorch kernel's
       (round half to even, + zero point) except that ``QuantizeLinear`` divides by the scale
       where the kernel multiplies by ``qmax / absmax`` (an activation within one float rounding
-      of a tie can land one step apart). The products are exact on CPUs with VNNI or AMX; on
+      of a tie can land one step apart: 7 of 62 million in MiniLM). The epilogue rounds
+      ``(acc * w_scale) * xs`` where the kernel rounds ``(acc * xs) * w_scale`` (a third of the
+      outputs one rounding apart; the standard form keeps the kernel's order). The products are exact on CPUs with VNNI or AMX; on
       AVX2 alone ``vpmaddubsw`` adds pairs of u8 x s8 products in saturating int16, exact for
       7-bit activations (``act_bits=7``) or weights within [-64, 64] (``weight_bits=7``).
       ``int8_format="standard"`` writes standard operators only: ``MatMulInteger`` (u8 x u8
