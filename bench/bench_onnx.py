@@ -396,9 +396,9 @@ def run(device: str, quick: bool = False) -> list[dict]:
         return []
     rows = []
     with tempfile.TemporaryDirectory(prefix="pycompress-onnx-bench-") as tmp:
-        tok_dir = None
+        tok_dir = minilm_dir()  # BERT-base uses the same uncased vocabulary (also when run alone)
         for name, model, weights, d in _models(quick):
-            tok_dir = d or tok_dir  # BERT-base uses the same uncased vocabulary
+            tok_dir = d or tok_dir
             rows += _case(name, model, weights, tok_dir, quick, tmp)
             for f in os.listdir(tmp):
                 os.remove(os.path.join(tmp, f))
