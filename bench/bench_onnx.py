@@ -474,7 +474,13 @@ def t_sentences(results, link_base: str = "") -> str:
                     f"{r['cos_min']:.4f} / {r['cos_mean']:.5f}",
                     f"{r['cos_int8_min']:.4f} / {r['cos_int8_mean']:.5f}{cos_self}", ver])
     runs = res.runs("onnx")
+    per_case: dict = {}
+    for r in rows:
+        per_case[r["case"].split(" ")[0]] = max(per_case.get(r["case"].split(" ")[0], 1), len(r.get("ms_runs") or []))
+    uneven = ("; runs per model: " + ", ".join(f"{c} {n}" for c, n in per_case.items())
+              if len(set(per_case.values())) > 1 else "")
     return (t["caption"](res, "onnx", "python bench/run.py --kernels onnx" + (f" --runs {runs}" if runs > 1 else ""))
+            + (uneven + "." if uneven else "")
             + " ms: median" + (" of the runs' medians (range of the runs' medians)" if runs > 1 else
                                " (fastest–slowest call)")
             + "; cosines of the per-sentence embeddings (mean over each sentence's tokens), min / mean over the "
