@@ -415,8 +415,9 @@ def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: in
     b_zp = [b.const(np.array(128, np.uint8))] if kind == "u8u8" else []
     if contrib:
         # com.microsoft.MatMulIntegerToFloat: the integer product, times w_scale per column in
-        # the GEMM's output stage, times the [M, 1] per-token scale in the same kernel. Its bias
-        # input is added before that per-token scaling, so the bias stays a separate Add
+        # the GEMM's output stage, times the [M, 1] per-token scale in a second pass inside the
+        # same operator. Its bias input is added before that per-token scaling, so the bias is a
+        # separate Add (below)
         y = b.op("MatMulIntegerToFloat", xq, w_t, x_scale, w_scale, *a_zp, *b_zp, domain="com.microsoft")
     else:
         acc = b.op("MatMulInteger", xq, w_t, *a_zp, *b_zp)                    # int32 [M, N]
