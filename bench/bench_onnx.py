@@ -13,6 +13,11 @@ Models (``transformers.BertModel``):
 Inputs: 64 English sentences made from templates (seed 0), tokenized by the MiniLM tokenizer
 (without it: random token ids with the same lengths), one batch padded to the longest sentence.
 
+``$PYCOMPRESS_BENCH_ONNX_MODELS`` picks the models (``minilm``, ``bert-base``, comma-separated);
+``$PYCOMPRESS_BENCH_LOCK`` names a lock file held (``flock``) only while the timings and profiles
+run. ``python bench/bench_onnx.py --combine RUN.json ... --json OUT.json`` merges single runs
+(``bench/run.py --kernels onnx --runs 1 --json RUN.json``) as ``--runs N`` would.
+
 Implementations, timed interleaved (round after round) in one process; ORT sessions with
 ``intra_op_num_threads`` = torch's threads, no spinning pool threads:
 
@@ -26,12 +31,16 @@ Implementations, timed interleaved (round after round) in one process; ORT sessi
   per_channel=True, weight_type=QInt8)``, ONNX Runtime's own int8 model.
 
 Columns: ``ms`` (median of the interleaved calls; ``ms_lo`` / ``ms_hi`` their fastest and slowest),
+``cpu_ms`` (median CPU time of the process per call, all its threads: on a machine shared with
+other work it counts this process's own work only, where wall time also counts the waits),
 ``file_mb``; ``cos_min`` / ``cos_mean``: per-sentence cosine of the sentence embedding (mean of
 the last hidden state over the sentence's tokens) with ``torch fp32``; ``cos_int8_min`` /
 ``cos_int8_mean``: the same with the PyTorch int8 model that was exported (``pycompress int8
 eager``; the ``weight_bits=7`` model for its row);
 ``ort_profile_ms`` (ours and ORT's): ONNX Runtime's profiler, kernel ms per call of the eight
-costliest operator types; ``cos_self_min`` (on the ``pycompress int8 eager`` row): the same model against itself with every
+costliest operator types; ``cos_file_min`` / ``cos_file_mean`` (exported rows): the same with
+the PyTorch int8 model with its embedding tables as the file stores them (int8 per row), the model
+``verify`` compares with: the two engines' difference alone; ``cos_self_min`` (on the ``pycompress int8 eager`` row): the same model against itself with every
 embedding value moved by one float rounding step (the disagreement two engines' float arithmetic
 alone produces); ``verify``: ``export_onnx(verify=True)``'s verdict and ``verify_ratio``, its
 measure (distance from the PyTorch model / the PyTorch model's distance from its float version).
@@ -39,6 +48,7 @@ measure (distance from the PyTorch model / the PyTorch model's distance from its
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import statistics
@@ -104,18 +114,31 @@ def minilm_dir() -> str | None:
     return out
 
 
+def models() -> list[str]:
+    """The models to run: ``$PYCOMPRESS_BENCH_ONNX_MODELS`` (comma-separated ``minilm``,
+    ``bert-base``; both by default), so that each run can be kept short on a shared machine."""
+    names = [m.strip().lower() for m in os.environ.get("PYCOMPRESS_BENCH_ONNX_MODELS", "minilm,bert-base").split(",")]
+    bad = [m for m in names if m not in ("minilm", "bert-base")]
+    if bad:
+        raise ValueError(f"PYCOMPRESS_BENCH_ONNX_MODELS: unknown model(s) {bad}; known: minilm, bert-base")
+    return names
+
+
 def _models(quick: bool):
     import torch
     import transformers
 
+    wanted = models()
     d = minilm_dir()
-    if d:
+    if "minilm" not in wanted:
+        pass
+    elif d:
         yield "all-MiniLM-L6-v2", transformers.BertModel.from_pretrained(d).eval(), "pretrained", d
     else:
         torch.manual_seed(0)
         cfg = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **MINILM)
         yield "all-MiniLM-L6-v2", transformers.BertModel(cfg).eval(), "random (config)", None
-    if not quick:
+    if not quick and "bert-base" in wanted:
         torch.manual_seed(0)
         cfg = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **BERT_BASE)
         yield "BERT-base", transformers.BertModel(cfg).eval(), "random (config)", None
@@ -204,17 +227,39 @@ def ort_profile(path: str, feed: dict, threads: int, repeats: int = 2) -> dict[s
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 
+@contextlib.contextmanager
+def timing_lock():
+    """An exclusive ``flock`` on the file ``$PYCOMPRESS_BENCH_LOCK`` names (if any) while the
+    timings and profiles run: on a shared machine the exports and checks, which take most of a run,
+    then leave the lock to other timings."""
+    path = os.environ.get("PYCOMPRESS_BENCH_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _interleaved(fns: dict, rounds: int, warmup: int = 1) -> dict:
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
+    cpu = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: {"ms": statistics.median(v), "ms_lo": min(v), "ms_hi": max(v), "repeats": len(v)}
+            cpu[k].append((time.process_time() - c0) * 1e3)
+    return {k: {"ms": statistics.median(v), "ms_lo": min(v), "ms_hi": max(v), "repeats": len(v),
+                "cpu_ms": statistics.median(cpu[k])}
             for k, v in times.items()}
 
 
@@ -254,6 +299,16 @@ def _case(name: str, model, weights: str, tok_dir: str | None, quick: bool, tmp:
         del qp
     int8_emb = _sentence_embeddings(runs[TORCH_INT8][1], mask)
     int8_ref: dict = {}  # impl -> sentence embeddings of the PyTorch model it was exported from
+    file_ref: dict = {}  # impl -> the same with the embedding tables as the file stores them
+
+    def as_stored(m):
+        from pycompress.export import onnx as onnx_export
+
+        stored = onnx_export._with_embeddings(m, onnx_export._int8_embedding_names(m), "dequantized")
+        with torch.no_grad():
+            return _sentence_embeddings(stored(**inputs).last_hidden_state.numpy(), mask)
+
+    file_ref[OURS] = file_ref[f"{OURS} [standard]"] = as_stored(q)
     extra[TORCH_INT8] = {"cos_self_min": float(_cos_rows(_sentence_embeddings(perturbed, mask), int8_emb).min())}
 
     def export(m, impl, path, **kw):
@@ -293,6 +348,7 @@ def _case(name: str, model, weights: str, tok_dir: str | None, quick: bool, tmp:
         add_onnx(f"{OURS} [weight_bits=7]", p)
         with torch.no_grad():
             int8_ref[f"{OURS} [weight_bits=7]"] = _sentence_embeddings(q7(**inputs).last_hidden_state.numpy(), mask)
+        file_ref[f"{OURS} [weight_bits=7]"] = as_stored(q7)
         del q7
     add_onnx(ORT_FP32, fp32_path)
     pc_path = os.path.join(tmp, f"{name}-ort-int8-pc.onnx")
@@ -302,13 +358,13 @@ def _case(name: str, model, weights: str, tok_dir: str | None, quick: bool, tmp:
     add_onnx(ORT_PC, pc_path)
 
     rounds = (3 if quick else 5) if name == "BERT-base" else (4 if quick else 7)
-    with torch.no_grad():
+    with timing_lock(), torch.no_grad():
         timings = _interleaved({k: v[0] for k, v in runs.items()}, rounds)
-    for impl in (OURS, ORT_PC):  # where the time goes (after the timings: profiling slows a session)
-        prof = ort_profile(runs[impl][2], {k: v for k, v in feed_np.items()
-                                           if k in {i.name for i in _ort_session(runs[impl][2], threads).get_inputs()}},
-                           threads)
-        extra.setdefault(impl, {})["ort_profile_ms"] = {k: round(v, 2) for k, v in list(prof.items())[:8]}
+        for impl in (OURS, ORT_PC):  # where the time goes (after the timings: profiling slows a session)
+            prof = ort_profile(runs[impl][2], {k: v for k, v in feed_np.items()
+                                               if k in {i.name for i in _ort_session(runs[impl][2], threads).get_inputs()}},
+                               threads)
+            extra.setdefault(impl, {})["ort_profile_ms"] = {k: round(v, 2) for k, v in list(prof.items())[:8]}
     ref = _sentence_embeddings(runs[TORCH_FP32][1], mask)
     rows = []
     for impl, (_, last, path) in runs.items():
@@ -321,6 +377,8 @@ def _case(name: str, model, weights: str, tok_dir: str | None, quick: bool, tmp:
             "file_mb": os.path.getsize(path) / 1e6 if path else None,
             "cos_min": float(c.min()), "cos_mean": float(c.mean()),
             "cos_int8_min": float(ci.min()), "cos_int8_mean": float(ci.mean()),
+            **({"cos_file_min": float(_cos_rows(emb, file_ref[impl]).min()),
+                "cos_file_mean": float(_cos_rows(emb, file_ref[impl]).mean())} if impl in file_ref else {}),
             "cos_last": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
             **extra.get(impl, {}),
         })
@@ -338,9 +396,9 @@ def run(device: str, quick: bool = False) -> list[dict]:
         return []
     rows = []
     with tempfile.TemporaryDirectory(prefix="pycompress-onnx-bench-") as tmp:
-        tok_dir = None
+        tok_dir = minilm_dir()  # BERT-base uses the same uncased vocabulary (also when run alone)
         for name, model, weights, d in _models(quick):
-            tok_dir = d or tok_dir  # BERT-base uses the same uncased vocabulary
+            tok_dir = d or tok_dir
             rows += _case(name, model, weights, tok_dir, quick, tmp)
             for f in os.listdir(tmp):
                 os.remove(os.path.join(tmp, f))
@@ -359,17 +417,21 @@ def summarize(rows: list[dict]) -> list[str]:
         if not (ours and pc):
             continue
         lat, size = ours["ms"] / pc["ms"], ours["file_mb"] / pc["file_mb"]
+        cpu = (f"; CPU time per call {ours['cpu_ms']:.1f} ms = {ours['cpu_ms'] / pc['cpu_ms']:.2f}x"
+               if ours.get("cpu_ms") and pc.get("cpu_ms") else "")
         runs = ""
         if ours.get("ms_runs") and pc.get("ms_runs") and len(ours["ms_runs"]) == len(pc["ms_runs"]):
             rr = [a / b for a, b in zip(ours["ms_runs"], pc["ms_runs"])]
             runs = f" [runs {min(rr):.2f}-{max(rr):.2f}x]"
         out.append(
             f"{case}: {OURS} {ours['ms']:.1f} ms = {lat:.2f}x {ORT_PC}{runs} (target <= 1.0x: "
-            f"{'met' if lat <= 1.0 else 'NOT met'}); file {ours['file_mb']:.1f} MB = {size:.2f}x "
+            f"{'met' if lat <= 1.0 else 'NOT met'}{cpu}); file {ours['file_mb']:.1f} MB = {size:.2f}x "
             f"(target <= 1.1x: {'met' if size <= 1.1 else 'NOT met'}); cosine vs fp32 min/mean "
             f"{ours['cos_min']:.5f}/{ours['cos_mean']:.5f} vs ORT's {pc['cos_min']:.5f}/{pc['cos_mean']:.5f} "
             f"(target >= ORT's min: {'met' if ours['cos_min'] >= pc['cos_min'] else 'NOT met'}); vs the "
-            f"PyTorch int8 model min/mean {ours['cos_int8_min']:.5f}/{ours['cos_int8_mean']:.5f} (that model "
+            f"PyTorch int8 model min/mean {ours['cos_int8_min']:.5f}/{ours['cos_int8_mean']:.5f}, with its "
+            f"tables as the file stores them {ours.get('cos_file_min', float('nan')):.5f}/"
+            f"{ours.get('cos_file_mean', float('nan')):.5f} (that model "
             f"against itself with tables moved one float step: min {impls[TORCH_INT8].get('cos_self_min', float('nan')):.5f}); "
             f"verify {ours.get('verify')} (ratio {ours.get('verify_ratio', float('nan')):.2f})")
     return out
@@ -402,22 +464,74 @@ def t_sentences(results, link_base: str = "") -> str:
         spread = (f" ({min(r['ms_runs']):.0f}–{max(r['ms_runs']):.0f})" if len(r.get("ms_runs") or []) > 1
                   else f" ({r['ms_lo']:.0f}–{r['ms_hi']:.0f})")
         cos_self = f"; self {r['cos_self_min']:.4f}" if "cos_self_min" in r else ""
+        if "cos_file_min" in r:
+            cos_self = f"; tables as stored {r['cos_file_min']:.4f} / {r['cos_file_mean']:.5f}"
         ver = "–"
         if r.get("verify") and r["impl"] not in (ORT_FP32,):
             ver = str(r["verify"]).split(":")[0] + (f" ({r['verify_ratio']:.2f}×)" if "verify_ratio" in r else "")
         out.append([model + (f" [{r.get('weights')}]" if model else ""), _LABELS.get(r["impl"], r["impl"]),
-                    f"{r['ms']:.0f}{spread}", "–" if r.get("file_mb") is None else f"{r['file_mb']:.1f}",
+                    f"{r['ms']:.0f}{spread}", f"{r['cpu_ms']:.0f}" if r.get("cpu_ms") else "–", "–" if r.get("file_mb") is None else f"{r['file_mb']:.1f}",
                     f"{r['cos_min']:.4f} / {r['cos_mean']:.5f}",
                     f"{r['cos_int8_min']:.4f} / {r['cos_int8_mean']:.5f}{cos_self}", ver])
     runs = res.runs("onnx")
+    per_case: dict = {}
+    for r in rows:
+        per_case[r["case"].split(" ")[0]] = max(per_case.get(r["case"].split(" ")[0], 1), len(r.get("ms_runs") or []))
+    uneven = ("; runs per model: " + ", ".join(f"{c} {n}" for c, n in per_case.items())
+              if len(set(per_case.values())) > 1 else "")
     return (t["caption"](res, "onnx", "python bench/run.py --kernels onnx" + (f" --runs {runs}" if runs > 1 else ""))
+            + (uneven + "." if uneven else "")
             + " ms: median" + (" of the runs' medians (range of the runs' medians)" if runs > 1 else
                                " (fastest–slowest call)")
             + "; cosines of the per-sentence embeddings (mean over each sentence's tokens), min / mean over the "
-            "sentences, vs torch fp32 and vs the PyTorch int8 model that was exported (self: that model "
-            "against itself with its embedding tables moved by one float step); verify: `export_onnx`'s "
+            "sentences, vs torch fp32 and vs the PyTorch int8 model that was exported (tables as stored: vs "
+            "that model with its embedding tables int8 as the file stores them, the engines' difference alone; "
+            "self: that model against itself with its embedding tables moved by one float step); verify: `export_onnx`'s "
             "check, in brackets its distance from the PyTorch model in units of that model's own "
-            "quantization error (allowed: 2×).\n\n"
-            + t["table"](["model [weights]", "implementation", "ms", "file MB", "cos vs fp32 min / mean",
+            "quantization error (allowed: 2×); CPU ms: the process's CPU time per call (both threads, "
+            "median), which other work on the machine inflates less than wall time.\n\n"
+            + t["table"](["model [weights]", "implementation", "ms", "CPU ms", "file MB", "cos vs fp32 min / mean",
                           "cos vs PyTorch int8 min / mean", "verify"], out,
-                         ["l", "l", "r", "r", "r", "r", "l"]))
+                         ["l", "l", "r", "r", "r", "r", "r", "l"]))
+
+
+def combine(paths: list[str], out: str) -> None:
+    """Writes ``out`` from single-run results files of ``bench/run.py --kernels onnx --runs 1``
+    (e.g. one model per run, set by ``$PYCOMPRESS_BENCH_ONNX_MODELS``, to keep each locked run
+    short): per (case, implementation) the median run as ``run.py --runs N`` keeps it, the
+    latest finishing date and the load averages of the first start and the last finish."""
+    import json
+    import runpy
+
+    combine_runs = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"))["combine_runs"]
+    data = []
+    for p in paths:
+        with open(p) as f:
+            data.append(json.load(f))
+    devices = {(d["meta"]["device"], d["meta"].get("cpu_id")) for d in data}
+    if len(devices) != 1:
+        raise ValueError(f"the results come from different machines: {sorted(devices)}")
+    rows = combine_runs([d["kernels"][KERNEL] for d in data])
+    meta = dict(data[0]["meta"])
+    meta["runs"] = max(len(r.get("ms_runs", [])) for r in rows)
+    dates = sorted(d["kernel_dates"][KERNEL] for d in data)
+    loads = [d.get("kernel_load", {}).get(KERNEL) for d in data]
+    res = {"meta": meta, "kernels": {KERNEL: rows}, "kernel_dates": {KERNEL: dates[-1]},
+           "kernel_env": {KERNEL: data[0].get("kernel_env", {}).get(KERNEL, {})}}
+    if all(loads):
+        res["kernel_load"] = {KERNEL: [loads[0][0], loads[-1][1]]}
+    res["summary"] = {KERNEL: summarize(rows)}
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n".join(res["summary"][KERNEL]))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="ONNX export benchmark helpers (runs: bench/run.py --kernels onnx)")
+    ap.add_argument("--combine", nargs="+", metavar="RUN_JSON", required=True,
+                    help="results files of single runs (bench/run.py --kernels onnx --runs 1 --json F)")
+    ap.add_argument("--json", required=True, help="the combined results file to write")
+    a = ap.parse_args()
+    combine(a.combine, a.json)

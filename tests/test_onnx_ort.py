@@ -69,8 +69,13 @@ def test_default_graph_runs_ort_fused_integer_kernel(tmp_path):
     so = ort.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    opt = [n.op_type for n in graph(tmp_path / "opt.onnx").node]
+    nodes = graph(tmp_path / "opt.onnx").node
+    opt = [n.op_type for n in nodes]
     assert opt.count("MatMulIntegerToFloat") == 13 and "MatMul" in opt  # MatMul: attention scores only
+    # the bias of the attention-output and FFN-down projections is added inside ONNX Runtime's
+    # SkipLayerNormalization (input, skip, gamma, beta, bias), not by an Add of its own
+    sln = [n for n in nodes if n.op_type == "SkipLayerNormalization"]
+    assert len(sln) == 2 * 2 and all(len(n.input) == 5 and n.input[4] for n in sln)
 
 
 @pytest.mark.parametrize("fmt", ["auto", "standard", "u8s8", "contrib-u8u8"])

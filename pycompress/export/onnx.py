@@ -8,15 +8,23 @@ What each layer becomes
           xs     = absmax / qmax                                     # qmax = 127 (63: act_bits=7)
           xq     = QuantizeLinear(x2, xs[M], 128, axis=0)            # per token, uint8 (64: act_bits=7)
           y      = com.microsoft.MatMulIntegerToFloat(xq, W, xs[M,1], w_scale[N], 128)
-          y      = Reshape(y, [..., N]) + bias
+          y      = Reshape(y, [..., N]) + bias                        # shape [..., N] recorded
 
       ``W`` is the int8 weight ``[in, out]``. ONNX Runtime runs its u8 x s8 kernel (VNNI / AMX,
       ``vpmaddubsw`` on AVX2), scales by ``w_scale`` in the GEMM's output stage and by the
-      per-token scale in the same kernel. The bias stays a separate ``Add``: the kernel's own
-      bias input would be scaled by the per-token scale. The integers are the PyTorch kernel's
+      per-token scale in a second pass over the output inside the same operator. The kernel's
+      own bias input is added before that pass (it would be scaled by the per-token scale), so
+      the bias is an ``Add`` after the output ``Reshape``: ONNX Runtime folds it into
+      ``SkipLayerNormalization`` where a residual ``Add`` and a ``LayerNormalization`` follow
+      (attention-output and FFN-down projections of BERT-like models); the output's shape is
+      recorded for that fusion's shape checks. ONNX Runtime's common-subexpression pass quantizes
+      an input shared by several layers (query, key, value) once; the PyTorch kernels quantize it
+      once per layer, to the same integers. The integers are the PyTorch kernel's
       (round half to even, + zero point) except that ``QuantizeLinear`` divides by the scale
       where the kernel multiplies by ``qmax / absmax`` (an activation within one float rounding
-      of a tie can land one step apart). The products are exact on CPUs with VNNI or AMX; on
+      of a tie can land one step apart: 7 of 62 million in MiniLM). The epilogue rounds
+      ``(acc * w_scale) * xs`` where the kernel rounds ``(acc * xs) * w_scale`` (a third of the
+      outputs one rounding apart; the standard form keeps the kernel's order). The products are exact on CPUs with VNNI or AMX; on
       AVX2 alone ``vpmaddubsw`` adds pairs of u8 x s8 products in saturating int16, exact for
       7-bit activations (``act_bits=7``) or weights within [-64, 64] (``weight_bits=7``).
       ``int8_format="standard"`` writes standard operators only: ``MatMulInteger`` (u8 x u8
@@ -279,6 +287,11 @@ class _Builder:
     def const(self, array: np.ndarray):
         raise NotImplementedError
 
+    def set_shape_like(self, value, like, last: int) -> None:
+        """Records ``value``'s shape as ``like``'s with the last dimension ``last`` (float32),
+        where the exporter knows ``like``'s: ONNX Runtime's fusions check the shapes of their
+        inputs, and a ``Reshape`` to a computed shape leaves them unknown to its shape inference."""
+
     def reduce_last(self, x, op: str, keepdims: int = 1):
         if self.opset >= 18:
             return self.op(op, x, self.const(np.array([-1], np.int64)), keepdims=keepdims)
@@ -298,6 +311,19 @@ class _ScriptBuilder(_Builder):
 
             return values.Op(self._domains[domain], name, _contrib_schema(name))(*inputs, **attrs)
         return getattr(self._domains[domain], name)(*inputs, **attrs)
+
+    def set_shape_like(self, value, like, last):
+        shape = getattr(like, "shape", None)
+        if shape is None or not hasattr(value, "shape"):
+            return
+        from onnxscript import ir
+
+        try:
+            value.shape = ir.Shape([*list(shape)[:-1], int(last)])
+            if getattr(value, "dtype", None) is None:
+                value.dtype = ir.DataType.FLOAT
+        except (TypeError, ValueError, AttributeError):
+            pass
 
     def const(self, array):
         import onnx.numpy_helper
@@ -390,18 +416,26 @@ def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: in
     b_zp = [b.const(np.array(128, np.uint8))] if kind == "u8u8" else []
     if contrib:
         # com.microsoft.MatMulIntegerToFloat: the integer product, times w_scale per column in
-        # the GEMM's output stage, times the [M, 1] per-token scale in the same kernel. Its bias
-        # input is added before that per-token scaling, so the bias stays a separate Add
+        # the GEMM's output stage, times the [M, 1] per-token scale in a second pass inside the
+        # same operator. Its bias input is added before that per-token scaling, so the bias is a
+        # separate Add (below)
         y = b.op("MatMulIntegerToFloat", xq, w_t, x_scale, w_scale, *a_zp, *b_zp, domain="com.microsoft")
     else:
         acc = b.op("MatMulInteger", xq, w_t, *a_zp, *b_zp)                    # int32 [M, N]
         # (acc * x_scale[m]) * w_scale[n]: the int32 -> float cast and the per-token scale in one op
         y = b.op("Mul", b.op("DequantizeLinear", acc, x_scale1, axis=0), w_scale)
-    if bias is not None:
-        y = b.op("Add", y, bias)
     lead = b.op("Slice", b.op("Shape", x), b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
     out_shape = b.op("Concat", lead, b.const(np.array([-1], np.int64)), axis=0)
-    return b.op("Reshape", y, out_shape)
+    y = b.op("Reshape", y, out_shape)
+    n = getattr(w_t, "shape", None)
+    if n is not None and len(n) == 2 and isinstance(n[1], int):
+        b.set_shape_like(y, x, n[1])
+    if bias is not None:
+        # after the Reshape: ONNX Runtime folds Add(bias) -> Add(residual) -> LayerNormalization
+        # into one SkipLayerNormalization with the bias as its input (a Reshape in between
+        # blocks that fusion)
+        y = b.op("Add", y, bias)
+    return y
 
 
 def _emit_int8_embedding(b: _Builder, ids, weight, scale):
