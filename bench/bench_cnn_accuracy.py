@@ -42,8 +42,8 @@ Implementations (``bench_cnn_int8``'s preparation of each, from the same fp32 mo
   max_drop=...)`` with the top-1 agreement to fp32 on the calibration crops as its metric, which
   puts the most sensitive convs back in float.
 
-Nothing here is timed (``seconds``: the wall time of a row's conversion), so one run is what the
-rows mean. ``--quick``: EfficientNet-Lite0 at 224 with 8 crops per photo and 32 calibration crops,
+Nothing here is timed (``seconds``: the wall time of a row's conversion and its evaluation on the
+crops, on whatever else the machine runs), so one run is what the rows mean. ``--quick``: EfficientNet-Lite0 at 224 with 8 crops per photo and 32 calibration crops,
 no variants.
 """
 
