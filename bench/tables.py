@@ -660,6 +660,33 @@ def t_cnn_int8_accuracy(results: list[Results], link_base: str = "") -> str:
                      "conversion s"], out, ["l", "l", "r", "r", "r", "r"]))
 
 
+def t_cnn_accuracy(results: list[Results], link_base: str = "") -> str:
+    """Int8 accuracy of pretrained CNNs on natural-image crops: every tool against torch fp32."""
+    res = _one("cnn-accuracy", results)
+    rows = res.rows("cnn_accuracy")
+    if not rows:
+        raise TableError(f"{res.stem}.json: no 'cnn_accuracy' rows")
+    out, last, first = [], None, rows[0]
+    for r in rows:
+        model = r["case"] if r["case"] != last else ""
+        last = r["case"]
+        impl = r["impl"]
+        if r.get("reverted") is not None:
+            impl += f" ({len(r['reverted'])} conv{'s' if len(r['reverted']) != 1 else ''} in float)"
+        out.append([model, impl, pct(r["top1 agree"]),
+                    f"{pct(r['top1 agree (confident)'])} of {r['confident n']}", cos(r["cos"]),
+                    cos(r.get("cos (confident)"))])
+    return (caption(res, "cnn_accuracy", "python bench/run.py --kernels cnn_accuracy")
+            + f" ImageNet weights; every int8 model against its fp32 model on {first['images']} random-resized "
+            "crops (8–100 % of the area, aspect 3/4–4/3, random flips, fixed seed) of 8 scikit-image photos, "
+            f"calibrated on {first['calibration images']} crops of 8 other photos; confident: the crops the fp32 "
+            f"model classifies with top-1 probability ≥ {first['confident threshold']}; top-1 agreement (same "
+            "arg-max as fp32) and mean cosine of the logit vectors, over all crops and over the confident "
+            "ones.\n\n"
+            + table(["model", "implementation", "top-1 agreement", "confident", "logit cosine",
+                     "cosine (confident)"], out, ["l", "l", "r", "r", "r", "r"]))
+
+
 ONNX_MODELS = {"encoder-6x384 b64x16": "6 × 384 (FFN 1536)", "bert-base b64x16": "BERT-base (12 × 768)"}
 ONNX_LABELS = {
     "pycompress int8 -> ORT": "pycompress int8 → ORT (`auto`: u8u8)",
@@ -924,6 +951,7 @@ KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "decoder-kd": t_decoder_kd,
     "cnn-int8": t_cnn_int8,
     "cnn-int8-accuracy": t_cnn_int8_accuracy,
+    "cnn-accuracy": t_cnn_accuracy,
 }
 
 
