@@ -637,21 +637,22 @@ inline int64_t dw_pair_index(int64_t c, int64_t h) {
   return blk * 32 + half * 16 + lane * 8 + 2 * j + h;
 }
 
-// Output row oy, channels [c_begin, C): acc[ox * ldt + c] (the portable kernel, also the channel
-// tail of the AVX2 one).
+// Output row oy, channels [c_begin, c_end): acc[ox * ldt + c] (the portable kernel, also the
+// channel tail of the AVX2 one).
 void dw_row_scalar(const Int8ConvGeom& g, const uint8_t* img, const int16_t* w16, int64_t c_begin,
-                   int64_t oy, const uint8_t* zprow, uint8_t flip, int32_t* acc, int64_t ldt) {
+                   int64_t c_end, int64_t oy, const uint8_t* zprow, uint8_t flip, int32_t* acc,
+                   int64_t ldt) {
   const int64_t C = g.C, Cp = dw_cp(g);
   for (int64_t ox = 0; ox < g.Wo; ++ox) {
     int32_t* d = acc + ox * ldt;
-    for (int64_t c = c_begin; c < C; ++c) d[c] = 0;
+    for (int64_t c = c_begin; c < c_end; ++c) d[c] = 0;
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
       for (int64_t kx = 0; kx < g.kw; ++kx) {
         const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
         const uint8_t* src = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W ? img + (iy * g.W + ix) * C : zprow;
         const int16_t* wt = w16 + (ky * g.kw + kx) * Cp;
-        for (int64_t c = c_begin; c < C; ++c) d[c] += static_cast<int32_t>(src[c] ^ flip) * wt[c];
+        for (int64_t c = c_begin; c < c_end; ++c) d[c] += static_cast<int32_t>(src[c] ^ flip) * wt[c];
       }
     }
   }
@@ -775,12 +776,14 @@ DwTileFn pick_dw_tile_vnni(int64_t KQ, int64_t KW) {
   return dw_tile_vnni<0, 0, Pair>;
 }
 
-// Output rows oy0 .. oy0 + nrows - 1 of image n (nrows == 2 only when dw_task_rows(g) == 2).
+// Output rows oy0 .. oy0 + nrows - 1 of image n (nrows == 2 only when dw_task_rows(g) == 2),
+// channels [c_begin, c_end) (c_begin a multiple of 64).
 template <bool Signed>
 PYC_TARGET_AVX512VNNI void dw_rows_vnni(const Int8ConvGeom& g, const int8_t* packed,
                                         const Int8ConvArgs& a, EpilogueFn ep, int64_t n,
-                                        int64_t oy0, int64_t nrows, const uint8_t* zprow,
-                                        const uint8_t** rows, uint8_t* q, int32_t* acc) {
+                                        int64_t oy0, int64_t nrows, int64_t c_begin,
+                                        int64_t c_end, const uint8_t* zprow, const uint8_t** rows,
+                                        uint8_t* q, int32_t* acc) {
   const int64_t C = g.C, Cp = dw_cp(g), KQ = dw_kq(g), S = dw_seg(g);
   const bool shifted = dw_task_rows(g) == 2;
   const uint8_t* img = a.x + n * g.H * g.W * C;
@@ -793,8 +796,8 @@ PYC_TARGET_AVX512VNNI void dw_rows_vnni(const Int8ConvGeom& g, const int8_t* pac
   const DwTileFn tile = nrows == 2 ? pick_dw_tile_vnni<true>(KQ, g.kw) : pick_dw_tile_vnni<false>(KQ, g.kw);
   const int32_t* wsum = reinterpret_cast<const int32_t*>(packed + dw_wsum_offset(g));
   const int8_t* setb = packed + dw_vnni_bytes(g);
-  for (int64_t c0 = 0; c0 < C; c0 += 64) {
-    const int64_t nc = std::min<int64_t>(64, C - c0), nb = (nc + 15) / 16;
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += 64) {
+    const int64_t nc = std::min<int64_t>(64, c_end - c0), nb = (nc + 15) / 16;
     for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += S) {
       const int64_t npx = std::min(S, g.Wo - ox0);
       const int64_t ncols = (npx - 1) * g.sw + (g.kw - 1) * g.dw + 1;
@@ -809,16 +812,12 @@ PYC_TARGET_AVX512VNNI void dw_rows_vnni(const Int8ConvGeom& g, const int8_t* pac
   }
 }
 
-// The int16 pairs of input column ix (the zero point outside [0, W) or where the row pointer is
-// null) of rows ra (upper tap) and rb (lower tap), 16 channels from c: p0 holds channels 0-3 and
-// 8-11, p1 channels 4-7 and 12-15 (see dw_pair_index).
+// The int16 pairs of rows sa (upper tap) and sb (lower tap) at 16 channels: p0 holds channels 0-3
+// and 8-11, p1 channels 4-7 and 12-15 (see dw_pair_index).
 template <bool Signed>
-PYC_TARGET_AVX2 inline void dw_pairs_avx2(const uint8_t* ra, const uint8_t* rb, int64_t ix,
-                                          int64_t W, int64_t C, int64_t c, const uint8_t* zprow,
-                                          __m256i& p0, __m256i& p1) {
-  const bool xok = ix >= 0 && ix < W;
-  const uint8_t* sa = xok && ra ? ra + ix * C + c : zprow;
-  const uint8_t* sb = xok && rb ? rb + ix * C + c : zprow;
+PYC_TARGET_AVX2 __attribute__((always_inline)) inline void dw_pairs_avx2(const uint8_t* sa,
+                                                                         const uint8_t* sb,
+                                                                         __m256i& p0, __m256i& p1) {
   const __m128i ba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sa));
   const __m128i bb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb));
   const __m256i a = Signed ? _mm256_cvtepi8_epi16(ba) : _mm256_cvtepu8_epi16(ba);
@@ -827,57 +826,89 @@ PYC_TARGET_AVX2 inline void dw_pairs_avx2(const uint8_t* ra, const uint8_t* rb, 
   p1 = _mm256_unpackhi_epi16(a, b);
 }
 
-// Output row oy, channels [0, C16) (C16 a multiple of 16): acc[ox * ldt + c]. Each 16-channel
-// block runs 4 output pixels at a time; with stride and dilation 1 in x (Share) the pair vectors
-// of the 4 + kw - 1 columns those pixels read are built once per tap pair. Int8 x is widened as
-// signed values and 128 * sum_t w_t added at the end (v = x + 128).
-template <bool Signed, int KWc>
+// One tap pair (rows ra, rb; nullptr: the zero point) of 4 output pixels from ox, 16 channels
+// from c, added to s0 / s1. Interior: every column the pixels read lies inside the image. With
+// KWc / SWc fixed (dilation 1 in x), each input column's pairs are built once for all the
+// (pixel, kx) that read it.
+template <bool Signed, int KWc, int SWc, bool Interior>
+PYC_TARGET_AVX2 __attribute__((always_inline)) inline void dw_quad_avx2(const Int8ConvGeom& g, const uint8_t* ra,
+                                         const uint8_t* rb, const int16_t* wq, int64_t Cp,
+                                         int64_t c, int64_t ox, const uint8_t* zprow, __m256i* s0,
+                                         __m256i* s1) {
+  const int64_t C = g.C;
+  // a null row reads the zero-point row at every column
+  const uint8_t* ba = ra ? ra + c : zprow;
+  const uint8_t* bb = rb ? rb + c : zprow;
+  const int64_t sa = ra ? C : 0, sb = rb ? C : 0;
+  if (KWc > 0) {
+    const int64_t ix0 = ox * SWc - g.pw;
+#pragma GCC unroll 16
+    for (int j = 0; j < 3 * SWc + KWc; ++j) {
+      const int64_t ix = ix0 + j;
+      const bool in = Interior || (ix >= 0 && ix < g.W);
+      __m256i v0, v1;
+      dw_pairs_avx2<Signed>(in ? ba + ix * sa : zprow, in ? bb + ix * sb : zprow, v0, v1);
+#pragma GCC unroll 8
+      for (int kx = 0; kx < KWc; ++kx) {
+        const int d = j - kx;
+        if (d < 0 || d % SWc != 0 || d / SWc >= 4) continue;
+        const int p = d / SWc;
+        const int16_t* wk = wq + kx * Cp * 2;
+        s0[p] = _mm256_add_epi32(
+            s0[p], _mm256_madd_epi16(v0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk))));
+        s1[p] = _mm256_add_epi32(
+            s1[p], _mm256_madd_epi16(v1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16))));
+      }
+    }
+  } else {
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + kx * Cp * 2));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + kx * Cp * 2 + 16));
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        const int64_t ix = (ox + p) * g.sw - g.pw + kx * g.dw;
+        const bool in = Interior || (ix >= 0 && ix < g.W);
+        __m256i v0, v1;
+        dw_pairs_avx2<Signed>(in ? ba + ix * sa : zprow, in ? bb + ix * sb : zprow, v0, v1);
+        s0[p] = _mm256_add_epi32(s0[p], _mm256_madd_epi16(v0, w0));
+        s1[p] = _mm256_add_epi32(s1[p], _mm256_madd_epi16(v1, w1));
+      }
+    }
+  }
+}
+
+// Output row oy, channels [c_begin, c_end) (both multiples of 16): acc[ox * ldt + c], 4 output pixels of
+// 16 channels at a time. Int8 x is widened as signed values and 128 * sum_t w_t added at the end
+// (v = x + 128).
+template <bool Signed, int KWc, int SWc>
 PYC_TARGET_AVX2 void dw_row_avx2(const Int8ConvGeom& g, const uint8_t* img, const int16_t* wp,
-                                 const int32_t* wsum, int64_t C16, int64_t oy,
-                                 const uint8_t* zprow, const uint8_t** rows, int32_t* acc,
-                                 int64_t ldt) {
-  constexpr bool Share = KWc > 0;
-  const int64_t KW = Share ? KWc : g.kw, KP = dw_kp(g), Cp = dw_cp(g), C = g.C, W = g.W;
+                                 const int32_t* wsum, int64_t c_begin, int64_t c_end,
+                                 int64_t oy, const uint8_t* zprow, const uint8_t** rows,
+                                 int32_t* acc, int64_t ldt) {
+  const int64_t KP = dw_kp(g), Cp = dw_cp(g), C = g.C, W = g.W;
   for (int64_t ky = 0; ky < 2 * KP; ++ky) {
     const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
     rows[ky] = ky < g.kh && iy >= 0 && iy < g.H ? img + iy * W * C : nullptr;
   }
-  for (int64_t c = 0; c < C16; c += 16) {
+  // blocks of 4 pixels from ox whose columns all lie inside the image: ox in [in0, in1)
+  const int64_t span = (g.kw - 1) * g.dw + 3 * g.sw;
+  const int64_t in0 = (g.pw + g.sw - 1) / g.sw;
+  const int64_t in1 = W - 1 - span + g.pw >= 0 ? (W - 1 - span + g.pw) / g.sw + 1 : 0;
+  for (int64_t c = c_begin; c < c_end; c += 16) {
     const int16_t* wc = wp + c * 2;
-    int64_t ox = 0;
-    for (; ox < g.Wo; ox += 4) {
+    for (int64_t ox = 0; ox < g.Wo; ox += 4) {
       const int64_t np = std::min<int64_t>(4, g.Wo - ox);
+      const bool interior = ox >= in0 && ox < in1;
       __m256i s0[4], s1[4];
       for (int p = 0; p < 4; ++p) s0[p] = s1[p] = _mm256_setzero_si256();
       for (int64_t qp = 0; qp < KP; ++qp) {
-        const uint8_t* ra = rows[2 * qp];
-        const uint8_t* rb = rows[2 * qp + 1];
-        const int16_t* wq = wc + qp * KW * Cp * 2;
-        if (Share) {
-          const int64_t ix0 = ox - g.pw;
-          for (int j = 0; j < 4 + KWc - 1; ++j) {
-            __m256i v0, v1;
-            dw_pairs_avx2<Signed>(ra, rb, ix0 + j, W, C, c, zprow, v0, v1);
-            for (int kx = 0; kx < KWc; ++kx) {
-              const int p = j - kx;
-              if (p < 0 || p >= 4) continue;
-              const int16_t* wk = wq + kx * Cp * 2;
-              s0[p] = _mm256_add_epi32(s0[p], _mm256_madd_epi16(v0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk))));
-              s1[p] = _mm256_add_epi32(s1[p], _mm256_madd_epi16(v1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16))));
-            }
-          }
-        } else {
-          for (int64_t kx = 0; kx < KW; ++kx) {
-            const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + kx * Cp * 2));
-            const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + kx * Cp * 2 + 16));
-            for (int p = 0; p < 4; ++p) {
-              __m256i v0, v1;
-              dw_pairs_avx2<Signed>(ra, rb, (ox + p) * g.sw - g.pw + kx * g.dw, W, C, c, zprow, v0, v1);
-              s0[p] = _mm256_add_epi32(s0[p], _mm256_madd_epi16(v0, w0));
-              s1[p] = _mm256_add_epi32(s1[p], _mm256_madd_epi16(v1, w1));
-            }
-          }
-        }
+        const int16_t* wq = wc + qp * g.kw * Cp * 2;
+        if (interior)
+          dw_quad_avx2<Signed, KWc, SWc, true>(g, rows[2 * qp], rows[2 * qp + 1], wq, Cp, c, ox,
+                                               zprow, s0, s1);
+        else
+          dw_quad_avx2<Signed, KWc, SWc, false>(g, rows[2 * qp], rows[2 * qp + 1], wq, Cp, c, ox,
+                                                zprow, s0, s1);
       }
       __m256i add_lo = _mm256_setzero_si256(), add_hi = add_lo;
       if (Signed) {
@@ -896,13 +927,16 @@ PYC_TARGET_AVX2 void dw_row_avx2(const Int8ConvGeom& g, const uint8_t* img, cons
 }
 
 using DwRowAvx2Fn = void (*)(const Int8ConvGeom&, const uint8_t*, const int16_t*, const int32_t*,
-                             int64_t, int64_t, const uint8_t*, const uint8_t**, int32_t*, int64_t);
+                             int64_t, int64_t, int64_t, const uint8_t*, const uint8_t**, int32_t*,
+                             int64_t);
 
 template <bool Signed>
 DwRowAvx2Fn pick_dw_row_avx2(const Int8ConvGeom& g) {
-  if (g.sw == 1 && g.dw == 1 && g.kw == 3) return dw_row_avx2<Signed, 3>;
-  if (g.sw == 1 && g.dw == 1 && g.kw == 5) return dw_row_avx2<Signed, 5>;
-  return dw_row_avx2<Signed, 0>;
+  if (g.dw == 1 && g.sw == 1 && g.kw == 3) return dw_row_avx2<Signed, 3, 1>;
+  if (g.dw == 1 && g.sw == 1 && g.kw == 5) return dw_row_avx2<Signed, 5, 1>;
+  if (g.dw == 1 && g.sw == 2 && g.kw == 3) return dw_row_avx2<Signed, 3, 2>;
+  if (g.dw == 1 && g.sw == 2 && g.kw == 5) return dw_row_avx2<Signed, 5, 2>;
+  return dw_row_avx2<Signed, 0, 1>;
 }
 #endif
 
@@ -938,9 +972,9 @@ DwWorkspace dw_workspace(const Int8ConvGeom& g, void* workspace) {
 void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
                          const Int8ConvArgs& a, int64_t t0, int64_t t1, void* workspace,
                          int level) {
-  (void)plan;
   const int64_t C = g.C, Cp = dw_cp(g), R = dw_task_rows(g);
   const int64_t tasks_per_image = (g.Ho + R - 1) / R;
+  const int64_t cgroups = plan.chunks, cgroup_ch = 64 * plan.chunk_panels;
   const int32_t* wsum = reinterpret_cast<const int32_t*>(packed + dw_wsum_offset(g));
   const int16_t* w16 = reinterpret_cast<const int16_t*>(packed + dw_w16_offset(g));
   const DwWorkspace w = dw_workspace(g, workspace);
@@ -952,9 +986,11 @@ void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const 
 #endif
   const EpilogueFn ep = pick_epilogue(level, a);
   int64_t zp_image = -1;
-  for (int64_t t = t0; t < t1; ++t) {  // task: R output rows of image n
-    const int64_t n = t / tasks_per_image, oy0 = (t - n * tasks_per_image) * R;
+  for (int64_t t = t0; t < t1; ++t) {  // task: R output rows of image n, one group of channels
+    const int64_t rt = t / cgroups, cg = t - rt * cgroups;
+    const int64_t n = rt / tasks_per_image, oy0 = (rt - n * tasks_per_image) * R;
     const int64_t nrows = std::min(R, g.Ho - oy0);
+    const int64_t cb = cg * cgroup_ch, ce = std::min(C, cb + cgroup_ch);
     const uint8_t* img = a.x + n * g.H * g.W * C;
     if (n != zp_image) {
       std::memset(w.zprow, static_cast<uint8_t>(a.x_zp[n]), static_cast<size_t>(Cp));
@@ -963,22 +999,22 @@ void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const 
 #if PYC_HAVE_X86_SIMD
     if (vnni) {
       if (flip)
-        dw_rows_vnni<true>(g, packed, a, ep, n, oy0, nrows, w.zprow, w.ptr, w.q, w.acc);
+        dw_rows_vnni<true>(g, packed, a, ep, n, oy0, nrows, cb, ce, w.zprow, w.ptr, w.q, w.acc);
       else
-        dw_rows_vnni<false>(g, packed, a, ep, n, oy0, nrows, w.zprow, w.ptr, w.q, w.acc);
+        dw_rows_vnni<false>(g, packed, a, ep, n, oy0, nrows, cb, ce, w.zprow, w.ptr, w.q, w.acc);
       continue;
     }
 #endif
     for (int64_t oy = oy0; oy < oy0 + nrows; ++oy) {
-      int64_t c_done = 0;
+      int64_t c_done = cb;
 #if PYC_HAVE_X86_SIMD
-      if (level >= 1 && C >= 16) {
-        c_done = C / 16 * 16;
-        row_avx2(g, img, wp, wsum, c_done, oy, w.zprow, w.ptr, w.acc, Cp);
+      if (level >= 1 && ce - cb >= 16) {
+        c_done = cb + (ce - cb) / 16 * 16;
+        row_avx2(g, img, wp, wsum, cb, c_done, oy, w.zprow, w.ptr, w.acc, Cp);
       }
 #endif
-      if (c_done < C) dw_row_scalar(g, img, w16, c_done, oy, w.zprow, flip, w.acc, Cp);
-      const EpTile tile{w.acc, Cp, (n * g.Ho + oy) * g.Wo, g.Wo, 0, C, wsum, 0};
+      if (c_done < ce) dw_row_scalar(g, img, w16, c_done, ce, oy, w.zprow, flip, w.acc, Cp);
+      const EpTile tile{w.acc + cb, Cp, (n * g.Ho + oy) * g.Wo, g.Wo, cb, ce - cb, wsum + cb, 0};
       ep(tile, g.Ho * g.Wo, C, a);
     }
   }
@@ -1062,8 +1098,13 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
     p.path = level_of(isa);
     p.rows = g.Wo * dw_task_rows(g);  // output pixels per task
     p.blocks = g.N * ((g.Ho + dw_task_rows(g) - 1) / dw_task_rows(g));
-    p.chunks = 1;
-    p.tasks = p.blocks;
+    // few rows for the threads: tasks also split the channels (chunks groups of chunk_panels
+    // blocks of 64 channels)
+    const int64_t c64 = dw_cp(g) / 64, want = 4 * threads;
+    p.chunks = threads > 1 && p.blocks < want ? std::min(c64, (want + p.blocks - 1) / p.blocks) : 1;
+    p.chunk_panels = (c64 + p.chunks - 1) / p.chunks;
+    p.chunks = (c64 + p.chunk_panels - 1) / p.chunk_panels;
+    p.tasks = p.blocks * p.chunks;
     p.workspace_bytes = dw_workspace_bytes(g);
     return p;
   }
