@@ -593,8 +593,8 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
 // segment and block of 64 channels.
 //
 // The VNNI kernel first interleaves, for every input column of the segment, the bytes of 4
-// vertically adjacent rows per channel ([16 channels][4] per 64 bytes, two rounds of unpacking
-// and a 4 x 4 transpose of 128-bit lanes), so that each (vertical quad, kx) pair of the kernel is
+// vertically adjacent rows per channel ([16 channels][4] per 64 bytes: a dword permutation of
+// each row and two rounds of in-lane unpacking), so that each (vertical quad, kx) pair of the kernel is
 // one vpdpbusd per 16 channels. With two rows per task the quads start at the first row's top
 // tap: set A gives the first row, set B (taps shifted down by one) the second, from the same
 // interleaved bytes. The tile loop keeps 4 pixels (x 2 rows) of 16 channels in registers and
@@ -667,6 +667,9 @@ PYC_TARGET_AVX512VNNI void dw_interleave_vnni(const uint8_t* const* rows, int64_
                                               const uint8_t* zprow, uint8_t* q) {
   const __mmask64 k = C - c0 >= 64 ? ~__mmask64(0) : (~uint64_t(0)) >> (64 - (C - c0));
   const __m512i fv = _mm512_set1_epi8(static_cast<char>(0x80));
+  // dword 4 L + j of a row's 64 bytes <- dword 4 j + L (channels 16 j + 4 L ..): after the two
+  // rounds of in-lane unpacking, output j then holds channels 16 j .. 16 j + 15 in order
+  const __m512i perm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
   for (int64_t qy = 0; qy < KQ; ++qy) {
     const uint8_t* const* r = rows + 4 * qy;
     uint8_t* d = q + qy * ncols * 256;
@@ -674,10 +677,10 @@ PYC_TARGET_AVX512VNNI void dw_interleave_vnni(const uint8_t* const* rows, int64_
       const int64_t ix = ix0 + j;
       const bool xok = ix >= 0 && ix < W;
       const int64_t off = ix * C + c0;
-      __m512i a0 = _mm512_maskz_loadu_epi8(k, xok && r[0] ? r[0] + off : zprow);
-      __m512i a1 = _mm512_maskz_loadu_epi8(k, xok && r[1] ? r[1] + off : zprow);
-      __m512i a2 = _mm512_maskz_loadu_epi8(k, xok && r[2] ? r[2] + off : zprow);
-      __m512i a3 = _mm512_maskz_loadu_epi8(k, xok && r[3] ? r[3] + off : zprow);
+      __m512i a0 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[0] ? r[0] + off : zprow));
+      __m512i a1 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[1] ? r[1] + off : zprow));
+      __m512i a2 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[2] ? r[2] + off : zprow));
+      __m512i a3 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[3] ? r[3] + off : zprow));
       if (Signed) {
         a0 = _mm512_xor_si512(a0, fv);
         a1 = _mm512_xor_si512(a1, fv);
@@ -686,15 +689,10 @@ PYC_TARGET_AVX512VNNI void dw_interleave_vnni(const uint8_t* const* rows, int64_
       }
       const __m512i l01 = _mm512_unpacklo_epi8(a0, a1), h01 = _mm512_unpackhi_epi8(a0, a1);
       const __m512i l23 = _mm512_unpacklo_epi8(a2, a3), h23 = _mm512_unpackhi_epi8(a2, a3);
-      // lane L of r_j: channels 16 L + 4 j .. 16 L + 4 j + 3, 4 bytes each
-      const __m512i r0 = _mm512_unpacklo_epi16(l01, l23), r1 = _mm512_unpackhi_epi16(l01, l23);
-      const __m512i r2 = _mm512_unpacklo_epi16(h01, h23), r3 = _mm512_unpackhi_epi16(h01, h23);
-      const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r2, r3, 0x44);
-      const __m512i t2 = _mm512_shuffle_i32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
-      _mm512_store_si512(d, _mm512_shuffle_i32x4(t0, t1, 0x88));
-      _mm512_store_si512(d + 64, _mm512_shuffle_i32x4(t0, t1, 0xDD));
-      _mm512_store_si512(d + 128, _mm512_shuffle_i32x4(t2, t3, 0x88));
-      _mm512_store_si512(d + 192, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+      _mm512_store_si512(d, _mm512_unpacklo_epi16(l01, l23));
+      _mm512_store_si512(d + 64, _mm512_unpackhi_epi16(l01, l23));
+      _mm512_store_si512(d + 128, _mm512_unpacklo_epi16(h01, h23));
+      _mm512_store_si512(d + 192, _mm512_unpackhi_epi16(h01, h23));
     }
   }
 }
