@@ -588,9 +588,9 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
 // and padding taps reading the zero point; the epilogue subtracts zp * sum_t w_t.
 //
 // A task is one output row, or two consecutive ones (stride and dilation 1 in y, kh not a
-// multiple of 4), of one image; rows are cut into segments of at most 48 output pixels so that a
+// multiple of 4), of one image; rows are cut into segments of at most 56 output pixels so that a
 // segment's interleaved input and int32 results stay in L1, and the epilogue runs once per
-// segment and block of 64 channels.
+// segment and block of 64 channels (once for both rows when a segment is the whole row).
 //
 // The VNNI kernel first interleaves, for every input column of the segment, the bytes of 4
 // vertically adjacent rows per channel ([16 channels][4] per 64 bytes: a dword permutation of
@@ -620,7 +620,7 @@ int64_t dw_task_rows(const Int8ConvGeom& g) {
 }
 // output pixels per row segment
 int64_t dw_seg(const Int8ConvGeom& g) {
-  const int64_t parts = (g.Wo + 47) / 48;
+  const int64_t parts = (g.Wo + 55) / 56;
   return (g.Wo + parts - 1) / parts;
 }
 // input columns one segment reads
@@ -801,10 +801,15 @@ PYC_TARGET_AVX512VNNI void dw_rows_vnni(const Int8ConvGeom& g, const int8_t* pac
       const int64_t ncols = (npx - 1) * g.sw + (g.kw - 1) * g.dw + 1;
       dw_interleave_vnni<Signed>(rows, KQ, ox0 * g.sw - g.pw, ncols, g.W, C, c0, zprow, q);
       tile(q, ncols, packed + 4 * c0, setb + 4 * c0, 4 * Cp, KQ, g.kw, g.sw, g.dw, npx, nb, acc, S);
-      for (int64_t r = 0; r < nrows; ++r) {
-        const EpTile t{acc + r * S * 64, 64, (n * g.Ho + oy0 + r) * g.Wo + ox0, npx, c0, nc,
-                       wsum + c0, 0};
+      if (npx == g.Wo) {  // the rows' pixels follow one another, as the rows of acc
+        const EpTile t{acc, 64, (n * g.Ho + oy0) * g.Wo, nrows * npx, c0, nc, wsum + c0, 0};
         ep(t, g.Ho * g.Wo, C, a);
+      } else {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const EpTile t{acc + r * S * 64, 64, (n * g.Ho + oy0 + r) * g.Wo + ox0, npx, c0, nc,
+                         wsum + c0, 0};
+          ep(t, g.Ho * g.Wo, C, a);
+        }
       }
     }
   }
