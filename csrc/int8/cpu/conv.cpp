@@ -588,7 +588,7 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
 // and padding taps reading the zero point; the epilogue subtracts zp * sum_t w_t.
 //
 // A task is one output row, or two consecutive ones (stride and dilation 1 in y, kh not a
-// multiple of 4), of one image; rows are cut into segments of at most 56 output pixels so that a
+// multiple of 4), of one image; rows are cut into segments of at most 48 output pixels so that a
 // segment's interleaved input and int32 results stay in L1, and the epilogue runs once per
 // segment and block of 64 channels (once for both rows when a segment is the whole row).
 //
@@ -620,7 +620,7 @@ int64_t dw_task_rows(const Int8ConvGeom& g) {
 }
 // output pixels per row segment
 int64_t dw_seg(const Int8ConvGeom& g) {
-  const int64_t parts = (g.Wo + 55) / 56;
+  const int64_t parts = (g.Wo + 47) / 48;
   return (g.Wo + parts - 1) / parts;
 }
 // input columns one segment reads
