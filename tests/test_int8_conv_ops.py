@@ -467,3 +467,73 @@ def test_requantized_nan_and_huge_values_saturate(out_dtype, cpu_isa):
                         out_scale=1e-3, out_zero_point=1)
     info = torch.iinfo(out_dtype)
     assert (y[:, 3] == info.min).all() and (y[:, 5] == info.max).all() and (y[:, 7] == info.min).all()
+
+
+# Depthwise shapes that reach each part of the direct kernels: two output rows per task (an odd
+# number of rows leaves a single last one), rows cut into several segments, blocks of 64 channels
+# with a tail, the 3x3 / 5x5 kernels and the general one, strides and dilations apart in x and y,
+# blocks of 4 pixels with a remainder, border and interior columns.
+DW_CASES = [
+    # (n, c, h, w, k, stride, padding, dilation)
+    (2, 80, 7, 53, (3, 3), 1, 1, 1),              # two segments, odd rows, 64 + 16 channels
+    (1, 200, 9, 100, (3, 3), 1, 1, 1),            # three segments, C % 16 == 8
+    (3, 16, 5, 6, (5, 5), 1, 2, 1),               # 5x5, batch 3, rows in one segment
+    (1, 24, 13, 123, (5, 5), 2, 2, 1),            # 5x5 stride 2, two segments
+    (2, 96, 17, 17, (3, 3), 2, 1, 1),             # 3x3 stride 2
+    (1, 33, 10, 11, (7, 7), 1, 3, 1),             # general kernel, two quads
+    (1, 20, 9, 9, (4, 4), 1, 1, 1),               # kh a multiple of 4: one row per task
+    (2, 40, 12, 12, (3, 5), (1, 2), (1, 2), 1),   # asymmetric kernel, stride and padding
+    (1, 48, 11, 13, (3, 3), (2, 1), 1, (1, 2)),   # stride in y only, dilation in x only
+    (1, 32, 9, 9, (3, 3), 1, 2, 2),               # dilation 2
+    (1, 17, 6, 7, (1, 1), 1, 0, 1),               # 1x1
+    (1, 64, 3, 3, (3, 3), 1, 0, 1),               # one output pixel
+    (1, 16, 4, 30, (3, 3), 1, 5, 1),              # rows and columns entirely in the padding
+]
+
+
+@pytest.mark.parametrize("case", DW_CASES, ids=[f"dw{i}" for i in range(len(DW_CASES))])
+@pytest.mark.parametrize("kind", ["uint8", "int8"])
+def test_depthwise_kernels_exact(case, kind, cpu_isa):
+    n, c, h, w_, k, s, p, d = case
+    x, scale, zp = make_input(kind, n, c, h, w_)
+    w, ws = make_weight(c, 1, k)
+    bias = torch.randn(c)
+    kw = dict(x_scale=scale, x_zero_point=zp, stride=s, padding=p, dilation=d, groups=c)
+    assert_same(ops.int8_conv2d(x, w, ws, bias, **kw), conv2d_ref(x, w, ws, bias, **kw))
+    kw.update(activation="relu6", out_dtype=torch.uint8, out_scale=0.05, out_zero_point=3)
+    assert_same(ops.int8_conv2d(x, w, ws, bias, **kw), conv2d_ref(x, w, ws, bias, **kw))
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("kind", ["uint8", "int8"])
+def test_depthwise_extreme_sums_exact(k, kind, cpu_isa):
+    # every tap at the end of the input range times -128: the largest sums the kernels form
+    # (int16 pairs, vpdpbusd quads) must not saturate
+    c = 40
+    fill = 255 if kind == "uint8" else -128
+    x = torch.full((2, c, 9, 9), fill, dtype=torch.uint8 if kind == "uint8" else torch.int8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.full((c, 1, k, k), -128, dtype=torch.int8)
+    w[1::2] = 127
+    ws = torch.full((c,), 1e-3)
+    zp = torch.tensor([0 if kind == "uint8" else 127], dtype=torch.int32)
+    kw = dict(x_scale=torch.tensor([1.0]), x_zero_point=zp, padding=k // 2, groups=c)
+    assert_same(ops.int8_conv2d(x, w, ws, **kw), conv2d_ref(x, w, ws, **kw))
+
+
+def test_depthwise_threads_agree():
+    # few rows per thread: the tasks also split the channels
+    prev = torch.get_num_threads()
+    try:
+        for n, c, hw in [(1, 200, 7), (3, 96, 7), (1, 40, 14)]:
+            x, scale, zp = make_input("uint8", n, c, hw, hw)
+            w, ws = make_weight(c, 1, (3, 3))
+            kw = dict(x_scale=scale, x_zero_point=zp, padding=1, groups=c)
+            outs = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                outs.append(ops.int8_conv2d(x, w, ws, **kw))
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+            assert_same(outs[0], conv2d_ref(x, w, ws, **kw))
+    finally:
+        torch.set_num_threads(prev)

@@ -183,6 +183,8 @@ int main() {
       {1, 12, 7, 8, 20, 3, 3, 2, 1, 1, 4},     // groups 4
       {2, 70, 9, 10, 70, 3, 3, 1, 1, 1, 70},   // depthwise 3x3, C > 64 and not a multiple of 64
       {1, 18, 12, 11, 18, 5, 5, 2, 2, 1, 18},  // depthwise 5x5 stride 2
+      {1, 200, 7, 7, 200, 3, 3, 1, 1, 1, 200},    // depthwise, tasks split the channels
+      {1, 150, 6, 61, 150, 5, 5, 1, 2, 1, 150},   // depthwise 5x5, two row segments, channel split
       {1, 3, 5, 5, 6, 5, 5, 1, 0, 1, 1},       // output 1x1
       {1, 160, 7, 7, 48, 3, 3, 1, 1, 1, 1},    // K = 1440 (several 64-k steps, tail)
       {1, 19, 8, 10, 33, 3, 3, 2, 0, 1, 1, 1, 1},     // TF "SAME" stride 2: padding only after

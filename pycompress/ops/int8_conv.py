@@ -58,8 +58,9 @@ def int8_conv2d_packed_bytes(cout: int, cin_per_group: int, kh: int, kw: int, gr
     (``[cout / groups, kh * kw * cin_per_group]``, see :func:`int8_packed_bytes`) per group.
     """
     if cin_per_group == 1 and groups == cout:
+        # two VNNI tap sets, the per-channel sums, int16 tap pairs, int16 taps
         cp, taps = _round_up(cout, 64), kh * kw
-        return 4 * cp * ((kh + 3) // 4) * kw + 4 * cp + 2 * taps * cp
+        return 2 * 4 * cp * ((kh + 3) // 4) * kw + 4 * cp + 4 * cp * ((kh + 1) // 2) * kw + 2 * taps * cp
     n, k = cout // groups, kh * kw * cin_per_group
     kp, np_ = _round_up(k, 4), _round_up(n, 16)
     return groups * (np_ * kp + 4 * np_ + np_ // 4)

@@ -572,226 +572,454 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
 
 // ---------------------------------------------------------------- depthwise
 //
-// Packed layout (T = kh * kw taps, KQ = ceil(kh / 4), Cp = round_up(C, 64)):
-//   [0, 4 * Cp * KQ * kw):     the VNNI form [KQ][kw][Cp / 16][16 channels][4]: byte u of a
-//                              channel's 4 is the weight of tap (ky = 4 * qy + u, kx), zero for
-//                              ky >= kh;
-//   next 4 * Cp bytes:         int32 sum over the taps of each channel's weights;
-//   next 2 * T * Cp bytes:     int16 [T][Cp] weights (the AVX2 and scalar kernels).
+// Packed layout (T = kh * kw taps, KQ = ceil(kh / 4), Cp = round_up(C, 64), V = 4 * Cp * KQ * kw):
+//   [0, V):        VNNI set A, [KQ][kw][Cp / 16][16 channels][4]: byte u of a channel's 4 is the
+//                  weight of tap (ky = 4 * qy + u, kx), zero for ky >= kh;
+//   [V, 2 V):      VNNI set B, the same with byte u holding tap ky = 4 * qy + u - 1 (zero outside
+//                  [0, kh)): the taps of the next output row when the rows of the previous one
+//                  are interleaved (stride and dilation 1 in y);
+//   next 4 * Cp:   int32 sum over the taps of each channel's weights;
+//   next 2 * Cp * kw * ceil(kh / 2) * 2: int16 pairs of vertically adjacent taps,
+//                  [ceil(kh / 2)][kw][Cp / 16][2 halves][4 channel pairs][2], see dw_pair_index
+//                  (the AVX2 kernel), and then the int16 [T][Cp] weights (the scalar kernel).
 // Channels beyond C are zero.
 //
 // Every kernel computes sum_t v_t * w_t over all taps, with v the input byte (x ^ 0x80 for int8 x)
 // and padding taps reading the zero point; the epilogue subtracts zp * sum_t w_t.
 //
-// The VNNI kernel works on one output row at a time: it first interleaves, for every input column
-// the row needs, the bytes of 4 vertically adjacent taps per channel ([16 channels][4] per 64
-// bytes, two rounds of unpacking and a 4 x 4 transpose of 128-bit lanes), so that each (vertical
-// quad, kx) pair of the kernel is one vpdpbusd per 16 channels, with no shuffles in the
-// per-pixel loop.
+// A task is one output row, or two consecutive ones (stride and dilation 1 in y, kh not a
+// multiple of 4), of one image; rows are cut into segments of at most 48 output pixels so that a
+// segment's interleaved input and int32 results stay in L1, and the epilogue runs once per
+// segment and block of 64 channels (once for both rows when a segment is the whole row).
+//
+// The VNNI kernel first interleaves, for every input column of the segment, the bytes of 4
+// vertically adjacent rows per channel ([16 channels][4] per 64 bytes: a dword permutation of
+// each row and two rounds of in-lane unpacking), so that each (vertical quad, kx) pair of the kernel is
+// one vpdpbusd per 16 channels. With two rows per task the quads start at the first row's top
+// tap: set A gives the first row, set B (taps shifted down by one) the second, from the same
+// interleaved bytes. The tile loop keeps 4 pixels (x 2 rows) of 16 channels in registers and
+// loads each interleaved vector once for both rows.
+//
+// The AVX2 kernel widens pairs of vertically adjacent input rows to int16 pairs per channel
+// ([8 channel pairs] per 128-bit lane, the lanes' channel order fixed by dw_pair_index) and
+// accumulates one vpmaddwd (2 taps) per 8 channels; each int16 pair vector is built once per
+// input column and feeds the kw output pixels that read it.
 
 int64_t dw_cp(const Int8ConvGeom& g) { return round_up(g.C, 64); }
 int64_t dw_kq(const Int8ConvGeom& g) { return (g.kh + 3) / 4; }
-int64_t dw_wsum_offset(const Int8ConvGeom& g) { return 4 * dw_cp(g) * dw_kq(g) * g.kw; }
-int64_t dw_w16_offset(const Int8ConvGeom& g) { return dw_wsum_offset(g) + 4 * dw_cp(g); }
-// input columns (from -pw) that one output row reads
-int64_t dw_cols(const Int8ConvGeom& g) { return (g.Wo - 1) * g.sw + (g.kw - 1) * g.dw + 1; }
+int64_t dw_kp(const Int8ConvGeom& g) { return (g.kh + 1) / 2; }
+int64_t dw_vnni_bytes(const Int8ConvGeom& g) { return 4 * dw_cp(g) * dw_kq(g) * g.kw; }
+int64_t dw_wsum_offset(const Int8ConvGeom& g) { return 2 * dw_vnni_bytes(g); }
+int64_t dw_pair_offset(const Int8ConvGeom& g) { return dw_wsum_offset(g) + 4 * dw_cp(g); }
+int64_t dw_w16_offset(const Int8ConvGeom& g) {
+  return dw_pair_offset(g) + 4 * dw_cp(g) * dw_kp(g) * g.kw;
+}
+// output rows per task
+int64_t dw_task_rows(const Int8ConvGeom& g) {
+  return g.sh == 1 && g.dh == 1 && g.kh % 4 != 0 && g.Ho > 1 ? 2 : 1;
+}
+// output pixels per row segment
+int64_t dw_seg(const Int8ConvGeom& g) {
+  const int64_t parts = (g.Wo + 47) / 48;
+  return (g.Wo + parts - 1) / parts;
+}
+// input columns one segment reads
+int64_t dw_seg_cols(const Int8ConvGeom& g) { return (dw_seg(g) - 1) * g.sw + (g.kw - 1) * g.dw + 1; }
 
-// Output pixel (oy, ox): each tap's input pixel (its first byte), or the zero-point row.
-inline void dw_tap_pointers(const Int8ConvGeom& g, const uint8_t* img, const uint8_t* zprow,
-                            int64_t oy, int64_t ox, const uint8_t** ptr) {
-  int64_t t = 0;
-  for (int64_t ky = 0; ky < g.kh; ++ky) {
-    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-    const bool yok = iy >= 0 && iy < g.H;
-    for (int64_t kx = 0; kx < g.kw; ++kx, ++t) {
-      const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
-      ptr[t] = yok && ix >= 0 && ix < g.W ? img + (iy * g.W + ix) * g.C : zprow;
-    }
-  }
+// Index (in int16 elements, from the start of a tap pair's Cp * 2 values) of channel c's weight
+// of the upper (h = 0) or lower (h = 1) tap: 16 channels per 32 values; 128-bit lane L of the
+// two 256-bit vectors holds channel pairs (v, L): vector 0 lane 0 channels 0-3, lane 1 channels
+// 8-11, vector 1 lane 0 channels 4-7, lane 1 channels 12-15 (the order unpacklo / unpackhi of
+// int16 vectors produce), 2 values per channel.
+inline int64_t dw_pair_index(int64_t c, int64_t h) {
+  const int64_t blk = c / 16, i = c % 16;
+  const int64_t lane = i / 8, half = (i % 8) / 4, j = i % 4;
+  return blk * 32 + half * 16 + lane * 8 + 2 * j + h;
 }
 
-void dw_pixel_scalar(int64_t C, int64_t T, const int16_t* w16, int64_t Cp, const uint8_t* const* ptr,
-                     uint8_t flip, int32_t* acc) {
-  for (int64_t c = 0; c < C; ++c) {
-    int32_t s = 0;
-    for (int64_t t = 0; t < T; ++t) s += static_cast<int32_t>(ptr[t][c] ^ flip) * w16[t * Cp + c];
-    acc[c] = s;
-  }
-}
-
-#if PYC_HAVE_X86_SIMD
-// 16 channels per step: (v * w) fits int16 exactly (|v * w| <= 255 * 128), widened to int32.
-PYC_TARGET_AVX2 void dw_pixel_avx2(int64_t C, int64_t T, const int16_t* w16, int64_t Cp,
-                                   const uint8_t* const* ptr, uint8_t flip, int32_t* acc) {
-  const __m128i fv = _mm_set1_epi8(static_cast<char>(flip));
-  int64_t c0 = 0;
-  for (; c0 + 16 <= C; c0 += 16) {
-    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-    for (int64_t t = 0; t < T; ++t) {
-      const __m128i xb = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr[t] + c0)), fv);
-      const __m256i p = _mm256_mullo_epi16(
-          _mm256_cvtepu8_epi16(xb), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w16 + t * Cp + c0)));
-      lo = _mm256_add_epi32(lo, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p)));
-      hi = _mm256_add_epi32(hi, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(p, 1)));
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0), lo);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + c0 + 8), hi);
-  }
-  for (int64_t c = c0; c < C; ++c) {
-    int32_t s = 0;
-    for (int64_t t = 0; t < T; ++t) s += static_cast<int32_t>(ptr[t][c] ^ flip) * w16[t * Cp + c];
-    acc[c] = s;
-  }
-}
-
-// The interleaved rows of output row oy: q[(qy * cols + j) * Cp * 4 + 4 * c + u] is the byte of
-// input row oy * sh - ph + (4 * qy + u) * dh, column j - pw, channel c (the zero point outside
-// the image or beyond kh).
-template <bool Signed>
-PYC_TARGET_AVX512VNNI void dw_interleave_vnni(const Int8ConvGeom& g, const uint8_t* img,
-                                              const uint8_t* zprow, int64_t oy, uint8_t* q) {
-  const int64_t C = g.C, Cp = dw_cp(g), cols = dw_cols(g), KQ = dw_kq(g);
-  const __m512i fv = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t qy = 0; qy < KQ; ++qy) {
-    const uint8_t* rows[4];
-    for (int u = 0; u < 4; ++u) {
-      const int64_t ky = 4 * qy + u, iy = oy * g.sh - g.ph + ky * g.dh;
-      rows[u] = ky < g.kh && iy >= 0 && iy < g.H ? img + iy * g.W * C : nullptr;
-    }
-    for (int64_t j = 0; j < cols; ++j) {
-      const int64_t ix = j - g.pw;
-      const bool xok = ix >= 0 && ix < g.W;
-      const uint8_t* src[4];
-      for (int u = 0; u < 4; ++u) src[u] = xok && rows[u] ? rows[u] + ix * C : zprow;
-      uint8_t* dst = q + (qy * cols + j) * Cp * 4;
-      for (int64_t c0 = 0; c0 < C; c0 += 64) {
-        const __mmask64 k = C - c0 >= 64 ? ~__mmask64(0) : (~uint64_t(0)) >> (64 - (C - c0));
-        __m512i a0 = _mm512_maskz_loadu_epi8(k, src[0] + c0), a1 = _mm512_maskz_loadu_epi8(k, src[1] + c0);
-        __m512i a2 = _mm512_maskz_loadu_epi8(k, src[2] + c0), a3 = _mm512_maskz_loadu_epi8(k, src[3] + c0);
-        if (Signed) {
-          a0 = _mm512_xor_si512(a0, fv);
-          a1 = _mm512_xor_si512(a1, fv);
-          a2 = _mm512_xor_si512(a2, fv);
-          a3 = _mm512_xor_si512(a3, fv);
-        }
-        const __m512i l01 = _mm512_unpacklo_epi8(a0, a1), h01 = _mm512_unpackhi_epi8(a0, a1);
-        const __m512i l23 = _mm512_unpacklo_epi8(a2, a3), h23 = _mm512_unpackhi_epi8(a2, a3);
-        // lane L of r_j: channels 16 L + 4 j .. 16 L + 4 j + 3, 4 bytes each
-        const __m512i r0 = _mm512_unpacklo_epi16(l01, l23), r1 = _mm512_unpackhi_epi16(l01, l23);
-        const __m512i r2 = _mm512_unpacklo_epi16(h01, h23), r3 = _mm512_unpackhi_epi16(h01, h23);
-        const __m512i t0 = _mm512_shuffle_i32x4(r0, r1, 0x44), t1 = _mm512_shuffle_i32x4(r2, r3, 0x44);
-        const __m512i t2 = _mm512_shuffle_i32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_i32x4(r2, r3, 0xEE);
-        uint8_t* d = dst + 4 * c0;
-        _mm512_storeu_si512(d, _mm512_shuffle_i32x4(t0, t1, 0x88));
-        _mm512_storeu_si512(d + 64, _mm512_shuffle_i32x4(t0, t1, 0xDD));
-        _mm512_storeu_si512(d + 128, _mm512_shuffle_i32x4(t2, t3, 0x88));
-        _mm512_storeu_si512(d + 192, _mm512_shuffle_i32x4(t2, t3, 0xDD));
+// Output row oy, channels [c_begin, c_end): acc[ox * ldt + c] (the portable kernel, also the
+// channel tail of the AVX2 one).
+void dw_row_scalar(const Int8ConvGeom& g, const uint8_t* img, const int16_t* w16, int64_t c_begin,
+                   int64_t c_end, int64_t oy, const uint8_t* zprow, uint8_t flip, int32_t* acc,
+                   int64_t ldt) {
+  const int64_t C = g.C, Cp = dw_cp(g);
+  for (int64_t ox = 0; ox < g.Wo; ++ox) {
+    int32_t* d = acc + ox * ldt;
+    for (int64_t c = c_begin; c < c_end; ++c) d[c] = 0;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t ix = ox * g.sw - g.pw + kx * g.dw;
+        const uint8_t* src = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W ? img + (iy * g.W + ix) * C : zprow;
+        const int16_t* wt = w16 + (ky * g.kw + kx) * Cp;
+        for (int64_t c = c_begin; c < c_end; ++c) d[c] += static_cast<int32_t>(src[c] ^ flip) * wt[c];
       }
     }
   }
 }
 
-// acc[ox * Cp + c] = sum over (qy, kx) of the interleaved bytes times the weights, 16 channels per
-// vpdpbusd; the 16-channel block is the outer loop so its weights stay in L1 across the row.
-PYC_TARGET_AVX512VNNI void dw_row_vnni(const Int8ConvGeom& g, const int8_t* wv, const uint8_t* q,
-                                       int32_t* acc) {
-  const int64_t Cp = dw_cp(g), cols = dw_cols(g), KQ = dw_kq(g), blocks = (g.C + 15) / 16;
-  const int64_t nw = KQ * g.kw, step = g.sw * Cp * 4, kstep = g.dw * Cp * 4, qstep = cols * Cp * 4;
-  for (int64_t cb = 0; cb < blocks; ++cb) {
-    const int8_t* w = wv + cb * 64;
-    const uint8_t* qb = q + cb * 64;
-    int64_t ox = 0;
-    // two output pixels at a time: independent accumulator chains
-    for (; ox + 2 <= g.Wo; ox += 2) {
-      __m512i s0 = _mm512_setzero_si512(), s1 = s0;
-      const uint8_t* p = qb + ox * step;
-      for (int64_t qy = 0; qy < KQ; ++qy)
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          const __m512i wk = _mm512_loadu_si512(w + (qy * g.kw + kx) * Cp * 4);
-          const uint8_t* pk = p + qy * qstep + kx * kstep;
-          s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(pk), wk);
-          s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(pk + step), wk);
-        }
-      _mm512_storeu_si512(acc + ox * Cp + cb * 16, s0);
-      _mm512_storeu_si512(acc + (ox + 1) * Cp + cb * 16, s1);
+#if PYC_HAVE_X86_SIMD
+// q[(qy * ncols + j) * 256 + 4 * c + u] = the byte of input row rows[4 * qy + u] (nullptr: the
+// zero point), column ix0 + j (the zero point outside [0, W)), channel c0 + c, c < min(64, C - c0).
+template <bool Signed>
+PYC_TARGET_AVX512VNNI void dw_interleave_vnni(const uint8_t* const* rows, int64_t KQ, int64_t ix0,
+                                              int64_t ncols, int64_t W, int64_t C, int64_t c0,
+                                              const uint8_t* zprow, uint8_t* q) {
+  const __mmask64 k = C - c0 >= 64 ? ~__mmask64(0) : (~uint64_t(0)) >> (64 - (C - c0));
+  const __m512i fv = _mm512_set1_epi8(static_cast<char>(0x80));
+  // dword 4 L + j of a row's 64 bytes <- dword 4 j + L (channels 16 j + 4 L ..): after the two
+  // rounds of in-lane unpacking, output j then holds channels 16 j .. 16 j + 15 in order
+  const __m512i perm = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  for (int64_t qy = 0; qy < KQ; ++qy) {
+    const uint8_t* const* r = rows + 4 * qy;
+    uint8_t* d = q + qy * ncols * 256;
+    for (int64_t j = 0; j < ncols; ++j, d += 256) {
+      const int64_t ix = ix0 + j;
+      const bool xok = ix >= 0 && ix < W;
+      const int64_t off = ix * C + c0;
+      __m512i a0 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[0] ? r[0] + off : zprow));
+      __m512i a1 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[1] ? r[1] + off : zprow));
+      __m512i a2 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[2] ? r[2] + off : zprow));
+      __m512i a3 = _mm512_permutexvar_epi32(perm, _mm512_maskz_loadu_epi8(k, xok && r[3] ? r[3] + off : zprow));
+      if (Signed) {
+        a0 = _mm512_xor_si512(a0, fv);
+        a1 = _mm512_xor_si512(a1, fv);
+        a2 = _mm512_xor_si512(a2, fv);
+        a3 = _mm512_xor_si512(a3, fv);
+      }
+      const __m512i l01 = _mm512_unpacklo_epi8(a0, a1), h01 = _mm512_unpackhi_epi8(a0, a1);
+      const __m512i l23 = _mm512_unpacklo_epi8(a2, a3), h23 = _mm512_unpackhi_epi8(a2, a3);
+      _mm512_store_si512(d, _mm512_unpacklo_epi16(l01, l23));
+      _mm512_store_si512(d + 64, _mm512_unpackhi_epi16(l01, l23));
+      _mm512_store_si512(d + 128, _mm512_unpacklo_epi16(h01, h23));
+      _mm512_store_si512(d + 192, _mm512_unpackhi_epi16(h01, h23));
     }
-    for (; ox < g.Wo; ++ox) {
-      __m512i s0 = _mm512_setzero_si512();
-      const uint8_t* p = qb + ox * step;
-      for (int64_t qy = 0; qy < KQ; ++qy)
-        for (int64_t kx = 0; kx < g.kw; ++kx)
-          s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(p + qy * qstep + kx * kstep),
-                                   _mm512_loadu_si512(w + (qy * g.kw + kx) * Cp * 4));
-      _mm512_storeu_si512(acc + ox * Cp + cb * 16, s0);
-    }
-    (void)nw;
   }
+}
+
+// acc[(r * S + p) * 64 + 16 * b + i], output pixel p < npx of row r (r = 1 with the taps of set
+// B), channel 16 b + i of the block, b < nb; tap (qy, kx) of pixel p reads the interleaved column
+// p * sw + kx * dw. KQc / KWc: the kernel's quads and width when fixed at compile time, else 0.
+template <int KQc, int KWc, bool Pair>
+PYC_TARGET_AVX512VNNI void dw_tile_vnni(const uint8_t* q, int64_t ncols, const int8_t* wa,
+                                        const int8_t* wb, int64_t wstep, int64_t KQr, int64_t KWr,
+                                        int64_t sw, int64_t dw, int64_t npx, int64_t nb,
+                                        int32_t* acc, int64_t S) {
+  const int64_t KQ = KQc ? KQc : KQr, KW = KWc ? KWc : KWr;
+  const int64_t ps = sw * 256, ks = dw * 256, qs = ncols * 256;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* qb = q + b * 64;
+    const int8_t* wab = wa + b * 64;
+    const int8_t* wbb = wb + b * 64;
+    int32_t* out0 = acc + b * 16;
+    int32_t* out1 = acc + S * 64 + b * 16;
+    int64_t p = 0;
+    for (; p + 4 <= npx; p += 4) {
+      __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+      __m512i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      const uint8_t* pp = qb + p * ps;
+      for (int64_t qy = 0; qy < KQ; ++qy)
+        for (int64_t kx = 0; kx < KW; ++kx) {
+          const int64_t t = (qy * KW + kx) * wstep;
+          const __m512i wA = _mm512_loadu_si512(wab + t);
+          const uint8_t* s = pp + qy * qs + kx * ks;
+          const __m512i v0 = _mm512_load_si512(s), v1 = _mm512_load_si512(s + ps);
+          const __m512i v2 = _mm512_load_si512(s + 2 * ps), v3 = _mm512_load_si512(s + 3 * ps);
+          a0 = _mm512_dpbusd_epi32(a0, v0, wA);
+          a1 = _mm512_dpbusd_epi32(a1, v1, wA);
+          a2 = _mm512_dpbusd_epi32(a2, v2, wA);
+          a3 = _mm512_dpbusd_epi32(a3, v3, wA);
+          if (Pair) {
+            const __m512i wB = _mm512_loadu_si512(wbb + t);
+            b0 = _mm512_dpbusd_epi32(b0, v0, wB);
+            b1 = _mm512_dpbusd_epi32(b1, v1, wB);
+            b2 = _mm512_dpbusd_epi32(b2, v2, wB);
+            b3 = _mm512_dpbusd_epi32(b3, v3, wB);
+          }
+        }
+      _mm512_store_si512(out0 + p * 64, a0);
+      _mm512_store_si512(out0 + (p + 1) * 64, a1);
+      _mm512_store_si512(out0 + (p + 2) * 64, a2);
+      _mm512_store_si512(out0 + (p + 3) * 64, a3);
+      if (Pair) {
+        _mm512_store_si512(out1 + p * 64, b0);
+        _mm512_store_si512(out1 + (p + 1) * 64, b1);
+        _mm512_store_si512(out1 + (p + 2) * 64, b2);
+        _mm512_store_si512(out1 + (p + 3) * 64, b3);
+      }
+    }
+    for (; p < npx; ++p) {
+      __m512i a0 = _mm512_setzero_si512(), b0 = a0;
+      const uint8_t* pp = qb + p * ps;
+      for (int64_t qy = 0; qy < KQ; ++qy)
+        for (int64_t kx = 0; kx < KW; ++kx) {
+          const int64_t t = (qy * KW + kx) * wstep;
+          const __m512i v0 = _mm512_load_si512(pp + qy * qs + kx * ks);
+          a0 = _mm512_dpbusd_epi32(a0, v0, _mm512_loadu_si512(wab + t));
+          if (Pair) b0 = _mm512_dpbusd_epi32(b0, v0, _mm512_loadu_si512(wbb + t));
+        }
+      _mm512_store_si512(out0 + p * 64, a0);
+      if (Pair) _mm512_store_si512(out1 + p * 64, b0);
+    }
+  }
+}
+
+using DwTileFn = void (*)(const uint8_t*, int64_t, const int8_t*, const int8_t*, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int32_t*, int64_t);
+
+template <bool Pair>
+DwTileFn pick_dw_tile_vnni(int64_t KQ, int64_t KW) {
+  if (KQ == 1 && KW == 3) return dw_tile_vnni<1, 3, Pair>;
+  if (KQ == 2 && KW == 5) return dw_tile_vnni<2, 5, Pair>;
+  return dw_tile_vnni<0, 0, Pair>;
+}
+
+// Output rows oy0 .. oy0 + nrows - 1 of image n (nrows == 2 only when dw_task_rows(g) == 2),
+// channels [c_begin, c_end) (c_begin a multiple of 64).
+template <bool Signed>
+PYC_TARGET_AVX512VNNI void dw_rows_vnni(const Int8ConvGeom& g, const int8_t* packed,
+                                        const Int8ConvArgs& a, EpilogueFn ep, int64_t n,
+                                        int64_t oy0, int64_t nrows, int64_t c_begin,
+                                        int64_t c_end, const uint8_t* zprow, const uint8_t** rows,
+                                        uint8_t* q, int32_t* acc) {
+  const int64_t C = g.C, Cp = dw_cp(g), KQ = dw_kq(g), S = dw_seg(g);
+  const bool shifted = dw_task_rows(g) == 2;
+  const uint8_t* img = a.x + n * g.H * g.W * C;
+  // the quads' input rows: from the first row's top tap, one apart (shifted) or dh apart
+  const int64_t used = shifted ? g.kh + 1 : g.kh, step = shifted ? 1 : g.dh;
+  for (int64_t u = 0; u < 4 * KQ; ++u) {
+    const int64_t iy = oy0 * g.sh - g.ph + u * step;
+    rows[u] = u < used && iy >= 0 && iy < g.H ? img + iy * g.W * C : nullptr;
+  }
+  const DwTileFn tile = nrows == 2 ? pick_dw_tile_vnni<true>(KQ, g.kw) : pick_dw_tile_vnni<false>(KQ, g.kw);
+  const int32_t* wsum = reinterpret_cast<const int32_t*>(packed + dw_wsum_offset(g));
+  const int8_t* setb = packed + dw_vnni_bytes(g);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += 64) {
+    const int64_t nc = std::min<int64_t>(64, c_end - c0), nb = (nc + 15) / 16;
+    for (int64_t ox0 = 0; ox0 < g.Wo; ox0 += S) {
+      const int64_t npx = std::min(S, g.Wo - ox0);
+      const int64_t ncols = (npx - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+      dw_interleave_vnni<Signed>(rows, KQ, ox0 * g.sw - g.pw, ncols, g.W, C, c0, zprow, q);
+      tile(q, ncols, packed + 4 * c0, setb + 4 * c0, 4 * Cp, KQ, g.kw, g.sw, g.dw, npx, nb, acc, S);
+      if (npx == g.Wo) {  // the rows' pixels follow one another, as the rows of acc
+        const EpTile t{acc, 64, (n * g.Ho + oy0) * g.Wo, nrows * npx, c0, nc, wsum + c0, 0};
+        ep(t, g.Ho * g.Wo, C, a);
+      } else {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const EpTile t{acc + r * S * 64, 64, (n * g.Ho + oy0 + r) * g.Wo + ox0, npx, c0, nc,
+                         wsum + c0, 0};
+          ep(t, g.Ho * g.Wo, C, a);
+        }
+      }
+    }
+  }
+}
+
+// The int16 pairs of rows sa (upper tap) and sb (lower tap) at 16 channels: p0 holds channels 0-3
+// and 8-11, p1 channels 4-7 and 12-15 (see dw_pair_index).
+template <bool Signed>
+PYC_TARGET_AVX2 __attribute__((always_inline)) inline void dw_pairs_avx2(const uint8_t* sa,
+                                                                         const uint8_t* sb,
+                                                                         __m256i& p0, __m256i& p1) {
+  const __m128i ba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sa));
+  const __m128i bb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sb));
+  const __m256i a = Signed ? _mm256_cvtepi8_epi16(ba) : _mm256_cvtepu8_epi16(ba);
+  const __m256i b = Signed ? _mm256_cvtepi8_epi16(bb) : _mm256_cvtepu8_epi16(bb);
+  p0 = _mm256_unpacklo_epi16(a, b);
+  p1 = _mm256_unpackhi_epi16(a, b);
+}
+
+// One tap pair (rows ra, rb; nullptr: the zero point) of 4 output pixels from ox, 16 channels
+// from c, added to s0 / s1. Interior: every column the pixels read lies inside the image. With
+// KWc / SWc fixed (dilation 1 in x), each input column's pairs are built once for all the
+// (pixel, kx) that read it.
+template <bool Signed, int KWc, int SWc, bool Interior>
+PYC_TARGET_AVX2 __attribute__((always_inline)) inline void dw_quad_avx2(const Int8ConvGeom& g, const uint8_t* ra,
+                                         const uint8_t* rb, const int16_t* wq, int64_t Cp,
+                                         int64_t c, int64_t ox, const uint8_t* zprow, __m256i* s0,
+                                         __m256i* s1) {
+  const int64_t C = g.C;
+  // a null row reads the zero-point row at every column
+  const uint8_t* ba = ra ? ra + c : zprow;
+  const uint8_t* bb = rb ? rb + c : zprow;
+  const int64_t sa = ra ? C : 0, sb = rb ? C : 0;
+  if (KWc > 0) {
+    const int64_t ix0 = ox * SWc - g.pw;
+#pragma GCC unroll 16
+    for (int j = 0; j < 3 * SWc + KWc; ++j) {
+      const int64_t ix = ix0 + j;
+      const bool in = Interior || (ix >= 0 && ix < g.W);
+      __m256i v0, v1;
+      dw_pairs_avx2<Signed>(in ? ba + ix * sa : zprow, in ? bb + ix * sb : zprow, v0, v1);
+#pragma GCC unroll 8
+      for (int kx = 0; kx < KWc; ++kx) {
+        const int d = j - kx;
+        if (d < 0 || d % SWc != 0 || d / SWc >= 4) continue;
+        const int p = d / SWc;
+        const int16_t* wk = wq + kx * Cp * 2;
+        s0[p] = _mm256_add_epi32(
+            s0[p], _mm256_madd_epi16(v0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk))));
+        s1[p] = _mm256_add_epi32(
+            s1[p], _mm256_madd_epi16(v1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + 16))));
+      }
+    }
+  } else {
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + kx * Cp * 2));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + kx * Cp * 2 + 16));
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        const int64_t ix = (ox + p) * g.sw - g.pw + kx * g.dw;
+        const bool in = Interior || (ix >= 0 && ix < g.W);
+        __m256i v0, v1;
+        dw_pairs_avx2<Signed>(in ? ba + ix * sa : zprow, in ? bb + ix * sb : zprow, v0, v1);
+        s0[p] = _mm256_add_epi32(s0[p], _mm256_madd_epi16(v0, w0));
+        s1[p] = _mm256_add_epi32(s1[p], _mm256_madd_epi16(v1, w1));
+      }
+    }
+  }
+}
+
+// Output row oy, channels [c_begin, c_end) (both multiples of 16): acc[ox * ldt + c], 4 output pixels of
+// 16 channels at a time. Int8 x is widened as signed values and 128 * sum_t w_t added at the end
+// (v = x + 128).
+template <bool Signed, int KWc, int SWc>
+PYC_TARGET_AVX2 void dw_row_avx2(const Int8ConvGeom& g, const uint8_t* img, const int16_t* wp,
+                                 const int32_t* wsum, int64_t c_begin, int64_t c_end,
+                                 int64_t oy, const uint8_t* zprow, const uint8_t** rows,
+                                 int32_t* acc, int64_t ldt) {
+  const int64_t KP = dw_kp(g), Cp = dw_cp(g), C = g.C, W = g.W;
+  for (int64_t ky = 0; ky < 2 * KP; ++ky) {
+    const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
+    rows[ky] = ky < g.kh && iy >= 0 && iy < g.H ? img + iy * W * C : nullptr;
+  }
+  // blocks of 4 pixels from ox whose columns all lie inside the image: ox in [in0, in1)
+  const int64_t span = (g.kw - 1) * g.dw + 3 * g.sw;
+  const int64_t in0 = (g.pw + g.sw - 1) / g.sw;
+  const int64_t in1 = W - 1 - span + g.pw >= 0 ? (W - 1 - span + g.pw) / g.sw + 1 : 0;
+  for (int64_t c = c_begin; c < c_end; c += 16) {
+    const int16_t* wc = wp + c * 2;
+    for (int64_t ox = 0; ox < g.Wo; ox += 4) {
+      const int64_t np = std::min<int64_t>(4, g.Wo - ox);
+      const bool interior = ox >= in0 && ox < in1;
+      __m256i s0[4], s1[4];
+      for (int p = 0; p < 4; ++p) s0[p] = s1[p] = _mm256_setzero_si256();
+      for (int64_t qp = 0; qp < KP; ++qp) {
+        const int16_t* wq = wc + qp * g.kw * Cp * 2;
+        if (interior)
+          dw_quad_avx2<Signed, KWc, SWc, true>(g, rows[2 * qp], rows[2 * qp + 1], wq, Cp, c, ox,
+                                               zprow, s0, s1);
+        else
+          dw_quad_avx2<Signed, KWc, SWc, false>(g, rows[2 * qp], rows[2 * qp + 1], wq, Cp, c, ox,
+                                                zprow, s0, s1);
+      }
+      __m256i add_lo = _mm256_setzero_si256(), add_hi = add_lo;
+      if (Signed) {
+        add_lo = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + c)), 7);
+        add_hi = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wsum + c + 8)), 7);
+      }
+      for (int p = 0; p < np; ++p) {
+        int32_t* d = acc + (ox + p) * ldt + c;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d),
+                            _mm256_add_epi32(_mm256_permute2x128_si256(s0[p], s1[p], 0x20), add_lo));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 8),
+                            _mm256_add_epi32(_mm256_permute2x128_si256(s0[p], s1[p], 0x31), add_hi));
+      }
+    }
+  }
+}
+
+using DwRowAvx2Fn = void (*)(const Int8ConvGeom&, const uint8_t*, const int16_t*, const int32_t*,
+                             int64_t, int64_t, int64_t, const uint8_t*, const uint8_t**, int32_t*,
+                             int64_t);
+
+template <bool Signed>
+DwRowAvx2Fn pick_dw_row_avx2(const Int8ConvGeom& g) {
+  if (g.dw == 1 && g.sw == 1 && g.kw == 3) return dw_row_avx2<Signed, 3, 1>;
+  if (g.dw == 1 && g.sw == 1 && g.kw == 5) return dw_row_avx2<Signed, 5, 1>;
+  if (g.dw == 1 && g.sw == 2 && g.kw == 3) return dw_row_avx2<Signed, 3, 2>;
+  if (g.dw == 1 && g.sw == 2 && g.kw == 5) return dw_row_avx2<Signed, 5, 2>;
+  return dw_row_avx2<Signed, 0, 1>;
 }
 #endif
 
+// workspace: int32 results, interleaved input (VNNI), the zero-point row, row / tap pointers
+struct DwWorkspace {
+  int32_t* acc;
+  uint8_t* q;
+  uint8_t* zprow;
+  const uint8_t** ptr;
+};
+
+int64_t dw_acc_bytes(const Int8ConvGeom& g) {
+  return round_up(4 * std::max(g.Wo * dw_cp(g), 2 * dw_seg(g) * 64), 64);
+}
+int64_t dw_q_bytes(const Int8ConvGeom& g) { return round_up(256 * dw_kq(g) * dw_seg_cols(g), 64); }
+
 int64_t dw_workspace_bytes(const Int8ConvGeom& g) {
-  const int64_t Cp = dw_cp(g);
-  return 4 * g.Wo * Cp + Cp + 8 * g.kh * g.kw + 4 * Cp * dw_kq(g) * dw_cols(g) + 256;
+  return dw_acc_bytes(g) + dw_q_bytes(g) + dw_cp(g) +
+         8 * std::max(g.kh * g.kw, 4 * dw_kq(g)) + 64;
+}
+
+DwWorkspace dw_workspace(const Int8ConvGeom& g, void* workspace) {
+  DwWorkspace w;
+  uint8_t* p = static_cast<uint8_t*>(workspace);
+  w.acc = reinterpret_cast<int32_t*>(p);
+  w.q = p + dw_acc_bytes(g);
+  w.zprow = w.q + dw_q_bytes(g);
+  w.ptr = reinterpret_cast<const uint8_t**>(
+      (reinterpret_cast<uintptr_t>(w.zprow + dw_cp(g)) + 7) & ~uintptr_t(7));
+  return w;
 }
 
 void run_depthwise_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
                          const Int8ConvArgs& a, int64_t t0, int64_t t1, void* workspace,
                          int level) {
-  (void)plan;
-  const int64_t C = g.C, Cp = dw_cp(g), T = g.kh * g.kw;
+  const int64_t C = g.C, Cp = dw_cp(g), R = dw_task_rows(g);
+  const int64_t tasks_per_image = (g.Ho + R - 1) / R;
+  const int64_t cgroups = plan.chunks, cgroup_ch = 64 * plan.chunk_panels;
   const int32_t* wsum = reinterpret_cast<const int32_t*>(packed + dw_wsum_offset(g));
   const int16_t* w16 = reinterpret_cast<const int16_t*>(packed + dw_w16_offset(g));
-  int32_t* acc = static_cast<int32_t*>(workspace);                     // [Wo][Cp]
-  uint8_t* zprow = reinterpret_cast<uint8_t*>(acc + g.Wo * Cp);        // Cp bytes
-  const uint8_t** ptr = reinterpret_cast<const uint8_t**>(zprow + Cp);  // T pointers
-  uint8_t* qbuf = reinterpret_cast<uint8_t*>(
-      (reinterpret_cast<uintptr_t>(ptr + T) + 63) & ~uintptr_t(63));  // interleaved rows
+  const DwWorkspace w = dw_workspace(g, workspace);
   const uint8_t flip = a.x_signed ? 0x80 : 0;
 #if PYC_HAVE_X86_SIMD
   const bool vnni = level >= 2 && cpu_features().avx512vnni;
+  const int16_t* wp = reinterpret_cast<const int16_t*>(packed + dw_pair_offset(g));
+  const DwRowAvx2Fn row_avx2 = flip ? pick_dw_row_avx2<true>(g) : pick_dw_row_avx2<false>(g);
 #endif
   const EpilogueFn ep = pick_epilogue(level, a);
   int64_t zp_image = -1;
-  for (int64_t t = t0; t < t1; ++t) {  // task: output row (n, oy)
-    const int64_t n = t / g.Ho, oy = t - n * g.Ho;
+  for (int64_t t = t0; t < t1; ++t) {  // task: R output rows of image n, one group of channels
+    const int64_t rt = t / cgroups, cg = t - rt * cgroups;
+    const int64_t n = rt / tasks_per_image, oy0 = (rt - n * tasks_per_image) * R;
+    const int64_t nrows = std::min(R, g.Ho - oy0);
+    const int64_t cb = cg * cgroup_ch, ce = std::min(C, cb + cgroup_ch);
     const uint8_t* img = a.x + n * g.H * g.W * C;
     if (n != zp_image) {
-      std::memset(zprow, static_cast<uint8_t>(a.x_zp[n]), static_cast<size_t>(Cp));
+      std::memset(w.zprow, static_cast<uint8_t>(a.x_zp[n]), static_cast<size_t>(Cp));
       zp_image = n;
     }
 #if PYC_HAVE_X86_SIMD
     if (vnni) {
       if (flip)
-        dw_interleave_vnni<true>(g, img, zprow, oy, qbuf);
+        dw_rows_vnni<true>(g, packed, a, ep, n, oy0, nrows, cb, ce, w.zprow, w.ptr, w.q, w.acc);
       else
-        dw_interleave_vnni<false>(g, img, zprow, oy, qbuf);
-      dw_row_vnni(g, packed, qbuf, acc);
-    } else
-#endif
-    {
-      // output columns whose taps all lie inside the image columns: pointers advance by sw * C
-      const int64_t ox_in0 = std::min(g.Wo, (g.pw + g.sw - 1) / g.sw);
-      const int64_t span = (g.kw - 1) * g.dw;
-      const int64_t last = g.W - 1 - span + g.pw;
-      const int64_t ox_in1 = std::max(ox_in0, std::min(g.Wo, last >= 0 ? last / g.sw + 1 : 0));
-      for (int64_t ox = 0; ox < g.Wo; ++ox) {
-        if (ox > ox_in0 && ox < ox_in1) {
-          for (int64_t tp = 0; tp < T; ++tp)
-            if (ptr[tp] != zprow) ptr[tp] += g.sw * C;
-        } else {
-          dw_tap_pointers(g, img, zprow, oy, ox, ptr);
-        }
-        int32_t* ar = acc + ox * Cp;
-#if PYC_HAVE_X86_SIMD
-        if (level >= 1)
-          dw_pixel_avx2(C, T, w16, Cp, ptr, flip, ar);
-        else
-#endif
-          dw_pixel_scalar(C, T, w16, Cp, ptr, flip, ar);
-      }
+        dw_rows_vnni<false>(g, packed, a, ep, n, oy0, nrows, cb, ce, w.zprow, w.ptr, w.q, w.acc);
+      continue;
     }
-    const EpTile tile{acc, Cp, (n * g.Ho + oy) * g.Wo, g.Wo, 0, C, wsum, 0};
-    ep(tile, g.Ho * g.Wo, C, a);
+#endif
+    for (int64_t oy = oy0; oy < oy0 + nrows; ++oy) {
+      int64_t c_done = cb;
+#if PYC_HAVE_X86_SIMD
+      if (level >= 1 && ce - cb >= 16) {
+        c_done = cb + (ce - cb) / 16 * 16;
+        row_avx2(g, img, wp, wsum, cb, c_done, oy, w.zprow, w.ptr, w.acc, Cp);
+      }
+#endif
+      if (c_done < ce) dw_row_scalar(g, img, w16, c_done, ce, oy, w.zprow, flip, w.acc, Cp);
+      const EpTile tile{w.acc + cb, Cp, (n * g.Ho + oy) * g.Wo, g.Wo, cb, ce - cb, wsum + cb, 0};
+      ep(tile, g.Ho * g.Wo, C, a);
+    }
   }
 }
 
@@ -813,18 +1041,27 @@ void int8_conv_pack_weight(const int8_t* w, const Int8ConvGeom& g, int8_t* packe
   const int64_t taps = g.kh * g.kw;
   if (g.depthwise()) {
     // unit: a block of 64 channels
-    const int64_t Cp = dw_cp(g), KQ = dw_kq(g);
+    const int64_t Cp = dw_cp(g), KQ = dw_kq(g), KP = dw_kp(g), V = dw_vnni_bytes(g);
     int32_t* wsum = reinterpret_cast<int32_t*>(packed + dw_wsum_offset(g));
+    int16_t* wp = reinterpret_cast<int16_t*>(packed + dw_pair_offset(g));
     int16_t* w16 = reinterpret_cast<int16_t*>(packed + dw_w16_offset(g));
+    auto tap = [&](int64_t c, int64_t ky, int64_t kx) -> int8_t {
+      return c < g.C && ky >= 0 && ky < g.kh ? w[(c * g.kh + ky) * g.kw + kx] : 0;
+    };
     for (int64_t b = u0; b < u1; ++b) {
       for (int64_t qy = 0; qy < KQ; ++qy)
         for (int64_t kx = 0; kx < g.kw; ++kx)
           for (int64_t c = 64 * b; c < 64 * (b + 1); ++c)
             for (int64_t u = 0; u < 4; ++u) {
-              const int64_t ky = 4 * qy + u;
-              packed[((qy * g.kw + kx) * Cp + c) * 4 + u] =
-                  c < g.C && ky < g.kh ? w[c * taps + ky * g.kw + kx] : 0;
+              const int64_t i = ((qy * g.kw + kx) * Cp + c) * 4 + u;
+              packed[i] = tap(c, 4 * qy + u, kx);
+              packed[V + i] = tap(c, 4 * qy + u - 1, kx);
             }
+      for (int64_t qp = 0; qp < KP; ++qp)
+        for (int64_t kx = 0; kx < g.kw; ++kx)
+          for (int64_t c = 64 * b; c < 64 * (b + 1); ++c)
+            for (int64_t h = 0; h < 2; ++h)
+              wp[(qp * g.kw + kx) * Cp * 2 + dw_pair_index(c, h)] = tap(c, 2 * qp + h, kx);
       for (int64_t c = 64 * b; c < 64 * (b + 1); ++c) {
         int32_t sum = 0;
         for (int64_t t = 0; t < taps; ++t) {
@@ -862,10 +1099,15 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   if (g.depthwise()) {
     p.depthwise = true;
     p.path = level_of(isa);
-    p.rows = g.Wo;
-    p.blocks = g.N * g.Ho;
-    p.chunks = 1;
-    p.tasks = p.blocks;
+    p.rows = g.Wo * dw_task_rows(g);  // output pixels per task
+    p.blocks = g.N * ((g.Ho + dw_task_rows(g) - 1) / dw_task_rows(g));
+    // few rows for the threads: tasks also split the channels (chunks groups of chunk_panels
+    // blocks of 64 channels)
+    const int64_t c64 = dw_cp(g) / 64, want = 4 * threads;
+    p.chunks = threads > 1 && p.blocks < want ? std::min(c64, (want + p.blocks - 1) / p.blocks) : 1;
+    p.chunk_panels = (c64 + p.chunks - 1) / p.chunks;
+    p.chunks = (c64 + p.chunk_panels - 1) / p.chunk_panels;
+    p.tasks = p.blocks * p.chunks;
     p.workspace_bytes = dw_workspace_bytes(g);
     return p;
   }
