@@ -815,7 +815,8 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
   // int32 workspace. Longer blocks mean fewer micro-kernel calls and less workspace traffic per
   // multiply-add; on Zen 3 (1 thread, K = N = 4096, M = 128..2048) blocks of 2048 beat 512 by
   // 11-15% on the 8-bit path and match 1024 on the 7-bit path, with row blocks of 192. The
-  // VNNI path keeps blocks of 512 (not measured here).
+  // VNNI path runs its K blocks inside the panel loop (see gemm_packed_vnni), where blocks of
+  // 512 to 4096 measured the same on Emerald Rapids (1 thread, K = N = 4096, M = 128 and 512).
   // The AMX path accumulates whole K in its tiles (no workspace).
   if (path == kInt8PathAmx) return Kp;
   if (M * int8_a_row_bytes(path, K) <= (int64_t(256) << 10) || Kp <= 768) return Kp;
@@ -825,18 +826,20 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
 #if PYC_HAVE_X86_SIMD
 namespace {
 
-// Path 2: tiles of up to kMrVnniTile rows x kNpVnni panels. Per row block and K block the
-// panels are taken kNpVnni at a time (their K block stays in L1 while every row tile of the
-// block passes over it); partial sums of the K blocks meet in the workspace, which the kernel
-// reads and writes itself.
+// Path 2: tiles of up to kMrVnniTile rows x kNpVnni panels. Per row block the panels are taken
+// kNpVnni at a time, and for each K block of them every row tile of the block passes over it
+// while it is in L1; the row block itself (all of K) stays in L2. The partial sums of the K
+// blocks meet in the workspace, which the kernel reads and writes itself; for one pair of panels
+// they are at most 192 x 32 int32 and stay in L1 (K blocks outside the panel loop would send a
+// whole [rows, N] slab of them through memory once per K block).
 void gemm_packed_vnni(const uint8_t* abase, const int8_t* packed, int64_t M, int64_t N,
                       int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
                       int32_t* workspace, int64_t rb) {
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
   const int64_t kc = workspace ? int8_gemm_kc(2, M, K) : Kp;
-  const bool blocked = kc < Kp;
-  const int64_t mc = blocked ? 192 : std::max<int64_t>(24, ((int64_t(192) << 10) / rb) / 24 * 24);
+  // the whole K extent of a row block stays in L2 while the panels pass: at most 768 KiB of it
+  const int64_t mc = std::clamp<int64_t>(((int64_t(768) << 10) / rb) / 24 * 24, 24, 192);
   const int64_t bstride = Kp * kInt8PanelCols;
   alignas(64) int32_t tile[kMrVnniTile * kNpVnni * kInt8PanelCols];
   for (int64_t mc0 = 0; mc0 < M; mc0 += mc) {
@@ -844,14 +847,14 @@ void gemm_packed_vnni(const uint8_t* abase, const int8_t* packed, int64_t M, int
     // the rows of the block are shared evenly between ceil(rows / kMrVnniTile) tiles
     // (16 rows: 8 + 8, not 12 + 4)
     const int64_t rows = mc1 - mc0, ntiles = (rows + kMrVnniTile - 1) / kMrVnniTile;
-    for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
-      const int64_t nq = std::min(kc, Kp - k0) / 4;
-      const bool first = k0 == 0, last = k0 + kc >= Kp;
-      for (int64_t p = p0; p < p1; p += kNpVnni) {
-        const int np = static_cast<int>(std::min<int64_t>(kNpVnni, p1 - p));
+    for (int64_t p = p0; p < p1; p += kNpVnni) {
+      const int np = static_cast<int>(std::min<int64_t>(kNpVnni, p1 - p));
+      const int64_t n0 = p * kInt8PanelCols;
+      const int64_t nc = std::min<int64_t>(np * kInt8PanelCols, N - n0);
+      for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+        const int64_t nq = std::min(kc, Kp - k0) / 4;
+        const bool first = k0 == 0, last = k0 + kc >= Kp;
         const int8_t* bp = packed + p * bstride + k0 * kInt8PanelCols;
-        const int64_t n0 = p * kInt8PanelCols;
-        const int64_t nc = std::min<int64_t>(np * kInt8PanelCols, N - n0);
         for (int64_t ti = 0, m_next = mc0; ti < ntiles; ++ti) {
           const int mr = static_cast<int>(rows / ntiles + (ti < rows % ntiles ? 1 : 0));
           const int64_t m = m_next;
