@@ -120,6 +120,34 @@ def test_linear_special_rows(device, cpu_isa):
     torch.testing.assert_close(y, linear_ref(x, w, ws, bias), rtol=0, atol=0, equal_nan=True)
 
 
+# The VNNI path's register tiles (up to 12 rows x 2 panels, the rows of a block shared evenly):
+# every tile row count, pairs of panels and a last single or partial one (odd panel pieces over
+# two threads), K tails, one k-group, K blocks with two row blocks
+VNNI_TILE_SHAPES = [
+    (1, 4, 32), (2, 67, 17), (3, 260, 48), (4, 5, 80), (5, 67, 47), (6, 130, 33), (7, 64, 32),
+    (8, 260, 48), (9, 67, 80), (10, 4, 17), (11, 300, 48), (12, 67, 32), (13, 130, 80),
+    (16, 260, 47), (25, 67, 48), (37, 100, 80), (200, 1500, 40), (193, 2049, 33),
+]
+
+
+@pytest.mark.parametrize("shape", VNNI_TILE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_tile_shapes_exact(shape, dtype, cpu_isa):
+    M, K, N = shape
+    x = (torch.randn(M, K) * 2).to(dtype)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    w_scale, bias = torch.rand(N) * 0.02 + 1e-3, torch.randn(N).to(dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = ops.int8_linear(x, w, w_scale, bias)
+        c = ops.int8_gemm(x.float().clamp(-128, 127).to(torch.int8), w)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(y, linear_ref(x, w, w_scale, bias), rtol=0, atol=0)
+    torch.testing.assert_close(c, gemm_ref(x.float().clamp(-128, 127).to(torch.int8), w), rtol=0, atol=0)
+
+
 # 7-bit activations: every M remainder of the 6-row AVX2 tile, K tails, N tails, K blocks
 ACT7_SHAPES = LINEAR_SHAPES + [(2, 5, 16), (5, 300, 17), (6, 64, 32), (7, 130, 48), (13, 1000, 40),
                                (200, 2100, 20), (64, 4099, 16)]

@@ -143,6 +143,84 @@ void check_amx(int64_t M, int64_t K, int64_t N, std::mt19937& rng, bool extremes
   }
 }
 
+// Float outputs (fp32, fp16, bf16, with and without bias) of the SIMD paths bit-identical to the
+// scalar path, and int32 outputs equal to the int64 reference, for panel ranges split into
+// `pieces` (odd ranges end on a single panel). Rows whose activation scale is large enough for
+// (float)acc * a_scale to overflow take the double fallback on every path.
+void check_float_paths(int64_t M, int64_t K, int64_t N, std::mt19937& rng, int pieces = 1) {
+  const int isa = static_cast<int>(pyc::max_cpu_isa());
+  std::uniform_int_distribution<int> dist(-128, 127);
+  std::uniform_real_distribution<float> dist_f(-2.f, 2.f);
+  std::vector<int8_t> a(M * K), b(N * K);
+  for (auto& v : a) v = static_cast<int8_t>(dist(rng));
+  for (auto& v : b) v = static_cast<int8_t>(dist(rng));
+  std::vector<int8_t> packed(pyc::int8_packed_bytes(N, K));
+  pyc::int8_pack_b(b.data(), K, N, K, packed.data(), 0, pyc::int8_round_n(N) / 16);
+  std::vector<float> a_scale(M), w_scale(N), bias(N);
+  for (auto& v : a_scale) v = std::ldexp(dist_f(rng), -8);
+  if (M > 2) a_scale[M / 2] = 3e29f;   // (float)acc * a_scale overflows for |acc| >= 2
+  if (M > 3) a_scale[M - 1] = -1e36f;  // and the result itself for most outputs
+  for (auto& v : w_scale) v = std::ldexp(dist_f(rng), -7);
+  for (auto& v : bias) v = dist_f(rng);
+  std::vector<int64_t> ref(M * N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += int64_t(a[m * K + k]) * b[n * K + k];
+      ref[m * N + n] = acc;
+    }
+  std::vector<int32_t> ws(M * pyc::int8_round_n(N));
+  auto run = [&](int path, const pyc::Int8Epilogue& ep, const std::vector<uint8_t>& ap) {
+    const bool blocked = pyc::int8_gemm_kc(path, M, K) < pyc::int8_round_k(K);
+    gemm_pieces(path, ap.data(), packed.data(), M, N, K, ep, blocked ? ws.data() : nullptr,
+                pieces, false);
+  };
+  std::vector<uint8_t> ap0(M * pyc::int8_a_row_bytes(0, K));
+  pyc::int8_prepare_a(0, a.data(), K, K, ap0.data(), 0, M);
+  for (int path : {1, 2}) {
+    if (pyc::int8_gemm_path(std::min(isa, path)) != path) continue;
+    std::vector<uint8_t> ap(M * pyc::int8_a_row_bytes(path, K));
+    pyc::int8_prepare_a(path, a.data(), K, K, ap.data(), 0, M);
+    std::vector<int32_t> c(M * N, 0x5a5a5a5a);
+    pyc::Int8Epilogue ie;
+    ie.c = c.data();
+    ie.ldc = N;
+    run(path, ie, ap);
+    for (int64_t i = 0; i < M * N; ++i)
+      if (c[i] != static_cast<int32_t>(ref[i])) {
+        std::printf("FAIL path=%d M=%lld K=%lld N=%lld pieces=%d int32 at %lld: %d != %lld\n", path,
+                    (long long)M, (long long)K, (long long)N, pieces, (long long)i, c[i],
+                    (long long)ref[i]);
+        ++failures;
+        return;
+      }
+    for (pyc::DType dt : {pyc::DType::F32, pyc::DType::F16, pyc::DType::BF16}) {
+      for (bool with_bias : {false, true}) {
+        const size_t bytes = static_cast<size_t>(M * N) * (dt == pyc::DType::F32 ? 4 : 2);
+        std::vector<uint8_t> out0(bytes, 0xa5), out(bytes, 0x5a);
+        pyc::Int8Epilogue fe;
+        fe.out_dtype = dt;
+        fe.ldo = N;
+        fe.a_scale = a_scale.data();
+        fe.w_scale = w_scale.data();
+        fe.bias = with_bias ? bias.data() : nullptr;
+        fe.out = out0.data();
+        run(0, fe, ap0);
+        fe.out = out.data();
+        run(path, fe, ap);
+        if (std::memcmp(out0.data(), out.data(), bytes) != 0) {
+          std::printf("FAIL path=%d float epilogue M=%lld K=%lld N=%lld pieces=%d dtype=%s "
+                      "bias=%d differs from the scalar path\n",
+                      path, (long long)M, (long long)K, (long long)N, pieces, pyc::dtype_name(dt),
+                      int(with_bias));
+          ++failures;
+          return;
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -207,5 +285,17 @@ int main() {
     }
     std::printf("int8 gemm path %d: %s\n", path, failures ? "FAILED" : "ok");
   }
+  // the VNNI path's register tiles: every row count of a tile (1..12 rows, row blocks split
+  // evenly), pairs of panels and a single last panel (odd panel ranges, N % 16 != 0), K tails
+  // (K % 4 != 0, one k-group) and K blocks (first, middle and last block), float epilogues
+  for (int64_t m : {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16, 23, 25, 37})
+    for (int64_t n : {16, 17, 32, 47, 48, 80})
+      for (int64_t k : {1, 4, 67, 260}) check_float_paths(m, k, n, rng, m % 3 + 1);
+  for (int pieces : {1, 2, 3}) {
+    check_float_paths(200, 1500, 40, rng, pieces);   // K blocks, 2 row blocks
+    check_float_paths(193, 2049, 33, rng, pieces);   // K blocks, 1 + 192 rows
+    check_float_paths(24, 4100, 50, rng, pieces);    // long K, not blocked
+  }
+  std::printf("int8 gemm float epilogues: %s\n", failures ? "FAILED" : "ok");
   return failures ? 1 : 0;
 }

@@ -19,9 +19,11 @@
 #include "int8/gemm.h"
 
 #include <algorithm>
+#include <array>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "common/cpu_features.h"
 #include "common/simd.h"
@@ -517,41 +519,165 @@ PYC_TARGET_AVX2 void kernel_avx2_u8_pair(const uint8_t* a, int64_t lda, const in
 
 // ---------------------------------------------------------------- AVX-512 VNNI kernel
 
-template <int MR>
+// A register tile of MR rows x NP panels (16 columns each): MR * NP zmm accumulators. Each
+// k-group is NP 64-byte weight loads, MR 4-byte broadcasts of A and MR * NP vpdpbusd. vpdpbusd
+// has a latency of about 5 cycles at two per cycle, so 8 independent accumulators (8 rows x one
+// panel) leave the multiply ports idle part of the time and spend more than one load per
+// multiply; 12 rows x 2 panels (24 accumulators, 14 loads per 24 multiplies) keep both busy and
+// leave 8 registers for the weights and the broadcasts.
+// b: the first panel's k-group base; bstride: bytes from one panel to the next (Kp * 16).
+// cin (row stride ldc): partial sums the accumulators start from (the earlier K blocks), or
+// nullptr for zero. colsum (or nullptr): the A + 128 compensation, applied once per output.
+// Results (int32) go to t, row stride ldt, panel j at t + 16 * j. pf (or nullptr): two panels
+// (bstride apart) whose k-groups are prefetched into L2 alongside.
+constexpr int kMrVnniTile = 12;
+constexpr int kNpVnni = 2;
+
+template <int MR, int NP>
 PYC_TARGET_AVX512VNNI void kernel_vnni(const uint8_t* a, int64_t lda, const int8_t* b,
-                                       const int32_t* colsum, int64_t nq, int32_t* t,
-                                       int64_t ldt) {
-  __m512i acc[MR];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_si512();
+                                       int64_t bstride, const int32_t* colsum, int64_t nq,
+                                       const int32_t* cin, int64_t ldc, int32_t* t, int64_t ldt,
+                                       const int8_t* pf = nullptr) {
+  static_assert(MR >= 1 && MR <= kMrVnniTile && NP >= 1 && NP <= kNpVnni, "VNNI tile shape");
+  __m512i acc[MR][NP];
+  if (cin != nullptr) {
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+      for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_loadu_si512(cin + r * ldc + 16 * j);
+  } else {
+#pragma GCC unroll 12
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+      for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_si512();
+  }
+  const int8_t* b1 = b + (NP > 1 ? bstride : 0);
   for (int64_t q = 0; q < nq; ++q) {
-    const __m512i bv = _mm512_loadu_si512(b + q * 64);
-#pragma GCC unroll 8
+    __m512i bv[NP];
+    bv[0] = _mm512_loadu_si512(b + q * 64);
+    if (NP > 1) bv[NP - 1] = _mm512_loadu_si512(b1 + q * 64);
+    if (pf != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + q * 64), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + bstride + q * 64), _MM_HINT_T1);
+    }
+#pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
       const __m512i av = _mm512_set1_epi32(load_i32(a + r * lda + 4 * q));
-      acc[r] = _mm512_dpbusd_epi32(acc[r], av, bv);
+#pragma GCC unroll 2
+      for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], av, bv[j]);
     }
   }
-  // (a + 128) * b summed = a * b summed + 128 * colsum (all modulo 2^32); applied once,
-  // by the first K block (colsum == nullptr for the others)
-  const __m512i comp =
-      colsum ? _mm512_slli_epi32(_mm512_loadu_si512(colsum), 7) : _mm512_setzero_si512();
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r) _mm512_storeu_si512(t + r * ldt, _mm512_sub_epi32(acc[r], comp));
+  // (a + 128) * b summed = a * b summed + 128 * colsum (all modulo 2^32)
+  if (colsum != nullptr) {
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j) {
+      const __m512i comp = _mm512_slli_epi32(_mm512_loadu_si512(colsum + 16 * j), 7);
+#pragma GCC unroll 12
+      for (int r = 0; r < MR; ++r) acc[r][j] = _mm512_sub_epi32(acc[r][j], comp);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < NP; ++j) _mm512_storeu_si512(t + r * ldt + 16 * j, acc[r][j]);
 }
 
+using VnniKernel = void (*)(const uint8_t*, int64_t, const int8_t*, int64_t, const int32_t*,
+                            int64_t, const int32_t*, int64_t, int32_t*, int64_t, const int8_t*);
+
+template <int NP, int... R>
+constexpr std::array<VnniKernel, sizeof...(R)> vnni_kernels(std::integer_sequence<int, R...>) {
+  return {&kernel_vnni<R + 1, NP>...};
+}
+
+// kernel_vnni<mr, np> for mr in 1..12, np in 1..2
+PYC_TARGET_AVX512VNNI void tile_vnni_np(int mr, int np, const uint8_t* a, int64_t lda,
+                                        const int8_t* b, int64_t bstride, const int32_t* colsum,
+                                        int64_t nq, const int32_t* cin, int64_t ldc, int32_t* t,
+                                        int64_t ldt, const int8_t* pf = nullptr) {
+  static constexpr auto k1 = vnni_kernels<1>(std::make_integer_sequence<int, kMrVnniTile>{});
+  static constexpr auto k2 = vnni_kernels<2>(std::make_integer_sequence<int, kMrVnniTile>{});
+  (np == 2 ? k2 : k1)[mr - 1](a, lda, b, bstride, colsum, nq, cin, ldc, t, ldt, pf);
+}
+
+// mr (1..8) rows x one panel (the AMX driver's M % 16 rows)
 PYC_TARGET_AVX512VNNI void tile_vnni(int mr, const uint8_t* a, int64_t lda, const int8_t* bp,
                                      const int32_t* colsum, int64_t nq, int32_t* t, int64_t ldt) {
-  switch (mr) {
-    case 1: return kernel_vnni<1>(a, lda, bp, colsum, nq, t, ldt);
-    case 2: return kernel_vnni<2>(a, lda, bp, colsum, nq, t, ldt);
-    case 3: return kernel_vnni<3>(a, lda, bp, colsum, nq, t, ldt);
-    case 4: return kernel_vnni<4>(a, lda, bp, colsum, nq, t, ldt);
-    case 5: return kernel_vnni<5>(a, lda, bp, colsum, nq, t, ldt);
-    case 6: return kernel_vnni<6>(a, lda, bp, colsum, nq, t, ldt);
-    case 7: return kernel_vnni<7>(a, lda, bp, colsum, nq, t, ldt);
-    default: return kernel_vnni<8>(a, lda, bp, colsum, nq, t, ldt);
+  tile_vnni_np(std::min(mr, kMrVnni), 1, a, lda, bp, 0, colsum, nq, nullptr, 0, t, ldt);
+}
+
+// ---------------------------------------------------------------- AVX-512 epilogue
+
+// 16 fp32 lanes -> 16 bf16 values, the same bits as pyc_cvt_f32_bf16_avx2 (round to nearest
+// even; a NaN stays a quiet NaN).
+PYC_TARGET_AVX512 inline __m256i cvt_f32_bf16_avx512(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i hi = _mm512_srli_epi32(u, 16);
+  const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+PYC_TARGET_AVX512 inline void store16_avx512(void* out, int64_t i, DType dt, __m512 v) {
+  switch (dt) {
+    case DType::F32:
+      _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+      break;
+    case DType::F16:
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                          _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      break;
+    case DType::BF16:
+    default:
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
+                          cvt_f32_bf16_avx512(v));
+      break;
   }
+}
+
+// Float output of full 16-column panels (nc a multiple of 16). The explicitly rounded multiply
+// and add (embedded rounding, to nearest) are builtins the compiler never contracts into an FMA,
+// so every step is rounded as in epilogue_scalar and epilogue_avx2.
+PYC_TARGET_AVX512 void epilogue_avx512_full(const Int8Epilogue& ep, const int32_t* tile,
+                                            int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
+                                            int64_t nc) {
+  constexpr int kRn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t r = 0; r < mr; ++r) {
+    const int64_t m = m0 + r;
+    if (std::fabs(ep.a_scale[m]) > kLargeActScale) {
+      epilogue_large_row(ep, tile + r * ldt, m, n0, nc);
+      continue;
+    }
+    const __m512 xs = _mm512_set1_ps(ep.a_scale[m]);
+    for (int64_t j = 0; j < nc; j += 16) {
+      const int64_t n = n0 + j;
+      __m512 v = _mm512_cvtepi32_ps(_mm512_loadu_si512(tile + r * ldt + j));
+      v = _mm512_mul_round_ps(v, xs, kRn);
+      v = _mm512_mul_round_ps(v, _mm512_loadu_ps(ep.w_scale + n), kRn);
+      if (ep.bias) v = _mm512_add_round_ps(v, _mm512_loadu_ps(ep.bias + n), kRn);
+      store16_avx512(ep.out, m * ep.ldo + n, ep.out_dtype, v);
+    }
+  }
+}
+
+// Tiles of the VNNI path (up to kNpVnni panels): full panels of a float output take the AVX-512
+// epilogue, the rest (int32 output, the last partial panel) the AVX2 one; a tile callback sees
+// one panel at a time.
+PYC_TARGET_AVX512 void epilogue_vnni(const Int8Epilogue& ep, const int32_t* tile, int64_t ldt,
+                                     int64_t m0, int64_t mr, int64_t n0, int64_t nc) {
+  if (ep.tile_fn != nullptr) {
+    for (int64_t j = 0; j < nc; j += kInt8PanelCols)
+      ep.tile_fn(ep.tile_ctx, tile + j, ldt, m0, mr, n0 + j,
+                 std::min<int64_t>(kInt8PanelCols, nc - j));
+    return;
+  }
+  const int64_t full = ep.out != nullptr ? nc / kInt8PanelCols * kInt8PanelCols : 0;
+  if (full > 0) epilogue_avx512_full(ep, tile, ldt, m0, mr, n0, full);
+  if (full < nc) epilogue_avx2(ep, tile + full, ldt, m0, mr, n0 + full, nc - full);
 }
 
 #endif  // PYC_HAVE_X86_SIMD
@@ -566,6 +692,10 @@ void tile_vnni(int mr, const uint8_t* a, int64_t lda, const int8_t* bp, const in
 }
 void epilogue_simd(const Int8Epilogue& ep, const int32_t* tile, int64_t ldt, int64_t m0,
                    int64_t mr, int64_t n0, int64_t nc) {
+  static const bool avx512 = cpu_features().avx512f && cpu_features().avx512bw &&
+                             cpu_features().avx512vl && cpu_features().avx512dq &&
+                             cpu_features().os_avx512;
+  if (avx512) return epilogue_vnni(ep, tile, ldt, m0, mr, n0, nc);
   epilogue_avx2(ep, tile, ldt, m0, mr, n0, nc);
 }
 }  // namespace int8_detail
@@ -691,18 +821,78 @@ int64_t int8_gemm_kc(int path, int64_t M, int64_t K) {
   // int32 workspace. Longer blocks mean fewer micro-kernel calls and less workspace traffic per
   // multiply-add; on Zen 3 (1 thread, K = N = 4096, M = 128..2048) blocks of 2048 beat 512 by
   // 11-15% on the 8-bit path and match 1024 on the 7-bit path, with row blocks of 192. The
-  // VNNI path keeps blocks of 512 (not measured here).
+  // VNNI path runs its K blocks inside the panel loop (see gemm_packed_vnni), where blocks of
+  // 512 to 4096 measured the same on Emerald Rapids (1 thread, K = N = 4096, M = 128 and 512).
   // The AMX path accumulates whole K in its tiles (no workspace).
   if (path == kInt8PathAmx) return Kp;
   if (M * int8_a_row_bytes(path, K) <= (int64_t(256) << 10) || Kp <= 768) return Kp;
   return path == 2 ? 512 : std::min<int64_t>(2048, Kp);
 }
 
+#if PYC_HAVE_X86_SIMD
+namespace {
+
+// Path 2: tiles of up to kMrVnniTile rows x kNpVnni panels. Per row block the panels are taken
+// kNpVnni at a time, and for each K block of them every row tile of the block passes over it
+// while it is in L1; the row block itself (all of K) stays in L2. The partial sums of the K
+// blocks meet in the workspace, which the kernel reads and writes itself; for one pair of panels
+// they are at most 192 x 32 int32 and stay in L1 (K blocks outside the panel loop would send a
+// whole [rows, N] slab of them through memory once per K block).
+void gemm_packed_vnni(const uint8_t* abase, const int8_t* packed, int64_t M, int64_t N,
+                      int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
+                      int32_t* workspace, int64_t rb) {
+  const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
+  const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
+  const int64_t kc = workspace ? int8_gemm_kc(2, M, K) : Kp;
+  // the whole K extent of a row block stays in L2 while the panels pass: at most 768 KiB of it
+  const int64_t mc = std::clamp<int64_t>(((int64_t(768) << 10) / rb) / 24 * 24, 24, 192);
+  const int64_t bstride = Kp * kInt8PanelCols;
+  alignas(64) int32_t tile[kMrVnniTile * kNpVnni * kInt8PanelCols];
+  for (int64_t mc0 = 0; mc0 < M; mc0 += mc) {
+    const int64_t mc1 = std::min(M, mc0 + mc);
+    // the rows of the block are shared evenly between ceil(rows / kMrVnniTile) tiles
+    // (16 rows: 8 + 8, not 12 + 4)
+    const int64_t rows = mc1 - mc0, ntiles = (rows + kMrVnniTile - 1) / kMrVnniTile;
+    for (int64_t p = p0; p < p1; p += kNpVnni) {
+      const int np = static_cast<int>(std::min<int64_t>(kNpVnni, p1 - p));
+      const int64_t n0 = p * kInt8PanelCols;
+      const int64_t nc = std::min<int64_t>(np * kInt8PanelCols, N - n0);
+      for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+        const int64_t nq = std::min(kc, Kp - k0) / 4;
+        const bool first = k0 == 0, last = k0 + kc >= Kp;
+        const int8_t* bp = packed + p * bstride + k0 * kInt8PanelCols;
+        for (int64_t ti = 0, m_next = mc0; ti < ntiles; ++ti) {
+          const int mr = static_cast<int>(rows / ntiles + (ti < rows % ntiles ? 1 : 0));
+          const int64_t m = m_next;
+          m_next += mr;
+          int32_t* w = workspace ? workspace + m * Np + n0 : nullptr;
+          int32_t* t = last ? tile : w;
+          const int64_t ldt = last ? np * kInt8PanelCols : Np;
+          // the last tile over a pair of panels fetches the next pair's K block into L2, so that
+          // the first tile over it does not wait on memory (1 thread, K = N = 4096 on Emerald
+          // Rapids: about 6% at M = 16, 2-3% at M = 128)
+          const int8_t* pf =
+              ti + 1 == ntiles && np == 2 && p + 2 * kNpVnni <= p1 ? bp + 2 * bstride : nullptr;
+          tile_vnni_np(mr, np, abase + m * rb + k0, rb, bp, bstride, first ? colsum + n0 : nullptr,
+                       nq, first ? nullptr : w, Np, t, ldt, pf);
+          if (last) epilogue_vnni(ep, tile, ldt, m, mr, n0, nc);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+#endif
+
 void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M, int64_t N,
                       int64_t K, int64_t p0, int64_t p1, const Int8Epilogue& ep,
                       int32_t* workspace, int64_t lda) {
 #if PYC_HAVE_X86_SIMD
   if (path == kInt8PathAmx) return int8_gemm_packed_amx(ap, packed, M, N, K, p0, p1, ep, lda);
+  if (path == 2)
+    return gemm_packed_vnni(static_cast<const uint8_t*>(ap), packed, M, N, K, p0, p1, ep,
+                            workspace, lda > 0 ? lda : int8_a_row_bytes(path, K));
 #endif
   const int64_t Kp = int8_round_k(K), Np = int8_round_n(N);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(packed + Np * Kp);
@@ -712,7 +902,8 @@ void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M,
   const int64_t kc = workspace ? int8_gemm_kc(path, M, K) : Kp;
   const bool blocked = kc < Kp;
   const int64_t mc = blocked ? 192 : std::max<int64_t>(24, ((int64_t(192) << 10) / rb) / 24 * 24);
-  static_assert(kMrVnni >= kMrAvx2 && kMrVnni >= kMrAvx2U8 && kMrVnni >= kMrAvx2U8Pair,
+  static_assert(kMrVnni >= kMrAvx2 && kMrVnni >= kMrAvx2U8 && kMrVnni >= kMrAvx2U8Pair &&
+                    kMrVnni >= kMrScalar,
                 "tile holds the tallest micro-kernel");
   alignas(64) int32_t tile[kMrVnni * kInt8PanelCols];
   const uint8_t* abase = static_cast<const uint8_t*>(ap);
@@ -739,8 +930,6 @@ void int8_gemm_packed(int path, const void* ap, const int8_t* packed, int64_t M,
           if (path == 3 || path == 4)
             tile_avx2_u8(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols,
                          narrow, path == 3 ? 6 : 7);
-          else if (path == 2)
-            tile_vnni(mr, am, rb, bp, first ? colsum + n0 : nullptr, nq, tile, kInt8PanelCols);
           else if (path == 1)
             tile_avx2(mr, reinterpret_cast<const int16_t*>(am), rb / 2, bp, nq, tile,
                       kInt8PanelCols);
