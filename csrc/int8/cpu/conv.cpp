@@ -466,47 +466,72 @@ PYC_TARGET_AVX512 inline void copy_avx512(uint8_t* d, const uint8_t* src, int64_
 }
 
 // gather_rows for the paths that read bytes (x, or x ^ 0x80 for int8 x), with the copies inline.
+// The bytes are written through uint8_t pointers, which may alias anything: what the loop reads
+// is held in locals (read through the references, it would be reloaded after every store).
 PYC_TARGET_AVX512 void gather_rows_u8_avx512(const Int8ConvGeom& g, const Int8ConvArgs& a,
                                              int64_t grp, int64_t m0, int64_t mr, uint8_t* ap,
                                              int64_t rb) {
   const int64_t Cg = g.cin_g(), K = g.k(), HoWo = g.Ho * g.Wo;
-  const bool runs = g.groups == 1 && g.dw == 1;
+  const int64_t C = g.C, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N;
+  const int64_t kh = g.kh, kw = g.kw, sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw;
+  const int64_t dh = g.dh, dw = g.dw;
+  const bool runs = g.groups == 1 && dw == 1;
+  const int64_t run = kw * Cg;  // bytes of one kernel row
+  const uint8_t* const x = a.x;
+  const int32_t* const x_zp = a.x_zp;
+  const int32_t zp_shift = a.x_signed ? 128 : 0;
   const __m512i flip = _mm512_set1_epi8(a.x_signed ? static_cast<char>(0x80) : 0);
   const __m512i zero = _mm512_setzero_si512();
   int64_t n = m0 / HoWo, rem = m0 - n * HoWo;
-  int64_t oy = rem / g.Wo, ox = rem - oy * g.Wo;
-  __m512i pad = _mm512_set1_epi8(static_cast<char>(byte_zero_point(a, n)));
+  int64_t oy = rem / Wo, ox = rem - oy * Wo;
+  __m512i pad = _mm512_set1_epi8(static_cast<char>(x_zp[n] + zp_shift));
+  const uint8_t* img = x + n * H * W * C + grp * Cg;
   for (int64_t r = 0; r < mr; ++r) {
-    const uint8_t* img = a.x + n * g.H * g.W * g.C + grp * Cg;
-    const int64_t ix0 = ox * g.sw - g.pw;
-    int64_t kx_lo = 0, kx_hi = g.kw;
-    while (kx_lo < g.kw && ix0 + kx_lo * g.dw < 0) ++kx_lo;
-    while (kx_hi > kx_lo && ix0 + (kx_hi - 1) * g.dw >= g.W) --kx_hi;
+    const int64_t ix0 = ox * sw - pw;
+    const int64_t iy0 = oy * sh - ph;
     uint8_t* row = ap + r * rb;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-      uint8_t* d = row + ky * g.kw * Cg;
-      if (iy < 0 || iy >= g.H || kx_hi <= kx_lo) {
-        fill_avx512(d, g.kw * Cg, pad);
-        continue;
+    if (runs && ix0 >= 0 && ix0 + kw - 1 < W) {
+      // every tap column inside the image: one run of input bytes per kernel row
+      const uint8_t* src = img + (iy0 * W + ix0) * C;
+      for (int64_t ky = 0; ky < kh; ++ky, src += dh * W * C) {
+        const int64_t iy = iy0 + ky * dh;
+        if (iy < 0 || iy >= H)
+          fill_avx512(row + ky * run, run, pad);
+        else
+          copy_avx512(row + ky * run, src, run, flip);
       }
-      if (kx_lo > 0) fill_avx512(d, kx_lo * Cg, pad);
-      if (kx_hi < g.kw) fill_avx512(d + kx_hi * Cg, (g.kw - kx_hi) * Cg, pad);
-      const uint8_t* src = img + (iy * g.W + ix0 + kx_lo * g.dw) * g.C;
-      if (runs) {
-        copy_avx512(d + kx_lo * Cg, src, (kx_hi - kx_lo) * Cg, flip);
-      } else {
-        for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
-          copy_avx512(d + kx * Cg, src + (kx - kx_lo) * g.dw * g.C, Cg, flip);
+    } else {
+      int64_t kx_lo = 0, kx_hi = kw;
+      while (kx_lo < kw && ix0 + kx_lo * dw < 0) ++kx_lo;
+      while (kx_hi > kx_lo && ix0 + (kx_hi - 1) * dw >= W) --kx_hi;
+      for (int64_t ky = 0; ky < kh; ++ky) {
+        const int64_t iy = iy0 + ky * dh;
+        uint8_t* d = row + ky * kw * Cg;
+        if (iy < 0 || iy >= H || kx_hi <= kx_lo) {
+          fill_avx512(d, kw * Cg, pad);
+          continue;
+        }
+        if (kx_lo > 0) fill_avx512(d, kx_lo * Cg, pad);
+        if (kx_hi < kw) fill_avx512(d + kx_hi * Cg, (kw - kx_hi) * Cg, pad);
+        const uint8_t* src = img + (iy * W + ix0 + kx_lo * dw) * C;
+        if (runs) {
+          copy_avx512(d + kx_lo * Cg, src, (kx_hi - kx_lo) * Cg, flip);
+        } else {
+          for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
+            copy_avx512(d + kx * Cg, src + (kx - kx_lo) * dw * C, Cg, flip);
+        }
       }
     }
     fill_avx512(row + K, rb - K, zero);
-    if (++ox == g.Wo) {
+    if (++ox == Wo) {
       ox = 0;
-      if (++oy == g.Ho) {
+      if (++oy == Ho) {
         oy = 0;
         ++n;
-        if (n < g.N) pad = _mm512_set1_epi8(static_cast<char>(byte_zero_point(a, n)));
+        if (n < N) {
+          pad = _mm512_set1_epi8(static_cast<char>(x_zp[n] + zp_shift));
+          img = x + n * H * W * C + grp * Cg;
+        }
       }
     }
   }
