@@ -478,6 +478,7 @@ PYC_TARGET_AVX512 void gather_rows_u8_avx512(const Int8ConvGeom& g, const Int8Co
   const bool runs = g.groups == 1 && dw == 1;
   const int64_t run = kw * Cg;  // bytes of one kernel row
   const uint8_t* const x = a.x;
+  const uint8_t* const x_end = x + N * H * W * C;
   const int32_t* const x_zp = a.x_zp;
   const int32_t zp_shift = a.x_signed ? 128 : 0;
   const __m512i flip = _mm512_set1_epi8(a.x_signed ? static_cast<char>(0x80) : 0);
@@ -495,10 +496,16 @@ PYC_TARGET_AVX512 void gather_rows_u8_avx512(const Int8ConvGeom& g, const Int8Co
       const uint8_t* src = img + (iy0 * W + ix0) * C;
       for (int64_t ky = 0; ky < kh; ++ky, src += dh * W * C) {
         const int64_t iy = iy0 + ky * dh;
-        if (iy < 0 || iy >= H)
+        if (iy < 0 || iy >= H) {
           fill_avx512(row + ky * run, run, pad);
-        else
+        } else if (run <= 64 && src + 64 <= x_end) {
+          // a short run (a few channels) as one whole vector: the bytes stored past its end
+          // are overwritten by the next run, the zero tail or the next row (the workspace
+          // ends with 64 spare bytes)
+          _mm512_storeu_si512(row + ky * run, _mm512_xor_si512(_mm512_loadu_si512(src), flip));
+        } else {
           copy_avx512(row + ky * run, src, run, flip);
+        }
       }
     } else {
       int64_t kx_lo = 0, kx_hi = kw;
