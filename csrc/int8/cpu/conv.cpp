@@ -130,40 +130,140 @@ PYC_TARGET_AVX512 inline __m512 act_avx512(__m512 y) {
   return y;
 }
 
-template <ConvOut O>
-PYC_TARGET_AVX512 inline void store_out_avx512(const Int8ConvArgs& a, int64_t i, __m512 y,
+// What the stores need, copied out of Int8ConvArgs into locals: the output is written through
+// byte pointers, which may alias anything, so fields read through a reference would be reloaded
+// after every store.
+struct OutAvx512 {
+  void* out;
+  __m512 inv, zpf;
+};
+
+// Full: all 16 lanes are stored (plain stores); otherwise the lanes of k.
+template <ConvOut O, bool Full>
+PYC_TARGET_AVX512 inline void store_out_avx512(const OutAvx512& o, int64_t i, __m512 y,
                                                __mmask16 k) {
   if (O == ConvOut::F32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(a.out) + i, k, y);
-  } else if (O == ConvOut::F16) {
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + i, k,
-                             _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  } else if (O == ConvOut::BF16) {
-    const __m512i u = _mm512_castps_si512(y);
-    const __m512i hi = _mm512_srli_epi32(u, 16);
-    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(
-        _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-    const __m512i absu = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-    const __mmask16 nan = _mm512_cmpgt_epi32_mask(absu, _mm512_set1_epi32(0x7f800000));
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(a.out) + i, k, _mm512_cvtepi32_epi16(r));
-  } else {
-    __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(a.out_inv)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_add_ps(r, _mm512_set1_ps(static_cast<float>(a.out_zp)));
-    if (O == ConvOut::U8) {
-      // max(r, 0) (NaN -> 0: max returns its second operand), then the unsigned saturating
-      // narrowing clamps at 255 (values beyond int32 convert to 0x80000000, also above 255)
-      r = _mm512_max_ps(r, _mm512_setzero_ps());
-      _mm_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + i, k,
-                           _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r)));
+    float* p = static_cast<float*>(o.out) + i;
+    if (Full)
+      _mm512_storeu_ps(p, y);
+    else
+      _mm512_mask_storeu_ps(p, k, y);
+    return;
+  }
+  if (O == ConvOut::F16 || O == ConvOut::BF16) {
+    __m256i h;
+    if (O == ConvOut::F16) {
+      h = _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
-      // min(127, r) (keeps NaN), then the signed saturating narrowing clamps at -128 (NaN and
-      // values below int32 convert to 0x80000000): NaN -> -128, the low end as on the scalar path
-      r = _mm512_min_ps(_mm512_set1_ps(127.f), r);
-      _mm_mask_storeu_epi8(static_cast<uint8_t*>(a.out) + i, k,
-                           _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+      const __m512i u = _mm512_castps_si512(y);
+      const __m512i hi = _mm512_srli_epi32(u, 16);
+      const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+      __m512i r = _mm512_srli_epi32(
+          _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+      const __m512i absu = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+      const __mmask16 nan = _mm512_cmpgt_epi32_mask(absu, _mm512_set1_epi32(0x7f800000));
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+      h = _mm512_cvtepi32_epi16(r);
+    }
+    uint16_t* p = static_cast<uint16_t*>(o.out) + i;
+    if (Full)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    else
+      _mm256_mask_storeu_epi16(p, k, h);
+    return;
+  }
+  __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(y, o.inv),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm512_add_ps(r, o.zpf);
+  __m128i q;
+  if (O == ConvOut::U8) {
+    // max(r, 0) (NaN -> 0: max returns its second operand), then the unsigned saturating
+    // narrowing clamps at 255 (values beyond int32 convert to 0x80000000, also above 255)
+    r = _mm512_max_ps(r, _mm512_setzero_ps());
+    q = _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r));
+  } else {
+    // min(127, r) (keeps NaN), then the signed saturating narrowing clamps at -128 (NaN and
+    // values below int32 convert to 0x80000000): NaN -> -128, the low end as on the scalar path
+    r = _mm512_min_ps(_mm512_set1_ps(127.f), r);
+    q = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r));
+  }
+  uint8_t* p = static_cast<uint8_t*>(o.out) + i;
+  // the narrowing into a register, then a plain store (the narrowing store is slow)
+  if (Full)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), q);
+  else
+    _mm_mask_storeu_epi8(p, k, q);
+}
+
+// One row's 16 columns: acc + comp, dequantized, activated and stored at out[i].
+template <ConvAct A, ConvOut O, bool Full, bool Bias>
+PYC_TARGET_AVX512 inline void epilogue16_avx512(const OutAvx512& o, int64_t i, const int32_t* src,
+                                                __m512i comp, __m512 xs, __m512 ws, __m512 bias,
+                                                __mmask16 k) {
+  const __m512i acc = Full ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi32(k, src);
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, comp)), xs), ws);
+  if (Bias) {
+    // the product is rounded before the bias is added (the empty asm keeps the compiler from
+    // contracting the two into an FMA)
+    asm("" : "+v"(y));
+    y = _mm512_add_ps(y, bias);
+  }
+  store_out_avx512<O, Full>(o, i, act_avx512<A>(y), k);
+}
+
+// Columns in groups of 32 (two vectors per row, both kept with their per-column constants in
+// registers while the rows go by); rows in runs of the same image.
+template <ConvAct A, ConvOut O, bool Bias>
+PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int64_t Cout,
+                                              const Int8ConvArgs& a) {
+  const OutAvx512 o{a.out, _mm512_set1_ps(a.out_inv), _mm512_set1_ps(static_cast<float>(a.out_zp))};
+  const float* const w_scale = a.w_scale;
+  const float* const bias = a.bias;
+  const float* const x_scale = a.x_scale;
+  const int32_t* const colsum = t.colsum;
+  const int32_t* const tile = t.tile;
+  const int64_t ldt = t.ldt, m_first = t.m_first, mr = t.mr, co0 = t.co0, nc = t.nc;
+  // corr(image n) = corr_base - the byte zero point of image n
+  const int32_t corr_base = t.corr_base + (a.x_signed ? -128 : 0);
+  const int32_t* const x_zp = a.x_zp;
+  for (int64_t j = 0; j < nc; j += 32) {
+    const int64_t w = std::min<int64_t>(32, nc - j);
+    const __mmask16 k0 = w >= 16 ? __mmask16(0xffff) : __mmask16((1u << w) - 1);
+    const __mmask16 k1 = w >= 32 ? __mmask16(0xffff) : (w > 16 ? __mmask16((1u << (w - 16)) - 1) : __mmask16(0));
+    const int64_t co = co0 + j;
+    const __m512 ws0 = _mm512_maskz_loadu_ps(k0, w_scale + co);
+    const __m512 ws1 = _mm512_maskz_loadu_ps(k1, w_scale + co + 16);
+    const __m512 b0 = Bias ? _mm512_maskz_loadu_ps(k0, bias + co) : _mm512_setzero_ps();
+    const __m512 b1 = Bias ? _mm512_maskz_loadu_ps(k1, bias + co + 16) : _mm512_setzero_ps();
+    const __m512i cs0 = colsum ? _mm512_maskz_loadu_epi32(k0, colsum + j) : _mm512_setzero_si512();
+    const __m512i cs1 = colsum ? _mm512_maskz_loadu_epi32(k1, colsum + j + 16) : _mm512_setzero_si512();
+    const int64_t mend = m_first + mr;
+    int64_t m = m_first, n = m / HoWo;
+    const int32_t* src = tile + j;
+    while (m < mend) {
+      // the rows of image n
+      const int64_t seg_end = std::min(mend, (n + 1) * HoWo);
+      const __m512 xs = _mm512_set1_ps(x_scale[n]);
+      const __m512i corr = _mm512_set1_epi32(corr_base - x_zp[n]);
+      const __m512i c0 = _mm512_mullo_epi32(cs0, corr), c1 = _mm512_mullo_epi32(cs1, corr);
+      if (w == 32) {
+        for (; m < seg_end; ++m, src += ldt) {
+          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
+        }
+      } else if (w == 16) {
+        for (; m < seg_end; ++m, src += ldt)
+          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
+      } else if (w > 16) {
+        for (; m < seg_end; ++m, src += ldt) {
+          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, false, Bias>(o, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
+        }
+      } else {
+        for (; m < seg_end; ++m, src += ldt)
+          epilogue16_avx512<A, O, false, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
+      }
+      ++n;
     }
   }
 }
@@ -171,29 +271,10 @@ PYC_TARGET_AVX512 inline void store_out_avx512(const Int8ConvArgs& a, int64_t i,
 template <ConvAct A, ConvOut O>
 PYC_TARGET_AVX512 void epilogue_tile_avx512(const EpTile& t, int64_t HoWo, int64_t Cout,
                                             const Int8ConvArgs& a) {
-  for (int64_t j = 0; j < t.nc; j += 16) {
-    const __mmask16 k = t.nc - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (t.nc - j)) - 1);
-    const int64_t co = t.co0 + j;
-    const __m512 ws = _mm512_maskz_loadu_ps(k, a.w_scale + co);
-    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(k, a.bias + co) : _mm512_setzero_ps();
-    const __m512i cs = t.colsum ? _mm512_maskz_loadu_epi32(k, t.colsum + j) : _mm512_setzero_si512();
-    int64_t n = t.m_first / HoWo, next = (n + 1) * HoWo;
-    __m512 xs = _mm512_set1_ps(a.x_scale[n]);
-    __m512i comp = _mm512_mullo_epi32(cs, _mm512_set1_epi32(t.corr_base - byte_zero_point(a, n)));
-    const int32_t* src = t.tile + j;
-    for (int64_t m = t.m_first; m < t.m_first + t.mr; ++m, src += t.ldt) {
-      if (m == next) {
-        ++n;
-        next += HoWo;
-        xs = _mm512_set1_ps(a.x_scale[n]);
-        comp = _mm512_mullo_epi32(cs, _mm512_set1_epi32(t.corr_base - byte_zero_point(a, n)));
-      }
-      const __m512i v = _mm512_add_epi32(_mm512_maskz_loadu_epi32(k, src), comp);
-      __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), xs), ws);
-      if (a.bias) y = _mm512_add_ps(y, bias);
-      store_out_avx512<O>(a, m * Cout + co, act_avx512<A>(y), k);
-    }
-  }
+  if (a.bias)
+    epilogue_tile_avx512_b<A, O, true>(t, HoWo, Cout, a);
+  else
+    epilogue_tile_avx512_b<A, O, false>(t, HoWo, Cout, a);
 }
 
 using EpilogueFn = void (*)(const EpTile&, int64_t, int64_t, const Int8ConvArgs&);
@@ -385,47 +466,79 @@ PYC_TARGET_AVX512 inline void copy_avx512(uint8_t* d, const uint8_t* src, int64_
 }
 
 // gather_rows for the paths that read bytes (x, or x ^ 0x80 for int8 x), with the copies inline.
+// The bytes are written through uint8_t pointers, which may alias anything: what the loop reads
+// is held in locals (read through the references, it would be reloaded after every store).
 PYC_TARGET_AVX512 void gather_rows_u8_avx512(const Int8ConvGeom& g, const Int8ConvArgs& a,
                                              int64_t grp, int64_t m0, int64_t mr, uint8_t* ap,
                                              int64_t rb) {
   const int64_t Cg = g.cin_g(), K = g.k(), HoWo = g.Ho * g.Wo;
-  const bool runs = g.groups == 1 && g.dw == 1;
+  const int64_t C = g.C, H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo, N = g.N;
+  const int64_t kh = g.kh, kw = g.kw, sh = g.sh, sw = g.sw, ph = g.ph, pw = g.pw;
+  const int64_t dh = g.dh, dw = g.dw;
+  const bool runs = g.groups == 1 && dw == 1;
+  const int64_t run = kw * Cg;  // bytes of one kernel row
+  const uint8_t* const x = a.x;
+  const uint8_t* const x_end = x + N * H * W * C;
+  const int32_t* const x_zp = a.x_zp;
+  const int32_t zp_shift = a.x_signed ? 128 : 0;
   const __m512i flip = _mm512_set1_epi8(a.x_signed ? static_cast<char>(0x80) : 0);
   const __m512i zero = _mm512_setzero_si512();
   int64_t n = m0 / HoWo, rem = m0 - n * HoWo;
-  int64_t oy = rem / g.Wo, ox = rem - oy * g.Wo;
-  __m512i pad = _mm512_set1_epi8(static_cast<char>(byte_zero_point(a, n)));
+  int64_t oy = rem / Wo, ox = rem - oy * Wo;
+  __m512i pad = _mm512_set1_epi8(static_cast<char>(x_zp[n] + zp_shift));
+  const uint8_t* img = x + n * H * W * C + grp * Cg;
   for (int64_t r = 0; r < mr; ++r) {
-    const uint8_t* img = a.x + n * g.H * g.W * g.C + grp * Cg;
-    const int64_t ix0 = ox * g.sw - g.pw;
-    int64_t kx_lo = 0, kx_hi = g.kw;
-    while (kx_lo < g.kw && ix0 + kx_lo * g.dw < 0) ++kx_lo;
-    while (kx_hi > kx_lo && ix0 + (kx_hi - 1) * g.dw >= g.W) --kx_hi;
+    const int64_t ix0 = ox * sw - pw;
+    const int64_t iy0 = oy * sh - ph;
     uint8_t* row = ap + r * rb;
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      const int64_t iy = oy * g.sh - g.ph + ky * g.dh;
-      uint8_t* d = row + ky * g.kw * Cg;
-      if (iy < 0 || iy >= g.H || kx_hi <= kx_lo) {
-        fill_avx512(d, g.kw * Cg, pad);
-        continue;
+    if (runs && ix0 >= 0 && ix0 + kw - 1 < W) {
+      // every tap column inside the image: one run of input bytes per kernel row
+      const uint8_t* src = img + (iy0 * W + ix0) * C;
+      for (int64_t ky = 0; ky < kh; ++ky, src += dh * W * C) {
+        const int64_t iy = iy0 + ky * dh;
+        if (iy < 0 || iy >= H) {
+          fill_avx512(row + ky * run, run, pad);
+        } else if (run <= 64 && src + 64 <= x_end) {
+          // a short run (a few channels) as one whole vector: the bytes stored past its end
+          // are overwritten by the next run, the zero tail or the next row (the workspace
+          // ends with 64 spare bytes)
+          _mm512_storeu_si512(row + ky * run, _mm512_xor_si512(_mm512_loadu_si512(src), flip));
+        } else {
+          copy_avx512(row + ky * run, src, run, flip);
+        }
       }
-      if (kx_lo > 0) fill_avx512(d, kx_lo * Cg, pad);
-      if (kx_hi < g.kw) fill_avx512(d + kx_hi * Cg, (g.kw - kx_hi) * Cg, pad);
-      const uint8_t* src = img + (iy * g.W + ix0 + kx_lo * g.dw) * g.C;
-      if (runs) {
-        copy_avx512(d + kx_lo * Cg, src, (kx_hi - kx_lo) * Cg, flip);
-      } else {
-        for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
-          copy_avx512(d + kx * Cg, src + (kx - kx_lo) * g.dw * g.C, Cg, flip);
+    } else {
+      int64_t kx_lo = 0, kx_hi = kw;
+      while (kx_lo < kw && ix0 + kx_lo * dw < 0) ++kx_lo;
+      while (kx_hi > kx_lo && ix0 + (kx_hi - 1) * dw >= W) --kx_hi;
+      for (int64_t ky = 0; ky < kh; ++ky) {
+        const int64_t iy = iy0 + ky * dh;
+        uint8_t* d = row + ky * kw * Cg;
+        if (iy < 0 || iy >= H || kx_hi <= kx_lo) {
+          fill_avx512(d, kw * Cg, pad);
+          continue;
+        }
+        if (kx_lo > 0) fill_avx512(d, kx_lo * Cg, pad);
+        if (kx_hi < kw) fill_avx512(d + kx_hi * Cg, (kw - kx_hi) * Cg, pad);
+        const uint8_t* src = img + (iy * W + ix0 + kx_lo * dw) * C;
+        if (runs) {
+          copy_avx512(d + kx_lo * Cg, src, (kx_hi - kx_lo) * Cg, flip);
+        } else {
+          for (int64_t kx = kx_lo; kx < kx_hi; ++kx)
+            copy_avx512(d + kx * Cg, src + (kx - kx_lo) * dw * C, Cg, flip);
+        }
       }
     }
     fill_avx512(row + K, rb - K, zero);
-    if (++ox == g.Wo) {
+    if (++ox == Wo) {
       ox = 0;
-      if (++oy == g.Ho) {
+      if (++oy == Ho) {
         oy = 0;
         ++n;
-        if (n < g.N) pad = _mm512_set1_epi8(static_cast<char>(byte_zero_point(a, n)));
+        if (n < N) {
+          pad = _mm512_set1_epi8(static_cast<char>(x_zp[n] + zp_shift));
+          img = x + n * H * W * C + grp * Cg;
+        }
       }
     }
   }
@@ -531,6 +644,15 @@ void finish_tile(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_
   c.ep(t, c.g->Ho * c.g->Wo, c.g->Cout, *c.a);
 }
 
+// The AMX driver's block callback: its sums are x * w with the bytes as they are (no + 128
+// compensation), so the correction is -zp * sum_k w.
+void finish_block(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
+                  int64_t nc) {
+  const TileCtx& c = *static_cast<const TileCtx*>(ctx);
+  const EpTile t{tile, ldt, c.m_base + m0, mr, c.co_base + n0, nc, c.colsum + n0, 0};
+  c.ep(t, c.g->Ho * c.g->Wo, c.g->Cout, *c.a);
+}
+
 void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
                     const Int8ConvArgs& a, int64_t t0, int64_t t1, void* workspace, int level) {
   const int path = plan.path;
@@ -542,6 +664,8 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
   const EpilogueFn ep_fn = pick_epilogue(level, a);
   // uint8 rows of a 1x1 conv are A + 128 as the byte paths read it (int8 rows would need ^ 0x80)
   const bool direct = plan.direct_rows && !a.x_signed;
+  // the tile configuration is held for all the tasks
+  const Int8AmxTiles tiles(path == kInt8PathAmx);
   int64_t have_grp = -1, have_blk = -1;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t ch = t % plan.chunks, blk = (t / plan.chunks) % plan.blocks;
@@ -563,6 +687,13 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
     if (p1 <= p0) continue;
     TileCtx ctx{&g, &a, ep_fn, u8 ? reinterpret_cast<const int32_t*>(pk + Npg * Kp) : nullptr, m0,
                 grp * Coutg};
+#if PYC_HAVE_X86_SIMD
+    if (path == kInt8PathAmx) {
+      int8_gemm_amx_u8(tiles, arows, lda > 0 ? lda : rb, pk, mr, Coutg, K, p0, p1, finish_block,
+                       &ctx);
+      continue;
+    }
+#endif
     Int8Epilogue ep;
     ep.tile_fn = finish_tile;
     ep.tile_ctx = &ctx;
@@ -1118,17 +1249,24 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
     narrow = int8_packed_narrow(packed + grp * block_bytes, Coutg, K);
   p.path = int8_gemm_path(isa, false, narrow);
   const int64_t rb = int8_a_row_bytes(p.path, K);
-  // a block of gathered rows (and its int32 results) stays within L2 while the panels stream
-  int64_t rows_max = (int64_t(128) << 10) / rb;
-  rows_max = std::max<int64_t>(16, std::min<int64_t>(256, rows_max / 16 * 16));
+  // a block of gathered rows (and its int32 results) stays within L2 while the panels stream.
+  // AMX: blocks of up to ~768 KB of rows, so that a large weight (a 3x3 conv of many channels:
+  // megabytes) streams from memory once for many rows instead of once per 16 rows, and the rows
+  // come in whole 32-row tile pairs.
+  const bool amx = p.path == kInt8PathAmx;
+  int64_t rows_max = (amx ? int64_t(768) << 10 : int64_t(128) << 10) / rb;
+  rows_max = std::max<int64_t>(amx ? 32 : 16, std::min<int64_t>(amx ? 512 : 256, rows_max / 16 * 16));
   const int64_t blocks = std::max<int64_t>(1, (M + rows_max - 1) / rows_max);
   p.rows = std::max<int64_t>(1, round_up((M + blocks - 1) / blocks, 16));
   p.rows = std::min(p.rows, rows_max);
   p.blocks = std::max<int64_t>(1, (M + p.rows - 1) / p.rows);
   // enough tasks for the threads: split the panels when there are few pixel blocks
-  const int64_t want = 4 * threads, have = p.blocks * g.groups;
+  // (one thread needs no split: each task then covers all the panels of its rows)
+  const int64_t want = threads == 1 ? 1 : 4 * threads, have = p.blocks * g.groups;
   p.chunks = have >= want ? 1 : std::min<int64_t>(panels, (want + have - 1) / have);
   p.chunk_panels = (panels + p.chunks - 1) / p.chunks;
+  // AMX works on pairs of panels
+  if (amx && p.chunk_panels % 2 == 1 && p.chunk_panels < panels) ++p.chunk_panels;
   p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
   p.tasks = g.groups * p.blocks * p.chunks;
   p.workspace_bytes = round_up(p.rows * rb, 64) + 64;

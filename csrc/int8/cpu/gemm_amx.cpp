@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "common/cpu_features.h"
 #include "common/simd.h"
@@ -29,6 +30,9 @@ constexpr int kMrVnni = 8;            // tallest AVX-512 VNNI tile (the M % 16 t
 // Rows of prepared activations kept in L2 (2 MB per core where AMX exists) while the weight
 // panels stream past them.
 constexpr int64_t kRowBlockBytes = int64_t(1) << 20;
+// Weights of up to this many bytes are kept in L1 (48 KB per core where AMX exists) while the
+// rows stream past them.
+constexpr int64_t kL1WeightBytes = int64_t(32) << 10;
 // Weight tiles are prefetched this many 64-k steps ahead.
 constexpr int64_t kPrefetchSteps = 2;
 
@@ -126,6 +130,62 @@ PYC_TARGET_AMX void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, in
 
 #undef PYC_AMX_STEP
 
+// One 64-k step of a (16 * MT) x (16 * NT) block whose accumulators started at zero; the weight
+// tiles of the two panels are B0 and B1.
+#define PYC_AMX_STEP_U8(A0, A1, LDA, B0, B1) \
+  do {                                        \
+    _tile_loadd(4, (A0), (LDA));              \
+    _tile_loadd(6, (B0), 64);                 \
+    if (NT == 2) _tile_loadd(7, (B1), 64);    \
+    if (MT == 2) _tile_loadd(5, (A1), (LDA)); \
+    _tile_dpbusd(0, 4, 6);                    \
+    if (NT == 2) _tile_dpbusd(1, 4, 7);       \
+    if (MT == 2) _tile_dpbusd(2, 5, 6);       \
+    if (MT == 2 && NT == 2) _tile_dpbusd(3, 5, 7); \
+  } while (0)
+
+// c (row stride 32 int32) = the (16 * MT) x (16 * NT) block of sum_k a * B with the bytes of a
+// as uint8 (accumulators start at zero). b: the first panel's k-groups, bstride bytes to the
+// second; nfull whole 64-k steps, then, with tail != nullptr, one step on the zero-padded weight
+// tiles tail and tail + tstride.
+template <int MT, int NT>
+PYC_TARGET_AMX void amx_block_u8(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
+                                 int64_t nfull, const int8_t* tail, int64_t tstride, int32_t* c) {
+  _tile_zero(0);
+  if (NT == 2) _tile_zero(1);
+  if (MT == 2) _tile_zero(2);
+  if (MT == 2 && NT == 2) _tile_zero(3);
+  const uint8_t* a1 = a + kTileRows * lda;
+  for (int64_t s = 0; s < nfull; ++s) {
+    const int8_t* bs = b + s * kTileBytes;
+    if (s + kPrefetchSteps < nfull) {
+      const char* pb = reinterpret_cast<const char*>(bs + kPrefetchSteps * kTileBytes);
+      for (int64_t line = 0; line < kTileBytes; line += 64) {
+        _mm_prefetch(pb + line, _MM_HINT_T0);
+        if (NT == 2) _mm_prefetch(pb + bstride + line, _MM_HINT_T0);
+      }
+    }
+    PYC_AMX_STEP_U8(a + s * kStepK, a1 + s * kStepK, lda, bs, bs + bstride);
+  }
+  if (tail != nullptr)
+    PYC_AMX_STEP_U8(a + nfull * kStepK, a1 + nfull * kStepK, lda, tail, tail + tstride);
+  constexpr int64_t ldc_bytes = 32 * sizeof(int32_t);
+  _tile_stored(0, c, ldc_bytes);
+  if (NT == 2) _tile_stored(1, c + 16, ldc_bytes);
+  if (MT == 2) _tile_stored(2, c + kTileRows * 32, ldc_bytes);
+  if (MT == 2 && NT == 2) _tile_stored(3, c + kTileRows * 32 + 16, ldc_bytes);
+}
+
+#undef PYC_AMX_STEP_U8
+
+void run_block_u8(int mt, int nt, const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
+                  int64_t nfull, const int8_t* tail, int64_t tstride, int32_t* c) {
+  if (mt == 2 && nt == 2) return amx_block_u8<2, 2>(a, lda, b, bstride, nfull, tail, tstride, c);
+  if (mt == 2) return amx_block_u8<2, 1>(a, lda, b, bstride, nfull, tail, tstride, c);
+  if (nt == 2) return amx_block_u8<1, 2>(a, lda, b, bstride, nfull, tail, tstride, c);
+  amx_block_u8<1, 1>(a, lda, b, bstride, nfull, tail, tstride, c);
+}
+
 void run_block(int mt, int nt, const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
                int64_t nfull, const int8_t* tail, const int32_t* init, int32_t* c, int64_t ldc) {
   if (mt == 2 && nt == 2) return amx_block<2, 2>(a, lda, b, bstride, nfull, tail, init, c, ldc);
@@ -207,6 +267,97 @@ void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64
   }
 }
 
+void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
+                      const int8_t* packed, int64_t M, int64_t N, int64_t K, int64_t p0,
+                      int64_t p1, Int8BlockFn fn, void* ctx) {
+  if (M <= 0 || p1 <= p0) return;
+  const int64_t Kp = int8_round_k(K);
+  const int64_t nq = Kp / 4, nfull = nq / 16, ntail = nq - nfull * 16;
+  const int64_t panel_bytes = Kp * kInt8PanelCols;
+  const int64_t m16 = tiles.active() ? M / kTileRows * kTileRows : 0;
+
+  // The block just computed is finished after the next one is started: the vector loads of its
+  // results then do not wait on the tile stores that wrote them.
+  alignas(64) int32_t cbuf[2][2 * kTileRows * 32];
+  int cur = 0;
+  bool pending = false;
+  int64_t pm = 0, pmr = 0, pn = 0, pnc = 0;
+  auto finish_pending = [&]() {
+    if (pending) fn(ctx, cbuf[cur ^ 1], 32, pm, pmr, pn, pnc);
+    pending = false;
+  };
+
+  if (m16 > 0) {
+    // the last k-groups of every panel, each padded with zero rows to a whole weight tile
+    std::vector<int8_t> tails;
+    if (ntail) {
+      tails.assign(static_cast<size_t>((p1 - p0) * kTileBytes), 0);
+      for (int64_t p = p0; p < p1; ++p)
+        std::memcpy(tails.data() + (p - p0) * kTileBytes, packed + p * panel_bytes + nfull * kTileBytes,
+                    static_cast<size_t>(ntail * 64));
+      compiler_barrier();
+    }
+    auto block = [&](int64_t m, int64_t p) {
+      const int mt = m16 - m >= 2 * kTileRows ? 2 : 1;
+      const int nt = p + 1 < p1 ? 2 : 1;
+      const int8_t* tail = ntail ? tails.data() + (p - p0) * kTileBytes : nullptr;
+      run_block_u8(mt, nt, a + m * lda, lda, packed + p * panel_bytes, panel_bytes, nfull, tail,
+                   kTileBytes, cbuf[cur]);
+      finish_pending();
+      pending = true;
+      pm = m;
+      pmr = kTileRows * mt;
+      pn = p * kInt8PanelCols;
+      pnc = std::min<int64_t>(nt * kInt8PanelCols, N - pn);
+      cur ^= 1;
+    };
+    if ((p1 - p0) * panel_bytes <= kL1WeightBytes) {
+      // the weights of all the panels stay in L1: rows outside, each row group's outputs written
+      // whole
+      for (int64_t m = 0; m < m16; m += 2 * kTileRows)
+        for (int64_t p = p0; p < p1; p += 2) block(m, p);
+    } else {
+      // row blocks of at most about kRowBlockBytes, the panels' weights streaming past them
+      const int64_t mc_max = std::max<int64_t>(32, kRowBlockBytes / std::max<int64_t>(lda, 64) / 32 * 32);
+      for (int64_t mc0 = 0; mc0 < m16; mc0 += mc_max) {
+        const int64_t mc1 = std::min(m16, mc0 + mc_max);
+        for (int64_t p = p0; p < p1; p += 2)
+          for (int64_t m = mc0; m < mc1; m += 2 * kTileRows) block(m, p);
+      }
+    }
+    finish_pending();
+  }
+  if (m16 == M) return;
+  // the rows below the last whole tile (all rows without tiles) on the VNNI kernel
+  alignas(64) int32_t vbuf[kMrVnni * kInt8PanelCols];
+  const int64_t rows = M - m16, ntiles = (rows + kMrVnni - 1) / kMrVnni;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t n0 = p * kInt8PanelCols, nc = std::min<int64_t>(kInt8PanelCols, N - n0);
+    for (int64_t ti = 0, m = m16; ti < ntiles; ++ti) {
+      const int mr = static_cast<int>(rows / ntiles + (ti < rows % ntiles ? 1 : 0));
+      int8_detail::tile_vnni(mr, a + m * lda, lda, packed + p * panel_bytes, nullptr, nq, vbuf,
+                             kInt8PanelCols);
+      fn(ctx, vbuf, kInt8PanelCols, m, mr, n0, nc);
+      m += mr;
+    }
+  }
+}
+
 #endif  // PYC_HAVE_X86_SIMD
+
+Int8AmxTiles::Int8AmxTiles(bool want) {
+#if PYC_HAVE_X86_SIMD
+  on_ = want && request_amx_permission();
+  if (on_) configure_tiles();
+#else
+  (void)want;
+#endif
+}
+
+Int8AmxTiles::~Int8AmxTiles() {
+#if PYC_HAVE_X86_SIMD
+  if (on_) release_tiles();
+#endif
+}
 
 }  // namespace pyc

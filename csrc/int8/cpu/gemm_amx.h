@@ -29,6 +29,36 @@ constexpr int kInt8PathAmx = 5;
 void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64_t N, int64_t K,
                           int64_t p0, int64_t p1, const Int8Epilogue& ep, int64_t lda = 0);
 
+// The AMX tile configuration of the calling thread, held while in scope: a caller that runs many
+// int8_gemm_amx_u8 calls (a conv task) configures the tiles once. active(): tiles are configured
+// (the CPU has AMX-INT8, the level is AMX, and this process may use tile data).
+class Int8AmxTiles {
+ public:
+  explicit Int8AmxTiles(bool want);
+  ~Int8AmxTiles();
+  bool active() const { return on_; }
+  Int8AmxTiles(const Int8AmxTiles&) = delete;
+  Int8AmxTiles& operator=(const Int8AmxTiles&) = delete;
+
+ private:
+  bool on_ = false;
+};
+
+// Receives finished blocks of int32 sums: rows [m0, m0 + mr) (mr <= 32) and columns
+// [n0, n0 + nc) (nc <= 32, up to two panels), row stride ldc.
+using Int8BlockFn = void (*)(void* ctx, const int32_t* c, int64_t ldc, int64_t m0, int64_t mr,
+                             int64_t n0, int64_t nc);
+
+// C[m, n] = sum_k a[m, k] * B[n, k] with the bytes of a read as uint8 as they are (no + 128
+// compensation: the caller's epilogue adds what its zero point needs), rows [0, M) x panels
+// [p0, p1), each finished block handed to fn. a: row stride lda bytes; every row holds
+// round_up(K, 64) readable bytes when K is not a multiple of 64 (the bytes beyond K are read
+// and multiplied by zero weights). Whole groups of 16 rows run on the tiles when tiles.active(),
+// the rest (every row otherwise) on the AVX-512 VNNI kernel (the CPU must have VNNI).
+void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
+                      const int8_t* packed, int64_t M, int64_t N, int64_t K, int64_t p0,
+                      int64_t p1, Int8BlockFn fn, void* ctx);
+
 namespace int8_detail {
 // Defined in gemm.cpp (x86-64 only), shared with the AMX driver so that every path finishes
 // a tile with the same code.
