@@ -155,15 +155,7 @@ PYC_TARGET_AVX512 inline void store_out_avx512(const OutAvx512& o, int64_t i, __
     if (O == ConvOut::F16) {
       h = _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     } else {
-      const __m512i u = _mm512_castps_si512(y);
-      const __m512i hi = _mm512_srli_epi32(u, 16);
-      const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-      __m512i r = _mm512_srli_epi32(
-          _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-      const __m512i absu = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-      const __mmask16 nan = _mm512_cmpgt_epi32_mask(absu, _mm512_set1_epi32(0x7f800000));
-      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-      h = _mm512_cvtepi32_epi16(r);
+      h = pyc_cvt_f32_bf16_avx512(y);
     }
     uint16_t* p = static_cast<uint16_t*>(o.out) + i;
     if (Full)

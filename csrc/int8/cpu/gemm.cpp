@@ -608,20 +608,6 @@ PYC_TARGET_AVX512VNNI void tile_vnni(int mr, const uint8_t* a, int64_t lda, cons
 
 // ---------------------------------------------------------------- AVX-512 epilogue
 
-// 16 fp32 lanes -> 16 bf16 values, the same bits as pyc_cvt_f32_bf16_avx2 (round to nearest
-// even; a NaN stays a quiet NaN).
-PYC_TARGET_AVX512 inline __m256i cvt_f32_bf16_avx512(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i hi = _mm512_srli_epi32(u, 16);
-  const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-  const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 PYC_TARGET_AVX512 inline void store16_avx512(void* out, int64_t i, DType dt, __m512 v) {
   switch (dt) {
     case DType::F32:
@@ -634,7 +620,7 @@ PYC_TARGET_AVX512 inline void store16_avx512(void* out, int64_t i, DType dt, __m
     case DType::BF16:
     default:
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i),
-                          cvt_f32_bf16_avx512(v));
+                          pyc_cvt_f32_bf16_avx512(v));
       break;
   }
 }
