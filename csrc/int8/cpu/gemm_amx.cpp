@@ -75,37 +75,42 @@ struct TileScope {
 };
 
 // One 64-k step of a (16 * MT) x (16 * NT) block: A0 / A1 the two activation tiles (rows 0-15,
-// 16-31; row stride LDA), B0 / B1 the weight tiles of the two panels.
-#define PYC_AMX_STEP(A0, A1, LDA, B0, B1) \
-  do {                                     \
-    _tile_loadd(4, (A0), (LDA));           \
-    _tile_loadd(6, (B0), 64);              \
-    _tile_dpbusd(0, 4, 6);                 \
-    if (NT == 2) {                         \
-      _tile_loadd(7, (B1), 64);            \
-      _tile_dpbusd(1, 4, 7);               \
-    }                                      \
-    if (MT == 2) {                         \
-      _tile_loadd(5, (A1), (LDA));         \
-      _tile_dpbusd(2, 5, 6);               \
-      if (NT == 2) _tile_dpbusd(3, 5, 7);  \
-    }                                      \
+// 16-31; row stride LDA), B0 / B1 the weight tiles of the two panels; all tiles are loaded
+// before the first multiply.
+#define PYC_AMX_STEP(A0, A1, LDA, B0, B1)            \
+  do {                                               \
+    _tile_loadd(4, (A0), (LDA));                     \
+    _tile_loadd(6, (B0), 64);                        \
+    if (NT == 2) _tile_loadd(7, (B1), 64);           \
+    if (MT == 2) _tile_loadd(5, (A1), (LDA));        \
+    _tile_dpbusd(0, 4, 6);                           \
+    if (NT == 2) _tile_dpbusd(1, 4, 7);              \
+    if (MT == 2) _tile_dpbusd(2, 5, 6);              \
+    if (MT == 2 && NT == 2) _tile_dpbusd(3, 5, 7);   \
   } while (0)
 
-// c (row stride ldc int32) = the (16 * MT) x (16 * NT) block of sum_k A * B (exact, modulo
-// 2^32). a: activation rows (A + 128, row stride lda); b: the first panel's k-groups, bstride
-// bytes to the second panel; nfull whole 64-k steps, then, when tail != nullptr, one step whose
-// weight tiles are tail[0, 1024) and tail[1024, 2048) (the last k-groups, zero-padded). init:
-// -128 * sum_k B[n, k] of the block's columns (16 int32 per panel), the accumulators' start
-// value (loaded into every row with a zero stride), which removes the + 128 of A.
+// c (row stride ldc int32) = the (16 * MT) x (16 * NT) block of sum_k a * B (exact, modulo 2^32),
+// the bytes of a read as uint8 (row stride lda). b: the first panel's k-groups, bstride bytes to
+// the second panel; nfull whole 64-k steps, then, when tail != nullptr, one step whose weight
+// tiles are tail and tail + tstride (the last k-groups, zero-padded). init: the accumulators'
+// start value per column (16 int32 per panel, loaded into every row with a zero stride; the GEMM
+// passes -128 * sum_k B[n, k], which removes the + 128 of its A), or nullptr to start at zero
+// (the conv loop corrects for the zero point in its epilogue).
 template <int MT, int NT>
 PYC_TARGET_AMX void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
-                              int64_t nfull, const int8_t* tail, const int32_t* init, int32_t* c,
-                              int64_t ldc) {
-  _tile_loadd(0, init, 0);
-  if (NT == 2) _tile_loadd(1, init + 16, 0);
-  if (MT == 2) _tile_loadd(2, init, 0);
-  if (MT == 2 && NT == 2) _tile_loadd(3, init + 16, 0);
+                              int64_t nfull, const int8_t* tail, int64_t tstride,
+                              const int32_t* init, int32_t* c, int64_t ldc) {
+  if (init != nullptr) {
+    _tile_loadd(0, init, 0);
+    if (NT == 2) _tile_loadd(1, init + 16, 0);
+    if (MT == 2) _tile_loadd(2, init, 0);
+    if (MT == 2 && NT == 2) _tile_loadd(3, init + 16, 0);
+  } else {
+    _tile_zero(0);
+    if (NT == 2) _tile_zero(1);
+    if (MT == 2) _tile_zero(2);
+    if (MT == 2 && NT == 2) _tile_zero(3);
+  }
   const uint8_t* a1 = a + kTileRows * lda;
   for (int64_t s = 0; s < nfull; ++s) {
     const int8_t* bs = b + s * kTileBytes;
@@ -120,7 +125,7 @@ PYC_TARGET_AMX void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, in
     PYC_AMX_STEP(a + s * kStepK, a1 + s * kStepK, lda, bs, bs + bstride);
   }
   if (tail != nullptr)
-    PYC_AMX_STEP(a + nfull * kStepK, a1 + nfull * kStepK, lda, tail, tail + kTileBytes);
+    PYC_AMX_STEP(a + nfull * kStepK, a1 + nfull * kStepK, lda, tail, tail + tstride);
   const int64_t ldc_bytes = ldc * static_cast<int64_t>(sizeof(int32_t));
   _tile_stored(0, c, ldc_bytes);
   if (NT == 2) _tile_stored(1, c + 16, ldc_bytes);
@@ -130,68 +135,14 @@ PYC_TARGET_AMX void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, in
 
 #undef PYC_AMX_STEP
 
-// One 64-k step of a (16 * MT) x (16 * NT) block whose accumulators started at zero; the weight
-// tiles of the two panels are B0 and B1.
-#define PYC_AMX_STEP_U8(A0, A1, LDA, B0, B1) \
-  do {                                        \
-    _tile_loadd(4, (A0), (LDA));              \
-    _tile_loadd(6, (B0), 64);                 \
-    if (NT == 2) _tile_loadd(7, (B1), 64);    \
-    if (MT == 2) _tile_loadd(5, (A1), (LDA)); \
-    _tile_dpbusd(0, 4, 6);                    \
-    if (NT == 2) _tile_dpbusd(1, 4, 7);       \
-    if (MT == 2) _tile_dpbusd(2, 5, 6);       \
-    if (MT == 2 && NT == 2) _tile_dpbusd(3, 5, 7); \
-  } while (0)
-
-// c (row stride 32 int32) = the (16 * MT) x (16 * NT) block of sum_k a * B with the bytes of a
-// as uint8 (accumulators start at zero). b: the first panel's k-groups, bstride bytes to the
-// second; nfull whole 64-k steps, then, with tail != nullptr, one step on the zero-padded weight
-// tiles tail and tail + tstride.
-template <int MT, int NT>
-PYC_TARGET_AMX void amx_block_u8(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
-                                 int64_t nfull, const int8_t* tail, int64_t tstride, int32_t* c) {
-  _tile_zero(0);
-  if (NT == 2) _tile_zero(1);
-  if (MT == 2) _tile_zero(2);
-  if (MT == 2 && NT == 2) _tile_zero(3);
-  const uint8_t* a1 = a + kTileRows * lda;
-  for (int64_t s = 0; s < nfull; ++s) {
-    const int8_t* bs = b + s * kTileBytes;
-    if (s + kPrefetchSteps < nfull) {
-      const char* pb = reinterpret_cast<const char*>(bs + kPrefetchSteps * kTileBytes);
-      for (int64_t line = 0; line < kTileBytes; line += 64) {
-        _mm_prefetch(pb + line, _MM_HINT_T0);
-        if (NT == 2) _mm_prefetch(pb + bstride + line, _MM_HINT_T0);
-      }
-    }
-    PYC_AMX_STEP_U8(a + s * kStepK, a1 + s * kStepK, lda, bs, bs + bstride);
-  }
-  if (tail != nullptr)
-    PYC_AMX_STEP_U8(a + nfull * kStepK, a1 + nfull * kStepK, lda, tail, tail + tstride);
-  constexpr int64_t ldc_bytes = 32 * sizeof(int32_t);
-  _tile_stored(0, c, ldc_bytes);
-  if (NT == 2) _tile_stored(1, c + 16, ldc_bytes);
-  if (MT == 2) _tile_stored(2, c + kTileRows * 32, ldc_bytes);
-  if (MT == 2 && NT == 2) _tile_stored(3, c + kTileRows * 32 + 16, ldc_bytes);
-}
-
-#undef PYC_AMX_STEP_U8
-
-void run_block_u8(int mt, int nt, const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
-                  int64_t nfull, const int8_t* tail, int64_t tstride, int32_t* c) {
-  if (mt == 2 && nt == 2) return amx_block_u8<2, 2>(a, lda, b, bstride, nfull, tail, tstride, c);
-  if (mt == 2) return amx_block_u8<2, 1>(a, lda, b, bstride, nfull, tail, tstride, c);
-  if (nt == 2) return amx_block_u8<1, 2>(a, lda, b, bstride, nfull, tail, tstride, c);
-  amx_block_u8<1, 1>(a, lda, b, bstride, nfull, tail, tstride, c);
-}
-
 void run_block(int mt, int nt, const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
-               int64_t nfull, const int8_t* tail, const int32_t* init, int32_t* c, int64_t ldc) {
-  if (mt == 2 && nt == 2) return amx_block<2, 2>(a, lda, b, bstride, nfull, tail, init, c, ldc);
-  if (mt == 2) return amx_block<2, 1>(a, lda, b, bstride, nfull, tail, init, c, ldc);
-  if (nt == 2) return amx_block<1, 2>(a, lda, b, bstride, nfull, tail, init, c, ldc);
-  amx_block<1, 1>(a, lda, b, bstride, nfull, tail, init, c, ldc);
+               int64_t nfull, const int8_t* tail, int64_t tstride, const int32_t* init, int32_t* c,
+               int64_t ldc) {
+  if (mt == 2 && nt == 2)
+    return amx_block<2, 2>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
+  if (mt == 2) return amx_block<2, 1>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
+  if (nt == 2) return amx_block<1, 2>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
+  amx_block<1, 1>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
 }
 
 }  // namespace
@@ -241,8 +192,8 @@ void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64
       }
       for (int64_t m = mc0; m < mc1; m += 2 * kTileRows) {
         const int mt = mc1 - m >= 2 * kTileRows ? 2 : 1;
-        run_block(mt, nt, a + m * rb, rb, bp, panel_bytes, nfull, ntail ? tail : nullptr, init,
-                  cbuf, 32);
+        run_block(mt, nt, a + m * rb, rb, bp, panel_bytes, nfull, ntail ? tail : nullptr,
+                  kTileBytes, init, cbuf, 32);
         for (int j = 0; j < nt; ++j) {
           const int64_t nj = n0 + 16 * j;
           int8_detail::epilogue_simd(ep, cbuf + 16 * j, 32, m, kTileRows * mt, nj,
@@ -301,8 +252,8 @@ void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
       const int mt = m16 - m >= 2 * kTileRows ? 2 : 1;
       const int nt = p + 1 < p1 ? 2 : 1;
       const int8_t* tail = ntail ? tails.data() + (p - p0) * kTileBytes : nullptr;
-      run_block_u8(mt, nt, a + m * lda, lda, packed + p * panel_bytes, panel_bytes, nfull, tail,
-                   kTileBytes, cbuf[cur]);
+      run_block(mt, nt, a + m * lda, lda, packed + p * panel_bytes, panel_bytes, nfull, tail,
+                kTileBytes, nullptr, cbuf[cur], 32);
       finish_pending();
       pending = true;
       pm = m;
