@@ -12,15 +12,11 @@ ort = pytest.importorskip("onnxruntime")
 
 import cnn_models  # noqa: E402
 import pycompress  # noqa: E402
+from onnx_exporters import available_exporters  # noqa: E402
 from pycompress.export import onnx as onnx_export  # noqa: E402
 from pycompress.nn import Int8Conv2d  # noqa: E402
 
-HAS_DYNAMO = onnx_export._exporter_supports_dynamo()
-try:
-    import onnxscript  # noqa: F401
-except ImportError:
-    HAS_DYNAMO = False
-EXPORTERS = ["dynamo", "torchscript"] if HAS_DYNAMO else ["torchscript"]
+EXPORTERS = available_exporters()
 
 
 def run_ort(path, x):

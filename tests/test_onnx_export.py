@@ -17,15 +17,12 @@ ort = pytest.importorskip("onnxruntime")
 import pycompress  # noqa: E402
 from _pylayer_models import tiny_bert, user_model_module  # noqa: E402
 from pycompress import cli
+from onnx_exporters import available_exporters  # noqa: E402
 from pycompress.export import onnx as onnx_export  # noqa: E402
 from pycompress.nn import Int8Linear, MaskedLinear, SparseLinear  # noqa: E402
 
-HAS_DYNAMO = onnx_export._exporter_supports_dynamo()
-try:
-    import onnxscript  # noqa: F401
-except ImportError:
-    HAS_DYNAMO = False
-EXPORTERS = ["dynamo", "torchscript"] if HAS_DYNAMO else ["torchscript"]
+EXPORTERS = available_exporters()
+HAS_DYNAMO = "dynamo" in EXPORTERS
 
 
 def mlp(d_in=16, hidden=32, d_out=4, bias_last=True):
