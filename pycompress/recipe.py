@@ -467,16 +467,21 @@ def _width_changed(original: nn.Module, model: nn.Module, name: str) -> bool:
 class _ConvGroups:
     """What the quantize steps did to convs, so that a conv goes back to float as a unit: the
     modules folded / fused into it (replaced by ``nn.Identity``), the uint8 edges between convs
-    and which convs each conv's output reaches (a channels-last output relies on them)."""
+    and which convs each conv's output reaches (a channels-last output relies on them). A block
+    rebuilt so that its convs compute its residual additions goes back as a whole (the original
+    block, every conv in it float)."""
 
     def __init__(self):
         self.members: dict[str, list[str]] = {}
         self.edges: list[tuple[str, str]] = []
         self.feeds: dict[str, list[str]] = {}
+        self.blocks: dict[str, list[str]] = {}  # rebuilt block -> the convs in it
 
     def add(self, qres) -> None:
         for conv in getattr(qres, "convs", []):
             self.members[conv] = qres.members(conv)
+        for block in getattr(qres, "residual_blocks", {}):
+            self.blocks[block] = [c for c in getattr(qres, "convs", []) if c.startswith(block + ".")]
         self.edges += list(getattr(qres, "uint8_edges", []))
         for k, v in getattr(qres, "feeds", {}).items():
             self.feeds[k] = sorted(set(self.feeds.get(k, [])) | set(v))
@@ -499,6 +504,14 @@ class _ConvGroups:
         if isinstance(m, Int8Conv2d):
             m.set_output_quantization(None, None)
             m.channels_last_output = False
+        elif layer in self.blocks and isinstance(m, torch.fx.GraphModule):
+            # the block's outputs come from its convs: float there
+            out = next(n for n in m.graph.nodes if n.op == "output")
+            for node in out.all_input_nodes:
+                conv = m.get_submodule(node.target) if node.op == "call_module" else None
+                if isinstance(conv, Int8Conv2d):
+                    conv.set_output_quantization(None, None)
+                    conv.channels_last_output = False
         return m
 
     def revert(self, model: nn.Module, original: nn.Module, layer: str) -> list[str]:
@@ -507,11 +520,16 @@ class _ConvGroups:
         from pycompress.nn import Int8Conv2d
 
         _utils.set_module(model, layer, copy.deepcopy(original.get_submodule(layer)))
-        members = self.members.get(layer, [])
+        inside = self.blocks.get(layer, [layer])
+        members = [m for c in inside for m in self.members.get(c, []) if not m.startswith(layer + ".")]
         for m in members:
             _utils.set_module(model, m, copy.deepcopy(original.get_submodule(m)))
-        uint8, reaching = self._producers(layer)
-        for p in set(uint8) | set(reaching):
+        producers: set[str] = set()
+        for c in inside:
+            uint8, reaching = self._producers(c)
+            producers |= {p for p in (*uint8, *reaching) if not p.startswith(layer + ".")}
+        uint8 = {p for c in inside for p in self._producers(c)[0]}
+        for p in producers:
             mod = model.get_submodule(p)
             if isinstance(mod, Int8Conv2d):
                 if p in uint8:

@@ -309,6 +309,8 @@ def _replaced_layers(reference: nn.Module, candidate: nn.Module) -> list[tuple[s
     for name, cmod in candidate.named_modules():
         if not name or name not in ref_modules or name in fused:
             continue
+        if isinstance(cmod, torch.fx.GraphModule) and not registry.is_pycompress_layer(cmod):
+            continue  # a block rebuilt around its converted layers (same submodules): compared layer by layer
         rmod = ref_modules[name]
         if type(rmod) is not type(cmod) or (registry.is_pycompress_layer(cmod) and rmod is not cmod) \
                 or _width_change(rmod, cmod) is not None:
@@ -365,10 +367,13 @@ class _LayerProbe:
             dev = _utils.model_device(self.cmod)
             cargs = _utils.batch_to(tuple(args), dev)
             ckw = _utils.batch_to(dict(kwargs), dev)
-            cand_out = self.cmod(*cargs, **ckw)
+            # a conv that also computes the residual addition after it (and the activation after
+            # that) is compared before them: the reference layer's output is the conv's alone
+            residual = getattr(self.cmod, "residual", False) is True and hasattr(self.cmod, "conv_output")
+            cand_out = self.cmod.conv_output(*cargs, **ckw) if residual else self.cmod(*cargs, **ckw)
             r, _ = _utils.output_tensor(ref_out)
             c, _ = _utils.output_tensor(cand_out)
-            if hasattr(self.cmod, "dequantize_output"):  # an int8 output is compared by its real values
+            if hasattr(self.cmod, "dequantize_output") and not residual:  # an int8 output: its real values
                 c = self.cmod.dequantize_output(c)
             if r.shape != c.shape:
                 if self.change is not None:  # a compacted layer: its output is narrower by design

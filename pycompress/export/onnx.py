@@ -171,13 +171,39 @@ def _define_ops() -> None:
             y = (y.float() - out_zp.float()) * out_scale
         return y.float().contiguous()
 
-    @int8_conv2d.register_fake
-    def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
+    def _conv_fake(x, w, params):
         (sh, sw), (pt, pb, pl, pr), (dh, dw) = params[0:2], params[2:6], params[6:8]
         kh, kw = w.shape[2], w.shape[3]
         ho = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
         wo = (x.shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
         return x.new_empty((x.shape[0], w.shape[0], ho, wo), dtype=torch.float32)
+
+    @int8_conv2d.register_fake
+    def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
+        return _conv_fake(x, w, params)
+
+    # a conv that adds the residual of its block (a float tensor here: the file passes every
+    # requantized activation on dequantized) before the activation
+    @torch.library.custom_op("pycompress_onnx::int8_conv2d_residual", mutates_args=())
+    def int8_conv2d_residual(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                             bias: Optional[torch.Tensor], in_scale: Optional[torch.Tensor],
+                             in_zp: Optional[torch.Tensor], out_scale: Optional[torch.Tensor],
+                             out_zp: Optional[torch.Tensor], params: list[int], act: int, fmt: int) -> torch.Tensor:
+        stride, padding, dilation, groups = params[0:2], params[2:6], params[6:8], params[8]
+        out_dtype = torch.uint8 if out_scale is not None else torch.float32
+        y = torch.ops.pycompress.int8_conv2d(
+            x, None if in_scale is None else in_scale.reshape(1), None if in_zp is None else in_zp.reshape(1),
+            _signed(w), w_scale.reshape(-1), None if bias is None else bias.reshape(-1), None, stride, padding,
+            dilation, groups, _CONV_ACTIVATIONS[act], out_dtype,
+            float(out_scale) if out_scale is not None else 1.0, int(out_zp) if out_zp is not None else 0,
+            residual.float(), 1.0, 0)
+        if out_scale is not None:
+            y = (y.float() - out_zp.float()) * out_scale
+        return y.float().contiguous()
+
+    @int8_conv2d_residual.register_fake
+    def _(x, residual, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
+        return _conv_fake(x, w, params)
 
     _OPS_DEFINED = True
 
@@ -265,9 +291,17 @@ class _ExportInt8Conv2d(nn.Module):
         self.params = [*layer.stride, *layer.padding4, *layer.dilation, int(layer.groups)]
         self.act = _CONV_ACTIVATIONS.index(layer.activation)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
         if x.dtype != torch.float32:
             x = x.float()
+        if residual is not None:
+            if residual.dtype != torch.float32:
+                residual = residual.float()
+            if residual.shape[0] != x.shape[0] or residual.shape[1] != self.weight.shape[0]:
+                raise ValueError(f"the residual of shape {tuple(residual.shape)} does not fit the conv's output")
+            return torch.ops.pycompress_onnx.int8_conv2d_residual(
+                x, residual, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
+                self.output_scale, self.output_zero_point, self.params, self.act, self.fmt)
         return torch.ops.pycompress_onnx.int8_conv2d(
             x, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
             self.output_scale, self.output_zero_point, self.params, self.act, self.fmt)
@@ -462,7 +496,7 @@ def _reduce_chw(b: _Builder, x, op: str):
 
 
 def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
-                      params, act: int, fmt: int):
+                      params, act: int, fmt: int, residual=None):
     """Quantization to uint8 + ``ConvInteger`` + the op's fp32 epilogue (see the module doc)."""
     stride, padding, dilation, groups = list(params[0:2]), list(params[2:6]), list(params[6:8]), int(params[8])
     top, bottom, left, right = padding  # ONNX pads: [top, left, bottom, right]
@@ -502,6 +536,8 @@ def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_sca
     y = b.op("Mul", y, w_scale)
     if bias is not None:
         y = b.op("Add", y, bias)
+    if residual is not None:  # the block's residual addition, before the activation
+        y = b.op("Add", y, residual)
     name = _CONV_ACTIVATIONS[act]
     if name == "relu":
         y = b.op("Relu", y)
@@ -534,8 +570,14 @@ def _translation_table(opset: int) -> dict:
         return _emit_int8_conv2d(_ScriptBuilder(opset), x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
                                  [int(p) for p in params], int(act), int(fmt))
 
+    def int8_conv2d_residual(x, residual, w, w_scale, bias=None, in_scale=None, in_zp=None, out_scale=None,
+                             out_zp=None, params=(), act: int = 0, fmt: int = 0):
+        return _emit_int8_conv2d(_ScriptBuilder(opset), x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
+                                 [int(p) for p in params], int(act), int(fmt), residual=residual)
+
     return {
         torch.ops.pycompress_onnx.int8_conv2d.default: int8_conv2d,
+        torch.ops.pycompress_onnx.int8_conv2d_residual.default: int8_conv2d_residual,
         torch.ops.pycompress_onnx.int8_linear.default: int8_linear,
         torch.ops.pycompress_onnx.w8a16_linear.default: w8a16_linear,
         torch.ops.pycompress_onnx.int8_embedding.default: int8_embedding,
@@ -574,7 +616,13 @@ def _register_symbolics() -> None:
         return _emit_int8_conv2d(_TorchScriptBuilder(g, _opset()), x, w, w_scale, _opt(bias), _opt(in_scale),
                                  _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt)
 
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i")
+    def int8_conv2d_residual(g, x, residual, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
+        return _emit_int8_conv2d(_TorchScriptBuilder(g, _opset()), x, w, w_scale, _opt(bias), _opt(in_scale),
+                                 _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt, residual=residual)
+
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_conv2d", int8_conv2d, MIN_OPSET)
+    torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_conv2d_residual", int8_conv2d_residual, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_embedding", int8_embedding, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_linear", int8_linear, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::w8a16_linear", w8a16_linear, MIN_OPSET)
@@ -618,6 +666,24 @@ def _with_embeddings(model: nn.Module, names: list[str], how: str) -> nn.Module:
     return out
 
 
+class _FloatResidualConv(nn.Module):
+    """The float twin of an ``Int8Conv2d(residual=True)``: ``activation(conv(x) + residual)``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        from pycompress.nn.int8_conv import activation_module
+
+        self.conv = layer.to_float()
+        self.act = activation_module(layer.activation)
+        self.residual_scale = layer.residual_scale
+        self.residual_zero_point = layer.residual_zero_point
+
+    def forward(self, x, residual):
+        if residual.dtype == torch.uint8:
+            residual = (residual.to(torch.int32) - self.residual_zero_point).float() * self.residual_scale
+        return self.act(self.conv(x) + residual)
+
+
 def _float_twin(model: nn.Module) -> nn.Module:
     """``model`` with every ``Int8Linear`` / ``Int8Conv2d`` replaced by its dequantized float layer
     (a conv with its fused activation): the float model whose distance from ``model`` is the quantization error of its activations."""
@@ -628,6 +694,8 @@ def _float_twin(model: nn.Module) -> nn.Module:
         return model
 
     def twin(m):  # a conv's fused activation stays: the twin differs only by the quantization
+        if getattr(m, "residual", False) is True:
+            return _FloatResidualConv(m)
         return m.to_float(with_activation=True) if hasattr(m, "activation") else m.to_float()
 
     if isinstance(model, int8_cls):

@@ -12,8 +12,10 @@ A saved model is a directory with two files:
     attention modules, so that layers made smaller by :func:`pycompress.compact` are rebuilt with
     their new shapes inside a fresh model of the original architecture; the paths of the
     ``nn.Identity`` modules (the BatchNorms and activations that :func:`pycompress.quantize`
-    folded into convs are replaced the same way on loading); the SHA-256 and size of the weights
-    file.
+    folded into convs are replaced the same way on loading); the blocks whose residual
+    additions convs compute (``torch.fx.GraphModule`` s made by :func:`pycompress.quantize`, rebuilt
+    from the fresh model's block on loading) with those convs and their activations; the SHA-256
+    and size of the weights file.
 
 Nothing is ever unpickled: tensors come from safetensors, everything else from JSON, and layer
 classes are looked up by name among the known pycompress layers only (never imported from a path
@@ -167,6 +169,57 @@ def _structure(model: nn.Module, skip: list[str]) -> tuple[dict[str, dict], dict
     return shapes, attrs
 
 
+def _residual_blocks(model: nn.Module) -> dict[str, dict[str, str]]:
+    """block path -> {conv path inside it: activation} for every block rebuilt by quantize so that
+    its convs compute its residual additions (a GraphModule calling ``Int8Conv2d(residual=True)``
+    layers with two arguments)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, module in model.named_modules():
+        if not name or not isinstance(module, torch.fx.GraphModule):
+            continue
+        fused = {}
+        for node in module.graph.nodes:
+            if node.op == "call_module" and len(node.args) == 2:
+                layer = module.get_submodule(node.target)
+                if getattr(layer, "residual", False) is True and registry.is_pycompress_layer(layer):
+                    fused[str(node.target)] = layer.activation
+        if fused:
+            out[name] = fused
+    return out
+
+
+def _plan_residual_blocks(manifest: dict, model: nn.Module, root: Path, plan: dict[str, nn.Module]) -> dict:
+    """Rebuilds, aside, the saved residual blocks from the fresh model's blocks (validated now;
+    their children are attached when the layers are swapped in)."""
+    from pycompress.quantization import fuse
+
+    blocks = manifest.get("residual_blocks", {})
+    if not isinstance(blocks, dict) or not all(
+            isinstance(b, str) and b and isinstance(f, dict) and f
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in f.items()) for b, f in blocks.items()):
+        raise ValueError(f"{root}: corrupt manifest (residual_blocks)")
+    out = {}
+    for name, fused in blocks.items():
+        try:
+            block = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{root}: architecture mismatch — the manifest names block {name!r}, which is not in "
+                             "the model (no such module)") from None
+
+        def layer_of(rel, name=name, block=block):
+            full = f"{name}.{rel}"
+            return plan[full] if full in plan else block.get_submodule(rel)
+        for rel in fused:
+            if not getattr(plan.get(f"{name}.{rel}"), "residual", False):
+                raise ValueError(f"{root}: corrupt manifest — block {name!r} lists {rel!r}, which is not saved as a "
+                                 "layer with a residual input")
+        try:
+            out[name] = fuse.rewrite_residual_block(block, fused, layer_of)
+        except ValueError as e:
+            raise ValueError(f"{root}: architecture mismatch — block {name!r}: {e}") from None
+    return out
+
+
 def _module_tree(model: nn.Module) -> tuple[dict[str, dict], list[str]]:
     """(pycompress layers: path → {class, config}, all module paths)."""
     layers: dict[str, dict] = {}
@@ -256,6 +309,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
             "channel_shapes": _channel_structure(model, [p for p in layers if p]),
             "attributes": head_attrs,
             "identities": _identities(model, [p for p in layers if p]),
+            "residual_blocks": _residual_blocks(model),
             "weights": {
                 "file": WEIGHTS_NAME,
                 "sha256": _sha256(Path(tmp_weights)),
@@ -618,6 +672,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
     _plan_structure(manifest, model, root, plan, attr_plan)
     _plan_layers(manifest, model, root, plan)
     _plan_identities(manifest, model, root, plan)
+    blocks = _plan_residual_blocks(manifest, model, root, plan)
 
     try:
         tensors = load_file(str(wpath), device="cpu")
@@ -664,13 +719,22 @@ def load(path: str | os.PathLike, model: nn.Module, *, strict: bool = True) -> n
     old_attrs = [(module, attr, getattr(module, attr)) for module, attr, _ in attr_plan]
     kept = {k: v for k, v in tensors.items()
             if k in expected and not any(k.startswith(name + ".") for name in plan)}
+    swapped_blocks: list[tuple[str, nn.Module]] = []
     try:
         for name in sorted(plan, key=lambda n: n.count(".")):
             _utils.set_module(model, name, plan[name])
         for module, attr, value in attr_plan:
             setattr(module, attr, value)
         model.load_state_dict(kept, strict=False)
+        for name in sorted(blocks, key=lambda n: n.count(".")):
+            block, gm = model.get_submodule(name), blocks[name]
+            for child, m in block.named_children():
+                setattr(gm, child, m)
+            _utils.set_module(model, name, gm)
+            swapped_blocks.append((name, block))
     except BaseException:
+        for name, block in reversed(swapped_blocks):
+            _utils.set_module(model, name, block)
         for module, attr, value in reversed(old_attrs):
             setattr(module, attr, value)
         for name in sorted(replaced, key=lambda n: -n.count(".")):

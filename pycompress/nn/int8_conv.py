@@ -116,10 +116,19 @@ class Int8Conv2d(nn.Module):
     adds a zero-padding module that ran before the conv (TensorFlow's "SAME" padding of stride-2
     convs, one more row and column after the image), so that the module's float copy never runs.
 
+    Residual blocks: a layer built with ``residual=True`` is called as ``layer(x, residual)`` and
+    computes ``activation(conv(x) + bias + residual)`` in its epilogue, the addition of a ResNet or
+    inverted-residual block (``relu(bn(conv(x)) + identity)``, ``x + project(x)``) and the
+    activation after it, so that the block's output can be requantized to uint8 at once.
+    ``residual`` is a float tensor, or a uint8 tensor quantized with ``residual_scale`` /
+    ``residual_zero_point`` (:meth:`set_residual_quantization`); a residual of another shape
+    than the output (broadcast by the addition) is added in float after the op.
+
     Buffers (all in ``state_dict``): ``weight`` int8 ``[out, in / groups, kh, kw]``,
     ``weight_scale`` fp32 ``[out]``, ``bias`` fp32 ``[out]`` or None, ``input_scale`` fp32 ``[1]``
     and ``input_zero_point`` int32 ``[1]`` (None: dynamic quantization), ``output_scale`` fp32
-    ``[1]`` and ``output_zero_point`` int32 ``[1]`` (None: float output). Float outputs are
+    ``[1]`` and ``output_zero_point`` int32 ``[1]`` (None: float output), ``residual_scale`` fp32
+    ``[1]`` and ``residual_zero_point`` int32 ``[1]`` (None: no uint8 residual). Float outputs are
     contiguous (``[N, C, H, W]`` memory order, what code written for torch's conv expects, e.g.
     ``.view``) unless ``channels_last_output=True``: ``quantize`` sets it where the graph shows
     that nothing after the layer depends on the layout (no ``.view``, not the model's output),
@@ -155,6 +164,8 @@ class Int8Conv2d(nn.Module):
         channels_last_output: bool = False,
         fused_modules=(),
         float_dtype=None,
+        residual: bool = False,
+        static_residual: bool = False,
         device=None,
     ) -> None:
         super().__init__()
@@ -178,6 +189,10 @@ class Int8Conv2d(nn.Module):
         self.groups = int(groups)
         self.activation = activation
         self.channels_last_output = bool(channels_last_output)
+        # forward(x, residual): the residual addition of a block, before the activation
+        self.residual = bool(residual)
+        if static_residual and not self.residual:
+            raise ValueError("static_residual=True needs residual=True")
         # the float dtype of the output for a uint8 input (a layer inside an fp16 / bf16 model)
         self.float_dtype = _FLOAT_DTYPE_NAMES.get(float_dtype, float_dtype) if float_dtype is not None else None
         if self.float_dtype is not None and self.float_dtype not in _FLOAT_INPUTS:
@@ -195,9 +210,15 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("input_zero_point", None)
         self.register_buffer("output_scale", None)
         self.register_buffer("output_zero_point", None)
+        self.register_buffer("residual_scale", None)
+        self.register_buffer("residual_zero_point", None)
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
         self._out_scale = 1.0
         self._out_zero_point = 0
+        self._res_scale = 1.0
+        self._res_zero_point = 0
+        if static_residual:
+            self.set_residual_quantization(1.0, 0)
         if static_input:
             self.set_input_quantization(1.0, 0)
         out = self._output_dtype_from(output_dtype)
@@ -266,6 +287,22 @@ class Int8Conv2d(nn.Module):
             self.output_zero_point = z.to(dev)
         self._sync_output_qparams()
 
+    @torch.no_grad()
+    def set_residual_quantization(self, scale, zero_point) -> None:
+        """The quantization of a uint8 residual input (``real = (q - zero_point) * scale``, the
+        output quantization of the layer that produced it); ``scale=None``: float residuals only."""
+        if scale is not None and not self.residual:
+            raise ValueError(f"{self._where()}: set_residual_quantization on a layer without a residual input")
+        if scale is None:
+            self.residual_scale = None
+            self.residual_zero_point = None
+        else:
+            s, z = _check_qparams(f"{self._where()}: residual", scale, zero_point)
+            dev = self.weight.device
+            self.residual_scale = s.to(dev)
+            self.residual_zero_point = z.to(dev)
+        self._sync_output_qparams()
+
     def _sync_output_qparams(self) -> None:
         # the op takes the output quantization as numbers: kept next to the buffers so that forward
         # never reads a tensor value (no host sync, no graph break under torch.compile)
@@ -274,12 +311,17 @@ class Int8Conv2d(nn.Module):
         else:
             self._out_scale = float(self.output_scale.reshape(-1)[0])
             self._out_zero_point = int(self.output_zero_point.reshape(-1)[0])
+        if self._buffers.get("residual_scale") is None:
+            self._res_scale, self._res_zero_point = 1.0, 0
+        else:
+            self._res_scale = float(self.residual_scale.reshape(-1)[0])
+            self._res_zero_point = int(self.residual_zero_point.reshape(-1)[0])
 
     # ------------------------------------------------------------------ construction
     @classmethod
     @torch.no_grad()
     def from_float(cls, conv: nn.Conv2d, activation: str = "none", input_quantization=None,
-                   output_quantization=None, pad: nn.Module | None = None) -> "Int8Conv2d":
+                   output_quantization=None, pad: nn.Module | None = None, residual: bool = False) -> "Int8Conv2d":
         """Quantizes ``conv`` (per output channel: ``scale = absmax / 127``, round half to even).
 
         Args:
@@ -291,6 +333,7 @@ class Int8Conv2d(nn.Module):
             activation: the activation to apply after the bias (see :data:`ACTIVATIONS`).
             input_quantization: ``None`` (dynamic per image) or ``(scale, zero_point)``.
             output_quantization: ``None`` (float output) or ``(scale, zero_point)`` for uint8 output.
+            residual: the layer adds a residual input before ``activation`` (``layer(x, residual)``).
 
         Raises:
             TypeError: not an ``nn.Conv2d`` or a weight that is not floating point.
@@ -320,7 +363,7 @@ class Int8Conv2d(nn.Module):
         scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
         q = torch.round(w / scale[:, None, None, None]).clamp_(-127, 127).to(torch.int8)
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
-                conv.groups, bias=conv.bias is not None, activation=activation, device=w.device)
+                conv.groups, bias=conv.bias is not None, activation=activation, residual=residual, device=w.device)
         m.weight.copy_(q)
         m.weight_scale.copy_(scale)
         if conv.bias is not None:
@@ -349,6 +392,8 @@ class Int8Conv2d(nn.Module):
             "channels_last_output": self.channels_last_output,
             "fused_modules": list(self.fused_modules),
             "float_dtype": str(self.float_dtype).replace("torch.", "") if self.float_dtype is not None else None,
+            "residual": self.residual,
+            "static_residual": self.residual_scale is not None,
         }
 
     @classmethod
@@ -359,7 +404,8 @@ class Int8Conv2d(nn.Module):
                    bias=cfg.get("bias", True), activation=cfg.get("activation", "none"),
                    static_input=bool(cfg.get("static_input", False)), output_dtype=cfg.get("output_dtype"),
                    channels_last_output=bool(cfg.get("channels_last_output", False)),
-                   fused_modules=tuple(cfg.get("fused_modules", ())), float_dtype=cfg.get("float_dtype"))
+                   fused_modules=tuple(cfg.get("fused_modules", ())), float_dtype=cfg.get("float_dtype"),
+                   residual=bool(cfg.get("residual", False)), static_residual=bool(cfg.get("static_residual", False)))
 
     def dequantize_output(self, y: torch.Tensor) -> torch.Tensor:
         """The real values of an output of this layer: ``(y - output_zero_point) * output_scale``
@@ -381,7 +427,9 @@ class Int8Conv2d(nn.Module):
         ``with_activation=True`` the result is ``nn.Sequential(conv, activation)`` instead. An
         asymmetric padding is not either: the result is then ``nn.Sequential(nn.ZeroPad2d, conv)``
         (the conv unpadded; the activation last with ``with_activation=True``). The activation
-        quantization is not represented (the float layer computes in float).
+        quantization is not represented (the float layer computes in float), nor is the residual
+        addition of a ``residual=True`` layer (the result is the conv before it; use
+        ``with_activation=False`` there, since the activation follows the addition).
         """
         asym = len(self.padding) == 4
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
@@ -424,7 +472,7 @@ class Int8Conv2d(nn.Module):
         module.repack()
 
     def _apply(self, fn, recurse=True):
-        before = {k: self._buffers[k] for k in ("weight_scale", "bias", "input_scale", "output_scale")}
+        before = {k: self._buffers[k] for k in ("weight_scale", "bias", "input_scale", "output_scale", "residual_scale")}
         moved = super()._apply(fn, recurse)
         # a cast of the whole model (.half(), .to(torch.bfloat16), .float()) sets the float dtype
         # of the outputs of uint8 inputs: fn maps floats of both widths to one dtype only then
@@ -477,16 +525,76 @@ class Int8Conv2d(nn.Module):
             raise ValueError(f"{self._where()}: input of spatial size {tuple(x.shape[2:])} is too small for the "
                              f"kernel {self.kernel_size} (dilation {self.dilation}, padding {self.padding})")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+    def _check_residual(self, x: torch.Tensor, residual) -> bool:
+        """Validates the residual input; True when it has the output's shape (added by the op)."""
+        if not self.residual:
+            if residual is not None:
+                raise ValueError(f"{self._where()}: got a residual input, but the layer was built without one "
+                                 "(residual=False)")
+            return False
+        if residual is None:
+            raise ValueError(f"{self._where()}: the layer adds a residual input: call it as layer(x, residual)")
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{self._where()}: the residual must be a tensor, got {type(residual).__name__}")
+        if residual.dtype == torch.uint8:
+            if self.residual_scale is None:
+                raise ValueError(f"{self._where()}: got a uint8 residual, but the layer has no residual quantization "
+                                 "to read it with (set_residual_quantization)")
+        elif residual.dtype not in _FLOAT_INPUTS:
+            raise TypeError(f"{self._where()}: residual dtype {residual.dtype} is not supported (float32, float16, "
+                            "bfloat16, or uint8 with the layer's residual quantization)")
+        if residual.device != self.weight.device:
+            raise ValueError(f"{self._where()}: residual on {residual.device} but the layer is on {self.weight.device}")
+        ho, wo = self.output_size(x.shape[2], x.shape[3])
+        return tuple(residual.shape) == (x.shape[0], self.out_channels, ho, wo)
+
+    def _out_dtype(self, x: torch.Tensor):
+        return self.float_dtype if self._buffers["output_scale"] is None and x.dtype == torch.uint8 else self.output_dtype
+
+    def _op(self, x, activation, out_dtype, residual=None):
         b = self._buffers
         packed = b["weight_packed"]
-        y = torch.ops.pycompress.int8_conv2d(
-            x, b["input_scale"], b["input_zero_point"], b["weight"], b["weight_scale"], b["bias"],
-            packed if packed.numel() else None, list(self.stride), list(self.padding), list(self.dilation),
-            self.groups, self.activation,
-            self.float_dtype if b["output_scale"] is None and x.dtype == torch.uint8 else self.output_dtype,
-            self._out_scale, self._out_zero_point)
+        args = (x, b["input_scale"], b["input_zero_point"], b["weight"], b["weight_scale"], b["bias"],
+                packed if packed.numel() else None, list(self.stride), list(self.padding), list(self.dilation),
+                self.groups, activation, out_dtype, self._out_scale, self._out_zero_point)
+        if residual is None:
+            return torch.ops.pycompress.int8_conv2d(*args)
+        return torch.ops.pycompress.int8_conv2d(*args, residual, self._res_scale, self._res_zero_point)
+
+    def _broadcast_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        # a residual of another shape (broadcast by the float model's addition): the op's fp32
+        # sum, then the same activation and output steps in torch
+        y = self._op(x, "none", torch.float32)
+        r = residual
+        if r.dtype == torch.uint8:
+            r = (r.to(torch.int32) - self.residual_zero_point).float() * self.residual_scale
+        try:
+            y = y + r.float()
+        except RuntimeError as e:
+            raise ValueError(f"{self._where()}: the residual of shape {tuple(residual.shape)} cannot be added to the "
+                             f"output of shape {tuple(y.shape)}: {e}") from None
+        y = activation_function(self.activation)(y)
+        if self.output_scale is not None:
+            inv = torch.tensor(1.0, dtype=torch.float32) / self.output_scale.cpu()
+            q = torch.round(y * inv.to(y.device)) + self._out_zero_point
+            return q.clamp_(0, 255).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        return y.to(self._out_dtype(x) or (x.dtype if x.dtype in _FLOAT_INPUTS else torch.float32))
+
+    def conv_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The float32 output of the convolution and bias alone (no residual, no activation, no
+        requantization): what a folded ``conv -> BatchNorm`` of the float model computes."""
+        self._check_input(x)
+        return self._op(x, "none", torch.float32).contiguous()
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input(x)
+        b = self._buffers
+        if self._check_residual(x, residual):
+            y = self._op(x, self.activation, self._out_dtype(x), residual)
+        elif residual is not None:
+            y = self._broadcast_residual(x, residual)
+        else:
+            y = self._op(x, self.activation, self._out_dtype(x))
         if not self.channels_last_output and b["output_scale"] is None:
             # code after the layer may .view() its output: contiguous, as torch's conv returns it
             # for a contiguous input (the input here may be channels-last because of the int8
@@ -504,6 +612,8 @@ class Int8Conv2d(nn.Module):
             s += f", groups={self.groups}"
         if self.bias is None:
             s += ", bias=False"
+        if self.residual:
+            s += ", residual=" + ("uint8" if self.residual_scale is not None else "float")
         if self.activation != "none":
             s += f", activation={self.activation}"
         s += ", input=" + ("static" if self.static_input else "dynamic")

@@ -30,12 +30,27 @@ modules in place), so every rewrite must be expressible as a module swap:
   additions, concatenations, pooling by averages, flattening and model outputs all need float
   values.
 
+Residual additions are the one rewrite that is not a module swap: an addition
+``a + b`` (``operator.add`` / ``torch.add`` / ``Tensor.add``, including ``out += identity``)
+where ``a`` is the output of a conv group without an activation (conv, folded BatchNorm,
+``nn.Identity`` modules) read only by the addition, optionally followed by a fusable activation
+(a module — shared ones too — or ``torch.relu`` / ``F.relu`` / ``F.relu6`` / ``F.silu`` /
+``F.hardswish``) read only by it, is computed by the conv (``Int8Conv2d(residual=True)``:
+``activation(conv(x) + b)``). The module whose ``forward`` holds the addition (a ResNet
+``Bottleneck``, an inverted-residual block; never the root) is replaced by a
+``torch.fx.GraphModule`` of its own graph with the addition and activation removed and the conv
+called as ``conv(x, b)``; it keeps every submodule under the same name (``state_dict`` keys do
+not change), and also drops the calls of shared idempotent activations on convs that compute
+them, and of ``nn.Identity`` modules. ``b`` may then stay uint8 as well: a chain's consumer is
+either a conv's input or a fused conv's residual.
+
 A conv called at more than one place is converted but never folded, fused or chained (its
 neighbours differ per call).
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -46,12 +61,17 @@ from pycompress.nn import conv1d, registry
 from pycompress.nn.int8_conv import pad_module_padding
 
 __all__ = ["ConvGroup", "GraphPlan", "analyse", "fold_batchnorm", "FUSABLE_ACTIVATIONS", "maxpool_takes_uint8",
-           "is_zero_pad"]
+           "is_zero_pad", "rewrite_residual_block"]
 
 # activation module type -> Int8Conv2d activation name
 FUSABLE_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu",
                                         nn.Hardswish: "hardswish"}
 _IDEMPOTENT = ("relu", "relu6")
+# activation functions fusable after a residual addition (kwargs: only ``inplace``)
+_ACT_FUNCTIONS: dict = {torch.relu: "relu", torch.nn.functional.relu: "relu", torch.nn.functional.relu6: "relu6",
+                        torch.nn.functional.silu: "silu", torch.nn.functional.hardswish: "hardswish"}
+_ACT_METHODS = {"relu": "relu", "relu_": "relu"}
+_ADD_FUNCTIONS = (operator.add, torch.add)
 
 
 @dataclass
@@ -65,6 +85,10 @@ class ConvGroup:
     act: str | None = None
     activation: str = "none"
     act_replaced: bool = False  # the activation module becomes nn.Identity (else it stays: idempotent)
+    # residual fusion: the module whose forward holds the addition (its qualified name), and the
+    # addition's node name in the model's graph; ``activation`` is then the one after the addition
+    block: str | None = None
+    add_node: str | None = None
 
     @property
     def replaced(self) -> list[str]:
@@ -87,6 +111,7 @@ class Chain:
     consumers: list[str]
     needs_zero_zp: bool = False
     pools: list[str] = field(default_factory=list)  # nn.MaxPool2d modules on the way (uint8 pooling)
+    residual_consumers: list[str] = field(default_factory=list)  # fused convs taking it as their residual
 
 
 @dataclass
@@ -148,10 +173,60 @@ def _single_input_call(node: torch.fx.Node, src: torch.fx.Node) -> bool:
     return node.op == "call_module" and len(node.args) == 1 and node.args[0] is src and not node.kwargs
 
 
-def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.device | None = None) -> GraphPlan:
+def _is_add(node: torch.fx.Node) -> bool:
+    """A two-tensor addition without ``alpha`` (the forms a block's ``out += identity`` takes)."""
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, torch.fx.Node) for a in node.args):
+        return False
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCTIONS
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _activation_of(node: torch.fx.Node, src: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The fusable activation ``node`` applies to ``src`` alone (None if it is not one)."""
+    if node.op == "call_module":
+        return FUSABLE_ACTIVATIONS.get(type(modules.get(node.target))) if _single_input_call(node, src) else None
+    if len(node.args) != 1 or node.args[0] is not src or set(node.kwargs) - {"inplace"}:
+        return None
+    if node.op == "call_function":
+        return _ACT_FUNCTIONS.get(node.target)
+    if node.op == "call_method" and not node.kwargs:
+        return _ACT_METHODS.get(node.target)
+    return None
+
+
+def _owner(node: torch.fx.Node) -> str | None:
+    """Qualified name of the innermost module whose forward created ``node`` (None: the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    last = list(stack.items())[-1]
+    path = last[1][0] if isinstance(last[1], tuple) else last[0]
+    return path or None
+
+
+def _residual_tail(start: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[list[torch.fx.Node], torch.fx.Node] | None:
+    """From a conv node: the BatchNorm / ``nn.Identity`` calls read only in a line up to a fusable
+    addition, and that addition (None when there is none)."""
+    between, cur = [], start
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if _is_add(u) and u.args.count(cur) == 1:
+            return between, u
+        if not _single_input_call(u, cur) or type(modules.get(u.target)) not in (nn.BatchNorm2d, nn.Identity):
+            return None
+        between.append(u)
+        cur = u
+
+
+def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.device | None = None,
+            residual: bool = True) -> GraphPlan:
     """Traces ``model`` with ``torch.fx`` (symbolically: no input needed) and plans the folding,
     fusion and uint8 chains of the convs named in ``convertible`` (name -> the float conv it
-    stands for). A model that cannot be traced gets ``GraphPlan(traced=False, reason=...)``."""
+    stands for); ``residual=False`` leaves residual additions alone. A model that cannot be traced gets ``GraphPlan(traced=False, reason=...)``."""
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # any failure of symbolic tracing: data-dependent control flow, ...
@@ -224,6 +299,56 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
 
     ends: dict[str, torch.fx.Node] = {}
     pad_of: dict[str, str] = {}  # padding module -> the conv that computes it
+    fused_adds: dict[torch.fx.Node, tuple[str, torch.fx.Node]] = {}  # addition -> (conv, residual operand)
+    block_graphs: dict[str, torch.fx.Graph | None] = {}
+
+    def _block_has(block: str, conv: str) -> bool:
+        """Whether ``block`` traces on its own with the addition after ``conv`` in its graph."""
+        if block not in block_graphs:
+            try:
+                block_graphs[block] = _Tracer().trace(modules[block])
+            except Exception:
+                block_graphs[block] = None
+        g = block_graphs[block]
+        if g is None:
+            return False
+        bmods = dict(modules[block].named_modules())
+        nodes = [n for n in g.nodes if n.op == "call_module" and n.target == conv]
+        return len(nodes) == 1 and _residual_tail(nodes[0], bmods) is not None
+
+    def _plan_residual(group: ConvGroup, conv_node: torch.fx.Node, cur: torch.fx.Node) -> torch.fx.Node | None:
+        """Plans the fusion of a residual addition after the group (returns its new end)."""
+        tail = _residual_tail(cur, modules)
+        if tail is None:
+            return None
+        between, add = tail
+        if add in fused_adds:  # both operands come from convs: the first one computes the addition
+            return None
+        if any(calls(n.target) != 1 or read_directly(n.target) for n in between):
+            return None
+        if any(type(modules[n.target]) is nn.BatchNorm2d for n in between):
+            return None  # a BatchNorm the conv does not fold (not eval mode, or a second one)
+        block = _owner(add)
+        conv = group.conv
+        # (the block runs once: its conv, called once, is inside it)
+        if block is None or not conv.startswith(block + ".") or read_directly(block) \
+                or registry.is_pycompress_layer(modules.get(block)) or not _block_has(block, conv[len(block) + 1:]):
+            return None
+        last = between[-1] if between else cur
+        other = add.args[1] if add.args[0] is last else add.args[0]
+        if other is last:
+            return None
+        end = add
+        users = list(add.users)
+        if len(users) == 1:
+            kind = _activation_of(users[0], add, modules)
+            if kind is not None and (users[0].op != "call_module" or users[0].target.startswith(block + ".")):
+                group.activation = kind
+                end = users[0]
+        group.block, group.add_node = block, add.name
+        fused_adds[add] = (conv, other)
+        return end
+
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in convertible:
             continue
@@ -260,12 +385,15 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                     cur = users[0]
                 elif kind in _IDEMPOTENT:
                     group.act, group.activation, group.act_replaced = users[0].target, kind, False
+        if group.act is None and residual:
+            cur = _plan_residual(group, node, cur) or cur
         ends[name] = cur
 
     pools_ok: dict[str, bool] = {}
     dev = device if device is not None else torch.device("cpu")
     for name, end in ends.items():
         consumers: list[str] = []
+        residual_consumers: list[str] = []
         pools: list[str] = []
         needs_zero_zp = False
         ok = True
@@ -279,6 +407,9 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
             if not users:
                 ok = False
             for u in users:
+                if u in fused_adds and fused_adds[u][1] is node and u.args.count(node) == 1:
+                    residual_consumers.append(fused_adds[u][0])
+                    continue
                 m = _module_at(modules, u)
                 if m is None or not _single_input_call(u, node):
                     ok = False
@@ -304,9 +435,9 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                 else:
                     ok = False
                     break
-        if ok and consumers:
+        if ok and (consumers or residual_consumers):
             plan.chains[name] = Chain(producer=name, consumers=sorted(set(consumers)), needs_zero_zp=needs_zero_zp,
-                                      pools=sorted(set(pools)))
+                                      pools=sorted(set(pools)), residual_consumers=sorted(set(residual_consumers)))
     return plan
 
 
@@ -330,3 +461,64 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> nn.Conv2d:
     if out.bias is not None:
         out.bias.copy_(b.float())
     return out
+
+
+def rewrite_residual_block(block: nn.Module, fused: dict[str, str], layer_of) -> torch.fx.GraphModule:
+    """The ``torch.fx.GraphModule`` replacing ``block`` once the residual additions after the
+    convs named in ``fused`` (names relative to ``block`` -> the activation after the addition,
+    or ``"none"``) are computed by those convs (see the module documentation).
+
+    ``layer_of(name)`` returns the module that will stand at ``name`` (relative to ``block``)
+    after the conversion; calls of ``nn.ReLU`` / ``nn.ReLU6`` modules whose input is a conv whose
+    new layer already applies that activation (``relu`` or ``relu6``; ReLU after ReLU6 too) and
+    calls of ``nn.Identity`` modules are dropped. The result holds ``block``'s own submodules
+    under the same names (the caller swaps the converted layers in afterwards) and does not
+    modify ``block``.
+
+    Raises:
+        ValueError: the block does not trace, or one of the additions is not found in its graph.
+    """
+    try:
+        graph = _Tracer().trace(block)
+    except Exception as e:
+        raise ValueError(f"the block does not trace on its own ({type(e).__name__}: {e})") from None
+    modules = dict(block.named_modules())
+    conv_nodes = {n.target: n for n in graph.nodes if n.op == "call_module" and n.target in fused}
+    for conv, act in fused.items():
+        node = conv_nodes.get(conv)
+        tail = _residual_tail(node, modules) if node is not None else None
+        if tail is None:
+            raise ValueError(f"the residual addition after {conv!r} is not in the block's graph")
+        between, add = tail
+        last = between[-1] if between else node
+        other = add.args[1] if add.args[0] is last else add.args[0]
+        end = add
+        users = list(add.users)
+        if act != "none":
+            if len(users) != 1 or _activation_of(users[0], add, modules) != act:
+                raise ValueError(f"the {act} after the residual addition of {conv!r} is not in the block's graph")
+            end = users[0]
+        with graph.inserting_before(add):
+            new = graph.call_module(conv, (node.args[0], other))
+        end.replace_all_uses_with(new)
+        for dead in [end, add, *reversed(between), node] if end is not add else [add, *reversed(between), node]:
+            graph.erase_node(dead)
+    # shared idempotent activations after convs that compute them, and identities
+    for n in list(graph.nodes):
+        if n.op != "call_module" or len(n.args) != 1 or n.kwargs or not isinstance(n.args[0], torch.fx.Node):
+            continue
+        m = modules.get(n.target)
+        src = n.args[0]
+        drop = type(layer_of(n.target)) is nn.Identity
+        if type(m) in (nn.ReLU, nn.ReLU6) and src.op == "call_module":
+            done = getattr(layer_of(src.target), "activation", None)
+            drop = done == "relu6" or (done == "relu" and type(m) is nn.ReLU)
+        if drop:
+            n.replace_all_uses_with(src)
+            graph.erase_node(n)
+    graph.lint()
+    gm = torch.fx.GraphModule(block, graph, class_name=type(block).__name__)
+    for name, child in block.named_children():  # the whole subtree, under the same names
+        setattr(gm, name, child)
+    gm.train(block.training)
+    return gm

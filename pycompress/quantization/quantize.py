@@ -80,7 +80,13 @@ class QuantizationResult:
         identities: modules replaced by ``nn.Identity`` (folded BatchNorms, fused activations,
             padding modules computed by a conv).
         uint8_edges: ``(producer, consumer)`` pairs of convs between which the activations stay
-            uint8.
+            uint8 (the consumer reads them as its input, or as its residual).
+        residual: conv -> ``{"block": name, "activation": kind, "residual": "uint8" | "float"}``:
+            the residual addition after the conv (and the activation after the addition) that it
+            computes itself (``Int8Conv2d(residual=True)``).
+        residual_blocks: block -> the convs in it (relative names) that compute its residual
+            additions; the block is now a ``torch.fx.GraphModule`` calling them as ``conv(x, r)``
+            (same submodules, same ``state_dict`` keys).
         pools: the ``nn.MaxPool2d`` modules on those uint8 edges, now
             :class:`~pycompress.nn.Int8MaxPool2d` (they pool the uint8 maps).
         feeds: conv -> the converted convs its output reaches (directly or through other
@@ -115,6 +121,8 @@ class QuantizationResult:
     conv_macs: dict[str, int] = field(default_factory=dict)
     int8_mac_fraction: float | None = None
     notes: list[str] = field(default_factory=list)
+    residual: dict[str, dict] = field(default_factory=dict)
+    residual_blocks: dict[str, list[str]] = field(default_factory=dict)
 
     def members(self, conv: str) -> list[str]:
         """The modules that ``conv``'s conversion replaced by ``nn.Identity``."""
@@ -136,14 +144,15 @@ class QuantizationResult:
                 "feeds": {k: list(v) for k, v in self.feeds.items()}, "static": list(self.static),
                 "bias_corrected": list(self.bias_corrected), "observer": self.observer, "traced": self.traced,
                 "conv_macs": dict(self.conv_macs), "int8_mac_fraction": self.int8_mac_fraction,
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "residual": {k: dict(v) for k, v in self.residual.items()},
+                "residual_blocks": {k: list(v) for k, v in self.residual_blocks.items()}}
 
     def __repr__(self) -> str:
         s = (f"QuantizationResult(mode={self.mode!r}, converted={len(self.converted)} layers, "
              f"skipped={len(self.skipped)} layers")
         if self.convs:
             s += (f", convs={len(self.convs)} (folded {len(self.folded)}, fused {len(self.fused)}, "
-                  f"uint8 edges {len(self.uint8_edges)}, static {len(self.static)})")
+                  f"residual {len(self.residual)}, uint8 edges {len(self.uint8_edges)}, static {len(self.static)})")
         if self.int8_mac_fraction is not None:
             s += f", int8 conv MACs={self.int8_mac_fraction:.1%}"
         return s + ")"
@@ -288,7 +297,10 @@ class _Calibration:
         self.groups = groups
         self.modules = dict(model.named_modules())
         self.inputs = {n: observers.make_observer(observer, f"conv {n!r} input") for n in groups}
-        self.outputs = {n: observers.make_observer(observer, f"conv {n!r} output") for n in chains}
+        # a conv that computes a residual addition has no float module whose output is its own:
+        # its output quantization is the input quantization of the convs it feeds
+        self.outputs = {n: observers.make_observer(observer, f"conv {n!r} output") for n in chains
+                        if groups[n].block is None}
 
     def _observer_hooks(self, method: str) -> list:
         handles = []
@@ -348,12 +360,13 @@ class _Calibration:
 
 # --------------------------------------------------------------------------- convs
 def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_data: Any, observer: Any,
-                   bias_correction: bool | None, result: QuantizationResult) -> dict[str, nn.Module]:
+                   bias_correction: bool | None, result: QuantizationResult,
+                   fuse_residual: bool = True) -> dict[str, nn.Module]:
     """Builds (aside) the Int8Conv2d of every conv of ``sources`` and the ``nn.Identity`` of
     the modules folded / fused into them: name -> new module."""
     modules = dict(model.named_modules())
     device = _utils.model_device(model)
-    plan = fuse.analyse(model, sources, device)
+    plan = fuse.analyse(model, sources, device, residual=fuse_residual)
     result.traced = plan.traced
     if not plan.traced:
         result.notes.append(f"torch.fx could not trace the model ({plan.reason}); convs converted one by one "
@@ -381,11 +394,20 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
             else:
                 result.notes.append(f"conv {n!r} did not run on the calibration data: dynamic input quantization")
         for n, chain in list(chains.items()):
-            obs = calib.outputs[n]
-            if not obs.seen or any(c not in in_q for c in chain.consumers):
+            if any(c not in in_q for c in chain.consumers) or any(c not in sources for c in chain.residual_consumers):
                 del chains[n]
                 continue
-            qp = obs.qparams()
+            if groups[n].block is not None:
+                if not chain.consumers:
+                    del chains[n]
+                    continue
+                qp = in_q[chain.consumers[0]]
+            else:
+                obs = calib.outputs[n]
+                if not obs.seen:
+                    del chains[n]
+                    continue
+                qp = obs.qparams()
             if chain.needs_zero_zp and qp[1] != 0:
                 del chains[n]
                 continue
@@ -403,7 +425,8 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         folded = fuse.fold_batchnorm(src, bn)
         try:
             q = Int8Conv2d.from_float(folded, activation=g.activation, input_quantization=in_q.get(n),
-                                      output_quantization=out_q.get(n), pad=modules[g.pad] if g.pad else None)
+                                      output_quantization=out_q.get(n), pad=modules[g.pad] if g.pad else None,
+                                      residual=g.block is not None)
         except (ValueError, TypeError) as e:
             raise ValueError(f"quantize: conv {n!r} cannot be converted: {e}; nothing was converted") from e
         q.layer_name = n
@@ -449,6 +472,9 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         if q.static_input:
             result.static.append(n)
     for n, chain in chains.items():
+        for c in chain.residual_consumers:
+            replacements[c].set_residual_quantization(*out_q[n])
+            result.uint8_edges.append((n, c))
         for c in chain.consumers:
             result.uint8_edges.append((n, c))
         for p in chain.pools:
@@ -458,6 +484,25 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
                 replacements[p] = pool
                 result.pools.append(p)
     result.feeds = {n: sorted(plan.feeds.get(n, ())) for n in sources if plan.feeds.get(n)}
+
+    # blocks whose residual additions the convs compute: rebuilt as fx graphs (built aside)
+    blocks: dict[str, dict[str, str]] = {}
+    for n in sources:
+        g = groups[n]
+        if g.block is not None:
+            blocks.setdefault(g.block, {})[n[len(g.block) + 1:]] = g.activation
+            result.residual[n] = {"block": g.block, "activation": g.activation,
+                                  "residual": "uint8" if replacements[n].residual_scale is not None else "float"}
+    for b, fused in blocks.items():
+        def layer_of(rel, b=b):
+            full = f"{b}.{rel}"
+            return replacements.get(full, modules.get(full))
+        try:
+            replacements[b] = fuse.rewrite_residual_block(modules[b], fused, layer_of)
+        except ValueError as e:
+            raise ValueError(f"quantize: block {b!r} cannot compute its residual additions in its convs: {e}; "
+                             "nothing was converted") from e
+        result.residual_blocks[b] = sorted(fused)
     return replacements
 
 
@@ -473,6 +518,7 @@ def quantize(
     *,
     observer: Any = "percentile",
     bias_correction: bool | None = None,
+    fuse_residual: bool = True,
     example_inputs: Any = None,
     return_result: bool = False,
     warn: bool = True,
@@ -508,6 +554,11 @@ def quantize(
             99.99th percentile, ``("percentile", p)`` for another), ``"minmax"`` or ``"mse"``.
         bias_correction: correct each conv's bias by its mean output error on the calibration
             data; ``None`` = on when ``calibration_data`` is given.
+        fuse_residual: let convs compute the residual addition after them (and the activation
+            after it): the blocks holding those additions become ``torch.fx.GraphModule`` s with
+            the same submodules, and a block's output can stay uint8 for the next block (the
+            shortcut then carries the quantized value, as in other int8 runtimes). ``False``
+            keeps the additions in float.
         example_inputs: a batch to measure the conv multiply-adds on when no calibration data is
             given (``QuantizationResult.int8_mac_fraction``).
         return_result: also return a :class:`QuantizationResult`.
@@ -540,6 +591,8 @@ def quantize(
     _utils.check_int8_bits("act_bits", act_bits, mode)
     _utils.check_int8_bits("weight_bits", weight_bits, mode)
     observers.make_observer(observer)  # validates the name before anything runs
+    if not isinstance(fuse_residual, bool):
+        raise TypeError(f"fuse_residual must be True or False, got {type(fuse_residual).__name__}")
     if bias_correction is not None and not isinstance(bias_correction, bool):
         raise TypeError(f"bias_correction must be None, True or False, got {type(bias_correction).__name__}")
     if bias_correction and calibration_data is None:
@@ -612,7 +665,8 @@ def quantize(
 
     conv_new: dict[str, nn.Module] = {}
     if conv_sources:
-        conv_new = _convert_convs(model, conv_sources, calibration_data, observer, bias_correction, result)
+        conv_new = _convert_convs(model, conv_sources, calibration_data, observer, bias_correction, result,
+                                  fuse_residual)
     if any(_is_conv2d(m) or isinstance(m, Int8Conv2d) for m in model.modules()):
         batch = None
         if calibration_data is not None:
@@ -635,7 +689,8 @@ def quantize(
             _utils.set_module(model, alias, replacements[name])
     if replacements:  # torch's fused transformer paths read float weights the int8 layers lack
         registry.disable_transformer_fast_paths(model)
-    result.converted = sorted((n for n, m in replacements.items() if not isinstance(m, nn.Identity)),
+    result.converted = sorted((n for n, m in replacements.items()
+                               if not isinstance(m, nn.Identity) and n not in result.residual_blocks),
                               key=lambda n: order.get(n, math.inf))
     result.convs = [n for n in result.converted if isinstance(replacements[n], Int8Conv2d)]
     if (isinstance(model, (nn.Linear, nn.MultiheadAttention)) or conv1d.is_conv1d(model) or _is_conv2d(model)) \
