@@ -270,3 +270,19 @@ def test_residual_opcheck_and_fake():
         assert out.is_contiguous(memory_format=torch.channels_last)
         with pytest.raises(Exception, match="residual"):
             torch.ops.pycompress.int8_conv2d(fx, *common, torch.empty(3, 12, 5, 4, dtype=torch.uint8), 0.1, 3)
+
+
+@pytest.mark.parametrize("k,groups", [(1, 1), (3, 1), (3, 48)], ids=["1x1", "3x3", "dw3x3"])
+def test_identity_block_reads_its_own_input(k, groups, cpu_isa):
+    """out = relu(conv(x) + x) with the block's uint8 input as the residual (a ResNet / MobileNetV2
+    identity shortcut): the same tensor is read by the conv and by the epilogue."""
+    x = torch.randint(0, 256, (2, 48, 9, 7), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    xs, xzp = torch.tensor([0.04]), torch.tensor([120], dtype=torch.int32)
+    wt = torch.randint(-128, 128, (48, 48 // groups, k, k), dtype=torch.int8)
+    ws, bias = torch.rand(48) * 0.002 + 0.0005, torch.randn(48)
+    conv = dict(x_scale=xs, x_zero_point=xzp, padding=k // 2, groups=groups)
+    y = ops.int8_conv2d(x, wt, ws, bias, activation="relu", out_dtype=torch.uint8, out_scale=0.05, out_zero_point=0,
+                        residual=x, residual_scale=float(xs), residual_zero_point=int(xzp), **conv)
+    ref = residual_ref(x, wt, ws, bias, conv, x, float(xs), int(xzp), "relu", torch.uint8, 0.05, 0)
+    check(y, ref, "relu")
+    assert len(torch.unique(y)) > 30
