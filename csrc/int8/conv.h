@@ -5,8 +5,12 @@
 // image; weights int8 [Cout, Cin / groups, kh, kw] with one scale per output channel.
 //
 //   acc[n, oy, ox, co] = sum over (ky, kx, c of the group) (x_q - zp[n]) * w    (exact, int32)
-//   y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co], then the activation in fp32,
-//   then fp32 / fp16 / bf16 out, or requantized: clamp(nearbyint(y * out_inv) + out_zp).
+//   y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co],
+//   y = y + r with the residual r of the same output element (when there is one):
+//       quantized: r = (float)(res_q - res_zp) * res_scale, float: r = its value,
+//   then the activation in fp32, then fp32 / fp16 / bf16 out, or requantized:
+//   clamp(nearbyint(y * out_inv) + out_zp). Each step is one rounded fp32 operation (never fused
+//   into an FMA), so every code path gives the same bits.
 //
 // Padding positions hold the zero point (they add nothing to acc). Padding may be asymmetric:
 // ph / pw are the rows above / columns left of the image, which place every tap
@@ -72,6 +76,8 @@ void int8_conv_pack_weight(const int8_t* w, const Int8ConvGeom& g, int8_t* packe
 
 enum class ConvAct : int { None = 0, Relu = 1, Relu6 = 2, Silu = 3, Hardswish = 4 };
 enum class ConvOut : int { F32 = 0, F16 = 1, BF16 = 2, U8 = 3, S8 = 4 };
+// The residual's element type (fp16 / bf16 residuals are widened to fp32 by the caller).
+enum class ConvRes : int { None = 0, U8 = 1, S8 = 2, F32 = 3 };
 
 struct Int8ConvArgs {
   const uint8_t* x = nullptr;  // NHWC [N, H, W, C] bytes
@@ -85,6 +91,12 @@ struct Int8ConvArgs {
   float out_inv = 1.f;  // 1 / out_scale (requantized outputs)
   int32_t out_zp = 0;
   void* out = nullptr;  // NHWC [N, Ho, Wo, Cout]
+  // residual added before the activation: NHWC [N, Ho, Wo, Cout] like out (element i of out
+  // takes element i of res), or res_kind None
+  const void* res = nullptr;
+  ConvRes res_kind = ConvRes::None;
+  float res_scale = 1.f;  // quantized residuals: r = (float)(res_q - res_zp) * res_scale
+  int32_t res_zp = 0;     // in the residual's own range (uint8: 0..255, int8: -128..127)
 };
 
 // How a problem is cut into tasks, and the per-thread workspace the tasks need.

@@ -139,7 +139,9 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
                            const c10::optional<at::Tensor>& w_packed, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                            c10::string_view activation, c10::optional<at::ScalarType> out_dtype,
-                           double out_scale, int64_t out_zero_point) {
+                           double out_scale, int64_t out_zero_point,
+                           const c10::optional<at::Tensor>& residual_in, double residual_scale,
+                           int64_t residual_zero_point) {
   TORCH_CHECK(x_in.dim() == 4, kOp, ": x must be 4-D [N, C, H, W], got ", x_in.dim(), "-D");
   const at::ScalarType xt = x_in.scalar_type();
   const bool x_quant = xt == at::kByte || xt == at::kChar;
@@ -186,6 +188,38 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
     const int64_t lo = ok == ConvOut::U8 ? 0 : -128, hi = ok == ConvOut::U8 ? 255 : 127;
     TORCH_CHECK_VALUE(out_zero_point >= lo && out_zero_point <= hi, kOp, ": out_zero_point must lie in [",
                 lo, ", ", hi, "] for ", ot, " output, got ", out_zero_point);
+  }
+
+  // residual: [N, Cout, Ho, Wo], read in the output's channels_last layout (fp16 / bf16 widened
+  // to fp32, which is exact)
+  at::Tensor residual;
+  ConvRes rk = ConvRes::None;
+  const float rscale = static_cast<float>(residual_scale);
+  if (residual_in.has_value() && residual_in->defined()) {
+    const at::Tensor& r = *residual_in;
+    const at::ScalarType rt = r.scalar_type();
+    TORCH_CHECK_TYPE(rt == at::kByte || rt == at::kChar || is_supported_float(rt), kOp,
+                     ": residual must be uint8, int8, float32, float16 or bfloat16, got ", rt);
+    TORCH_CHECK_VALUE(r.dim() == 4 && r.size(0) == g.N && r.size(1) == g.Cout && r.size(2) == g.Ho &&
+                          r.size(3) == g.Wo,
+                      kOp, ": residual must have the output's shape [N, Cout, Ho, Wo] = [", g.N, ", ",
+                      g.Cout, ", ", g.Ho, ", ", g.Wo, "], got ", r.sizes());
+    TORCH_CHECK_VALUE(r.device() == x_in.device(), kOp, ": residual must be on x's device (",
+                      x_in.device(), "), got ", r.device());
+    if (rt == at::kByte || rt == at::kChar) {
+      TORCH_CHECK_VALUE(std::isfinite(rscale) && rscale > 0.f, kOp,
+                        ": residual_scale must be finite and > 0 (in float32) for a quantized "
+                        "residual, got ", residual_scale);
+      const int64_t lo = rt == at::kByte ? 0 : -128, hi = rt == at::kByte ? 255 : 127;
+      TORCH_CHECK_VALUE(residual_zero_point >= lo && residual_zero_point <= hi, kOp,
+                        ": residual_zero_point must lie in [", lo, ", ", hi, "] for a ", rt,
+                        " residual, got ", residual_zero_point);
+      rk = rt == at::kByte ? ConvRes::U8 : ConvRes::S8;
+      residual = r.contiguous(at::MemoryFormat::ChannelsLast);
+    } else {
+      rk = ConvRes::F32;
+      residual = r.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+    }
   }
 
   at::Tensor packed;
@@ -296,6 +330,12 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   args.out_inv = 1.0f / oscale;
   args.out_zp = static_cast<int32_t>(out_zero_point);
   args.out = out.data_ptr();
+  if (rk != ConvRes::None) {
+    args.res = residual.data_ptr();
+    args.res_kind = rk;
+    args.res_scale = rscale;
+    args.res_zp = static_cast<int32_t>(residual_zero_point);
+  }
 
   const int isa = static_cast<int>(active_cpu_isa());
   const int8_t* pk = packed.data_ptr<int8_t>();
@@ -316,7 +356,8 @@ TORCH_LIBRARY_FRAGMENT(pycompress, m) {
   m.def(
       "int8_conv2d(Tensor x, Tensor? x_scale, Tensor? x_zero_point, Tensor w, Tensor w_scale, "
       "Tensor? bias, Tensor? w_packed, int[2] stride, int[] padding, int[2] dilation, int groups, "
-      "str activation, ScalarType? out_dtype, float out_scale, int out_zero_point) -> Tensor");
+      "str activation, ScalarType? out_dtype, float out_scale, int out_zero_point, "
+      "Tensor? residual=None, float residual_scale=1.0, int residual_zero_point=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(pycompress, CPU, m) {

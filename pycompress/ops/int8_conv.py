@@ -4,8 +4,10 @@ their fake kernels (so that ``torch.compile`` / ``torch.export`` can trace them)
 The op contract (shared by the CPU and CUDA kernels): the input is quantized per image (uint8 or
 int8 with a zero point, or float quantized inside the op), the weight is int8 ``[Cout, Cin/groups,
 kh, kw]`` with one symmetric scale per output channel, the int32 accumulator is exact, and the
-epilogue computes ``y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co]`` in fp32, applies the
-activation and writes float or requantized uint8/int8 output in channels_last memory format.
+epilogue computes ``y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co]`` in fp32, adds an
+optional residual of the output's shape (``y + (float)(r_q - r_zp) * r_scale`` for a quantized one,
+``y + r`` for a float one), applies the activation and writes float or requantized uint8/int8
+output in channels_last memory format.
 """
 
 from __future__ import annotations
@@ -141,10 +143,11 @@ def _int8_conv2d_pack_weight_fake(w, groups):
 
 @torch.library.register_fake("pycompress::int8_conv2d")
 def _int8_conv2d_fake(x, x_scale, x_zero_point, w, w_scale, bias, w_packed, stride, padding, dilation,
-                      groups, activation, out_dtype, out_scale, out_zero_point):
+                      groups, activation, out_dtype, out_scale, out_zero_point, residual=None,
+                      residual_scale=1.0, residual_zero_point=0):
     torch._check(x.dim() == 4 and w.dim() == 4, lambda: "int8_conv2d: x and w must be 4-D")
     torch._check(x.shape[1] == w.shape[1] * groups, lambda: "int8_conv2d: channel mismatch")
-    same_device_fake("int8_conv2d", x, w, w_scale, bias)
+    same_device_fake("int8_conv2d", x, w, w_scale, bias, residual)
     n, _, h, wd = x.shape
     cout, _, kh, kw = w.shape
     torch._check(len(padding) in (2, 4), lambda: "int8_conv2d: padding must have 2 or 4 values")
@@ -152,6 +155,11 @@ def _int8_conv2d_fake(x, x_scale, x_zero_point, w, w_scale, bias, w_packed, stri
     ho = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wo = (wd + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     torch._check(ho >= 1 and wo >= 1, lambda: "int8_conv2d: the output would be empty")
+    if residual is not None:
+        torch._check(
+            residual.dim() == 4 and tuple(residual.shape) == (n, cout, ho, wo),
+            lambda: "int8_conv2d: residual must have the output's shape [N, Cout, Ho, Wo]",
+        )
     if out_dtype is None:
         out_dtype = torch.float32 if x.dtype in _QUANT_DTYPES else x.dtype
     return torch.empty((n, cout, ho, wo), dtype=out_dtype, device=x.device, memory_format=torch.channels_last)
@@ -196,12 +204,24 @@ def int8_conv2d(
     out_dtype: torch.dtype | None = None,
     out_scale: float = 1.0,
     out_zero_point: int = 0,
+    residual: torch.Tensor | None = None,
+    residual_scale: float = 1.0,
+    residual_zero_point: int = 0,
 ) -> torch.Tensor:
-    """Int8 2-D convolution with a fused epilogue (dequantization, bias, activation, requantization).
+    """Int8 2-D convolution with a fused epilogue (dequantization, bias, residual, activation,
+    requantization).
 
     ``acc[n, co, oy, ox] = sum (x_q - zp[n]) * w`` is computed exactly in int32 (padding holds the
-    zero point), then ``y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co]`` and the activation
-    in fp32, each step rounded (the same bits on every CPU code path).
+    zero point), then, per output element, in fp32 with each step rounded (never fused into an
+    FMA, so every code path gives the same bits)::
+
+        y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co]
+        y = y + r                  # with a residual: r = (float)(r_q - residual_zero_point) * residual_scale
+                                   # (uint8 / int8 residual) or r = float(residual) (float residual)
+        y = activation(y)
+
+    and the output is ``y`` cast to a float dtype or requantized. A residual block
+    ``relu(bn(conv(x)) + identity)`` is one call with ``residual=identity, activation="relu"``.
 
     Args:
         x: ``[N, Cin, H, W]``, any strides (channels_last memory is the fast layout). Either
@@ -225,6 +245,13 @@ def int8_conv2d(
             dtype, or ``torch.uint8`` / ``torch.int8`` for requantized output
             ``clamp(round(y * (1 / out_scale)) + out_zero_point)``.
         out_scale, out_zero_point: the requantization parameters (ignored for float output).
+        residual: optional tensor of the output's shape ``[N, Cout, Ho, Wo]`` on ``x``'s device (any
+            strides; channels_last memory is the fast layout), added before the activation:
+            uint8 / int8 (dequantized with ``residual_scale`` / ``residual_zero_point``) or float32 /
+            float16 / bfloat16 (taken as its fp32 value).
+        residual_scale, residual_zero_point: a quantized residual's parameters (``residual_scale``
+            finite and > 0 in float32, ``residual_zero_point`` in the residual dtype's range);
+            ignored for a float residual.
 
     Returns:
         ``[N, Cout, Ho, Wo]`` in channels_last memory format.
@@ -281,6 +308,31 @@ def int8_conv2d(
         if not lo <= out_zero_point <= hi:
             raise ValueError(f"out_zero_point must lie in [{lo}, {hi}] for {out_dtype} output, got {out_zero_point}")
 
+    if isinstance(residual_scale, bool) or not isinstance(residual_scale, (int, float)):
+        raise TypeError(f"residual_scale must be a float, got {residual_scale!r}")
+    if isinstance(residual_zero_point, bool) or not isinstance(residual_zero_point, int):
+        raise TypeError(f"residual_zero_point must be an int, got {residual_zero_point!r}")
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=_QUANT_DTYPES + FLOAT_DTYPES)
+        if tuple(residual.shape) != (n, cout, ho, wo):
+            raise ValueError(
+                f"residual must have the output's shape [N, Cout, Ho, Wo] = {[n, cout, ho, wo]}, "
+                f"got {list(residual.shape)}"
+            )
+        if residual.dtype in _QUANT_DTYPES:
+            rs32 = _f32(residual_scale)
+            if not (math.isfinite(rs32) and rs32 > 0):
+                raise ValueError(
+                    f"residual_scale must be finite and > 0 (in float32) for a {residual.dtype} residual, "
+                    f"got {residual_scale}"
+                )
+            lo, hi = (0, 255) if residual.dtype == torch.uint8 else (-128, 127)
+            if not lo <= residual_zero_point <= hi:
+                raise ValueError(
+                    f"residual_zero_point must lie in [{lo}, {hi}] for a {residual.dtype} residual, "
+                    f"got {residual_zero_point}"
+                )
+
     x_quant = x.dtype in _QUANT_DTYPES
     if x_quant and (x_scale is None or x_zero_point is None):
         raise ValueError(f"quantized x ({x.dtype}) needs x_scale and x_zero_point")
@@ -292,7 +344,9 @@ def int8_conv2d(
         for name, t in (("x_scale", x_scale), ("x_zero_point", x_zero_point)):
             if t.shape[0] not in (1, n):
                 raise ValueError(f"{name} must have shape [1] or [N] = [{n}], got {tuple(t.shape)}")
-    device = check_same_device(x=x, w=w, w_scale=w_scale, bias=bias, x_scale=x_scale, x_zero_point=x_zero_point)
+    device = check_same_device(
+        x=x, w=w, w_scale=w_scale, bias=bias, x_scale=x_scale, x_zero_point=x_zero_point, residual=residual
+    )
     check_device_supported(device, "int8_conv2d")
     if w_packed is not None:
         check_tensor("w_packed", w_packed, dtypes=(torch.int8,), ndim=1)
@@ -307,5 +361,5 @@ def int8_conv2d(
     # quantization) are checked by the kernel, which raises ValueError naming the problem
     return torch.ops.pycompress.int8_conv2d(
         x, x_scale, x_zero_point, w, w_scale, bias, w_packed, s, _op_padding(p), d, groups, activation, out_dtype,
-        float(out_scale), int(out_zero_point),
+        float(out_scale), int(out_zero_point), residual, float(residual_scale), int(residual_zero_point),
     )

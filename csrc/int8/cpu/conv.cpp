@@ -85,6 +85,22 @@ inline int32_t byte_zero_point(const Int8ConvArgs& a, int64_t n) {
   return a.x_signed ? a.x_zp[n] + 128 : a.x_zp[n];
 }
 
+// The residual's element i as fp32: (float)(q - zp) * scale (the difference, at most 255 in
+// magnitude, converts exactly) or the float value.
+inline float residual_scalar(const Int8ConvArgs& a, int64_t i) {
+  switch (a.res_kind) {
+    case ConvRes::U8:
+      return static_cast<float>(static_cast<int32_t>(static_cast<const uint8_t*>(a.res)[i]) - a.res_zp) *
+             a.res_scale;
+    case ConvRes::S8:
+      return static_cast<float>(static_cast<int32_t>(static_cast<const int8_t*>(a.res)[i]) - a.res_zp) *
+             a.res_scale;
+    case ConvRes::F32: return static_cast<const float*>(a.res)[i];
+    case ConvRes::None: break;
+  }
+  return 0.f;
+}
+
 __attribute__((noinline)) void epilogue_tile_scalar(const EpTile& t, int64_t HoWo, int64_t Cout,
                                                     const Int8ConvArgs& a) {
   for (int64_t r = 0; r < t.mr; ++r) {
@@ -99,6 +115,7 @@ __attribute__((noinline)) void epilogue_tile_scalar(const EpTile& t, int64_t HoW
       float y = static_cast<float>(static_cast<int32_t>(v)) * xs;
       y = y * a.w_scale[co];
       if (a.bias) y = y + a.bias[co];
+      if (a.res_kind != ConvRes::None) y = y + residual_scalar(a, m * Cout + co);
       store_out_scalar(a, m * Cout + co, act_scalar(a.act, y));
     }
   }
@@ -187,11 +204,52 @@ PYC_TARGET_AVX512 inline void store_out_avx512(const OutAvx512& o, int64_t i, __
     _mm_mask_storeu_epi8(p, k, q);
 }
 
-// One row's 16 columns: acc + comp, dequantized, activated and stored at out[i].
-template <ConvAct A, ConvOut O, bool Full, bool Bias>
-PYC_TARGET_AVX512 inline void epilogue16_avx512(const OutAvx512& o, int64_t i, const int32_t* src,
-                                                __m512i comp, __m512 xs, __m512 ws, __m512 bias,
-                                                __mmask16 k) {
+// How the vector epilogues read the residual: none, bytes (uint8, or int8 with its sign bit
+// flipped: (b ^ 0x80) - (zp + 128) = b - zp) or fp32.
+enum class ResV : int { None = 0, Q8 = 1, F32 = 2 };
+
+// The residual's pointer and constants, in locals like OutAvx512.
+struct ResAvx512 {
+  const void* res;
+  __m512 scale;
+  __m512i zp;    // the zero point of the unsigned bytes
+  __m128i flip;  // 0x80 bytes for int8, else 0
+};
+
+PYC_TARGET_AVX512 inline ResAvx512 res_avx512(const Int8ConvArgs& a) {
+  const bool s8 = a.res_kind == ConvRes::S8;
+  return ResAvx512{a.res, _mm512_set1_ps(a.res_scale), _mm512_set1_epi32(a.res_zp + (s8 ? 128 : 0)),
+                   _mm_set1_epi8(static_cast<char>(s8 ? 0x80 : 0))};
+}
+
+// y + the residual's 16 elements at i (lanes of k unless Full): one rounded multiply for a
+// quantized residual, then one rounded add (the empty asm statements keep the compiler from
+// contracting the multiply into an FMA with the add, or the add with the product before it).
+template <ResV R, bool Full>
+PYC_TARGET_AVX512 inline __m512 add_residual_avx512(const ResAvx512& rv, int64_t i, __m512 y,
+                                                    __mmask16 k) {
+  if (R == ResV::None) return y;
+  __m512 r;
+  if (R == ResV::Q8) {
+    const uint8_t* p = static_cast<const uint8_t*>(rv.res) + i;
+    __m128i b = Full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(k, p);
+    b = _mm_xor_si128(b, rv.flip);
+    r = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), rv.zp));
+    r = _mm512_mul_ps(r, rv.scale);
+  } else {
+    const float* p = static_cast<const float*>(rv.res) + i;
+    r = Full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(k, p);
+  }
+  asm("" : "+v"(y), "+v"(r));
+  return _mm512_add_ps(y, r);
+}
+
+// One row's 16 columns: acc + comp, dequantized, the residual added, activated and stored at
+// out[i].
+template <ConvAct A, ConvOut O, bool Full, bool Bias, ResV R>
+PYC_TARGET_AVX512 inline void epilogue16_avx512(const OutAvx512& o, const ResAvx512& rv, int64_t i,
+                                                const int32_t* src, __m512i comp, __m512 xs,
+                                                __m512 ws, __m512 bias, __mmask16 k) {
   const __m512i acc = Full ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi32(k, src);
   __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, comp)), xs), ws);
   if (Bias) {
@@ -200,15 +258,17 @@ PYC_TARGET_AVX512 inline void epilogue16_avx512(const OutAvx512& o, int64_t i, c
     asm("" : "+v"(y));
     y = _mm512_add_ps(y, bias);
   }
+  y = add_residual_avx512<R, Full>(rv, i, y, k);
   store_out_avx512<O, Full>(o, i, act_avx512<A>(y), k);
 }
 
 // Columns in groups of 32 (two vectors per row, both kept with their per-column constants in
 // registers while the rows go by); rows in runs of the same image.
-template <ConvAct A, ConvOut O, bool Bias>
+template <ConvAct A, ConvOut O, bool Bias, ResV R>
 PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int64_t Cout,
                                               const Int8ConvArgs& a) {
   const OutAvx512 o{a.out, _mm512_set1_ps(a.out_inv), _mm512_set1_ps(static_cast<float>(a.out_zp))};
+  const ResAvx512 rv = res_avx512(a);
   const float* const w_scale = a.w_scale;
   const float* const bias = a.bias;
   const float* const x_scale = a.x_scale;
@@ -240,58 +300,79 @@ PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int
       const __m512i c0 = _mm512_mullo_epi32(cs0, corr), c1 = _mm512_mullo_epi32(cs1, corr);
       if (w == 32) {
         for (; m < seg_end; ++m, src += ldt) {
-          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
-          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
+          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
         }
       } else if (w == 16) {
         for (; m < seg_end; ++m, src += ldt)
-          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
       } else if (w > 16) {
         for (; m < seg_end; ++m, src += ldt) {
-          epilogue16_avx512<A, O, true, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
-          epilogue16_avx512<A, O, false, Bias>(o, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
+          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, false, Bias, R>(o, rv, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
         }
       } else {
         for (; m < seg_end; ++m, src += ldt)
-          epilogue16_avx512<A, O, false, Bias>(o, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, false, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
       }
       ++n;
     }
   }
 }
 
-template <ConvAct A, ConvOut O>
+template <ConvAct A, ConvOut O, ResV R>
 PYC_TARGET_AVX512 void epilogue_tile_avx512(const EpTile& t, int64_t HoWo, int64_t Cout,
                                             const Int8ConvArgs& a) {
   if (a.bias)
-    epilogue_tile_avx512_b<A, O, true>(t, HoWo, Cout, a);
+    epilogue_tile_avx512_b<A, O, true, R>(t, HoWo, Cout, a);
   else
-    epilogue_tile_avx512_b<A, O, false>(t, HoWo, Cout, a);
+    epilogue_tile_avx512_b<A, O, false, R>(t, HoWo, Cout, a);
 }
 
 using EpilogueFn = void (*)(const EpTile&, int64_t, int64_t, const Int8ConvArgs&);
 
-template <ConvAct A>
-EpilogueFn pick_out_avx512(ConvOut o) {
-  switch (o) {
-    case ConvOut::F32: return epilogue_tile_avx512<A, ConvOut::F32>;
-    case ConvOut::F16: return epilogue_tile_avx512<A, ConvOut::F16>;
-    case ConvOut::BF16: return epilogue_tile_avx512<A, ConvOut::BF16>;
-    case ConvOut::U8: return epilogue_tile_avx512<A, ConvOut::U8>;
-    case ConvOut::S8: return epilogue_tile_avx512<A, ConvOut::S8>;
+// The vector form of a residual kind.
+inline ResV res_vec(ConvRes r) {
+  switch (r) {
+    case ConvRes::None: return ResV::None;
+    case ConvRes::U8:
+    case ConvRes::S8: return ResV::Q8;
+    case ConvRes::F32: return ResV::F32;
   }
-  return epilogue_tile_avx512<A, ConvOut::F32>;
+  return ResV::None;
 }
 
-EpilogueFn pick_avx512(ConvAct act, ConvOut o) {
-  switch (act) {
-    case ConvAct::None: return pick_out_avx512<ConvAct::None>(o);
-    case ConvAct::Relu: return pick_out_avx512<ConvAct::Relu>(o);
-    case ConvAct::Relu6: return pick_out_avx512<ConvAct::Relu6>(o);
-    case ConvAct::Silu: return pick_out_avx512<ConvAct::Silu>(o);
-    case ConvAct::Hardswish: return pick_out_avx512<ConvAct::Hardswish>(o);
+template <ConvAct A, ResV R>
+EpilogueFn pick_out_avx512(ConvOut o) {
+  switch (o) {
+    case ConvOut::F32: return epilogue_tile_avx512<A, ConvOut::F32, R>;
+    case ConvOut::F16: return epilogue_tile_avx512<A, ConvOut::F16, R>;
+    case ConvOut::BF16: return epilogue_tile_avx512<A, ConvOut::BF16, R>;
+    case ConvOut::U8: return epilogue_tile_avx512<A, ConvOut::U8, R>;
+    case ConvOut::S8: return epilogue_tile_avx512<A, ConvOut::S8, R>;
   }
-  return pick_out_avx512<ConvAct::None>(o);
+  return epilogue_tile_avx512<A, ConvOut::F32, R>;
+}
+
+template <ResV R>
+EpilogueFn pick_act_avx512(ConvAct act, ConvOut o) {
+  switch (act) {
+    case ConvAct::None: return pick_out_avx512<ConvAct::None, R>(o);
+    case ConvAct::Relu: return pick_out_avx512<ConvAct::Relu, R>(o);
+    case ConvAct::Relu6: return pick_out_avx512<ConvAct::Relu6, R>(o);
+    case ConvAct::Silu: return pick_out_avx512<ConvAct::Silu, R>(o);
+    case ConvAct::Hardswish: return pick_out_avx512<ConvAct::Hardswish, R>(o);
+  }
+  return pick_out_avx512<ConvAct::None, R>(o);
+}
+
+EpilogueFn pick_avx512(const Int8ConvArgs& a) {
+  switch (res_vec(a.res_kind)) {
+    case ResV::Q8: return pick_act_avx512<ResV::Q8>(a.act, a.out_kind);
+    case ResV::F32: return pick_act_avx512<ResV::F32>(a.act, a.out_kind);
+    case ResV::None: break;
+  }
+  return pick_act_avx512<ResV::None>(a.act, a.out_kind);
 }
 
 template <ConvAct A>
@@ -337,12 +418,34 @@ PYC_TARGET_AVX2 inline void store_out_avx2(const Int8ConvArgs& a, int64_t i, __m
   }
 }
 
+// y + the residual's 8 elements at i, rounded as add_residual_avx512 rounds them.
+template <ResV R>
+PYC_TARGET_AVX2 inline __m256 add_residual_avx2(const Int8ConvArgs& a, int64_t i, __m256 y,
+                                                __m256i rzp, __m128i flip, __m256 rs) {
+  if (R == ResV::None) return y;
+  __m256 r;
+  if (R == ResV::Q8) {
+    const uint8_t* p = static_cast<const uint8_t*>(a.res) + i;
+    const __m128i b = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), flip);
+    r = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), rzp));
+    r = _mm256_mul_ps(r, rs);
+  } else {
+    r = _mm256_loadu_ps(static_cast<const float*>(a.res) + i);
+  }
+  asm("" : "+x"(y), "+x"(r));
+  return _mm256_add_ps(y, r);
+}
+
 // Whole groups of 8 columns in registers; the remaining columns go through the scalar code
 // (kept out of line: inside this function the compiler could fuse its multiply-add).
-template <ConvAct A, ConvOut O>
+template <ConvAct A, ConvOut O, ResV R>
 PYC_TARGET_AVX2 void epilogue_tile_avx2(const EpTile& t, int64_t HoWo, int64_t Cout,
                                         const Int8ConvArgs& a) {
   const int64_t nv = t.nc / 8 * 8;
+  const bool rs8 = a.res_kind == ConvRes::S8;
+  const __m256i rzp = _mm256_set1_epi32(a.res_zp + (rs8 ? 128 : 0));
+  const __m128i rflip = _mm_set1_epi8(static_cast<char>(rs8 ? 0x80 : 0));
+  const __m256 rscale = _mm256_set1_ps(a.res_scale);
   for (int64_t j = 0; j < nv; j += 8) {
     const int64_t co = t.co0 + j;
     const __m256 ws = _mm256_loadu_ps(a.w_scale + co);
@@ -362,7 +465,11 @@ PYC_TARGET_AVX2 void epilogue_tile_avx2(const EpTile& t, int64_t HoWo, int64_t C
       }
       const __m256i v = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)), comp);
       __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v), xs), ws);
-      if (a.bias) y = _mm256_add_ps(y, bias);
+      if (a.bias) {
+        asm("" : "+x"(y));
+        y = _mm256_add_ps(y, bias);
+      }
+      y = add_residual_avx2<R>(a, m * Cout + co, y, rzp, rflip, rscale);
       store_out_avx2<O>(a, m * Cout + co, act_avx2<A>(y));
     }
   }
@@ -376,27 +483,37 @@ PYC_TARGET_AVX2 void epilogue_tile_avx2(const EpTile& t, int64_t HoWo, int64_t C
   }
 }
 
-template <ConvAct A>
+template <ConvAct A, ResV R>
 EpilogueFn pick_out_avx2(ConvOut o) {
   switch (o) {
-    case ConvOut::F32: return epilogue_tile_avx2<A, ConvOut::F32>;
-    case ConvOut::F16: return epilogue_tile_avx2<A, ConvOut::F16>;
-    case ConvOut::BF16: return epilogue_tile_avx2<A, ConvOut::BF16>;
-    case ConvOut::U8: return epilogue_tile_avx2<A, ConvOut::U8>;
-    case ConvOut::S8: return epilogue_tile_avx2<A, ConvOut::S8>;
+    case ConvOut::F32: return epilogue_tile_avx2<A, ConvOut::F32, R>;
+    case ConvOut::F16: return epilogue_tile_avx2<A, ConvOut::F16, R>;
+    case ConvOut::BF16: return epilogue_tile_avx2<A, ConvOut::BF16, R>;
+    case ConvOut::U8: return epilogue_tile_avx2<A, ConvOut::U8, R>;
+    case ConvOut::S8: return epilogue_tile_avx2<A, ConvOut::S8, R>;
   }
-  return epilogue_tile_avx2<A, ConvOut::F32>;
+  return epilogue_tile_avx2<A, ConvOut::F32, R>;
 }
 
-EpilogueFn pick_avx2(ConvAct act, ConvOut o) {
+template <ResV R>
+EpilogueFn pick_act_avx2(ConvAct act, ConvOut o) {
   switch (act) {
-    case ConvAct::None: return pick_out_avx2<ConvAct::None>(o);
-    case ConvAct::Relu: return pick_out_avx2<ConvAct::Relu>(o);
-    case ConvAct::Relu6: return pick_out_avx2<ConvAct::Relu6>(o);
-    case ConvAct::Silu: return pick_out_avx2<ConvAct::Silu>(o);
-    case ConvAct::Hardswish: return pick_out_avx2<ConvAct::Hardswish>(o);
+    case ConvAct::None: return pick_out_avx2<ConvAct::None, R>(o);
+    case ConvAct::Relu: return pick_out_avx2<ConvAct::Relu, R>(o);
+    case ConvAct::Relu6: return pick_out_avx2<ConvAct::Relu6, R>(o);
+    case ConvAct::Silu: return pick_out_avx2<ConvAct::Silu, R>(o);
+    case ConvAct::Hardswish: return pick_out_avx2<ConvAct::Hardswish, R>(o);
   }
-  return pick_out_avx2<ConvAct::None>(o);
+  return pick_out_avx2<ConvAct::None, R>(o);
+}
+
+EpilogueFn pick_avx2(const Int8ConvArgs& a) {
+  switch (res_vec(a.res_kind)) {
+    case ResV::Q8: return pick_act_avx2<ResV::Q8>(a.act, a.out_kind);
+    case ResV::F32: return pick_act_avx2<ResV::F32>(a.act, a.out_kind);
+    case ResV::None: break;
+  }
+  return pick_act_avx2<ResV::None>(a.act, a.out_kind);
 }
 
 #endif  // PYC_HAVE_X86_SIMD
@@ -404,8 +521,8 @@ EpilogueFn pick_avx2(ConvAct act, ConvOut o) {
 // The epilogue for a level (picked once per op call).
 EpilogueFn pick_epilogue(int level, const Int8ConvArgs& a) {
 #if PYC_HAVE_X86_SIMD
-  if (level >= 2) return pick_avx512(a.act, a.out_kind);
-  if (level == 1) return pick_avx2(a.act, a.out_kind);
+  if (level >= 2) return pick_avx512(a);
+  if (level == 1) return pick_avx2(a);
 #endif
   (void)level;
   (void)a;
