@@ -107,7 +107,7 @@ def test_full_size_resnet18_structure_without_running():
     the basic blocks fused but kept, and the conv1 -> conv2 edges uint8 (checked on the plan)."""
     model = cm.resnet18()
     sources = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    plan = fuse.analyse(model, sources)
+    plan = fuse.analyse(model, sources, residual=False)
     assert plan.traced and len(plan.groups) == 20
     assert all(g.bn for g in plan.groups.values())
     blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
@@ -118,6 +118,25 @@ def test_full_size_resnet18_structure_without_running():
         assert plan.groups[f"{b}.conv2"].act is None  # the residual add comes first
     assert plan.groups["conv1"].act_replaced  # the stem's relu is called once
     assert set(plan.chains) == {f"{b}.conv1" for b in blocks}
+
+    # with the residual additions computed by the convs: each block's conv2 adds the shortcut and
+    # applies the ReLU; every block output reaches the next block's convs as uint8, the stem's
+    # (through the max pool) too, and the downsample convs give their shortcut as uint8
+    plan = fuse.analyse(model, sources)
+    for b in blocks:
+        g = plan.groups[f"{b}.conv2"]
+        assert (g.block, g.activation, g.act) == (b, "relu", None)
+    order = ["conv1"] + [f"{b}.conv2" for b in blocks[:-1]]
+    for prev, b in zip(order, blocks):
+        chain = plan.chains[prev]
+        down = f"{b}.downsample.0"
+        if down in sources:
+            assert chain.consumers == sorted([f"{b}.conv1", down]) and not chain.residual_consumers
+            assert plan.chains[down].residual_consumers == [f"{b}.conv2"]
+        else:
+            assert chain.consumers == [f"{b}.conv1"] and chain.residual_consumers == [f"{b}.conv2"]
+    assert plan.chains["conv1"].pools == ["maxpool"]
+    assert "layer4.1.conv2" not in plan.chains  # the average pool needs float
 
 
 def test_batchnorm_folding_is_exact_in_float():
@@ -135,8 +154,9 @@ def test_batchnorm_folding_is_exact_in_float():
 
 
 def test_fusion_plan_of_the_small_models():
+    """Without the residual fusion (tested in test_quantize_residual.py)."""
     model = cm.resnet()
-    _, res = _quantize(model, calibration_data=CALIB)
+    _, res = _quantize(model, calibration_data=CALIB, fuse_residual=False)
     # the stem relu is called once: replaced; a block's self.relu is called several times: kept
     assert res.fused["conv1"] == {"module": "relu", "activation": "relu", "replaced": True}
     assert res.fused["layer1.0.conv1"] == {"module": "layer1.0.relu", "activation": "relu", "replaced": False}
@@ -147,7 +167,7 @@ def test_fusion_plan_of_the_small_models():
                                        ("layer3.0.conv1", "layer3.0.conv2"), ("layer3.0.conv2", "layer3.0.conv3"),
                                        ("layer3.1.conv1", "layer3.1.conv2"), ("layer3.1.conv2", "layer3.1.conv3")]
     mb = cm.mobilenet_v2()
-    _, res = _quantize(mb, calibration_data=CALIB)
+    _, res = _quantize(mb, calibration_data=CALIB, fuse_residual=False)
     assert all(f["activation"] == "relu6" and f["replaced"] for f in res.fused.values())
     # expansion -> depthwise -> projection stay uint8; a projection followed by a residual add does not
     assert ("features.2.conv.0.0", "features.2.conv.1.0") in res.uint8_edges
@@ -156,10 +176,13 @@ def test_fusion_plan_of_the_small_models():
     assert ("features.1.conv.1", "features.2.conv.0.0") in res.uint8_edges  # no residual there
 
 
-def _uint8_inputs(model, x):
+def _uint8_inputs(model, x, residual=False):
+    """The convs that get a uint8 input (``residual=True``: a uint8 residual)."""
     seen = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: seen.__setitem__(n, a[0].dtype))
-               for n, m in model.named_modules() if isinstance(m, Int8Conv2d)]
+    i = 1 if residual else 0
+    handles = [m.register_forward_pre_hook(
+        lambda mod, a, n=n: seen.__setitem__(n, a[i].dtype if len(a) > i else None))
+        for n, m in model.named_modules() if isinstance(m, Int8Conv2d)]
     with torch.no_grad():
         model(x)
     for h in handles:
@@ -171,19 +194,26 @@ def _uint8_inputs(model, x):
 def test_uint8_chains_happen_and_are_exact(name):
     model = MODELS[name]()
     _, res = _quantize(model, calibration_data=CALIB)
-    consumers = sorted(c for _, c in res.uint8_edges)
+    residual = set(res.uint8_residual_edges)
+    consumers = sorted(c for e in res.uint8_edges if e not in residual for c in e[1:])
     assert consumers, "no uint8 edge at all"
     assert _uint8_inputs(model, TEST[:4]) == consumers  # the edges really carry uint8 tensors
+    assert _uint8_inputs(model, TEST[:4], residual=True) == sorted(c for _, c in residual)
     for p, c in res.uint8_edges:
         prod, cons = model.get_submodule(p), model.get_submodule(c)
         assert prod.output_dtype == torch.uint8
-        assert torch.equal(prod.output_scale, cons.input_scale)
-        assert torch.equal(prod.output_zero_point, cons.input_zero_point)
+        if (p, c) in residual:
+            assert torch.equal(prod.output_scale, cons.residual_scale)
+            assert torch.equal(prod.output_zero_point, cons.residual_zero_point)
+        else:
+            assert torch.equal(prod.output_scale, cons.input_scale)
+            assert torch.equal(prod.output_zero_point, cons.input_zero_point)
     # requantizing in the producer's epilogue == quantizing the float output at the consumer's entry
+    # (a shortcut read as a residual is not quantized by its reader: those producers stay uint8)
     unchained = copy.deepcopy(model)
-    for p, _ in res.uint8_edges:
+    for p in {p for p, _ in res.uint8_edges} - {p for p, _ in residual}:
         unchained.get_submodule(p).set_output_quantization(None, None)
-    assert _uint8_inputs(unchained, TEST[:4]) == []
+    assert _uint8_inputs(unchained, TEST[:4], residual=True) == sorted(c for _, c in residual)
     with torch.no_grad():
         assert torch.equal(model(TEST), unchained(TEST))
 
@@ -291,6 +321,8 @@ def _layer_bias(ref, q, convs, folded, data):
         layer = copy.deepcopy(qm[n])
         layer.set_output_quantization(None, None)
         layer.activation = "none"
+        if layer.residual:  # the conv before the residual addition it also computes
+            layer = layer.conv_output
         seen = {}
 
         def pre(mod, args, seen=seen):
@@ -512,7 +544,10 @@ def test_save_load_round_trip_is_exact(tmp_path, name):
     manifest = json.loads((out / "pycompress.json").read_text())
     assert set(res.identities) <= set(manifest["identities"])
     fresh = pycompress.load(out, MODELS[name](seed=7))
-    assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
+
+    def kind(m):  # every fx.GraphModule has a class of its own
+        return torch.fx.GraphModule if isinstance(m, torch.fx.GraphModule) else type(m)
+    assert [kind(m) for m in fresh.modules()] == [kind(m) for m in model.modules()]
     for n in res.convs:
         assert fresh.get_submodule(n).layer_name == n
     with torch.no_grad():

@@ -81,6 +81,8 @@ class QuantizationResult:
             padding modules computed by a conv).
         uint8_edges: ``(producer, consumer)`` pairs of convs between which the activations stay
             uint8 (the consumer reads them as its input, or as its residual).
+        uint8_residual_edges: the pairs of ``uint8_edges`` where the consumer reads them as its
+            residual.
         residual: conv -> ``{"block": name, "activation": kind, "residual": "uint8" | "float"}``:
             the residual addition after the conv (and the activation after the addition) that it
             computes itself (``Int8Conv2d(residual=True)``).
@@ -122,6 +124,7 @@ class QuantizationResult:
     int8_mac_fraction: float | None = None
     notes: list[str] = field(default_factory=list)
     residual: dict[str, dict] = field(default_factory=dict)
+    uint8_residual_edges: list[tuple[str, str]] = field(default_factory=list)
     residual_blocks: dict[str, list[str]] = field(default_factory=dict)
 
     def members(self, conv: str) -> list[str]:
@@ -145,7 +148,8 @@ class QuantizationResult:
                 "bias_corrected": list(self.bias_corrected), "observer": self.observer, "traced": self.traced,
                 "conv_macs": dict(self.conv_macs), "int8_mac_fraction": self.int8_mac_fraction,
                 "notes": list(self.notes), "residual": {k: dict(v) for k, v in self.residual.items()},
-                "residual_blocks": {k: list(v) for k, v in self.residual_blocks.items()}}
+                "residual_blocks": {k: list(v) for k, v in self.residual_blocks.items()},
+                "uint8_residual_edges": [list(e) for e in self.uint8_residual_edges]}
 
     def __repr__(self) -> str:
         s = (f"QuantizationResult(mode={self.mode!r}, converted={len(self.converted)} layers, "
@@ -475,6 +479,7 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         for c in chain.residual_consumers:
             replacements[c].set_residual_quantization(*out_q[n])
             result.uint8_edges.append((n, c))
+            result.uint8_residual_edges.append((n, c))
         for c in chain.consumers:
             result.uint8_edges.append((n, c))
         for p in chain.pools:
