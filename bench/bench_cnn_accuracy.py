@@ -78,6 +78,7 @@ VARIANTS = {
     "observer=minmax": {"observer": "minmax"},
     "observer=mse": {"observer": "mse"},
     "bias_correction=False": {"bias_correction": False},
+    "fuse_residual=False": {"fuse_residual": False},
 }
 MAX_DROP = 0.01
 
