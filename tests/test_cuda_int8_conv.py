@@ -390,3 +390,62 @@ def test_int8_conv2d_bad_input(match, change):
         P.int8_conv2d(mv(p["x"]), mv(p["xs"]), mv(p["xzp"]), p["w"].to(p["w_device"]), mv(p["ws"]), mv(p["b"]),
                       None, list(stride), list(padding), list(dilation), groups, p["act"], p["out_dtype"],
                       p["out_scale"], p["out_zp"])
+
+
+# ============================================================================ fused residual
+@pytest.mark.parametrize("res_kind", ["u8", "s8", "f32", "bf16"])
+@pytest.mark.parametrize("name", ["3x3", "dilated_tail", "grouped_gemm", "grouped_direct", "depthwise3x3",
+                                  "depthwise5x5s2"])
+def test_int8_conv2d_residual_matches_cpu(name, res_kind):
+    """y = y + r before the activation: the CPU op's bits (none / relu / relu6), for both CUDA
+    paths, quantized and float residuals, NCHW and channels_last residual layouts."""
+    shape = SHAPES[name]
+    args = make_problem(shape, "u8", ("residual", name, res_kind))
+    g = gen("residual", name, res_kind)
+    size = out_size(shape)
+    mag = max(run(*args, shape, "cpu").abs().max().item(), 1e-3)
+    if res_kind in ("u8", "s8"):
+        lo, hi = (0, 256) if res_kind == "u8" else (-128, 128)
+        dtype = torch.uint8 if res_kind == "u8" else torch.int8
+        res = torch.randint(lo, hi, size, dtype=dtype, generator=g)
+        rs, rzp = mag / 128, int(torch.randint(lo, hi, (), generator=g))
+    else:
+        res = (torch.randn(size, generator=g) * mag).to(torch.float32 if res_kind == "f32" else torch.bfloat16)
+        rs, rzp = 1.0, 0
+    _, _, _, _, _, _, stride, padding, dilation, groups = shape
+    mv = lambda t, d: None if t is None else t.to(d)  # noqa: E731
+    for i, (act, out_dtype) in enumerate([("none", None), ("relu", torch.uint8), ("relu6", torch.float16),
+                                          ("silu", torch.int8)]):
+        r = res if i % 2 else res.contiguous(memory_format=torch.channels_last)
+        out_scale, out_zp = (mag / 100, 5) if out_dtype in (torch.uint8, torch.int8) else (1.0, 0)
+        ys = [P.int8_conv2d(*(mv(t, d) for t in args[:6]), None, list(stride), list(padding), list(dilation), groups,
+                            act, out_dtype, out_scale, out_zp, r.to(d), rs, rzp) for d in (DEV, "cpu")]
+        check_output(ys[0], shape, out_dtype or torch.float32)
+        agree(ys[0], ys[1], act)
+
+
+def test_int8_conv2d_residual_bad_input():
+    shape = SHAPES["3x3"]
+    x, xs, xzp, w, ws, b = make_problem(shape, "u8", "bad_residual")
+    _, _, _, _, _, _, stride, padding, dilation, groups = shape
+    size = out_size(shape)
+    u8 = torch.zeros(size, dtype=torch.uint8, device=DEV)
+
+    def call(res, rs=1.0, rzp=0):
+        return P.int8_conv2d(x.to(DEV), xs.to(DEV), xzp.to(DEV), w.to(DEV), ws.to(DEV), b.to(DEV), None,
+                             list(stride), list(padding), list(dilation), groups, "relu", None, 1.0, 0, res, rs, rzp)
+
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        call(u8[:, :, 1:])
+    with pytest.raises(TypeError, match="residual must be"):
+        call(u8.int())
+    with pytest.raises(ValueError, match="residual_scale"):
+        call(u8, rs=0.0)
+    with pytest.raises(ValueError, match="residual_scale"):
+        call(u8, rs=float("inf"))
+    with pytest.raises(ValueError, match="residual_zero_point"):
+        call(u8, rzp=256)
+    with pytest.raises(ValueError, match="residual_zero_point"):
+        call(u8.to(torch.int8), rzp=-129)
+    with pytest.raises(ValueError, match="residual must be on x's device"):
+        call(u8.cpu())

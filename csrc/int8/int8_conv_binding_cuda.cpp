@@ -120,7 +120,9 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
                                  at::IntArrayRef dilation_in, int64_t groups,
                                  c10::string_view activation,
                                  c10::optional<at::ScalarType> out_dtype, double out_scale,
-                                 int64_t out_zero_point) {
+                                 int64_t out_zero_point,
+                                 const c10::optional<at::Tensor>& residual_in,
+                                 double residual_scale, int64_t residual_zero_point) {
   // ---- shapes, dtypes, devices
   TORCH_CHECK(x.dim() == 4, kOp, ": x must be 4-D [N, C, H, W], got ", x.dim(), "-D");
   const cuda::ConvSrc src = src_kind(x.scalar_type());
@@ -210,6 +212,35 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
     ozp = static_cast<int32_t>(out_zero_point);
   }
 
+  // residual: [N, Cout, Ho, Wo], read in the output's channels_last layout (fp16 / bf16 widened
+  // to fp32, which is exact)
+  cuda::ConvRes rkind = cuda::ConvRes::None;
+  const float rscale = static_cast<float>(residual_scale);
+  if (defined(residual_in)) {
+    const at::Tensor& r = *residual_in;
+    const at::ScalarType rt = r.scalar_type();
+    TORCH_CHECK_TYPE(is_quantized_dtype(rt) || is_float_dtype(rt), kOp,
+                     ": residual must be uint8, int8, float32, float16 or bfloat16, got ", rt);
+    TORCH_CHECK_VALUE(r.dim() == 4 && r.size(0) == N && r.size(1) == Cout && r.size(2) == Ho &&
+                          r.size(3) == Wo,
+                      kOp, ": residual must have the output's shape [N, Cout, Ho, Wo] = [", N,
+                      ", ", Cout, ", ", Ho, ", ", Wo, "], got ", r.sizes());
+    TORCH_CHECK_VALUE(r.device() == x.device(), kOp, ": residual must be on x's device (",
+                      x.device(), "), got ", r.device());
+    if (is_quantized_dtype(rt)) {
+      TORCH_CHECK_VALUE(std::isfinite(rscale) && rscale > 0.f, kOp,
+                        ": residual_scale must be finite and > 0 (in float32) for a quantized "
+                        "residual, got ", residual_scale);
+      const int64_t lo = rt == at::kByte ? 0 : -128, hi = rt == at::kByte ? 255 : 127;
+      TORCH_CHECK_VALUE(residual_zero_point >= lo && residual_zero_point <= hi, kOp,
+                        ": residual_zero_point must lie in [", lo, ", ", hi, "] for a ", rt,
+                        " residual, got ", residual_zero_point);
+      rkind = rt == at::kByte ? cuda::ConvRes::U8 : cuda::ConvRes::S8;
+    } else {
+      rkind = cuda::ConvRes::F32;
+    }
+  }
+
   // ---- allocation and launch
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({N, Cout, Ho, Wo},
@@ -218,6 +249,11 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const at::Tensor w = w_in.contiguous();
   const at::Tensor w_scale = w_scale_in.contiguous();
+  at::Tensor residual;
+  if (rkind == cuda::ConvRes::F32)
+    residual = residual_in->to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  else if (rkind != cuda::ConvRes::None)
+    residual = residual_in->contiguous(at::MemoryFormat::ChannelsLast);
 
   cuda::Int8Conv2dArgs a;
   a.x = x.data_ptr();
@@ -251,6 +287,12 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
   a.out_inv = out_inv;
   a.out_zp = ozp;
   a.out = out.data_ptr();
+  if (rkind != cuda::ConvRes::None) {
+    a.res = residual.data_ptr();
+    a.res_kind = rkind;
+    a.res_scale = rscale;
+    a.res_zp = static_cast<int32_t>(residual_zero_point);
+  }
 
   const int64_t ws_bytes = static_cast<int64_t>(cuda::int8_conv2d_workspace_bytes(a));
   const at::Tensor workspace = at::empty({std::max<int64_t>(ws_bytes, 1)}, x.options().dtype(at::kByte));

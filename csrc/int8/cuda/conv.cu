@@ -30,8 +30,8 @@
 // itself fits in int32.
 //
 // The epilogue uses the IEEE round-to-nearest intrinsics (__fmul_rn, __fadd_rn, __fdiv_rn), which
-// nvcc never contracts into FMAs, in the contract's order, so "none" / "relu" / "relu6" outputs
-// are the CPU kernels' bits; silu uses expf (within 2 ulp), hence the looser promise there.
+// nvcc never contracts into FMAs, in the contract's order (the residual's multiply and add too),
+// so "none" / "relu" / "relu6" outputs are the CPU kernels' bits; silu uses expf (within 2 ulp), hence the looser promise there.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -128,6 +128,10 @@ struct Epi {
   const float* w_scale;  // [Cout]
   const float* bias;     // [Cout] or nullptr
   void* out;             // [N, Ho, Wo, Cout]
+  const void* res;       // [N, Ho, Wo, Cout] or nullptr (res_kind None)
+  ConvRes res_kind;
+  float res_scale;
+  int32_t res_zp;
   ConvAct act;
   ConvOut kind;
   float out_inv;
@@ -170,6 +174,21 @@ __device__ __forceinline__ void store_result(const Epi& e, int64_t off, int64_t 
   float y = __fmul_rn(__int2float_rn(acc), e.x_scale[n]);
   y = __fmul_rn(y, e.w_scale[co]);
   if (e.bias != nullptr) y = __fadd_rn(y, e.bias[co]);
+  switch (e.res_kind) {
+    case ConvRes::None: break;
+    // the integer difference (|d| <= 255) converts exactly; one rounded multiply, one rounded add
+    case ConvRes::U8: {
+      const int d = static_cast<int>(static_cast<const uint8_t*>(e.res)[off]) - e.res_zp;
+      y = __fadd_rn(y, __fmul_rn(__int2float_rn(d), e.res_scale));
+      break;
+    }
+    case ConvRes::S8: {
+      const int d = static_cast<int>(static_cast<const int8_t*>(e.res)[off]) - e.res_zp;
+      y = __fadd_rn(y, __fmul_rn(__int2float_rn(d), e.res_scale));
+      break;
+    }
+    case ConvRes::F32: y = __fadd_rn(y, static_cast<const float*>(e.res)[off]); break;
+  }
   y = activate(y, e.act);
   switch (e.kind) {
     case ConvOut::F32: static_cast<float*>(e.out)[off] = y; break;
@@ -661,6 +680,7 @@ bool valid_args(const Int8Conv2dArgs& a) {
   if (a.stride_h < 1 || a.stride_w < 1 || a.pad_h < 0 || a.pad_w < 0 || a.dil_h < 1 || a.dil_w < 1)
     return false;
   if (a.Ho < 1 || a.Wo < 1) return false;
+  if (a.res_kind != ConvRes::None && a.res == nullptr) return false;
   return a.kh * a.kw * (a.C / a.groups) <= kInt8ConvMaxK;
 }
 
@@ -745,6 +765,10 @@ cudaError_t int8_conv2d(const Int8Conv2dArgs& a, void* workspace, cudaStream_t s
   ep.w_scale = a.w_scale;
   ep.bias = a.bias;
   ep.out = a.out;
+  ep.res = a.res;
+  ep.res_kind = a.res_kind;
+  ep.res_scale = a.res_scale;
+  ep.res_zp = a.res_zp;
   ep.act = a.act;
   ep.kind = a.out_kind;
   ep.out_inv = a.out_inv;

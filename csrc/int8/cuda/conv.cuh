@@ -2,7 +2,10 @@
 // contract is int8_conv2d's (csrc/int8/int8_conv_binding.cpp); in short:
 //
 //   acc[n, oy, ox, co] = sum over (ky, kx, c of the group) (x_q - zp[n]) * w      (exact, int32)
-//   y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co], then the activation, in fp32
+//   y = ((float)acc * x_scale[n]) * w_scale[co] + bias[co],
+//   y = y + r with the residual r of the same output element (when there is one):
+//       quantized: r = (float)(res_q - res_zp) * res_scale, float: r = its value,
+//   then the activation, in fp32 (one rounded operation per step, never an FMA)
 //   out = y cast to fp32 / fp16 / bf16, or clamp(nearbyint(y * out_inv) + out_zp) as uint8 / int8
 //
 // Padding positions hold the zero point (they add nothing to acc). Float x is first quantized
@@ -20,6 +23,8 @@ namespace cuda {
 enum class ConvSrc : int { U8 = 0, S8 = 1, F32 = 2, F16 = 3, BF16 = 4 };
 enum class ConvAct : int { None = 0, Relu = 1, Relu6 = 2, Silu = 3, Hardswish = 4 };
 enum class ConvOut : int { F32 = 0, F16 = 1, BF16 = 2, U8 = 3, S8 = 4 };
+// The residual's element type (fp16 / bf16 residuals are widened to fp32 by the caller).
+enum class ConvRes : int { None = 0, U8 = 1, S8 = 2, F32 = 3 };
 
 struct Int8Conv2dArgs {
   // x: logical [N, C, H, W] with element strides (any layout; channels_last is the fast one)
@@ -45,6 +50,12 @@ struct Int8Conv2dArgs {
   float out_inv = 1.f;  // 1.0f / out_scale (requantized outputs)
   int32_t out_zp = 0;
   void* out = nullptr;  // [N, Ho, Wo, Cout] contiguous (channels_last memory of [N, Cout, Ho, Wo])
+  // residual added before the activation: [N, Ho, Wo, Cout] contiguous like out (element i of
+  // out takes element i of res), or res_kind None
+  const void* res = nullptr;
+  ConvRes res_kind = ConvRes::None;
+  float res_scale = 1.f;  // quantized residuals: r = (float)(res_q - res_zp) * res_scale
+  int32_t res_zp = 0;     // in the residual's own range (uint8: 0..255, int8: -128..127)
 };
 
 // Largest K = kh * kw * C / groups for which no int32 sum of the kernels can overflow:
