@@ -449,3 +449,29 @@ def test_int8_conv2d_residual_bad_input():
         call(u8.to(torch.int8), rzp=-129)
     with pytest.raises(ValueError, match="residual must be on x's device"):
         call(u8.cpu())
+
+
+def test_quantized_resnet_with_fused_residual_blocks_on_cuda_matches_cpu():
+    """A quantized ResNet whose convs compute the residual additions (uint8 shortcuts), moved to
+    CUDA: the same bits as on the CPU (every activation is relu / none)."""
+    import pycompress
+    import cnn_models as cm
+
+    model = cm.resnet().eval()
+    calib = [cm.images(4, seed=s) for s in (2, 3)]
+    q, res = pycompress.quantize(copy.deepcopy(model), calibration_data=calib, return_result=True)
+    assert res.residual_blocks and res.uint8_residual_edges
+    x = cm.images(3, seed=5)
+    with torch.no_grad():
+        want = q(x)
+        got = copy.deepcopy(q).to(DEV)(x.to(DEV))
+        # the convs (uint8 up to the last block) are exact; the float pooling and the int8 head
+        # may round differently on the GPU
+        blocks = copy.deepcopy(q).to(DEV)
+        feats = {}
+        blocks.layer3.register_forward_hook(lambda m, a, o: feats.__setitem__("gpu", o))
+        q.layer3.register_forward_hook(lambda m, a, o: feats.__setitem__("cpu", o))
+        blocks(x.to(DEV))
+        q(x)
+    exact(feats["gpu"], feats["cpu"])
+    assert F.cosine_similarity(got.cpu().double(), want.double(), dim=1).min() > 0.9999
