@@ -505,9 +505,10 @@ class Int8Conv2d(nn.Module):
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{self._where()}: expects a tensor, got {type(x).__name__}")
-        if x.dim() != 4:
+        shape = x.shape
+        if len(shape) != 4:
             raise ValueError(f"{self._where()}: expects a 4-D input [N, C, H, W], got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
+        if shape[1] != self.in_channels:
             raise ValueError(f"{self._where()}: expects {self.in_channels} input channels, got an input of shape "
                              f"{tuple(x.shape)} ({x.shape[1]} channels)")
         if x.dtype == torch.uint8:
@@ -518,9 +519,9 @@ class Int8Conv2d(nn.Module):
         elif x.dtype not in _FLOAT_INPUTS:
             raise TypeError(f"{self._where()}: input dtype {x.dtype} is not supported (float32, float16, bfloat16, "
                             "or uint8 quantized with the layer's input quantization)")
-        if x.device != self.weight.device:
+        if x.device != self._buffers["weight"].device:
             raise ValueError(f"{self._where()}: input on {x.device} but the layer is on {self.weight.device}")
-        ho, wo = self.output_size(x.shape[2], x.shape[3])
+        ho, wo = self.output_size(shape[2], shape[3])
         if ho < 1 or wo < 1:
             raise ValueError(f"{self._where()}: input of spatial size {tuple(x.shape[2:])} is too small for the "
                              f"kernel {self.kernel_size} (dilation {self.dilation}, padding {self.padding})")
@@ -549,7 +550,9 @@ class Int8Conv2d(nn.Module):
         return tuple(residual.shape) == (x.shape[0], self.out_channels, ho, wo)
 
     def _out_dtype(self, x: torch.Tensor):
-        return self.float_dtype if self._buffers["output_scale"] is None and x.dtype == torch.uint8 else self.output_dtype
+        if self._buffers["output_scale"] is not None:
+            return torch.uint8
+        return self.float_dtype if x.dtype == torch.uint8 else None
 
     def _op(self, x, activation, out_dtype, residual=None):
         b = self._buffers
