@@ -325,7 +325,8 @@ def test_effnet_padding_is_computed_by_the_int8_convs(effnet_pair):
     assert len(padded_dw) == 4
     for c in padded_dw:
         assert (c.replace("dw_conv", "expand_conv"), c) in res.uint8_edges
-    assert _uint8_inputs(model, EFF_TEST[:1]) == sorted(c for _, c in res.uint8_edges)
+    residual = set(res.uint8_residual_edges)  # uint8 shortcuts read as residuals
+    assert _uint8_inputs(model, EFF_TEST[:1]) == sorted(c for e in res.uint8_edges if e not in residual for c in e[1:])
     with torch.no_grad():
         want, got = ref(EFF_TEST), model(EFF_TEST)
     cos = F.cosine_similarity(got, want, dim=1)
@@ -372,7 +373,10 @@ def test_effnet_save_load_is_exact(effnet_pair, tmp_path):
     assert set(res.padded.values()) <= set(manifest["identities"])
     fresh = pycompress.load(out, _effnet(seed=5))
     assert _pads(fresh) == []
-    assert [type(m) for m in fresh.modules()] == [type(m) for m in model.modules()]
+
+    def kind(m):  # every fx.GraphModule (a rebuilt residual block) has a class of its own
+        return torch.fx.GraphModule if isinstance(m, torch.fx.GraphModule) else type(m)
+    assert [kind(m) for m in fresh.modules()] == [kind(m) for m in model.modules()]
     assert fresh.stem_conv.padding == model.stem_conv.padding
     with torch.no_grad():
         assert torch.equal(fresh(EFF_TEST), model(EFF_TEST))

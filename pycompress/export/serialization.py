@@ -38,6 +38,7 @@ from torch import nn
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
 from pycompress.nn.registry import COMPACTED_ATTR, register_layer
+from pycompress.nn.residual import rewrite_residual_block
 
 __all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
 
@@ -191,8 +192,6 @@ def _residual_blocks(model: nn.Module) -> dict[str, dict[str, str]]:
 def _plan_residual_blocks(manifest: dict, model: nn.Module, root: Path, plan: dict[str, nn.Module]) -> dict:
     """Rebuilds, aside, the saved residual blocks from the fresh model's blocks (validated now;
     their children are attached when the layers are swapped in)."""
-    from pycompress.quantization import fuse
-
     blocks = manifest.get("residual_blocks", {})
     if not isinstance(blocks, dict) or not all(
             isinstance(b, str) and b and isinstance(f, dict) and f
@@ -214,7 +213,7 @@ def _plan_residual_blocks(manifest: dict, model: nn.Module, root: Path, plan: di
                 raise ValueError(f"{root}: corrupt manifest — block {name!r} lists {rel!r}, which is not saved as a "
                                  "layer with a residual input")
         try:
-            out[name] = fuse.rewrite_residual_block(block, fused, layer_of)
+            out[name] = rewrite_residual_block(block, fused, layer_of)
         except ValueError as e:
             raise ValueError(f"{root}: architecture mismatch — block {name!r}: {e}") from None
     return out
