@@ -49,7 +49,9 @@ What each layer becomes
     * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
       another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
       row, ``Gather`` of both → ``Cast`` → ``Mul``.
-    * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged.
+    * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged,
+      except that the exact GELU of the torch.export-based exporter is written in the order ONNX
+      Runtime fuses into one ``Gelu`` / ``BiasGelu`` kernel (same products, see ``_reorder_gelu``).
 
 How
     The model is deep-copied and every int8 layer is swapped for an export-only module that
