@@ -464,7 +464,7 @@ def _scalar_value(name: str, consts: dict) -> float | None:
 def _reorder_gelu(graph) -> int:
     """Rewrites the exact GELU as the torch.export-based exporter writes it,
     ``x * (0.5 * (1 + erf(x / sqrt(2))))``, as ``(x * 0.5) * (1 + erf(x / sqrt(2)))``: the same
-    products (halving is exact) in the order ONNX Runtime's ``GeluFusion`` recognizes, so that its
+    products (halving a normal float is exact) in the order ONNX Runtime's ``GeluFusion`` recognizes, so that its
     five element-wise passes become one ``Gelu`` kernel (``BiasGelu`` with a preceding bias
     ``Add``). Returns the number of rewritten GELUs."""
     from onnx import numpy_helper
