@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 import pycompress  # noqa: E402
 from pycompress.export import onnx as onnx_export  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
+from onnx_exporters import available_exporters  # noqa: E402
 
 
 def bert(layers=4, vocab=1024, hidden=32, seed=0):
@@ -76,6 +77,62 @@ def test_default_graph_runs_ort_fused_integer_kernel(tmp_path):
     # SkipLayerNormalization (input, skip, gamma, beta, bias), not by an Add of its own
     sln = [n for n in nodes if n.op_type == "SkipLayerNormalization"]
     assert len(sln) == 2 * 2 and all(len(n.input) == 5 and n.input[4] for n in sln)
+
+
+def _optimized_ops(path, tmp_path):
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in graph(tmp_path / "opt.onnx").node]
+
+
+def _run_unoptimized(path, feed):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {i.name: feed[i.name].numpy() for i in sess.get_inputs()})
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_gelu_becomes_one_ort_kernel_with_the_same_products(tmp_path, monkeypatch, quantized):
+    """The exact GELU (erf form) is written in the order ONNX Runtime fuses into one Gelu kernel
+    (BiasGelu with the FFN bias), and computes the same products as the exporter's own order."""
+    model = bert(layers=2)
+    if quantized:
+        model = pycompress.quantize(model, "w8a8", warn=False)
+    b = batch()
+    path = pycompress.export_onnx(model, b, tmp_path / "m.onnx")
+    ops = _optimized_ops(path, tmp_path)
+    assert "Erf" not in ops and ops.count("Gelu") + ops.count("BiasGelu") == 2
+    if "dynamo" in available_exporters():  # the default exporter, whose order needs the rewrite
+        assert ops.count("BiasGelu") == 2  # the FFN bias is added inside the kernel
+        monkeypatch.setattr(onnx_export, "_reorder_gelu", lambda g: 0)
+        plain = pycompress.export_onnx(model, b, tmp_path / "plain.onnx", exporter="dynamo")
+        assert "Erf" in _optimized_ops(plain, tmp_path)
+        for y, z in zip(_run_unoptimized(path, b), _run_unoptimized(plain, b)):
+            np.testing.assert_array_equal(y, z)
+
+
+def test_gelu_rewrite_leaves_other_graphs_alone():
+    from onnx import helper as h
+
+    def model(extra_use):
+        c = lambda name, v: h.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(v, np.float32)))
+        nodes = [c("s2", np.sqrt(2.0)), c("one", 1.0), c("half", 0.5),
+                 h.make_node("Div", ["x", "s2"], ["d"]), h.make_node("Erf", ["d"], ["e"]),
+                 h.make_node("Add", ["e", "one"], ["a"]), h.make_node("Mul", ["half", "a"], ["m"]),
+                 h.make_node("Mul", ["x", "m"], ["y"])]
+        outs = [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4])]
+        if extra_use:  # the inner product is used elsewhere too: rewriting it would change that use
+            outs.append(onnx.helper.make_tensor_value_info("m", onnx.TensorProto.FLOAT, [4]))
+        return h.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4])], outs)
+
+    g = model(False)
+    assert onnx_export._reorder_gelu(g) == 1
+    assert [list(n.input) for n in g.node if n.op_type == "Mul"] == [["x", "half"], ["m", "a"]]
+    g = model(True)
+    assert onnx_export._reorder_gelu(g) == 0
+    assert [list(n.input) for n in g.node if n.op_type == "Mul"] == [["half", "a"], ["x", "m"]]
 
 
 @pytest.mark.parametrize("fmt", ["auto", "standard", "u8s8", "contrib-u8u8"])

@@ -49,7 +49,9 @@ What each layer becomes
     * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
       another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
       row, ``Gather`` of both → ``Cast`` → ``Mul``.
-    * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged.
+    * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged,
+      except that the exact GELU of the torch.export-based exporter is written in the order ONNX
+      Runtime fuses into one ``Gelu`` / ``BiasGelu`` kernel (same products, see ``_reorder_gelu``).
 
 How
     The model is deep-copied and every int8 layer is swapped for an export-only module that
@@ -486,6 +488,68 @@ def _emit_w8a16_linear(b: _Builder, x, w_t, w_scale, bias):
     if bias is not None:
         y = b.op("Add", y, bias)
     return y
+
+
+def _scalar_value(name: str, consts: dict) -> float | None:
+    a = consts.get(name)
+    return float(a.reshape(())) if a is not None and a.size == 1 and a.dtype.kind == "f" else None
+
+
+def _reorder_gelu(graph) -> int:
+    """Rewrites the exact GELU as the torch.export-based exporter writes it,
+    ``x * (0.5 * (1 + erf(x / sqrt(2))))``, as ``(x * 0.5) * (1 + erf(x / sqrt(2)))``: the same
+    products (halving a normal float is exact) in the order ONNX Runtime's ``GeluFusion`` recognizes, so that its
+    five element-wise passes become one ``Gelu`` kernel (``BiasGelu`` with a preceding bias
+    ``Add``). Returns the number of rewritten GELUs."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and not n.domain and len(n.attribute) == 1:
+            a = n.attribute[0]
+            if a.name == "value":
+                consts[n.output[0]] = numpy_helper.to_array(a.t)
+            elif a.name == "value_float":
+                consts[n.output[0]] = np.array(a.f, np.float32)
+    producer = {o: n for n in graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for o in graph.output:
+        uses[o.name] = uses.get(o.name, 0) + 1
+
+    def near(name, value):
+        v = _scalar_value(name, consts)
+        return v is not None and abs(v - value) <= 1e-6 * abs(value)
+
+    def made_by(name, op):
+        n = producer.get(name)
+        return n if n is not None and n.op_type == op and not n.domain else None
+
+    count = 0
+    for outer in graph.node:
+        if outer.op_type != "Mul" or outer.domain or len(outer.input) != 2:
+            continue
+        for xi in (0, 1):
+            x, inner = outer.input[xi], made_by(outer.input[1 - xi], "Mul")
+            if inner is None or uses.get(inner.output[0]) != 1:
+                continue
+            hi = 0 if near(inner.input[0], 0.5) else 1 if near(inner.input[1], 0.5) else None
+            add = None if hi is None else made_by(inner.input[1 - hi], "Add")
+            if add is None:
+                continue
+            ei = 0 if near(add.input[1], 1.0) else 1 if near(add.input[0], 1.0) else None
+            erf = None if ei is None else made_by(add.input[ei], "Erf")
+            div = None if erf is None else made_by(erf.input[0], "Div")
+            if div is None or div.input[0] != x or not near(div.input[1], float(np.sqrt(2.0))):
+                continue
+            half, add_out = inner.input[hi], add.output[0]
+            inner.input[:] = [x, half]                    # x * 0.5
+            outer.input[:] = [inner.output[0], add_out]   # (x * 0.5) * (1 + erf(x / sqrt(2)))
+            count += 1
+            break
+    return count
 
 
 def _reduce_chw(b: _Builder, x, op: str):
@@ -1320,6 +1384,7 @@ def export_onnx(
                 # onnxscript 0.7.2): export again without it; ONNX Runtime optimizes at load
                 export_kw["optimize"] = False
                 proto = torch.onnx.export(wrapper, tuple(trace), None, **export_kw).model_proto
+            _reorder_gelu(proto.graph)
             onnx.save_model(proto, target)
         else:
             _register_symbolics()
