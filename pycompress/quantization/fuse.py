@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pycompress.nn import conv1d, registry
+from pycompress.nn import registry
 from pycompress.nn.int8_conv import pad_module_padding
 from pycompress.nn.residual import (FUSABLE_ACTIVATIONS, IDEMPOTENT as _IDEMPOTENT, Tracer as _Tracer,
                                     activation_of as _activation_of, is_add as _is_add,
