@@ -1,7 +1,7 @@
-"""Model-zoo check of int8 attention: torchvision / timm vision transformers through ``quantize``.
+"""Model-zoo check of ``quantize``: torchvision / timm CNNs and vision transformers.
 
-    python bench/zoo_quant_attention.py --ext build/cuda/lib [--models ViT-B/16,ViT-tiny]
-                                        [--batch 4] [--mode w8a8] [--exclude PATTERN] [--json FILE]
+    python bench/zoo_quant.py --ext build/cuda/lib [--models ResNet-50,ViT-B/16,...]
+                              [--batch 4] [--mode w8a8] [--exclude PATTERN] [--json FILE]
 
 Runs in a Python environment that has torchvision and timm (the CUDA-torch venv of
 ``make cuda-build``, whose torch runs on the CPU too); ``--ext DIR`` names the folder holding a
@@ -11,12 +11,17 @@ Per architecture, with random weights (seed 0; the classification head, which to
 initializes to zero, gets random normal weights so that the logits are not constant), in eval
 mode, on ``--batch`` random 224 x 224 images (seed 1):
 
-1. ``quantize(model, mode)``: recorded are the layers converted per class
-   (``Int8MultiheadAttention`` for torchvision's ``nn.MultiheadAttention``, ``Int8Linear``) and
-   the layers left in floating point with the reason.
+1. ``quantize(model, mode)`` (CNNs: with ``calibration_data``, two batches of random images of
+   seeds 2 and 3; transformers: dynamic): recorded are the layers converted per class
+   (``Int8Conv2d``, ``Int8MultiheadAttention`` for torchvision's ``nn.MultiheadAttention``,
+   ``Int8Linear``), the layers left in floating point with the reason, and for CNNs the share of
+   conv multiply-adds in int8, the uint8 edges and the blocks whose residual additions the convs
+   compute.
 2. The quantized model against the fp32 model on the same images: the mean and worst cosine of
    the logit rows, the cosine of the final features (the input of the head), top-1 agreement of
    the logits (random weights: only a sanity figure) and ``validate``'s worst per-layer cosine.
+3. ``save`` and ``load`` into a fresh model of the architecture: whether the outputs are
+   bit-identical.
 
 Accuracy only (no timing). Prints one JSON row per architecture and, with ``--json``, writes them.
 """
@@ -33,11 +38,19 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# name -> (library, constructor, head attribute path)
+# name -> (library, constructor, head attribute path); the CNNs are calibrated
 ARCHS = {
+    "ResNet-18": ("torchvision", "resnet18", "fc"),
+    "ResNet-50": ("torchvision", "resnet50", "fc"),
+    "MobileNetV2": ("torchvision", "mobilenet_v2", "classifier.1"),
+    "EfficientNet-Lite0": ("timm", "efficientnet_lite0", "classifier"),
+    "VGG-16": ("torchvision", "vgg16", "classifier.6"),
+    "RegNetY-400MF": ("torchvision", "regnet_y_400mf", "fc"),
+    "ConvNeXt-tiny": ("torchvision", "convnext_tiny", "classifier.2"),
     "ViT-B/16": ("torchvision", "vit_b_16", "heads.head"),
     "ViT-tiny": ("timm", "vit_tiny_patch16_224", "head"),
 }
+TRANSFORMERS = ("ViT-B/16", "ViT-tiny")
 
 
 def _build(lib: str, ctor: str, head: str):
@@ -84,9 +97,13 @@ def one(name: str, batch: int, mode: str, exclude: str | None = None) -> dict:
             feats[key] = args[0].detach()
         return hook
 
+    calib = None
+    if name not in TRANSFORMERS:
+        calib = [torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        q, res = pycompress.quantize(copy.deepcopy(model), mode=mode, exclude=exclude, return_result=True)
+        q, res = pycompress.quantize(copy.deepcopy(model), mode=mode, exclude=exclude, calibration_data=calib,
+                                     return_result=True)
     classes: dict[str, int] = {}
     for n in res.converted:
         c = type(q.get_submodule(n)).__name__
@@ -102,6 +119,11 @@ def one(name: str, batch: int, mode: str, exclude: str | None = None) -> dict:
     fcos = _cos_rows(feats["q"], feats["ref"])
     rep = pycompress.validate(model, q, [x])
     worst = min(rep.layers.items(), key=lambda kv: kv[1].cosine)
+    with tempfile.TemporaryDirectory() as tmp:
+        pycompress.save(q, os.path.join(tmp, "m"))
+        fresh = pycompress.load(os.path.join(tmp, "m"), _build(lib, ctor, head))
+        with torch.no_grad():
+            exact = bool(torch.equal(fresh(x), out))
     return {
         "case": name, "model": f"{lib}.{ctor}", "mode": mode, "exclude": exclude, "batch": batch,
         "torch": torch.__version__,
@@ -111,6 +133,8 @@ def one(name: str, batch: int, mode: str, exclude: str | None = None) -> dict:
         "feature_cosine_mean": float(fcos.mean()),
         "top1_agreement": float((out.argmax(1) == ref.argmax(1)).double().mean()),
         "validate_passed": bool(rep.passed), "worst_layer": worst[0], "worst_layer_cosine": float(worst[1].cosine),
+        "int8_conv_macs": res.int8_mac_fraction, "uint8_edges": len(res.uint8_edges),
+        "residual_blocks": len(res.residual_blocks), "save_load_exact": exact,
     }
 
 
