@@ -38,7 +38,7 @@ from torch import nn
 from pycompress import _utils
 from pycompress.nn import conv1d, registry
 from pycompress.nn.registry import COMPACTED_ATTR, register_layer
-from pycompress.nn.residual import rewrite_residual_block
+from pycompress.nn.residual import is_batchnorm_act, rewrite_residual_block
 
 __all__ = ["save", "load", "register_layer", "WEIGHTS_NAME", "MANIFEST_NAME", "FORMAT_VERSION"]
 
@@ -384,11 +384,15 @@ def _check_architecture(manifest: dict, model: nn.Module, root: Path) -> None:
     layers = manifest["layers"]
     have: set[str] = set()
     skip: list[str] = []
+    # a module saved as nn.Identity (checked in _plan_identities) replaces its whole subtree: the
+    # drop and act modules inside a BatchNormAct2d folded into a conv
+    identities = manifest.get("identities", [])
+    identities = {n for n in identities if isinstance(n, str) and n} if isinstance(identities, list) else set()
     for name, _ in model.named_modules():
         if any(name.startswith(p + ".") for p in skip):
             continue
         have.add(name)
-        if name in layers and name:
+        if name and (name in layers or name in identities):
             skip.append(name)  # the saved layer replaces this whole subtree
     missing = sorted(saved - have)
     extra = sorted(have - saved)
@@ -541,8 +545,13 @@ def _plan_layers(manifest: dict, model: nn.Module, root: Path, plan: dict[str, n
 
 # modules that quantize() replaces by nn.Identity (a BatchNorm folded into a conv, an activation
 # computed in its epilogue, a zero-padding module computed by the conv); load() replaces them the
-# same way in a fresh model
+# same way in a fresh model; timm's BatchNormAct2d (a BatchNorm with its activation, not importable
+# here) is recognised by its structure
 _IDENTITY_REPLACEABLE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.ZeroPad2d, nn.ConstantPad2d)
+
+
+def _identity_replaceable(m: nn.Module) -> bool:
+    return type(m) in _IDENTITY_REPLACEABLE or is_batchnorm_act(m)
 
 
 def _identities(model: nn.Module, skip: list[str]) -> list[str]:
@@ -565,7 +574,7 @@ def _plan_identities(manifest: dict, model: nn.Module, root: Path, plan: dict[st
                              "not in the model (no such module)") from None
         if type(current) is nn.Identity or name in plan:
             continue
-        if type(current) not in _IDENTITY_REPLACEABLE:
+        if not _identity_replaceable(current):
             raise ValueError(f"{root}: architecture mismatch — module {name!r} was saved as nn.Identity but the "
                              f"model's is a {type(current).__name__} (only BatchNorm2d, activation and zero-padding "
                              "modules are replaced by nn.Identity when a conv is quantized)")

@@ -16,7 +16,7 @@ from torch import nn
 from pycompress.nn import conv1d, registry
 
 __all__ = ["FUSABLE_ACTIVATIONS", "IDEMPOTENT", "Tracer", "rewrite_residual_block", "residual_tail", "activation_of",
-           "is_add", "single_input_call"]
+           "is_add", "single_input_call", "is_batchnorm_act", "batchnorm_act_activation"]
 
 # activation module type -> Int8Conv2d activation name
 FUSABLE_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu",
@@ -29,9 +29,33 @@ _ACT_METHODS = {"relu": "relu", "relu_": "relu"}
 _ADD_FUNCTIONS = (operator.add, torch.add)
 
 
+def is_batchnorm_act(m: nn.Module | None) -> bool:
+    """Whether ``m`` has the structure of timm's ``BatchNormAct2d`` (recognised without importing
+    timm): a class of that name deriving directly from ``nn.BatchNorm2d``, holding ``drop`` and
+    ``act`` modules; its forward is ``act(drop(batch_norm(x)))``."""
+    cls = type(m)
+    return (cls.__name__ == "BatchNormAct2d" and len(cls.__mro__) > 1 and cls.__mro__[1] is nn.BatchNorm2d
+            and isinstance(getattr(m, "drop", None), nn.Module) and isinstance(getattr(m, "act", None), nn.Module))
+
+
+def batchnorm_act_activation(m: nn.Module | None) -> str | None:
+    """For a :func:`is_batchnorm_act` module whose ``drop`` changes nothing (``nn.Identity``, or
+    ``nn.Dropout`` in eval mode) and whose ``act`` is ``nn.Identity`` or a fusable activation
+    (exact types): the Int8Conv2d activation name (``"none"`` for ``nn.Identity``); else None.
+    The BatchNorm itself (eval mode, running statistics) is checked where it is folded."""
+    if not is_batchnorm_act(m):
+        return None
+    drop = m.drop
+    if not (type(drop) is nn.Identity or (type(drop) is nn.Dropout and not drop.training)):
+        return None
+    if type(m.act) is nn.Identity:
+        return "none"
+    return FUSABLE_ACTIVATIONS.get(type(m.act))
+
+
 class Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if registry.is_pycompress_layer(m) or conv1d.is_conv1d(m):
+        if registry.is_pycompress_layer(m) or conv1d.is_conv1d(m) or is_batchnorm_act(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -63,8 +87,9 @@ def activation_of(node: torch.fx.Node, src: torch.fx.Node, modules: dict[str, nn
 
 
 def residual_tail(start: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[list[torch.fx.Node], torch.fx.Node] | None:
-    """From a conv node: the BatchNorm / ``nn.Identity`` calls read only in a line up to a fusable
-    addition, and that addition (None when there is none)."""
+    """From a conv node: the BatchNorm / ``nn.Identity`` calls (a BatchNorm with an activation,
+    timm's ``BatchNormAct2d``, only when its activation is ``nn.Identity``) read only in a line up
+    to a fusable addition, and that addition (None when there is none)."""
     between, cur = [], start
     while True:
         users = list(cur.users)
@@ -73,7 +98,10 @@ def residual_tail(start: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[
         u = users[0]
         if is_add(u) and u.args.count(cur) == 1:
             return between, u
-        if not single_input_call(u, cur) or type(modules.get(u.target)) not in (nn.BatchNorm2d, nn.Identity):
+        if not single_input_call(u, cur):
+            return None
+        m = modules.get(u.target)
+        if type(m) not in (nn.BatchNorm2d, nn.Identity) and batchnorm_act_activation(m) != "none":
             return None
         between.append(u)
         cur = u

@@ -10,6 +10,11 @@ modules in place), so every rewrite must be expressible as a module swap:
   stride-2 convs) and replaced by ``nn.Identity``;
 * an eval-mode ``nn.BatchNorm2d`` whose only input is a conv's output, and which is that output's
   only user, is folded into the conv and replaced by ``nn.Identity``;
+* a BatchNorm with its activation in one module (timm's ``BatchNormAct2d``: an ``nn.BatchNorm2d``
+  subclass computing ``act(drop(batch_norm(x)))``, recognised by its structure, see
+  :func:`pycompress.nn.residual.batchnorm_act_activation`), in eval mode, whose ``drop`` changes
+  nothing and whose ``act`` is ``nn.Identity`` or a fusable activation, is folded the same way
+  with its activation computed in the conv's epilogue, and replaced by ``nn.Identity``;
 * a ``nn.ReLU`` / ``nn.ReLU6`` / ``nn.SiLU`` / ``nn.Hardswish`` module that is the only user of the
   conv (or folded BatchNorm) output is computed in the conv's epilogue. When that module is called
   nowhere else it becomes ``nn.Identity``; a ReLU or ReLU6 module that is also called at other
@@ -59,7 +64,8 @@ from torch import nn
 from pycompress.nn import registry
 from pycompress.nn.int8_conv import pad_module_padding
 from pycompress.nn.residual import (FUSABLE_ACTIVATIONS, IDEMPOTENT as _IDEMPOTENT, Tracer as _Tracer,
-                                    activation_of as _activation_of, is_add as _is_add,
+                                    activation_of as _activation_of, batchnorm_act_activation as _bn_act,
+                                    is_add as _is_add, is_batchnorm_act as _is_bn_act,
                                     residual_tail as _residual_tail, rewrite_residual_block,
                                     single_input_call as _single_input_call)
 
@@ -82,6 +88,7 @@ class ConvGroup:
     # addition's node name in the model's graph; ``activation`` is then the one after the addition
     block: str | None = None
     add_node: str | None = None
+    bn_act: bool = False  # ``bn`` is a BatchNorm with its activation in one module (BatchNormAct2d)
 
     @property
     def replaced(self) -> list[str]:
@@ -90,7 +97,10 @@ class ConvGroup:
 
     @property
     def last_float_module(self) -> str:
-        """The module whose output, after ``activation``, is the group's output."""
+        """The module whose output, after ``activation``, is the group's output (the ``drop``
+        inside a BatchNormAct2d: its output is the BatchNorm's, before the activation)."""
+        if self.bn and self.bn_act:
+            return self.bn + ".drop"
         return self.bn or self.conv
 
 
@@ -269,7 +279,7 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
             return None
         if any(calls(n.target) != 1 or read_directly(n.target) for n in between):
             return None
-        if any(type(modules[n.target]) is nn.BatchNorm2d for n in between):
+        if any(type(modules[n.target]) is nn.BatchNorm2d or _is_bn_act(modules[n.target]) for n in between):
             return None  # a BatchNorm the conv does not fold (not eval mode, or a second one)
         block = _owner(add)
         conv = group.conv
@@ -312,14 +322,21 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
         users = list(cur.users)
         if len(users) == 1 and _single_input_call(users[0], cur):
             bn = _module_at(modules, users[0])
-            if (type(bn) is nn.BatchNorm2d and not bn.training and bn.track_running_stats
+            # a BatchNormAct2d: its activation ("none": nn.Identity) is computed by the conv; its
+            # ``drop`` (called once, by it alone) is where calibration reads the BatchNorm's output
+            bn_act = _bn_act(bn)
+            if bn_act is not None and len(name_of_id.get(id(bn.drop), ())) != 1:
+                bn_act = None
+            if ((type(bn) is nn.BatchNorm2d or bn_act is not None) and not bn.training and bn.track_running_stats
                     and bn.running_mean is not None and bn.running_var is not None
                     and bn.num_features == conv.out_channels and calls(users[0].target) == 1
                     and not read_directly(users[0].target)):
                 group.bn = users[0].target
                 cur = users[0]
+                if bn_act is not None:
+                    group.bn_act, group.activation = True, bn_act
         users = list(cur.users)
-        if len(users) == 1 and _single_input_call(users[0], cur):
+        if group.activation == "none" and len(users) == 1 and _single_input_call(users[0], cur):
             act = _module_at(modules, users[0])
             kind = FUSABLE_ACTIVATIONS.get(type(act))
             if kind is not None:
@@ -328,7 +345,7 @@ def analyse(model: nn.Module, convertible: dict[str, nn.Conv2d], device: torch.d
                     cur = users[0]
                 elif kind in _IDEMPOTENT:
                     group.act, group.activation, group.act_replaced = users[0].target, kind, False
-        if group.act is None and residual:
+        if group.activation == "none" and residual:
             cur = _plan_residual(group, node, cur) or cur
         ends[name] = cur
 
