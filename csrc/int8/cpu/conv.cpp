@@ -262,8 +262,49 @@ PYC_TARGET_AVX512 inline void epilogue16_avx512(const OutAvx512& o, const ResAvx
   store_out_avx512<O, Full>(o, i, act_avx512<A>(y), k);
 }
 
+// One row's 16 columns up to the activation: acc + comp, dequantized, the residual added.
+template <ConvAct A, bool Bias, ResV R>
+PYC_TARGET_AVX512 inline __m512 epilogue16_value_avx512(const ResAvx512& rv, int64_t i,
+                                                        const int32_t* src, __m512i comp,
+                                                        __m512 xs, __m512 ws, __m512 bias) {
+  __m512 y = _mm512_mul_ps(
+      _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_loadu_si512(src), comp)), xs), ws);
+  if (Bias) {
+    asm("" : "+v"(y));
+    y = _mm512_add_ps(y, bias);
+  }
+  return act_avx512<A>(add_residual_avx512<R, true>(rv, i, y, 0xffff));
+}
+
+// round(y * inv) for the integer narrowing of uint8 / int8 output: min(256, t) first (NaN stays
+// NaN: min returns its second operand), so that every lane converts to a value <= 256 or to
+// 0x80000000 (NaN, below the int32 range); the packing below then saturates exactly as the clamp
+// of round(t) + zp to the output range.
+PYC_TARGET_AVX512 inline __m512i requant_i32_avx512(__m512 y, __m512 inv) {
+  const __m512 t = _mm512_min_ps(_mm512_set1_ps(256.f), _mm512_mul_ps(y, inv));
+  return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// Two rows of 32 columns each (r0: columns 0-15, 16-31 of the first row, r1 of the second) as
+// bytes: signed saturation to int16, + zp with int16 saturation (the lanes are <= 256 or
+// -32768, so the sum is exact or stays below the output range), saturation to the output's 8
+// bits, then the dwords in column order; the first row's 32 bytes go to p0, the second's to p1.
+template <ConvOut O>
+PYC_TARGET_AVX512 inline void store_pair_q8_avx512(uint8_t* p0, uint8_t* p1, __m512i r00,
+                                                   __m512i r01, __m512i r10, __m512i r11,
+                                                   __m512i zp16, __m512i perm) {
+  const __m512i a = _mm512_adds_epi16(_mm512_packs_epi32(r00, r01), zp16);
+  const __m512i b = _mm512_adds_epi16(_mm512_packs_epi32(r10, r11), zp16);
+  const __m512i q = O == ConvOut::U8 ? _mm512_packus_epi16(a, b) : _mm512_packs_epi16(a, b);
+  const __m512i v = _mm512_permutexvar_epi32(perm, q);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0), _mm512_castsi512_si256(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p1), _mm512_extracti64x4_epi64(v, 1));
+}
+
 // Columns in groups of 32 (two vectors per row, both kept with their per-column constants in
-// registers while the rows go by); rows in runs of the same image.
+// registers while the rows go by); rows in runs of the same image. Quantized output of 32 whole
+// columns: rows in pairs, narrowed together by packing (fewer shuffles per byte than the
+// narrowing conversion of each vector, and no rounding instruction of its own).
 template <ConvAct A, ConvOut O, bool Bias, ResV R>
 PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int64_t Cout,
                                               const Int8ConvArgs& a) {
@@ -299,6 +340,23 @@ PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int
       const __m512i corr = _mm512_set1_epi32(corr_base - x_zp[n]);
       const __m512i c0 = _mm512_mullo_epi32(cs0, corr), c1 = _mm512_mullo_epi32(cs1, corr);
       if (w == 32) {
+        if (O == ConvOut::U8 || O == ConvOut::S8) {
+          const __m512i zp16 = _mm512_set1_epi16(static_cast<int16_t>(a.out_zp));
+          const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+          uint8_t* const out = static_cast<uint8_t*>(o.out);
+          for (; m + 1 < seg_end; m += 2, src += 2 * ldt) {
+            const int64_t i0 = m * Cout + co, i1 = i0 + Cout;
+            const __m512i r00 = requant_i32_avx512(
+                epilogue16_value_avx512<A, Bias, R>(rv, i0, src, c0, xs, ws0, b0), o.inv);
+            const __m512i r01 = requant_i32_avx512(
+                epilogue16_value_avx512<A, Bias, R>(rv, i0 + 16, src + 16, c1, xs, ws1, b1), o.inv);
+            const __m512i r10 = requant_i32_avx512(
+                epilogue16_value_avx512<A, Bias, R>(rv, i1, src + ldt, c0, xs, ws0, b0), o.inv);
+            const __m512i r11 = requant_i32_avx512(
+                epilogue16_value_avx512<A, Bias, R>(rv, i1 + 16, src + ldt + 16, c1, xs, ws1, b1), o.inv);
+            store_pair_q8_avx512<O>(out + i0, out + i1, r00, r01, r10, r11, zp16, perm);
+          }
+        }
         for (; m < seg_end; ++m, src += ldt) {
           epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
           epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
