@@ -204,9 +204,9 @@ PYC_TARGET_AVX512 inline void store_out_avx512(const OutAvx512& o, int64_t i, __
     _mm_mask_storeu_epi8(p, k, q);
 }
 
-// How the vector epilogues read the residual: none, bytes (uint8, or int8 with its sign bit
-// flipped: (b ^ 0x80) - (zp + 128) = b - zp) or fp32.
-enum class ResV : int { None = 0, Q8 = 1, F32 = 2 };
+// How the vector epilogues read the residual: none, uint8 bytes, fp32, or int8 bytes with their
+// sign bit flipped ((b ^ 0x80) - (zp + 128) = b - zp).
+enum class ResV : int { None = 0, Q8 = 1, F32 = 2, S8 = 3 };
 
 // The residual's pointer and constants, in locals like OutAvx512.
 struct ResAvx512 {
@@ -230,10 +230,10 @@ PYC_TARGET_AVX512 inline __m512 add_residual_avx512(const ResAvx512& rv, int64_t
                                                     __mmask16 k) {
   if (R == ResV::None) return y;
   __m512 r;
-  if (R == ResV::Q8) {
+  if (R == ResV::Q8 || R == ResV::S8) {
     const uint8_t* p = static_cast<const uint8_t*>(rv.res) + i;
     __m128i b = Full ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(k, p);
-    b = _mm_xor_si128(b, rv.flip);
+    if (R == ResV::S8) b = _mm_xor_si128(b, rv.flip);
     r = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b), rv.zp));
     r = _mm512_mul_ps(r, rv.scale);
   } else {
@@ -246,12 +246,13 @@ PYC_TARGET_AVX512 inline __m512 add_residual_avx512(const ResAvx512& rv, int64_t
 
 // One row's 16 columns: acc + comp, dequantized, the residual added, activated and stored at
 // out[i].
-template <ConvAct A, ConvOut O, bool Full, bool Bias, ResV R>
+template <ConvAct A, ConvOut O, bool Full, bool Bias, ResV R, bool Comp>
 PYC_TARGET_AVX512 inline void epilogue16_avx512(const OutAvx512& o, const ResAvx512& rv, int64_t i,
                                                 const int32_t* src, __m512i comp, __m512 xs,
                                                 __m512 ws, __m512 bias, __mmask16 k) {
-  const __m512i acc = Full ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi32(k, src);
-  __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc, comp)), xs), ws);
+  __m512i acc = Full ? _mm512_loadu_si512(src) : _mm512_maskz_loadu_epi32(k, src);
+  if (Comp) acc = _mm512_add_epi32(acc, comp);
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), xs), ws);
   if (Bias) {
     // the product is rounded before the bias is added (the empty asm keeps the compiler from
     // contracting the two into an FMA)
@@ -262,9 +263,79 @@ PYC_TARGET_AVX512 inline void epilogue16_avx512(const OutAvx512& o, const ResAvx
   store_out_avx512<O, Full>(o, i, act_avx512<A>(y), k);
 }
 
+// One row's 16 columns up to the activation: acc + comp, dequantized, the residual added.
+template <ConvAct A, bool Bias, ResV R, bool Comp>
+PYC_TARGET_AVX512 inline __m512 epilogue16_value_avx512(const ResAvx512& rv, int64_t i,
+                                                        const int32_t* src, __m512i comp,
+                                                        __m512 xs, __m512 ws, __m512 bias) {
+  __m512i acc = _mm512_loadu_si512(src);
+  if (Comp) acc = _mm512_add_epi32(acc, comp);
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc), xs), ws);
+  if (Bias) {
+    asm("" : "+v"(y));
+    y = _mm512_add_ps(y, bias);
+  }
+  return act_avx512<A>(add_residual_avx512<R, true>(rv, i, y, 0xffff));
+}
+
+// round(y * inv) for the integer narrowing of uint8 / int8 output: min(256, t) first (NaN stays
+// NaN: min returns its second operand), so that every lane converts to a value <= 256 or to
+// 0x80000000 (NaN, below the int32 range); the packing below then saturates exactly as the clamp
+// of round(t) + zp to the output range.
+PYC_TARGET_AVX512 inline __m512i requant_i32_avx512(__m512 y, __m512 inv) {
+  const __m512 t = _mm512_min_ps(_mm512_set1_ps(256.f), _mm512_mul_ps(y, inv));
+  return _mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// Two rows of 32 columns each (r0: columns 0-15, 16-31 of the first row, r1 of the second) as
+// bytes: signed saturation to int16, + zp with int16 saturation (the lanes are <= 256 or
+// -32768, so the sum is exact or stays below the output range), saturation to the output's 8
+// bits, then the dwords in column order; the first row's 32 bytes go to p0, the second's to p1.
+template <ConvOut O, bool Zp>
+PYC_TARGET_AVX512 inline void store_pair_q8_avx512(uint8_t* p0, uint8_t* p1, __m512i r00,
+                                                   __m512i r01, __m512i r10, __m512i r11,
+                                                   __m512i zp16, __m512i perm) {
+  __m512i a = _mm512_packs_epi32(r00, r01), b = _mm512_packs_epi32(r10, r11);
+  if (Zp) {
+    a = _mm512_adds_epi16(a, zp16);
+    b = _mm512_adds_epi16(b, zp16);
+  }
+  const __m512i q = O == ConvOut::U8 ? _mm512_packus_epi16(a, b) : _mm512_packs_epi16(a, b);
+  const __m512i v = _mm512_permutexvar_epi32(perm, q);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p0), _mm512_castsi512_si256(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p1), _mm512_extracti64x4_epi64(v, 1));
+}
+
+// Rows [m, m_end) of 32 whole columns (m_end - m even) for uint8 / int8 output, in pairs; Zp:
+// the output zero point is not 0.
+template <ConvAct A, ConvOut O, bool Bias, ResV R, bool Comp, bool Zp>
+PYC_TARGET_AVX512 void epilogue_pairs_q8_avx512(const OutAvx512& o, const ResAvx512& rv,
+                                                int64_t m, int64_t m_end, int64_t co, int64_t Cout,
+                                                const int32_t* src, int64_t ldt, __m512i c0,
+                                                __m512i c1, __m512 xs, __m512 ws0, __m512 ws1,
+                                                __m512 b0, __m512 b1, int32_t zp) {
+  const __m512i zp16 = _mm512_set1_epi16(static_cast<int16_t>(zp));
+  const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  uint8_t* const out = static_cast<uint8_t*>(o.out);
+  for (; m < m_end; m += 2, src += 2 * ldt) {
+    const int64_t i0 = m * Cout + co, i1 = i0 + Cout;
+    const __m512i r00 = requant_i32_avx512(
+        epilogue16_value_avx512<A, Bias, R, Comp>(rv, i0, src, c0, xs, ws0, b0), o.inv);
+    const __m512i r01 = requant_i32_avx512(
+        epilogue16_value_avx512<A, Bias, R, Comp>(rv, i0 + 16, src + 16, c1, xs, ws1, b1), o.inv);
+    const __m512i r10 = requant_i32_avx512(
+        epilogue16_value_avx512<A, Bias, R, Comp>(rv, i1, src + ldt, c0, xs, ws0, b0), o.inv);
+    const __m512i r11 = requant_i32_avx512(
+        epilogue16_value_avx512<A, Bias, R, Comp>(rv, i1 + 16, src + ldt + 16, c1, xs, ws1, b1), o.inv);
+    store_pair_q8_avx512<O, Zp>(out + i0, out + i1, r00, r01, r10, r11, zp16, perm);
+  }
+}
+
 // Columns in groups of 32 (two vectors per row, both kept with their per-column constants in
-// registers while the rows go by); rows in runs of the same image.
-template <ConvAct A, ConvOut O, bool Bias, ResV R>
+// registers while the rows go by); rows in runs of the same image. Quantized output of 32 whole
+// columns: rows in pairs, narrowed together by packing (fewer shuffles per byte than the
+// narrowing conversion of each vector, and no rounding instruction of its own).
+template <ConvAct A, ConvOut O, bool Bias, ResV R, bool Comp>
 PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int64_t Cout,
                                               const Int8ConvArgs& a) {
   const OutAvx512 o{a.out, _mm512_set1_ps(a.out_inv), _mm512_set1_ps(static_cast<float>(a.out_zp))};
@@ -299,21 +370,32 @@ PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int
       const __m512i corr = _mm512_set1_epi32(corr_base - x_zp[n]);
       const __m512i c0 = _mm512_mullo_epi32(cs0, corr), c1 = _mm512_mullo_epi32(cs1, corr);
       if (w == 32) {
+        if (O == ConvOut::U8 || O == ConvOut::S8) {
+          const int64_t m_end = m + (seg_end - m) / 2 * 2;
+          if (a.out_zp != 0)
+            epilogue_pairs_q8_avx512<A, O, Bias, R, Comp, true>(o, rv, m, m_end, co, Cout, src, ldt, c0, c1,
+                                                          xs, ws0, ws1, b0, b1, a.out_zp);
+          else
+            epilogue_pairs_q8_avx512<A, O, Bias, R, Comp, false>(o, rv, m, m_end, co, Cout, src, ldt, c0, c1,
+                                                           xs, ws0, ws1, b0, b1, 0);
+          src += (m_end - m) * ldt;
+          m = m_end;
+        }
         for (; m < seg_end; ++m, src += ldt) {
-          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
-          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
+          epilogue16_avx512<A, O, true, Bias, R, Comp>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, true, Bias, R, Comp>(o, rv, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
         }
       } else if (w == 16) {
         for (; m < seg_end; ++m, src += ldt)
-          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, true, Bias, R, Comp>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
       } else if (w > 16) {
         for (; m < seg_end; ++m, src += ldt) {
-          epilogue16_avx512<A, O, true, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
-          epilogue16_avx512<A, O, false, Bias, R>(o, rv, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
+          epilogue16_avx512<A, O, true, Bias, R, Comp>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, false, Bias, R, Comp>(o, rv, m * Cout + co + 16, src + 16, c1, xs, ws1, b1, k1);
         }
       } else {
         for (; m < seg_end; ++m, src += ldt)
-          epilogue16_avx512<A, O, false, Bias, R>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
+          epilogue16_avx512<A, O, false, Bias, R, Comp>(o, rv, m * Cout + co, src, c0, xs, ws0, b0, k0);
       }
       ++n;
     }
@@ -323,10 +405,18 @@ PYC_TARGET_AVX512 void epilogue_tile_avx512_b(const EpTile& t, int64_t HoWo, int
 template <ConvAct A, ConvOut O, ResV R>
 PYC_TARGET_AVX512 void epilogue_tile_avx512(const EpTile& t, int64_t HoWo, int64_t Cout,
                                             const Int8ConvArgs& a) {
-  if (a.bias)
-    epilogue_tile_avx512_b<A, O, true, R>(t, HoWo, Cout, a);
-  else
-    epilogue_tile_avx512_b<A, O, false, R>(t, HoWo, Cout, a);
+  // without column sums the int32 sums need no correction (none, or it is in the sums already)
+  if (t.colsum) {
+    if (a.bias)
+      epilogue_tile_avx512_b<A, O, true, R, true>(t, HoWo, Cout, a);
+    else
+      epilogue_tile_avx512_b<A, O, false, R, true>(t, HoWo, Cout, a);
+  } else {
+    if (a.bias)
+      epilogue_tile_avx512_b<A, O, true, R, false>(t, HoWo, Cout, a);
+    else
+      epilogue_tile_avx512_b<A, O, false, R, false>(t, HoWo, Cout, a);
+  }
 }
 
 using EpilogueFn = void (*)(const EpTile&, int64_t, int64_t, const Int8ConvArgs&);
@@ -335,8 +425,8 @@ using EpilogueFn = void (*)(const EpTile&, int64_t, int64_t, const Int8ConvArgs&
 inline ResV res_vec(ConvRes r) {
   switch (r) {
     case ConvRes::None: return ResV::None;
-    case ConvRes::U8:
-    case ConvRes::S8: return ResV::Q8;
+    case ConvRes::U8: return ResV::Q8;
+    case ConvRes::S8: return ResV::S8;
     case ConvRes::F32: return ResV::F32;
   }
   return ResV::None;
@@ -369,6 +459,7 @@ EpilogueFn pick_act_avx512(ConvAct act, ConvOut o) {
 EpilogueFn pick_avx512(const Int8ConvArgs& a) {
   switch (res_vec(a.res_kind)) {
     case ResV::Q8: return pick_act_avx512<ResV::Q8>(a.act, a.out_kind);
+    case ResV::S8: return pick_act_avx512<ResV::S8>(a.act, a.out_kind);
     case ResV::F32: return pick_act_avx512<ResV::F32>(a.act, a.out_kind);
     case ResV::None: break;
   }
@@ -424,7 +515,7 @@ PYC_TARGET_AVX2 inline __m256 add_residual_avx2(const Int8ConvArgs& a, int64_t i
                                                 __m256i rzp, __m128i flip, __m256 rs) {
   if (R == ResV::None) return y;
   __m256 r;
-  if (R == ResV::Q8) {
+  if (R == ResV::Q8 || R == ResV::S8) {
     const uint8_t* p = static_cast<const uint8_t*>(a.res) + i;
     const __m128i b = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)), flip);
     r = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b), rzp));
@@ -510,6 +601,7 @@ EpilogueFn pick_act_avx2(ConvAct act, ConvOut o) {
 EpilogueFn pick_avx2(const Int8ConvArgs& a) {
   switch (res_vec(a.res_kind)) {
     case ResV::Q8: return pick_act_avx2<ResV::Q8>(a.act, a.out_kind);
+    case ResV::S8: return pick_act_avx2<ResV::S8>(a.act, a.out_kind);
     case ResV::F32: return pick_act_avx2<ResV::F32>(a.act, a.out_kind);
     case ResV::None: break;
   }
@@ -754,11 +846,12 @@ void finish_tile(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_
 }
 
 // The AMX driver's block callback: its sums are x * w with the bytes as they are (no + 128
-// compensation), so the correction is -zp * sum_k w.
+// compensation), so the correction is -zp * sum_k w (colsum), unless the sums started from it
+// (colsum nullptr).
 void finish_block(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
                   int64_t nc) {
   const TileCtx& c = *static_cast<const TileCtx*>(ctx);
-  const EpTile t{tile, ldt, c.m_base + m0, mr, c.co_base + n0, nc, c.colsum + n0, 0};
+  const EpTile t{tile, ldt, c.m_base + m0, mr, c.co_base + n0, nc, c.colsum ? c.colsum + n0 : nullptr, 0};
   c.ep(t, c.g->Ho * c.g->Wo, c.g->Cout, *c.a);
 }
 
@@ -776,6 +869,10 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
   // the tile configuration is held for all the tasks
   const Int8AmxTiles tiles(path == kInt8PathAmx);
   int64_t have_grp = -1, have_blk = -1;
+  // AMX: the accumulators of a task whose rows all have the same byte zero point start from the
+  // correction -zp * sum_k w, one int32 add per output fewer in the epilogue
+  std::vector<int32_t> amx_init(path == kInt8PathAmx ? static_cast<size_t>(Npg) : 0);
+  int64_t init_grp = -1, init_zp = 0;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t ch = t % plan.chunks, blk = (t / plan.chunks) % plan.blocks;
     const int64_t grp = t / (plan.chunks * plan.blocks);
@@ -798,8 +895,25 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
                 grp * Coutg};
 #if PYC_HAVE_X86_SIMD
     if (path == kInt8PathAmx) {
+      const int64_t HoWo = g.Ho * g.Wo, n_first = m0 / HoWo, n_last = (m0 + mr - 1) / HoWo;
+      const int32_t zp = byte_zero_point(a, n_first);
+      bool uniform = true;
+      for (int64_t n = n_first + 1; n <= n_last && uniform; ++n) uniform = byte_zero_point(a, n) == zp;
+      const int32_t* init = nullptr;
+      if (uniform) {
+        if (grp != init_grp || zp != init_zp) {
+          const int32_t* cs = ctx.colsum;
+          const uint32_t corr = 0u - static_cast<uint32_t>(zp);
+          for (int64_t j = 0; j < Npg; ++j)
+            amx_init[j] = static_cast<int32_t>(corr * static_cast<uint32_t>(cs[j]));
+          init_grp = grp;
+          init_zp = zp;
+        }
+        init = amx_init.data();
+        ctx.colsum = nullptr;
+      }
       int8_gemm_amx_u8(tiles, arows, lda > 0 ? lda : rb, pk, mr, Coutg, K, p0, p1, finish_block,
-                       &ctx);
+                       &ctx, init);
       continue;
     }
 #endif

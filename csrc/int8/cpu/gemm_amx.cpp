@@ -220,7 +220,7 @@ void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64
 
 void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
                       const int8_t* packed, int64_t M, int64_t N, int64_t K, int64_t p0,
-                      int64_t p1, Int8BlockFn fn, void* ctx) {
+                      int64_t p1, Int8BlockFn fn, void* ctx, const int32_t* init) {
   if (M <= 0 || p1 <= p0) return;
   const int64_t Kp = int8_round_k(K);
   const int64_t nq = Kp / 4, nfull = nq / 16, ntail = nq - nfull * 16;
@@ -253,7 +253,7 @@ void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
       const int nt = p + 1 < p1 ? 2 : 1;
       const int8_t* tail = ntail ? tails.data() + (p - p0) * kTileBytes : nullptr;
       run_block(mt, nt, a + m * lda, lda, packed + p * panel_bytes, panel_bytes, nfull, tail,
-                kTileBytes, nullptr, cbuf[cur], 32);
+                kTileBytes, init ? init + p * kInt8PanelCols : nullptr, cbuf[cur], 32);
       finish_pending();
       pending = true;
       pm = m;
@@ -288,6 +288,11 @@ void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
       const int mr = static_cast<int>(rows / ntiles + (ti < rows % ntiles ? 1 : 0));
       int8_detail::tile_vnni(mr, a + m * lda, lda, packed + p * panel_bytes, nullptr, nq, vbuf,
                              kInt8PanelCols);
+      if (init)
+        for (int r = 0; r < mr; ++r)
+          for (int64_t j = 0; j < kInt8PanelCols; ++j)
+            vbuf[r * kInt8PanelCols + j] = static_cast<int32_t>(
+                static_cast<uint32_t>(vbuf[r * kInt8PanelCols + j]) + static_cast<uint32_t>(init[n0 + j]));
       fn(ctx, vbuf, kInt8PanelCols, m, mr, n0, nc);
       m += mr;
     }

@@ -49,15 +49,16 @@ class Int8AmxTiles {
 using Int8BlockFn = void (*)(void* ctx, const int32_t* c, int64_t ldc, int64_t m0, int64_t mr,
                              int64_t n0, int64_t nc);
 
-// C[m, n] = sum_k a[m, k] * B[n, k] with the bytes of a read as uint8 as they are (no + 128
-// compensation: the caller's epilogue adds what its zero point needs), rows [0, M) x panels
-// [p0, p1), each finished block handed to fn. a: row stride lda bytes; every row holds
+// C[m, n] = init[n] + sum_k a[m, k] * B[n, k] (modulo 2^32) with the bytes of a read as uint8
+// as they are (no + 128 compensation: the caller adds what its zero point needs, in init or in
+// its epilogue), rows [0, M) x panels [p0, p1), each finished block handed to fn. init: one
+// int32 per column of the panels (indexed by the column n), or nullptr for 0. a: row stride lda bytes; every row holds
 // round_up(K, 64) readable bytes when K is not a multiple of 64 (the bytes beyond K are read
 // and multiplied by zero weights). Whole groups of 16 rows run on the tiles when tiles.active(),
 // the rest (every row otherwise) on the AVX-512 VNNI kernel (the CPU must have VNNI).
 void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
                       const int8_t* packed, int64_t M, int64_t N, int64_t K, int64_t p0,
-                      int64_t p1, Int8BlockFn fn, void* ctx);
+                      int64_t p1, Int8BlockFn fn, void* ctx, const int32_t* init = nullptr);
 
 namespace int8_detail {
 // Defined in gemm.cpp (x86-64 only), shared with the AMX driver so that every path finishes
