@@ -60,9 +60,11 @@ def conv2d_quantize_ref(x, x_scale=None, x_zero_point=None):
 
 
 def conv2d_ref(x, w, w_scale, bias=None, *, x_scale=None, x_zero_point=None, stride=1, padding=0,
-               dilation=1, groups=1, activation="none", out_dtype=None, out_scale=1.0, out_zero_point=0):
+               dilation=1, groups=1, activation="none", out_dtype=None, out_scale=1.0, out_zero_point=0,
+               residual=None, residual_scale=1.0, residual_zero_point=0):
     """Reference for ``int8_conv2d``: exact integer accumulator (float64 conv of values that are
-    exact in float64) and the same fp32 epilogue order as the kernels."""
+    exact in float64) and the same fp32 epilogue order as the kernels; a residual is added after
+    the bias (uint8 / int8: ``(float)(q - zp) * scale``, one rounded step each)."""
     import torch.nn.functional as F
 
     q, s, z = conv2d_quantize_ref(x, x_scale, x_zero_point)
@@ -73,6 +75,12 @@ def conv2d_ref(x, w, w_scale, bias=None, *, x_scale=None, x_zero_point=None, str
     y = (acc.float() * s[:, None, None, None]) * w_scale.cpu().float()[None, :, None, None]
     if bias is not None:
         y = y + bias.cpu().float()[None, :, None, None]
+    if residual is not None:
+        r = residual.cpu()
+        if r.dtype in (torch.uint8, torch.int8):
+            r = (r.to(torch.int32) - residual_zero_point).to(torch.float32) * torch.tensor(residual_scale,
+                                                                                         dtype=torch.float32)
+        y = y + r.to(torch.float32)
     if activation == "relu":
         y = torch.clamp_min(y, 0.0)
     elif activation == "relu6":

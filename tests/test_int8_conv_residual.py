@@ -67,25 +67,9 @@ def make_residual(kind, shape, magnitude, layout):
 
 def residual_ref(x, wt, ws, bias, conv, res, res_scale, res_zp, activation, out_dtype, out_scale, out_zp):
     """The op's formula in fp32, one rounded step at a time."""
-    y = conv2d_ref(x, wt, ws, bias, activation="none", out_dtype=torch.float32, **conv)
-    if res.dtype in QUANT:
-        r = (res.to(torch.int32) - res_zp).to(torch.float32) * torch.tensor(res_scale, dtype=torch.float32)
-    else:
-        r = res.to(torch.float32)
-    y = y + r
-    if activation == "relu":
-        y = torch.clamp_min(y, 0.0)
-    elif activation == "relu6":
-        y = torch.clamp(y, 0.0, 6.0)
-    elif activation == "silu":
-        y = y / (1.0 + torch.exp(-y))
-    elif activation == "hardswish":
-        y = y * torch.clamp(y + 3.0, 0.0, 6.0) / 6.0
-    if out_dtype in QUANT:
-        inv = 1.0 / torch.tensor(float(out_scale), dtype=torch.float32)
-        lo, hi = (0, 255) if out_dtype == torch.uint8 else (-128, 127)
-        return (torch.round(y * inv) + float(out_zp)).clamp(lo, hi).to(out_dtype)
-    return y.to(out_dtype)
+    return conv2d_ref(x, wt, ws, bias, activation=activation, out_dtype=out_dtype, out_scale=out_scale,
+                      out_zero_point=out_zp, residual=res, residual_scale=res_scale, residual_zero_point=res_zp,
+                      **conv)
 
 
 def check(y, ref, activation):

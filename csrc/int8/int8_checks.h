@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 #include "common/torch_utils.h"
 
 namespace pyc {
@@ -36,6 +38,34 @@ inline void check_linear_args(const at::Tensor& x, const at::Tensor& w, const at
                      ": bias must be float32, float16 or bfloat16");
     TORCH_CHECK(bias->device() == w.device(), op, ": bias must be on the device of w");
   }
+}
+
+// The residual of int8_conv2d: [N, Cout, Ho, Wo] on x's device, uint8 / int8 (with a finite
+// residual_scale > 0 in fp32 and a zero point in the dtype's range) or float32 / float16 /
+// bfloat16. Returns whether it is quantized.
+inline bool check_conv_residual(const at::Tensor& r, const char* op, int64_t N, int64_t Cout, int64_t Ho,
+                                int64_t Wo, const at::Device& device, double residual_scale,
+                                int64_t residual_zero_point) {
+  const at::ScalarType rt = r.scalar_type();
+  const bool quantized = rt == at::kByte || rt == at::kChar;
+  TORCH_CHECK_TYPE(quantized || is_supported_float(rt), op,
+                   ": residual must be uint8, int8, float32, float16 or bfloat16, got ", rt);
+  TORCH_CHECK_VALUE(r.dim() == 4 && r.size(0) == N && r.size(1) == Cout && r.size(2) == Ho && r.size(3) == Wo,
+                    op, ": residual must have the output's shape [N, Cout, Ho, Wo] = [", N, ", ", Cout, ", ", Ho,
+                    ", ", Wo, "], got ", r.sizes());
+  TORCH_CHECK_VALUE(r.device() == device, op, ": residual must be on x's device (", device, "), got ",
+                    r.device());
+  if (quantized) {
+    const float rscale = static_cast<float>(residual_scale);
+    TORCH_CHECK_VALUE(std::isfinite(rscale) && rscale > 0.f, op,
+                      ": residual_scale must be finite and > 0 (in float32) for a quantized residual, got ",
+                      residual_scale);
+    const int64_t lo = rt == at::kByte ? 0 : -128, hi = rt == at::kByte ? 255 : 127;
+    TORCH_CHECK_VALUE(residual_zero_point >= lo && residual_zero_point <= hi, op,
+                      ": residual_zero_point must lie in [", lo, ", ", hi, "] for a ", rt, " residual, got ",
+                      residual_zero_point);
+  }
+  return quantized;
 }
 
 }  // namespace pyc

@@ -12,6 +12,7 @@
 #include "common/cpu_features.h"
 #include "common/torch_utils.h"
 #include "int8/conv.h"
+#include "int8/int8_checks.h"
 
 namespace pyc {
 namespace {
@@ -198,22 +199,8 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   if (residual_in.has_value() && residual_in->defined()) {
     const at::Tensor& r = *residual_in;
     const at::ScalarType rt = r.scalar_type();
-    TORCH_CHECK_TYPE(rt == at::kByte || rt == at::kChar || is_supported_float(rt), kOp,
-                     ": residual must be uint8, int8, float32, float16 or bfloat16, got ", rt);
-    TORCH_CHECK_VALUE(r.dim() == 4 && r.size(0) == g.N && r.size(1) == g.Cout && r.size(2) == g.Ho &&
-                          r.size(3) == g.Wo,
-                      kOp, ": residual must have the output's shape [N, Cout, Ho, Wo] = [", g.N, ", ",
-                      g.Cout, ", ", g.Ho, ", ", g.Wo, "], got ", r.sizes());
-    TORCH_CHECK_VALUE(r.device() == x_in.device(), kOp, ": residual must be on x's device (",
-                      x_in.device(), "), got ", r.device());
-    if (rt == at::kByte || rt == at::kChar) {
-      TORCH_CHECK_VALUE(std::isfinite(rscale) && rscale > 0.f, kOp,
-                        ": residual_scale must be finite and > 0 (in float32) for a quantized "
-                        "residual, got ", residual_scale);
-      const int64_t lo = rt == at::kByte ? 0 : -128, hi = rt == at::kByte ? 255 : 127;
-      TORCH_CHECK_VALUE(residual_zero_point >= lo && residual_zero_point <= hi, kOp,
-                        ": residual_zero_point must lie in [", lo, ", ", hi, "] for a ", rt,
-                        " residual, got ", residual_zero_point);
+    if (check_conv_residual(r, kOp, g.N, g.Cout, g.Ho, g.Wo, x_in.device(), residual_scale,
+                            residual_zero_point)) {
       rk = rt == at::kByte ? ConvRes::U8 : ConvRes::S8;
       residual = r.contiguous(at::MemoryFormat::ChannelsLast);
     } else {

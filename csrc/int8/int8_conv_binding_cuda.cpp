@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "int8/cuda/conv.cuh"
+#include "int8/int8_checks.h"
 
 namespace pyc {
 namespace {
@@ -219,22 +220,7 @@ at::Tensor int8_conv2d_cuda_impl(const at::Tensor& x, const c10::optional<at::Te
   if (defined(residual_in)) {
     const at::Tensor& r = *residual_in;
     const at::ScalarType rt = r.scalar_type();
-    TORCH_CHECK_TYPE(is_quantized_dtype(rt) || is_float_dtype(rt), kOp,
-                     ": residual must be uint8, int8, float32, float16 or bfloat16, got ", rt);
-    TORCH_CHECK_VALUE(r.dim() == 4 && r.size(0) == N && r.size(1) == Cout && r.size(2) == Ho &&
-                          r.size(3) == Wo,
-                      kOp, ": residual must have the output's shape [N, Cout, Ho, Wo] = [", N,
-                      ", ", Cout, ", ", Ho, ", ", Wo, "], got ", r.sizes());
-    TORCH_CHECK_VALUE(r.device() == x.device(), kOp, ": residual must be on x's device (",
-                      x.device(), "), got ", r.device());
-    if (is_quantized_dtype(rt)) {
-      TORCH_CHECK_VALUE(std::isfinite(rscale) && rscale > 0.f, kOp,
-                        ": residual_scale must be finite and > 0 (in float32) for a quantized "
-                        "residual, got ", residual_scale);
-      const int64_t lo = rt == at::kByte ? 0 : -128, hi = rt == at::kByte ? 255 : 127;
-      TORCH_CHECK_VALUE(residual_zero_point >= lo && residual_zero_point <= hi, kOp,
-                        ": residual_zero_point must lie in [", lo, ", ", hi, "] for a ", rt,
-                        " residual, got ", residual_zero_point);
+    if (check_conv_residual(r, kOp, N, Cout, Ho, Wo, x.device(), residual_scale, residual_zero_point)) {
       rkind = rt == at::kByte ? cuda::ConvRes::U8 : cuda::ConvRes::S8;
     } else {
       rkind = cuda::ConvRes::F32;

@@ -264,27 +264,13 @@ class Int8Conv2d(nn.Module):
     def set_input_quantization(self, scale, zero_point) -> None:
         """Static uint8 input quantization (``real = (q - zero_point) * scale``); ``scale=None``
         switches back to dynamic per-image quantization."""
-        if scale is None:
-            self.input_scale = None
-            self.input_zero_point = None
-            return
-        s, z = _check_qparams(f"{self._where()}: input", scale, zero_point)
-        dev = self.weight.device
-        self.input_scale = s.to(dev)
-        self.input_zero_point = z.to(dev)
+        self.input_scale, self.input_zero_point = self._qparam_buffers("input", scale, zero_point)
 
     @torch.no_grad()
     def set_output_quantization(self, scale, zero_point) -> None:
         """uint8 output requantized with ``scale`` / ``zero_point``; ``scale=None`` switches back to
         float output."""
-        if scale is None:
-            self.output_scale = None
-            self.output_zero_point = None
-        else:
-            s, z = _check_qparams(f"{self._where()}: output", scale, zero_point)
-            dev = self.weight.device
-            self.output_scale = s.to(dev)
-            self.output_zero_point = z.to(dev)
+        self.output_scale, self.output_zero_point = self._qparam_buffers("output", scale, zero_point)
         self._sync_output_qparams()
 
     @torch.no_grad()
@@ -293,15 +279,17 @@ class Int8Conv2d(nn.Module):
         output quantization of the layer that produced it); ``scale=None``: float residuals only."""
         if scale is not None and not self.residual:
             raise ValueError(f"{self._where()}: set_residual_quantization on a layer without a residual input")
-        if scale is None:
-            self.residual_scale = None
-            self.residual_zero_point = None
-        else:
-            s, z = _check_qparams(f"{self._where()}: residual", scale, zero_point)
-            dev = self.weight.device
-            self.residual_scale = s.to(dev)
-            self.residual_zero_point = z.to(dev)
+        self.residual_scale, self.residual_zero_point = self._qparam_buffers("residual", scale, zero_point)
         self._sync_output_qparams()
+
+    def _qparam_buffers(self, what: str, scale, zero_point):
+        """(scale fp32 [1], zero point int32 [1]) on the layer's device, validated; (None, None)
+        for ``scale=None``."""
+        if scale is None:
+            return None, None
+        s, z = _check_qparams(f"{self._where()}: {what}", scale, zero_point)
+        dev = self.weight.device
+        return s.to(dev), z.to(dev)
 
     def _sync_output_qparams(self) -> None:
         # the op takes the output quantization as numbers: kept next to the buffers so that forward
