@@ -13,17 +13,9 @@ import torch.nn.functional as F
 from pycompress.nn import Int8Conv2d
 from reference import conv2d_ref
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d"),
-                                reason="this build has no int8_conv2d op")
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread keeps the many small ops fast on a busy
-    machine (the kernels' multi-threaded paths are tested with the ops)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d"),
+                                 reason="this build has no int8_conv2d op"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 # (in, out, kernel, stride, padding, dilation, groups, bias)

@@ -18,20 +18,12 @@ import cnn_models as cm
 from pycompress.nn import Int8Conv2d
 from pycompress.quantization import fuse, observers
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d"),
-                                reason="this build has no int8_conv2d op")
+pytestmark = [pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d"),
+                                 reason="this build has no int8_conv2d op"),
+              pytest.mark.usefixtures("one_thread")]
 
 SHAPE = cm.INPUT_SHAPE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one intra-op thread keeps the many small ops fast on a busy
-    machine (the kernels' multi-threaded paths are tested with the ops)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

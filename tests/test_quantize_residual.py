@@ -17,16 +17,10 @@ import pycompress
 import cnn_models as cm
 from pycompress.nn import Int8Conv2d
 
-pytestmark = pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d"),
-                                reason="this build has no int8_conv2d op")
+pytestmark = [pytest.mark.skipif(not hasattr(torch.ops.pycompress, "int8_conv2d"),
+                                 reason="this build has no int8_conv2d op"),
+              pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def structured(n, seed, shape=cm.INPUT_SHAPE):
