@@ -183,6 +183,17 @@ def one(name: str, batch: int, rounds: int, side: int) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- driver
+def _model_names(spec: str, known) -> list[str] | None:
+    """The comma-separated model names of ``spec``; None (after an error message) when one is
+    not in ``known``."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(known)}", file=sys.stderr)
+        return None
+    return names
+
+
 def _stage_package(ext_dir: str, tmp: str) -> str:
     """``tmp/pycompress``: this checkout's Python package with the extension of ``ext_dir``."""
     sos = [f for f in os.listdir(os.path.join(ext_dir, "pycompress")) if f.startswith("_C") and f.endswith(".so")]
@@ -236,10 +247,8 @@ def main(argv=None) -> int:
             json.dump(rows, f)
         return 0
 
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARCHS]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(ARCHS)}", file=sys.stderr)
+    names = _model_names(args.models, ARCHS)
+    if names is None:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ)

@@ -151,13 +151,12 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(one(args.one, args.batch, args.mode, args.exclude)))
         return 0
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARCHS]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; known: {', '.join(ARCHS)}", file=sys.stderr)
-        return 2
     sys.path.insert(0, HERE)
-    from zoo_prune import _stage_package
+    from zoo_prune import _model_names, _stage_package
+
+    names = _model_names(args.models, ARCHS)
+    if names is None:
+        return 2
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

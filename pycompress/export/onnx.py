@@ -162,50 +162,27 @@ def _define_ops() -> None:
     def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                     in_scale: Optional[torch.Tensor], in_zp: Optional[torch.Tensor],
                     out_scale: Optional[torch.Tensor], out_zp: Optional[torch.Tensor],
-                    params: list[int], act: int, fmt: int) -> torch.Tensor:
+                    params: list[int], act: int, fmt: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # residual: the block's residual, added before the activation (a float tensor here: the
+        # file passes every requantized activation on dequantized)
         stride, padding, dilation, groups = params[0:2], params[2:6], params[6:8], params[8]
         out_dtype = torch.uint8 if out_scale is not None else None
+        res = () if residual is None else (residual.float(), 1.0, 0)
         y = torch.ops.pycompress.int8_conv2d(
             x, None if in_scale is None else in_scale.reshape(1), None if in_zp is None else in_zp.reshape(1), _signed(w), w_scale.reshape(-1), None if bias is None else bias.reshape(-1),
             None, stride, padding, dilation, groups, _CONV_ACTIVATIONS[act], out_dtype,
-            float(out_scale) if out_scale is not None else 1.0, int(out_zp) if out_zp is not None else 0)
+            float(out_scale) if out_scale is not None else 1.0, int(out_zp) if out_zp is not None else 0, *res)
         if out_scale is not None:  # the file dequantizes uint8 outputs (QuantizeLinear -> DequantizeLinear)
             y = (y.float() - out_zp.float()) * out_scale
         return y.float().contiguous()
 
-    def _conv_fake(x, w, params):
+    @int8_conv2d.register_fake
+    def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual=None):
         (sh, sw), (pt, pb, pl, pr), (dh, dw) = params[0:2], params[2:6], params[6:8]
         kh, kw = w.shape[2], w.shape[3]
         ho = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
         wo = (x.shape[3] + pl + pr - dw * (kw - 1) - 1) // sw + 1
         return x.new_empty((x.shape[0], w.shape[0], ho, wo), dtype=torch.float32)
-
-    @int8_conv2d.register_fake
-    def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
-        return _conv_fake(x, w, params)
-
-    # a conv that adds the residual of its block (a float tensor here: the file passes every
-    # requantized activation on dequantized) before the activation
-    @torch.library.custom_op("pycompress_onnx::int8_conv2d_residual", mutates_args=())
-    def int8_conv2d_residual(x: torch.Tensor, residual: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                             bias: Optional[torch.Tensor], in_scale: Optional[torch.Tensor],
-                             in_zp: Optional[torch.Tensor], out_scale: Optional[torch.Tensor],
-                             out_zp: Optional[torch.Tensor], params: list[int], act: int, fmt: int) -> torch.Tensor:
-        stride, padding, dilation, groups = params[0:2], params[2:6], params[6:8], params[8]
-        out_dtype = torch.uint8 if out_scale is not None else torch.float32
-        y = torch.ops.pycompress.int8_conv2d(
-            x, None if in_scale is None else in_scale.reshape(1), None if in_zp is None else in_zp.reshape(1),
-            _signed(w), w_scale.reshape(-1), None if bias is None else bias.reshape(-1), None, stride, padding,
-            dilation, groups, _CONV_ACTIVATIONS[act], out_dtype,
-            float(out_scale) if out_scale is not None else 1.0, int(out_zp) if out_zp is not None else 0,
-            residual.float(), 1.0, 0)
-        if out_scale is not None:
-            y = (y.float() - out_zp.float()) * out_scale
-        return y.float().contiguous()
-
-    @int8_conv2d_residual.register_fake
-    def _(x, residual, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
-        return _conv_fake(x, w, params)
 
     _OPS_DEFINED = True
 
@@ -301,12 +278,9 @@ class _ExportInt8Conv2d(nn.Module):
                 residual = residual.float()
             if residual.shape[0] != x.shape[0] or residual.shape[1] != self.weight.shape[0]:
                 raise ValueError(f"the residual of shape {tuple(residual.shape)} does not fit the conv's output")
-            return torch.ops.pycompress_onnx.int8_conv2d_residual(
-                x, residual, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
-                self.output_scale, self.output_zero_point, self.params, self.act, self.fmt)
         return torch.ops.pycompress_onnx.int8_conv2d(
             x, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
-            self.output_scale, self.output_zero_point, self.params, self.act, self.fmt)
+            self.output_scale, self.output_zero_point, self.params, self.act, self.fmt, residual)
 
 
 # --------------------------------------------------------------------------- graph builders
@@ -630,18 +604,12 @@ def _translation_table(opset: int) -> dict:
         return _emit_int8_embedding(_ScriptBuilder(opset), ids, weight, scale)
 
     def int8_conv2d(x, w, w_scale, bias=None, in_scale=None, in_zp=None, out_scale=None, out_zp=None,
-                    params=(), act: int = 0, fmt: int = 0):
-        return _emit_int8_conv2d(_ScriptBuilder(opset), x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
-                                 [int(p) for p in params], int(act), int(fmt))
-
-    def int8_conv2d_residual(x, residual, w, w_scale, bias=None, in_scale=None, in_zp=None, out_scale=None,
-                             out_zp=None, params=(), act: int = 0, fmt: int = 0):
+                    params=(), act: int = 0, fmt: int = 0, residual=None):
         return _emit_int8_conv2d(_ScriptBuilder(opset), x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
                                  [int(p) for p in params], int(act), int(fmt), residual=residual)
 
     return {
         torch.ops.pycompress_onnx.int8_conv2d.default: int8_conv2d,
-        torch.ops.pycompress_onnx.int8_conv2d_residual.default: int8_conv2d_residual,
         torch.ops.pycompress_onnx.int8_linear.default: int8_linear,
         torch.ops.pycompress_onnx.w8a16_linear.default: w8a16_linear,
         torch.ops.pycompress_onnx.int8_embedding.default: int8_embedding,
@@ -675,18 +643,12 @@ def _register_symbolics() -> None:
     def int8_embedding(g, ids, weight, scale):
         return _emit_int8_embedding(_TorchScriptBuilder(g, _opset()), ids, weight, scale)
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i")
-    def int8_conv2d(g, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i", "v")
+    def int8_conv2d(g, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual):
         return _emit_int8_conv2d(_TorchScriptBuilder(g, _opset()), x, w, w_scale, _opt(bias), _opt(in_scale),
-                                 _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt)
-
-    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i")
-    def int8_conv2d_residual(g, x, residual, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt):
-        return _emit_int8_conv2d(_TorchScriptBuilder(g, _opset()), x, w, w_scale, _opt(bias), _opt(in_scale),
-                                 _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt, residual=residual)
+                                 _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt, residual=_opt(residual))
 
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_conv2d", int8_conv2d, MIN_OPSET)
-    torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_conv2d_residual", int8_conv2d_residual, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_embedding", int8_embedding, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_linear", int8_linear, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::w8a16_linear", w8a16_linear, MIN_OPSET)
