@@ -326,12 +326,21 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
 
   const int isa = static_cast<int>(active_cpu_isa());
   const int8_t* pk = packed.data_ptr<int8_t>();
-  const Int8ConvPlan plan = int8_conv_plan(isa, g, pk, at::get_num_threads());
-  parallel_for_dynamic(0, plan.tasks, 1, 4, [&](int64_t b, int64_t e) {
+  // A conv of a few microseconds of work (the late layers of a small network at batch 1) runs on
+  // the calling thread: waking and joining the others would cost about as much as they save.
+  // The estimate counts multiply-adds at rough rates of the GEMM and the depthwise kernels.
+  const double macs = static_cast<double>(N * g.Ho * g.Wo) * static_cast<double>(g.Cout * g.k());
+  const bool small = macs / (g.depthwise() ? 15e3 : 300e3) < 10.0;
+  const Int8ConvPlan plan = int8_conv_plan(isa, g, pk, small ? 1 : at::get_num_threads());
+  auto run = [&](int64_t b, int64_t e) {
     std::unique_ptr<uint8_t[]> buf(new uint8_t[static_cast<size_t>(plan.workspace_bytes + 64)]);
     void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));
     int8_conv_run(plan, g, pk, args, b, e, ws);
-  });
+  };
+  if (small)
+    run(0, plan.tasks);
+  else
+    parallel_for_dynamic(0, plan.tasks, 1, 4, run);
   return out;
 }
 

@@ -10,12 +10,45 @@
 #include <random>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "common/cpu_features.h"
 #include "int8/conv.h"
 
 namespace {
 
 int failures = 0;
+
+// n bytes that end where an inaccessible page begins: a kernel reading past the end of its input
+// faults instead of reading a neighbour's memory unnoticed.
+class GuardedBytes {
+ public:
+  explicit GuardedBytes(size_t n) : n_(n) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    pages_ = (n + page - 1) / page * page;
+    void* p = mmap(nullptr, pages_ + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) {
+      std::perror("mmap");
+      std::abort();
+    }
+    base_ = static_cast<uint8_t*>(p);
+    mprotect(base_ + pages_, page, PROT_NONE);
+    map_bytes_ = pages_ + page;
+  }
+  ~GuardedBytes() { munmap(base_, map_bytes_); }
+  GuardedBytes(const GuardedBytes&) = delete;
+  GuardedBytes& operator=(const GuardedBytes&) = delete;
+  uint8_t* data() { return base_ + pages_ - n_; }
+  size_t size() const { return n_; }
+  uint8_t* begin() { return data(); }
+  uint8_t* end() { return data() + n_; }
+  uint8_t& operator[](size_t i) { return data()[i]; }
+
+ private:
+  uint8_t* base_ = nullptr;
+  size_t n_, pages_ = 0, map_bytes_ = 0;
+};
 
 struct Case {
   int64_t N, C, H, W, Cout, kh, kw, s, p, d, groups;
@@ -49,7 +82,7 @@ void check_case(int isa, const Case& cs, bool x_signed, bool quant_out, std::mt1
   g.Wo = pyc::int8_conv_out_size(g.W, g.kw, g.sw, g.pw, g.pr, g.dw);
   const int64_t Cg = g.cin_g(), Coutg = g.cout_g(), taps = g.kh * g.kw;
   std::uniform_int_distribution<int> byte(0, 255), wdist(-128, 127);
-  std::vector<uint8_t> x(g.N * g.H * g.W * g.C);
+  GuardedBytes x(static_cast<size_t>(g.N * g.H * g.W * g.C));
   for (auto& v : x) v = static_cast<uint8_t>(byte(rng));
   std::vector<int8_t> w(g.Cout * Cg * taps);
   for (auto& v : w) v = static_cast<int8_t>(wdist(rng));
@@ -179,6 +212,10 @@ int main() {
       {1, 19, 8, 7, 33, 3, 3, 2, 1, 1, 1},     // stride 2, Cout not a multiple of 16
       {3, 64, 6, 5, 40, 1, 1, 1, 0, 1, 1},     // 1x1 (rows read in place for uint8 x)
       {2, 128, 5, 7, 36, 1, 1, 1, 0, 1, 2},    // 1x1, 2 groups of 64 channels
+      {2, 40, 7, 7, 96, 1, 1, 1, 0, 1, 1},     // 1x1, K < 64 read in place: rows past the end of x
+      {1, 200, 9, 9, 24, 1, 1, 1, 0, 1, 1},    // 1x1, K = 3 steps of 64 and a tail
+      {3, 48, 5, 7, 40, 1, 1, 1, 0, 1, 2},     // 1x1, 2 groups of 24 channels
+      {1, 36, 8, 8, 20, 1, 1, 1, 0, 1, 1},     // 1x1, 64 rows: every AMX row in whole tiles
       {2, 8, 10, 9, 12, 3, 3, 1, 2, 2, 2},     // groups 2, dilation 2
       {1, 12, 7, 8, 20, 3, 3, 2, 1, 1, 4},     // groups 4
       {2, 70, 9, 10, 70, 3, 3, 1, 1, 1, 70},   // depthwise 3x3, C > 64 and not a multiple of 64

@@ -486,9 +486,9 @@ class Int8Conv2d(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        pt, pb, pl, pr = self.padding4
-        return ((h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+        (kh, kw), (sh, sw), (dh, dw), p = self.kernel_size, self.stride, self.dilation, self.padding
+        pv, ph = (p[0] + p[1], p[2] + p[3]) if len(p) == 4 else (2 * p[0], 2 * p[1])
+        return ((h + pv - dh * (kh - 1) - 1) // sh + 1, (w + ph - dw * (kw - 1) - 1) // sw + 1)
 
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
@@ -514,8 +514,9 @@ class Int8Conv2d(nn.Module):
             raise ValueError(f"{self._where()}: input of spatial size {tuple(x.shape[2:])} is too small for the "
                              f"kernel {self.kernel_size} (dilation {self.dilation}, padding {self.padding})")
 
-    def _check_residual(self, x: torch.Tensor, residual) -> bool:
-        """Validates the residual input; True when it has the output's shape (added by the op)."""
+    def _check_residual(self, x: torch.Tensor, residual, device: bool = False) -> bool:
+        """Validates the residual input; True when it has the output's shape (added by the op).
+        ``device``: also compare its device with the layer's (the op checks it otherwise)."""
         if not self.residual:
             if residual is not None:
                 raise ValueError(f"{self._where()}: got a residual input, but the layer was built without one "
@@ -525,17 +526,19 @@ class Int8Conv2d(nn.Module):
             raise ValueError(f"{self._where()}: the layer adds a residual input: call it as layer(x, residual)")
         if not isinstance(residual, torch.Tensor):
             raise TypeError(f"{self._where()}: the residual must be a tensor, got {type(residual).__name__}")
+        b = self._buffers
         if residual.dtype == torch.uint8:
-            if self.residual_scale is None:
+            if b["residual_scale"] is None:
                 raise ValueError(f"{self._where()}: got a uint8 residual, but the layer has no residual quantization "
                                  "to read it with (set_residual_quantization)")
         elif residual.dtype not in _FLOAT_INPUTS:
             raise TypeError(f"{self._where()}: residual dtype {residual.dtype} is not supported (float32, float16, "
                             "bfloat16, or uint8 with the layer's residual quantization)")
-        if residual.device != self.weight.device:
-            raise ValueError(f"{self._where()}: residual on {residual.device} but the layer is on {self.weight.device}")
+        if device and residual.device != b["weight"].device:
+            raise ValueError(f"{self._where()}: residual on {residual.device} but the layer is on {b['weight'].device}")
         ho, wo = self.output_size(x.shape[2], x.shape[3])
-        return tuple(residual.shape) == (x.shape[0], self.out_channels, ho, wo)
+        rs = residual.shape
+        return len(rs) == 4 and rs[0] == x.shape[0] and rs[1] == self.out_channels and rs[2] == ho and rs[3] == wo
 
     def _out_dtype(self, x: torch.Tensor):
         if self._buffers["output_scale"] is not None:
@@ -546,11 +549,11 @@ class Int8Conv2d(nn.Module):
         b = self._buffers
         packed = b["weight_packed"]
         args = (x, b["input_scale"], b["input_zero_point"], b["weight"], b["weight_scale"], b["bias"],
-                packed if packed.numel() else None, list(self.stride), list(self.padding), list(self.dilation),
+                packed if packed.numel() else None, self.stride, self.padding, self.dilation,
                 self.groups, activation, out_dtype, self._out_scale, self._out_zero_point)
         if residual is None:
-            return torch.ops.pycompress.int8_conv2d(*args)
-        return torch.ops.pycompress.int8_conv2d(*args, residual, self._res_scale, self._res_zero_point)
+            return torch.ops.pycompress.int8_conv2d.default(*args)
+        return torch.ops.pycompress.int8_conv2d.default(*args, residual, self._res_scale, self._res_zero_point)
 
     def _broadcast_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         # a residual of another shape (broadcast by the float model's addition): the op's fp32
@@ -578,14 +581,28 @@ class Int8Conv2d(nn.Module):
         return self._op(x, "none", torch.float32).contiguous()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input(x)
         b = self._buffers
-        if self._check_residual(x, residual):
-            y = self._op(x, self.activation, self._out_dtype(x), residual)
-        elif residual is not None:
-            y = self._broadcast_residual(x, residual)
-        else:
-            y = self._op(x, self.activation, self._out_dtype(x))
+        # A model calls its layers once each per forward, so the checks of a call are a fixed cost
+        # next to small convolutions: the common case is tested with a few comparisons here, the
+        # op checks devices and sizes, and any failure is described by the full checks, which
+        # name the layer.
+        dt = x.dtype if isinstance(x, torch.Tensor) else None
+        if not ((dt in _FLOAT_INPUTS or (dt == torch.uint8 and b["input_scale"] is not None))
+                and x.dim() == 4 and x.shape[1] == self.in_channels):
+            self._check_input(x)
+        try:
+            if self.residual or residual is not None:
+                if self._check_residual(x, residual):
+                    y = self._op(x, self.activation, self._out_dtype(x), residual)
+                else:
+                    y = self._broadcast_residual(x, residual)
+            else:
+                y = self._op(x, self.activation, self._out_dtype(x))
+        except (RuntimeError, ValueError, TypeError):
+            # the layer's own message when the inputs are the cause
+            self._check_input(x)
+            self._check_residual(x, residual, device=True)
+            raise
         if not self.channels_last_output and b["output_scale"] is None:
             # code after the layer may .view() its output: contiguous, as torch's conv returns it
             # for a contiguous input (the input here may be channels-last because of the int8

@@ -880,7 +880,18 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
     if (mr <= 0) continue;
     const uint8_t* arows = ap;
     int64_t lda = 0;
-    if (direct) {
+    // AMX tiles read each row in whole 64-byte steps: when K is not a multiple of 64, the last
+    // step reads past the row's K bytes into the next row (those bytes meet the zero-padded
+    // weights), which must not run past the end of x: the rows whose reads would are gathered
+    const int64_t amx_rows = path == kInt8PathAmx ? mr / 16 * 16 : 0;
+    if (direct && amx_rows > 0 && K % 64 != 0 &&
+        (m0 + amx_rows - 1) * g.C + grp * g.cin_g() + (K + 63) / 64 * 64 > M * g.C) {
+      if (grp != have_grp || blk != have_blk) {
+        gather_rows(path, level, g, a, grp, m0, mr, ap, rb);
+        have_grp = grp;
+        have_blk = blk;
+      }
+    } else if (direct) {
       arows = a.x + m0 * g.C + grp * g.cin_g();
       lda = g.C;
     } else if (grp != have_grp || blk != have_blk) {
@@ -1493,11 +1504,11 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
   p.tasks = g.groups * p.blocks * p.chunks;
   p.workspace_bytes = round_up(p.rows * rb, 64) + 64;
-  // the byte paths read exactly K bytes of each row when K is a multiple of 4 (AMX: of 64)
+  // the byte paths read exactly K bytes of each row when K is a multiple of 4; AMX tiles read
+  // whole 64-byte steps (see run_gemm_tasks)
   const int64_t Cg = g.cin_g();
   p.direct_rows = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
-                  g.pb == 0 && g.pr == 0 &&
-                  ((p.path == 2 && Cg % 4 == 0) || (p.path == kInt8PathAmx && Cg % 64 == 0));
+                  g.pb == 0 && g.pr == 0 && (p.path == 2 || p.path == kInt8PathAmx) && Cg % 4 == 0;
   return p;
 }
 
