@@ -12,7 +12,10 @@ Implementations, each used as a new user would, with the process's threads (2 he
 * ``ONNX Runtime int8``: ``torch.onnx.export`` (batch axis dynamic), ``quant_pre_process``, then
   ``quantize_static`` with its defaults (QDQ format, int8 activations and weights, per-tensor
   weights, min/max calibration) fed by a ``CalibrationDataReader`` over the calibration images;
-  ``InferenceSession`` on the CPU with ``intra_op_num_threads`` = the thread count;
+  ``InferenceSession`` on the CPU with ``intra_op_num_threads`` = the thread count and
+  ``session.intra_op.allow_spinning`` off: its threads would otherwise spin for a while after
+  each run, on the cores that the implementation timed after it needs (measured here: ResNet-18
+  at batch 1 took 1.6x (OpenVINO) and 1.9x (pycompress) longer after an ONNX Runtime run);
 * ``OpenVINO int8``: ``openvino.convert_model`` of the torch model, ``nncf.quantize`` with its
   defaults over the calibration images, ``compile_model(..., "CPU")`` with
   ``INFERENCE_NUM_THREADS`` = the thread count, reshaped to a static batch per case;
@@ -215,6 +218,9 @@ def prepare_ort(model, calib, tmp):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
+        # ONNX Runtime's threads otherwise spin for a while after each run, on the cores that the
+        # implementation timed next (interleaved with it) needs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(q8, so, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
 
