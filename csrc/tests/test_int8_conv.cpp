@@ -63,7 +63,8 @@ float reference_value(int64_t acc, float xs, float ws, const float* bias, int64_
   return y;
 }
 
-void check_case(int isa, const Case& cs, bool x_signed, bool quant_out, std::mt19937& rng) {
+void check_case(int isa, const Case& cs, bool x_signed, bool quant_out, std::mt19937& rng,
+                pyc::ConvAct act = pyc::ConvAct::Relu6, int32_t out_zp = 7) {
   pyc::Int8ConvGeom g;
   g.N = cs.N;
   g.C = cs.C;
@@ -113,11 +114,11 @@ void check_case(int isa, const Case& cs, bool x_signed, bool quant_out, std::mt1
   a.x_scale = xs.data();
   a.w_scale = ws.data();
   a.bias = bias.data();
-  a.act = pyc::ConvAct::Relu6;
+  a.act = act;
   a.out_kind = quant_out ? pyc::ConvOut::U8 : pyc::ConvOut::F32;
   const float out_scale = 0.02f;
   a.out_inv = 1.f / out_scale;
-  a.out_zp = 7;
+  a.out_zp = out_zp;
   a.out = quant_out ? static_cast<void*>(outq.data()) : static_cast<void*>(outf.data());
 
   const pyc::Int8ConvPlan plan = pyc::int8_conv_plan(isa, g, packed.data(), 2);
@@ -145,11 +146,12 @@ void check_case(int isa, const Case& cs, bool x_signed, bool quant_out, std::mt1
               }
             }
           float y = reference_value(acc, xs[n], ws[co], bias.data(), co);
-          y = y < 0.f ? 0.f : (y > 6.f ? 6.f : y);
+          y = y < 0.f ? 0.f : y;
+          if (act == pyc::ConvAct::Relu6) y = y > 6.f ? 6.f : y;
           const int64_t i = ((n * g.Ho + oy) * g.Wo + ox) * g.Cout + co;
           bool ok;
           if (quant_out) {
-            float r = std::nearbyint(y * a.out_inv) + 7.f;
+            float r = std::nearbyint(y * a.out_inv) + static_cast<float>(out_zp);
             r = r < 0.f ? 0.f : (r > 255.f ? 255.f : r);
             ok = outq[i] == static_cast<uint8_t>(r);
           } else {
@@ -235,6 +237,10 @@ int main() {
     for (const Case& c : cases)
       for (int sgn = 0; sgn < 2; ++sgn)
         for (int q = 0; q < 2; ++q) check_case(isa, c, sgn == 1, q == 1, rng);
+    // uint8 output with zero point 0 (the packing's saturation is ReLU's lower clamp)
+    for (const Case& c : cases)
+      for (pyc::ConvAct act : {pyc::ConvAct::Relu, pyc::ConvAct::Relu6})
+        check_case(isa, c, false, true, rng, act, 0);
     check_quantize(isa, rng);
     std::printf("int8 conv isa %d (%s): %s\n", isa, pyc::cpu_isa_name(static_cast<pyc::CpuIsa>(isa)),
                 failures == before ? "ok" : "FAILED");

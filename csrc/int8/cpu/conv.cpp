@@ -320,8 +320,12 @@ PYC_TARGET_AVX512 void epilogue_pairs_q8_avx512(const OutAvx512& o, const ResAvx
   uint8_t* const out = static_cast<uint8_t*>(o.out);
   // ReLU6's upper clamp joins the bound of the requantization: the rounded product with
   // inv > 0 is monotonic, so fl(min(y, 6) * inv) = min(fl(y * inv), fl(6 * inv)) for every y
-  // (NaN included: both forms give NaN), one instruction fewer per 16 outputs
-  constexpr ConvAct Av = A == ConvAct::Relu6 ? ConvAct::Relu : A;
+  // (NaN included: both forms give NaN), one instruction fewer per 16 outputs. With uint8
+  // output and zero point 0 the lower clamp of ReLU / ReLU6 goes too: y < 0 rounds to an
+  // integer <= 0 (-inf and NaN to 0x80000000), which the unsigned saturation of the packing
+  // turns into 0 as max(y, 0) would.
+  constexpr bool pack_clamps = O == ConvOut::U8 && !Zp && (A == ConvAct::Relu || A == ConvAct::Relu6);
+  constexpr ConvAct Av = pack_clamps ? ConvAct::None : (A == ConvAct::Relu6 ? ConvAct::Relu : A);
   float hi_s = 256.f;
   if (A == ConvAct::Relu6) {
     const float six = 6.f * _mm512_cvtss_f32(o.inv);
