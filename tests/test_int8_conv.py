@@ -228,6 +228,9 @@ def test_bad_inputs_name_the_layer():
     q2.layer_name = "features.0"
     with pytest.raises(ValueError, match=r"'features.0'.*too small"):
         q2(torch.randn(1, 3, 2, 2))
+    # devices are checked by the op; the layer names itself in the message
+    with pytest.raises(ValueError, match=r"'features.0': input on meta but the layer is on cpu"):
+        q(torch.randn(1, 3, 8, 8, device="meta"))
     unnamed = Int8Conv2d.from_float(_conv(CONFIGS[0]))
     with pytest.raises(ValueError, match=r"Int8Conv2d\(3, 8, kernel_size=\(3, 3\)"):
         unnamed(torch.randn(8, 8))
