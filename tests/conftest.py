@@ -67,3 +67,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def conv_op_args():
+    """The positional arguments of one ``int8_conv2d`` call for the opcheck / fake-kernel tests:
+    uint8 channels-last x of 2 images, 2 groups, stride (2, 1), padding (1, 0), dilation (1, 2),
+    per-image static quantization, packed weight, ReLU, float output."""
+    x = torch.randint(0, 256, (2, 6, 7, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    w = torch.randint(-128, 128, (10, 3, 3, 2), dtype=torch.int8)
+    ws, bias = torch.rand(10), torch.randn(10)
+    sc, zp = torch.rand(2) + 0.1, torch.randint(0, 256, (2,), dtype=torch.int32)
+    packed = torch.ops.pycompress.int8_conv2d_pack_weight(w, 2)
+    return (x, sc, zp, w, ws, bias, packed, [2, 1], [1, 0], [1, 2], 2, "relu", None, 1.0, 0)

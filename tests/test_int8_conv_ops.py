@@ -367,13 +367,9 @@ def test_bad_input_binding():
         torch.ops.pycompress.int8_conv2d_pack_weight(w, 3)
 
 
-def test_fake_kernel_and_opcheck():
-    x = torch.randint(0, 256, (2, 6, 7, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    w = torch.randint(-128, 128, (10, 3, 3, 2), dtype=torch.int8)
-    ws, bias = torch.rand(10), torch.randn(10)
-    sc, zp = torch.rand(2) + 0.1, torch.randint(0, 256, (2,), dtype=torch.int32)
-    packed = ops.int8_conv2d_pack_weight(w, 2)
-    args = (x, sc, zp, w, ws, bias, packed, [2, 1], [1, 0], [1, 2], 2, "relu", None, 1.0, 0)
+def test_fake_kernel_and_opcheck(conv_op_args):
+    args = conv_op_args
+    w = args[3]
     torch.library.opcheck(torch.ops.pycompress.int8_conv2d.default, args)
     torch.library.opcheck(torch.ops.pycompress.int8_conv2d.default,
                           args[:12] + (torch.uint8, 0.25, 3))

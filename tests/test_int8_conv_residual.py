@@ -231,13 +231,8 @@ def test_float_residual_ignores_scale_and_zero_point():
     assert torch.equal(a, base + res)
 
 
-def test_residual_opcheck_and_fake():
-    x = torch.randint(0, 256, (2, 6, 7, 5), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
-    wt = torch.randint(-128, 128, (10, 3, 3, 2), dtype=torch.int8)
-    ws, bias = torch.rand(10), torch.randn(10)
-    sc, zp = torch.rand(2) + 0.1, torch.randint(0, 256, (2,), dtype=torch.int32)
-    packed = ops.int8_conv2d_pack_weight(wt, 2)
-    args = (x, sc, zp, wt, ws, bias, packed, [2, 1], [1, 0], [1, 2], 2, "relu", None, 1.0, 0)
+def test_residual_opcheck_and_fake(conv_op_args):
+    args = conv_op_args
     y = torch.ops.pycompress.int8_conv2d(*args)
     res_u8 = torch.randint(0, 256, y.shape, dtype=torch.uint8)
     res_f = torch.randn(y.shape, dtype=torch.bfloat16)
