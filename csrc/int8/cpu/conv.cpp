@@ -447,39 +447,47 @@ inline ResV res_vec(ConvRes r) {
   return ResV::None;
 }
 
-template <ConvAct A, ResV R>
-EpilogueFn pick_out_avx512(ConvOut o) {
+// The epilogue of one ISA for an op's residual, activation and output kinds: Ep::get<A, O, R>()
+// returns that ISA's epilogue_tile function (EpAvx512, EpAvx2 below).
+template <class Ep, ConvAct A, ResV R>
+EpilogueFn pick_out(ConvOut o) {
   switch (o) {
-    case ConvOut::F32: return epilogue_tile_avx512<A, ConvOut::F32, R>;
-    case ConvOut::F16: return epilogue_tile_avx512<A, ConvOut::F16, R>;
-    case ConvOut::BF16: return epilogue_tile_avx512<A, ConvOut::BF16, R>;
-    case ConvOut::U8: return epilogue_tile_avx512<A, ConvOut::U8, R>;
-    case ConvOut::S8: return epilogue_tile_avx512<A, ConvOut::S8, R>;
+    case ConvOut::F32: return Ep::template get<A, ConvOut::F32, R>();
+    case ConvOut::F16: return Ep::template get<A, ConvOut::F16, R>();
+    case ConvOut::BF16: return Ep::template get<A, ConvOut::BF16, R>();
+    case ConvOut::U8: return Ep::template get<A, ConvOut::U8, R>();
+    case ConvOut::S8: return Ep::template get<A, ConvOut::S8, R>();
   }
-  return epilogue_tile_avx512<A, ConvOut::F32, R>;
+  return Ep::template get<A, ConvOut::F32, R>();
 }
 
-template <ResV R>
-EpilogueFn pick_act_avx512(ConvAct act, ConvOut o) {
+template <class Ep, ResV R>
+EpilogueFn pick_act(ConvAct act, ConvOut o) {
   switch (act) {
-    case ConvAct::None: return pick_out_avx512<ConvAct::None, R>(o);
-    case ConvAct::Relu: return pick_out_avx512<ConvAct::Relu, R>(o);
-    case ConvAct::Relu6: return pick_out_avx512<ConvAct::Relu6, R>(o);
-    case ConvAct::Silu: return pick_out_avx512<ConvAct::Silu, R>(o);
-    case ConvAct::Hardswish: return pick_out_avx512<ConvAct::Hardswish, R>(o);
+    case ConvAct::None: return pick_out<Ep, ConvAct::None, R>(o);
+    case ConvAct::Relu: return pick_out<Ep, ConvAct::Relu, R>(o);
+    case ConvAct::Relu6: return pick_out<Ep, ConvAct::Relu6, R>(o);
+    case ConvAct::Silu: return pick_out<Ep, ConvAct::Silu, R>(o);
+    case ConvAct::Hardswish: return pick_out<Ep, ConvAct::Hardswish, R>(o);
   }
-  return pick_out_avx512<ConvAct::None, R>(o);
+  return pick_out<Ep, ConvAct::None, R>(o);
 }
 
-EpilogueFn pick_avx512(const Int8ConvArgs& a) {
+template <class Ep>
+EpilogueFn pick_isa(const Int8ConvArgs& a) {
   switch (res_vec(a.res_kind)) {
-    case ResV::Q8: return pick_act_avx512<ResV::Q8>(a.act, a.out_kind);
-    case ResV::S8: return pick_act_avx512<ResV::S8>(a.act, a.out_kind);
-    case ResV::F32: return pick_act_avx512<ResV::F32>(a.act, a.out_kind);
+    case ResV::Q8: return pick_act<Ep, ResV::Q8>(a.act, a.out_kind);
+    case ResV::S8: return pick_act<Ep, ResV::S8>(a.act, a.out_kind);
+    case ResV::F32: return pick_act<Ep, ResV::F32>(a.act, a.out_kind);
     case ResV::None: break;
   }
-  return pick_act_avx512<ResV::None>(a.act, a.out_kind);
+  return pick_act<Ep, ResV::None>(a.act, a.out_kind);
 }
+
+struct EpAvx512 {
+  template <ConvAct A, ConvOut O, ResV R>
+  static EpilogueFn get() { return epilogue_tile_avx512<A, O, R>; }
+};
 
 template <ConvAct A>
 PYC_TARGET_AVX2 inline __m256 act_avx2(__m256 y) {
@@ -589,47 +597,18 @@ PYC_TARGET_AVX2 void epilogue_tile_avx2(const EpTile& t, int64_t HoWo, int64_t C
   }
 }
 
-template <ConvAct A, ResV R>
-EpilogueFn pick_out_avx2(ConvOut o) {
-  switch (o) {
-    case ConvOut::F32: return epilogue_tile_avx2<A, ConvOut::F32, R>;
-    case ConvOut::F16: return epilogue_tile_avx2<A, ConvOut::F16, R>;
-    case ConvOut::BF16: return epilogue_tile_avx2<A, ConvOut::BF16, R>;
-    case ConvOut::U8: return epilogue_tile_avx2<A, ConvOut::U8, R>;
-    case ConvOut::S8: return epilogue_tile_avx2<A, ConvOut::S8, R>;
-  }
-  return epilogue_tile_avx2<A, ConvOut::F32, R>;
-}
-
-template <ResV R>
-EpilogueFn pick_act_avx2(ConvAct act, ConvOut o) {
-  switch (act) {
-    case ConvAct::None: return pick_out_avx2<ConvAct::None, R>(o);
-    case ConvAct::Relu: return pick_out_avx2<ConvAct::Relu, R>(o);
-    case ConvAct::Relu6: return pick_out_avx2<ConvAct::Relu6, R>(o);
-    case ConvAct::Silu: return pick_out_avx2<ConvAct::Silu, R>(o);
-    case ConvAct::Hardswish: return pick_out_avx2<ConvAct::Hardswish, R>(o);
-  }
-  return pick_out_avx2<ConvAct::None, R>(o);
-}
-
-EpilogueFn pick_avx2(const Int8ConvArgs& a) {
-  switch (res_vec(a.res_kind)) {
-    case ResV::Q8: return pick_act_avx2<ResV::Q8>(a.act, a.out_kind);
-    case ResV::S8: return pick_act_avx2<ResV::S8>(a.act, a.out_kind);
-    case ResV::F32: return pick_act_avx2<ResV::F32>(a.act, a.out_kind);
-    case ResV::None: break;
-  }
-  return pick_act_avx2<ResV::None>(a.act, a.out_kind);
-}
+struct EpAvx2 {
+  template <ConvAct A, ConvOut O, ResV R>
+  static EpilogueFn get() { return epilogue_tile_avx2<A, O, R>; }
+};
 
 #endif  // PYC_HAVE_X86_SIMD
 
 // The epilogue for a level (picked once per op call).
 EpilogueFn pick_epilogue(int level, const Int8ConvArgs& a) {
 #if PYC_HAVE_X86_SIMD
-  if (level >= 2) return pick_avx512(a);
-  if (level == 1) return pick_avx2(a);
+  if (level >= 2) return pick_isa<EpAvx512>(a);
+  if (level == 1) return pick_isa<EpAvx2>(a);
 #endif
   (void)level;
   (void)a;
@@ -899,14 +878,10 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
     // step reads past the row's K bytes into the next row (those bytes meet the zero-padded
     // weights), which must not run past the end of x: the rows whose reads would are gathered
     const int64_t amx_rows = path == kInt8PathAmx ? mr / 16 * 16 : 0;
-    if (direct && amx_rows > 0 && K % 64 != 0 &&
-        (m0 + amx_rows - 1) * g.C + grp * g.cin_g() + (K + 63) / 64 * 64 > M * g.C) {
-      if (grp != have_grp || blk != have_blk) {
-        gather_rows(path, level, g, a, grp, m0, mr, ap, rb);
-        have_grp = grp;
-        have_blk = blk;
-      }
-    } else if (direct) {
+    const bool in_place =
+        direct && !(amx_rows > 0 && K % 64 != 0 &&
+                    (m0 + amx_rows - 1) * g.C + grp * g.cin_g() + round_up(K, 64) > M * g.C);
+    if (in_place) {
       arows = a.x + m0 * g.C + grp * g.cin_g();
       lda = g.C;
     } else if (grp != have_grp || blk != have_blk) {
