@@ -23,6 +23,20 @@ def extension():
     return _C
 
 
+def direct_op(name: str):
+    """The typed entry point of ``torch.ops.pycompress.<name>`` (all arguments positional), or
+    None when the extension lacks it.
+
+    It calls the same op through the dispatcher, converting the arguments with pybind11 instead
+    of torch.ops' schema walk: a few microseconds less per call, which matters for layers that
+    run once per forward on small inputs. It skips Python-level overrides (``__torch_function__``
+    and torch function modes), so callers use it only for plain ``torch.Tensor`` arguments,
+    outside ``torch.compile``, with no torch function mode active, and torch.ops otherwise.
+    """
+    direct = getattr(_C, "direct", None)
+    return getattr(direct, name, None)
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
     return _C is not None and bool(getattr(_C, "with_cuda", False))

@@ -1,9 +1,12 @@
-"""Shared checks of the modules' forward calls (Int8Linear, SparseLinear, SemiSparseLinear): their
-hot path calls torch.ops.pycompress.<op> itself, so every call must stay visible to whatever
-watches the dispatcher, and any input the op rejects must end in the validated wrapper's clear
-error with the module unchanged."""
+"""Shared checks of the modules' forward calls (Int8Linear, Int8Conv2d, SparseLinear,
+SemiSparseLinear): their hot path calls the op itself (through torch.ops.pycompress.<op> or the
+op's typed entry point in pycompress._C.direct), so every call must stay visible to whatever
+watches the dispatcher or overrides torch functions, and any input the op rejects must end in the
+validated wrapper's clear error with the module unchanged."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -94,6 +97,36 @@ def check_module_calls(module, reference, op_name: str, *, atol: float = 1e-5) -
             raise AssertionError("a meta input with CPU buffers was accepted")
     after = _state(module)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def check_calls_visible(module, args, op_name: str) -> None:
+    """``module(*args)`` gives the same result in grad mode, inference mode, for tensor-subclass
+    inputs, under dispatch and torch-function modes, the profiler and the tracer, which all see
+    ``op_name`` (e.g. "pycompress::int8_conv2d")."""
+    short = op_name.split("::")[1]
+    with torch.no_grad():
+        want = module(*args)
+
+    def same(y):
+        assert y.dtype == want.dtype and torch.equal(y, want), (y.dtype, want.dtype)
+
+    same(module(*args))
+    with torch.inference_mode():
+        same(module(*args))
+    with torch.no_grad():
+        same(module(*(a.as_subclass(_Sub) for a in args)).as_subclass(torch.Tensor))
+    for mode_cls in (_RecordDispatch, _RecordFunction):
+        with mode_cls() as mode, torch.no_grad():
+            same(module(*args))
+        assert any(short in f for f in mode.seen), (mode_cls.__name__, mode.seen)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        module(*args)
+    assert any(e.name == op_name for e in prof.events())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # the layer's Python checks
+        traced = torch.jit.trace(module, args)
+    assert op_name in str(traced.graph)
+    same(traced(*args))
 
 
 def check_every_isa(module, reference, *, atol: float = 1e-5) -> None:

@@ -236,6 +236,23 @@ def test_bad_inputs_name_the_layer():
         unnamed(torch.randn(8, 8))
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_calls_stay_visible(residual):
+    """The layer calls its op through a typed entry point for plain tensors in eager mode: modes,
+    subclasses, the profiler and the tracer still see the op and get the same bits."""
+    from direct_calls import check_calls_visible
+
+    torch.manual_seed(0)
+    q = Int8Conv2d.from_float(_conv(CONFIGS[0]), activation="relu", input_quantization=(0.035, 128),
+                              output_quantization=(0.03, 0), residual=residual)
+    x = torch.randn(2, 3, 9, 9)
+    args = (x,)
+    if residual:
+        q.set_residual_quantization(0.05, 3)
+        args = (x, torch.randint(0, 256, (2, 8, 9, 9), dtype=torch.uint8))
+    check_calls_visible(q.eval(), args, "pycompress::int8_conv2d")
+
+
 def test_from_float_refusals():
     with pytest.raises(TypeError, match="nn.Conv2d"):
         Int8Conv2d.from_float(nn.Linear(3, 3))

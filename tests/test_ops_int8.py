@@ -380,6 +380,34 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.pycompress.int8_linear.default, (x, b, ws, bias, packed))
 
 
+def test_direct_entry_points_match_torch_ops(conv_op_args):
+    """pycompress._C.direct: typed calls of the same ops, with the same results and errors."""
+    from pycompress import _C
+
+    x, w, ws, bias = torch.randn(5, 67), rand_i8(33, 67), torch.rand(33), torch.randn(33)
+    residual = torch.randn(2, 10, 4, 3)
+    xc = conv_op_args[0]
+    calls = {  # name: (arguments, first argument of a bad call)
+        "int8_linear": ((x, w, ws, bias, ops.int8_pack_weight(w), 8), x[:, :-1]),
+        "int8_linear_w8a16": ((x, w, ws, bias), x[:, :-1]),
+        "int8_conv2d": (tuple(conv_op_args) + (residual, 1.0, 0), xc[:, :-1]),  # a channel missing
+    }
+    assert {n for n in dir(_C.direct) if not n.startswith("_")} == set(calls)
+    for name, (args, bad_x) in calls.items():
+        op = getattr(torch.ops.pycompress, name).default
+        assert len(op._schema.arguments) == len(args)
+        direct = getattr(_C.direct, name)
+        assert torch.equal(direct(*args), op(*args)), name
+        errors = []
+        for f in (op, direct):
+            with pytest.raises((RuntimeError, ValueError)) as e:
+                f(bad_x, *args[1:])
+            errors.append((type(e.value), str(e.value).splitlines()[0]))
+        assert errors[0] == errors[1], errors
+        with pytest.raises(TypeError):
+            direct(*args[:-1])
+
+
 def test_torch_compile_ops():
     w = rand_i8(48, 64)
     ws = torch.rand(48)

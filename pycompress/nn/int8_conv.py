@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from pycompress._ext import direct_op
+
 __all__ = ["Int8Conv2d", "ACTIVATIONS", "activation_module", "activation_function"]
 
 # activations the op applies in its fp32 epilogue (after bias, before any requantization)
@@ -14,6 +16,10 @@ ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
 _OUTPUT_DTYPES = {None: None, "uint8": torch.uint8}
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_tf_mode = torch._C._is_torch_function_mode_enabled
+_direct_conv = direct_op("int8_conv2d")
 
 
 def activation_module(name: str) -> nn.Module:
@@ -551,6 +557,10 @@ class Int8Conv2d(nn.Module):
         args = (x, b["input_scale"], b["input_zero_point"], b["weight"], b["weight_scale"], b["bias"],
                 packed if packed.numel() else None, self.stride, self.padding, self.dilation,
                 self.groups, activation, out_dtype, self._out_scale, self._out_zero_point)
+        if (x.__class__ is _Tensor and (residual is None or residual.__class__ is _Tensor)
+                and _direct_conv is not None and not _is_compiling() and not _tf_mode()):
+            # plain tensors in eager mode: the typed entry point of the same op (see _ext.direct_op)
+            return _direct_conv(*args, residual, self._res_scale, self._res_zero_point)
         if residual is None:
             return torch.ops.pycompress.int8_conv2d.default(*args)
         return torch.ops.pycompress.int8_conv2d.default(*args, residual, self._res_scale, self._res_zero_point)
@@ -590,20 +600,20 @@ class Int8Conv2d(nn.Module):
         if not ((dt in _FLOAT_INPUTS or (dt == torch.uint8 and b["input_scale"] is not None))
                 and x.dim() == 4 and x.shape[1] == self.in_channels):
             self._check_input(x)
+        out_dtype = self._out_dtype(x)
         try:
-            if self.residual or residual is not None:
-                if self._check_residual(x, residual):
-                    y = self._op(x, self.activation, self._out_dtype(x), residual)
-                else:
-                    y = self._broadcast_residual(x, residual)
+            if residual is None and not self.residual:
+                y = self._op(x, self.activation, out_dtype)
+            elif self._check_residual(x, residual):
+                y = self._op(x, self.activation, out_dtype, residual)
             else:
-                y = self._op(x, self.activation, self._out_dtype(x))
+                y = self._broadcast_residual(x, residual)
         except (RuntimeError, ValueError, TypeError):
             # the layer's own message when the inputs are the cause
             self._check_input(x)
             self._check_residual(x, residual, device=True)
             raise
-        if not self.channels_last_output and b["output_scale"] is None:
+        if out_dtype is not torch.uint8 and not self.channels_last_output:
             # code after the layer may .view() its output: contiguous, as torch's conv returns it
             # for a contiguous input (the input here may be channels-last because of the int8
             # layers before it)
