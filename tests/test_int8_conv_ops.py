@@ -26,6 +26,11 @@ CASES = [
     (1, 9, 13, 12, 9, (5, 5), 2, 4, 2, 9),     # depthwise 5x5 stride 2 dilation 2
     (1, 4, 6, 6, 8, (3, 3), 1, 1, 1, 4),       # Cin/groups == 1, Cout = 2 * Cin (not depthwise)
     (1, 3, 5, 5, 6, (5, 5), 1, 0, 1, 1),       # output size 1
+    # stride 1 and a multiple of 64 input channels per group: on AMX the taps read their rows in
+    # place from a padded copy of x
+    (3, 64, 6, 7, 40, (3, 3), 1, 1, 1, 1),     # several images per block
+    (1, 128, 9, 12, 36, (3, 3), 1, 2, 2, 2),   # dilation 2, 2 groups of 64 channels
+    (2, 64, 7, 9, 24, (1, 3), 1, (0, 1), 1, 1),  # one row of taps
 ]
 
 
@@ -195,7 +200,8 @@ def test_conv_larger_layers(cpu_isa):
     # several pixel blocks and panel ranges per thread, images spanning blocks; 1x1 convs whose
     # uint8 rows the GEMM reads in place (one group and two)
     for n, cin, hw, cout, k, s, g in [(3, 64, 15, 96, 3, 1, 1), (2, 32, 17, 64, 3, 2, 2), (1, 144, 19, 144, 3, 1, 144),
-                                      (2, 256, 9, 64, 1, 1, 1), (3, 128, 7, 96, 1, 1, 2), (1, 20, 11, 24, 1, 1, 1)]:
+                                      (2, 256, 9, 64, 1, 1, 1), (3, 128, 7, 96, 1, 1, 2), (1, 20, 11, 24, 1, 1, 1),
+                                      (2, 64, 37, 32, 3, 1, 1), (5, 128, 7, 160, 3, 1, 1)]:
         x, scale, zp = make_input("uint8", n, cin, hw, hw)
         w, ws = make_weight(cout, cin // g, (k, k))
         bias = torch.randn(cout)
@@ -207,15 +213,16 @@ def test_conv_larger_layers(cpu_isa):
 
 
 def test_conv_threads_agree():
-    x, scale, zp = make_input("float_dynamic", 2, 48, 14, 14)
-    w, ws = make_weight(80, 48, (3, 3))
     prev = torch.get_num_threads()
     try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(ops.int8_conv2d(x, w, ws, padding=1))
-        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        for cin in (48, 64):  # 64: the padded form on AMX
+            x, scale, zp = make_input("float_dynamic", 2, cin, 14, 14)
+            w, ws = make_weight(80, cin, (3, 3))
+            outs = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                outs.append(ops.int8_conv2d(x, w, ws, padding=1))
+            assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     finally:
         torch.set_num_threads(prev)
 

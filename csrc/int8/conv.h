@@ -97,6 +97,8 @@ struct Int8ConvArgs {
   ConvRes res_kind = ConvRes::None;
   float res_scale = 1.f;  // quantized residuals: r = (float)(res_q - res_zp) * res_scale
   int32_t res_zp = 0;     // in the residual's own range (uint8: 0..255, int8: -128..127)
+  // plan.padded: the padded input written by int8_conv_pad_input (plan.pad_bytes)
+  const uint8_t* x_padded = nullptr;
 };
 
 // How a problem is cut into tasks, and the per-thread workspace the tasks need.
@@ -109,12 +111,31 @@ struct Int8ConvPlan {
   int64_t chunk_panels = 0;
   int64_t tasks = 0;       // groups * blocks * chunks
   bool direct_rows = false;  // 1x1 stride-1 unpadded conv whose uint8 input rows the GEMM reads as they are
+  // AMX, stride 1, more than one tap, input channels of a group a multiple of 64: the taps' rows
+  // are read in place from a padded copy of the input (pad_h x pad_w pixels per image, the
+  // padding holding the zero point) instead of being gathered. Row r of an image's pad_w-wide
+  // output grid is output pixel (r / pad_w, r % pad_w) when r % pad_w < Wo (the other rows are
+  // computed and dropped). A block is `rows` grid rows (img_blocks per image) of `imgs`
+  // consecutive images (more than one only when an image is one block): the images of a block
+  // share each weight panel pair while it is in cache.
+  bool padded = false;
+  int64_t pad_h = 0, pad_w = 0;
+  int64_t grid_rows = 0;  // (Ho - 1) * pad_w + Wo
+  int64_t img_blocks = 0;
+  int64_t imgs = 1;
+  int64_t pad_bytes = 0;  // the padded input, shared by all the tasks (with slack after the last image)
+  int64_t pad_units = 0;  // units of int8_conv_pad_input's work
   int64_t workspace_bytes = 0;
 };
 
 // isa: 0 scalar, 1 avx2, 2 avx512, 3 amx (the active level); threads: how many will share the
 // tasks. packed: the packed weight (its recorded maxima pick the AVX2 narrow path).
 Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed, int threads);
+
+// plan.padded: writes units [u0, u1) of the padded input (all of them before any task runs) to
+// xpad (plan.pad_bytes, 64-byte aligned); args.x_padded must then point to it.
+void int8_conv_pad_input(const Int8ConvPlan& plan, const Int8ConvGeom& g, const Int8ConvArgs& args,
+                         uint8_t* xpad, int64_t u0, int64_t u1);
 
 // Runs tasks [t0, t1) on the calling thread; workspace: plan.workspace_bytes, 64-byte aligned.
 void int8_conv_run(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,

@@ -332,6 +332,20 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   const double macs = static_cast<double>(N * g.Ho * g.Wo) * static_cast<double>(g.Cout * g.k());
   const bool small = macs / (g.depthwise() ? 15e3 : 300e3) < 10.0;
   const Int8ConvPlan plan = int8_conv_plan(isa, g, pk, small ? 1 : at::get_num_threads());
+  at::Tensor padded;
+  if (plan.padded) {
+    // the taps read their rows in place from a padded copy of x (one pass over the input)
+    padded = at::empty({plan.pad_bytes + 64}, x_in.options().dtype(at::kByte));
+    uint8_t* base = reinterpret_cast<uint8_t*>(
+        (reinterpret_cast<uintptr_t>(padded.data_ptr<uint8_t>()) + 63) & ~uintptr_t(63));
+    args.x_padded = base;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(64) << 10) / (plan.pad_w * g.C));
+    auto pad = [&](int64_t b, int64_t e) { int8_conv_pad_input(plan, g, args, base, b, e); };
+    if (small)
+      pad(0, plan.pad_units);
+    else
+      at::parallel_for(0, plan.pad_units, grain, pad);
+  }
   auto run = [&](int64_t b, int64_t e) {
     std::unique_ptr<uint8_t[]> buf(new uint8_t[static_cast<size_t>(plan.workspace_bytes + 64)]);
     void* ws = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.get()) + 63) & ~uintptr_t(63));

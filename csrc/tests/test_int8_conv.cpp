@@ -122,6 +122,13 @@ void check_case(int isa, const Case& cs, bool x_signed, bool quant_out, std::mt1
   a.out = quant_out ? static_cast<void*>(outq.data()) : static_cast<void*>(outf.data());
 
   const pyc::Int8ConvPlan plan = pyc::int8_conv_plan(isa, g, packed.data(), 2);
+  std::vector<uint8_t> padded(plan.padded ? plan.pad_bytes + 64 : 0);
+  if (plan.padded) {
+    uint8_t* base = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(padded.data()) + 63) & ~uintptr_t(63));
+    pyc::int8_conv_pad_input(plan, g, a, base, 0, plan.pad_units / 2);
+    pyc::int8_conv_pad_input(plan, g, a, base, plan.pad_units / 2, plan.pad_units);
+    a.x_padded = base;
+  }
   std::vector<uint8_t> buf(plan.workspace_bytes + 64);
   void* ws_ptr = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
   // two "threads" on disjoint task ranges
@@ -230,6 +237,12 @@ int main() {
       {2, 64, 5, 6, 32, 1, 1, 1, 0, 1, 1, 2, 1},      // 1x1 stride 1 padded after: not in place
       {1, 40, 14, 16, 40, 5, 5, 2, 1, 1, 40, 2, 2},   // depthwise 5x5 stride 2, 1 before, 2 after
       {2, 24, 9, 10, 24, 3, 3, 1, 2, 1, 24, 0, 1},    // depthwise 3x3, more before than after
+      // AMX, stride 1, channels of a group a multiple of 64: taps read in place from the padded x
+      {3, 64, 6, 7, 40, 3, 3, 1, 1, 1, 1},            // several images per block
+      {1, 128, 9, 20, 36, 3, 3, 1, 2, 2, 2},          // dilation 2, 2 groups of 64 channels
+      {2, 64, 8, 9, 20, 3, 3, 1, 0, 1, 1, 2, 1},      // padding only after
+      {1, 64, 40, 41, 16, 3, 3, 1, 1, 1, 1},          // several blocks per image
+      {2, 192, 5, 5, 50, 5, 5, 1, 2, 1, 1},           // 5x5, 3 steps of 64 per tap
   };
   const int max_isa = static_cast<int>(pyc::max_cpu_isa());
   for (int isa = 0; isa <= max_isa; ++isa) {

@@ -925,6 +925,90 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
   }
 }
 
+// The padded form (Int8ConvPlan::padded): the block callback maps the rows of a block of the
+// pad_w-wide output grid to output pixels and drops the rows past each output row's end.
+struct GridCtx {
+  TileCtx tile;
+  int64_t pad_w;
+  int64_t grid_base;  // grid row of the block's first row
+  int64_t grid_rows;  // grid rows of the image
+  int64_t out_base;   // output pixel of the image's first pixel
+};
+
+void finish_grid_block(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_t mr,
+                       int64_t n0, int64_t nc) {
+  const GridCtx& c = *static_cast<const GridCtx*>(ctx);
+  const Int8ConvGeom& g = *c.tile.g;
+  int64_t r = c.grid_base + m0;
+  const int64_t end = std::min(r + mr, c.grid_rows);
+  while (r < end) {
+    const int64_t oy = r / c.pad_w, ox = r - oy * c.pad_w;
+    const int64_t next_row = r + (c.pad_w - ox);
+    if (ox < g.Wo) {
+      const int64_t seg = std::min(end, r + (g.Wo - ox)) - r;
+      const EpTile t{tile + (r - c.grid_base - m0) * ldt, ldt, c.out_base + oy * g.Wo + ox, seg,
+                     c.tile.co_base + n0, nc, nullptr, 0};
+      c.tile.ep(t, g.Ho * g.Wo, g.Cout, *c.tile.a);
+    }
+    r = next_row;
+  }
+}
+
+void run_padded_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
+                      const Int8ConvArgs& a, int64_t t0, int64_t t1, int level) {
+#if PYC_HAVE_X86_SIMD
+  const int64_t Coutg = g.cout_g(), K = g.k(), Cg = g.cin_g(), Npg = int8_round_n(Coutg);
+  const int64_t Kp = int8_round_k(K);
+  const int64_t panels = Npg / kInt8PanelCols, block_bytes = int8_packed_bytes(Coutg, K);
+  const EpilogueFn ep_fn = pick_epilogue(level, a);
+  const Int8AmxTiles tiles(true);
+  // the 64-k steps in the packed (ky, kx, c) order: tap (ky, kx) of grid row r reads the padded
+  // pixel r + ky * dh * pad_w + kx * dw
+  std::vector<int64_t> koff(static_cast<size_t>(K / 64));
+  for (int64_t s = 0; s < K / 64; ++s) {
+    const int64_t t = s * 64 / Cg, c = s * 64 - t * Cg, ky = t / g.kw, kx = t - ky * g.kw;
+    koff[s] = (ky * g.dh * plan.pad_w + kx * g.dw) * g.C + c;
+  }
+  std::vector<int32_t> init(static_cast<size_t>(Npg));
+  int64_t init_key = -1;
+  const int64_t img_bytes = plan.pad_h * plan.pad_w * g.C;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t ch = t % plan.chunks, blk = (t / plan.chunks) % plan.blocks;
+    const int64_t grp = t / (plan.chunks * plan.blocks);
+    const int64_t n0 = blk / plan.img_blocks * plan.imgs, n1 = std::min(g.N, n0 + plan.imgs);
+    const int64_t r0 = (blk % plan.img_blocks) * plan.rows;
+    const int64_t rows = std::min(plan.rows, plan.grid_rows - r0);
+    const int64_t p0 = ch * plan.chunk_panels, p1 = std::min(panels, p0 + plan.chunk_panels);
+    if (rows <= 0 || p1 <= p0) continue;
+    const int8_t* pk = packed + grp * block_bytes;
+    // one image's rows through panels [q0, q1)
+    auto image = [&](int64_t n, int64_t q0, int64_t q1) {
+      const int32_t zp = byte_zero_point(a, n);
+      if (init_key != grp * 256 + zp) {
+        // the accumulators start from -zp * sum_k w: the padding holds the zero point as well
+        const int32_t* cs = reinterpret_cast<const int32_t*>(pk + Npg * Kp);
+        const uint32_t corr = 0u - static_cast<uint32_t>(zp);
+        for (int64_t j = 0; j < Npg; ++j) init[j] = static_cast<int32_t>(corr * static_cast<uint32_t>(cs[j]));
+        init_key = grp * 256 + zp;
+      }
+      GridCtx ctx{TileCtx{&g, &a, ep_fn, nullptr, 0, grp * Coutg}, plan.pad_w, r0, plan.grid_rows,
+                  n * g.Ho * g.Wo};
+      const uint8_t* rows_at = a.x_padded + n * img_bytes + r0 * g.C + grp * Cg;
+      int8_gemm_amx_u8(tiles, rows_at, g.C, pk, round_up(rows, 16), Coutg, K, q0, q1,
+                       finish_grid_block, &ctx, init.data(), koff.data());
+    };
+    if (n1 - n0 == 1) {
+      image(n0, p0, p1);
+    } else {
+      for (int64_t q = p0; q < p1; q += 2)
+        for (int64_t n = n0; n < n1; ++n) image(n, q, std::min(p1, q + 2));
+    }
+  }
+#else
+  (void)plan, (void)g, (void)packed, (void)a, (void)t0, (void)t1, (void)level;
+#endif
+}
+
 // ---------------------------------------------------------------- depthwise
 //
 // Packed layout (T = kh * kw taps, KQ = ceil(kh / 4), Cp = round_up(C, 64), V = 4 * Cp * KQ * kw):
@@ -1478,6 +1562,44 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   // megabytes) streams from memory once for many rows instead of once per 16 rows, and the rows
   // come in whole 32-row tile pairs.
   const bool amx = p.path == kInt8PathAmx;
+  const int64_t Cg = g.cin_g();
+  if (amx && g.sh == 1 && g.sw == 1 && g.kh * g.kw > 1 && Cg % 64 == 0 && request_amx_permission()) {
+    // the taps' rows in place from a padded input (see Int8ConvPlan::padded): the padded image
+    // covers every tap of every output pixel, the grid rows of one block of output rows read
+    // (rows + (kh - 1) * dh * pad_w) * C bytes instead of rows * K gathered ones
+    p.padded = true;
+    p.pad_w = std::max(g.W + g.pw, g.Wo + (g.kw - 1) * g.dw);
+    p.pad_h = std::max(g.H + g.ph, g.Ho + (g.kh - 1) * g.dh);
+    p.grid_rows = (g.Ho - 1) * p.pad_w + g.Wo;
+    // blocks of whole 32-row tile pairs; the last one reads up to 31 grid rows beyond the image's
+    // last output (at most 32 * C bytes past its last tap), which the slack after the last
+    // image covers
+    p.pad_bytes = round_up(g.N * p.pad_h * p.pad_w * g.C + 32 * g.C + 64, 64);
+    p.pad_units = g.N * p.pad_h;
+    const int64_t rows_max = 512, want = threads == 1 ? 1 : 4 * threads;
+    const int64_t per_img = (p.grid_rows + rows_max - 1) / rows_max;
+    p.rows = round_up((p.grid_rows + per_img - 1) / per_img, 32);
+    if (g.N * per_img * g.groups < want && g.N * p.grid_rows > Coutg) {
+      const int64_t per = (want + g.N * g.groups - 1) / (g.N * g.groups);
+      p.rows = std::min(p.rows, std::max<int64_t>(64, round_up((p.grid_rows + per - 1) / per, 32)));
+    }
+    p.img_blocks = (p.grid_rows + p.rows - 1) / p.rows;
+    if (p.img_blocks == 1) {
+      // small images: up to about rows_max grid rows of whole images per block, while there are
+      // enough blocks for the threads
+      p.imgs = std::max<int64_t>(1, std::min(g.N, rows_max / round_up(p.grid_rows, 16)));
+      while (p.imgs > 1 && (g.N + p.imgs - 1) / p.imgs * g.groups < want) --p.imgs;
+    }
+    p.blocks = (g.N + p.imgs - 1) / p.imgs * p.img_blocks;
+    const int64_t have = p.blocks * g.groups;
+    p.chunks = have >= want ? 1 : std::min<int64_t>(panels, (want + have - 1) / have);
+    p.chunk_panels = (panels + p.chunks - 1) / p.chunks;
+    if (p.chunk_panels % 2 == 1 && p.chunk_panels < panels) ++p.chunk_panels;
+    p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
+    p.tasks = g.groups * p.blocks * p.chunks;
+    p.workspace_bytes = 64;
+    return p;
+  }
   int64_t rows_max = (amx ? int64_t(768) << 10 : int64_t(128) << 10) / rb;
   rows_max = std::max<int64_t>(amx ? 32 : 16, std::min<int64_t>(amx ? 512 : 256, rows_max / 16 * 16));
   const int64_t blocks = std::max<int64_t>(1, (M + rows_max - 1) / rows_max);
@@ -1507,10 +1629,33 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
   p.workspace_bytes = round_up(p.rows * rb, 64) + 64;
   // the byte paths read exactly K bytes of each row when K is a multiple of 4; AMX tiles read
   // whole 64-byte steps (see run_gemm_tasks)
-  const int64_t Cg = g.cin_g();
   p.direct_rows = g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0 &&
                   g.pb == 0 && g.pr == 0 && (p.path == 2 || p.path == kInt8PathAmx) && Cg % 4 == 0;
   return p;
+}
+
+void int8_conv_pad_input(const Int8ConvPlan& plan, const Int8ConvGeom& g, const Int8ConvArgs& a,
+                         uint8_t* xpad, int64_t u0, int64_t u1) {
+  // unit: one padded row of one image; the last unit also clears the slack
+  const int64_t Wp = plan.pad_w, Hp = plan.pad_h, C = g.C;
+  const uint8_t flip = a.x_signed ? 0x80 : 0;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t n = u / Hp, r = u % Hp, iy = r - g.ph;
+    const uint8_t pad = static_cast<uint8_t>(byte_zero_point(a, n));
+    uint8_t* d = xpad + (n * Hp + r) * Wp * C;
+    if (iy < 0 || iy >= g.H) {
+      std::memset(d, pad, static_cast<size_t>(Wp * C));
+    } else {
+      const int64_t right = Wp - g.pw - g.W;
+      if (g.pw > 0) std::memset(d, pad, static_cast<size_t>(g.pw * C));
+      copy_xor(2, d + g.pw * C, a.x + (n * g.H + iy) * g.W * C, g.W * C, flip);
+      if (right > 0) std::memset(d + (g.pw + g.W) * C, pad, static_cast<size_t>(right * C));
+    }
+    if (u == plan.pad_units - 1) {
+      const int64_t used = g.N * Hp * Wp * C;
+      std::memset(xpad + used, 0, static_cast<size_t>(plan.pad_bytes - used));
+    }
+  }
 }
 
 void int8_conv_run(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t* packed,
@@ -1521,6 +1666,8 @@ void int8_conv_run(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_t
                                    : (plan.path == 0 ? 0 : (plan.path == 2 || plan.path == kInt8PathAmx ? 2 : 1));
   if (plan.depthwise)
     run_depthwise_tasks(plan, g, packed, args, t0, t1, workspace, level);
+  else if (plan.padded)
+    run_padded_tasks(plan, g, packed, args, t0, t1, level);
   else
     run_gemm_tasks(plan, g, packed, args, t0, t1, workspace, level);
 }

@@ -96,10 +96,12 @@ struct TileScope {
 // start value per column (16 int32 per panel, loaded into every row with a zero stride; the GEMM
 // passes -128 * sum_k B[n, k], which removes the + 128 of its A), or nullptr to start at zero
 // (the conv loop corrects for the zero point in its epilogue).
+// koff: the byte offset of each whole step's activations from the row start, or nullptr for
+// s * 64 (the rows hold their K bytes one after another).
 template <int MT, int NT>
 PYC_TARGET_AMX void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
                               int64_t nfull, const int8_t* tail, int64_t tstride,
-                              const int32_t* init, int32_t* c, int64_t ldc) {
+                              const int32_t* init, int32_t* c, int64_t ldc, const int64_t* koff) {
   if (init != nullptr) {
     _tile_loadd(0, init, 0);
     if (NT == 2) _tile_loadd(1, init + 16, 0);
@@ -122,7 +124,8 @@ PYC_TARGET_AMX void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, in
         if (NT == 2) _mm_prefetch(pb + bstride + line, _MM_HINT_T0);
       }
     }
-    PYC_AMX_STEP(a + s * kStepK, a1 + s * kStepK, lda, bs, bs + bstride);
+    const int64_t ks = koff != nullptr ? koff[s] : s * kStepK;
+    PYC_AMX_STEP(a + ks, a1 + ks, lda, bs, bs + bstride);
   }
   if (tail != nullptr)
     PYC_AMX_STEP(a + nfull * kStepK, a1 + nfull * kStepK, lda, tail, tail + tstride);
@@ -137,12 +140,12 @@ PYC_TARGET_AMX void amx_block(const uint8_t* a, int64_t lda, const int8_t* b, in
 
 void run_block(int mt, int nt, const uint8_t* a, int64_t lda, const int8_t* b, int64_t bstride,
                int64_t nfull, const int8_t* tail, int64_t tstride, const int32_t* init, int32_t* c,
-               int64_t ldc) {
+               int64_t ldc, const int64_t* koff = nullptr) {
   if (mt == 2 && nt == 2)
-    return amx_block<2, 2>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
-  if (mt == 2) return amx_block<2, 1>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
-  if (nt == 2) return amx_block<1, 2>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
-  amx_block<1, 1>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc);
+    return amx_block<2, 2>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc, koff);
+  if (mt == 2) return amx_block<2, 1>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc, koff);
+  if (nt == 2) return amx_block<1, 2>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc, koff);
+  amx_block<1, 1>(a, lda, b, bstride, nfull, tail, tstride, init, c, ldc, koff);
 }
 
 }  // namespace
@@ -220,7 +223,8 @@ void int8_gemm_packed_amx(const void* ap, const int8_t* packed, int64_t M, int64
 
 void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
                       const int8_t* packed, int64_t M, int64_t N, int64_t K, int64_t p0,
-                      int64_t p1, Int8BlockFn fn, void* ctx, const int32_t* init) {
+                      int64_t p1, Int8BlockFn fn, void* ctx, const int32_t* init,
+                      const int64_t* koff) {
   if (M <= 0 || p1 <= p0) return;
   const int64_t Kp = int8_round_k(K);
   const int64_t nq = Kp / 4, nfull = nq / 16, ntail = nq - nfull * 16;
@@ -253,7 +257,7 @@ void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
       const int nt = p + 1 < p1 ? 2 : 1;
       const int8_t* tail = ntail ? tails.data() + (p - p0) * kTileBytes : nullptr;
       run_block(mt, nt, a + m * lda, lda, packed + p * panel_bytes, panel_bytes, nfull, tail,
-                kTileBytes, init ? init + p * kInt8PanelCols : nullptr, cbuf[cur], 32);
+                kTileBytes, init ? init + p * kInt8PanelCols : nullptr, cbuf[cur], 32, koff);
       finish_pending();
       pending = true;
       pm = m;

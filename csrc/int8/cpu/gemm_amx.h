@@ -56,9 +56,13 @@ using Int8BlockFn = void (*)(void* ctx, const int32_t* c, int64_t ldc, int64_t m
 // round_up(K, 64) readable bytes when K is not a multiple of 64 (the bytes beyond K are read
 // and multiplied by zero weights). Whole groups of 16 rows run on the tiles when tiles.active(),
 // the rest (every row otherwise) on the AVX-512 VNNI kernel (the CPU must have VNNI).
+// koff (K a multiple of 64, M a multiple of 16 and tiles.active()): the activations of the 64-k
+// step s of row m start at a + m * lda + koff[s] instead of a + m * lda + 64 * s, so that the
+// rows of a convolution's taps are read in place from a padded image.
 void int8_gemm_amx_u8(const Int8AmxTiles& tiles, const uint8_t* a, int64_t lda,
                       const int8_t* packed, int64_t M, int64_t N, int64_t K, int64_t p0,
-                      int64_t p1, Int8BlockFn fn, void* ctx, const int32_t* init = nullptr);
+                      int64_t p1, Int8BlockFn fn, void* ctx, const int32_t* init = nullptr,
+                      const int64_t* koff = nullptr);
 
 namespace int8_detail {
 // Defined in gemm.cpp (x86-64 only), shared with the AMX driver so that every path finishes
