@@ -18,7 +18,8 @@ namespace {
 // their arguments with pybind11's typed casters and call the same op through the dispatcher, so
 // every dispatch key (autograd, fake and meta kernels, Python modes, the profiler, the tracer)
 // sees the same call; only the Python-level overrides are skipped, which is why the layers use
-// them for plain tensors outside torch.compile and torch.ops otherwise.
+// them for plain tensors outside torch.compile (pycompress._ext.plain_eager) and torch.ops
+// otherwise.
 template <class T>
 struct PyArg {
   using type = std::decay_t<T>;
@@ -58,6 +59,10 @@ using Int8LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at:
                                  const OptTensor&, const OptTensor&, int64_t);
 using Int8LinearW8A16Sig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                       const OptTensor&);
+using SparseLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const at::Tensor&, const OptTensor&, int64_t, const OptTensor&);
+using Semi24LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                   const OptTensor&, int64_t);
 
 pybind11::dict cpu_features_dict() {
   const auto& f = pyc::cpu_features();
@@ -103,6 +108,10 @@ PYBIND11_MODULE(_C, m) {
                                  "torch.ops.pycompress.int8_linear");
   DirectCall<Int8LinearW8A16Sig>::def(direct, "int8_linear_w8a16", "pycompress::int8_linear_w8a16",
                                       "torch.ops.pycompress.int8_linear_w8a16");
+  DirectCall<SparseLinearSig>::def(direct, "sparse_linear", "pycompress::sparse_linear",
+                                   "torch.ops.pycompress.sparse_linear");
+  DirectCall<Semi24LinearSig>::def(direct, "semi24_linear", "pycompress::semi24_linear",
+                                   "torch.ops.pycompress.semi24_linear");
 #ifdef PYCOMPRESS_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

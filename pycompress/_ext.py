@@ -23,6 +23,17 @@ def extension():
     return _C
 
 
+_Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
+_tf_mode = torch._C._is_torch_function_mode_enabled
+
+
+def plain_eager(x) -> bool:
+    """True for a plain ``torch.Tensor`` outside ``torch.compile`` with no torch function mode
+    active: the inputs for which a layer may call its op through :func:`direct_op`."""
+    return x.__class__ is _Tensor and not _is_compiling() and not _tf_mode()
+
+
 def direct_op(name: str):
     """The typed entry point of ``torch.ops.pycompress.<name>`` (all arguments positional), or
     None when the extension lacks it.
@@ -30,8 +41,8 @@ def direct_op(name: str):
     It calls the same op through the dispatcher, converting the arguments with pybind11 instead
     of torch.ops' schema walk: a few microseconds less per call, which matters for layers that
     run once per forward on small inputs. It skips Python-level overrides (``__torch_function__``
-    and torch function modes), so callers use it only for plain ``torch.Tensor`` arguments,
-    outside ``torch.compile``, with no torch function mode active, and torch.ops otherwise.
+    and torch function modes), so callers use it only where :func:`plain_eager` holds for every
+    tensor argument, and torch.ops otherwise.
     """
     direct = getattr(_C, "direct", None)
     return getattr(direct, name, None)

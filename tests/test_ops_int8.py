@@ -387,10 +387,18 @@ def test_direct_entry_points_match_torch_ops(conv_op_args):
     x, w, ws, bias = torch.randn(5, 67), rand_i8(33, 67), torch.rand(33), torch.randn(33)
     residual = torch.randn(2, 10, 4, 3)
     xc = conv_op_args[0]
+    dense = torch.randn(33, 67)
+    mask = torch.rand(33, 67) < 0.3
+    rp, ci, v = ops.dense_to_csr(dense * mask, mask)
+    mask24 = torch.zeros(33, 67, dtype=torch.bool)
+    mask24[:, 0::4] = mask24[:, 1::4] = True  # two of every four
+    values, meta = ops.semi24_compress(dense * mask24, mask24)
     calls = {  # name: (arguments, first argument of a bad call)
         "int8_linear": ((x, w, ws, bias, ops.int8_pack_weight(w), 8), x[:, :-1]),
         "int8_linear_w8a16": ((x, w, ws, bias), x[:, :-1]),
         "int8_conv2d": (tuple(conv_op_args) + (residual, 1.0, 0), xc[:, :-1]),  # a channel missing
+        "sparse_linear": ((x, rp, ci, v, bias, 67, None), x[:, :-1]),
+        "semi24_linear": ((x, values, meta, bias, 67), x[:, :-1]),
     }
     assert {n for n in dir(_C.direct) if not n.startswith("_")} == set(calls)
     for name, (args, bad_x) in calls.items():

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pycompress._ext import direct_op
+from pycompress._ext import direct_op, plain_eager
 
 __all__ = ["Int8Conv2d", "ACTIVATIONS", "activation_module", "activation_function"]
 
@@ -16,9 +16,6 @@ ACTIVATIONS = ("none", "relu", "relu6", "silu", "hardswish")
 _OUTPUT_DTYPES = {None: None, "uint8": torch.uint8}
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 _FLOAT_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_Tensor = torch.Tensor
-_is_compiling = torch.compiler.is_compiling
-_tf_mode = torch._C._is_torch_function_mode_enabled
 _direct_conv = direct_op("int8_conv2d")
 
 
@@ -557,8 +554,8 @@ class Int8Conv2d(nn.Module):
         args = (x, b["input_scale"], b["input_zero_point"], b["weight"], b["weight_scale"], b["bias"],
                 packed if packed.numel() else None, self.stride, self.padding, self.dilation,
                 self.groups, activation, out_dtype, self._out_scale, self._out_zero_point)
-        if (x.__class__ is _Tensor and (residual is None or residual.__class__ is _Tensor)
-                and _direct_conv is not None and not _is_compiling() and not _tf_mode()):
+        if (_direct_conv is not None and plain_eager(x)
+                and (residual is None or residual.__class__ is torch.Tensor)):
             # plain tensors in eager mode: the typed entry point of the same op (see _ext.direct_op)
             return _direct_conv(*args, residual, self._res_scale, self._res_zero_point)
         if residual is None:

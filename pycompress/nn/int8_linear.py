@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import pycompress.ops as ops
-from pycompress._ext import direct_op
+from pycompress._ext import direct_op, plain_eager
 from pycompress._utils import check_int8_bits
 
 __all__ = ["Int8Linear"]
@@ -18,9 +18,6 @@ _MODES = ("w8a8", "w8a16")
 # problem. Other tensor types, torch function modes and torch.compile take the validated path.
 _int8_linear = direct_op("int8_linear") or torch.ops.pycompress.int8_linear.default
 _int8_linear_w8a16 = direct_op("int8_linear_w8a16") or torch.ops.pycompress.int8_linear_w8a16.default
-_Tensor = torch.Tensor
-_is_compiling = torch.compiler.is_compiling
-_tf_mode = torch._C._is_torch_function_mode_enabled
 _CALL_ERRORS = (RuntimeError, TypeError, ValueError)
 
 
@@ -185,7 +182,7 @@ class Int8Linear(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.__class__ is _Tensor and not _is_compiling() and not _tf_mode():
+        if plain_eager(x):
             b = self._buffers
             try:
                 k = self.in_features

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pycompress._ext import direct_op, plain_eager
+
 from pycompress.nn._common import linear_from_weight
 from pycompress.nn.masked_linear import dense_weight_and_mask
 from pycompress.ops import semi24 as semi24_ops
@@ -16,9 +18,7 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 # The hot path of forward calls the op itself (see SparseLinear): the op checks its arguments in
 # C++ (the 2-bit positions of meta cannot point outside their group), anything it rejects goes
 # through the validated wrapper, which names the problem.
-_semi24_linear = torch.ops.pycompress.semi24_linear.default
-_Tensor = torch.Tensor
-_is_compiling = torch.compiler.is_compiling
+_semi24_linear = direct_op("semi24_linear") or torch.ops.pycompress.semi24_linear.default
 _CALL_ERRORS = (RuntimeError, TypeError, ValueError)
 
 
@@ -93,7 +93,7 @@ class SemiSparseLinear(nn.Module):
         return int(self.values.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.__class__ is _Tensor and not _is_compiling():
+        if plain_eager(x):
             b = self._buffers
             try:
                 if x.dim() == 2:

@@ -7,6 +7,8 @@ import os
 import torch
 from torch import nn
 
+from pycompress._ext import direct_op, plain_eager
+
 from pycompress.nn._common import linear_from_weight
 from pycompress.nn.masked_linear import dense_weight_and_mask
 from pycompress.ops import sparse as sparse_ops
@@ -14,12 +16,11 @@ from pycompress.ops import sparse as sparse_ops
 __all__ = ["SparseLinear"]
 
 _INDEX_DTYPES = {"int16": torch.int16, "int32": torch.int32}
-# The hot path of forward calls the op itself (looked up once): the module's buffers were
-# checked when they were set (relayout), the op checks shapes, dtypes and devices in C++, and
-# anything it rejects goes through the validated wrapper, which names the problem.
-_sparse_linear = torch.ops.pycompress.sparse_linear.default
-_Tensor = torch.Tensor
-_is_compiling = torch.compiler.is_compiling
+# The hot path of forward calls the op itself, through its typed entry point for plain tensors
+# (pycompress._ext.direct_op): the module's buffers were checked when they were set (relayout),
+# the op checks shapes, dtypes and devices in C++, and anything it rejects goes through the
+# validated wrapper, which names the problem.
+_sparse_linear = direct_op("sparse_linear") or torch.ops.pycompress.sparse_linear.default
 _CALL_ERRORS = (RuntimeError, TypeError, ValueError)
 
 
@@ -170,7 +171,7 @@ class SparseLinear(nn.Module):
         return 1.0 - self.nnz / total if total else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.__class__ is _Tensor and not _is_compiling():
+        if plain_eager(x):
             b = self._buffers
             try:
                 if x.dim() == 2:
