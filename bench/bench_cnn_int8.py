@@ -20,7 +20,8 @@ Implementations, each used as a new user would, with the process's threads (2 he
   defaults over the calibration images, ``compile_model(..., "CPU")`` with
   ``INFERENCE_NUM_THREADS`` = the thread count, reshaped to a static batch per case;
 * ``pycompress``: ``pycompress.quantize(model, calibration_data=...)`` (without the keyword in
-  versions whose ``quantize`` does not take it), channels-last inputs. ``conv MACs int8``: the
+  versions whose ``quantize`` does not take it), fed the NCHW batch as it is, as OpenVINO and
+  ONNX Runtime are (the stem conv quantizes it into channels-last bytes). ``conv MACs int8``: the
   fraction of the fp32 model's conv multiply-adds that run in a pycompress int8 conv layer
   after the conversion.
 
@@ -283,7 +284,7 @@ def prepare_pycompress(model, calib, tmp):
                  "layers converted": len(result.converted), "layers skipped": len(result.skipped)})
 
     def run(x):
-        return q(x.contiguous(memory_format=torch.channels_last))
+        return q(x)
     return run, run, info
 
 

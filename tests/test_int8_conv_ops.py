@@ -212,6 +212,23 @@ def test_conv_larger_layers(cpu_isa):
         assert_same(ops.int8_conv2d(x, w, ws, bias, **kw), conv2d_ref(x, w, ws, bias, **kw))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+def test_nchw_float_input_quantized_straight_to_channels_last(dtype, static, cpu_isa):
+    """A float NCHW batch is quantized into channels-last bytes in one pass (per block of pixels
+    and channels): the same output bits as the channels-last copy of the same batch."""
+    for n, cin, h, w, k, s in [(2, 3, 37, 41, 7, 2), (1, 5, 9, 11, 3, 1), (1, 64, 6, 5, 3, 1), (2, 4, 33, 17, 1, 1)]:
+        wq, ws = make_weight(8, cin, (k, k))
+        x = (torch.randn(n, cin, h, w) * 2).to(dtype)
+        assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+        kw = dict(stride=s, padding=k // 2)
+        if static:
+            kw.update(x_scale=torch.tensor([0.03]), x_zero_point=torch.tensor([100], dtype=torch.int32))
+        y = ops.int8_conv2d(x, wq, ws, **kw)
+        assert torch.equal(y, ops.int8_conv2d(x.contiguous(memory_format=torch.channels_last), wq, ws, **kw))
+        assert_same(y, conv2d_ref(x, wq, ws, **kw))
+
+
 def test_conv_threads_agree():
     prev = torch.get_num_threads()
     try:

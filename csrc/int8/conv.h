@@ -157,4 +157,9 @@ void int8_conv_dynamic_params(float min_x, float max_x, float* scale, int32_t* z
 void int8_conv_quantize_u8(int isa, const void* x, DType dt, int64_t b, int64_t e, float s,
                            bool divide, int32_t zp, uint8_t* q);
 
+// The same bytes for pixels [p0, p1) of one NCHW image (x: its C planes of HW values) written
+// channels-last (q: the image's HW * C bytes): the layout change and the quantization in one pass.
+void int8_conv_quantize_u8_nchw(int isa, const void* x, DType dt, int64_t C, int64_t HW, int64_t p0,
+                                int64_t p1, float s, bool divide, int32_t zp, uint8_t* q);
+
 }  // namespace pyc

@@ -251,7 +251,11 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   }
   if (N == 0) return out;
 
-  const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  // a float NCHW x (an image batch as users hold it) is quantized straight into channels-last
+  // bytes: one pass instead of a float layout copy and then the quantization
+  const bool nchw = !x_quant && g.C > 1 && x_in.is_contiguous() &&
+                    !x_in.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = nchw ? x_in : x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t per_img = g.H * g.W * g.C;
   at::Tensor xq;  // uint8 / int8 NHWC
   if (x_quant) {
@@ -259,7 +263,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
   } else {
     const DType dt = to_dtype(x, "int8_conv2d: x");
     const int isa = static_cast<int>(active_cpu_isa());
-    xq = at::empty_like(x, x.options().dtype(at::kByte));
+    xq = at::empty({N, g.C, g.H, g.W}, x.options().dtype(at::kByte).memory_format(at::MemoryFormat::ChannelsLast));
     const void* xp = x.data_ptr();
     uint8_t* qp = xq.data_ptr<uint8_t>();
     const int64_t piece = 1 << 16, pieces = (per_img + piece - 1) / piece;
@@ -294,8 +298,18 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
     const float* sp = x_scale.data();
     const int32_t* zp = x_zp.data();
     const bool divide = !has_scale;
-    at::parallel_for(0, N * pieces, 1, [&](int64_t b, int64_t e) {
+    const int64_t HW = g.H * g.W, px_piece = std::max<int64_t>(1, piece / g.C);
+    const int64_t px_pieces = (HW + px_piece - 1) / px_piece;
+    const int64_t elem = dt == DType::F32 ? 4 : 2;
+    at::parallel_for(0, N * (nchw ? px_pieces : pieces), 1, [&](int64_t b, int64_t e) {
       for (int64_t u = b; u < e; ++u) {
+        if (nchw) {
+          const int64_t n = u / px_pieces, p0 = (u % px_pieces) * px_piece, p1 = std::min(p0 + px_piece, HW);
+          const float s = divide ? sp[n] : 1.0f / sp[n];
+          int8_conv_quantize_u8_nchw(isa, static_cast<const char*>(xp) + n * per_img * elem, dt, g.C, HW, p0, p1,
+                                     s, divide, zp[n], qp + n * per_img);
+          continue;
+        }
         const int64_t n = u / pieces, i0 = n * per_img + (u % pieces) * piece;
         const int64_t i1 = std::min(i0 + piece, (n + 1) * per_img);
         // static: q = x * (1 / x_scale) in fp32; dynamic: x / scale

@@ -1879,4 +1879,33 @@ void int8_conv_quantize_u8(int isa, const void* x, DType dt, int64_t b, int64_t 
   for (int64_t i = b; i < e; ++i) q[i] = quantize_u8_scalar(load_as_float(x, i, dt), s, divide, zf);
 }
 
+void int8_conv_quantize_u8_nchw(int isa, const void* x, DType dt, int64_t C, int64_t HW, int64_t p0,
+                                int64_t p1, float s, bool divide, int32_t zp, uint8_t* q) {
+  // blocks of pixels: each channel's run quantized by the elementwise kernel (the same bytes),
+  // then interleaved into the pixels' channel-last bytes
+  constexpr int64_t kBlock = 512;
+  alignas(64) uint8_t tmp[4 * kBlock];
+  const int64_t cb = std::max<int64_t>(1, std::min<int64_t>(C, 4)), elem = dt == DType::F32 ? 4 : 2;
+  for (int64_t b = p0; b < p1; b += kBlock) {
+    const int64_t n = std::min(kBlock, p1 - b);
+    for (int64_t c0 = 0; c0 < C; c0 += cb) {
+      const int64_t cn = std::min(cb, C - c0);
+      for (int64_t c = 0; c < cn; ++c)
+        int8_conv_quantize_u8(isa, static_cast<const char*>(x) + ((c0 + c) * HW + b) * elem, dt, 0, n, s,
+                              divide, zp, tmp + c * kBlock);
+      uint8_t* out = q + b * C + c0;
+      if (cn == 3) {
+        for (int64_t i = 0; i < n; ++i) {
+          out[i * C] = tmp[i];
+          out[i * C + 1] = tmp[kBlock + i];
+          out[i * C + 2] = tmp[2 * kBlock + i];
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t c = 0; c < cn; ++c) out[i * C + c] = tmp[c * kBlock + i];
+      }
+    }
+  }
+}
+
 }  // namespace pyc
