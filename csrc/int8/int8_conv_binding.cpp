@@ -300,7 +300,7 @@ at::Tensor int8_conv2d_cpu(const at::Tensor& x_in, const c10::optional<at::Tenso
     const bool divide = !has_scale;
     const int64_t HW = g.H * g.W, px_piece = std::max<int64_t>(1, piece / g.C);
     const int64_t px_pieces = (HW + px_piece - 1) / px_piece;
-    const int64_t elem = dt == DType::F32 ? 4 : 2;
+    const int64_t elem = x.element_size();
     at::parallel_for(0, N * (nchw ? px_pieces : pieces), 1, [&](int64_t b, int64_t e) {
       for (int64_t u = b; u < e; ++u) {
         if (nchw) {

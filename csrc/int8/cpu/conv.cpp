@@ -831,6 +831,29 @@ struct TileCtx {
   int64_t co_base;        // first output channel of the group
 };
 
+// AMX accumulators that start from the zero-point correction -zp * sum_k w of a group's columns
+// (one int32 add per output fewer in the epilogue), recomputed only when the group or the byte
+// zero point changes.
+class ZpStart {
+ public:
+  explicit ZpStart(int64_t columns) : v_(static_cast<size_t>(columns)) {}
+  const int32_t* get(int64_t grp, int32_t zp, const int32_t* colsum) {
+    if (grp != grp_ || zp != zp_) {
+      const uint32_t corr = 0u - static_cast<uint32_t>(zp);
+      for (size_t j = 0; j < v_.size(); ++j)
+        v_[j] = static_cast<int32_t>(corr * static_cast<uint32_t>(colsum[j]));
+      grp_ = grp;
+      zp_ = zp;
+    }
+    return v_.data();
+  }
+
+ private:
+  std::vector<int32_t> v_;
+  int64_t grp_ = -1;
+  int32_t zp_ = 0;
+};
+
 void finish_tile(void* ctx, const int32_t* tile, int64_t ldt, int64_t m0, int64_t mr, int64_t n0,
                  int64_t nc) {
   const TileCtx& c = *static_cast<const TileCtx*>(ctx);
@@ -864,9 +887,8 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
   const Int8AmxTiles tiles(path == kInt8PathAmx);
   int64_t have_grp = -1, have_blk = -1;
   // AMX: the accumulators of a task whose rows all have the same byte zero point start from the
-  // correction -zp * sum_k w, one int32 add per output fewer in the epilogue
-  std::vector<int32_t> amx_init(path == kInt8PathAmx ? static_cast<size_t>(Npg) : 0);
-  int64_t init_grp = -1, init_zp = 0;
+  // correction (else it is added in the epilogue)
+  ZpStart amx_init(path == kInt8PathAmx ? Npg : 0);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t ch = t % plan.chunks, blk = (t / plan.chunks) % plan.blocks;
     const int64_t grp = t / (plan.chunks * plan.blocks);
@@ -902,15 +924,7 @@ void run_gemm_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int8_
       for (int64_t n = n_first + 1; n <= n_last && uniform; ++n) uniform = byte_zero_point(a, n) == zp;
       const int32_t* init = nullptr;
       if (uniform) {
-        if (grp != init_grp || zp != init_zp) {
-          const int32_t* cs = ctx.colsum;
-          const uint32_t corr = 0u - static_cast<uint32_t>(zp);
-          for (int64_t j = 0; j < Npg; ++j)
-            amx_init[j] = static_cast<int32_t>(corr * static_cast<uint32_t>(cs[j]));
-          init_grp = grp;
-          init_zp = zp;
-        }
-        init = amx_init.data();
+        init = amx_init.get(grp, zp, ctx.colsum);
         ctx.colsum = nullptr;
       }
       int8_gemm_amx_u8(tiles, arows, lda > 0 ? lda : rb, pk, mr, Coutg, K, p0, p1, finish_block,
@@ -969,8 +983,8 @@ void run_padded_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int
     const int64_t t = s * 64 / Cg, c = s * 64 - t * Cg, ky = t / g.kw, kx = t - ky * g.kw;
     koff[s] = (ky * g.dh * plan.pad_w + kx * g.dw) * g.C + c;
   }
-  std::vector<int32_t> init(static_cast<size_t>(Npg));
-  int64_t init_key = -1;
+  // the accumulators start from the zero-point correction: the padding holds the zero point too
+  ZpStart init(Npg);
   const int64_t img_bytes = plan.pad_h * plan.pad_w * g.C;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t ch = t % plan.chunks, blk = (t / plan.chunks) % plan.blocks;
@@ -983,19 +997,13 @@ void run_padded_tasks(const Int8ConvPlan& plan, const Int8ConvGeom& g, const int
     const int8_t* pk = packed + grp * block_bytes;
     // one image's rows through panels [q0, q1)
     auto image = [&](int64_t n, int64_t q0, int64_t q1) {
-      const int32_t zp = byte_zero_point(a, n);
-      if (init_key != grp * 256 + zp) {
-        // the accumulators start from -zp * sum_k w: the padding holds the zero point as well
-        const int32_t* cs = reinterpret_cast<const int32_t*>(pk + Npg * Kp);
-        const uint32_t corr = 0u - static_cast<uint32_t>(zp);
-        for (int64_t j = 0; j < Npg; ++j) init[j] = static_cast<int32_t>(corr * static_cast<uint32_t>(cs[j]));
-        init_key = grp * 256 + zp;
-      }
+      const int32_t* start =
+          init.get(grp, byte_zero_point(a, n), reinterpret_cast<const int32_t*>(pk + Npg * Kp));
       GridCtx ctx{TileCtx{&g, &a, ep_fn, nullptr, 0, grp * Coutg}, plan.pad_w, r0, plan.grid_rows,
                   n * g.Ho * g.Wo};
       const uint8_t* rows_at = a.x_padded + n * img_bytes + r0 * g.C + grp * Cg;
       int8_gemm_amx_u8(tiles, rows_at, g.C, pk, round_up(rows, 16), Coutg, K, q0, q1,
-                       finish_grid_block, &ctx, init.data(), koff.data());
+                       finish_grid_block, &ctx, start, koff.data());
     };
     if (n1 - n0 == 1) {
       image(n0, p0, p1);
@@ -1531,6 +1539,22 @@ void int8_conv_pack_weight(const int8_t* w, const Int8ConvGeom& g, int8_t* packe
 
 // ---------------------------------------------------------------- planning and running
 
+namespace {
+
+// The panels of each group in chunks, so that the groups x blocks x chunks tasks are at least
+// `want` where the blocks alone are fewer.
+void split_panels(Int8ConvPlan& p, const Int8ConvGeom& g, int64_t panels, int64_t want, bool amx) {
+  const int64_t have = p.blocks * g.groups;
+  p.chunks = have >= want ? 1 : std::min<int64_t>(panels, (want + have - 1) / have);
+  p.chunk_panels = (panels + p.chunks - 1) / p.chunks;
+  // AMX works on pairs of panels
+  if (amx && p.chunk_panels % 2 == 1 && p.chunk_panels < panels) ++p.chunk_panels;
+  p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
+  p.tasks = g.groups * p.blocks * p.chunks;
+}
+
+}  // namespace
+
 Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed, int threads) {
   Int8ConvPlan p;
   threads = std::max(1, threads);
@@ -1591,13 +1615,8 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
       while (p.imgs > 1 && (g.N + p.imgs - 1) / p.imgs * g.groups < want) --p.imgs;
     }
     p.blocks = (g.N + p.imgs - 1) / p.imgs * p.img_blocks;
-    const int64_t have = p.blocks * g.groups;
-    p.chunks = have >= want ? 1 : std::min<int64_t>(panels, (want + have - 1) / have);
-    p.chunk_panels = (panels + p.chunks - 1) / p.chunks;
-    if (p.chunk_panels % 2 == 1 && p.chunk_panels < panels) ++p.chunk_panels;
-    p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
-    p.tasks = g.groups * p.blocks * p.chunks;
     p.workspace_bytes = 64;
+    split_panels(p, g, panels, want, amx);
     return p;
   }
   int64_t rows_max = (amx ? int64_t(768) << 10 : int64_t(128) << 10) / rb;
@@ -1619,13 +1638,7 @@ Int8ConvPlan int8_conv_plan(int isa, const Int8ConvGeom& g, const int8_t* packed
       p.blocks = (M + rows - 1) / rows;
     }
   }
-  const int64_t have = p.blocks * g.groups;
-  p.chunks = have >= want ? 1 : std::min<int64_t>(panels, (want + have - 1) / have);
-  p.chunk_panels = (panels + p.chunks - 1) / p.chunks;
-  // AMX works on pairs of panels
-  if (amx && p.chunk_panels % 2 == 1 && p.chunk_panels < panels) ++p.chunk_panels;
-  p.chunks = (panels + p.chunk_panels - 1) / p.chunk_panels;
-  p.tasks = g.groups * p.blocks * p.chunks;
+  split_panels(p, g, panels, want, amx);
   p.workspace_bytes = round_up(p.rows * rb, 64) + 64;
   // the byte paths read exactly K bytes of each row when K is a multiple of 4; AMX tiles read
   // whole 64-byte steps (see run_gemm_tasks)
@@ -1895,6 +1908,8 @@ void int8_conv_quantize_u8_nchw(int isa, const void* x, DType dt, int64_t C, int
                               divide, zp, tmp + c * kBlock);
       uint8_t* out = q + b * C + c0;
       if (cn == 3) {
+        // an RGB image's three channels with a fixed stride: the stem's case, faster than the
+        // loop below with its run-time channel count
         for (int64_t i = 0; i < n; ++i) {
           out[i * C] = tmp[i];
           out[i * C + 1] = tmp[kBlock + i];
