@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from pycompress._ext import direct_op, plain_eager
-
 from pycompress.nn._common import linear_from_weight
 from pycompress.nn.masked_linear import dense_weight_and_mask
 from pycompress.ops import semi24 as semi24_ops
