@@ -1,8 +1,9 @@
 """Int8Linear (w8a8) on several CPU code paths against torch.ao dynamic int8, in one process.
 
-    python bench/compare_isa_int8.py [--isas avx512,amx] [--rounds 9] [--threads 2] [--json FILE]
+    python bench/compare_isa_int8.py [--isas avx512,amx] [--ms 1,16,128,512] [--rounds 9] [--threads 2]
+                                     [--json FILE]
 
-Shapes: K = N = 4096 and K = 768, N = 3072, each at M = 1, 16 and 128. Per shape the
+Shapes: K = N = 4096 and K = 768, N = 3072, each at every M of ``--ms``. Per shape the
 implementations are timed in interleaved rounds (one round times each implementation once: the
 median of several calls after a warm-up), so that a slow phase of a shared machine slows all of
 them alike; the table gives the median of the round medians and their min-max range. The outputs
@@ -35,7 +36,7 @@ import pycompress  # noqa: E402
 from common import cpu_id, device_name, time_fn  # noqa: E402
 from pycompress.nn import Int8Linear  # noqa: E402
 
-SHAPES = [(M, K, N) for K, N in ((4096, 4096), (768, 3072)) for M in (1, 16, 128)]
+KN = ((4096, 4096), (768, 3072))
 
 
 def _torch_ao(lin: nn.Linear):
@@ -76,11 +77,20 @@ def _cpu_ms(fn, repeats: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--isas", default="avx512,amx", help="comma-separated CPU code paths to compare")
+    p.add_argument("--ms", default="1,16,128,512", help="comma-separated row counts M")
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None, help="write the rows and the run's metadata here")
+    p.add_argument("--json", default=None,
+                   help="write the rows and the run's metadata here, as a bench/results file (kernel "
+                        "'isa_int8') that bench/tables.py renders")
     args = p.parse_args(argv)
     isas = [s for s in args.isas.split(",") if s]
+    try:
+        ms_list = [int(m) for m in args.ms.split(",") if m]
+    except ValueError:
+        p.error(f"--ms takes comma-separated integers, got '{args.ms}'")
+    if not ms_list or min(ms_list) < 1:
+        p.error(f"--ms needs row counts >= 1, got '{args.ms}'")
     available = pycompress._ext.cpu_isas()
     missing = [s for s in isas if s not in available]
     if missing:
@@ -93,7 +103,7 @@ def main(argv=None) -> int:
     rows = []
     torch.manual_seed(0)
     try:
-        for M, K, N in SHAPES:
+        for M, K, N in [(M, K, N) for K, N in KN for M in ms_list]:
             lin = nn.Linear(K, N)
             with torch.no_grad():
                 lin.weight.normal_(0, 0.02)
@@ -122,7 +132,8 @@ def main(argv=None) -> int:
                 ms = per_round[name]
                 med = statistics.median(ms)
                 rows.append({
-                    "case": f"M={M} K={K} N={N}", "M": M, "K": K, "N": N, "impl": name, "isa": isa,
+                    "kernel": "isa_int8", "case": f"M={M} K={K} N={N}", "M": M, "K": K, "N": N,
+                    "impl": name, "isa": isa,
                     "ms": med, "ms_rounds_min": min(ms), "ms_rounds_max": max(ms), "ms_rounds": ms,
                     "vs torch.ao": ao_med / med, "cpu_ms_1thread": cpu[name], "rel err": err[name],
                 })
@@ -131,17 +142,18 @@ def main(argv=None) -> int:
                       f"1 thread: {cpu[name]:8.3f} ms  err {100 * err[name]:.2f} %", flush=True)
     finally:
         pycompress.set_cpu_isa(previous_isa)
+    finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    load_after = os.getloadavg()
     meta = {
-        "device": device_name("cpu"), "cpu": cpu_id(), "torch": torch.__version__,
+        "device": device_name("cpu"), "device_type": "cpu", "cpu_id": cpu_id(), "torch": torch.__version__,
         "threads": args.threads, "rounds": args.rounds, "isas": isas,
-        "started_utc": started.isoformat(timespec="seconds"),
-        "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+        "date": started.isoformat(timespec="seconds"),
     }
-    print(f"load average before {load_before}, after {meta['loadavg_after']}")
+    print(f"load average before {load_before}, after {load_after}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "kernels": {"isa_int8": rows}, "kernel_dates": {"isa_int8": finished},
+                       "kernel_load": {"isa_int8": [load_before[0], load_after[0]]}}, f, indent=1)
     return 0
 
 

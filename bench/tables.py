@@ -899,6 +899,46 @@ def t_prune_accuracy(results: list[Results], link_base: str = "") -> str:
                     ["l", "l", "l", "r", "r", "r", "r"]))
 
 
+def t_isa_int8(results: list[Results], link_base: str = "") -> str:
+    """w8a8 Int8Linear on several CPU code paths against torch.ao dynamic int8, interleaved in one process."""
+    res = _one("isa-int8", results)
+    rows = res.rows("isa_int8")
+    isas = res.meta.get("isas") or sorted({r["isa"] for r in rows if r.get("isa")})
+    by: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by.setdefault(r["case"], {})[r["impl"]] = r
+    out = []
+    for case, impls in by.items():
+        ao = impls.get(INT8_AO)
+        if ao is None:
+            raise TableError(f"{res.stem}.json: case '{case}' has no '{INT8_AO}' row")
+        cells = [f"{ao['K']} × {ao['N']}", str(ao["M"]),
+                 f"{ms(ao['ms'])} [{ms(ao['ms_rounds_min'])}–{ms(ao['ms_rounds_max'])}]"]
+        for isa in isas:
+            r = impls.get(f"pycompress w8a8 [{isa}]")
+            if r is None:
+                cells += ["–", "–"]
+                continue
+            cells.append(f"{ms(r['ms'])} [{ms(r['ms_rounds_min'])}–{ms(r['ms_rounds_max'])}]")
+            cells.append(f"{x(r['vs torch.ao'])} / {x(ao['cpu_ms_1thread'] / r['cpu_ms_1thread'])}")
+        out.append(cells)
+    header = ["K × N", "M", "torch.ao dynamic int8 ms"]
+    for isa in isas:
+        header += [f"w8a8 `{isa}` ms", f"`{isa}` vs torch.ao"]
+    load = res.load("isa_int8")
+    load_note = f"; load average {load[0]:.1f} at the start, {load[1]:.1f} at the end" if load else ""
+    threads = res.meta.get("threads")
+    rounds = res.meta.get("rounds")
+    return (f"*{res.device()}; `python bench/compare_isa_int8.py`, CPU paths "
+            + ", ".join(f"`{i}`" for i in isas)
+            + f" and torch.ao interleaved in one process, median of {rounds} rounds [min–max]; finished "
+            f"{_when(res.date('isa_int8'))}{load_note}; `bench/results/{res.stem}.json`.* "
+            f"ms per call on {threads} threads; vs torch.ao: ratio of the medians on {threads} threads / "
+            "ratio of the best CPU times per call on one thread. The code paths' outputs were checked "
+            "to be bit-identical before timing.\n\n"
+            + table(header, out, ["l", "r"] + ["r"] * (len(header) - 2)))
+
+
 def t_int8_conv(results: list[Results], link_base: str = "") -> str:
     """int8 convolution layers against torch's fp32 conv (channels_last), wall clock and per core."""
     res = _one("int8-conv", results)
@@ -944,6 +984,7 @@ KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "onnx": t_onnx,
     "prune-accuracy": t_prune_accuracy,
     "int8-conv": t_int8_conv,
+    "isa-int8": t_isa_int8,
     "onnx-sentences": __import__("runpy").run_path(os.path.join(ROOT, "bench", "bench_onnx.py"))["t_sentences"],
     "cnn-prune": t_cnn_prune,
     "zoo-prune": t_zoo_prune,
