@@ -260,3 +260,19 @@ def test_zoo_prune_table_shows_failures_and_reasons(tmp_path):
     assert ("| Net-A (`torchvision.a`) | 8 / 10 groups, 40 / 100 channels | 1.0e-07 | 0.300 | 0.280 | 8.00 → 4.00 "
             "| 2.00× | model input (×1); a \\| b (×2) |") in out
     assert "| Net-B (`timm.b`) | **prune failed**: `ValueError: cannot trace` |" in out
+
+
+def test_isa_int8_table_gives_each_code_path_against_torch_ao(tmp_path):
+    rows = []
+    for impl, isa, ms, cpu in (("torch.ao dynamic int8", None, 2.0, 3.0), ("pycompress w8a8 [avx512]", "avx512", 1.6, 2.5),
+                               ("pycompress w8a8 [amx]", "amx", 0.5, 1.0)):
+        rows.append({"kernel": "isa_int8", "case": "M=16 K=64 N=32", "M": 16, "K": 64, "N": 32, "impl": impl,
+                     "isa": isa, "ms": ms, "ms_rounds_min": ms * 0.9, "ms_rounds_max": ms * 1.5,
+                     "vs torch.ao": 2.0 / ms, "cpu_ms_1thread": cpu})
+    _write_kernel(tmp_path, "isa_int8", rows, isas=["avx512", "amx"], rounds=9)
+    out = tables.render("isa-int8@testbox", str(tmp_path))
+    assert "median of 9 rounds" in out and "finished 2026-12-01 10:05 UTC" in out
+    assert "| 64 × 32 | 16 | 2.00 [1.80–3.00] | 1.60 [1.44–2.40] | 1.25× / 1.20× | 0.500 [0.450–0.750] | 4.00× / 3.00× |" in out
+    _write_kernel(tmp_path, "isa_int8", rows[1:], isas=["avx512", "amx"], rounds=9)
+    with pytest.raises(tables.TableError, match="no 'torch.ao dynamic int8' row"):
+        tables.render("isa-int8@testbox", str(tmp_path))
