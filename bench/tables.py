@@ -496,6 +496,13 @@ def t_cnn_prune(results: list[Results], link_base: str = "") -> str:
                      "rel. error", "targets held"], out, ["l", "l", "r", "l", "l", "l", "r", "r", "r", "l"]))
 
 
+def _failure(row: dict) -> str:
+    """A failed model's status and error as one table cell: the last line of the error (a crashed
+    process's stderr tail ends with its exception)."""
+    last = next((ln.strip() for ln in reversed(row.get("error", "").splitlines()) if ln.strip()), "")
+    return f"**{row.get('status', 'failed')}**: `{last[:300]}`".replace("|", "\\|")
+
+
 def t_zoo_prune(results: list[Results], link_base: str = "") -> str:
     """The prunability table: torchvision / timm CNNs through channel pruning (50%) and ``compact``."""
     res = _one("zoo-prune", results)
@@ -507,8 +514,7 @@ def t_zoo_prune(results: list[Results], link_base: str = "") -> str:
             raise TableError(f"{res.stem}.json: no pruned 'zoo_prune' row for '{case}'")
         model = f"{case} (`{ours.get('model', '')}`)"
         if ours.get("status") != "ok":
-            out.append([model, f"**{ours.get('status', 'failed')}**: `{ours.get('error', '')[:300]}`"]
-                       + ["–"] * 6)
+            out.append([model, _failure(ours)] + ["–"] * 6)
             continue
         kept = list(ours.get("kept_reasons", [])) + [f"compact: {r}" for r in ours.get("compact_reasons", [])]
         out.append([model,
@@ -528,6 +534,37 @@ def t_zoo_prune(results: list[Results], link_base: str = "") -> str:
             "last column: why channels were kept (× number of dependency groups or layers).\n\n"
             + table(["architecture", "pruned", "rel. error", "params", "MACs", "ms", "speed-up",
                      "channels kept because"], out, ["l", "l", "r", "r", "r", "r", "l", "l"]))
+
+
+def t_zoo_quant(results: list[Results], link_base: str = "") -> str:
+    """The conversion table: torchvision / timm CNNs and vision transformers through ``quantize``."""
+    res = _one("zoo-quant", results)
+    rows = res.rows("zoo_quant")
+    out = []
+    for r in rows:
+        model = f"{r['case']} (`{r.get('model', '')}`)"
+        if r.get("status") != "ok":
+            out.append([model, _failure(r)] + ["–"] * 7)
+            continue
+        conv = ", ".join(f"{n} {c}" for c, n in r["converted"].items())
+        skipped = r.get("skipped") or {}
+        out.append([model, conv + (f"; {len(skipped)} left in float" if skipped else ""),
+                    pct(r.get("int8_conv_macs")) if r.get("int8_conv_macs") is not None else "–",
+                    str(r["uint8_edges"]), str(r["residual_blocks"]),
+                    f"{r['logit_cosine_mean']:.5f} ({r['logit_cosine_min']:.5f})",
+                    f"{r['worst_layer_cosine']:.4f}", "yes" if r["validate_passed"] else "**no**",
+                    "yes" if r["save_load_exact"] else "**no**"])
+    m = res.meta
+    libs = ", ".join(f"{k} {m[k]}" for k in ("torchvision", "timm") if m.get(k))
+    return (caption(res, "zoo_quant", "python bench/zoo_quant.py --ext build/cuda/lib") + f" {libs}; "
+            f"`quantize(model, \"{m.get('mode', 'w8a8')}\")`, random weights with a random head; CNNs calibrated on "
+            f"2 × 2 random images, transformers dynamic; compared with fp32 on {m.get('batch')} other random "
+            "224 × 224 images. uint8 edges: conv outputs passed on as uint8; residual blocks: additions "
+            "computed by the convs; worst layer: `validate`'s lowest per-layer cosine; save / load: "
+            "`save` then `load` into a fresh model gives the same output bits.\n\n"
+            + table(["architecture", "converted", "conv MACs int8", "uint8 edges", "residual blocks",
+                     "logit cosine mean (min)", "worst layer cosine", "`validate`", "save / load exact"],
+                    out, ["l", "l", "r", "r", "r", "r", "r", "l", "l"]))
 
 
 DEC_FP32, DEC_AO = "fp32", "torch.ao dynamic int8"
@@ -988,6 +1025,7 @@ KINDS: dict[str, Callable[[list[Results], str], str]] = {
     "onnx-sentences": __import__("runpy").run_path(os.path.join(ROOT, "bench", "bench_onnx.py"))["t_sentences"],
     "cnn-prune": t_cnn_prune,
     "zoo-prune": t_zoo_prune,
+    "zoo-quant": t_zoo_quant,
     "decoder": t_decoder,
     "decoder-kd": t_decoder_kd,
     "cnn-int8": t_cnn_int8,

@@ -226,6 +226,51 @@ def _combine(runs: list[list[dict]]) -> list[dict]:
     return out
 
 
+def probe_versions(env: dict, cwd: str, label: str) -> dict | None:
+    """torch, torchvision, timm and pycompress as the subprocesses will import them (``env``),
+    printed; None (with the reason on stderr) when one cannot be imported."""
+    probe = ("import json, platform, torch, pycompress, torchvision, timm; "
+             "print(json.dumps({'torch': torch.__version__, 'torchvision': torchvision.__version__, "
+             "'timm': timm.__version__, 'pycompress': pycompress.__version__, "
+             "'pycompress_file': pycompress.__file__, 'cpu_isa': pycompress.active_cpu_isa(), "
+             "'threads': torch.get_num_threads()}))")
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        print(f"error: pycompress, torchvision or timm cannot be imported here:\n{proc.stderr}", file=sys.stderr)
+        return None
+    versions = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"# {label}: torch {versions['torch']}, torchvision {versions['torchvision']}, timm "
+          f"{versions['timm']}, pycompress from {versions['pycompress_file']}, CPU path {versions['cpu_isa']}, "
+          f"{versions['threads']} threads", flush=True)
+    return versions
+
+
+def write_results(kernel: str, rows: list[dict], versions: dict, load_before: float, out: str | None,
+                  suffix: str, extra_meta: dict) -> str:
+    """Writes ``rows`` as a ``bench/run.py``-style results file with one kernel (default
+    ``bench/results/<device>-<suffix>.json``) and returns its path."""
+    sys.path.insert(0, HERE)
+    from common import cpu_id, device_name
+
+    dev = device_name("cpu")
+    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    meta = {"device": dev, "device_type": "cpu", "torch": versions["torch"], "torchvision": versions["torchvision"],
+            "timm": versions["timm"], "pycompress": versions["pycompress"], "cpu_isa": versions["cpu_isa"],
+            "threads": versions["threads"], "date": date, "host": platform.node(), **extra_meta,
+            "threading_env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ},
+            "cpu_id": cpu_id()}
+    results = {"meta": meta, "kernels": {kernel: rows}, "kernel_dates": {kernel: date},
+               "kernel_env": {kernel: meta["threading_env"]},
+               "kernel_load": {kernel: [round(load_before, 2), round(os.getloadavg()[0], 2)]}}
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", dev).strip("-").lower()
+        out = os.path.join(HERE, "results", f"{slug}-{suffix}.json")
+    with open(out + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(out + ".tmp", out)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ext", help="folder with pycompress/_C*.so built for this Python's torch")
@@ -255,19 +300,9 @@ def main(argv=None) -> int:
         if args.ext:
             path = _stage_package(os.path.abspath(args.ext), tmp)
             env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
-        probe = ("import json, platform, torch, pycompress, torchvision, timm; "
-                 "print(json.dumps({'torch': torch.__version__, 'torchvision': torchvision.__version__, "
-                 "'timm': timm.__version__, 'pycompress': pycompress.__version__, "
-                 "'pycompress_file': pycompress.__file__, 'cpu_isa': pycompress.active_cpu_isa(), "
-                 "'threads': torch.get_num_threads()}))")
-        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, cwd=tmp)
-        if proc.returncode != 0:
-            print(f"error: pycompress, torchvision or timm cannot be imported here:\n{proc.stderr}", file=sys.stderr)
+        versions = probe_versions(env, tmp, KERNEL)
+        if versions is None:
             return 1
-        versions = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"# zoo_prune: torch {versions['torch']}, torchvision {versions['torchvision']}, timm "
-              f"{versions['timm']}, pycompress from {versions['pycompress_file']}, CPU path {versions['cpu_isa']}, "
-              f"{versions['threads']} threads", flush=True)
         runs: list[list[dict]] = []
         load_before = os.getloadavg()[0]
         for i in range(args.runs):
@@ -290,28 +325,9 @@ def main(argv=None) -> int:
                       flush=True)
             runs.append(rows)
 
-    sys.path.insert(0, HERE)
-    from common import cpu_id, device_name
-
     rows = _combine(runs)
-    dev = device_name("cpu")
-    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    meta = {"device": dev, "device_type": "cpu", "torch": versions["torch"], "torchvision": versions["torchvision"],
-            "timm": versions["timm"], "pycompress": versions["pycompress"], "cpu_isa": versions["cpu_isa"],
-            "threads": versions["threads"], "date": date, "host": platform.node(), "quick": args.quick,
-            "runs": args.runs, "threading_env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")
-                                                 if k in os.environ},
-            "cpu_id": cpu_id()}
-    results = {"meta": meta, "kernels": {KERNEL: rows}, "kernel_dates": {KERNEL: date},
-               "kernel_env": {KERNEL: meta["threading_env"]},
-               "kernel_load": {KERNEL: [round(load_before, 2), round(os.getloadavg()[0], 2)]}}
-    out = args.json
-    if out is None:
-        slug = re.sub(r"[^A-Za-z0-9]+", "-", dev).strip("-").lower()
-        out = os.path.join(HERE, "results", f"{slug}-zoo.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(out + ".tmp", out)
+    out = write_results(KERNEL, rows, versions, load_before, args.json, "zoo",
+                        {"quick": args.quick, "runs": args.runs})
     for r in rows:
         if r["impl"] == "dense":
             continue

@@ -23,7 +23,9 @@ mode, on ``--batch`` random 224 x 224 images (seed 1):
 3. ``save`` and ``load`` into a fresh model of the architecture: whether the outputs are
    bit-identical.
 
-Accuracy only (no timing). Prints one JSON row per architecture and, with ``--json``, writes them.
+Accuracy only (no timing). Prints one JSON row per architecture and writes them as a
+``bench/run.py``-style results file (kernel ``zoo_quant``), default
+``bench/results/<device>-zoo-quant.json``; ``bench/tables.py`` renders its ``zoo-quant`` table.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ def one(name: str, batch: int, mode: str, exclude: str | None = None) -> dict:
         calib = [torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # transformers: the example input only counts the conv multiply-adds (quantization is dynamic)
         q, res = pycompress.quantize(copy.deepcopy(model), mode=mode, exclude=exclude, calibration_data=calib,
-                                     return_result=True)
+                                     example_inputs=x[:1] if calib is None else None, return_result=True)
     classes: dict[str, int] = {}
     for n in res.converted:
         c = type(q.get_submodule(n)).__name__
@@ -125,7 +128,8 @@ def one(name: str, batch: int, mode: str, exclude: str | None = None) -> dict:
         with torch.no_grad():
             exact = bool(torch.equal(fresh(x), out))
     return {
-        "case": name, "model": f"{lib}.{ctor}", "mode": mode, "exclude": exclude, "batch": batch,
+        "kernel": "zoo_quant", "case": name, "impl": f"pycompress {mode}", "status": "ok",
+        "model": f"{lib}.{ctor}", "mode": mode, "exclude": exclude, "batch": batch,
         "torch": torch.__version__,
         "converted": classes, "skipped": res.skipped,
         "quantize_warnings": [str(w.message)[:300] for w in caught],
@@ -152,7 +156,7 @@ def main(argv=None) -> int:
         print(json.dumps(one(args.one, args.batch, args.mode, args.exclude)))
         return 0
     sys.path.insert(0, HERE)
-    from zoo_prune import _model_names, _stage_package
+    from zoo_prune import _model_names, _stage_package, probe_versions, write_results
 
     names = _model_names(args.models, ARCHS)
     if names is None:
@@ -163,19 +167,25 @@ def main(argv=None) -> int:
         env = dict(os.environ)
         if args.ext:
             env["PYTHONPATH"] = _stage_package(os.path.abspath(args.ext), tmp) + os.pathsep + env.get("PYTHONPATH", "")
+        versions = probe_versions(env, tmp, "zoo_quant")
+        if versions is None:
+            return 1
+        load_before = os.getloadavg()[0]
         for name in names:
             cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--batch", str(args.batch),
                    "--mode", args.mode] + (["--exclude", args.exclude] if args.exclude else [])
             p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp)
             if p.returncode != 0:
-                row = {"case": name, "status": "failed", "error": p.stderr.strip()[-2000:]}
+                lib, ctor, _ = ARCHS[name]
+                row = {"kernel": "zoo_quant", "case": name, "impl": f"pycompress {args.mode}", "model": f"{lib}.{ctor}",
+                       "status": "failed", "error": p.stderr.strip()[-2000:]}
             else:
                 row = json.loads(p.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    out = write_results("zoo_quant", rows, versions, load_before, args.json, "zoo-quant",
+                        {"batch": args.batch, "mode": args.mode, "exclude": args.exclude})
+    print(f"wrote {out}")
     return 0 if all(r.get("status") != "failed" for r in rows) else 1
 
 

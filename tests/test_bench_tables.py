@@ -276,3 +276,18 @@ def test_isa_int8_table_gives_each_code_path_against_torch_ao(tmp_path):
     _write_kernel(tmp_path, "isa_int8", rows[1:], isas=["avx512", "amx"], rounds=9)
     with pytest.raises(tables.TableError, match="no 'torch.ao dynamic int8' row"):
         tables.render("isa-int8@testbox", str(tmp_path))
+
+
+def test_zoo_quant_table_shows_conversions_and_failures(tmp_path):
+    ok = {"kernel": "zoo_quant", "case": "Net-A", "impl": "pycompress w8a8", "status": "ok", "model": "torchvision.a",
+          "converted": {"Int8Conv2d": 20, "Int8Linear": 1}, "skipped": {"head": "excluded"}, "int8_conv_macs": 0.975,
+          "uint8_edges": 27, "residual_blocks": 8, "logit_cosine_mean": 0.999931, "logit_cosine_min": 0.99992,
+          "worst_layer_cosine": 0.99642, "validate_passed": True, "save_load_exact": False}
+    bad = {"kernel": "zoo_quant", "case": "Net-B", "impl": "pycompress w8a8", "status": "failed", "model": "timm.b",
+           "error": "Traceback ...\nValueError: cannot trace"}
+    _write_kernel(tmp_path, "zoo_quant", [ok, bad], torchvision="0.29.1", timm="1.0.31", mode="w8a8", batch=4)
+    out = tables.render("zoo-quant@testbox", str(tmp_path))
+    assert "torchvision 0.29.1, timm 1.0.31" in out and "on 4 other random" in out
+    assert ("| Net-A (`torchvision.a`) | 20 Int8Conv2d, 1 Int8Linear; 1 left in float | 97.5 % | 27 | 8 "
+            "| 0.99993 (0.99992) | 0.9964 | yes | **no** |") in out
+    assert "| Net-B (`timm.b`) | **failed**: `ValueError: cannot trace` | – |" in out
