@@ -7,6 +7,7 @@
 #   make nvcc-check  compile every CUDA kernel file with plain nvcc (sm_80, sm_90a)
 #   make cuda-build  full CUDA build of the extension against a CUDA torch (no GPU needed)
 #   make zoo-prune   channel pruning + compact on torchvision / timm CNNs, on the CPU, in the cuda-build venv
+#   make zoo-quant   quantize on torchvision / timm CNNs and ViTs, on the CPU, in the cuda-build venv
 #   make gpu-check   on a CUDA machine, within 8 minutes: build for its GPU, every CUDA test, quick benches into $$OUT
 #   make gpu-check-dry  the GPU check walked on the CPU (tests collected, benches imported, budget cut-offs)
 #   make install-check  install as a new user would (fresh Python 3.11 venv, pip 23.2.1, setuptools
@@ -27,7 +28,7 @@ CUDA_ARCHS ?= 8.0;9.0a
 CUDA_TORCHVISION ?= 0.29.1
 OUT ?= $(CURDIR)/gpu-out
 
-.PHONY: all venv deps build install test demo bench ctest nvcc-check cuda-build zoo-prune gpu-check gpu-check-dry install-check clean
+.PHONY: all venv deps build install test demo bench ctest nvcc-check cuda-build zoo-venv zoo-prune zoo-quant gpu-check gpu-check-dry install-check clean
 
 all: test
 
@@ -91,13 +92,19 @@ cuda-build: $(CUDA_VENV)/bin/python
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda/lib --build-temp build/cuda/temp
 	$(CUDA_VENV)/bin/python .ci/check_cuda_build.py build/cuda/lib
 
-# The model-zoo check of channel pruning (bench/zoo_prune.py; results in
-# bench/results/<device>-zoo.json). torchvision pins one exact torch, so it runs in the CUDA-torch
-# venv of cuda-build (its torch runs on the CPU as well), with --no-deps so pip leaves torch alone.
-zoo-prune: cuda-build
+# The model-zoo checks of channel pruning (bench/zoo_prune.py; results in
+# bench/results/<device>-zoo.json) and of quantize (bench/zoo_quant.py; <device>-zoo-quant.json).
+# torchvision pins one exact torch, so they run in the CUDA-torch venv of cuda-build (its torch
+# runs on the CPU as well), with --no-deps so pip leaves torch alone.
+zoo-venv: cuda-build
 	$(CUDA_VENV)/bin/pip install -q --no-deps torchvision==$(CUDA_TORCHVISION) timm
 	$(CUDA_VENV)/bin/pip install -q pyyaml safetensors tqdm pillow huggingface_hub
+
+zoo-prune: zoo-venv
 	$(CUDA_VENV)/bin/python bench/zoo_prune.py --ext build/cuda/lib
+
+zoo-quant: zoo-venv
+	$(CUDA_VENV)/bin/python bench/zoo_quant.py --ext build/cuda/lib
 
 # Runs on a machine with a CUDA GPU and a CUDA torch already installed (no package registry needed);
 # keeps to its own 480 s budget and writes its results to $(OUT) as it goes (docs/cuda.md).
