@@ -41,7 +41,8 @@ What each layer becomes
       ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
     * ``Int8Conv2d``: ``QuantizeLinear`` to uint8 (calibrated layers: their input scale and zero
       point; dynamic layers: per image, as the PyTorch op, see ``_emit_int8_conv2d``) →
-      ``ConvInteger`` (int8 weights; uint8 + 128 for the u8u8 forms) → ``Cast`` → ``Mul(x_scale)``
+      ``ConvInteger`` (uint8 weights = int8 + 128 with zero point 128; int8 weights for the forms
+      that name them: ``u8s8``, ``s8s8``, ``contrib*``) → ``Cast`` → ``Mul(x_scale)``
       → ``Mul(w_scale [1, C, 1, 1])`` → ``Add(bias)`` → the fused activation (``Relu``,
       ``Clip(0, 6)``, ``Mul(y, Sigmoid(y))``, ``HardSwish``); a uint8 output is
       ``QuantizeLinear → DequantizeLinear`` with the layer's output scale and zero point, from
@@ -253,9 +254,11 @@ class _ExportInt8Conv2d(nn.Module):
     def __init__(self, layer: nn.Module, fmt: str) -> None:
         super().__init__()
         w = layer.weight.detach().cpu()
-        narrow = int(w.to(torch.int16).abs().max()) <= 64 if w.numel() else True
-        kind = _resolve_format(fmt, 8, narrow).split("-")[-1]
-        # ConvInteger takes uint8 activations; int8 weights (u8s8) unless the form asks for u8u8
+        # ConvInteger takes uint8 activations. ONNX Runtime runs its fast kernel for uint8
+        # weights only (int8 weights take a path several times slower), and u8 x u8 is exact on
+        # every CPU: the default and standard forms store uint8 = int8 + 128 with zero point 128;
+        # a form that names int8 weights (u8s8, s8s8, contrib) gets them.
+        kind = "u8u8" if fmt in ("auto", "standard") else _resolve_format(fmt, 8, False).split("-")[-1]
         self.fmt = _FORMAT_CODE["u8u8" if kind == "u8u8" else "u8s8"]
         if kind == "u8u8":
             w = (w.to(torch.int16) + 128).to(torch.uint8)
