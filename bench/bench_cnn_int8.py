@@ -23,7 +23,10 @@ Implementations, each used as a new user would, with the process's threads (2 he
   versions whose ``quantize`` does not take it), fed the NCHW batch as it is, as OpenVINO and
   ONNX Runtime are (the stem conv quantizes it into channels-last bytes). ``conv MACs int8``: the
   fraction of the fp32 model's conv multiply-adds that run in a pycompress int8 conv layer
-  after the conversion.
+  after the conversion;
+* ``pycompress int8 -> ONNX Runtime``: that model written by ``pycompress.export_onnx`` (default
+  form, verified, batch axis dynamic) and run by ONNX Runtime as above: the deployment path to
+  ONNX Runtime, against ONNX Runtime's own quantizer.
 
 Calibration: 32 images; evaluation: 64 other images, both *structured* (smooth random colour
 fields, gradients and rectangles, normalised with the ImageNet mean and std), not white noise.
@@ -60,6 +63,7 @@ from common import PER_CORE, rows_by_case  # noqa: E402
 
 KERNEL = "cnn_int8"
 TORCH, ORT, OV, PYC = "torch fp32", "ONNX Runtime int8", "OpenVINO int8", "pycompress"
+PYC_ORT = "pycompress int8 -> ONNX Runtime"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -215,17 +219,22 @@ def prepare_ort(model, calib, tmp):
             return next(self.items, None)
 
     quantize_static(pre, q8, Reader(), quant_format=QuantFormat.QDQ)
-    def session(threads):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        # ONNX Runtime's threads otherwise spin for a while after each run, on the cores that the
-        # implementation timed next (interleaved with it) needs
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sess = ort.InferenceSession(q8, so, providers=["CPUExecutionProvider"])
-        return lambda x: torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    return _ort_runner(q8, torch.get_num_threads()), _ort_runner(q8, 1), {"onnxruntime": ort.__version__}
 
-    return session(torch.get_num_threads()), session(1), {"onnxruntime": ort.__version__}
+
+def _ort_runner(path, threads):
+    """A CPU session of the file with ``threads`` intra-op threads, as a function of the batch."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    # ONNX Runtime's threads otherwise spin for a while after each run, on the cores that the
+    # implementation timed next (interleaved with it) needs
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
 
 
 def prepare_openvino(model, calib, tmp):
@@ -266,7 +275,8 @@ def _type_name(t) -> str:
     return name() if callable(name) else str(t)
 
 
-def prepare_pycompress(model, calib, tmp):
+def _pycompress_model(model, calib):
+    """``pycompress.quantize`` of a copy of the model, and its conversion facts."""
     import pycompress
 
     m = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -282,13 +292,31 @@ def prepare_pycompress(model, calib, tmp):
     converted = {n: v for n, v in conv_macs(q, x).items() if not _is_float_conv(q.get_submodule(n))}
     info.update({"conv MACs int8": sum(converted.values()) / max(1, sum(total.values())),
                  "layers converted": len(result.converted), "layers skipped": len(result.skipped)})
+    return q, info
+
+
+def prepare_pycompress(model, calib, tmp):
+    q, info = _pycompress_model(model, calib)
 
     def run(x):
         return q(x)
     return run, run, info
 
 
-PREPARE = {TORCH: prepare_torch, ORT: prepare_ort, OV: prepare_openvino, PYC: prepare_pycompress}
+def prepare_pycompress_ort(model, calib, tmp):
+    import onnxruntime as ort
+
+    import pycompress
+
+    q, info = _pycompress_model(model, calib)
+    path = os.path.join(tmp, "pycompress-int8.onnx")
+    pycompress.export_onnx(q, calib[:1], path)
+    return (_ort_runner(path, torch.get_num_threads()), _ort_runner(path, 1),
+            {**info, "onnxruntime": ort.__version__})
+
+
+PREPARE = {TORCH: prepare_torch, ORT: prepare_ort, OV: prepare_openvino, PYC: prepare_pycompress,
+           PYC_ORT: prepare_pycompress_ort}
 
 
 # --------------------------------------------------------------------------- timing
