@@ -1,5 +1,6 @@
-"""export_onnx of quantized CNNs: Int8Conv2d as QuantizeLinear + ConvInteger + the op's fp32
-epilogue, run by ONNX Runtime and checked against the PyTorch int8 model."""
+"""export_onnx of quantized CNNs, run by ONNX Runtime and checked against the PyTorch int8 model:
+Int8Conv2d as QuantizeLinear + ConvInteger + the op's fp32 epilogue (exact), or, for the layers
+that ONNX Runtime can fuse into QLinearConv, as DequantizeLinear around Conv (int8_format="qdq")."""
 
 from __future__ import annotations
 
@@ -34,6 +35,46 @@ def quantized(name, calibrated, seed=0):
     return pycompress.quantize(model, calibration_data=calib)
 
 
+def qdq_layers(q):
+    return sum(onnx_export._qdq_conv_ok(m) for m in q.modules() if isinstance(m, Int8Conv2d))
+
+
+def assert_conv_forms(path, q, qdq: bool):
+    """Every float Conv of the file reads dequantized uint8 activations and int8 weights; with
+    ``qdq`` there is one per layer that ONNX Runtime can fuse, and it fuses each into QLinearConv;
+    the other layers are ConvInteger."""
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    for n in convs:
+        dq = [producer.get(i) for i in n.input[:2]]
+        assert all(d is not None and d.op_type == "DequantizeLinear" for d in dq), n
+        w = dq[1].input[0]
+        w_type = inits[w].data_type if w in inits else None
+        assert w_type in (None, onnx.TensorProto.INT8), w_type
+    n_qdq = qdq_layers(q) if qdq else 0
+    assert len(convs) == n_qdq, (len(convs), n_qdq)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path) + ".opt.onnx"
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node].count("QLinearConv")
+    assert fused == n_qdq, (fused, n_qdq)
+    return n_qdq
+
+
+def assert_near_pytorch(path, q, x):
+    """QLinearConv requantizes with ONNX Runtime's own rounding (the bias rounded to the sum's
+    scale, one rounding of the rescaled sum): outputs land a step from the PyTorch op's now and
+    then, well within the model's own quantization error."""
+    y = run_ort(path, x)
+    with torch.no_grad():
+        ref = q(x)
+    (st,) = onnx_export.compare_outputs([ref], [y])
+    assert st["cosine"] >= 0.9999, st
+    onnx_export.verify_onnx(path, q, x)  # raises beyond the allowance
+
+
 def assert_close_to_pytorch(path, q, x):
     """ONNX Runtime computes the same int32 sums as the PyTorch op (same uint8 activations,
     same weights); the fp32 epilogues differ only where ONNX Runtime's QuantizeLinear divides by
@@ -52,28 +93,34 @@ def assert_close_to_pytorch(path, q, x):
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("calibrated", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "vgg"])
-def test_cnn_models(tmp_path, name, calibrated, exporter):
+@pytest.mark.parametrize("fmt", ["auto", "qdq"])
+def test_cnn_models(tmp_path, name, calibrated, exporter, fmt):
     q = quantized(name, calibrated)
     convs = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
     assert convs and all(m.static_input == calibrated for m in convs)
     assert any(m.output_dtype is torch.uint8 for m in convs) == calibrated
-    path = pycompress.export_onnx(q, cnn_models.images(4), tmp_path / f"{name}.onnx", exporter=exporter)
-    ops = op_types(path)
-    # every conv runs in integers: no float Conv is left
-    assert "Conv" not in ops
-    n_int = ops.count("ConvInteger")
+    path = pycompress.export_onnx(q, cnn_models.images(4), tmp_path / f"{name}.onnx", exporter=exporter,
+                                  int8_format=fmt)
+    # "qdq" fuses the calibrated layers with a uint8 output and no residual (not all of them)
+    n_qdq = assert_conv_forms(path, q, qdq=fmt == "qdq")
+    assert (0 < n_qdq < len(convs)) if calibrated and fmt == "qdq" else n_qdq == 0
+    n_int = op_types(path).count("ConvInteger")
     # dynamic layers add one ConvInteger on a [1, C, H, W] ones tensor for the zero-point correction
-    assert n_int == (len(convs) if calibrated else 2 * len(convs)), (n_int, len(convs))
+    assert n_int == (len(convs) - n_qdq if calibrated else 2 * len(convs)), (n_int, len(convs))
     # dynamic batch axis: other batch sizes than the example's
     for n in (1, 5):
-        assert_close_to_pytorch(path, q, cnn_models.images(n, seed=10 + n))
+        x = cnn_models.images(n, seed=10 + n)
+        if n_qdq:
+            assert_near_pytorch(path, q, x)
+        else:  # integers only: the PyTorch model's sums and epilogues
+            assert_close_to_pytorch(path, q, x)
     # and the verification rule accepts it on a fresh batch; the float twin differs (the yardstick)
     (st,) = onnx_export.verify_onnx(path, q, cnn_models.images(3, seed=20))
-    assert st["quant_err"] > 0 and st["err"] <= 0.1 * st["quant_err"], st
+    assert st["quant_err"] > 0 and st["err"] <= (2.0 if n_qdq else 0.1) * st["quant_err"], st
 
 
 @pytest.mark.parametrize("fmt, dtype", [("auto", onnx.TensorProto.UINT8), ("standard", onnx.TensorProto.UINT8),
-                                        ("u8s8", onnx.TensorProto.INT8)])
+                                        ("u8s8", onnx.TensorProto.INT8), ("qdq", onnx.TensorProto.UINT8)])
 def test_conv_weight_types(tmp_path, fmt, dtype):
     """uint8 weights (int8 + 128, zero point 128) unless the form names int8 ones: ONNX Runtime's
     ConvInteger is fast for uint8 weights only, and u8 x u8 is exact everywhere."""
@@ -84,7 +131,8 @@ def test_conv_weight_types(tmp_path, fmt, dtype):
     inits = {i.name: i for i in model.graph.initializer}
     conv_w = [inits[n.input[1]] for n in model.graph.node if n.op_type == "ConvInteger" and n.input[1] in inits]
     assert conv_w and all(w.data_type == dtype for w in conv_w)
-    assert_close_to_pytorch(path, q, cnn_models.images(3, seed=5))
+    # "qdq": the convs it does not fuse keep the exact form with uint8 weights
+    (assert_near_pytorch if fmt == "qdq" else assert_close_to_pytorch)(path, q, cnn_models.images(3, seed=5))
 
 
 class ActNet(nn.Module):
@@ -111,32 +159,41 @@ def test_activations_and_conv_shapes(tmp_path, calibrated):
     q = pycompress.quantize(ActNet().eval(), calibration_data=[torch.randn(8, 3, 11, 13)] if calibrated else None)
     acts = {m.activation for m in q.modules() if isinstance(m, Int8Conv2d)}
     assert {"silu", "hardswish", "relu6"} <= acts, acts
-    path = pycompress.export_onnx(q, x, tmp_path / "act.onnx", exporter=EXPORTERS[0])
+    path = pycompress.export_onnx(q, x, tmp_path / "act.onnx", exporter=EXPORTERS[0], int8_format="qdq")
     ops = op_types(path)
-    assert "HardSwish" in ops and "Sigmoid" in ops and "Clip" in ops and "Conv" not in ops
-    assert_close_to_pytorch(path, q, torch.randn(2, 3, 11, 13))
+    assert "HardSwish" in ops and "Sigmoid" in ops and "Clip" in ops
+    if assert_conv_forms(path, q, qdq=True):
+        assert_near_pytorch(path, q, torch.randn(2, 3, 11, 13))
+    else:
+        assert_close_to_pytorch(path, q, torch.randn(2, 3, 11, 13))
 
 
-@pytest.mark.parametrize("calibrated", [False, True], ids=["dynamic", "static"])
-def test_broken_conv_export_fails_verify(tmp_path, calibrated, monkeypatch):
-    """A file with one conv's weight scales doubled must be rejected, and not written."""
+@pytest.mark.parametrize("calibrated, fmt", [(False, "auto"), (True, "auto"), (True, "qdq")],
+                         ids=["dynamic", "static", "static-qdq"])
+def test_broken_conv_export_fails_verify(tmp_path, calibrated, fmt, monkeypatch):
+    """A file with one conv's weight scales doubled must be rejected, and not written (with
+    "qdq", a conv that ONNX Runtime fuses into QLinearConv)."""
     q = quantized("resnet", calibrated)
+    convs = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
+    # the third conv, or with "qdq" the first that takes that form (1-based, in module order)
+    target = next(i for i, m in enumerate(convs) if onnx_export._qdq_conv_ok(m)) + 1 if fmt == "qdq" else 3
     orig = onnx_export._ExportInt8Conv2d.__init__
     seen = []
 
-    def doubled(self, layer, fmt):  # the export works on a copy: the third conv converted
+    def doubled(self, layer, fmt):  # the export works on a copy: count the layers converted
         orig(self, layer, fmt)
         seen.append(layer)
-        if len(seen) % len([m for m in q.modules() if isinstance(m, Int8Conv2d)]) == 3:
+        if (len(seen) - 1) % len(convs) + 1 == target:
+            assert fmt != "qdq" or self.fmt == onnx_export._CONV_QDQ
             self.weight_scale.mul_(2)
 
     monkeypatch.setattr(onnx_export._ExportInt8Conv2d, "__init__", doubled)
     out = tmp_path / "broken.onnx"
     with pytest.raises(onnx_export.OnnxVerificationError, match="quantization error"):
-        pycompress.export_onnx(q, cnn_models.images(4), out, exporter=EXPORTERS[-1])
+        pycompress.export_onnx(q, cnn_models.images(4), out, exporter=EXPORTERS[-1], int8_format=fmt)
     assert not out.exists()
     # the same file written without the check is rejected by verify_onnx
-    pycompress.export_onnx(q, cnn_models.images(4), out, exporter=EXPORTERS[-1], verify=False)
+    pycompress.export_onnx(q, cnn_models.images(4), out, exporter=EXPORTERS[-1], verify=False, int8_format=fmt)
     with pytest.raises(onnx_export.OnnxVerificationError):
         onnx_export.verify_onnx(out, q, cnn_models.images(4, seed=9))
 
