@@ -26,7 +26,8 @@ Implementations, each used as a new user would, with the process's threads (2 he
   after the conversion;
 * ``pycompress int8 -> ONNX Runtime``: that model written by ``pycompress.export_onnx`` (default
   form, verified, batch axis dynamic) and run by ONNX Runtime as above: the deployment path to
-  ONNX Runtime, against ONNX Runtime's own quantizer.
+  ONNX Runtime, against ONNX Runtime's own quantizer; ``[qdq]``: the same with
+  ``int8_format="qdq"``, whose convs ONNX Runtime fuses into ``QLinearConv``.
 
 Calibration: 32 images; evaluation: 64 other images, both *structured* (smooth random colour
 fields, gradients and rectangles, normalised with the ImageNet mean and std), not white noise.
@@ -64,6 +65,7 @@ from common import PER_CORE, rows_by_case  # noqa: E402
 KERNEL = "cnn_int8"
 TORCH, ORT, OV, PYC = "torch fp32", "ONNX Runtime int8", "OpenVINO int8", "pycompress"
 PYC_ORT = "pycompress int8 -> ONNX Runtime"
+PYC_ORT_QDQ = "pycompress int8 -> ONNX Runtime [qdq]"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -303,20 +305,24 @@ def prepare_pycompress(model, calib, tmp):
     return run, run, info
 
 
-def prepare_pycompress_ort(model, calib, tmp):
+def prepare_pycompress_ort(model, calib, tmp, int8_format="auto"):
     import onnxruntime as ort
 
     import pycompress
 
     q, info = _pycompress_model(model, calib)
-    path = os.path.join(tmp, "pycompress-int8.onnx")
-    pycompress.export_onnx(q, calib[:1], path)
+    path = os.path.join(tmp, f"pycompress-int8-{int8_format}.onnx")
+    pycompress.export_onnx(q, calib[:1], path, int8_format=int8_format)
     return (_ort_runner(path, torch.get_num_threads()), _ort_runner(path, 1),
-            {**info, "onnxruntime": ort.__version__})
+            {**info, "onnxruntime": ort.__version__, "int8_format": int8_format})
+
+
+def prepare_pycompress_ort_qdq(model, calib, tmp):
+    return prepare_pycompress_ort(model, calib, tmp, "qdq")
 
 
 PREPARE = {TORCH: prepare_torch, ORT: prepare_ort, OV: prepare_openvino, PYC: prepare_pycompress,
-           PYC_ORT: prepare_pycompress_ort}
+           PYC_ORT: prepare_pycompress_ort, PYC_ORT_QDQ: prepare_pycompress_ort_qdq}
 
 
 # --------------------------------------------------------------------------- timing
