@@ -607,20 +607,26 @@ def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_sca
         y = b.op("Add", y, bias)
     if residual is not None:  # the block's residual addition, before the activation
         y = b.op("Add", y, residual)
-    name = _CONV_ACTIVATIONS[act]
-    if name == "relu":
-        y = b.op("Relu", y)
-    elif name == "relu6":
-        y = b.op("Clip", y, b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32)))
-    elif name == "silu":
-        y = b.op("Mul", y, b.op("Sigmoid", y))
-    elif name == "hardswish":
-        y = b.op("HardSwish", y)
+    y = _emit_conv_activation(b, y, act)
     if out_scale is not None:
         # requantized output: the same uint8 values, passed on dequantized (the next layer's
         # QuantizeLinear with the same scale and zero point gives them back exactly)
         zp8 = b.op("Cast", out_zp, to=u8)
         y = b.op("DequantizeLinear", b.op("QuantizeLinear", y, out_scale, zp8), out_scale, zp8)
+    return y
+
+
+def _emit_conv_activation(b: _Builder, y, act: int):
+    """The fused activation of an ``Int8Conv2d`` (index into ``_CONV_ACTIVATIONS``)."""
+    name = _CONV_ACTIVATIONS[act]
+    if name == "relu":
+        return b.op("Relu", y)
+    if name == "relu6":
+        return b.op("Clip", y, b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32)))
+    if name == "silu":
+        return b.op("Mul", y, b.op("Sigmoid", y))
+    if name == "hardswish":
+        return b.op("HardSwish", y)
     return y
 
 
@@ -645,12 +651,7 @@ def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scal
         bq = b.op("Cast", b.op("Round", b.op("Div", b.op("Reshape", bias, flat), acc_scale)), to=i32)
         conv_in.append(b.op("DequantizeLinear", bq, acc_scale,
                             b.op("Expand", b.const(np.array([0], np.int32)), channels), axis=0))
-    y = b.op("Conv", *conv_in, **conv_attrs)
-    name = _CONV_ACTIVATIONS[act]
-    if name == "relu":
-        y = b.op("Relu", y)
-    elif name == "relu6":
-        y = b.op("Clip", y, b.const(np.array(0.0, np.float32)), b.const(np.array(6.0, np.float32)))
+    y = _emit_conv_activation(b, b.op("Conv", *conv_in, **conv_attrs), act)
     zo = b.op("Cast", out_zp, to=u8)
     return b.op("DequantizeLinear", b.op("QuantizeLinear", y, out_scale, zo), out_scale, zo)
 
