@@ -36,7 +36,7 @@ def quantized(name, calibrated, seed=0):
 
 
 def qdq_layers(q):
-    return sum(onnx_export._qdq_conv_ok(m) for m in q.modules() if isinstance(m, Int8Conv2d))
+    return sum((onnx_export._qdq_conv_weights(m) is not None) for m in q.modules() if isinstance(m, Int8Conv2d))
 
 
 def assert_conv_forms(path, q, qdq: bool):
@@ -176,7 +176,7 @@ def test_broken_conv_export_fails_verify(tmp_path, calibrated, fmt, monkeypatch)
     q = quantized("resnet", calibrated)
     convs = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
     # the third conv, or with "qdq" the first that takes that form (1-based, in module order)
-    target = next(i for i, m in enumerate(convs) if onnx_export._qdq_conv_ok(m)) + 1 if fmt == "qdq" else 3
+    target = next(i for i, m in enumerate(convs) if (onnx_export._qdq_conv_weights(m) is not None)) + 1 if fmt == "qdq" else 3
     orig = onnx_export._ExportInt8Conv2d.__init__
     seen = []
 
@@ -213,3 +213,25 @@ def test_single_layer_model(tmp_path):
             ref = q(mixed[i:i + 1])
             (st,) = onnx_export.compare_outputs([ref], [y[i:i + 1]])
             assert st["cosine"] >= 0.99999 and st["max_abs"] <= 1e-5 * st["scale"], (i, st)
+
+
+def test_qdq_channel_without_weights(tmp_path):
+    """A channel with next to no weights and a bias (as BatchNorm folding leaves in pretrained
+    networks) has no int32 bias at its own sums' scale: it gets the smallest scale that holds the
+    bias, and the layer still fuses into QLinearConv and agrees with PyTorch."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 4, 1))
+    with torch.no_grad():
+        net[2].weight[5].mul_(1e-12)
+        net[2].bias[5] = 2.0
+    q = pycompress.quantize(net.eval(), calibration_data=[torch.randn(8, 3, 12, 12)])
+    layer = q[2]
+    assert isinstance(layer, Int8Conv2d) and float(layer.weight_scale.reshape(-1)[5]) < 1e-10
+    w, ws = onnx_export._qdq_conv_weights(layer)
+    assert float(ws[5]) * float(layer.input_scale) * 2 ** 30 >= 2.0 - 1e-6 and torch.equal(w[5], torch.zeros_like(w[5]))
+    assert torch.equal(w[:5], layer.weight[:5]) and torch.equal(ws[:5], layer.weight_scale.reshape(-1)[:5])
+    x = torch.randn(2, 3, 12, 12)
+    path = pycompress.export_onnx(q, x, tmp_path / "dead.onnx", exporter=EXPORTERS[-1], int8_format="qdq")
+    assert assert_conv_forms(path, q, qdq=True) == 2
+    assert_near_pytorch(path, q, torch.randn(3, 3, 12, 12))

@@ -73,6 +73,7 @@ import contextlib
 import copy
 import inspect
 import logging
+import math
 import os
 import secrets
 import warnings
@@ -251,21 +252,33 @@ class _ExportInt8Linear(nn.Module):
                                                     self.act_bits, self.fmt, self.weight_t.shape[0])
 
 
-def _qdq_conv_ok(layer: nn.Module) -> bool:
-    """Whether ONNX Runtime can run the layer as one QLinearConv: a calibrated uint8 input, a
+def _qdq_conv_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The int8 weight and its per-channel scale for the QLinearConv form, or None when ONNX
+    Runtime cannot run the layer as one QLinearConv. That needs a calibrated uint8 input, a
     requantized uint8 output, no residual, an activation that the output's quantization clamps
-    (none, ReLU, ReLU6), and a bias that has an int32 form at the scale input_scale * w_scale."""
+    (none, ReLU, ReLU6), and a bias with an int32 form at the sums' scale input_scale * w_scale.
+    A channel whose weight scale is too small for its bias there (a channel with next to no
+    weights, as BatchNorm folding leaves in some pretrained networks) gets the smallest scale
+    that holds the bias, and its weights rounded to it: they change by less than that scale."""
     if (layer.input_scale is None or layer.output_scale is None or layer.residual
             or layer.activation not in ("none", "relu", "relu6")):
-        return False
-    acc_scale = layer.weight_scale.detach().double().cpu().reshape(-1) * float(layer.input_scale)
-    if not bool(torch.isfinite(acc_scale).all()) or not bool((acc_scale > 0).all()):
-        return False
-    if layer.bias is not None:
-        q = layer.bias.detach().double().cpu().reshape(-1) / acc_scale
-        if not bool(torch.isfinite(q).all()) or float(q.abs().max()) >= 2.0 ** 31 - 1:
-            return False
-    return True
+        return None
+    w = layer.weight.detach().cpu()
+    ws = layer.weight_scale.detach().double().cpu().reshape(-1)
+    xs = float(layer.input_scale)
+    if not (math.isfinite(xs) and xs > 0) or not bool(torch.isfinite(ws).all()) or bool((ws < 0).any()):
+        return None
+    bias = layer.bias.detach().double().cpu().reshape(-1) if layer.bias is not None else torch.zeros_like(ws)
+    if not bool(torch.isfinite(bias).all()):
+        return None
+    need = bias.abs() / (xs * 2.0 ** 30)  # the bias within +-2^30 of the sums' units (float32 margin)
+    low = (ws < need) | (ws == 0)
+    if bool(low.any()):
+        new = torch.where(need > 0, need, torch.ones_like(need))
+        ratio = torch.where(low, ws / new, torch.ones_like(ws)).reshape(-1, *([1] * (w.dim() - 1)))
+        w = torch.where(low.reshape(ratio.shape), (w.double() * ratio).round().clamp(-127, 127), w.double()).to(torch.int8)
+        ws = torch.where(low, new, ws)
+    return w, ws.float()
 
 
 class _ExportInt8Conv2d(nn.Module):
@@ -275,8 +288,11 @@ class _ExportInt8Conv2d(nn.Module):
     def __init__(self, layer: nn.Module, fmt: str) -> None:
         super().__init__()
         w = layer.weight.detach().cpu()
-        if fmt == "qdq" and _qdq_conv_ok(layer):
-            # the QLinearConv form keeps the int8 weights (ONNX Runtime's fast u8 x s8 kernels)
+        qdq = _qdq_conv_weights(layer) if fmt == "qdq" else None
+        w_scale = layer.weight_scale.detach().float().cpu()
+        if qdq is not None:
+            # the QLinearConv form keeps int8 weights (ONNX Runtime's fast u8 x s8 kernels)
+            w, w_scale = qdq
             self.fmt = _CONV_QDQ
             kind = "u8s8"
         else:
@@ -289,7 +305,7 @@ class _ExportInt8Conv2d(nn.Module):
         if kind == "u8u8":
             w = (w.to(torch.int16) + 128).to(torch.uint8)
         self.register_buffer("weight", w.contiguous())
-        self.register_buffer("weight_scale", layer.weight_scale.detach().float().cpu().reshape(1, -1, 1, 1).contiguous())
+        self.register_buffer("weight_scale", w_scale.reshape(1, -1, 1, 1).contiguous())
         self.register_buffer("bias", None if layer.bias is None
                              else layer.bias.detach().float().cpu().reshape(1, -1, 1, 1).contiguous())
         for name in ("input_scale", "input_zero_point", "output_scale", "output_zero_point"):
@@ -631,7 +647,7 @@ def _emit_conv_activation(b: _Builder, y, act: int):
 
 
 def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, conv_attrs, act: int):
-    """The form ONNX Runtime fuses into QLinearConv (layers that ``_qdq_conv_ok`` accepts):
+    """The form ONNX Runtime fuses into QLinearConv (layers that ``_qdq_conv_weights`` accepts):
     ``QuantizeLinear → DequantizeLinear`` of the input with its static scale, the int8 weights
     and the int32 bias ``round(bias / (input_scale * w_scale))`` dequantized per output channel,
     ``Conv``, the activation, and ``QuantizeLinear → DequantizeLinear`` with the output's scale.
