@@ -489,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     x.add_argument("--int8-format", default="auto",
                    choices=["auto", "standard", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8",
-                            "contrib-u8s8", "contrib-s8s8"],
-                   help="integer form of Int8Linear layers (default auto)")
+                            "contrib-u8s8", "contrib-s8s8", "qdq"],
+                   help="integer form of the int8 layers (default auto; qdq: convs that ONNX Runtime "
+                        "fuses into QLinearConv)")
     x.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="torch exporter (default auto: torch.export-based on torch >= 2.6)")
     x.add_argument("--static", action="store_true", help="static shapes (default: dynamic batch)")

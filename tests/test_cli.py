@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -210,3 +211,14 @@ def test_data_file_formats(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a tensor file")
     with pytest.raises(cli.CLIError, match="cannot read data"):
         cli.load_data_file(str(tmp_path / "bad.pt"))
+
+
+def test_export_int8_format_choices_are_the_exporters():
+    """--int8-format offers every form export_onnx takes, and only those."""
+    from pycompress.cli import build_parser
+    from pycompress.export.onnx import INT8_FORMATS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    opt = next(a for a in sub.choices["export"]._actions if "--int8-format" in a.option_strings)
+    assert sorted(opt.choices) == sorted(INT8_FORMATS)
