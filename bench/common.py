@@ -121,6 +121,23 @@ def cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
+def write_kernel_file(path: str, kernel: str, rows: list[dict], meta: dict, load_before: float) -> None:
+    """Writes (atomically) a results file of one kernel in ``bench/run.py``'s format, which
+    ``bench/tables.py`` reads: the rows, the run's ``meta``, when the kernel finished (now), its
+    threading variables and the 1-minute load average at its start and now."""
+    import datetime as _dt
+    import json
+    import os
+
+    results = {"meta": meta, "kernels": {kernel: rows},
+               "kernel_dates": {kernel: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+               "kernel_env": {kernel: meta.get("threading_env", {})},
+               "kernel_load": {kernel: [round(load_before, 2), round(os.getloadavg()[0], 2)]}}
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def run_ratio_range(base: dict, row: dict, digits: int = 1) -> str:
     """``" (runs: lo-hi x)"``: the speed-up of ``row`` over ``base`` in each run, when both rows
     carry per-run medians (``bench/run.py --runs N``), else ``""``."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pycompress  # noqa: E402
-from common import cpu_id, device_name, time_fn  # noqa: E402
+from common import cpu_id, device_name, time_fn, write_kernel_file  # noqa: E402
 from pycompress.nn import Int8Linear  # noqa: E402
 
 KN = ((4096, 4096), (768, 3072))
@@ -142,18 +141,14 @@ def main(argv=None) -> int:
                       f"1 thread: {cpu[name]:8.3f} ms  err {100 * err[name]:.2f} %", flush=True)
     finally:
         pycompress.set_cpu_isa(previous_isa)
-    finished = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    load_after = os.getloadavg()
     meta = {
         "device": device_name("cpu"), "device_type": "cpu", "cpu_id": cpu_id(), "torch": torch.__version__,
         "threads": args.threads, "rounds": args.rounds, "isas": isas,
         "date": started.isoformat(timespec="seconds"),
     }
-    print(f"load average before {load_before}, after {load_after}")
+    print(f"load average before {load_before}, after {os.getloadavg()}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "kernels": {"isa_int8": rows}, "kernel_dates": {"isa_int8": finished},
-                       "kernel_load": {"isa_int8": [load_before[0], load_after[0]]}}, f, indent=1)
+        write_kernel_file(args.json, "isa_int8", rows, meta, load_before[0])
     return 0
 
 

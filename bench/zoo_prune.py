@@ -250,24 +250,19 @@ def write_results(kernel: str, rows: list[dict], versions: dict, load_before: fl
     """Writes ``rows`` as a ``bench/run.py``-style results file with one kernel (default
     ``bench/results/<device>-<suffix>.json``) and returns its path."""
     sys.path.insert(0, HERE)
-    from common import cpu_id, device_name
+    from common import cpu_id, device_name, write_kernel_file
 
     dev = device_name("cpu")
-    date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     meta = {"device": dev, "device_type": "cpu", "torch": versions["torch"], "torchvision": versions["torchvision"],
             "timm": versions["timm"], "pycompress": versions["pycompress"], "cpu_isa": versions["cpu_isa"],
-            "threads": versions["threads"], "date": date, "host": platform.node(), **extra_meta,
+            "threads": versions["threads"], "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), **extra_meta,
             "threading_env": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ},
             "cpu_id": cpu_id()}
-    results = {"meta": meta, "kernels": {kernel: rows}, "kernel_dates": {kernel: date},
-               "kernel_env": {kernel: meta["threading_env"]},
-               "kernel_load": {kernel: [round(load_before, 2), round(os.getloadavg()[0], 2)]}}
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", dev).strip("-").lower()
         out = os.path.join(HERE, "results", f"{slug}-{suffix}.json")
-    with open(out + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_kernel_file(out, kernel, rows, meta, load_before)
     return out
 
 
