@@ -4,8 +4,11 @@ that ONNX Runtime can fuse into QLinearConv, as DequantizeLinear around Conv (in
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 onnx = pytest.importorskip("onnx")
@@ -101,9 +104,9 @@ def test_cnn_models(tmp_path, name, calibrated, exporter, fmt):
     assert any(m.output_dtype is torch.uint8 for m in convs) == calibrated
     path = pycompress.export_onnx(q, cnn_models.images(4), tmp_path / f"{name}.onnx", exporter=exporter,
                                   int8_format=fmt)
-    # "qdq" fuses the calibrated layers with a uint8 output and no residual (not all of them)
+    # "qdq" fuses the calibrated layers with a uint8 output or a uint8 residual
     n_qdq = assert_conv_forms(path, q, qdq=fmt == "qdq")
-    assert (0 < n_qdq < len(convs)) if calibrated and fmt == "qdq" else n_qdq == 0
+    assert (0 < n_qdq <= len(convs)) if calibrated and fmt == "qdq" else n_qdq == 0
     n_int = op_types(path).count("ConvInteger")
     # dynamic layers add one ConvInteger on a [1, C, H, W] ones tensor for the zero-point correction
     assert n_int == (len(convs) - n_qdq if calibrated else 2 * len(convs)), (n_int, len(convs))
@@ -124,7 +127,7 @@ def test_cnn_models(tmp_path, name, calibrated, exporter, fmt):
 def test_conv_weight_types(tmp_path, fmt, dtype):
     """uint8 weights (int8 + 128, zero point 128) unless the form names int8 ones: ONNX Runtime's
     ConvInteger is fast for uint8 weights only, and u8 x u8 is exact everywhere."""
-    q = quantized("resnet", True)
+    q = quantized("vgg" if fmt == "qdq" else "resnet", True)  # vgg: its last conv, with a float output, is not fused
     path = pycompress.export_onnx(q, cnn_models.images(2), tmp_path / "r.onnx", int8_format=fmt,
                                   exporter=EXPORTERS[-1])
     model = onnx.load(str(path))
@@ -168,15 +171,17 @@ def test_activations_and_conv_shapes(tmp_path, calibrated):
         assert_close_to_pytorch(path, q, torch.randn(2, 3, 11, 13))
 
 
-@pytest.mark.parametrize("calibrated, fmt", [(False, "auto"), (True, "auto"), (True, "qdq")],
-                         ids=["dynamic", "static", "static-qdq"])
-def test_broken_conv_export_fails_verify(tmp_path, calibrated, fmt, monkeypatch):
+@pytest.mark.parametrize("calibrated, fmt, residual", [(False, "auto", False), (True, "auto", False),
+                                                       (True, "qdq", False), (True, "qdq", True)],
+                         ids=["dynamic", "static", "static-qdq", "static-qdq-residual"])
+def test_broken_conv_export_fails_verify(tmp_path, calibrated, fmt, residual, monkeypatch):
     """A file with one conv's weight scales doubled must be rejected, and not written (with
-    "qdq", a conv that ONNX Runtime fuses into QLinearConv)."""
+    "qdq", a conv that ONNX Runtime fuses into QLinearConv, with or without a residual)."""
     q = quantized("resnet", calibrated)
     convs = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
     # the third conv, or with "qdq" the first that takes that form (1-based, in module order)
-    target = next(i for i, m in enumerate(convs) if (onnx_export._qdq_conv_weights(m) is not None)) + 1 if fmt == "qdq" else 3
+    target = next(i for i, m in enumerate(convs) if onnx_export._qdq_conv_weights(m) is not None
+                  and m.residual == residual) + 1 if fmt == "qdq" else 3
     orig = onnx_export._ExportInt8Conv2d.__init__
     seen = []
 
@@ -235,3 +240,67 @@ def test_qdq_channel_without_weights(tmp_path):
     path = pycompress.export_onnx(q, x, tmp_path / "dead.onnx", exporter=EXPORTERS[-1], int8_format="qdq")
     assert assert_conv_forms(path, q, qdq=True) == 2
     assert_near_pytorch(path, q, torch.randn(3, 3, 12, 12))
+
+
+def _optimized_ops(path):
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path) + ".opt.onnx"
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+
+@pytest.mark.parametrize("calibrated_sum", [True, False], ids=["calibrated-sum", "bound"])
+def test_qdq_residual_convs(tmp_path, calibrated_sum):
+    """A residual conv in the "qdq" form: Conv -> QuantizeLinear -> DequantizeLinear at the scale
+    of the sum before the residual, Add, the activation, the output's quantization. ONNX Runtime
+    fuses the conv into QLinearConv and the addition into QLinearAdd; the one rounding more than
+    the PyTorch op stays well within the model's own quantization error. Without a calibrated
+    range (``sum_scale`` None) the sum gets the widest range that changes no output."""
+    q = quantized("resnet", True)
+    res = [m for m in q.modules() if isinstance(m, Int8Conv2d) and m.residual]
+    assert res and all(m.residual_scale is not None and m.sum_scale is not None for m in res)
+    if not calibrated_sum:
+        for m in res:
+            m.set_sum_quantization(None, None)
+    # a float output bounds nothing: such a layer needs the calibrated range
+    assert all((onnx_export._qdq_conv_weights(m) is not None) == (calibrated_sum or m.output_scale is not None)
+               for m in res)
+    assert any(m.output_scale is None for m in res)
+    path = pycompress.export_onnx(q, cnn_models.images(4), tmp_path / "r.onnx", int8_format="qdq",
+                                  exporter=EXPORTERS[-1])
+    assert ("ConvInteger" in op_types(path)) != calibrated_sum
+    ops = _optimized_ops(path)
+    assert ops.count("QLinearConv") == qdq_layers(q)
+    assert "QLinearAdd" in ops
+    x = cnn_models.images(5, seed=7)
+    assert_near_pytorch(path, q, x)
+    (st,) = onnx_export.verify_onnx(path, q, x)
+    assert st["err"] <= 1.5 * st["quant_err"], st
+
+
+@pytest.mark.parametrize("act", ["relu", "none", "relu6"])
+def test_qdq_residual_sum_range_changes_no_output(act):
+    """Clamping the sum before the residual to the range ``_qdq_sum_quantization`` derives from the
+    output's and the residual's quantization (no calibrated range) changes no output: the
+    layer's arithmetic with the clamp, over every residual value and sums far outside the range."""
+    torch.manual_seed(0)
+    q = Int8Conv2d.from_float(nn.Conv2d(4, 4, 1), activation=act, input_quantization=(0.05, 3),
+                              output_quantization=(0.04, 0 if act != "none" else 100), residual=True)
+    q.set_residual_quantization(0.03, 7)
+    scale, zp = onnx_export._qdq_sum_quantization(q)
+    lo, hi = (0 - zp) * scale, (255 - zp) * scale
+    c = torch.linspace(-40.0, 40.0, 20001)[:, None]                       # conv + bias
+    r = ((torch.arange(256) - 7) * 0.03)[None, :]                         # every residual value
+    f = {"relu": torch.relu, "none": lambda t: t, "relu6": F.relu6}[act]
+
+    def out(c):
+        return torch.clamp(torch.round(f(c + r) / 0.04) + int(q.output_zero_point), 0, 255)
+    assert torch.equal(out(c), out(c.clamp(lo, hi)))
+    # the range is no wider than needed: the output's span (from 0 after a ReLU) and the residual's
+    o_lo = 0.0 if act != "none" else -100 * 0.04
+    o_hi = min((255 - int(q.output_zero_point)) * 0.04, 6.0 if act == "relu6" else math.inf)
+    assert hi - lo <= (o_hi - o_lo + 255 * 0.03) * 255 / 254 * 1.0001
+    # a calibrated range narrower than that is used, cut to it (and covered whole)
+    q.set_sum_quantization(0.01, 100)
+    scale, zp = onnx_export._qdq_sum_quantization(q)
+    assert (0 - zp) * scale <= -1.0 and (255 - zp) * scale >= 1.55 and scale <= 0.01 * 255 / 254 * 1.0001

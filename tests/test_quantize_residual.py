@@ -115,14 +115,23 @@ def test_residual_layer_bad_inputs():
         plain.set_residual_quantization(0.1, 0)
     with pytest.raises(ValueError, match="residual"):
         Int8Conv2d(4, 4, 1, static_residual=True)
+    with pytest.raises(ValueError, match="residual input"):
+        plain.set_sum_quantization(0.1, 0)
+    with pytest.raises(ValueError, match="residual"):
+        Int8Conv2d(4, 4, 1, static_sum=True)
+    with pytest.raises(ValueError, match="sum"):
+        q.set_sum_quantization(-1.0, 0)
+    assert q.sum_scale is None  # a rejected value leaves the layer as it was
 
 
 def test_residual_layer_config_round_trip():
     q = _layer()
+    q.set_sum_quantization(0.06, 120)
     cfg = json.loads(json.dumps(q.config()))
-    assert cfg["residual"] is True and cfg["static_residual"] is True
+    assert cfg["residual"] is True and cfg["static_residual"] is True and cfg["static_sum"] is True
     r = Int8Conv2d.from_config(cfg)
     r.load_state_dict(q.state_dict())
+    assert float(r.sum_scale) == pytest.approx(0.06) and int(r.sum_zero_point) == 120
     x = torch.randint(0, 256, (1, 12, 6, 6), dtype=torch.uint8)
     res = torch.randint(0, 256, (1, 20, 6, 6), dtype=torch.uint8)
     assert torch.equal(r(x, res), q(x, res))
@@ -153,7 +162,7 @@ def test_residual_blocks_are_fused_and_agree_with_fp32(name):
 
     def keys(m):
         return {k for k in m.state_dict() if not k.endswith(("output_scale", "output_zero_point", "residual_scale",
-                                                               "residual_zero_point"))}
+                                                               "residual_zero_point", "sum_scale", "sum_zero_point"))}
     assert keys(q) == keys(q0)
     assert len(res.uint8_edges) > len(res0.uint8_edges)
     assert _cos(q0(TEST), ref) > 0.999
@@ -167,6 +176,23 @@ def test_resnet_block_plan():
     assert res.residual_blocks == {"layer1.0": ["conv2"], "layer2.0": ["conv2"], "layer3.0": ["conv3"],
                                    "layer3.1": ["conv3"]}
     assert all(v["activation"] == "relu" for v in res.residual.values())
+    # calibration records the range of each residual conv's own part of the sum (conv + folded
+    # BatchNorm, before the addition), for the ONNX export: it covers what the float model computes
+    for conv in res.residual:
+        layer = q.get_submodule(conv)
+        assert layer.sum_scale is not None and float(layer.sum_scale) > 0
+        seen = []
+        h = model.get_submodule(conv.rsplit(".", 1)[0] + ".bn" + conv[-1]).register_forward_hook(
+            lambda m, a, out: seen.append(out))
+        with torch.no_grad():
+            for b in CALIB:
+                model(b)
+        h.remove()
+        out = torch.cat([t.flatten() for t in seen])
+        lo = (0 - int(layer.sum_zero_point)) * float(layer.sum_scale)
+        hi = (255 - int(layer.sum_zero_point)) * float(layer.sum_scale)
+        assert lo <= 0 <= hi and hi - lo <= (float(out.max()) - float(out.min())) * 1.001 + 1e-6
+        assert hi - lo >= 0.5 * (float(out.quantile(0.999)) - float(out.quantile(0.001)))
     # the downsample feeds the residual as uint8
     assert ("layer2.0.downsample.0", "layer2.0.conv2") in res.uint8_edges
     assert q.get_submodule("layer2.0.downsample.0").output_dtype == torch.uint8

@@ -165,9 +165,12 @@ def _define_ops() -> None:
     def int8_conv2d(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
                     in_scale: Optional[torch.Tensor], in_zp: Optional[torch.Tensor],
                     out_scale: Optional[torch.Tensor], out_zp: Optional[torch.Tensor],
-                    params: list[int], act: int, fmt: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    params: list[int], act: int, fmt: int, residual: Optional[torch.Tensor] = None,
+                    sum_scale: Optional[torch.Tensor] = None, sum_zp: Optional[torch.Tensor] = None) -> torch.Tensor:
         # residual: the block's residual, added before the activation (a float tensor here: the
-        # file passes every requantized activation on dequantized)
+        # file passes every requantized activation on dequantized). sum_scale / sum_zp: the
+        # quantization of conv + bias before the residual in the "qdq" form (the file's only;
+        # this reference computes the PyTorch op)
         stride, padding, dilation, groups = params[0:2], params[2:6], params[6:8], params[8]
         out_dtype = torch.uint8 if out_scale is not None else None
         res = () if residual is None else (residual.float(), 1.0, 0)
@@ -180,7 +183,8 @@ def _define_ops() -> None:
         return y.float().contiguous()
 
     @int8_conv2d.register_fake
-    def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual=None):
+    def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual=None,
+          sum_scale=None, sum_zp=None):
         (sh, sw), (pt, pb, pl, pr), (dh, dw) = params[0:2], params[2:6], params[6:8]
         kh, kw = w.shape[2], w.shape[3]
         ho = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
@@ -254,14 +258,17 @@ class _ExportInt8Linear(nn.Module):
 
 def _qdq_conv_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The int8 weight and its per-channel scale for the QLinearConv form, or None when ONNX
-    Runtime cannot run the layer as one QLinearConv. That needs a calibrated uint8 input, a
-    requantized uint8 output, no residual, an activation that the output's quantization clamps
-    (none, ReLU, ReLU6), and a bias with an int32 form at the sums' scale input_scale * w_scale.
+    Runtime cannot run the layer as one QLinearConv. That needs a calibrated uint8 input, an
+    activation that the output's quantization clamps (none, ReLU, ReLU6), a bias with an int32
+    form at the sums' scale input_scale * w_scale, and a requantized uint8 output, or a residual
+    that arrives as uint8 with its own scale: the conv's part of the sum is then quantized
+    (``_qdq_sum_quantization``) and the output may be float.
     A channel whose weight scale is too small for its bias there (a channel with next to no
     weights, as BatchNorm folding leaves in some pretrained networks) gets the smallest scale
     that holds the bias, and its weights rounded to it: they change by less than that scale."""
-    if (layer.input_scale is None or layer.output_scale is None or layer.residual
-            or layer.activation not in ("none", "relu", "relu6")):
+    if (layer.input_scale is None or layer.activation not in ("none", "relu", "relu6")
+            or (layer.residual and _qdq_sum_quantization(layer) is None)
+            or (layer.output_scale is None and not layer.residual)):
         return None
     w = layer.weight.detach().cpu()
     ws = layer.weight_scale.detach().double().cpu().reshape(-1)
@@ -279,6 +286,47 @@ def _qdq_conv_weights(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | N
         w = torch.where(low.reshape(ratio.shape), (w.double() * ratio).round().clamp(-127, 127), w.double()).to(torch.int8)
         ws = torch.where(low, new, ws)
     return w, ws.float()
+
+
+def _qdq_sum_quantization(layer: nn.Module) -> tuple[float, int] | None:
+    """The uint8 quantization (scale, zero point) of ``conv + bias`` before the residual addition
+    in the QLinearConv form of a residual layer, or None when the residual has no static uint8
+    quantization. ONNX Runtime's fused conv writes 8 bits, so the sum before the residual gets a
+    quantization of its own. With the residual within [r_lo, r_hi] and the output's
+    quantization clamping the activation's result to [o_lo, o_hi], a sum below o_lo - r_hi or
+    above o_hi - r_lo gives the output it gives at that bound, so clamping to
+    [o_lo - r_hi, o_hi - r_lo] changes nothing; its step is the output's and the residual's steps
+    added (about twice the output's step in a ResNet block). The range calibration recorded
+    (``Int8Conv2d.sum_scale``), cut to that interval, is used where there is one: about half
+    that step on ResNets and MobileNetV2. A float output bounds nothing: such a layer needs the
+    calibrated range."""
+    if layer._buffers.get("residual_scale") is None:
+        return None
+    lo, hi = -math.inf, math.inf
+    if layer.output_scale is not None:
+        rs, rz = float(layer.residual_scale.reshape(-1)[0]), int(layer.residual_zero_point.reshape(-1)[0])
+        os_, oz = float(layer.output_scale.reshape(-1)[0]), int(layer.output_zero_point.reshape(-1)[0])
+        if not all(math.isfinite(v) and v > 0 for v in (rs, os_)):
+            return None
+        o_lo, o_hi = (0 - oz) * os_, (255 - oz) * os_
+        if layer.activation in ("relu", "relu6"):  # every sum <= 0 gives 0
+            o_lo = max(o_lo, 0.0)
+        if layer.activation == "relu6":
+            o_hi = min(o_hi, 6.0)
+        lo, hi = o_lo - (255 - rz) * rs, o_hi - (0 - rz) * rs
+    if layer._buffers.get("sum_scale") is not None:
+        ss, sz = float(layer.sum_scale.reshape(-1)[0]), int(layer.sum_zero_point.reshape(-1)[0])
+        if math.isfinite(ss) and ss > 0:
+            lo, hi = max(lo, (0 - sz) * ss), min(hi, (255 - sz) * ss)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # a float output and no calibrated range
+        return None
+    # uint8 steps whose grid covers [lo, hi] (and 0) whole: 254 steps for the span, so that the
+    # zero point rounded up still leaves room for hi
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = float(np.float32((hi - lo) / 254.0 * (1.0 + 1e-6)))
+    if not (math.isfinite(scale) and scale > 0):
+        return None
+    return scale, int(min(max(math.ceil(-lo / scale), 0), 255))
 
 
 class _ExportInt8Conv2d(nn.Module):
@@ -314,6 +362,9 @@ class _ExportInt8Conv2d(nn.Module):
         # stride, padding (top, bottom, left, right), dilation, groups
         self.params = [*layer.stride, *layer.padding4, *layer.dilation, int(layer.groups)]
         self.act = _CONV_ACTIVATIONS.index(layer.activation)
+        sum_q = _qdq_sum_quantization(layer) if qdq is not None and layer.residual else None
+        self.register_buffer("sum_scale", None if sum_q is None else torch.tensor(sum_q[0], dtype=torch.float32))
+        self.register_buffer("sum_zero_point", None if sum_q is None else torch.tensor(sum_q[1], dtype=torch.int32))
 
     def forward(self, x, residual=None):
         if x.dtype != torch.float32:
@@ -325,7 +376,8 @@ class _ExportInt8Conv2d(nn.Module):
                 raise ValueError(f"the residual of shape {tuple(residual.shape)} does not fit the conv's output")
         return torch.ops.pycompress_onnx.int8_conv2d(
             x, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
-            self.output_scale, self.output_zero_point, self.params, self.act, self.fmt, residual)
+            self.output_scale, self.output_zero_point, self.params, self.act, self.fmt, residual,
+            self.sum_scale, self.sum_zero_point)
 
 
 # --------------------------------------------------------------------------- graph builders
@@ -579,14 +631,15 @@ def _reduce_chw(b: _Builder, x, op: str):
 
 
 def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
-                      params, act: int, fmt: int, residual=None):
+                      params, act: int, fmt: int, residual=None, sum_scale=None, sum_zp=None):
     """Quantization to uint8 + ``ConvInteger`` + the op's fp32 epilogue (see the module doc)."""
     stride, padding, dilation, groups = list(params[0:2]), list(params[2:6]), list(params[6:8]), int(params[8])
     top, bottom, left, right = padding  # ONNX pads: [top, left, bottom, right]
     conv_attrs = dict(strides=stride, pads=[top, left, bottom, right], dilations=dilation, group=groups)
     f32, i32, u8 = 1, 6, 2
     if fmt == _CONV_QDQ:
-        return _emit_qdq_conv2d(b, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, conv_attrs, act)
+        return _emit_qdq_conv2d(b, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, conv_attrs, act,
+                                residual, sum_scale, sum_zp)
     w_zp = [b.const(np.array(128, np.uint8))] if INT8_FORMATS[fmt] == "u8u8" else []
     if in_scale is not None:
         # static: one scale and zero point; ConvInteger pads with the zero point (real value 0)
@@ -646,14 +699,20 @@ def _emit_conv_activation(b: _Builder, y, act: int):
     return y
 
 
-def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, conv_attrs, act: int):
+def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, conv_attrs, act: int,
+                     residual=None, sum_scale=None, sum_zp=None):
     """The form ONNX Runtime fuses into QLinearConv (layers that ``_qdq_conv_weights`` accepts):
     ``QuantizeLinear → DequantizeLinear`` of the input with its static scale, the int8 weights
     and the int32 bias ``round(bias / (input_scale * w_scale))`` dequantized per output channel,
     ``Conv``, the activation, and ``QuantizeLinear → DequantizeLinear`` with the output's scale.
     The integer sums are the PyTorch op's; the requantization is ONNX Runtime's (one rounding of
     the sum times input_scale * w_scale / output_scale, the bias rounded to the sum's scale), so
-    an output can land one step from the PyTorch op's."""
+    an output can land one step from the PyTorch op's. A residual layer writes
+    ``Conv → QuantizeLinear → DequantizeLinear`` with ``sum_scale`` / ``sum_zp``
+    (``_qdq_sum_quantization``), then ``Add(residual)``, the activation and the output's
+    ``QuantizeLinear → DequantizeLinear``: ONNX Runtime fuses the conv into QLinearConv and, where
+    the residual arrives dequantized, the addition into QLinearAdd. That rounds the sum once more
+    than the PyTorch op, which adds the residual to the float sum."""
     u8, i32 = 2, 6
     flat = b.const(np.array([-1], np.int64))
     ws = b.op("Reshape", w_scale, flat)                                                     # [C]
@@ -667,7 +726,13 @@ def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scal
         bq = b.op("Cast", b.op("Round", b.op("Div", b.op("Reshape", bias, flat), acc_scale)), to=i32)
         conv_in.append(b.op("DequantizeLinear", bq, acc_scale,
                             b.op("Expand", b.const(np.array([0], np.int32)), channels), axis=0))
-    y = _emit_conv_activation(b, b.op("Conv", *conv_in, **conv_attrs), act)
+    y = b.op("Conv", *conv_in, **conv_attrs)
+    if residual is not None:
+        zs = b.op("Cast", sum_zp, to=u8)
+        y = b.op("Add", b.op("DequantizeLinear", b.op("QuantizeLinear", y, sum_scale, zs), sum_scale, zs), residual)
+    y = _emit_conv_activation(b, y, act)
+    if out_scale is None:  # a residual layer with a float output
+        return y
     zo = b.op("Cast", out_zp, to=u8)
     return b.op("DequantizeLinear", b.op("QuantizeLinear", y, out_scale, zo), out_scale, zo)
 
@@ -683,9 +748,10 @@ def _translation_table(opset: int) -> dict:
         return _emit_int8_embedding(_ScriptBuilder(opset), ids, weight, scale)
 
     def int8_conv2d(x, w, w_scale, bias=None, in_scale=None, in_zp=None, out_scale=None, out_zp=None,
-                    params=(), act: int = 0, fmt: int = 0, residual=None):
+                    params=(), act: int = 0, fmt: int = 0, residual=None, sum_scale=None, sum_zp=None):
         return _emit_int8_conv2d(_ScriptBuilder(opset), x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
-                                 [int(p) for p in params], int(act), int(fmt), residual=residual)
+                                 [int(p) for p in params], int(act), int(fmt), residual=residual,
+                                 sum_scale=sum_scale, sum_zp=sum_zp)
 
     return {
         torch.ops.pycompress_onnx.int8_conv2d.default: int8_conv2d,
@@ -722,10 +788,12 @@ def _register_symbolics() -> None:
     def int8_embedding(g, ids, weight, scale):
         return _emit_int8_embedding(_TorchScriptBuilder(g, _opset()), ids, weight, scale)
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i", "v")
-    def int8_conv2d(g, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual):
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i", "v", "v", "v")
+    def int8_conv2d(g, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual,
+                    sum_scale, sum_zp):
         return _emit_int8_conv2d(_TorchScriptBuilder(g, _opset()), x, w, w_scale, _opt(bias), _opt(in_scale),
-                                 _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt, residual=_opt(residual))
+                                 _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt, residual=_opt(residual),
+                                 sum_scale=_opt(sum_scale), sum_zp=_opt(sum_zp))
 
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_conv2d", int8_conv2d, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_embedding", int8_embedding, MIN_OPSET)

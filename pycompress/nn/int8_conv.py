@@ -125,13 +125,17 @@ class Int8Conv2d(nn.Module):
     activation after it, so that the block's output can be requantized to uint8 at once.
     ``residual`` is a float tensor, or a uint8 tensor quantized with ``residual_scale`` /
     ``residual_zero_point`` (:meth:`set_residual_quantization`); a residual of another shape
-    than the output (broadcast by the addition) is added in float after the op.
+    than the output (broadcast by the addition) is added in float after the op. Calibration also
+    records the range of ``conv(x) + bias`` before the addition (``sum_scale`` /
+    ``sum_zero_point``, :meth:`set_sum_quantization`); the op does not use it (it adds in fp32),
+    the ONNX export does, where ONNX Runtime's fused conv must write the sum as 8 bits.
 
     Buffers (all in ``state_dict``): ``weight`` int8 ``[out, in / groups, kh, kw]``,
     ``weight_scale`` fp32 ``[out]``, ``bias`` fp32 ``[out]`` or None, ``input_scale`` fp32 ``[1]``
     and ``input_zero_point`` int32 ``[1]`` (None: dynamic quantization), ``output_scale`` fp32
     ``[1]`` and ``output_zero_point`` int32 ``[1]`` (None: float output), ``residual_scale`` fp32
-    ``[1]`` and ``residual_zero_point`` int32 ``[1]`` (None: no uint8 residual). Float outputs are
+    ``[1]`` and ``residual_zero_point`` int32 ``[1]`` (None: no uint8 residual), ``sum_scale`` fp32
+    ``[1]`` and ``sum_zero_point`` int32 ``[1]`` (None: not calibrated). Float outputs are
     contiguous (``[N, C, H, W]`` memory order, what code written for torch's conv expects, e.g.
     ``.view``) unless ``channels_last_output=True``: ``quantize`` sets it where the graph shows
     that nothing after the layer depends on the layout (no ``.view``, not the model's output),
@@ -169,6 +173,7 @@ class Int8Conv2d(nn.Module):
         float_dtype=None,
         residual: bool = False,
         static_residual: bool = False,
+        static_sum: bool = False,
         device=None,
     ) -> None:
         super().__init__()
@@ -196,6 +201,8 @@ class Int8Conv2d(nn.Module):
         self.residual = bool(residual)
         if static_residual and not self.residual:
             raise ValueError("static_residual=True needs residual=True")
+        if static_sum and not self.residual:
+            raise ValueError("static_sum=True needs residual=True")
         # the float dtype of the output for a uint8 input (a layer inside an fp16 / bf16 model)
         self.float_dtype = _FLOAT_DTYPE_NAMES.get(float_dtype, float_dtype) if float_dtype is not None else None
         if self.float_dtype is not None and self.float_dtype not in _FLOAT_INPUTS:
@@ -215,6 +222,8 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("output_zero_point", None)
         self.register_buffer("residual_scale", None)
         self.register_buffer("residual_zero_point", None)
+        self.register_buffer("sum_scale", None)
+        self.register_buffer("sum_zero_point", None)
         self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
         self._out_scale = 1.0
         self._out_zero_point = 0
@@ -222,6 +231,8 @@ class Int8Conv2d(nn.Module):
         self._res_zero_point = 0
         if static_residual:
             self.set_residual_quantization(1.0, 0)
+        if static_sum:
+            self.set_sum_quantization(1.0, 0)
         if static_input:
             self.set_input_quantization(1.0, 0)
         out = self._output_dtype_from(output_dtype)
@@ -284,6 +295,15 @@ class Int8Conv2d(nn.Module):
             raise ValueError(f"{self._where()}: set_residual_quantization on a layer without a residual input")
         self.residual_scale, self.residual_zero_point = self._qparam_buffers("residual", scale, zero_point)
         self._sync_output_qparams()
+
+    @torch.no_grad()
+    def set_sum_quantization(self, scale, zero_point) -> None:
+        """The calibrated uint8 range of ``conv(x) + bias`` before the residual addition
+        (``real = (q - zero_point) * scale``), which the ONNX export uses where ONNX Runtime's
+        fused conv writes 8 bits; the op itself adds the residual in fp32. ``scale=None``: none."""
+        if scale is not None and not self.residual:
+            raise ValueError(f"{self._where()}: set_sum_quantization on a layer without a residual input")
+        self.sum_scale, self.sum_zero_point = self._qparam_buffers("sum", scale, zero_point)
 
     def _qparam_buffers(self, what: str, scale, zero_point):
         """(scale fp32 [1], zero point int32 [1]) on the layer's device, validated; (None, None)
@@ -385,6 +405,7 @@ class Int8Conv2d(nn.Module):
             "float_dtype": str(self.float_dtype).replace("torch.", "") if self.float_dtype is not None else None,
             "residual": self.residual,
             "static_residual": self.residual_scale is not None,
+            "static_sum": self.sum_scale is not None,
         }
 
     @classmethod
@@ -396,7 +417,8 @@ class Int8Conv2d(nn.Module):
                    static_input=bool(cfg.get("static_input", False)), output_dtype=cfg.get("output_dtype"),
                    channels_last_output=bool(cfg.get("channels_last_output", False)),
                    fused_modules=tuple(cfg.get("fused_modules", ())), float_dtype=cfg.get("float_dtype"),
-                   residual=bool(cfg.get("residual", False)), static_residual=bool(cfg.get("static_residual", False)))
+                   residual=bool(cfg.get("residual", False)), static_residual=bool(cfg.get("static_residual", False)),
+                   static_sum=bool(cfg.get("static_sum", False)))
 
     def dequantize_output(self, y: torch.Tensor) -> torch.Tensor:
         """The real values of an output of this layer: ``(y - output_zero_point) * output_scale``
@@ -463,7 +485,8 @@ class Int8Conv2d(nn.Module):
         module.repack()
 
     def _apply(self, fn, recurse=True):
-        before = {k: self._buffers[k] for k in ("weight_scale", "bias", "input_scale", "output_scale", "residual_scale")}
+        before = {k: self._buffers[k] for k in ("weight_scale", "bias", "input_scale", "output_scale", "residual_scale",
+                                                "sum_scale")}
         moved = super()._apply(fn, recurse)
         # a cast of the whole model (.half(), .to(torch.bfloat16), .float()) sets the float dtype
         # of the outputs of uint8 inputs: fn maps floats of both widths to one dtype only then

@@ -305,6 +305,10 @@ class _Calibration:
         # its output quantization is the input quantization of the convs it feeds
         self.outputs = {n: observers.make_observer(observer, f"conv {n!r} output") for n in chains
                         if groups[n].block is None}
+        # a conv that computes a residual addition: the range of its own part of the sum (conv and
+        # BatchNorm, before the addition), which the ONNX export needs (Int8Conv2d.sum_scale)
+        self.sums = {n: observers.make_observer(observer, f"conv {n!r} sum before the residual")
+                     for n, g in groups.items() if g.block is not None}
 
     def _observer_hooks(self, method: str) -> list:
         handles = []
@@ -319,11 +323,15 @@ class _Calibration:
             def post(mod, args, out, obs=obs, act=act):
                 getattr(obs, method)(act(out))
             handles.append(self.modules[g.last_float_module].register_forward_hook(post))
+        for name, obs in self.sums.items():
+            def post_sum(mod, args, out, obs=obs):
+                getattr(obs, method)(out)
+            handles.append(self.modules[self.groups[name].last_float_module].register_forward_hook(post_sum))
         return handles
 
     def observe(self, batches: Any) -> None:
         _utils.run_calibration(self.model, batches, self._observer_hooks("observe"))
-        if any(o.needs_histogram for o in (*self.inputs.values(), *self.outputs.values())):
+        if any(o.needs_histogram for o in (*self.inputs.values(), *self.outputs.values(), *self.sums.values())):
             _utils.run_calibration(self.model, batches, self._observer_hooks("observe_histogram"))
 
     def bias_corrections(self, batches: Any, layers: dict[str, tuple[nn.Conv2d, Int8Conv2d]]) -> dict[str, torch.Tensor]:
@@ -434,6 +442,8 @@ def _convert_convs(model: nn.Module, sources: dict[str, nn.Conv2d], calibration_
         except (ValueError, TypeError) as e:
             raise ValueError(f"quantize: conv {n!r} cannot be converted: {e}; nothing was converted") from e
         q.layer_name = n
+        if calib is not None and n in calib.sums and calib.sums[n].seen and q.static_input:
+            q.set_sum_quantization(*calib.sums[n].qparams())
         q.channels_last_output = n in plan.layout_free
         q.fused_modules = tuple(m for m in (g.pad, g.bn, g.act) if m)
         if src.weight.dtype in (torch.float16, torch.bfloat16):  # uint8-fed layers answer in the model's dtype
