@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["auto", "standard", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8",
                             "contrib-u8s8", "contrib-s8s8", "qdq"],
                    help="integer form of the int8 layers (default auto; qdq: convs that ONNX Runtime "
-                        "fuses into QLinearConv)")
+                        "fuses into QLinearConv, residual additions into QLinearAdd)")
     x.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="torch exporter (default auto: torch.export-based on torch >= 2.6)")
     x.add_argument("--static", action="store_true", help="static shapes (default: dynamic batch)")

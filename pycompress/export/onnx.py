@@ -46,7 +46,9 @@ What each layer becomes
       → ``Mul(w_scale [1, C, 1, 1])`` → ``Add(bias)`` → the fused activation (``Relu``,
       ``Clip(0, 6)``, ``Mul(y, Sigmoid(y))``, ``HardSwish``); a uint8 output is
       ``QuantizeLinear → DequantizeLinear`` with the layer's output scale and zero point, from
-      which the next layer's ``QuantizeLinear`` recovers the same integers.
+      which the next layer's ``QuantizeLinear`` recovers the same integers. ``int8_format="qdq"``
+      writes the layers ONNX Runtime can fuse into ``QLinearConv`` (and a residual addition
+      into ``QLinearAdd``) as ``DequantizeLinear`` around ``Conv``, see ``_emit_qdq_conv2d``.
     * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
       another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
       row, ``Gather`` of both → ``Cast`` → ``Mul``.
@@ -166,11 +168,12 @@ def _define_ops() -> None:
                     in_scale: Optional[torch.Tensor], in_zp: Optional[torch.Tensor],
                     out_scale: Optional[torch.Tensor], out_zp: Optional[torch.Tensor],
                     params: list[int], act: int, fmt: int, residual: Optional[torch.Tensor] = None,
-                    sum_scale: Optional[torch.Tensor] = None, sum_zp: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    sum_scale: Optional[torch.Tensor] = None, sum_zp: Optional[torch.Tensor] = None,
+                    res_scale: Optional[torch.Tensor] = None, res_zp: Optional[torch.Tensor] = None) -> torch.Tensor:
         # residual: the block's residual, added before the activation (a float tensor here: the
         # file passes every requantized activation on dequantized). sum_scale / sum_zp: the
-        # quantization of conv + bias before the residual in the "qdq" form (the file's only;
-        # this reference computes the PyTorch op)
+        # quantization of conv + bias before the residual in the "qdq" form, res_scale / res_zp
+        # the residual's own (the file's only; this reference computes the PyTorch op)
         stride, padding, dilation, groups = params[0:2], params[2:6], params[6:8], params[8]
         out_dtype = torch.uint8 if out_scale is not None else None
         res = () if residual is None else (residual.float(), 1.0, 0)
@@ -184,7 +187,7 @@ def _define_ops() -> None:
 
     @int8_conv2d.register_fake
     def _(x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual=None,
-          sum_scale=None, sum_zp=None):
+          sum_scale=None, sum_zp=None, res_scale=None, res_zp=None):
         (sh, sw), (pt, pb, pl, pr), (dh, dw) = params[0:2], params[2:6], params[6:8]
         kh, kw = w.shape[2], w.shape[3]
         ho = (x.shape[2] + pt + pb - dh * (kh - 1) - 1) // sh + 1
@@ -365,6 +368,9 @@ class _ExportInt8Conv2d(nn.Module):
         sum_q = _qdq_sum_quantization(layer) if qdq is not None and layer.residual else None
         self.register_buffer("sum_scale", None if sum_q is None else torch.tensor(sum_q[0], dtype=torch.float32))
         self.register_buffer("sum_zero_point", None if sum_q is None else torch.tensor(sum_q[1], dtype=torch.int32))
+        for name in ("residual_scale", "residual_zero_point"):
+            v = getattr(layer, name) if sum_q is not None else None
+            self.register_buffer(name, None if v is None else v.detach().cpu().reshape(()).clone())
 
     def forward(self, x, residual=None):
         if x.dtype != torch.float32:
@@ -377,7 +383,7 @@ class _ExportInt8Conv2d(nn.Module):
         return torch.ops.pycompress_onnx.int8_conv2d(
             x, self.weight, self.weight_scale, self.bias, self.input_scale, self.input_zero_point,
             self.output_scale, self.output_zero_point, self.params, self.act, self.fmt, residual,
-            self.sum_scale, self.sum_zero_point)
+            self.sum_scale, self.sum_zero_point, self.residual_scale, self.residual_zero_point)
 
 
 # --------------------------------------------------------------------------- graph builders
@@ -631,7 +637,8 @@ def _reduce_chw(b: _Builder, x, op: str):
 
 
 def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
-                      params, act: int, fmt: int, residual=None, sum_scale=None, sum_zp=None):
+                      params, act: int, fmt: int, residual=None, sum_scale=None, sum_zp=None,
+                      res_scale=None, res_zp=None):
     """Quantization to uint8 + ``ConvInteger`` + the op's fp32 epilogue (see the module doc)."""
     stride, padding, dilation, groups = list(params[0:2]), list(params[2:6]), list(params[6:8]), int(params[8])
     top, bottom, left, right = padding  # ONNX pads: [top, left, bottom, right]
@@ -639,7 +646,7 @@ def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_sca
     f32, i32, u8 = 1, 6, 2
     if fmt == _CONV_QDQ:
         return _emit_qdq_conv2d(b, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, conv_attrs, act,
-                                residual, sum_scale, sum_zp)
+                                residual, sum_scale, sum_zp, res_scale, res_zp)
     w_zp = [b.const(np.array(128, np.uint8))] if INT8_FORMATS[fmt] == "u8u8" else []
     if in_scale is not None:
         # static: one scale and zero point; ConvInteger pads with the zero point (real value 0)
@@ -700,7 +707,7 @@ def _emit_conv_activation(b: _Builder, y, act: int):
 
 
 def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, conv_attrs, act: int,
-                     residual=None, sum_scale=None, sum_zp=None):
+                     residual=None, sum_scale=None, sum_zp=None, res_scale=None, res_zp=None):
     """The form ONNX Runtime fuses into QLinearConv (layers that ``_qdq_conv_weights`` accepts):
     ``QuantizeLinear → DequantizeLinear`` of the input with its static scale, the int8 weights
     and the int32 bias ``round(bias / (input_scale * w_scale))`` dequantized per output channel,
@@ -709,10 +716,13 @@ def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scal
     the sum times input_scale * w_scale / output_scale, the bias rounded to the sum's scale), so
     an output can land one step from the PyTorch op's. A residual layer writes
     ``Conv → QuantizeLinear → DequantizeLinear`` with ``sum_scale`` / ``sum_zp``
-    (``_qdq_sum_quantization``), then ``Add(residual)``, the activation and the output's
-    ``QuantizeLinear → DequantizeLinear``: ONNX Runtime fuses the conv into QLinearConv and, where
-    the residual arrives dequantized, the addition into QLinearAdd. That rounds the sum once more
-    than the PyTorch op, which adds the residual to the float sum."""
+    (``_qdq_sum_quantization``), then ``Add`` of the residual, itself written as
+    ``QuantizeLinear → DequantizeLinear`` with its scale (its values are on that grid: the same
+    values, but ONNX Runtime then sees a uint8 residual even where a float operator, a max pool,
+    produced it, and runs that operator on uint8 too), the activation and the output's
+    ``QuantizeLinear → DequantizeLinear``: ONNX Runtime fuses the conv into QLinearConv and the
+    addition into QLinearAdd. That rounds the sum once more than the PyTorch op, which adds the
+    residual to the float sum."""
     u8, i32 = 2, 6
     flat = b.const(np.array([-1], np.int64))
     ws = b.op("Reshape", w_scale, flat)                                                     # [C]
@@ -728,7 +738,8 @@ def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scal
                             b.op("Expand", b.const(np.array([0], np.int32)), channels), axis=0))
     y = b.op("Conv", *conv_in, **conv_attrs)
     if residual is not None:
-        zs = b.op("Cast", sum_zp, to=u8)
+        zs, zr = b.op("Cast", sum_zp, to=u8), b.op("Cast", res_zp, to=u8)
+        residual = b.op("DequantizeLinear", b.op("QuantizeLinear", residual, res_scale, zr), res_scale, zr)
         y = b.op("Add", b.op("DequantizeLinear", b.op("QuantizeLinear", y, sum_scale, zs), sum_scale, zs), residual)
     y = _emit_conv_activation(b, y, act)
     if out_scale is None:  # a residual layer with a float output
@@ -748,10 +759,11 @@ def _translation_table(opset: int) -> dict:
         return _emit_int8_embedding(_ScriptBuilder(opset), ids, weight, scale)
 
     def int8_conv2d(x, w, w_scale, bias=None, in_scale=None, in_zp=None, out_scale=None, out_zp=None,
-                    params=(), act: int = 0, fmt: int = 0, residual=None, sum_scale=None, sum_zp=None):
+                    params=(), act: int = 0, fmt: int = 0, residual=None, sum_scale=None, sum_zp=None,
+                    res_scale=None, res_zp=None):
         return _emit_int8_conv2d(_ScriptBuilder(opset), x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp,
                                  [int(p) for p in params], int(act), int(fmt), residual=residual,
-                                 sum_scale=sum_scale, sum_zp=sum_zp)
+                                 sum_scale=sum_scale, sum_zp=sum_zp, res_scale=res_scale, res_zp=res_zp)
 
     return {
         torch.ops.pycompress_onnx.int8_conv2d.default: int8_conv2d,
@@ -788,12 +800,13 @@ def _register_symbolics() -> None:
     def int8_embedding(g, ids, weight, scale):
         return _emit_int8_embedding(_TorchScriptBuilder(g, _opset()), ids, weight, scale)
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i", "v", "v", "v")
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "is", "i", "i", "v", "v", "v", "v", "v")
     def int8_conv2d(g, x, w, w_scale, bias, in_scale, in_zp, out_scale, out_zp, params, act, fmt, residual,
-                    sum_scale, sum_zp):
+                    sum_scale, sum_zp, res_scale, res_zp):
         return _emit_int8_conv2d(_TorchScriptBuilder(g, _opset()), x, w, w_scale, _opt(bias), _opt(in_scale),
                                  _opt(in_zp), _opt(out_scale), _opt(out_zp), params, act, fmt, residual=_opt(residual),
-                                 sum_scale=_opt(sum_scale), sum_zp=_opt(sum_zp))
+                                 sum_scale=_opt(sum_scale), sum_zp=_opt(sum_zp), res_scale=_opt(res_scale),
+                                 res_zp=_opt(res_zp))
 
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_conv2d", int8_conv2d, MIN_OPSET)
     torch.onnx.register_custom_op_symbolic("pycompress_onnx::int8_embedding", int8_embedding, MIN_OPSET)
@@ -1341,10 +1354,12 @@ def export_onnx(
             7-bit ones). ``"u8u8"``, ``"u8s8"``, ``"s8s8"`` (standard operators with those
             types), ``"contrib"`` (= ``"contrib-u8s8"``), ``"contrib-u8u8"``, ``"contrib-s8s8"``.
             ``"qdq"``: the linear layers as ``"auto"``; the ``Int8Conv2d`` layers with a
-            calibrated input, a uint8 output, no residual and no activation other than ReLU /
-            ReLU6 as ``DequantizeLinear`` around ``Conv``, which ONNX Runtime fuses into its
-            ``QLinearConv`` kernels (several times faster than ``ConvInteger`` and the fp32
-            epilogue, about as fast as ONNX Runtime's own quantized CNNs). The integer sums stay
+            calibrated input, a uint8 output or a uint8 residual, and no activation other than
+            ReLU / ReLU6 as ``DequantizeLinear`` around ``Conv``, which ONNX Runtime fuses into
+            its ``QLinearConv`` kernels (several times faster than ``ConvInteger`` and the fp32
+            epilogue, about as fast as ONNX Runtime's own quantized CNNs; a residual addition
+            into ``QLinearAdd``, after the conv's part of the sum is rounded to uint8 with the
+            range calibration recorded, ``Int8Conv2d.sum_scale``). The integer sums stay
             the PyTorch op's, but the requantization is ONNX Runtime's (the bias rounded to the
             sum's scale, one rounding of the rescaled sum), so outputs can land a step from the
             PyTorch model's; ``verify`` judges the file as for every form. The other convs keep
