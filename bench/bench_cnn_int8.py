@@ -25,9 +25,10 @@ Implementations, each used as a new user would, with the process's threads (2 he
   fraction of the fp32 model's conv multiply-adds that run in a pycompress int8 conv layer
   after the conversion;
 * ``pycompress int8 -> ONNX Runtime``: that model written by ``pycompress.export_onnx`` (default
-  form, verified, batch axis dynamic) and run by ONNX Runtime as above: the deployment path to
-  ONNX Runtime, against ONNX Runtime's own quantizer; ``[qdq]``: the same with
-  ``int8_format="qdq"``, whose convs ONNX Runtime fuses into ``QLinearConv``.
+  form: the convs that ONNX Runtime fuses into ``QLinearConv`` / ``QLinearAdd``; verified, batch
+  axis dynamic) and run by ONNX Runtime as above: the deployment path to ONNX Runtime, against
+  ONNX Runtime's own quantizer; ``[exact]``: the same with ``int8_format="exact"``
+  (``ConvInteger`` and the op's fp32 epilogue: the PyTorch model's integers).
 
 Calibration: 32 images; evaluation: 64 other images, both *structured* (smooth random colour
 fields, gradients and rectangles, normalised with the ImageNet mean and std), not white noise.
@@ -65,7 +66,7 @@ from common import PER_CORE, rows_by_case  # noqa: E402
 KERNEL = "cnn_int8"
 TORCH, ORT, OV, PYC = "torch fp32", "ONNX Runtime int8", "OpenVINO int8", "pycompress"
 PYC_ORT = "pycompress int8 -> ONNX Runtime"
-PYC_ORT_QDQ = "pycompress int8 -> ONNX Runtime [qdq]"
+PYC_ORT_EXACT = "pycompress int8 -> ONNX Runtime [exact]"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -317,12 +318,12 @@ def prepare_pycompress_ort(model, calib, tmp, int8_format="auto"):
             {**info, "onnxruntime": ort.__version__, "int8_format": int8_format})
 
 
-def prepare_pycompress_ort_qdq(model, calib, tmp):
-    return prepare_pycompress_ort(model, calib, tmp, "qdq")
+def prepare_pycompress_ort_exact(model, calib, tmp):
+    return prepare_pycompress_ort(model, calib, tmp, "exact")
 
 
 PREPARE = {TORCH: prepare_torch, ORT: prepare_ort, OV: prepare_openvino, PYC: prepare_pycompress,
-           PYC_ORT: prepare_pycompress_ort, PYC_ORT_QDQ: prepare_pycompress_ort_qdq}
+           PYC_ORT: prepare_pycompress_ort, PYC_ORT_EXACT: prepare_pycompress_ort_exact}
 
 
 # --------------------------------------------------------------------------- timing

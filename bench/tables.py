@@ -627,7 +627,7 @@ def t_decoder_kd(results: list[Results], link_base: str = "") -> str:
 INT8_TOOLS = (("torch fp32", "torch fp32"), ("ONNX Runtime int8", "ONNX Runtime int8 (static QDQ)"),
               ("OpenVINO int8", "OpenVINO int8 (NNCF)"), ("pycompress", "pycompress `quantize`"),
               ("pycompress int8 -> ONNX Runtime", "pycompress → ONNX Runtime (`export_onnx`)"),
-              ("pycompress int8 -> ONNX Runtime [qdq]", "pycompress → ONNX Runtime (`int8_format=\"qdq\"`)"))
+              ("pycompress int8 -> ONNX Runtime [exact]", "pycompress → ONNX Runtime (`int8_format=\"exact\"`)"))
 
 
 def _cnn_int8_cases(res: Results) -> dict[str, dict[str, dict]]:
@@ -666,11 +666,11 @@ def t_cnn_int8(results: list[Results], link_base: str = "") -> str:
             + " 3×224×224; median wall ms per forward pass (speed-up over torch fp32); pycompress "
             "vs OpenVINO = OpenVINO ms / pycompress ms (each run's ratio in brackets); 1 thread = best CPU time "
             "per call of torch fp32 on one thread, ms, and the speed-up over it of ONNX Runtime / OpenVINO / "
-            "pycompress / pycompress's ONNX files in ONNX Runtime (default, `qdq`) on one thread; conv MACs "
+            "pycompress / pycompress's ONNX files in ONNX Runtime (default, `exact`) on one thread; conv MACs "
             "int8 = share of the "
             "conv multiply-adds in pycompress int8 layers.\n\n"
             + table(["model", "batch"] + [label for _, label in INT8_TOOLS] + [
-                "pycompress vs OpenVINO", "1 thread: fp32 ms / ORT / OpenVINO / pycompress / → ORT / → ORT qdq",
+                "pycompress vs OpenVINO", "1 thread: fp32 ms / ORT / OpenVINO / pycompress / → ORT / → ORT exact",
                 "conv MACs int8"], out, ["l", "r"] + ["r"] * len(INT8_TOOLS) + ["l", "l", "r"]))
 
 

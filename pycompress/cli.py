@@ -489,9 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     x.add_argument("--int8-format", default="auto",
                    choices=["auto", "standard", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8",
-                            "contrib-u8s8", "contrib-s8s8", "qdq"],
-                   help="integer form of the int8 layers (default auto; qdq: convs that ONNX Runtime "
-                        "fuses into QLinearConv, residual additions into QLinearAdd)")
+                            "contrib-u8s8", "contrib-s8s8", "qdq", "exact"],
+                   help="integer form of the int8 layers (default auto: convs that ONNX Runtime fuses into "
+                        "QLinearConv / QLinearAdd where they allow it, the exact form should that fail the "
+                        "check; qdq: the same without that fallback; exact: ConvInteger and the op's epilogue)")
     x.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="torch exporter (default auto: torch.export-based on torch >= 2.6)")
     x.add_argument("--static", action="store_true", help="static shapes (default: dynamic batch)")

@@ -96,7 +96,7 @@ def assert_close_to_pytorch(path, q, x):
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("calibrated", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("name", ["resnet", "mobilenet_v2", "vgg"])
-@pytest.mark.parametrize("fmt", ["auto", "qdq"])
+@pytest.mark.parametrize("fmt", ["exact", "auto"])
 def test_cnn_models(tmp_path, name, calibrated, exporter, fmt):
     q = quantized(name, calibrated)
     convs = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
@@ -104,9 +104,9 @@ def test_cnn_models(tmp_path, name, calibrated, exporter, fmt):
     assert any(m.output_dtype is torch.uint8 for m in convs) == calibrated
     path = pycompress.export_onnx(q, cnn_models.images(4), tmp_path / f"{name}.onnx", exporter=exporter,
                                   int8_format=fmt)
-    # "qdq" fuses the calibrated layers with a uint8 output or a uint8 residual
-    n_qdq = assert_conv_forms(path, q, qdq=fmt == "qdq")
-    assert (0 < n_qdq <= len(convs)) if calibrated and fmt == "qdq" else n_qdq == 0
+    # "auto" fuses the calibrated layers with a uint8 output or a uint8 residual
+    n_qdq = assert_conv_forms(path, q, qdq=fmt == "auto")
+    assert (0 < n_qdq <= len(convs)) if calibrated and fmt == "auto" else n_qdq == 0
     n_int = op_types(path).count("ConvInteger")
     # dynamic layers add one ConvInteger on a [1, C, H, W] ones tensor for the zero-point correction
     assert n_int == (len(convs) - n_qdq if calibrated else 2 * len(convs)), (n_int, len(convs))
@@ -122,20 +122,21 @@ def test_cnn_models(tmp_path, name, calibrated, exporter, fmt):
     assert st["quant_err"] > 0 and st["err"] <= (2.0 if n_qdq else 0.1) * st["quant_err"], st
 
 
-@pytest.mark.parametrize("fmt, dtype", [("auto", onnx.TensorProto.UINT8), ("standard", onnx.TensorProto.UINT8),
-                                        ("u8s8", onnx.TensorProto.INT8), ("qdq", onnx.TensorProto.UINT8)])
+@pytest.mark.parametrize("fmt, dtype", [("exact", onnx.TensorProto.UINT8), ("standard", onnx.TensorProto.UINT8),
+                                        ("u8s8", onnx.TensorProto.INT8), ("qdq", onnx.TensorProto.UINT8),
+                                        ("auto", onnx.TensorProto.UINT8)])
 def test_conv_weight_types(tmp_path, fmt, dtype):
     """uint8 weights (int8 + 128, zero point 128) unless the form names int8 ones: ONNX Runtime's
     ConvInteger is fast for uint8 weights only, and u8 x u8 is exact everywhere."""
-    q = quantized("vgg" if fmt == "qdq" else "resnet", True)  # vgg: its last conv, with a float output, is not fused
+    q = quantized("vgg" if fmt in ("qdq", "auto") else "resnet", True)  # vgg: its last conv, with a float output, is not fused
     path = pycompress.export_onnx(q, cnn_models.images(2), tmp_path / "r.onnx", int8_format=fmt,
                                   exporter=EXPORTERS[-1])
     model = onnx.load(str(path))
     inits = {i.name: i for i in model.graph.initializer}
     conv_w = [inits[n.input[1]] for n in model.graph.node if n.op_type == "ConvInteger" and n.input[1] in inits]
     assert conv_w and all(w.data_type == dtype for w in conv_w)
-    # "qdq": the convs it does not fuse keep the exact form with uint8 weights
-    (assert_near_pytorch if fmt == "qdq" else assert_close_to_pytorch)(path, q, cnn_models.images(3, seed=5))
+    # "qdq", "auto": the convs they do not fuse keep the exact form with uint8 weights
+    (assert_near_pytorch if fmt in ("qdq", "auto") else assert_close_to_pytorch)(path, q, cnn_models.images(3, seed=5))
 
 
 class ActNet(nn.Module):
@@ -171,7 +172,7 @@ def test_activations_and_conv_shapes(tmp_path, calibrated):
         assert_close_to_pytorch(path, q, torch.randn(2, 3, 11, 13))
 
 
-@pytest.mark.parametrize("calibrated, fmt, residual", [(False, "auto", False), (True, "auto", False),
+@pytest.mark.parametrize("calibrated, fmt, residual", [(False, "auto", False), (True, "exact", False),
                                                        (True, "qdq", False), (True, "qdq", True)],
                          ids=["dynamic", "static", "static-qdq", "static-qdq-residual"])
 def test_broken_conv_export_fails_verify(tmp_path, calibrated, fmt, residual, monkeypatch):
@@ -306,3 +307,25 @@ def test_qdq_residual_sum_range_changes_no_output(act):
     q.set_sum_quantization(0.01, 100)
     scale, zp = onnx_export._qdq_sum_quantization(q)
     assert (0 - zp) * scale <= -1.0 and (255 - zp) * scale >= 1.55 and scale <= 0.01 * 255 / 254 * 1.0001
+
+
+def test_auto_falls_back_to_the_exact_form(tmp_path, monkeypatch):
+    """``int8_format="auto"`` writes the fused conv form; a file of that form that fails the check
+    is written again in the exact form, with a warning; ``"qdq"`` raises instead."""
+    q = quantized("resnet", True)
+    x = cnn_models.images(4)
+    orig = onnx_export._qdq_conv_weights
+
+    def doubled(layer):  # the fused form only: every weight scale doubled
+        r = orig(layer)
+        return None if r is None else (r[0], r[1] * 2)
+
+    monkeypatch.setattr(onnx_export, "_qdq_conv_weights", doubled)
+    with pytest.raises(onnx_export.OnnxVerificationError, match="quantization error"):
+        pycompress.export_onnx(q, x, tmp_path / "q.onnx", int8_format="qdq", exporter=EXPORTERS[-1])
+    assert not (tmp_path / "q.onnx").exists()
+    with pytest.warns(UserWarning, match="exact form"):
+        path = pycompress.export_onnx(q, x, tmp_path / "a.onnx", exporter=EXPORTERS[-1])
+    ops = op_types(path)
+    assert "Conv" not in ops and ops.count("ConvInteger") == len([m for m in q.modules() if isinstance(m, Int8Conv2d)])
+    assert_close_to_pytorch(path, q, cnn_models.images(3, seed=6))

@@ -329,9 +329,10 @@ def test_onnx_export_of_fused_blocks_runs_in_onnxruntime(tmp_path):
     pytest.importorskip("onnx")
     model = cm.resnet().eval()
     q, _ = _quantize(model)
-    path = tmp_path / "r.onnx"
-    pycompress.export_onnx(q, TEST[:2], path)  # verify=True: the file agrees with the int8 model
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert "ConvInteger" in ops and "Add" in ops
+    for fmt, conv in (("exact", "ConvInteger"), ("auto", "Conv")):
+        path = tmp_path / f"r-{fmt}.onnx"
+        pycompress.export_onnx(q, TEST[:2], path, int8_format=fmt)  # verify=True: agrees with the int8 model
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        assert conv in ops and "Add" in ops

@@ -46,9 +46,10 @@ What each layer becomes
       → ``Mul(w_scale [1, C, 1, 1])`` → ``Add(bias)`` → the fused activation (``Relu``,
       ``Clip(0, 6)``, ``Mul(y, Sigmoid(y))``, ``HardSwish``); a uint8 output is
       ``QuantizeLinear → DequantizeLinear`` with the layer's output scale and zero point, from
-      which the next layer's ``QuantizeLinear`` recovers the same integers. ``int8_format="qdq"``
-      writes the layers ONNX Runtime can fuse into ``QLinearConv`` (and a residual addition
-      into ``QLinearAdd``) as ``DequantizeLinear`` around ``Conv``, see ``_emit_qdq_conv2d``.
+      which the next layer's ``QuantizeLinear`` recovers the same integers (the exact form,
+      ``int8_format="exact"``). By default (``"auto"``, and ``"qdq"``) the layers ONNX Runtime can
+      fuse into ``QLinearConv`` (and a residual addition into ``QLinearAdd``) are written as
+      ``DequantizeLinear`` around ``Conv`` instead, see ``_emit_qdq_conv2d``.
     * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
       another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
       row, ``Gather`` of both → ``Cast`` → ``Mul``.
@@ -91,7 +92,7 @@ from pycompress import _optional, _utils
 __all__ = ["export_onnx", "verify_onnx", "OnnxVerificationError", "INT8_FORMATS"]
 
 INT8_FORMATS = ("auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8", "contrib-u8s8", "contrib-s8s8", "standard",
-                "qdq")
+                "qdq", "exact")
 _FORMAT_CODE = {name: i for i, name in enumerate(INT8_FORMATS)}
 DEFAULT_OPSET = 18
 MIN_OPSET = 15
@@ -339,7 +340,7 @@ class _ExportInt8Conv2d(nn.Module):
     def __init__(self, layer: nn.Module, fmt: str) -> None:
         super().__init__()
         w = layer.weight.detach().cpu()
-        qdq = _qdq_conv_weights(layer) if fmt == "qdq" else None
+        qdq = _qdq_conv_weights(layer) if fmt in ("auto", "qdq") else None
         w_scale = layer.weight_scale.detach().float().cpu()
         if qdq is not None:
             # the QLinearConv form keeps int8 weights (ONNX Runtime's fast u8 x s8 kernels)
@@ -351,7 +352,7 @@ class _ExportInt8Conv2d(nn.Module):
             # weights only (int8 weights take a path several times slower), and u8 x u8 is exact
             # on every CPU: the default and standard forms store uint8 = int8 + 128 with zero
             # point 128; a form that names int8 weights (u8s8, s8s8, contrib) gets them.
-            kind = "u8u8" if fmt in ("auto", "standard", "qdq") else _resolve_format(fmt, 8, False).split("-")[-1]
+            kind = "u8u8" if fmt in ("auto", "standard", "qdq", "exact") else _resolve_format(fmt, 8, False).split("-")[-1]
             self.fmt = _FORMAT_CODE["u8u8" if kind == "u8u8" else "u8s8"]
         if kind == "u8u8":
             w = (w.to(torch.int16) + 128).to(torch.uint8)
@@ -494,7 +495,7 @@ def _resolve_format(fmt: str, act_bits: int, narrow: bool = False) -> str:
     # vpmaddubsw on AVX2). They are exact wherever the CPU has VNNI or AMX; on AVX2 alone the
     # int16 pair sums of vpmaddubsw stay exact only for 7-bit activations (shifted values
     # <= 127) or weights within [-64, 64] (2 * 255 * 64 < 32768)
-    if fmt in ("auto", "qdq"):  # "qdq" is a conv form: the linear layers take the default
+    if fmt in ("auto", "qdq", "exact"):  # conv forms: the linear layers take the default
         return "contrib-u8s8"
     if fmt == "contrib":
         return "contrib-u8s8"
@@ -1307,8 +1308,9 @@ def export_onnx(
 
     ``Int8Linear`` layers become per-token ``QuantizeLinear`` + ONNX Runtime's integer
     ``MatMulIntegerToFloat`` on int8 weights (standard ``MatMulInteger`` with
-    ``int8_format="standard"``), ``Int8Conv2d`` layers ``QuantizeLinear`` + ``ConvInteger`` + their
-    fp32 epilogue, large embedding tables int8 rows,
+    ``int8_format="standard"``), ``Int8Conv2d`` layers the QDQ form that ONNX Runtime fuses into
+    ``QLinearConv`` / ``QLinearAdd`` where they allow it, else (and with ``int8_format="exact"``)
+    ``QuantizeLinear`` + ``ConvInteger`` + their fp32 epilogue, large embedding tables int8 rows,
     ``w8a16`` layers ``DequantizeLinear + MatMul``, ``MaskedLinear`` / ``SparseLinear`` dense
     ``MatMul`` / ``Gemm`` with their zeros (see the module docstring). ``model`` is not modified.
 
@@ -1344,7 +1346,10 @@ def export_onnx(
             cosine, the ratio and the worst row, and ``path`` is not written (a previous file
             there is kept). ``onnx.checker`` always runs. :func:`verify_onnx` applies the same
             check to an existing file.
-        int8_format: form of the ``w8a8`` layers: ``"auto"`` (default) = ``"contrib-u8s8"``:
+        int8_format: form of the int8 layers. ``"auto"`` (default): ``Int8Linear`` (``w8a8``) as
+            ``"contrib-u8s8"``, ``Int8Conv2d`` as ``"qdq"`` where the layer allows it and the
+            exact form elsewhere; should the file then fail ``verify``, it is written again with
+            ``"exact"`` and a warning says so. ``"contrib-u8s8"``:
             per-token ``QuantizeLinear`` to u8 and ONNX Runtime's
             ``com.microsoft.MatMulIntegerToFloat`` on int8 weights, its fastest x86 kernels;
             exact on CPUs with VNNI or AMX, and on AVX2 alone for models quantized with
@@ -1363,7 +1368,9 @@ def export_onnx(
             the PyTorch op's, but the requantization is ONNX Runtime's (the bias rounded to the
             sum's scale, one rounding of the rescaled sum), so outputs can land a step from the
             PyTorch model's; ``verify`` judges the file as for every form. The other convs keep
-            the exact form.
+            the exact form. ``"exact"``: the linear layers as ``"auto"``; every ``Int8Conv2d`` as
+            ``QuantizeLinear`` + ``ConvInteger`` (uint8 weights) + the op's fp32 epilogue, the
+            PyTorch op's integers and epilogue (several times slower in ONNX Runtime).
         int8_embeddings: store every ``nn.Embedding`` table of at least 16384 values that no
             other module shares (and without ``max_norm``) as int8 with one fp32 scale per row
             (``Gather`` + ``Cast`` + ``Mul``; default True). The PyTorch model is not changed;
@@ -1476,10 +1483,9 @@ def export_onnx(
         trace_float = (trace_reference if twin is ref_model or not verify else floats(run_model(trace, twin)))
 
     _define_ops()
-    export_model, _ = _export_copy(_with_embeddings(model, emb_names, "export"), int8_format)
     cpu_args = tuple(a.detach().cpu() if isinstance(a, torch.Tensor) else a for a in args)
     cpu_kwargs = {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    wrapper = _FlatIO(export_model, cpu_args, cpu_kwargs).eval()
+    with_tables = _with_embeddings(model, emb_names, "export")
 
     use_dynamo = exporter == "dynamo"
     if exporter == "auto":
@@ -1496,7 +1502,9 @@ def export_onnx(
         _require("onnxscript")
     params = inspect.signature(torch.onnx.export).parameters
 
-    def export(dyn: dict, target: str) -> None:
+    def export(dyn: dict, target: str, fmt: str) -> None:
+        export_model, _ = _export_copy(with_tables, fmt)
+        wrapper = _FlatIO(export_model, cpu_args, cpu_kwargs).eval()
         export_kw = dict(input_names=input_names, output_names=output_names, opset_version=opset)
         if use_dynamo:
             export_kw.update(dynamo=True, custom_translation_table=_translation_table(opset))
@@ -1530,23 +1538,44 @@ def export_onnx(
     # written to a temporary file next to ``path``, checked and verified there, then moved into
     # place with os.replace: ``path`` is either the previous file or the new, verified one
     tmp = _temp_path(path)
-    try:
+
+    def write(fmt: str) -> None:
         with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("onnxscript", "torch.onnx"):
             warnings.simplefilter("ignore")
-            export(dynamic_axes, tmp)
+            export(dynamic_axes, tmp, fmt)
         onnx.checker.check_model(tmp)
         _warn_specialized(onnx.load(tmp, load_external_data=False), dynamic_axes)
         if verify:
-            try:
-                _verify(tmp, tensors, reference, name=path, float_reference=float_reference,
+            _verify(tmp, tensors, reference, name=path, float_reference=float_reference,
+                    output_names=output_names)
+            if trace_reference is not None:
+                _verify(tmp, trace, trace_reference, name=path, float_reference=trace_float,
                         output_names=output_names)
-                if trace_reference is not None:
-                    _verify(tmp, trace, trace_reference, name=path, float_reference=trace_float,
-                            output_names=output_names)
-            except OnnxVerificationError as e:
+
+    try:
+        try:
+            write(int8_format)
+        except OnnxVerificationError as e:
+            # "auto" writes the convs ONNX Runtime fuses in the "qdq" form, which requantizes
+            # with ONNX Runtime's rounding; where that lands too far from the PyTorch model, the
+            # exact form (ConvInteger) is written instead
+            from pycompress.nn import Int8Conv2d
+
+            fused = int8_format == "auto" and any(
+                isinstance(m, Int8Conv2d) and _qdq_conv_weights(m) is not None for m in model.modules())
+            if not fused:
                 raise OnnxVerificationError(
                     f"{e}; {path} was not written (a previous file there is kept); export with "
                     "verify=False to inspect the file") from None
+            try:
+                write("exact")
+            except OnnxVerificationError as e2:
+                raise OnnxVerificationError(
+                    f"{e2}; {path} was not written (a previous file there is kept; the fused conv form "
+                    "failed too); export with verify=False to inspect the file") from None
+            warnings.warn(f"export_onnx: {path}: the convs in the form ONNX Runtime fuses failed the check "
+                          f"({e}); the file holds the exact form (int8_format='exact'), which ONNX Runtime "
+                          "runs several times slower", stacklevel=2)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
