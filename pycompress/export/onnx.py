@@ -40,12 +40,13 @@ What each layer becomes
       zeros (``to_dense()``), exported as torch exports ``nn.Linear`` (``MatMul``/``Gemm``);
       ONNX has no standard sparse matrix product, so the file holds the dense fp32 weight.
     * ``Int8Conv2d``: ``QuantizeLinear`` to uint8 (calibrated layers: their input scale and zero
-      point; dynamic layers: per image, as the PyTorch op, see ``_emit_int8_conv2d``) →
+      point, as ``Mul`` by the reciprocal and ``QuantizeLinear`` with scale 1, the op's rounding;
+      dynamic layers: per image, as the PyTorch op, see ``_emit_int8_conv2d``) →
       ``ConvInteger`` (uint8 weights = int8 + 128 with zero point 128; int8 weights for the forms
       that name them: ``u8s8``, ``s8s8``, ``contrib*``) → ``Cast`` → ``Mul(x_scale)``
       → ``Mul(w_scale [1, C, 1, 1])`` → ``Add(bias)`` → the fused activation (``Relu``,
-      ``Clip(0, 6)``, ``Mul(y, Sigmoid(y))``, ``HardSwish``); a uint8 output is
-      ``QuantizeLinear → DequantizeLinear`` with the layer's output scale and zero point, from
+      ``Clip(0, 6)``, ``Mul(y, Sigmoid(y))``, ``HardSwish``); a uint8 output is quantized so
+      too and dequantized (``DequantizeLinear``) with the layer's output scale and zero point, from
       which the next layer's ``QuantizeLinear`` recovers the same integers (the exact form,
       ``int8_format="exact"``). By default (``"auto"``, and ``"qdq"``) the layers ONNX Runtime can
       fuse into ``QLinearConv`` (and a residual addition into ``QLinearAdd``) are written as
@@ -652,7 +653,7 @@ def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_sca
     if in_scale is not None:
         # static: one scale and zero point; ConvInteger pads with the zero point (real value 0)
         zp8 = b.op("Cast", in_zp, to=u8)
-        xq = b.op("QuantizeLinear", x, in_scale, zp8)
+        xq = _quantize_as_the_op(b, x, in_scale, zp8)
         acc = b.op("ConvInteger", xq, w, zp8, *w_zp, **conv_attrs)
         y = b.op("Mul", b.op("Cast", acc, to=f32), in_scale)
     else:
@@ -689,8 +690,17 @@ def _emit_int8_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_sca
         # requantized output: the same uint8 values, passed on dequantized (the next layer's
         # QuantizeLinear with the same scale and zero point gives them back exactly)
         zp8 = b.op("Cast", out_zp, to=u8)
-        y = b.op("DequantizeLinear", b.op("QuantizeLinear", y, out_scale, zp8), out_scale, zp8)
+        y = b.op("DequantizeLinear", _quantize_as_the_op(b, y, out_scale, zp8), out_scale, zp8)
     return y
+
+
+def _quantize_as_the_op(b: _Builder, x, scale, zp8):
+    """uint8 ``rint(x * (1 / scale)) + zp``, saturated: the static quantization of the PyTorch op,
+    which multiplies by the fp32 reciprocal where ``QuantizeLinear`` divides by the scale (a
+    value within one float rounding of a tie can land one step apart between the two, and the
+    step carries on through the layers after it)."""
+    inv = b.op("Div", b.const(np.array(1.0, np.float32)), scale)
+    return b.op("QuantizeLinear", b.op("Mul", x, inv), b.const(np.array(1.0, np.float32)), zp8)
 
 
 def _emit_conv_activation(b: _Builder, y, act: int):
