@@ -913,12 +913,14 @@ def _export_copy(model: nn.Module, fmt: str) -> tuple[nn.Module, dict[str, int]]
     int8_cls = getattr(pnn, "Int8Linear", None)
     dense_cls = tuple(c for c in (getattr(pnn, "MaskedLinear", None), getattr(pnn, "SparseLinear", None)) if c)
     conv_cls = getattr(pnn, "Int8Conv2d", None)
-    counts = {"int8_w8a8": 0, "int8_w8a16": 0, "dense_from_sparse": 0, "int8_conv": 0}
+    counts = {"int8_w8a8": 0, "int8_w8a16": 0, "dense_from_sparse": 0, "int8_conv": 0, "int8_conv_qdq": 0}
 
     def convert(m: nn.Module) -> nn.Module | None:
         if conv_cls is not None and isinstance(m, conv_cls):
             counts["int8_conv"] += 1
-            return _ExportInt8Conv2d(m, fmt)
+            layer = _ExportInt8Conv2d(m, fmt)
+            counts["int8_conv_qdq"] += layer.fmt == _CONV_QDQ
+            return layer
         if int8_cls is not None and isinstance(m, int8_cls):
             counts["int8_" + m.mode] += 1
             return _ExportInt8Linear(m, fmt)
@@ -1512,8 +1514,8 @@ def export_onnx(
         _require("onnxscript")
     params = inspect.signature(torch.onnx.export).parameters
 
-    def export(dyn: dict, target: str, fmt: str) -> None:
-        export_model, _ = _export_copy(with_tables, fmt)
+    def export(dyn: dict, target: str, fmt: str) -> dict[str, int]:
+        export_model, counts = _export_copy(with_tables, fmt)
         wrapper = _FlatIO(export_model, cpu_args, cpu_kwargs).eval()
         export_kw = dict(input_names=input_names, output_names=output_names, opset_version=opset)
         if use_dynamo:
@@ -1544,17 +1546,22 @@ def export_onnx(
             if "dynamo" in params:
                 export_kw["dynamo"] = False
             torch.onnx.export(wrapper, tuple(trace), target, do_constant_folding=True, **export_kw)
+        return counts
 
     # written to a temporary file next to ``path``, checked and verified there, then moved into
     # place with os.replace: ``path`` is either the previous file or the new, verified one
     tmp = _temp_path(path)
 
-    def write(fmt: str) -> None:
+    def write(fmt: str) -> int:
+        """Exports to ``tmp`` in ``fmt`` and checks it; the number of convs in the fused form."""
         with warnings.catch_warnings(), torch.no_grad(), _quiet_loggers("onnxscript", "torch.onnx"):
             warnings.simplefilter("ignore")
-            export(dynamic_axes, tmp, fmt)
+            counts = export(dynamic_axes, tmp, fmt)
         onnx.checker.check_model(tmp)
         _warn_specialized(onnx.load(tmp, load_external_data=False), dynamic_axes)
+        return counts["int8_conv_qdq"]
+
+    def check() -> None:
         if verify:
             _verify(tmp, tensors, reference, name=path, float_reference=float_reference,
                     output_names=output_names)
@@ -1563,22 +1570,20 @@ def export_onnx(
                         output_names=output_names)
 
     try:
+        fused = write(int8_format)
         try:
-            write(int8_format)
+            check()
         except OnnxVerificationError as e:
             # "auto" writes the convs ONNX Runtime fuses in the "qdq" form, which requantizes
             # with ONNX Runtime's rounding; where that lands too far from the PyTorch model, the
             # exact form (ConvInteger) is written instead
-            from pycompress.nn import Int8Conv2d
-
-            fused = int8_format == "auto" and any(
-                isinstance(m, Int8Conv2d) and _qdq_conv_weights(m) is not None for m in model.modules())
-            if not fused:
+            if int8_format != "auto" or not fused:
                 raise OnnxVerificationError(
                     f"{e}; {path} was not written (a previous file there is kept); export with "
                     "verify=False to inspect the file") from None
+            write("exact")
             try:
-                write("exact")
+                check()
             except OnnxVerificationError as e2:
                 raise OnnxVerificationError(
                     f"{e2}; {path} was not written (a previous file there is kept; the fused conv form "
