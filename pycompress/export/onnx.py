@@ -95,8 +95,13 @@ __all__ = ["export_onnx", "verify_onnx", "OnnxVerificationError", "INT8_FORMATS"
 INT8_FORMATS = ("auto", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8", "contrib-u8s8", "contrib-s8s8", "standard",
                 "qdq", "exact")
 _FORMAT_CODE = {name: i for i, name in enumerate(INT8_FORMATS)}
+# the default opset: ATTENTION_OPSET (the standard fused Attention) where the exporter, onnx and
+# onnxruntime have it, else DEFAULT_OPSET
 DEFAULT_OPSET = 18
+ATTENTION_OPSET = 23
 MIN_OPSET = 15
+TORCHSCRIPT_MAX_OPSET = 20
+ATTENTION_FORMS = ("fused", "decomposed")
 # verification (see export_onnx): ONNX Runtime's distance from the PyTorch model may be at most
 # VERIFY_RATIO x the PyTorch model's own distance from its float version (two independent
 # roundings of the same activations are sqrt(2) x one apart), plus VERIFY_FLOAT_TOL x its norm
@@ -402,10 +407,17 @@ class _Builder:
     def const(self, array: np.ndarray):
         raise NotImplementedError
 
-    def set_shape_like(self, value, like, last: int) -> None:
-        """Records ``value``'s shape as ``like``'s with the last dimension ``last`` (float32),
-        where the exporter knows ``like``'s: ONNX Runtime's fusions check the shapes of their
-        inputs, and a ``Reshape`` to a computed shape leaves them unknown to its shape inference."""
+    def dims(self, value) -> list | None:
+        """``value``'s shape as the exporter knows it: ints, names of symbolic sizes or None per
+        dimension; None when its rank is unknown."""
+        return None
+
+    def is_bool(self, value) -> bool:
+        return False
+
+    def none(self):
+        """An omitted optional input."""
+        return None
 
     def reduce_last(self, x, op: str, keepdims: int = 1):
         if self.opset >= 18:
@@ -427,33 +439,50 @@ class _ScriptBuilder(_Builder):
             return values.Op(self._domains[domain], name, _contrib_schema(name))(*inputs, **attrs)
         return getattr(self._domains[domain], name)(*inputs, **attrs)
 
-    def set_shape_like(self, value, like, last):
-        shape = getattr(like, "shape", None)
-        if shape is None or not hasattr(value, "shape"):
-            return
-        from onnxscript import ir
-
-        try:
-            value.shape = ir.Shape([*list(shape)[:-1], int(last)])
-            if getattr(value, "dtype", None) is None:
-                value.dtype = ir.DataType.FLOAT
-        except (TypeError, ValueError, AttributeError):
-            pass
-
     def const(self, array):
         import onnx.numpy_helper
 
         return self._domains[""].Constant(value=onnx.numpy_helper.from_array(np.asarray(array)))
 
+    def dims(self, value):
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            return None
+        out = []
+        for d in shape:
+            if isinstance(d, int):
+                out.append(d)
+            else:
+                name = getattr(d, "value", None)
+                out.append(name if isinstance(name, (int, str)) else None)
+        return out
+
+    def is_bool(self, value):
+        from onnxscript import ir
+
+        return getattr(value, "dtype", None) == ir.DataType.BOOL
+
 
 def _contrib_schema(name: str):
-    """An ``onnx.defs.OpSchema`` for ``com.microsoft.MatMulIntegerToFloat`` (ONNX Runtime's op)."""
-    if name != "MatMulIntegerToFloat":
+    """An ``onnx.defs.OpSchema`` for the ONNX Runtime ops the export writes
+    (``com.microsoft.MatMulIntegerToFloat``, ``com.microsoft.MultiHeadAttention``)."""
+    if name not in ("MatMulIntegerToFloat", "MultiHeadAttention"):
         raise ValueError(f"no schema for com.microsoft.{name}")
     from onnx.defs import OpSchema
 
     opt = OpSchema.FormalParameterOption.Optional
     P = OpSchema.FormalParameter
+    if name == "MultiHeadAttention":
+        return OpSchema(
+            "MultiHeadAttention", "com.microsoft", 1,
+            inputs=[P("query", "T"), P("key", "T", param_option=opt), P("value", "T", param_option=opt),
+                    P("bias", "T", param_option=opt), P("key_padding_mask", "M", param_option=opt),
+                    P("attention_bias", "T", param_option=opt)],
+            outputs=[P("output", "T")],
+            type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+            attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                        OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "", required=False)],
+        )
     return OpSchema(
         "MatMulIntegerToFloat", "com.microsoft", 1,
         inputs=[P("A", "T1"), P("B", "T2"), P("a_scale", "T3"), P("b_scale", "T3"),
@@ -487,6 +516,26 @@ class _TorchScriptBuilder(_Builder):
 
     def const(self, array):
         return self.g.op("Constant", value_t=torch.from_numpy(np.array(array)))
+
+    def dims(self, value):
+        from torch.onnx import symbolic_helper
+
+        try:
+            sizes = symbolic_helper._get_tensor_sizes(value)
+        except Exception:  # noqa: BLE001 (no tensor type recorded)
+            return None
+        return None if sizes is None else [d if isinstance(d, int) else None for d in sizes]
+
+    def is_bool(self, value):
+        try:
+            return value.type().scalarType() == "Bool"
+        except Exception:  # noqa: BLE001
+            return False
+
+    def none(self):
+        from torch.onnx import symbolic_helper
+
+        return symbolic_helper._optional_input_placeholder_tensor(self.g)
 
 
 def _resolve_format(fmt: str, act_bits: int, narrow: bool = False) -> str:
@@ -542,13 +591,7 @@ def _emit_int8_linear(b: _Builder, x, w_t, w_scale, bias, act_bits: int, fmt: in
     lead = b.op("Slice", b.op("Shape", x), b.const(np.array([0], np.int64)), b.const(np.array([-1], np.int64)))
     out_shape = b.op("Concat", lead, b.const(np.array([-1], np.int64)), axis=0)
     y = b.op("Reshape", y, out_shape)
-    n = getattr(w_t, "shape", None)
-    if n is not None and len(n) == 2 and isinstance(n[1], int):
-        b.set_shape_like(y, x, n[1])
     if bias is not None:
-        # after the Reshape: ONNX Runtime folds Add(bias) -> Add(residual) -> LayerNormalization
-        # into one SkipLayerNormalization with the bias as its input (a Reshape in between
-        # blocks that fusion)
         y = b.op("Add", y, bias)
     return y
 
@@ -567,6 +610,67 @@ def _emit_w8a16_linear(b: _Builder, x, w_t, w_scale, bias):
     if bias is not None:
         y = b.op("Add", y, bias)
     return y
+
+
+def _emit_attention(b: _Builder, q, k, v, mask, is_causal: bool, scale: float | None, contrib: bool):
+    """``scaled_dot_product_attention`` as one fused node, or None where the call has no fused
+    form here (the caller then writes the exporter's own decomposition).
+
+    Opset >= 23: the standard ``Attention``; below, with ``contrib``, ONNX Runtime's
+    ``com.microsoft.MultiHeadAttention``. Both run in one kernel what the decomposition writes
+    as ``MatMul``, ``Softmax``, the mask's ``Where`` / ``Add``, the ``IsNaN`` guard of fully
+    masked rows and their transposes. Query, key and value ``[B, H, S, D]`` are handed over in
+    the 3-D layout ``[B, S, H * D]`` (``Transpose`` + ``Reshape``) and the output is turned back
+    to ``[B, H, S, Dv]``; these transposes undo the model's own head split and merge, and ONNX
+    Runtime cancels each pair, so the attention reads and writes the projections' layout.
+    """
+    qd, kd, vd = b.dims(q), b.dims(k), b.dims(v)
+    if not (qd and kd and vd and len(qd) == len(kd) == len(vd) == 4):
+        return None
+    hq, hk, d, dv = qd[1], kd[1], qd[3], vd[3]
+    if not all(isinstance(x, int) and x > 0 for x in (hq, hk, d, dv)) or vd[1] != hk or kd[3] != d:
+        return None
+    standard = b.opset >= 23
+    if not standard and not contrib:
+        return None
+    if hq != hk and (not standard or hq % hk):
+        return None  # grouped-query attention: the standard op only
+    if is_causal and (mask is not None or qd[2] is None or qd[2] != kd[2]):
+        # both ops align the causal mask like torch only for as many queries as keys
+        return None
+    if not standard and is_causal:
+        return None
+    i64 = lambda a: b.const(np.array(a, np.int64))  # noqa: E731
+    if mask is not None:
+        md = b.dims(mask)
+        if not (md and len(md) == 4 and md[2] is not None and md[2] == qd[2] and md[3] is not None
+                and md[3] == kd[2]):
+            # ONNX Runtime wants the mask's last two sizes spelled out: broadcast to [.., Sq, Skv]
+            sizes = b.op("Concat", i64([1, 1]), b.op("Shape", q, start=2, end=3), b.op("Shape", k, start=2, end=3),
+                         axis=0)
+            mask = b.op("Expand", mask, sizes)
+        if not standard and b.is_bool(mask):
+            # attention_bias is additive: masked positions get the lowest float (not -inf,
+            # which ONNX Runtime's softmax would turn into NaN)
+            mask = b.op("Where", mask, b.const(np.array(0.0, np.float32)),
+                        b.const(np.array(np.finfo(np.float32).min, np.float32)))
+
+    def to3(x):
+        return b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), i64([0, 0, -1]))
+
+    attrs = {} if scale is None else {"scale": float(scale)}
+    if standard:
+        if is_causal:
+            attrs["is_causal"] = 1
+        inputs = [to3(q), to3(k), to3(v)] + ([mask] if mask is not None else [])
+        o = b.op("Attention", *inputs, q_num_heads=hq, kv_num_heads=hk, **attrs)
+    else:
+        extra = [b.none(), b.none(), mask] if mask is not None else []
+        o = b.op("MultiHeadAttention", to3(q), to3(k), to3(v), *extra, num_heads=hq, domain="com.microsoft",
+                 **attrs)
+    if isinstance(o, (tuple, list)):  # onnxscript returns every declared output
+        o = o[0]
+    return b.op("Transpose", b.op("Reshape", o, i64([0, 0, hq, dv])), perm=[0, 2, 1, 3])
 
 
 def _scalar_value(name: str, consts: dict) -> float | None:
@@ -629,6 +733,32 @@ def _reorder_gelu(graph) -> int:
             count += 1
             break
     return count
+
+
+def _hide_int8_linear_shapes(graph) -> int:
+    """Drops the recorded shapes (``value_info``) of the values the int8 linear layers' nodes
+    produce; returns how many.
+
+    ONNX Runtime fuses a residual ``Add`` (and a bias ``Add`` before it) with the
+    ``LayerNormalization`` after it into ``SkipLayerNormalization``, and a bias ``Add`` with a
+    following ``Gelu`` into ``BiasGelu``, where the shapes of the ``Add``'s inputs are known. Its
+    CPU kernels for both are slower than the unfused operators (ONNX Runtime 1.32:
+    ``SkipLayerNormalization`` normalizes with a scalar loop and a division per element).
+    Without recorded shapes, ONNX Runtime cannot infer those of the layer's output (a
+    ``Reshape`` to a computed shape) and leaves the operators unfused. The exporter records the
+    shapes the torch.export graph knows; TorchScript exports record none for these nodes."""
+    made_by_linear = set()
+    for node in graph.node:
+        for prop in node.metadata_props:
+            if prop.key == "pkg.torch.onnx.fx_node" and "pycompress_onnx.int8_linear." in prop.value:
+                made_by_linear.update(node.output)
+                break
+    keep = [v for v in graph.value_info if v.name not in made_by_linear]
+    dropped = len(graph.value_info) - len(keep)
+    if dropped:
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+    return dropped
 
 
 def _reduce_chw(b: _Builder, x, op: str):
@@ -759,7 +889,7 @@ def _emit_qdq_conv2d(b: _Builder, x, w, w_scale, bias, in_scale, in_zp, out_scal
     return b.op("DequantizeLinear", b.op("QuantizeLinear", y, out_scale, zo), out_scale, zo)
 
 
-def _translation_table(opset: int) -> dict:
+def _translation_table(opset: int, attention: str = "fused", contrib: bool = True) -> dict:
     def int8_linear(x, w_t, w_scale, bias=None, act_bits: int = 8, fmt: int = 0, k: int = 0):
         return _emit_int8_linear(_ScriptBuilder(opset), x, w_t, w_scale, bias, int(act_bits), int(fmt), int(k))
 
@@ -776,15 +906,90 @@ def _translation_table(opset: int) -> dict:
                                  [int(p) for p in params], int(act), int(fmt), residual=residual,
                                  sum_scale=sum_scale, sum_zp=sum_zp, res_scale=res_scale, res_zp=res_zp)
 
-    return {
+    def sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+             scale: float | None = None, enable_gqa: bool = False):
+        out = None
+        if not dropout_p:
+            out = _emit_attention(_ScriptBuilder(opset), query, key, value, attn_mask, bool(is_causal),
+                                  scale, contrib)
+        if out is None:  # the exporter's own decomposition
+            from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+
+            out = aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                    enable_gqa)
+        return out
+
+    table = {
         torch.ops.pycompress_onnx.int8_conv2d.default: int8_conv2d,
         torch.ops.pycompress_onnx.int8_linear.default: int8_linear,
         torch.ops.pycompress_onnx.w8a16_linear.default: w8a16_linear,
         torch.ops.pycompress_onnx.int8_embedding.default: int8_embedding,
     }
+    if attention == "fused" and _torchlib_sdpa() is not None:
+        table[torch.ops.aten.scaled_dot_product_attention.default] = sdpa
+    return table
+
+
+def _torchlib_sdpa():
+    """onnxscript's own translation of ``scaled_dot_product_attention`` (the fallback of the
+    fused form), or None where this onnxscript has none under that name."""
+    try:
+        from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+    except ImportError:
+        return None
+    return aten_scaled_dot_product_attention
+
+
+def _torchscript_sdpa_symbolic(contrib: bool):
+    """The TorchScript exporter's symbolic for ``aten::scaled_dot_product_attention``: the fused
+    form where it applies (``com.microsoft.MultiHeadAttention``: this exporter stops at opset
+    20), else torch's own symbolic."""
+    from torch.onnx import symbolic_helper
+
+    try:
+        from torch.onnx import symbolic_opset14 as builtin
+    except ImportError:  # pragma: no cover - torch versions that moved the module
+        from torch.onnx._internal.torchscript_exporter import symbolic_opset14 as builtin
+
+    def sdpa(g, query, key, value, attn_mask=None, dropout_p=None, is_causal=None, scale=None, enable_gqa=None,
+             *rest):
+        def const(v, kind, default):
+            if v is None or symbolic_helper._is_none(v):
+                return default
+            return symbolic_helper._maybe_get_const(v, kind)
+
+        mask = None if attn_mask is None or symbolic_helper._is_none(attn_mask) else attn_mask
+        p, causal, sc = const(dropout_p, "f", 0.0), const(is_causal, "b", False), const(scale, "f", None)
+        out = None
+        if isinstance(p, float) and not p and isinstance(causal, (bool, int)) and (sc is None or isinstance(sc, float)):
+            b = _TorchScriptBuilder(g, int(symbolic_helper.GLOBALS.export_onnx_opset_version))
+            out = _emit_attention(b, query, key, value, mask, bool(causal), sc, contrib)
+        if out is None:
+            args = [a for a in (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *rest)]
+            while args and args[-1] is None:
+                args.pop()
+            out = builtin.scaled_dot_product_attention(g, *args)
+        return out
+
+    return sdpa
 
 
 _SYMBOLICS_REGISTERED = False
+
+
+@contextlib.contextmanager
+def _sdpa_symbolic(fused: bool):
+    """Registers the fused attention symbolic for one TorchScript export (and removes it after,
+    so that other ``torch.onnx.export`` calls in the process keep torch's own)."""
+    if not fused:
+        yield
+        return
+    name, version = "aten::scaled_dot_product_attention", 14
+    torch.onnx.register_custom_op_symbolic(name, _torchscript_sdpa_symbolic(True), version)
+    try:
+        yield
+    finally:
+        torch.onnx.unregister_custom_op_symbolic(name, version)
 
 
 def _register_symbolics() -> None:
@@ -1069,6 +1274,23 @@ def _exporter_supports_dynamo() -> bool:
     return "dynamo" in params and "custom_translation_table" in params
 
 
+def _default_opset(use_dynamo: bool) -> int:
+    """ATTENTION_OPSET where the torch.export-based exporter is used and the installed onnx
+    (>= 1.18) and onnxruntime (>= 1.23, its CPU ``Attention`` kernel) know it, else DEFAULT_OPSET."""
+    if not use_dynamo:
+        return DEFAULT_OPSET
+    try:
+        import onnx
+        import onnxruntime
+
+        ort_version = tuple(int(p) for p in onnxruntime.__version__.split(".")[:2])
+        if onnx.defs.onnx_opset_version() >= ATTENTION_OPSET and ort_version >= (1, 23):
+            return ATTENTION_OPSET
+    except (ImportError, ValueError, AttributeError):
+        pass
+    return DEFAULT_OPSET
+
+
 def _default_dynamic_axes(tensors: list[torch.Tensor], in_names: list[str], out_names: list[str],
                           outputs: list[torch.Tensor]) -> dict:
     """Dim 0 of every input (and of every output of the same leading size) is ``"batch"`` when
@@ -1315,6 +1537,7 @@ def export_onnx(
     int8_format: str = "auto",
     int8_embeddings: bool = True,
     exporter: str = "auto",
+    attention: str = "fused",
 ) -> str:
     """Exports ``model`` (with pycompress layers) to an ONNX file runnable by ONNX Runtime.
 
@@ -1416,9 +1639,9 @@ def export_onnx(
         raise ValueError(f"int8_format must be one of {INT8_FORMATS}, got {int8_format!r}")
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
-    if opset is None:
-        opset = DEFAULT_OPSET
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+    if attention not in ATTENTION_FORMS:
+        raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET):
         raise ValueError(f"opset must be an int >= {MIN_OPSET}, got {opset!r}")
     onnx = _require("onnx")
     _require("onnxruntime")
@@ -1512,6 +1735,12 @@ def export_onnx(
             raise RuntimeError(f"torch {torch.__version__}: torch.onnx.export has no custom_translation_table "
                                "(torch >= 2.6 needed); use exporter='torchscript'")
         _require("onnxscript")
+    if opset is None:
+        opset = _default_opset(use_dynamo)
+    elif not use_dynamo and opset > TORCHSCRIPT_MAX_OPSET:
+        raise ValueError(f"opset {opset}: the TorchScript exporter writes opsets up to {TORCHSCRIPT_MAX_OPSET}")
+    # the standard-operator forms keep ONNX Runtime's contrib attention out of the file too
+    contrib_attention = int8_format not in ("standard", "u8u8", "u8s8", "s8s8")
     params = inspect.signature(torch.onnx.export).parameters
 
     def export(dyn: dict, target: str, fmt: str) -> dict[str, int]:
@@ -1519,7 +1748,7 @@ def export_onnx(
         wrapper = _FlatIO(export_model, cpu_args, cpu_kwargs).eval()
         export_kw = dict(input_names=input_names, output_names=output_names, opset_version=opset)
         if use_dynamo:
-            export_kw.update(dynamo=True, custom_translation_table=_translation_table(opset))
+            export_kw.update(dynamo=True, custom_translation_table=_translation_table(opset, attention, contrib_attention))
             if dyn:
                 export_kw["dynamic_shapes"] = _dynamic_shapes(dyn, input_names)
             if "external_data" in params:
@@ -1538,6 +1767,7 @@ def export_onnx(
                 export_kw["optimize"] = False
                 proto = torch.onnx.export(wrapper, tuple(trace), None, **export_kw).model_proto
             _reorder_gelu(proto.graph)
+            _hide_int8_linear_shapes(proto.graph)
             onnx.save_model(proto, target)
         else:
             _register_symbolics()
@@ -1545,7 +1775,8 @@ def export_onnx(
                 export_kw["dynamic_axes"] = dyn
             if "dynamo" in params:
                 export_kw["dynamo"] = False
-            torch.onnx.export(wrapper, tuple(trace), target, do_constant_folding=True, **export_kw)
+            with _sdpa_symbolic(attention == "fused" and contrib_attention):
+                torch.onnx.export(wrapper, tuple(trace), target, do_constant_folding=True, **export_kw)
         return counts
 
     # written to a temporary file next to ``path``, checked and verified there, then moved into
