@@ -14,10 +14,11 @@ What each layer becomes
       ``vpmaddubsw`` on AVX2), scales by ``w_scale`` in the GEMM's output stage and by the
       per-token scale in a second pass over the output inside the same operator. The kernel's
       own bias input is added before that pass (it would be scaled by the per-token scale), so
-      the bias is an ``Add`` after the output ``Reshape``: ONNX Runtime folds it into
-      ``SkipLayerNormalization`` where a residual ``Add`` and a ``LayerNormalization`` follow
-      (attention-output and FFN-down projections of BERT-like models); the output's shape is
-      recorded for that fusion's shape checks. ONNX Runtime's common-subexpression pass quantizes
+      the bias is an ``Add`` after the output ``Reshape``. The output's shape is not recorded
+      in the file, which keeps ONNX Runtime from fusing that ``Add`` with a residual ``Add`` and
+      ``LayerNormalization`` into ``SkipLayerNormalization`` or with a ``Gelu`` into
+      ``BiasGelu``, whose CPU kernels are slower than the separate operators
+      (``_hide_int8_linear_shapes``). ONNX Runtime's common-subexpression pass quantizes
       an input shared by several layers (query, key, value) once; the PyTorch kernels quantize it
       once per layer, to the same integers. The integers are the PyTorch kernel's
       (round half to even, + zero point) except that ``QuantizeLinear`` divides by the scale
@@ -54,6 +55,12 @@ What each layer becomes
     * ``nn.Embedding`` tables of at least ``EMBEDDING_MIN_ELEMENTS`` values (not shared with
       another module, no ``max_norm``; ``int8_embeddings=True``): int8 with one fp32 scale per
       row, ``Gather`` of both → ``Cast`` → ``Mul``.
+    * ``F.scaled_dot_product_attention`` (``attention="fused"``, default): one fused node, the
+      standard ``Attention`` at opset >= 23 (the default opset where the installed exporter, onnx
+      and onnxruntime have it), ONNX Runtime's ``com.microsoft.MultiHeadAttention`` below (not
+      with the standard-operator ``int8_format``\ s), on the 3-D ``[B, S, H * D]`` layout, see
+      ``_emit_attention``; calls neither takes (dropout, head counts the exporter does not know,
+      ...) and ``attention="decomposed"`` keep the exporter's ``MatMul`` / ``Softmax`` form.
     * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged,
       except that the exact GELU of the torch.export-based exporter is written in the order ONNX
       Runtime fuses into one ``Gelu`` / ``BiasGelu`` kernel (same products, see ``_reorder_gelu``).
@@ -1564,7 +1571,9 @@ def export_onnx(
             inputs share their leading size, whatever it is (a one-row example included: the
             model is then traced on the example repeated to 2 rows, since exporters fix sizes 0
             and 1); ``{}`` exports static shapes.
-        opset: ONNX opset (default 18; >= 15).
+        opset: ONNX opset (>= 15). Default: 23 with the torch.export-based exporter where the
+            installed onnx (>= 1.18) and onnxruntime (>= 1.23) have it (its standard
+            ``Attention`` operator), else 18. The TorchScript exporter writes opsets up to 20.
         verify: run the file in ONNX Runtime on ``example_inputs`` (and on the 2-row tracing
             example when the example had one row) and compare with the PyTorch model (with its
             embedding tables as the file stores them). Per output, ONNX Runtime's L2 distance
@@ -1614,6 +1623,17 @@ def export_onnx(
         exporter: ``"auto"`` (torch.export-based exporter when this torch has
             ``custom_translation_table`` (2.6+) and onnxscript is installed, else TorchScript),
             ``"dynamo"`` or ``"torchscript"``.
+        attention: ``"fused"`` (default): each ``F.scaled_dot_product_attention`` call becomes
+            one fused operator, the standard ``Attention`` at opset >= 23 and ONNX Runtime's
+            ``com.microsoft.MultiHeadAttention`` below (the standard-operator
+            ``int8_format``\ s keep the decomposition there), where the exporter knows the head
+            counts and sizes (the torch.export-based exporter does for Hugging Face models; the
+            TorchScript one often does not), without dropout and, for causal attention, with as
+            many queries as keys; other calls keep the exporter's own form.
+            ``"decomposed"``: ``MatMul`` / ``Softmax`` as ``torch.onnx.export`` writes them, e.g.
+            for ONNX Runtime's ``quantize_dynamic``, which (1.32) mistakes the standard
+            ``Attention`` for its own ``com.microsoft.Attention`` and writes a file that does
+            not load.
 
     Returns:
         ``path`` (str).
