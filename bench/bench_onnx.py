@@ -29,8 +29,9 @@ Implementations, timed interleaved (round after round) in one process; ORT sessi
 * ``ORT fp32``: the float model exported by ``export_onnx`` (default: fused attention).
 * ``ORT int8 per-channel``: ``onnxruntime.quantization.quantize_dynamic(fp32 file,
   per_channel=True, weight_type=QInt8)``, ONNX Runtime's own int8 model, of the float model
-  exported with ``attention="decomposed"`` (attention as ``torch.onnx.export`` writes it:
-  ``quantize_dynamic`` mistakes the standard ``Attention`` operator for its own
+  exported with ``opset=18, attention="exporter"`` (as ``torch.onnx.export`` writes it:
+  attention as ``MatMul`` / ``Softmax``; ``quantize_dynamic`` mistakes the standard ``Attention``
+  operator for its own
   ``com.microsoft.Attention`` and writes a file that does not load, ONNX Runtime 1.32).
 
 Columns: ``ms`` (median of the interleaved calls; ``ms_lo`` / ``ms_hi`` their fastest and slowest),
@@ -354,11 +355,11 @@ def _case(name: str, model, weights: str, tok_dir: str | None, quick: bool, tmp:
         file_ref[f"{OURS} [weight_bits=7]"] = as_stored(q7)
         del q7
     add_onnx(ORT_FP32, fp32_path)
-    # ONNX Runtime's quantizer gets the float graph as torch.onnx.export writes it (attention as
-    # MatMul / Softmax): quantize_dynamic (1.32) takes the standard Attention operator of the
-    # default export for its own com.microsoft.Attention and writes a file that does not load
-    plain_path = os.path.join(tmp, f"{name}-fp32-decomposed.onnx")
-    pycompress.export_onnx(model, inputs, plain_path, output_names=list(outs), attention="decomposed")
+    # ONNX Runtime's quantizer gets the float graph as torch.onnx.export writes it at opset 18
+    # (attention as MatMul / Softmax): quantize_dynamic (1.32) takes a standard Attention
+    # operator (opset 23) for its own com.microsoft.Attention and writes a file that does not load
+    plain_path = os.path.join(tmp, f"{name}-fp32-opset18.onnx")
+    pycompress.export_onnx(model, inputs, plain_path, output_names=list(outs), opset=18, attention="exporter")
     pc_path = os.path.join(tmp, f"{name}-ort-int8-pc.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -60,7 +60,7 @@ What each layer becomes
       and onnxruntime have it), ONNX Runtime's ``com.microsoft.MultiHeadAttention`` below (not
       with the standard-operator ``int8_format``\ s), on the 3-D ``[B, S, H * D]`` layout, see
       ``_emit_attention``; calls neither takes (dropout, head counts the exporter does not know,
-      ...) and ``attention="decomposed"`` keep the exporter's ``MatMul`` / ``Softmax`` form.
+      ...) and ``attention="exporter"`` keep the exporter's own form.
     * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged,
       except that the exact GELU of the torch.export-based exporter is written in the order ONNX
       Runtime fuses into one ``Gelu`` / ``BiasGelu`` kernel (same products, see ``_reorder_gelu``).
@@ -108,7 +108,7 @@ DEFAULT_OPSET = 18
 ATTENTION_OPSET = 23
 MIN_OPSET = 15
 TORCHSCRIPT_MAX_OPSET = 20
-ATTENTION_FORMS = ("fused", "decomposed")
+ATTENTION_FORMS = ("fused", "exporter")
 # verification (see export_onnx): ONNX Runtime's distance from the PyTorch model may be at most
 # VERIFY_RATIO x the PyTorch model's own distance from its float version (two independent
 # roundings of the same activations are sqrt(2) x one apart), plus VERIFY_FLOAT_TOL x its norm
@@ -1630,10 +1630,11 @@ def export_onnx(
             counts and sizes (the torch.export-based exporter does for Hugging Face models; the
             TorchScript one often does not), without dropout and, for causal attention, with as
             many queries as keys; other calls keep the exporter's own form.
-            ``"decomposed"``: ``MatMul`` / ``Softmax`` as ``torch.onnx.export`` writes them, e.g.
-            for ONNX Runtime's ``quantize_dynamic``, which (1.32) mistakes the standard
-            ``Attention`` for its own ``com.microsoft.Attention`` and writes a file that does
-            not load.
+            ``"exporter"``: as ``torch.onnx.export`` writes it (``MatMul`` / ``Softmax`` below
+            opset 23; from opset 23 recent exporters write the standard ``Attention`` on the
+            4-D layout themselves). For ONNX Runtime's ``quantize_dynamic``, export with
+            ``opset=18, attention="exporter"``: it (1.32) mistakes the standard ``Attention`` for
+            its own ``com.microsoft.Attention`` and writes a file that does not load.
 
     Returns:
         ``path`` (str).
