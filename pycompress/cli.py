@@ -383,7 +383,7 @@ def cmd_export(args) -> int:
         path = pycompress.export_onnx(model, example, args.onnx, input_names=names,
                                       dynamic_axes={} if args.static else None, opset=args.opset,
                                       verify=not args.no_verify, int8_format=args.int8_format,
-                                      exporter=args.exporter)
+                                      exporter=args.exporter, attention=args.attention)
     except ImportError as e:
         raise CLIError(str(e)) from e
     except (ValueError, TypeError, OSError) as e:
@@ -486,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--int-high", type=int, default=100, help="integer example inputs are drawn "
                    "from [0, INT_HIGH) (default 100)")
     x.add_argument("--input-names", help="comma-separated graph input names")
-    x.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    x.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default 23 where the exporter, onnx and onnxruntime have it, else 18)")
     x.add_argument("--int8-format", default="auto",
                    choices=["auto", "standard", "u8u8", "u8s8", "s8s8", "contrib", "contrib-u8u8",
                             "contrib-u8s8", "contrib-s8s8", "qdq", "exact"],
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "check; qdq: the same without that fallback; exact: ConvInteger and the op's epilogue)")
     x.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
                    help="torch exporter (default auto: torch.export-based on torch >= 2.6)")
+    x.add_argument("--attention", default="fused", choices=["fused", "exporter"],
+                   help="scaled_dot_product_attention as one fused operator (default; Attention from opset 23, "
+                        "ONNX Runtime's MultiHeadAttention below) or as the torch exporter writes it")
     x.add_argument("--static", action="store_true", help="static shapes (default: dynamic batch)")
     x.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
     x.set_defaults(func=cmd_export)

@@ -222,3 +222,13 @@ def test_export_int8_format_choices_are_the_exporters():
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     opt = next(a for a in sub.choices["export"]._actions if "--int8-format" in a.option_strings)
     assert sorted(opt.choices) == sorted(INT8_FORMATS)
+
+
+def test_export_attention_choices_are_the_exporters():
+    from pycompress.cli import build_parser
+    from pycompress.export.onnx import ATTENTION_FORMS
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    opt = next(a for a in sub.choices["export"]._actions if "--attention" in a.option_strings)
+    assert sorted(opt.choices) == sorted(ATTENTION_FORMS) and opt.default == "fused"
