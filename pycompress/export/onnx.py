@@ -58,7 +58,7 @@ What each layer becomes
     * ``F.scaled_dot_product_attention`` (``attention="fused"``, default): one fused node, the
       standard ``Attention`` at opset >= 23 (the default opset where the installed exporter, onnx
       and onnxruntime have it), ONNX Runtime's ``com.microsoft.MultiHeadAttention`` below (not
-      with the standard-operator ``int8_format``\ s), on the 3-D ``[B, S, H * D]`` layout, see
+      with the standard-operator ``int8_format`` values), on the 3-D ``[B, S, H * D]`` layout, see
       ``_emit_attention``; calls neither takes (dropout, head counts the exporter does not know,
       ...) and ``attention="exporter"`` keep the exporter's own form.
     * Everything else (including ``nn.Linear``) is exported by ``torch.onnx.export`` unchanged,
@@ -649,18 +649,23 @@ def _emit_attention(b: _Builder, q, k, v, mask, is_causal: bool, scale: float | 
         return None
     i64 = lambda a: b.const(np.array(a, np.int64))  # noqa: E731
     if mask is not None:
+        boolean = b.is_bool(mask)
+        if not standard and boolean:
+            # attention_bias is additive: masked positions get the lowest float (not -inf,
+            # which ONNX Runtime's softmax would turn into NaN)
+            mask = b.op("Where", mask, b.const(np.array(0.0, np.float32)),
+                        b.const(np.array(np.finfo(np.float32).min, np.float32)))
         md = b.dims(mask)
         if not (md and len(md) == 4 and md[2] is not None and md[2] == qd[2] and md[3] is not None
                 and md[3] == kd[2]):
             # ONNX Runtime wants the mask's last two sizes spelled out: broadcast to [.., Sq, Skv]
             sizes = b.op("Concat", i64([1, 1]), b.op("Shape", q, start=2, end=3), b.op("Shape", k, start=2, end=3),
                          axis=0)
-            mask = b.op("Expand", mask, sizes)
-        if not standard and b.is_bool(mask):
-            # attention_bias is additive: masked positions get the lowest float (not -inf,
-            # which ONNX Runtime's softmax would turn into NaN)
-            mask = b.op("Where", mask, b.const(np.array(0.0, np.float32)),
-                        b.const(np.array(np.finfo(np.float32).min, np.float32)))
+            if standard:
+                mask = b.op("Expand", mask, sizes)
+            else:  # a float bias: + zeros of that shape (the TorchScript exporter's shape check
+                # rejects an Expand of the mask itself)
+                mask = b.op("Add", mask, b.op("Expand", b.const(np.array(0.0, np.float32)), sizes))
 
     def to3(x):
         return b.op("Reshape", b.op("Transpose", x, perm=[0, 2, 1, 3]), i64([0, 0, -1]))
@@ -1626,7 +1631,7 @@ def export_onnx(
         attention: ``"fused"`` (default): each ``F.scaled_dot_product_attention`` call becomes
             one fused operator, the standard ``Attention`` at opset >= 23 and ONNX Runtime's
             ``com.microsoft.MultiHeadAttention`` below (the standard-operator
-            ``int8_format``\ s keep the decomposition there), where the exporter knows the head
+            ``int8_format`` values keep the decomposition there), where the exporter knows the head
             counts and sizes (the torch.export-based exporter does for Hugging Face models; the
             TorchScript one often does not), without dropout and, for causal attention, with as
             many queries as keys; other calls keep the exporter's own form.
