@@ -76,6 +76,15 @@ def _ops(path):
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
+def _export_checked(model, args, path, **kw):
+    """Exports with static shapes and checks ONNX Runtime's output against torch's."""
+    with torch.no_grad():
+        ref = model(*args).numpy()
+    path = pycompress.export_onnx(model, args, path, dynamic_axes={}, **kw)
+    np.testing.assert_allclose(_run(path, args), ref, rtol=1e-5, atol=1e-5)
+    return path
+
+
 def _opsets(exporter):
     return [18, 23] if exporter == "dynamo" else [18]
 
@@ -98,11 +107,8 @@ def test_fused_attention_matches_torch(tmp_path, exporter, case):
     mask = make_mask()
     args = (q, k, v) if mask is None else (q, k, v, mask)
     model = SDPA(**kw).eval()
-    with torch.no_grad():
-        ref = model(*args).numpy()
     for opset in _opsets(exporter):
-        path = pycompress.export_onnx(model, args, tmp_path / f"m{opset}.onnx", opset=opset, exporter=exporter,
-                                      dynamic_axes={})
+        path = _export_checked(model, args, tmp_path / f"m{opset}.onnx", opset=opset, exporter=exporter)
         ops = _ops(path)
         want = "Attention" if opset >= 23 else "MultiHeadAttention"
         if case == "causal" and opset < 23:
@@ -112,7 +118,6 @@ def test_fused_attention_matches_torch(tmp_path, exporter, case):
             assert "Transpose" in ops  # to the 3-D layout and back
         else:
             assert not set(FUSED) & set(ops)
-        np.testing.assert_allclose(_run(path, args), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
@@ -120,49 +125,33 @@ def test_cross_attention_and_value_size(tmp_path, exporter):
     """Fewer queries than keys, a value size other than the key size, a mask on the keys."""
     q, k, v = _inputs(sq=3, skv=7, dv=5)
     mask = _key_padding(sq=3, skv=7, shape="keys")
-    model = SDPA().eval()
-    with torch.no_grad():
-        ref = model(q, k, v, mask).numpy()
     for opset in _opsets(exporter):
-        path = pycompress.export_onnx(model, (q, k, v, mask), tmp_path / f"m{opset}.onnx", opset=opset,
-                                      exporter=exporter, dynamic_axes={})
+        path = _export_checked(SDPA().eval(), (q, k, v, mask), tmp_path / f"m{opset}.onnx", opset=opset,
+                               exporter=exporter)
         assert set(FUSED) & set(_ops(path))
-        np.testing.assert_allclose(_run(path, (q, k, v, mask)), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif("dynamo" not in EXPORTERS, reason="opset 23 needs the torch.export-based exporter")
 def test_causal_with_more_keys_keeps_the_exporters_form(tmp_path):
     """torch aligns a causal mask with more keys than queries to the top left; the fused operators
     are not asked to."""
-    q, k, v = _inputs(sq=3, skv=6)
-    model = SDPA(is_causal=True).eval()
-    with torch.no_grad():
-        ref = model(q, k, v).numpy()
-    path = pycompress.export_onnx(model, (q, k, v), tmp_path / "m.onnx", opset=23, exporter="dynamo",
-                                  dynamic_axes={})
+    path = _export_checked(SDPA(is_causal=True).eval(), _inputs(sq=3, skv=6), tmp_path / "m.onnx", opset=23,
+                           exporter="dynamo")
     assert "Softmax" in _ops(path)
-    np.testing.assert_allclose(_run(path, (q, k, v)), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif("dynamo" not in EXPORTERS, reason="opset 23 needs the torch.export-based exporter")
 @pytest.mark.skipif("enable_gqa" not in F.scaled_dot_product_attention.__doc__, reason="torch without enable_gqa")
 def test_grouped_query_attention(tmp_path):
-    q, k, v = _inputs(hq=4, hk=2)
-    model = SDPA(enable_gqa=True).eval()
-    with torch.no_grad():
-        ref = model(q, k, v).numpy()
-    path = pycompress.export_onnx(model, (q, k, v), tmp_path / "m23.onnx", opset=23, exporter="dynamo",
-                                  dynamic_axes={})
+    args, model = _inputs(hq=4, hk=2), SDPA(enable_gqa=True).eval()
+    path = _export_checked(model, args, tmp_path / "m23.onnx", opset=23, exporter="dynamo")
     node = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Attention"]
     assert len(node) == 1
     attrs = {a.name: a.i for a in node[0].attribute if a.type == onnx.AttributeProto.INT}
     assert attrs["q_num_heads"] == 4 and attrs["kv_num_heads"] == 2
-    np.testing.assert_allclose(_run(path, (q, k, v)), ref, rtol=1e-5, atol=1e-5)
     # ONNX Runtime's MultiHeadAttention has one head count: the exporter's form below opset 23
-    path = pycompress.export_onnx(model, (q, k, v), tmp_path / "m18.onnx", opset=18, exporter="dynamo",
-                                  dynamic_axes={})
+    path = _export_checked(model, args, tmp_path / "m18.onnx", opset=18, exporter="dynamo")
     assert not set(FUSED) & set(_ops(path))
-    np.testing.assert_allclose(_run(path, (q, k, v)), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
