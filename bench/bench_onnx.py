@@ -31,8 +31,8 @@ Implementations, timed interleaved (round after round) in one process; ORT sessi
   per_channel=True, weight_type=QInt8)``, ONNX Runtime's own int8 model, of the float model
   exported with ``opset=18, attention="exporter"`` (as ``torch.onnx.export`` writes it:
   attention as ``MatMul`` / ``Softmax``; ``quantize_dynamic`` mistakes the standard ``Attention``
-  operator for its own
-  ``com.microsoft.Attention`` and writes a file that does not load, ONNX Runtime 1.32).
+  operator for its own ``com.microsoft.Attention`` and writes a file that does not load, ONNX
+  Runtime 1.32).
 
 Columns: ``ms`` (median of the interleaved calls; ``ms_lo`` / ``ms_hi`` their fastest and slowest),
 ``cpu_ms`` (median CPU time of the process per call, all its threads: on a machine shared with

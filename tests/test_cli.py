@@ -213,22 +213,23 @@ def test_data_file_formats(tmp_path):
         cli.load_data_file(str(tmp_path / "bad.pt"))
 
 
-def test_export_int8_format_choices_are_the_exporters():
-    """--int8-format offers every form export_onnx takes, and only those."""
+def _export_option(flag):
     from pycompress.cli import build_parser
-    from pycompress.export.onnx import INT8_FORMATS
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    opt = next(a for a in sub.choices["export"]._actions if "--int8-format" in a.option_strings)
-    assert sorted(opt.choices) == sorted(INT8_FORMATS)
+    return next(a for a in sub.choices["export"]._actions if flag in a.option_strings)
+
+
+def test_export_int8_format_choices_are_the_exporters():
+    """--int8-format offers every form export_onnx takes, and only those."""
+    from pycompress.export.onnx import INT8_FORMATS
+
+    assert sorted(_export_option("--int8-format").choices) == sorted(INT8_FORMATS)
 
 
 def test_export_attention_choices_are_the_exporters():
-    from pycompress.cli import build_parser
     from pycompress.export.onnx import ATTENTION_FORMS
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    opt = next(a for a in sub.choices["export"]._actions if "--attention" in a.option_strings)
+    opt = _export_option("--attention")
     assert sorted(opt.choices) == sorted(ATTENTION_FORMS) and opt.default == "fused"

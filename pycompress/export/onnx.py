@@ -642,10 +642,9 @@ def _emit_attention(b: _Builder, q, k, v, mask, is_causal: bool, scale: float | 
         return None
     if hq != hk and (not standard or hq % hk):
         return None  # grouped-query attention: the standard op only
-    if is_causal and (mask is not None or qd[2] is None or qd[2] != kd[2]):
-        # both ops align the causal mask like torch only for as many queries as keys
-        return None
-    if not standard and is_causal:
+    if is_causal and (not standard or mask is not None or qd[2] is None or qd[2] != kd[2]):
+        # the standard op only (MultiHeadAttention gets no causal form here), and it aligns the
+        # causal mask like torch only for as many queries as keys
         return None
     i64 = lambda a: b.const(np.array(a, np.int64))  # noqa: E731
     if mask is not None:
@@ -918,6 +917,8 @@ def _translation_table(opset: int, attention: str = "fused", contrib: bool = Tru
                                  [int(p) for p in params], int(act), int(fmt), residual=residual,
                                  sum_scale=sum_scale, sum_zp=sum_zp, res_scale=res_scale, res_zp=res_zp)
 
+    fallback = _torchlib_sdpa() if attention == "fused" else None
+
     def sdpa(query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
              scale: float | None = None, enable_gqa: bool = False):
         out = None
@@ -925,10 +926,7 @@ def _translation_table(opset: int, attention: str = "fused", contrib: bool = Tru
             out = _emit_attention(_ScriptBuilder(opset), query, key, value, attn_mask, bool(is_causal),
                                   scale, contrib)
         if out is None:  # the exporter's own decomposition
-            from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
-
-            out = aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                                    enable_gqa)
+            out = fallback(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         return out
 
     table = {
@@ -937,7 +935,7 @@ def _translation_table(opset: int, attention: str = "fused", contrib: bool = Tru
         torch.ops.pycompress_onnx.w8a16_linear.default: w8a16_linear,
         torch.ops.pycompress_onnx.int8_embedding.default: int8_embedding,
     }
-    if attention == "fused" and _torchlib_sdpa() is not None:
+    if fallback is not None:
         table[torch.ops.aten.scaled_dot_product_attention.default] = sdpa
     return table
 
@@ -952,7 +950,7 @@ def _torchlib_sdpa():
     return aten_scaled_dot_product_attention
 
 
-def _torchscript_sdpa_symbolic(contrib: bool):
+def _torchscript_sdpa_symbolic():
     """The TorchScript exporter's symbolic for ``aten::scaled_dot_product_attention``: the fused
     form where it applies (``com.microsoft.MultiHeadAttention``: this exporter stops at opset
     20), else torch's own symbolic."""
@@ -975,9 +973,9 @@ def _torchscript_sdpa_symbolic(contrib: bool):
         out = None
         if isinstance(p, float) and not p and isinstance(causal, (bool, int)) and (sc is None or isinstance(sc, float)):
             b = _TorchScriptBuilder(g, int(symbolic_helper.GLOBALS.export_onnx_opset_version))
-            out = _emit_attention(b, query, key, value, mask, bool(causal), sc, contrib)
+            out = _emit_attention(b, query, key, value, mask, bool(causal), sc, contrib=True)
         if out is None:
-            args = [a for a in (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *rest)]
+            args = [query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *rest]
             while args and args[-1] is None:
                 args.pop()
             out = builtin.scaled_dot_product_attention(g, *args)
@@ -991,13 +989,14 @@ _SYMBOLICS_REGISTERED = False
 
 @contextlib.contextmanager
 def _sdpa_symbolic(fused: bool):
-    """Registers the fused attention symbolic for one TorchScript export (and removes it after,
-    so that other ``torch.onnx.export`` calls in the process keep torch's own)."""
+    """Registers the fused attention symbolic (``MultiHeadAttention``, a contrib op) for one
+    TorchScript export where ``fused`` (and removes it after, so that other ``torch.onnx.export``
+    calls in the process keep torch's own)."""
     if not fused:
         yield
         return
     name, version = "aten::scaled_dot_product_attention", 14
-    torch.onnx.register_custom_op_symbolic(name, _torchscript_sdpa_symbolic(True), version)
+    torch.onnx.register_custom_op_symbolic(name, _torchscript_sdpa_symbolic(), version)
     try:
         yield
     finally:
@@ -1765,8 +1764,9 @@ def export_onnx(
         opset = _default_opset(use_dynamo)
     elif not use_dynamo and opset > TORCHSCRIPT_MAX_OPSET:
         raise ValueError(f"opset {opset}: the TorchScript exporter writes opsets up to {TORCHSCRIPT_MAX_OPSET}")
-    # the standard-operator forms keep ONNX Runtime's contrib attention out of the file too
-    contrib_attention = int8_format not in ("standard", "u8u8", "u8s8", "s8s8")
+    # the forms whose linear layers are standard operators keep ONNX Runtime's contrib attention
+    # out of the file too
+    contrib_attention = _resolve_format(int8_format, 8).startswith("contrib")
     params = inspect.signature(torch.onnx.export).parameters
 
     def export(dyn: dict, target: str, fmt: str) -> dict[str, int]:
